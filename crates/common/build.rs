@@ -1,0 +1,12 @@
+//! Compiles `proto/moe/v1/*.proto` into Rust, with a descriptor set for gRPC reflection.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let inference = proto_root.join("moe/v1/inference.proto");
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("moe_v1_descriptor.bin"))
+        .compile_protos(&[inference], &[proto_root.clone()])?;
+    println!("cargo:rerun-if-changed={}", proto_root.display());
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! Shared pieces of moe-cluster: the protobuf API, the etcd registry (advert schema, registrar,
+//! watcher), the GGUF reader used for planning, telemetry set-up and shutdown wiring.
+
+pub mod gguf;
+pub mod offload;
+pub mod plan;
+pub mod pb;
+pub mod registry;
+pub mod request;
+pub mod shutdown;
+pub mod size;
+pub mod telemetry;
+
+/// The version every binary reports (advert `version`, `--version`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,261 @@
+//! The worker advert: the JSON document a worker keeps at `<prefix>/workers/<id>`.
+//! Every field is documented in docs/registry.md; keep the two in step.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the advert schema; bumped on incompatible changes.
+pub const ADVERT_SCHEMA: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Registered, still loading or warming up: receives no traffic.
+    Starting,
+    /// Serving.
+    Ready,
+    /// Finishing its streams before leaving: receives no new traffic.
+    Draining,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Name requests use to pick this model (`GenerateRequest.model`).
+    pub name: String,
+    /// GGUF `general.architecture`, e.g. `llama`, `gpt-oss`.
+    pub architecture: String,
+    pub n_layer: u32,
+    pub expert_count: u32,
+    pub expert_used_count: u32,
+    /// Size of the GGUF file's tensor data in bytes.
+    pub weight_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OffloadInfo {
+    /// `full`, `cpu-moe` or `n-cpu-moe` (after `auto` planning, the mode it chose).
+    pub mode: String,
+    /// Layers whose routed experts stay in host memory (0 for `full`, n_layer for `cpu-moe`).
+    pub n_cpu_moe: u32,
+    /// The profile as written on the command line: `full`, `cpu-moe`, `n-cpu-moe:N`, `auto`.
+    pub profile: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Cpu,
+    Gpu,
+    IntegratedGpu,
+    Accelerator,
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// ggml device name, e.g. `CPU`, `CUDA0`.
+    pub name: String,
+    pub description: String,
+    pub kind: DeviceKind,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    /// Bytes of model weights placed on this device.
+    pub weight_bytes: u64,
+    /// Bytes of KV cache placed on this device.
+    pub kv_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryInfo {
+    /// Model weight bytes on all devices together.
+    pub weight_bytes: u64,
+    /// KV cache bytes on all devices together.
+    pub kv_bytes: u64,
+    /// Routed-expert weight bytes kept in host memory by the offload profile.
+    pub host_expert_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// KV cache size in tokens (cells), shared by all sequences.
+    pub context_tokens: u32,
+    /// Tokens of KV not reserved by admitted requests.
+    pub free_kv_tokens: u32,
+    /// Sequences decoded together at most (`--parallel`).
+    pub max_sequences: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    /// Sequences admitted into the batch.
+    pub active: u32,
+    /// Requests waiting for admission.
+    pub queued: u32,
+}
+
+/// Measured speed, zero until the worker has served enough to know.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Speed {
+    /// Decode tokens per second of one sequence (recent average).
+    pub decode_tokens_per_second: f64,
+    /// Prompt tokens processed per second (recent average).
+    pub prefill_tokens_per_second: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerAdvert {
+    pub schema: u32,
+    pub id: String,
+    /// gRPC endpoint gateways dial, e.g. `http://10.0.0.7:50061`.
+    pub endpoint: String,
+    pub state: WorkerState,
+    pub model: ModelInfo,
+    pub offload: OffloadInfo,
+    pub devices: Vec<DeviceInfo>,
+    pub memory: MemoryInfo,
+    pub capacity: Capacity,
+    pub load: Load,
+    #[serde(default)]
+    pub speed: Speed,
+    /// moe-worker version.
+    pub version: String,
+    /// Milliseconds since the Unix epoch when this advert was written.
+    pub updated_unix_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AdvertError {
+    #[error("advert is not valid JSON for schema {ADVERT_SCHEMA}: {0}")]
+    Json(String),
+    #[error("advert schema {0} is not supported (expected {ADVERT_SCHEMA})")]
+    Schema(u32),
+    #[error("advert id {id:?} does not match its key {key:?}")]
+    IdMismatch { id: String, key: String },
+    #[error("advert endpoint {0:?} is not an http(s)://host:port address")]
+    Endpoint(String),
+    #[error("advert capacity is inconsistent: {0}")]
+    Capacity(String),
+}
+
+impl WorkerAdvert {
+    /// Parses and validates an advert read from `key`. Gateways route only to adverts that pass.
+    pub fn from_json(key: &str, bytes: &[u8]) -> Result<Self, AdvertError> {
+        let advert: WorkerAdvert =
+            serde_json::from_slice(bytes).map_err(|e| AdvertError::Json(e.to_string()))?;
+        if advert.schema != ADVERT_SCHEMA {
+            return Err(AdvertError::Schema(advert.schema));
+        }
+        let key_id = key.rsplit('/').next().unwrap_or_default();
+        if advert.id.is_empty() || advert.id != key_id {
+            return Err(AdvertError::IdMismatch {
+                id: advert.id,
+                key: key.to_string(),
+            });
+        }
+        if !valid_endpoint(&advert.endpoint) {
+            return Err(AdvertError::Endpoint(advert.endpoint));
+        }
+        let c = &advert.capacity;
+        if c.free_kv_tokens > c.context_tokens || c.max_sequences == 0 {
+            return Err(AdvertError::Capacity(format!(
+                "free_kv_tokens {} context_tokens {} max_sequences {}",
+                c.free_kv_tokens, c.context_tokens, c.max_sequences
+            )));
+        }
+        Ok(advert)
+    }
+
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
+    /// Whether the worker wants new requests.
+    pub fn is_ready(&self) -> bool {
+        self.state == WorkerState::Ready
+    }
+}
+
+fn valid_endpoint(endpoint: &str) -> bool {
+    let Some(rest) = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    match rest.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample(id: &str) -> WorkerAdvert {
+        WorkerAdvert {
+            schema: ADVERT_SCHEMA,
+            id: id.to_string(),
+            endpoint: "http://127.0.0.1:50061".into(),
+            state: WorkerState::Ready,
+            model: ModelInfo {
+                name: "m".into(),
+                ..Default::default()
+            },
+            offload: OffloadInfo {
+                mode: "full".into(),
+                n_cpu_moe: 0,
+                profile: "full".into(),
+            },
+            devices: vec![],
+            memory: MemoryInfo::default(),
+            capacity: Capacity {
+                context_tokens: 4096,
+                free_kv_tokens: 4096,
+                max_sequences: 4,
+            },
+            load: Load::default(),
+            speed: Speed::default(),
+            version: "0".into(),
+            updated_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let a = sample("w1");
+        let json = a.to_json().unwrap();
+        assert_eq!(WorkerAdvert::from_json("/moe/v1/workers/w1", &json), Ok(a));
+    }
+
+    #[test]
+    fn rejects_malformed_adverts() {
+        let key = "/p/workers/w1";
+        assert!(matches!(
+            WorkerAdvert::from_json(key, b"{not json"),
+            Err(AdvertError::Json(_))
+        ));
+        let mut a = sample("other");
+        assert!(matches!(
+            WorkerAdvert::from_json(key, &a.to_json().unwrap()),
+            Err(AdvertError::IdMismatch { .. })
+        ));
+        a = sample("w1");
+        a.endpoint = "10.0.0.1".into();
+        assert!(matches!(
+            WorkerAdvert::from_json(key, &a.to_json().unwrap()),
+            Err(AdvertError::Endpoint(_))
+        ));
+        a = sample("w1");
+        a.capacity.free_kv_tokens = 10_000;
+        assert!(matches!(
+            WorkerAdvert::from_json(key, &a.to_json().unwrap()),
+            Err(AdvertError::Capacity(_))
+        ));
+        a = sample("w1");
+        a.schema = 99;
+        assert_eq!(
+            WorkerAdvert::from_json(key, &a.to_json().unwrap()),
+            Err(AdvertError::Schema(99))
+        );
+    }
+}

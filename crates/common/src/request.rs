@@ -1,0 +1,266 @@
+//! Validation of client requests, shared by gateway and worker so both refuse the same input
+//! with the same precise INVALID_ARGUMENT message.
+
+use crate::pb::{GenerateRequest, LatencyClass};
+
+/// Limits on everything a client controls.
+#[derive(Clone, Debug)]
+pub struct RequestLimits {
+    pub max_prompt_bytes: usize,
+    pub max_tokens: u32,
+    pub max_messages: usize,
+    pub max_stop_strings: usize,
+    pub max_stop_bytes: usize,
+    pub max_request_id_chars: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_prompt_bytes: 1 << 20,
+            max_tokens: 32_768,
+            max_messages: 256,
+            max_stop_strings: 16,
+            max_stop_bytes: 256,
+            max_request_id_chars: 128,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct InvalidRequest(pub String);
+
+fn invalid(msg: impl Into<String>) -> Result<(), InvalidRequest> {
+    Err(InvalidRequest(msg.into()))
+}
+
+/// Checks a request from a client. `allow_resume` is true only on workers (gateways set
+/// `resume_token_ids`; clients may not).
+pub fn validate(
+    req: &GenerateRequest,
+    limits: &RequestLimits,
+    allow_resume: bool,
+) -> Result<(), InvalidRequest> {
+    let has_prompt = !req.prompt.is_empty();
+    let has_messages = !req.messages.is_empty();
+    match (has_prompt, has_messages) {
+        (false, false) => return invalid("prompt is empty: set `prompt` or `messages`"),
+        (true, true) => return invalid("set either `prompt` or `messages`, not both"),
+        _ => {}
+    }
+    if req.prompt.len() > limits.max_prompt_bytes {
+        return invalid(format!(
+            "prompt is {} bytes; the limit is {}",
+            req.prompt.len(),
+            limits.max_prompt_bytes
+        ));
+    }
+    if req.messages.len() > limits.max_messages {
+        return invalid(format!(
+            "{} messages; the limit is {}",
+            req.messages.len(),
+            limits.max_messages
+        ));
+    }
+    let mut total = 0usize;
+    for (i, m) in req.messages.iter().enumerate() {
+        if m.role.trim().is_empty() {
+            return invalid(format!("messages[{i}].role is empty"));
+        }
+        if m.role.len() > 64 || m.role.contains('\0') || m.content.contains('\0') {
+            return invalid(format!("messages[{i}] has an invalid role or a NUL character"));
+        }
+        total += m.content.len();
+    }
+    if total > limits.max_prompt_bytes {
+        return invalid(format!(
+            "messages total {total} bytes; the limit is {}",
+            limits.max_prompt_bytes
+        ));
+    }
+    if req.prompt.contains('\0') {
+        return invalid("prompt contains a NUL character");
+    }
+    if req.max_tokens == 0 {
+        return invalid("max_tokens must be at least 1");
+    }
+    if req.max_tokens > limits.max_tokens {
+        return invalid(format!(
+            "max_tokens {} exceeds the limit {}",
+            req.max_tokens, limits.max_tokens
+        ));
+    }
+    if req.stop.len() > limits.max_stop_strings {
+        return invalid(format!(
+            "{} stop strings; the limit is {}",
+            req.stop.len(),
+            limits.max_stop_strings
+        ));
+    }
+    for (i, s) in req.stop.iter().enumerate() {
+        if s.is_empty() || s.len() > limits.max_stop_bytes {
+            return invalid(format!(
+                "stop[{i}] must be 1 to {} bytes",
+                limits.max_stop_bytes
+            ));
+        }
+    }
+    if req.request_id.chars().count() > limits.max_request_id_chars {
+        return invalid(format!(
+            "request_id is longer than {} characters",
+            limits.max_request_id_chars
+        ));
+    }
+    if LatencyClass::try_from(req.latency_class).is_err() {
+        return invalid(format!("unknown latency_class {}", req.latency_class));
+    }
+    if !allow_resume && !req.resume_token_ids.is_empty() {
+        return invalid("resume_token_ids is set by gateways only");
+    }
+    if let Some(s) = &req.sampling {
+        let checks = [
+            ("temperature", s.temperature, 0.0, 100.0),
+            ("top_p", s.top_p, 0.0, 1.0),
+            ("min_p", s.min_p, 0.0, 1.0),
+            ("repeat_penalty", s.repeat_penalty, 0.0, 100.0),
+        ];
+        for (name, v, lo, hi) in checks {
+            if !v.is_finite() || v < lo || v > hi {
+                return invalid(format!("sampling.{name} {v} is outside [{lo}, {hi}]"));
+            }
+        }
+        if s.top_k < 0 {
+            return invalid(format!("sampling.top_k {} is negative", s.top_k));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a `grpc-timeout` header value (e.g. `100m`, `5S`) into a duration.
+pub fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (num, unit) = v.split_at(v.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Parses a duration flag: plain seconds (`30`) or humantime (`30s`, `500ms`, `2m`).
+pub fn parse_duration_flag(s: &str) -> Result<std::time::Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(std::time::Duration::from_secs_f64(secs));
+        }
+    }
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::{ChatMessage, SamplingParams};
+
+    fn ok_request() -> GenerateRequest {
+        GenerateRequest {
+            prompt: "hi".into(),
+            max_tokens: 4,
+            ..Default::default()
+        }
+    }
+
+    fn check(req: &GenerateRequest) -> Result<(), InvalidRequest> {
+        validate(req, &RequestLimits::default(), false)
+    }
+
+    #[test]
+    fn accepts_a_plain_request() {
+        assert_eq!(check(&ok_request()), Ok(()));
+    }
+
+    #[test]
+    fn rejects_each_bad_field_with_a_precise_message() {
+        let cases: Vec<(Box<dyn Fn(&mut GenerateRequest)>, &str)> = vec![
+            (Box::new(|r| r.prompt.clear()), "prompt is empty"),
+            (Box::new(|r| r.max_tokens = 0), "max_tokens must be at least 1"),
+            (Box::new(|r| r.max_tokens = 1 << 30), "exceeds the limit"),
+            (
+                Box::new(|r| {
+                    r.messages.push(ChatMessage {
+                        role: "".into(),
+                        content: "x".into(),
+                    })
+                }),
+                "not both",
+            ),
+            (Box::new(|r| r.stop = vec!["".into()]), "stop[0]"),
+            (Box::new(|r| r.request_id = "x".repeat(200)), "request_id"),
+            (Box::new(|r| r.latency_class = 7), "latency_class"),
+            (Box::new(|r| r.resume_token_ids = vec![1]), "gateways only"),
+            (
+                Box::new(|r| {
+                    r.sampling = Some(SamplingParams {
+                        temperature: f32::NAN,
+                        ..Default::default()
+                    })
+                }),
+                "sampling.temperature",
+            ),
+            (
+                Box::new(|r| {
+                    r.sampling = Some(SamplingParams {
+                        top_k: -1,
+                        ..Default::default()
+                    })
+                }),
+                "top_k",
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut r = ok_request();
+            mutate(&mut r);
+            let err = check(&r).expect_err(expected);
+            assert!(err.0.contains(expected), "{err} should mention {expected}");
+        }
+    }
+
+    #[test]
+    fn rejects_a_message_without_role() {
+        let r = GenerateRequest {
+            messages: vec![ChatMessage {
+                role: " ".into(),
+                content: "x".into(),
+            }],
+            max_tokens: 1,
+            ..Default::default()
+        };
+        assert!(check(&r).unwrap_err().0.contains("messages[0].role"));
+    }
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        use std::time::Duration;
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+    }
+
+    #[test]
+    fn parses_duration_flags() {
+        use std::time::Duration;
+        assert_eq!(parse_duration_flag("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration_flag("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration_flag("soon").is_err());
+    }
+}

@@ -1,0 +1,261 @@
+//! `moectl`: stream a completion, list the workers in etcd, plan expert offload for a GGUF file.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use moe_common::gguf::GgufHeader;
+use moe_common::offload::OffloadProfile;
+use moe_common::pb::v1::inference_client::InferenceClient;
+use moe_common::pb::{ChatMessage, FinishReason, GenerateRequest, LatencyClass, SamplingParams};
+use moe_common::plan::ModelShape;
+use moe_common::registry::{EtcdConfig, Watcher, WorkerAdvert};
+use moe_common::size::ByteSize;
+
+#[derive(Parser)]
+#[command(name = "moectl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream a completion from a gateway (or a worker) to the terminal.
+    Generate(GenerateArgs),
+    /// Print the workers registered in etcd as a table.
+    Workers(EtcdArgs),
+    /// Print the memory plan of every offload profile for a GGUF file, without loading it.
+    Plan(PlanArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Gateway address, `host:port` or `http://host:port`.
+    #[arg(long, env = "MOE_GATEWAY", default_value = "127.0.0.1:50051")]
+    gateway: String,
+    /// The prompt (with --chat: the user message).
+    prompt: String,
+    /// Send the prompt as a chat message rendered with the model's template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// interactive or batch.
+    #[arg(long, default_value = "interactive")]
+    class: String,
+    #[arg(long, default_value = "")]
+    model: String,
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Give up after this long (seconds).
+    #[arg(long, default_value_t = 300.0)]
+    timeout: f64,
+}
+
+#[derive(clap::Args)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "MOE_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd: Vec<String>,
+    #[arg(long, env = "MOE_ETCD_PREFIX", default_value = moe_common::registry::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// Print the raw adverts as JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// GGUF model file.
+    model: PathBuf,
+    /// Accelerator memory available, e.g. 8GiB.
+    #[arg(long)]
+    vram_budget: Option<ByteSize>,
+    /// KV cache cells.
+    #[arg(long, default_value_t = 4096)]
+    ctx: u32,
+    /// Sequences (does not change KV size with a unified cache; shown for reference).
+    #[arg(long, default_value_t = 4)]
+    parallel: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Generate(a) => generate(a).await,
+        Command::Workers(a) => workers(a).await,
+        Command::Plan(a) => plan(a),
+    }
+}
+
+async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let url = if a.gateway.contains("://") {
+        a.gateway.clone()
+    } else {
+        format!("http://{}", a.gateway)
+    };
+    let mut client = InferenceClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let class = match a.class.as_str() {
+        "interactive" => LatencyClass::Interactive,
+        "batch" => LatencyClass::Batch,
+        other => bail!("--class must be interactive or batch, not {other:?}"),
+    };
+    let mut req = GenerateRequest {
+        max_tokens: a.max_tokens,
+        sampling: Some(SamplingParams {
+            temperature: a.temperature,
+            seed: a.seed,
+            ..Default::default()
+        }),
+        stop: a.stop,
+        latency_class: class as i32,
+        model: a.model,
+        ..Default::default()
+    };
+    if a.chat {
+        req.messages = vec![ChatMessage {
+            role: "user".into(),
+            content: a.prompt,
+        }];
+    } else {
+        req.prompt = a.prompt;
+    }
+    let mut request = tonic::Request::new(req);
+    request.set_timeout(Duration::from_secs_f64(a.timeout));
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut out = std::io::stdout();
+    while let Some(msg) = stream.message().await? {
+        out.write_all(msg.text.as_bytes())?;
+        out.flush()?;
+        if msg.finish_reason != FinishReason::Unspecified as i32 {
+            let finish = FinishReason::try_from(msg.finish_reason)
+                .map(|f| f.as_str_name())
+                .unwrap_or("?");
+            let usage = msg.usage.unwrap_or_default();
+            let t = msg.timings.unwrap_or_default();
+            eprintln!(
+                "\n[{finish}] worker={} profile={} prompt={} completion={} ttft={:.0}ms decode={:.1} tok/s migrations={}",
+                msg.worker_id,
+                msg.offload_profile,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                t.time_to_first_token_seconds * 1e3,
+                t.decode_tokens_per_second,
+                msg.migrations
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn workers(a: EtcdArgs) -> anyhow::Result<()> {
+    let mut etcd = EtcdConfig::new(a.etcd);
+    etcd.prefix = a.etcd_prefix;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watcher = Watcher::start(etcd, stop.clone()).await?;
+    let snap = watcher.current();
+    stop.cancel();
+    if a.json {
+        for w in snap.workers.values() {
+            println!("{}", serde_json::to_string(w.as_ref())?);
+        }
+        return Ok(());
+    }
+    println!("{}", table_header());
+    for w in snap.workers.values() {
+        println!("{}", table_row(w));
+    }
+    for (key, why) in &snap.rejected {
+        eprintln!("invalid advert at {key}: {why}");
+    }
+    Ok(())
+}
+
+fn table_header() -> String {
+    format!(
+        "{:<24} {:<10} {:<14} {:<16} {:>22} {:>14} {:>8} {:>8}",
+        "ID", "STATE", "PROFILE", "MODEL", "GPU USED/TOTAL", "KV FREE", "ACTIVE", "QUEUED"
+    )
+}
+
+fn table_row(w: &WorkerAdvert) -> String {
+    let gpu: Vec<_> = w
+        .devices
+        .iter()
+        .filter(|d| d.kind != moe_common::registry::DeviceKind::Cpu)
+        .collect();
+    let vram = if gpu.is_empty() {
+        "cpu only".to_string()
+    } else {
+        let total: u64 = gpu.iter().map(|d| d.total_bytes).sum();
+        let free: u64 = gpu.iter().map(|d| d.free_bytes).sum();
+        format!("{}/{}", ByteSize(total - free), ByteSize(total))
+    };
+    format!(
+        "{:<24} {:<10} {:<14} {:<16} {:>22} {:>14} {:>8} {:>8}",
+        w.id,
+        format!("{:?}", w.state).to_lowercase(),
+        w.offload.profile,
+        w.model.name,
+        vram,
+        format!("{}/{}", w.capacity.free_kv_tokens, w.capacity.context_tokens),
+        w.load.active,
+        w.load.queued
+    )
+}
+
+fn plan(a: PlanArgs) -> anyhow::Result<()> {
+    let header = GgufHeader::open(&a.model).with_context(|| a.model.display().to_string())?;
+    let shape = ModelShape::from_gguf(&header);
+    println!(
+        "model {} ({}), {} layers, {} experts ({} used), weights {}, ctx {} (KV {}), parallel {}",
+        header.name().unwrap_or("?"),
+        header.architecture().unwrap_or("?"),
+        shape.n_layer,
+        shape.expert_count,
+        shape.expert_used_count,
+        ByteSize(shape.total_weight_bytes),
+        a.ctx,
+        ByteSize(shape.kv_bytes(a.ctx)),
+        a.parallel
+    );
+    println!(
+        "{:<16} {:>10} {:>16} {:>16} {:>16}",
+        "PROFILE", "N_CPU_MOE", "GPU WEIGHTS", "GPU KV", "HOST EXPERTS"
+    );
+    let mut profiles = vec![OffloadProfile::Full, OffloadProfile::CpuMoe];
+    if shape.n_layer > 1 {
+        profiles.push(OffloadProfile::NCpuMoe(shape.n_layer / 2));
+    }
+    let mut rows: Vec<(String, moe_common::plan::MemoryPlan)> = profiles
+        .iter()
+        .map(|p| (p.to_string(), shape.plan(p.n_cpu_moe(shape.n_layer), a.ctx)))
+        .collect();
+    if let Some(budget) = a.vram_budget {
+        match shape.fit(budget.0, 768 << 20, a.ctx) {
+            Some(p) => rows.push((format!("auto@{budget}"), p)),
+            None => eprintln!("auto: nothing fits {budget}"),
+        }
+    }
+    for (name, p) in rows {
+        println!(
+            "{:<16} {:>10} {:>16} {:>16} {:>16}",
+            name,
+            p.n_cpu_moe,
+            ByteSize(p.device_weight_bytes).to_string(),
+            ByteSize(p.kv_bytes).to_string(),
+            ByteSize(p.host_expert_bytes).to_string()
+        );
+    }
+    Ok(())
+}

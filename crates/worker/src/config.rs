@@ -1,0 +1,120 @@
+//! Command-line and environment configuration of `moe-worker`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use moe_common::offload::OffloadProfile;
+use moe_common::request::parse_duration_flag;
+use moe_common::size::ByteSize;
+
+/// Serves one GGUF MoE model through llama.cpp and advertises itself in etcd.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "moe-worker", version, about)]
+pub struct WorkerConfig {
+    /// GGUF model file.
+    #[arg(long, env = "MOE_MODEL")]
+    pub model: PathBuf,
+    /// Name clients use to ask for this model (default: the GGUF general.name).
+    #[arg(long, env = "MOE_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Where routed experts live: full, cpu-moe, n-cpu-moe:N or auto (with --vram-budget).
+    #[arg(long, env = "MOE_OFFLOAD", default_value = "full")]
+    pub offload: OffloadProfile,
+    /// Accelerator memory the auto profile may use, e.g. 8GiB.
+    #[arg(long, env = "MOE_VRAM_BUDGET")]
+    pub vram_budget: Option<ByteSize>,
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "MOE_LISTEN", default_value = "0.0.0.0:50061")]
+    pub listen: SocketAddr,
+    /// host:port gateways dial (default: the listen address, 127.0.0.1 for 0.0.0.0).
+    #[arg(long, env = "MOE_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// etcd endpoints (comma-separated or repeated); none runs the worker unregistered.
+    #[arg(long, env = "MOE_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// etcd key prefix of the cluster.
+    #[arg(long, env = "MOE_ETCD_PREFIX", default_value = moe_common::registry::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// etcd user name (with --etcd-password).
+    #[arg(long, env = "MOE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "MOE_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// Worker id, unique in the cluster (default: hostname-port).
+    #[arg(long = "id", env = "MOE_WORKER_ID")]
+    pub id: Option<String>,
+    /// KV cache cells shared by all sequences.
+    #[arg(long, env = "MOE_CTX_SIZE", default_value_t = 4096)]
+    pub ctx_size: u32,
+    /// Sequences decoded together (continuous batching slots).
+    #[arg(long, env = "MOE_PARALLEL", default_value_t = 4)]
+    pub parallel: u32,
+    /// Layers on the accelerator (default: all).
+    #[arg(long, env = "MOE_GPU_LAYERS")]
+    pub gpu_layers: Option<u32>,
+    /// CPU threads for llama.cpp (default: all cores).
+    #[arg(long, env = "MOE_THREADS")]
+    pub threads: Option<u32>,
+    /// Tokens per engine step: decodes plus prompt chunks.
+    #[arg(long, env = "MOE_BATCH_SIZE", default_value_t = 512)]
+    pub batch_size: u32,
+    /// Requests waiting for KV headroom at most; more get RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "MOE_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// How long a request may wait for KV headroom before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MOE_QUEUE_TIMEOUT", default_value = "30s", value_parser = parse_duration_flag)]
+    pub queue_timeout: Duration,
+    /// On SIGTERM, how long running streams may take to finish before they are cancelled.
+    #[arg(long, env = "MOE_DRAIN_GRACE", default_value = "30s", value_parser = parse_duration_flag)]
+    pub drain_grace: Duration,
+    /// etcd lease TTL: a dead worker disappears after this long.
+    #[arg(long, env = "MOE_LEASE_TTL", default_value = "10s", value_parser = parse_duration_flag)]
+    pub lease_ttl: Duration,
+    /// Address of the Prometheus /metrics endpoint (off when unset).
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl WorkerConfig {
+    /// Cross-field checks clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.parallel == 0 || self.parallel > 256 {
+            return Err("--parallel must be 1..=256".into());
+        }
+        if self.ctx_size < 64 {
+            return Err("--ctx-size must be at least 64".into());
+        }
+        if self.batch_size < self.parallel {
+            return Err("--batch-size must be at least --parallel".into());
+        }
+        if self.offload == OffloadProfile::Auto && self.vram_budget.is_none() {
+            return Err("--offload auto needs --vram-budget".into());
+        }
+        if self.lease_ttl < Duration::from_secs(2) {
+            return Err("--lease-ttl must be at least 2s".into());
+        }
+        if self.etcd_user.is_some() != self.etcd_password.is_some() {
+            return Err("--etcd-user and --etcd-password go together".into());
+        }
+        Ok(())
+    }
+
+    /// The id this worker registers under.
+    pub fn worker_id(&self, port: u16) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+                .unwrap_or_else(|| "worker".into());
+            format!("{host}-{port}")
+        })
+    }
+
+    /// A config with defaults for everything but the model (tests, embedding).
+    pub fn for_model(model: impl Into<PathBuf>) -> Self {
+        WorkerConfig::parse_from(["moe-worker", "--model", &model.into().to_string_lossy()])
+    }
+}

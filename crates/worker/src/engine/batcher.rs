@@ -1,0 +1,490 @@
+//! Continuous batching as a pure state machine: requests are queued, admitted between steps
+//! when a sequence slot and their whole KV reservation (prompt + max_tokens) are free, and each
+//! step is planned as one batch holding the next token of every decoding sequence plus prompt
+//! chunks of newly admitted ones under a token budget. Interactive work is admitted and
+//! prefilled before batch work. No llama.cpp here: the engine thread executes the plans.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::Class;
+
+#[derive(Clone, Debug)]
+pub struct BatcherConfig {
+    /// Sequence slots (llama `n_seq_max`, `--parallel`).
+    pub max_sequences: u32,
+    /// KV cells shared by all sequences (llama `n_ctx` with a unified KV cache).
+    pub kv_tokens: u32,
+    /// Tokens one step may decode (llama `n_batch`): decodes plus prefill chunks.
+    pub step_tokens: u32,
+    /// While interactive sequences are decoding, batch prefill takes at most this many tokens of
+    /// a step, so a long batch prompt never slows an interactive stream by more than a small step.
+    pub batch_prefill_tokens_under_interactive: u32,
+    /// Requests waiting for admission at most; more are refused at once.
+    pub max_queue: usize,
+    /// How long a request may wait for admission before it is refused.
+    pub queue_timeout: Duration,
+}
+
+/// A request waiting for admission.
+#[derive(Debug)]
+pub struct Pending<T> {
+    /// Prompt tokens (including any resumed tokens) to prefill.
+    pub tokens: Vec<u32>,
+    pub max_tokens: u32,
+    pub class: Class,
+    pub enqueued: Instant,
+    pub payload: T,
+}
+
+impl<T> Pending<T> {
+    fn reservation(&self) -> u32 {
+        self.tokens.len() as u32 + self.max_tokens
+    }
+}
+
+/// An admitted sequence occupying a slot.
+#[derive(Debug)]
+pub struct Seq<T> {
+    pub seq_id: i32,
+    pub class: Class,
+    pub tokens: Vec<u32>,
+    /// Tokens already in the KV cache.
+    pub n_past: u32,
+    /// Token sampled last and not yet fed back (None while prefilling).
+    pub next: Option<u32>,
+    pub generated: u32,
+    pub max_tokens: u32,
+    pub reserved: u32,
+    pub enqueued: Instant,
+    pub admitted: Instant,
+    pub payload: T,
+}
+
+impl<T> Seq<T> {
+    fn prefilling(&self) -> bool {
+        self.next.is_none() && (self.n_past as usize) < self.tokens.len()
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// prompt + max_tokens exceeds the whole KV cache: it can never run.
+    TooLong { needed: u32, capacity: u32 },
+    /// The admission queue is full.
+    QueueFull { limit: usize },
+    /// The request waited `queue_timeout` without fitting.
+    QueueTimeout { waited: Duration },
+}
+
+/// One sequence's share of a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub slot: usize,
+    pub seq_id: i32,
+    /// Position of `tokens[0]`.
+    pub pos: u32,
+    pub tokens: Vec<u32>,
+    /// Whether to sample after this entry's last token.
+    pub sample: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub entries: Vec<Entry>,
+    /// Slots admitted while planning this step (their KV sequence must start empty).
+    pub admitted: Vec<usize>,
+}
+
+impl Plan {
+    pub fn n_tokens(&self) -> usize {
+        self.entries.iter().map(|e| e.tokens.len()).sum()
+    }
+}
+
+pub struct Batcher<T> {
+    config: BatcherConfig,
+    slots: Vec<Option<Seq<T>>>,
+    interactive: VecDeque<Pending<T>>,
+    batch: VecDeque<Pending<T>>,
+    reserved: u32,
+}
+
+impl<T> Batcher<T> {
+    pub fn new(config: BatcherConfig) -> Self {
+        let slots = (0..config.max_sequences).map(|_| None).collect();
+        Batcher {
+            config,
+            slots,
+            interactive: VecDeque::new(),
+            batch: VecDeque::new(),
+            reserved: 0,
+        }
+    }
+
+    pub fn config(&self) -> &BatcherConfig {
+        &self.config
+    }
+
+    /// Queues a request, or refuses it (returning the request) when it can never fit or the
+    /// queue is full.
+    pub fn enqueue(&mut self, p: Pending<T>) -> Result<(), (Refusal, Pending<T>)> {
+        let needed = p.reservation();
+        if needed > self.config.kv_tokens {
+            let capacity = self.config.kv_tokens;
+            return Err((Refusal::TooLong { needed, capacity }, p));
+        }
+        if self.queued() >= self.config.max_queue {
+            let limit = self.config.max_queue;
+            return Err((Refusal::QueueFull { limit }, p));
+        }
+        match p.class {
+            Class::Interactive => self.interactive.push_back(p),
+            Class::Batch => self.batch.push_back(p),
+        }
+        Ok(())
+    }
+
+    pub fn queued(&self) -> usize {
+        self.interactive.len() + self.batch.len()
+    }
+
+    pub fn active(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.active() == 0 && self.queued() == 0
+    }
+
+    /// KV cells not reserved by admitted sequences.
+    pub fn free_kv_tokens(&self) -> u32 {
+        self.config.kv_tokens - self.reserved
+    }
+
+    /// Removes queued requests that waited longer than the queue timeout.
+    pub fn expire(&mut self, now: Instant) -> Vec<(Refusal, Pending<T>)> {
+        let timeout = self.config.queue_timeout;
+        let expired = |p: &Pending<T>| now.saturating_duration_since(p.enqueued) >= timeout;
+        self.drain_queued(expired)
+            .into_iter()
+            .map(|p| {
+                let waited = now.saturating_duration_since(p.enqueued);
+                (Refusal::QueueTimeout { waited }, p)
+            })
+            .collect()
+    }
+
+    /// Removes queued requests matching `pred` (e.g. whose client went away).
+    pub fn drain_queued(&mut self, mut pred: impl FnMut(&Pending<T>) -> bool) -> Vec<Pending<T>> {
+        let mut out = Vec::new();
+        for q in [&mut self.interactive, &mut self.batch] {
+            let mut keep = VecDeque::with_capacity(q.len());
+            for p in q.drain(..) {
+                if pred(&p) {
+                    out.push(p);
+                } else {
+                    keep.push_back(p);
+                }
+            }
+            *q = keep;
+        }
+        out
+    }
+
+    /// Slots whose sequence matches `pred`.
+    pub fn slots_where(&self, mut pred: impl FnMut(&Seq<T>) -> bool) -> Vec<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().filter(|s| pred(s)).map(|_| i))
+            .collect()
+    }
+
+    pub fn seq(&self, slot: usize) -> Option<&Seq<T>> {
+        self.slots.get(slot)?.as_ref()
+    }
+
+    pub fn seq_mut(&mut self, slot: usize) -> Option<&mut Seq<T>> {
+        self.slots.get_mut(slot)?.as_mut()
+    }
+
+    /// Admits what fits, then plans the next step.
+    pub fn plan(&mut self, now: Instant) -> Plan {
+        let admitted = self.admit(now);
+        let mut budget = self.config.step_tokens as usize;
+        let mut entries = Vec::new();
+        // 1. Every decoding sequence advances by one token.
+        for (slot, seq) in self.slots.iter().enumerate() {
+            let Some(seq) = seq else { continue };
+            if let Some(token) = seq.next {
+                entries.push(Entry {
+                    slot,
+                    seq_id: seq.seq_id,
+                    pos: seq.n_past,
+                    tokens: vec![token],
+                    sample: true,
+                });
+            }
+        }
+        budget = budget.saturating_sub(entries.len());
+        let interactive_decoding = self
+            .slots
+            .iter()
+            .flatten()
+            .any(|s| s.class == Class::Interactive && s.next.is_some());
+        // 2. Prompt chunks: interactive first, oldest first within a class.
+        let mut prefill: Vec<&Seq<T>> = self.slots.iter().flatten().filter(|s| s.prefilling()).collect();
+        prefill.sort_by_key(|s| (s.class == Class::Batch, s.admitted, s.seq_id));
+        let mut batch_budget = if interactive_decoding {
+            self.config.batch_prefill_tokens_under_interactive as usize
+        } else {
+            usize::MAX
+        };
+        for seq in prefill {
+            let remaining = seq.tokens.len() - seq.n_past as usize;
+            let cap = if seq.class == Class::Batch {
+                budget.min(batch_budget)
+            } else {
+                budget
+            };
+            let take = remaining.min(cap);
+            if take == 0 {
+                continue;
+            }
+            let start = seq.n_past as usize;
+            entries.push(Entry {
+                slot: seq.seq_id as usize,
+                seq_id: seq.seq_id,
+                pos: seq.n_past,
+                tokens: seq.tokens[start..start + take].to_vec(),
+                sample: take == remaining,
+            });
+            budget -= take;
+            if seq.class == Class::Batch {
+                batch_budget -= take.min(batch_budget);
+            }
+        }
+        Plan { entries, admitted }
+    }
+
+    fn admit(&mut self, now: Instant) -> Vec<usize> {
+        let mut admitted = Vec::new();
+        loop {
+            let Some(slot) = self.slots.iter().position(Option::is_none) else {
+                break;
+            };
+            let free = self.free_kv_tokens();
+            // Interactive first; batch only while no interactive request is waiting, so a large
+            // interactive request is not starved by a stream of small batch ones.
+            let queue = if !self.interactive.is_empty() {
+                &mut self.interactive
+            } else {
+                &mut self.batch
+            };
+            match queue.front() {
+                Some(p) if p.reservation() <= free => {}
+                _ => break,
+            }
+            let p = queue.pop_front().expect("front checked");
+            let reserved = p.reservation();
+            self.reserved += reserved;
+            self.slots[slot] = Some(Seq {
+                seq_id: slot as i32,
+                class: p.class,
+                tokens: p.tokens,
+                n_past: 0,
+                next: None,
+                generated: 0,
+                max_tokens: p.max_tokens,
+                reserved,
+                enqueued: p.enqueued,
+                admitted: now,
+                payload: p.payload,
+            });
+            admitted.push(slot);
+        }
+        admitted
+    }
+
+    /// Records that a planned step was decoded: its tokens are now in the KV cache.
+    pub fn commit(&mut self, plan: &Plan) {
+        for e in &plan.entries {
+            if let Some(seq) = self.slots[e.slot].as_mut() {
+                seq.n_past += e.tokens.len() as u32;
+                if seq.next.is_some() {
+                    seq.next = None;
+                }
+            }
+        }
+    }
+
+    /// Records a token sampled for `slot`; it is fed back in the next step.
+    /// Returns true when the sequence has reached its `max_tokens`.
+    pub fn push_token(&mut self, slot: usize, token: u32) -> bool {
+        let seq = self.slots[slot].as_mut().expect("push_token on an empty slot");
+        seq.next = Some(token);
+        seq.generated += 1;
+        seq.generated >= seq.max_tokens
+    }
+
+    /// Frees a slot and its KV reservation, returning the sequence.
+    pub fn finish(&mut self, slot: usize) -> Option<Seq<T>> {
+        let seq = self.slots.get_mut(slot)?.take()?;
+        self.reserved -= seq.reserved;
+        Some(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> BatcherConfig {
+        BatcherConfig {
+            max_sequences: 2,
+            kv_tokens: 100,
+            step_tokens: 16,
+            batch_prefill_tokens_under_interactive: 4,
+            max_queue: 3,
+            queue_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn pending(n_prompt: usize, max_tokens: u32, class: Class, tag: u32, at: Instant) -> Pending<u32> {
+        Pending {
+            tokens: (0..n_prompt as u32).collect(),
+            max_tokens,
+            class,
+            enqueued: at,
+            payload: tag,
+        }
+    }
+
+    /// Runs a plan as the engine would, sampling token 7 for every sampled entry.
+    fn step(b: &mut Batcher<u32>, now: Instant) -> Plan {
+        let plan = b.plan(now);
+        b.commit(&plan);
+        for e in plan.entries.iter().filter(|e| e.sample) {
+            if b.push_token(e.slot, 7) {
+                b.finish(e.slot);
+            }
+        }
+        plan
+    }
+
+    #[test]
+    fn admits_new_requests_between_decode_steps() {
+        let t = Instant::now();
+        let mut b = Batcher::new(config());
+        b.enqueue(pending(4, 5, Class::Interactive, 1, t)).unwrap();
+        let first = step(&mut b, t);
+        assert_eq!(first.admitted, vec![0]);
+        assert_eq!(first.n_tokens(), 4);
+        // A second request arrives while the first decodes: admitted at the very next step,
+        // which carries the first one's decode token and the second one's prompt together.
+        b.enqueue(pending(3, 5, Class::Interactive, 2, t)).unwrap();
+        let second = step(&mut b, t);
+        assert_eq!(second.admitted, vec![1]);
+        assert_eq!(second.entries.len(), 2);
+        assert_eq!(second.entries[0].tokens, vec![7]);
+        assert_eq!(second.entries[0].pos, 4);
+        assert_eq!(second.entries[1].tokens, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn frees_the_slot_and_kv_of_a_cancelled_request() {
+        let t = Instant::now();
+        let mut b = Batcher::new(config());
+        b.enqueue(pending(10, 40, Class::Interactive, 1, t)).unwrap();
+        step(&mut b, t);
+        assert_eq!(b.free_kv_tokens(), 50);
+        let gone = b.slots_where(|s| s.payload == 1);
+        assert_eq!(gone, vec![0]);
+        let seq = b.finish(0).unwrap();
+        assert_eq!(seq.payload, 1);
+        assert_eq!(b.free_kv_tokens(), 100);
+        assert!(b.is_idle());
+        assert!(b.plan(t).entries.is_empty());
+    }
+
+    #[test]
+    fn respects_the_prefill_budget_with_chunks() {
+        let t = Instant::now();
+        let mut b = Batcher::new(config());
+        b.enqueue(pending(40, 5, Class::Interactive, 1, t)).unwrap();
+        let sizes: Vec<_> = (0..3).map(|_| step(&mut b, t)).map(|p| p.n_tokens()).collect();
+        assert_eq!(sizes, vec![16, 16, 8]);
+        // Only the last chunk samples.
+        assert_eq!(b.seq(0).unwrap().generated, 1);
+    }
+
+    #[test]
+    fn batch_prefill_is_capped_while_interactive_streams_decode() {
+        let t = Instant::now();
+        let mut b = Batcher::new(config());
+        b.enqueue(pending(2, 10, Class::Interactive, 1, t)).unwrap();
+        step(&mut b, t); // interactive prefilled, now decoding
+        b.enqueue(pending(30, 5, Class::Batch, 2, t)).unwrap();
+        let plan = step(&mut b, t);
+        assert_eq!(plan.entries[0].tokens.len(), 1, "interactive decode is in every step");
+        assert_eq!(plan.entries[1].tokens.len(), 4, "batch chunk capped");
+    }
+
+    #[test]
+    fn interactive_requests_are_admitted_before_batch_ones() {
+        let t = Instant::now();
+        let mut b = Batcher::new(BatcherConfig {
+            max_sequences: 1,
+            ..config()
+        });
+        b.enqueue(pending(2, 2, Class::Batch, 1, t)).unwrap();
+        b.enqueue(pending(2, 2, Class::Interactive, 2, t)).unwrap();
+        step(&mut b, t);
+        assert_eq!(b.seq(0).unwrap().payload, 2);
+    }
+
+    #[test]
+    fn refuses_what_can_never_fit_and_waits_for_what_does_not_fit_now() {
+        let t = Instant::now();
+        let mut b = Batcher::new(config());
+        let (why, _) = b.enqueue(pending(90, 20, Class::Batch, 1, t)).unwrap_err();
+        assert_eq!(why, Refusal::TooLong { needed: 110, capacity: 100 });
+        b.enqueue(pending(30, 40, Class::Batch, 2, t)).unwrap();
+        b.enqueue(pending(20, 20, Class::Batch, 3, t)).unwrap();
+        step(&mut b, t);
+        // 70 reserved, 30 free: the second (needs 40) must wait although a slot is free.
+        assert_eq!(b.active(), 1);
+        assert_eq!(b.queued(), 1);
+        assert_eq!(b.free_kv_tokens(), 30);
+        // It times out in the queue rather than over-committing the KV cache.
+        let expired = b.expire(t + Duration::from_secs(6));
+        assert_eq!(expired.len(), 1);
+        assert!(matches!(expired[0].0, Refusal::QueueTimeout { .. }));
+        assert_eq!(expired[0].1.payload, 3);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once() {
+        let t = Instant::now();
+        let mut b = Batcher::new(config());
+        for i in 0..3 {
+            b.enqueue(pending(1, 1, Class::Batch, i, t)).unwrap();
+        }
+        let (why, p) = b.enqueue(pending(1, 1, Class::Batch, 9, t)).unwrap_err();
+        assert_eq!(why, Refusal::QueueFull { limit: 3 });
+        assert_eq!(p.payload, 9);
+    }
+
+    #[test]
+    fn finishes_at_max_tokens() {
+        let t = Instant::now();
+        let mut b = Batcher::new(config());
+        b.enqueue(pending(2, 3, Class::Interactive, 1, t)).unwrap();
+        for _ in 0..3 {
+            step(&mut b, t);
+        }
+        assert!(b.is_idle(), "three sampled tokens end a max_tokens=3 sequence");
+    }
+}

@@ -1,0 +1,148 @@
+//! moe-worker: serves one GGUF MoE model through llama.cpp with an offload profile, streams
+//! completions over gRPC (`moe.v1.Inference`) and advertises itself in etcd.
+
+pub mod advert;
+pub mod config;
+pub mod engine;
+pub mod service;
+
+use std::sync::Arc;
+
+use moe_common::pb::v1::inference_server::InferenceServer;
+use moe_common::registry::{EtcdConfig, Registrar, RegistrarConfig, RegistryError, WorkerState};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use config::WorkerConfig;
+use engine::{EngineConfig, EngineError};
+use service::{InferenceService, Intake};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("registering in etcd: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("serving gRPC: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn engine_config(c: &WorkerConfig) -> EngineConfig {
+    EngineConfig {
+        model_path: c.model.clone(),
+        model_name: c.model_name.clone(),
+        offload: c.offload,
+        vram_budget: c.vram_budget.map(|b| b.0),
+        gpu_layers: c.gpu_layers,
+        ctx_size: c.ctx_size,
+        parallel: c.parallel,
+        threads: c.threads,
+        batch_size: c.batch_size,
+        max_queue: c.max_queue,
+        queue_timeout: c.queue_timeout,
+    }
+}
+
+/// Loads the model, registers, serves until `shutdown` is cancelled, then drains: stop intake
+/// (health NOT_SERVING, advert `draining`), let streams finish within the drain grace, cancel
+/// the rest, revoke the lease, stop the server.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+    listener: TcpListener,
+) -> Result<(), WorkerError> {
+    let local = listener.local_addr()?;
+    let engine = engine::start(engine_config(&config)).await?;
+    let id = config.worker_id(local.port());
+    let endpoint = format!(
+        "http://{}",
+        config.advertise_addr.clone().unwrap_or_else(|| {
+            if local.ip().is_unspecified() {
+                format!("127.0.0.1:{}", local.port())
+            } else {
+                local.to_string()
+            }
+        })
+    );
+
+    let (state_tx, state_rx) = watch::channel(WorkerState::Ready);
+    let first = advert::build(&id, &endpoint, engine.model(), WorkerState::Ready, &engine.stats().borrow());
+    let (advert_tx, advert_rx) = watch::channel(first);
+    let background = CancellationToken::new();
+    tokio::spawn(advert::follow(
+        engine.clone(),
+        id.clone(),
+        endpoint.clone(),
+        state_rx,
+        advert_tx,
+        background.clone(),
+    ));
+    let registrar = if config.etcd.is_empty() {
+        tracing::warn!("no --etcd given: serving without registration");
+        None
+    } else {
+        let mut etcd = EtcdConfig::new(config.etcd.clone());
+        etcd.prefix = config.etcd_prefix.clone();
+        etcd.user = config.etcd_user.clone().zip(config.etcd_password.clone());
+        let rc = RegistrarConfig {
+            etcd,
+            lease_ttl: config.lease_ttl,
+            min_update_interval: std::time::Duration::from_millis(250),
+        };
+        Some(Registrar::start(rc, advert_rx).await?)
+    };
+
+    let intake = Arc::new(Intake::default());
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<InferenceServer<InferenceService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_common::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let service = InferenceService::new(engine.clone(), id.clone(), intake.clone());
+    let stop_server = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(InferenceServer::new(service))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            stop_server.clone().cancelled_owned(),
+        );
+    let server = tokio::spawn(server);
+    tracing::info!(%id, %endpoint, model = %engine.model().name, profile = %engine.model().profile, "worker ready");
+
+    shutdown.cancelled().await;
+    tracing::info!(in_flight = intake.in_flight(), "draining");
+    intake.start_draining();
+    health_reporter
+        .set_not_serving::<InferenceServer<InferenceService>>()
+        .await;
+    state_tx.send_replace(WorkerState::Draining);
+    if tokio::time::timeout(config.drain_grace, intake.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(in_flight = intake.in_flight(), "drain grace over; cancelling streams");
+    }
+    engine.shutdown().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), intake.wait_idle()).await;
+    if let Some(r) = registrar {
+        r.deregister().await;
+    }
+    background.cancel();
+    stop_server.cancel();
+    match server.await {
+        Ok(r) => r?,
+        Err(e) => tracing::warn!(error = %e, "server task failed"),
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}

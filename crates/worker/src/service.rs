@@ -1,0 +1,229 @@
+//! The worker's `moe.v1.Inference` service: validates requests, hands them to the engine and
+//! streams its events back. Proto types stop here; the engine sees domain types only.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use futures::Stream;
+use moe_common::pb::v1::inference_server::Inference;
+use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, LatencyClass, Timings, Usage};
+use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
+use tokio::sync::{Notify, mpsc};
+use tonic::{Request, Response, Status};
+
+use crate::engine::{Class, EngineError, EngineHandle, Event, Finish, Job, Prompt, Sampling, Summary};
+
+/// Tracks streams in flight so a draining worker can wait for them.
+#[derive(Default)]
+pub struct Intake {
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+impl Intake {
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no stream is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Decrements the in-flight count when a response stream is dropped (finished or abandoned).
+struct InFlight(Arc<Intake>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+pub struct InferenceService {
+    engine: EngineHandle,
+    worker_id: String,
+    limits: RequestLimits,
+    intake: Arc<Intake>,
+}
+
+impl InferenceService {
+    pub fn new(engine: EngineHandle, worker_id: String, intake: Arc<Intake>) -> Self {
+        InferenceService {
+            engine,
+            worker_id,
+            limits: RequestLimits::default(),
+            intake,
+        }
+    }
+}
+
+pub fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::InvalidArgument(m) => Status::invalid_argument(m),
+        EngineError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        EngineError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        EngineError::Unavailable(m) => Status::unavailable(m),
+        e @ (EngineError::Internal(_) | EngineError::Load(_)) => Status::internal(e.to_string()),
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let arrived = Instant::now();
+        if self.intake.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("worker is draining"));
+        }
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|d| arrived + d);
+        let req = request.into_inner();
+        validate(&req, &self.limits, true).map_err(|e| Status::invalid_argument(e.0))?;
+        let model = self.engine.model();
+        if !req.model.is_empty() && req.model != model.name {
+            return Err(Status::not_found(format!(
+                "model {:?} is not served here (this worker serves {:?})",
+                req.model, model.name
+            )));
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        let job = job(&req, arrived, deadline, events);
+        self.intake.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(self.intake.clone());
+        self.engine.submit(job).await.map_err(status)?;
+        let meta = FinalMeta {
+            worker_id: self.worker_id.clone(),
+            profile: model.profile.to_string(),
+            request_id: req.request_id.clone(),
+        };
+        Ok(Response::new(Box::pin(responses(rx, meta, guard))))
+    }
+}
+
+struct FinalMeta {
+    worker_id: String,
+    profile: String,
+    request_id: String,
+}
+
+fn job(
+    req: &GenerateRequest,
+    arrived: Instant,
+    deadline: Option<Instant>,
+    events: mpsc::UnboundedSender<Event>,
+) -> Job {
+    let prompt = if req.messages.is_empty() {
+        Prompt::Text(req.prompt.clone())
+    } else {
+        Prompt::Chat(
+            req.messages
+                .iter()
+                .map(|m| (m.role.clone(), m.content.clone()))
+                .collect(),
+        )
+    };
+    let sampling = req
+        .sampling
+        .as_ref()
+        .map(|s| Sampling {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            seed: s.seed,
+        })
+        .unwrap_or_default();
+    let class = match LatencyClass::try_from(req.latency_class) {
+        Ok(LatencyClass::Batch) => Class::Batch,
+        _ => Class::Interactive,
+    };
+    Job {
+        prompt,
+        resume_tokens: req.resume_token_ids.clone(),
+        max_tokens: req.max_tokens,
+        sampling,
+        stop: req.stop.clone(),
+        class,
+        deadline,
+        arrived,
+        events,
+    }
+}
+
+fn responses(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    meta: FinalMeta,
+    guard: InFlight,
+) -> impl Stream<Item = Result<GenerateResponse, Status>> + Send {
+    async_stream::stream! {
+        let _guard = guard;
+        while let Some(event) = rx.recv().await {
+            match event {
+                Event::Delta { text, token_ids } => {
+                    yield Ok(GenerateResponse { text, token_ids, ..Default::default() });
+                }
+                Event::Done(summary) => {
+                    yield Ok(final_message(&summary, &meta));
+                    return;
+                }
+                Event::Failed(e) => {
+                    yield Err(status(e));
+                    return;
+                }
+            }
+        }
+        yield Err(Status::unavailable("engine stopped before the request finished"));
+    }
+}
+
+fn final_message(s: &Summary, meta: &FinalMeta) -> GenerateResponse {
+    let finish_reason = match s.finish {
+        Finish::Stop => FinishReason::Stop,
+        Finish::Length => FinishReason::Length,
+        Finish::Cancelled => FinishReason::Cancelled,
+    };
+    GenerateResponse {
+        finish_reason: finish_reason as i32,
+        usage: Some(Usage {
+            prompt_tokens: s.prompt_tokens,
+            completion_tokens: s.completion_tokens,
+            cached_prompt_tokens: s.cached_prompt_tokens,
+        }),
+        worker_id: meta.worker_id.clone(),
+        offload_profile: meta.profile.clone(),
+        timings: Some(Timings {
+            queue_seconds: s.queue.as_secs_f64(),
+            time_to_first_token_seconds: s.time_to_first_token.as_secs_f64(),
+            decode_tokens_per_second: s.decode_tokens_per_second,
+        }),
+        request_id: meta.request_id.clone(),
+        ..Default::default()
+    }
+}
