@@ -1,0 +1,70 @@
+//! Command-line and environment configuration of `moe-gateway`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use moe_common::request::parse_duration_flag;
+
+use crate::scheduler::Spill;
+
+/// Stateless gateway: watches the etcd registry and routes streaming completions to workers by
+/// latency class and memory headroom.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "moe-gateway", version, about)]
+pub struct GatewayConfig {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "MOE_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// etcd endpoints (comma-separated or repeated).
+    #[arg(long, env = "MOE_ETCD", value_delimiter = ',', required = true)]
+    pub etcd: Vec<String>,
+    /// etcd key prefix of the cluster.
+    #[arg(long, env = "MOE_ETCD_PREFIX", default_value = moe_common::registry::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    #[arg(long, env = "MOE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "MOE_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// Address of the Prometheus /metrics endpoint (off when unset).
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Streams proxied at once; more get RESOURCE_EXHAUSTED at once (load shedding).
+    #[arg(long, env = "MOE_MAX_CONCURRENCY", default_value_t = 1024)]
+    pub max_concurrency: usize,
+    /// Longest a request may take (also caps client deadlines).
+    #[arg(long, env = "MOE_REQUEST_TIMEOUT", default_value = "600s", value_parser = parse_duration_flag)]
+    pub request_timeout: Duration,
+    /// Workers tried per request at most (placement, retries, migrations).
+    #[arg(long, env = "MOE_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// May INTERACTIVE requests use offloaded workers: on, off or below:LOAD.
+    #[arg(long, env = "MOE_INTERACTIVE_SPILL", default_value = "on")]
+    pub interactive_spill: Spill,
+    /// May BATCH requests use full-GPU workers: on, off or below:LOAD.
+    #[arg(long, env = "MOE_BATCH_SPILL", default_value = "below:0.5")]
+    pub batch_spill: Spill,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, env = "MOE_MAX_TOKENS_LIMIT", default_value_t = 32768)]
+    pub max_tokens_limit: u32,
+}
+
+impl GatewayConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_concurrency == 0 {
+            return Err("--max-concurrency must be at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return Err("--max-attempts must be at least 1".into());
+        }
+        if self.etcd_user.is_some() != self.etcd_password.is_some() {
+            return Err("--etcd-user and --etcd-password go together".into());
+        }
+        Ok(())
+    }
+
+    /// Defaults with the given etcd endpoints (tests, embedding).
+    pub fn for_etcd(endpoints: &[String]) -> Self {
+        GatewayConfig::parse_from(["moe-gateway", "--etcd", &endpoints.join(",")])
+    }
+}

@@ -1,0 +1,308 @@
+//! The gateway's `moe.v1.Inference` service: validate, place, proxy the worker's stream, retry
+//! on another worker before the first token, and migrate mid-stream after it.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use moe_common::pb::v1::inference_client::InferenceClient;
+use moe_common::pb::v1::inference_server::Inference;
+use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, LatencyClass, Usage};
+use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
+
+use crate::router::Router;
+use crate::scheduler::{Candidate, Class, Demand, Ranking, ScheduleError};
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Streams proxied at once; more are refused with RESOURCE_EXHAUSTED (load shedding).
+    pub max_streams: usize,
+    /// Deadline for requests that bring none (and the cap for those that do).
+    pub request_timeout: Duration,
+    /// Workers tried per request at most (first placement, retries and migrations).
+    pub max_attempts: u32,
+    pub limits: RequestLimits,
+}
+
+pub struct GatewayService {
+    router: Arc<Router>,
+    streams: Arc<Semaphore>,
+    config: ProxyConfig,
+}
+
+impl GatewayService {
+    pub fn new(router: Arc<Router>, config: ProxyConfig) -> Self {
+        GatewayService {
+            router,
+            streams: Arc::new(Semaphore::new(config.max_streams)),
+            config,
+        }
+    }
+}
+
+pub fn schedule_status(e: ScheduleError) -> Status {
+    match e {
+        ScheduleError::ModelNotFound(_) => Status::not_found(e.to_string()),
+        ScheduleError::Unavailable(_) => Status::unavailable(e.to_string()),
+        ScheduleError::NoHeadroom { .. } => Status::resource_exhausted(e.to_string()),
+    }
+}
+
+/// Prompt tokens estimated from bytes (about 3 bytes a token errs on the side of reserving).
+fn estimate_prompt_tokens(req: &GenerateRequest) -> u32 {
+    let bytes = req.prompt.len() + req.messages.iter().map(|m| m.content.len() + 16).sum::<usize>();
+    (bytes / 3 + 1) as u32
+}
+
+fn class_of(req: &GenerateRequest) -> Class {
+    match LatencyClass::try_from(req.latency_class) {
+        Ok(LatencyClass::Batch) => Class::Batch,
+        _ => Class::Interactive,
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for GatewayService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let started = Instant::now();
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "gateway is at its limit of {} concurrent streams; retry later",
+                self.config.max_streams
+            ))
+        })?;
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map_or(self.config.request_timeout, |t| t.min(self.config.request_timeout));
+        let req = request.into_inner();
+        validate(&req, &self.config.limits, false).map_err(|e| Status::invalid_argument(e.0))?;
+        self.router.retry_budget.deposit();
+        let demand = Demand {
+            model: &req.model,
+            class: class_of(&req),
+            prompt_tokens: estimate_prompt_tokens(&req),
+            max_tokens: req.max_tokens,
+        };
+        // The first placement happens before the stream starts, so NOT_FOUND / UNAVAILABLE /
+        // RESOURCE_EXHAUSTED are the call's status.
+        let ranking = self.router.rank(&demand, &HashSet::new()).map_err(schedule_status)?;
+        let (tx, rx) = mpsc::channel(64);
+        let drive = Drive {
+            router: self.router.clone(),
+            max_attempts: self.config.max_attempts,
+            deadline: started + timeout,
+            req,
+            tx,
+            _permit: permit,
+        };
+        tokio::spawn(drive.run(ranking));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One request's journey over one or more workers.
+struct Drive {
+    router: Arc<Router>,
+    max_attempts: u32,
+    deadline: Instant,
+    req: GenerateRequest,
+    tx: mpsc::Sender<Result<GenerateResponse, Status>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum Outcome {
+    /// The final message reached the client (or the client left).
+    Done,
+    /// The worker failed; `retryable` says whether another worker may take over.
+    Failed { status: Status, retryable: bool },
+}
+
+/// Statuses after which another worker may succeed.
+fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::ResourceExhausted | Code::Unknown | Code::Internal | Code::Aborted | Code::Cancelled
+    )
+}
+
+impl Drive {
+    async fn run(self, first: Ranking) {
+        let mut generated: Vec<u32> = Vec::new();
+        let mut tried = HashSet::new();
+        let mut ranking = Some(first);
+        let mut migrations = 0u32;
+        let mut last: Option<Status> = None;
+        for attempt in 0..self.max_attempts {
+            let r = match ranking.take() {
+                Some(r) => Ok(r),
+                None => self.router.rank(&self.demand(generated.len()), &tried),
+            };
+            let candidate = match r {
+                Ok(r) => pick(r, attempt > 0),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no further worker to try");
+                    None
+                }
+            };
+            let Some(candidate) = candidate else { break };
+            if attempt > 0 && !self.router.retry_budget.withdraw() {
+                tracing::warn!("retry budget spent; failing the request");
+                break;
+            }
+            if attempt > 0 && !generated.is_empty() {
+                migrations += 1;
+                tracing::info!(worker = %candidate.worker.id, tokens = generated.len(), "migrating stream");
+            }
+            tried.insert(candidate.worker.id.clone());
+            match self.attempt(&candidate, &mut generated, migrations).await {
+                Outcome::Done => return,
+                Outcome::Failed { status, retryable } => {
+                    tracing::warn!(worker = %candidate.worker.id, code = ?status.code(), message = status.message(), retryable, "worker attempt failed");
+                    if !retryable {
+                        let _ = self.tx.send(Err(status)).await;
+                        return;
+                    }
+                    last = Some(status);
+                }
+            }
+            if Instant::now() >= self.deadline {
+                let _ = self.tx.send(Err(Status::deadline_exceeded("request deadline passed"))).await;
+                return;
+            }
+        }
+        let status = match last {
+            Some(s) => Status::unavailable(format!(
+                "all workers tried failed; last error: {:?} {}",
+                s.code(),
+                s.message()
+            )),
+            None => Status::unavailable("no worker could take the request"),
+        };
+        let _ = self.tx.send(Err(status)).await;
+    }
+
+    fn demand(&self, generated: usize) -> Demand<'_> {
+        Demand {
+            model: &self.req.model,
+            class: class_of(&self.req),
+            prompt_tokens: estimate_prompt_tokens(&self.req) + generated as u32,
+            max_tokens: self.req.max_tokens.saturating_sub(generated as u32),
+        }
+    }
+
+    async fn attempt(&self, c: &Candidate, generated: &mut Vec<u32>, migrations: u32) -> Outcome {
+        let before = generated.len() as u32;
+        if before >= self.req.max_tokens {
+            // The previous worker produced every token but died before its final message.
+            let final_msg = GenerateResponse {
+                finish_reason: FinishReason::Length as i32,
+                usage: Some(Usage {
+                    prompt_tokens: 0,
+                    completion_tokens: before,
+                    cached_prompt_tokens: 0,
+                }),
+                request_id: self.req.request_id.clone(),
+                migrations,
+                ..Default::default()
+            };
+            let _ = self.tx.send(Ok(final_msg)).await;
+            return Outcome::Done;
+        }
+        let _reservation = self.router.reserve(&c.worker.id, self.demand(generated.len()).kv_tokens());
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Outcome::Failed {
+                status: Status::deadline_exceeded("request deadline passed"),
+                retryable: false,
+            };
+        }
+        let channel = match self.router.channel(&c.worker.endpoint) {
+            Ok(ch) => ch,
+            Err(e) => {
+                return Outcome::Failed {
+                    status: Status::unavailable(format!("bad worker endpoint: {e}")),
+                    retryable: true,
+                };
+            }
+        };
+        let mut wreq = self.req.clone();
+        wreq.resume_token_ids = generated.clone();
+        let mut request = Request::new(wreq);
+        request.set_timeout(remaining);
+        let mut client = InferenceClient::new(channel);
+        let response = tokio::select! {
+            r = client.generate(request) => r,
+            _ = self.tx.closed() => return Outcome::Done,
+        };
+        let mut stream = match response {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let retryable = retryable(&status);
+                return Outcome::Failed { status, retryable };
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                // Client gone: dropping the worker stream cancels the sequence there.
+                _ = self.tx.closed() => return Outcome::Done,
+            };
+            match msg {
+                Ok(Some(mut m)) => {
+                    generated.extend_from_slice(&m.token_ids);
+                    let finish = FinishReason::try_from(m.finish_reason).unwrap_or(FinishReason::Unspecified);
+                    if finish == FinishReason::Cancelled && Instant::now() < self.deadline {
+                        // The worker gave up on the stream (drain): continue elsewhere.
+                        return Outcome::Failed {
+                            status: Status::unavailable("worker cancelled the stream while draining"),
+                            retryable: true,
+                        };
+                    }
+                    if finish != FinishReason::Unspecified {
+                        m.migrations = migrations;
+                        if let Some(u) = m.usage.as_mut() {
+                            u.completion_tokens += before;
+                        }
+                    }
+                    if self.tx.send(Ok(m)).await.is_err() {
+                        return Outcome::Done;
+                    }
+                    if finish != FinishReason::Unspecified {
+                        return Outcome::Done;
+                    }
+                }
+                Ok(None) => {
+                    return Outcome::Failed {
+                        status: Status::unavailable("worker ended the stream without a final message"),
+                        retryable: true,
+                    };
+                }
+                Err(status) => {
+                    let retryable = retryable(&status);
+                    return Outcome::Failed { status, retryable };
+                }
+            }
+        }
+    }
+}
+
+/// The first candidate; on retries, the fallback list too (a slower answer beats none).
+fn pick(r: Ranking, retry: bool) -> Option<Candidate> {
+    let mut all = r.candidates.into_iter();
+    all.next().or_else(|| if retry { r.fallback.into_iter().next() } else { None })
+}

@@ -1,0 +1,194 @@
+//! Shared routing state: the cluster snapshot, this gateway's reservations, worker channels and
+//! the retry budget. The policy itself lives in `scheduler.rs`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moe_common::registry::ClusterSnapshot;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::scheduler::{self, Demand, Policy, Ranking, Reservation, Reservations, ScheduleError};
+
+pub struct Router {
+    snapshots: watch::Receiver<Arc<ClusterSnapshot>>,
+    reservations: Mutex<Reservations>,
+    channels: Mutex<HashMap<String, Channel>>,
+    policy: Policy,
+    pub retry_budget: RetryBudget,
+}
+
+impl Router {
+    pub fn new(snapshots: watch::Receiver<Arc<ClusterSnapshot>>, policy: Policy) -> Self {
+        Router {
+            snapshots,
+            reservations: Mutex::new(Reservations::default()),
+            channels: Mutex::new(HashMap::new()),
+            policy,
+            retry_budget: RetryBudget::new(0.2, 10),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<ClusterSnapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// Ranks candidates for `demand` on the current snapshot, logging the decision.
+    pub fn rank(
+        &self,
+        demand: &Demand,
+        exclude: &HashSet<String>,
+    ) -> Result<Ranking, ScheduleError> {
+        let snapshot = self.snapshot();
+        let reservations = self.reservations.lock().expect("reservations lock").clone();
+        let ranking = scheduler::rank(
+            demand,
+            &snapshot,
+            &reservations,
+            exclude,
+            &self.policy,
+            &mut rand::rng(),
+        );
+        match &ranking {
+            Ok(r) => tracing::debug!(
+                class = ?demand.class,
+                kv = demand.kv_tokens(),
+                candidates = ?r.candidates.iter().map(|c| (c.worker.id.as_str(), c.worker.offload.profile.as_str(), c.score)).collect::<Vec<_>>(),
+                fallback = r.fallback.len(),
+                "placement"
+            ),
+            Err(e) => tracing::debug!(class = ?demand.class, error = %e, "placement failed"),
+        }
+        ranking
+    }
+
+    /// Records a placement until the returned guard is dropped.
+    pub fn reserve(self: &Arc<Self>, worker: &str, kv_tokens: u32) -> ReservationGuard {
+        let placed_unix_ms = unix_ms();
+        self.reservations
+            .lock()
+            .expect("reservations lock")
+            .by_worker
+            .entry(worker.to_string())
+            .or_default()
+            .push(Reservation {
+                kv_tokens,
+                placed_unix_ms,
+            });
+        ReservationGuard {
+            router: self.clone(),
+            worker: worker.to_string(),
+            placed_unix_ms,
+            kv_tokens,
+        }
+    }
+
+    /// A (lazily connecting) channel to a worker endpoint, shared by all requests.
+    pub fn channel(&self, endpoint: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().expect("channels lock");
+        if let Some(c) = channels.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(endpoint.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        channels.insert(endpoint.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Forgets channels of workers no longer in the snapshot.
+    pub fn prune_channels(&self) {
+        let snapshot = self.snapshot();
+        let live: HashSet<&str> = snapshot.workers.values().map(|w| w.endpoint.as_str()).collect();
+        self.channels
+            .lock()
+            .expect("channels lock")
+            .retain(|e, _| live.contains(e.as_str()));
+    }
+}
+
+/// Removes its reservation when dropped (the stream ended, one way or another).
+pub struct ReservationGuard {
+    router: Arc<Router>,
+    worker: String,
+    placed_unix_ms: u64,
+    kv_tokens: u32,
+}
+
+impl Drop for ReservationGuard {
+    fn drop(&mut self) {
+        let mut res = self.router.reservations.lock().expect("reservations lock");
+        if let Some(list) = res.by_worker.get_mut(&self.worker) {
+            if let Some(i) = list
+                .iter()
+                .position(|r| r.placed_unix_ms == self.placed_unix_ms && r.kv_tokens == self.kv_tokens)
+            {
+                list.swap_remove(i);
+            }
+            if list.is_empty() {
+                res.by_worker.remove(&self.worker);
+            }
+        }
+    }
+}
+
+/// Retries may add at most `ratio` of the request rate (plus a small floor), so a failing
+/// fleet is not hammered by retry storms.
+pub struct RetryBudget {
+    /// Balance in thousandths of a retry.
+    balance: AtomicU64,
+    deposit: u64,
+    cap: u64,
+}
+
+impl RetryBudget {
+    pub fn new(ratio: f64, floor: u64) -> Self {
+        RetryBudget {
+            balance: AtomicU64::new(floor * 1000),
+            deposit: (ratio * 1000.0) as u64,
+            cap: (floor + 100) * 1000,
+        }
+    }
+
+    /// Called once per request.
+    pub fn deposit(&self) {
+        let _ = self
+            .balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some((b + self.deposit).min(self.cap)));
+    }
+
+    /// Takes one retry from the budget; false when it is spent.
+    pub fn withdraw(&self) -> bool {
+        self.balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1000))
+            .is_ok()
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_budget_allows_a_fraction_of_requests() {
+        let b = RetryBudget::new(0.5, 1);
+        assert!(b.withdraw());
+        assert!(!b.withdraw(), "floor spent");
+        b.deposit();
+        assert!(!b.withdraw(), "half a retry is not a retry");
+        b.deposit();
+        assert!(b.withdraw());
+    }
+}

@@ -1,0 +1,325 @@
+//! The placement policy: a pure function of (request, cluster snapshot, this gateway's own
+//! in-flight reservations) to ranked candidates. No I/O, no clocks, no globals: the caller
+//! passes a random source for tie-breaks.
+//!
+//! - INTERACTIVE prefers `full`-profile workers and ranks them by predicted time to first token.
+//! - BATCH prefers expert-offloaded workers and ranks them by KV headroom.
+//! - Spill-over to the other pool follows a per-class [`Spill`] rule.
+//! - A worker whose advertised free KV minus reservations made since that advert cannot hold
+//!   prompt + max_tokens is never a candidate.
+//! - Ties are broken by power-of-two choices on this gateway's in-flight streams.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
+use rand::Rng;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Class {
+    Interactive,
+    Batch,
+}
+
+/// Which pool a worker belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// `full` profile: every expert on the GPU.
+    Fast,
+    /// `cpu-moe` / `n-cpu-moe:N`: experts (partly) in host memory.
+    Offload,
+}
+
+impl Pool {
+    pub fn of(advert: &WorkerAdvert) -> Pool {
+        if advert.offload.n_cpu_moe == 0 {
+            Pool::Fast
+        } else {
+            Pool::Offload
+        }
+    }
+}
+
+/// When a class may use the pool it does not prefer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Spill {
+    Off,
+    On,
+    /// Only onto workers whose load ((active + queued) / max_sequences) is below this.
+    BelowLoad(f64),
+}
+
+impl std::str::FromStr for Spill {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(Spill::On),
+            "off" => Ok(Spill::Off),
+            _ => s
+                .strip_prefix("below:")
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .map(Spill::BelowLoad)
+                .ok_or_else(|| format!("spill must be on, off or below:LOAD (e.g. below:0.5), not {s:?}")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub interactive_spill: Spill,
+    pub batch_spill: Spill,
+    /// Prefill speed assumed for workers that have not measured theirs yet (tokens/s).
+    pub default_prefill_tps: f64,
+    /// Decode speed assumed likewise (tokens/s per sequence).
+    pub default_decode_tps: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            interactive_spill: Spill::On,
+            batch_spill: Spill::BelowLoad(0.5),
+            default_prefill_tps: 500.0,
+            default_decode_tps: 20.0,
+        }
+    }
+}
+
+/// What the policy needs to know about a request.
+#[derive(Clone, Debug)]
+pub struct Demand<'a> {
+    /// Empty: any model.
+    pub model: &'a str,
+    pub class: Class,
+    /// Estimated prompt tokens.
+    pub prompt_tokens: u32,
+    /// Tokens still to generate.
+    pub max_tokens: u32,
+}
+
+impl Demand<'_> {
+    pub fn kv_tokens(&self) -> u32 {
+        self.prompt_tokens.saturating_add(self.max_tokens)
+    }
+}
+
+/// KV tokens and streams this gateway has placed on one worker, with when it placed them, so
+/// only placements newer than the worker's advert are subtracted from its headroom.
+#[derive(Clone, Debug, Default)]
+pub struct Reservations {
+    pub by_worker: HashMap<String, Vec<Reservation>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Reservation {
+    pub kv_tokens: u32,
+    pub placed_unix_ms: u64,
+}
+
+impl Reservations {
+    fn since(&self, worker: &str, advert_ms: u64) -> (u32, u32) {
+        let Some(list) = self.by_worker.get(worker) else {
+            return (0, 0);
+        };
+        let mut kv = 0u32;
+        let mut streams = 0u32;
+        for r in list {
+            if r.placed_unix_ms >= advert_ms {
+                kv = kv.saturating_add(r.kv_tokens);
+                streams += 1;
+            }
+        }
+        (kv, streams)
+    }
+
+    fn streams(&self, worker: &str) -> usize {
+        self.by_worker.get(worker).map_or(0, Vec::len)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub worker: Arc<WorkerAdvert>,
+    pub pool: Pool,
+    /// Lower is better: predicted TTFT seconds (interactive) or negative free KV (batch).
+    pub score: f64,
+    /// Placed outside the class's preferred pool.
+    pub spill: bool,
+}
+
+/// Candidates in order, plus workers usable only as a last resort for retries and migration
+/// (the other pool despite the spill rule).
+#[derive(Clone, Debug, Default)]
+pub struct Ranking {
+    pub candidates: Vec<Candidate>,
+    pub fallback: Vec<Candidate>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ScheduleError {
+    #[error("no worker serves model {0:?}")]
+    ModelNotFound(String),
+    #[error("no ready worker: {0}")]
+    Unavailable(String),
+    #[error("no worker has KV headroom for {needed} tokens ({reason})")]
+    NoHeadroom { needed: u32, reason: String },
+}
+
+fn load(w: &WorkerAdvert) -> f64 {
+    (w.load.active + w.load.queued) as f64 / w.capacity.max_sequences.max(1) as f64
+}
+
+/// Predicted seconds to the first token on `w` for `d`, counting this gateway's recent placements.
+fn predicted_ttft(w: &WorkerAdvert, d: &Demand, local_streams: u32, policy: &Policy) -> f64 {
+    let prefill_tps = if w.speed.prefill_tokens_per_second > 0.0 {
+        w.speed.prefill_tokens_per_second
+    } else {
+        policy.default_prefill_tps
+    };
+    let decode_tps = if w.speed.decode_tokens_per_second > 0.0 {
+        w.speed.decode_tokens_per_second
+    } else {
+        policy.default_decode_tps
+    };
+    let busy = (w.load.active + w.load.queued + local_streams) as f64;
+    let slots = w.capacity.max_sequences.max(1) as f64;
+    // Every running sequence adds a little to each step; beyond the slots, requests wait for a
+    // sequence to finish (assume half a typical answer of 128 tokens).
+    let step = 1.0 / decode_tps;
+    let wait = if busy >= slots {
+        (busy - slots + 1.0) / slots * 64.0 * step
+    } else {
+        0.0
+    };
+    d.prompt_tokens as f64 / prefill_tps + wait + busy / slots * step
+}
+
+/// Ranks the workers that can take `demand`. `exclude` lists workers already tried.
+pub fn rank(
+    demand: &Demand,
+    snapshot: &ClusterSnapshot,
+    reservations: &Reservations,
+    exclude: &HashSet<String>,
+    policy: &Policy,
+    rng: &mut impl Rng,
+) -> Result<Ranking, ScheduleError> {
+    let serving: Vec<&Arc<WorkerAdvert>> = snapshot
+        .workers
+        .values()
+        .filter(|w| demand.model.is_empty() || w.model.name == demand.model)
+        .collect();
+    if serving.is_empty() {
+        return Err(if demand.model.is_empty() {
+            ScheduleError::Unavailable("no workers are registered".into())
+        } else {
+            ScheduleError::ModelNotFound(demand.model.to_string())
+        });
+    }
+    let ready: Vec<&Arc<WorkerAdvert>> = serving
+        .iter()
+        .copied()
+        .filter(|w| w.is_ready() && !exclude.contains(&w.id))
+        .collect();
+    if ready.is_empty() {
+        return Err(ScheduleError::Unavailable(format!(
+            "{} worker(s) serve the model but none is ready{}",
+            serving.len(),
+            if exclude.is_empty() { "" } else { " or untried" }
+        )));
+    }
+    let needed = demand.kv_tokens();
+    let preferred = match demand.class {
+        Class::Interactive => Pool::Fast,
+        Class::Batch => Pool::Offload,
+    };
+    let spill = match demand.class {
+        Class::Interactive => policy.interactive_spill,
+        Class::Batch => policy.batch_spill,
+    };
+    let mut ranking = Ranking::default();
+    let mut too_small = 0;
+    for w in ready {
+        let (kv_reserved, local_streams) = reservations.since(&w.id, w.updated_unix_ms);
+        let free = w.capacity.free_kv_tokens.saturating_sub(kv_reserved);
+        if needed > w.capacity.context_tokens {
+            too_small += 1;
+            continue;
+        }
+        if free < needed {
+            continue;
+        }
+        let pool = Pool::of(w);
+        let score = match demand.class {
+            Class::Interactive => predicted_ttft(w, demand, local_streams, policy),
+            Class::Batch => -(free as f64),
+        };
+        let candidate = Candidate {
+            worker: w.clone(),
+            pool,
+            score,
+            spill: pool != preferred,
+        };
+        let allowed = pool == preferred
+            || match spill {
+                Spill::On => true,
+                Spill::Off => false,
+                Spill::BelowLoad(t) => load(w) < t,
+            };
+        if allowed {
+            ranking.candidates.push(candidate);
+        } else {
+            ranking.fallback.push(candidate);
+        }
+    }
+    for list in [&mut ranking.candidates, &mut ranking.fallback] {
+        // Preferred pool first, then by score.
+        list.sort_by(|a, b| a.spill.cmp(&b.spill).then(a.score.total_cmp(&b.score)));
+        two_choices(list, reservations, rng);
+    }
+    if ranking.candidates.is_empty() && ranking.fallback.is_empty() {
+        let reason = if too_small > 0 {
+            format!("{too_small} worker(s) have a context smaller than the request")
+        } else {
+            "every serving worker's KV cache is reserved".into()
+        };
+        return Err(ScheduleError::NoHeadroom { needed, reason });
+    }
+    if ranking.candidates.is_empty() {
+        // Nothing allowed by the spill rule: the request still has somewhere to go rather than
+        // failing, but only through the fallback list, which the caller may refuse to use.
+        tracing::debug!("no candidate in the preferred pool; fallback only");
+    }
+    Ok(ranking)
+}
+
+/// Among the candidates tied with the best score (same pool, within 1 %), samples two at
+/// random and puts the one with fewer local in-flight streams first.
+fn two_choices(list: &mut [Candidate], reservations: &Reservations, rng: &mut impl Rng) {
+    if list.len() < 2 {
+        return;
+    }
+    let best = &list[0];
+    let tol = best.score.abs() * 0.01 + 1e-9;
+    let tied = list
+        .iter()
+        .take_while(|c| c.spill == best.spill && (c.score - best.score).abs() <= tol)
+        .count();
+    if tied < 2 {
+        return;
+    }
+    let a = rng.random_range(0..tied);
+    let mut b = rng.random_range(0..tied - 1);
+    if b >= a {
+        b += 1;
+    }
+    let pick = if reservations.streams(&list[a].worker.id) <= reservations.streams(&list[b].worker.id) {
+        a
+    } else {
+        b
+    };
+    list.swap(0, pick);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,288 @@
+//! Behaviour tests of the placement policy.
+
+use super::*;
+use moe_common::registry::{
+    ADVERT_SCHEMA, Capacity, Load, MemoryInfo, ModelInfo, OffloadInfo, Speed, WorkerState,
+};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+fn worker(id: &str, profile: &str, free_kv: u32) -> WorkerAdvert {
+    let n_cpu_moe = match profile {
+        "full" => 0,
+        "cpu-moe" => 24,
+        p => p.trim_start_matches("n-cpu-moe:").parse().unwrap(),
+    };
+    WorkerAdvert {
+        schema: ADVERT_SCHEMA,
+        id: id.into(),
+        endpoint: format!("http://127.0.0.1:{}", 50000 + id.len()),
+        state: WorkerState::Ready,
+        model: ModelInfo {
+            name: "m".into(),
+            n_layer: 24,
+            ..Default::default()
+        },
+        offload: OffloadInfo {
+            mode: profile.split(':').next().unwrap().into(),
+            n_cpu_moe,
+            profile: profile.into(),
+        },
+        devices: vec![],
+        memory: MemoryInfo::default(),
+        capacity: Capacity {
+            context_tokens: 8192,
+            free_kv_tokens: free_kv,
+            max_sequences: 8,
+        },
+        load: Load::default(),
+        speed: Speed {
+            decode_tokens_per_second: if profile == "full" { 250.0 } else { 25.0 },
+            prefill_tokens_per_second: if profile == "full" { 5000.0 } else { 1000.0 },
+        },
+        version: "t".into(),
+        updated_unix_ms: 1000,
+    }
+}
+
+fn snapshot(workers: Vec<WorkerAdvert>) -> ClusterSnapshot {
+    ClusterSnapshot {
+        revision: 1,
+        workers: workers
+            .into_iter()
+            .map(|w| (w.id.clone(), Arc::new(w)))
+            .collect(),
+        rejected: Default::default(),
+    }
+}
+
+fn demand(class: Class) -> Demand<'static> {
+    Demand {
+        model: "m",
+        class,
+        prompt_tokens: 100,
+        max_tokens: 100,
+    }
+}
+
+fn ids(r: &Ranking) -> Vec<&str> {
+    r.candidates.iter().map(|c| c.worker.id.as_str()).collect()
+}
+
+fn rank_default(d: &Demand, s: &ClusterSnapshot) -> Result<Ranking, ScheduleError> {
+    rank(
+        d,
+        s,
+        &Reservations::default(),
+        &HashSet::new(),
+        &Policy::default(),
+        &mut StdRng::seed_from_u64(7),
+    )
+}
+
+#[test]
+fn interactive_prefers_full_gpu_worker() {
+    let s = snapshot(vec![worker("slow", "cpu-moe", 8000), worker("fast", "full", 1000)]);
+    let r = rank_default(&demand(Class::Interactive), &s).unwrap();
+    assert_eq!(ids(&r), vec!["fast", "slow"]);
+    assert!(!r.candidates[0].spill);
+    assert!(r.candidates[1].spill);
+}
+
+#[test]
+fn batch_prefers_offloaded_workers_ranked_by_headroom() {
+    let s = snapshot(vec![
+        worker("fast", "full", 8000),
+        worker("small", "cpu-moe", 1000),
+        worker("big", "n-cpu-moe:12", 6000),
+    ]);
+    let r = rank_default(&demand(Class::Batch), &s).unwrap();
+    assert_eq!(ids(&r)[..2], ["big", "small"]);
+}
+
+#[test]
+fn interactive_ranks_by_predicted_time_to_first_token() {
+    let mut busy = worker("busy", "full", 8000);
+    busy.load = Load { active: 8, queued: 8 };
+    let idle = worker("idle", "full", 8000);
+    let s = snapshot(vec![busy, idle]);
+    let r = rank_default(&demand(Class::Interactive), &s).unwrap();
+    assert_eq!(ids(&r)[0], "idle");
+    assert!(r.candidates[0].score < r.candidates[1].score);
+}
+
+#[test]
+fn skips_worker_without_kv_headroom() {
+    let s = snapshot(vec![worker("full-1", "full", 150), worker("full-2", "full", 500)]);
+    let r = rank_default(&demand(Class::Interactive), &s).unwrap();
+    assert_eq!(ids(&r), vec!["full-2"]);
+}
+
+#[test]
+fn subtracts_reservations_made_since_the_advert() {
+    let s = snapshot(vec![worker("a", "full", 500), worker("b", "full", 400)]);
+    let mut res = Reservations::default();
+    // A placement newer than a's advert: a has 500 - 350 = 150 left, below the 200 needed.
+    res.by_worker.insert(
+        "a".into(),
+        vec![Reservation {
+            kv_tokens: 350,
+            placed_unix_ms: 2000,
+        }],
+    );
+    // An old placement on b, already reflected in b's advert: not subtracted again.
+    res.by_worker.insert(
+        "b".into(),
+        vec![Reservation {
+            kv_tokens: 350,
+            placed_unix_ms: 10,
+        }],
+    );
+    let r = rank(
+        &demand(Class::Interactive),
+        &s,
+        &res,
+        &HashSet::new(),
+        &Policy::default(),
+        &mut StdRng::seed_from_u64(1),
+    )
+    .unwrap();
+    assert_eq!(ids(&r), vec!["b"]);
+}
+
+#[test]
+fn spill_off_keeps_batch_out_of_the_fast_pool_but_offers_it_as_fallback() {
+    let s = snapshot(vec![worker("fast", "full", 8000), worker("slow", "cpu-moe", 100)]);
+    let policy = Policy {
+        batch_spill: Spill::Off,
+        ..Policy::default()
+    };
+    let r = rank(
+        &demand(Class::Batch),
+        &s,
+        &Reservations::default(),
+        &HashSet::new(),
+        &policy,
+        &mut StdRng::seed_from_u64(1),
+    )
+    .unwrap();
+    assert!(r.candidates.is_empty());
+    assert_eq!(r.fallback[0].worker.id, "fast");
+}
+
+#[test]
+fn spill_below_load_uses_the_other_pool_only_while_it_is_lightly_loaded() {
+    let mut fast = worker("fast", "full", 8000);
+    let s_idle = snapshot(vec![fast.clone(), worker("slow", "cpu-moe", 100)]);
+    let r = rank_default(&demand(Class::Batch), &s_idle).unwrap();
+    assert_eq!(ids(&r), vec!["fast"], "default batch spill is below:0.5; idle fast pool qualifies");
+    fast.load = Load { active: 6, queued: 0 };
+    let s_busy = snapshot(vec![fast, worker("slow", "cpu-moe", 100)]);
+    let r = rank_default(&demand(Class::Batch), &s_busy).unwrap();
+    assert!(r.candidates.is_empty());
+    assert_eq!(r.fallback.len(), 1);
+}
+
+#[test]
+fn spill_over_happens_when_the_preferred_pool_is_saturated() {
+    let s = snapshot(vec![worker("fast", "full", 0), worker("slow", "cpu-moe", 8000)]);
+    let r = rank_default(&demand(Class::Interactive), &s).unwrap();
+    assert_eq!(ids(&r), vec!["slow"]);
+    assert!(r.candidates[0].spill);
+}
+
+#[test]
+fn unknown_model_is_not_found() {
+    let s = snapshot(vec![worker("a", "full", 8000)]);
+    let d = Demand {
+        model: "other",
+        ..demand(Class::Interactive)
+    };
+    assert_eq!(
+        rank_default(&d, &s).unwrap_err(),
+        ScheduleError::ModelNotFound("other".into())
+    );
+}
+
+#[test]
+fn no_workers_is_unavailable_and_draining_workers_get_nothing() {
+    let empty = snapshot(vec![]);
+    let d = Demand {
+        model: "",
+        ..demand(Class::Interactive)
+    };
+    assert!(matches!(rank_default(&d, &empty), Err(ScheduleError::Unavailable(_))));
+    let mut w = worker("a", "full", 8000);
+    w.state = WorkerState::Draining;
+    assert!(matches!(
+        rank_default(&demand(Class::Interactive), &snapshot(vec![w])),
+        Err(ScheduleError::Unavailable(_))
+    ));
+}
+
+#[test]
+fn no_headroom_anywhere_is_resource_exhausted_with_the_reason() {
+    let s = snapshot(vec![worker("a", "full", 10), worker("b", "cpu-moe", 10)]);
+    assert!(matches!(
+        rank_default(&demand(Class::Interactive), &s),
+        Err(ScheduleError::NoHeadroom { needed: 200, .. })
+    ));
+    let huge = Demand {
+        max_tokens: 100_000,
+        ..demand(Class::Interactive)
+    };
+    let err = rank_default(&huge, &s).unwrap_err();
+    assert!(err.to_string().contains("context smaller"), "{err}");
+}
+
+#[test]
+fn excluded_workers_are_not_candidates() {
+    let s = snapshot(vec![worker("a", "full", 8000), worker("b", "full", 8000)]);
+    let exclude: HashSet<String> = ["a".to_string()].into();
+    let r = rank(
+        &demand(Class::Interactive),
+        &s,
+        &Reservations::default(),
+        &exclude,
+        &Policy::default(),
+        &mut StdRng::seed_from_u64(1),
+    )
+    .unwrap();
+    assert_eq!(ids(&r), vec!["b"]);
+}
+
+#[test]
+fn ties_are_broken_by_two_choices_on_local_in_flight_streams() {
+    let s = snapshot(vec![worker("a", "full", 8000), worker("b", "full", 8000)]);
+    let mut res = Reservations::default();
+    // Old placements (not subtracted from headroom) but still in flight locally on a.
+    res.by_worker.insert(
+        "a".into(),
+        vec![
+            Reservation {
+                kv_tokens: 1,
+                placed_unix_ms: 0,
+            };
+            3
+        ],
+    );
+    for seed in 0..20 {
+        let r = rank(
+            &demand(Class::Interactive),
+            &s,
+            &res,
+            &HashSet::new(),
+            &Policy::default(),
+            &mut StdRng::seed_from_u64(seed),
+        )
+        .unwrap();
+        assert_eq!(ids(&r)[0], "b", "seed {seed}");
+    }
+}
+
+#[test]
+fn spill_parses_from_flags() {
+    assert_eq!("on".parse::<Spill>(), Ok(Spill::On));
+    assert_eq!("below:0.5".parse::<Spill>(), Ok(Spill::BelowLoad(0.5)));
+    assert!("below:x".parse::<Spill>().is_err());
+}
