@@ -29,6 +29,8 @@ pub struct ProxyConfig {
     pub limits: RequestLimits,
 }
 
+/// Cheap to clone: every front end (gRPC, HTTP) holds one.
+#[derive(Clone)]
 pub struct GatewayService {
     router: Arc<Router>,
     streams: Arc<Semaphore>,
@@ -68,14 +70,15 @@ fn class_of(req: &GenerateRequest) -> Class {
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Inference for GatewayService {
-    type GenerateStream = GenerateStream;
-
-    async fn generate(
+impl GatewayService {
+    /// Validates and places a request, then proxies it in the background; the returned stream
+    /// yields the worker's messages (across retries and migrations) and ends with the final
+    /// message or an error status. Every front end (gRPC, HTTP) goes through here.
+    pub fn start(
         &self,
-        request: Request<GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
+        req: GenerateRequest,
+        client_timeout: Option<Duration>,
+    ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
         let started = Instant::now();
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
@@ -83,13 +86,9 @@ impl Inference for GatewayService {
                 self.config.max_streams
             ))
         })?;
-        let timeout = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .map_or(self.config.request_timeout, |t| t.min(self.config.request_timeout));
-        let req = request.into_inner();
+        let timeout = client_timeout.map_or(self.config.request_timeout, |t| {
+            t.min(self.config.request_timeout)
+        });
         validate(&req, &self.config.limits, false).map_err(|e| Status::invalid_argument(e.0))?;
         self.router.retry_budget.deposit();
         let demand = Demand {
@@ -111,7 +110,39 @@ impl Inference for GatewayService {
             _permit: permit,
         };
         tokio::spawn(drive.run(ranking));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// Names of the models ready workers serve now.
+    pub fn models(&self) -> Vec<String> {
+        let snapshot = self.router.snapshot();
+        let mut names: Vec<String> = snapshot
+            .workers
+            .values()
+            .filter(|w| w.is_ready())
+            .map(|w| w.model.name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for GatewayService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let stream = self.start(request.into_inner(), timeout)?;
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

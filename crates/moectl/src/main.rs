@@ -88,11 +88,18 @@ struct PlanArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn main() {
+    let result = match Cli::parse().command {
         Command::Generate(a) => generate(a).await,
         Command::Workers(a) => workers(a).await,
         Command::Plan(a) => plan(a),
+    };
+    if let Err(e) = result {
+        match e.downcast_ref::<tonic::Status>() {
+            Some(s) => eprintln!("moectl: {:?}: {}", s.code(), s.message()),
+            None => eprintln!("moectl: {e:#}"),
+        }
+        std::process::exit(1);
     }
 }
 

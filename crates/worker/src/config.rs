@@ -16,7 +16,7 @@ pub struct WorkerConfig {
     /// GGUF model file.
     #[arg(long, env = "MOE_MODEL")]
     pub model: PathBuf,
-    /// Name clients use to ask for this model (default: the GGUF general.name).
+    /// Name clients use to ask for this model (default: the model file's stem).
     #[arg(long, env = "MOE_MODEL_NAME")]
     pub model_name: Option<String>,
     /// Where routed experts live: full, cpu-moe, n-cpu-moe:N or auto (with --vram-budget).

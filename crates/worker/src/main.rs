@@ -10,7 +10,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("moe-worker: {e}");
         std::process::exit(64);
     }
-    moe_common::telemetry::init("info,llama_cpp_2=warn");
+    moe_common::telemetry::init("info,llama-cpp-2=warn,llama_cpp_2=warn");
     let shutdown = moe_common::shutdown::on_signals();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     moe_worker::run(config, shutdown, listener).await?;

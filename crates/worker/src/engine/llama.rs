@@ -215,14 +215,14 @@ fn load(config: &EngineConfig) -> Result<(LlamaModel, LoadedModel), EngineError>
     let params = model_params(config, plan.n_cpu_moe, shape.n_layer);
     let model = LlamaModel::load_from_file(backend, &config.model_path, &params.params)
         .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
+    // The file stem names the model unless the operator says otherwise: GGUF `general.name`
+    // values are often long free text, and operators name files deliberately.
     let name = config.model_name.clone().unwrap_or_else(|| {
-        header.name().map(str::to_string).unwrap_or_else(|| {
-            config
-                .model_path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into())
-        })
+        config
+            .model_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
     });
     let devices = devices(&plan);
     let has_accelerator = backend.supports_gpu_offload()
