@@ -74,7 +74,12 @@ impl TensorInfo {
 
     /// The layer index of a `blk.N.*` tensor.
     pub fn layer(&self) -> Option<u32> {
-        self.name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+        self.name
+            .strip_prefix("blk.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
     }
 
     /// Whether this is a routed-expert tensor (`ffn_{up,gate,down,gate_up}_{,ch}exps`), the
@@ -104,38 +109,38 @@ impl TensorInfo {
 /// Elements per block and bytes per block of each ggml type (ggml.c `type_traits`).
 fn type_block(t: u32) -> Option<(u64, u64)> {
     Some(match t {
-        0 => (1, 4),       // F32
-        1 => (1, 2),       // F16
-        2 => (32, 18),     // Q4_0
-        3 => (32, 20),     // Q4_1
-        6 => (32, 22),     // Q5_0
-        7 => (32, 24),     // Q5_1
-        8 => (32, 34),     // Q8_0
-        9 => (32, 36),     // Q8_1
-        10 => (256, 84),   // Q2_K
-        11 => (256, 110),  // Q3_K
-        12 => (256, 144),  // Q4_K
-        13 => (256, 176),  // Q5_K
-        14 => (256, 210),  // Q6_K
-        15 => (256, 292),  // Q8_K
-        16 => (256, 66),   // IQ2_XXS
-        17 => (256, 74),   // IQ2_XS
-        18 => (256, 98),   // IQ3_XXS
-        19 => (256, 50),   // IQ1_S
-        20 => (32, 18),    // IQ4_NL
-        21 => (256, 110),  // IQ3_S
-        22 => (256, 82),   // IQ2_S
-        23 => (256, 136),  // IQ4_XS
-        24 => (1, 1),      // I8
-        25 => (1, 2),      // I16
-        26 => (1, 4),      // I32
-        27 => (1, 8),      // I64
-        28 => (1, 8),      // F64
-        29 => (256, 56),   // IQ1_M
-        30 => (1, 2),      // BF16
-        34 => (256, 54),   // TQ1_0
-        35 => (256, 66),   // TQ2_0
-        39 => (32, 17),    // MXFP4
+        0 => (1, 4),      // F32
+        1 => (1, 2),      // F16
+        2 => (32, 18),    // Q4_0
+        3 => (32, 20),    // Q4_1
+        6 => (32, 22),    // Q5_0
+        7 => (32, 24),    // Q5_1
+        8 => (32, 34),    // Q8_0
+        9 => (32, 36),    // Q8_1
+        10 => (256, 84),  // Q2_K
+        11 => (256, 110), // Q3_K
+        12 => (256, 144), // Q4_K
+        13 => (256, 176), // Q5_K
+        14 => (256, 210), // Q6_K
+        15 => (256, 292), // Q8_K
+        16 => (256, 66),  // IQ2_XXS
+        17 => (256, 74),  // IQ2_XS
+        18 => (256, 98),  // IQ3_XXS
+        19 => (256, 50),  // IQ1_S
+        20 => (32, 18),   // IQ4_NL
+        21 => (256, 110), // IQ3_S
+        22 => (256, 82),  // IQ2_S
+        23 => (256, 136), // IQ4_XS
+        24 => (1, 1),     // I8
+        25 => (1, 2),     // I16
+        26 => (1, 4),     // I32
+        27 => (1, 8),     // I64
+        28 => (1, 8),     // F64
+        29 => (256, 56),  // IQ1_M
+        30 => (1, 2),     // BF16
+        34 => (256, 54),  // TQ1_0
+        35 => (256, 66),  // TQ2_0
+        39 => (32, 17),   // MXFP4
         _ => return None,
     })
 }
@@ -359,10 +364,7 @@ mod tests {
         let h = GgufHeader::read(&mut sample().as_slice()).unwrap();
         assert_eq!(h.architecture(), Some("llama"));
         assert_eq!(h.arch_u64("expert_count"), Some(8));
-        assert_eq!(
-            h.metadata["tokenizer.ggml.tokens"],
-            Value::Array { len: 2 }
-        );
+        assert_eq!(h.metadata["tokenizer.ggml.tokens"], Value::Array { len: 2 });
         assert_eq!(h.tensors.len(), 2);
         let exps = &h.tensors[0];
         assert!(exps.is_routed_expert());

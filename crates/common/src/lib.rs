@@ -3,8 +3,8 @@
 
 pub mod gguf;
 pub mod offload;
-pub mod plan;
 pub mod pb;
+pub mod plan;
 pub mod registry;
 pub mod request;
 pub mod shutdown;

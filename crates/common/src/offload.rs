@@ -86,7 +86,14 @@ mod tests {
 
     #[test]
     fn rejects_unknown_profiles() {
-        for s in ["", "gpu", "n-cpu-moe", "n-cpu-moe:0", "n-cpu-moe:-1", "n-cpu-moe:x"] {
+        for s in [
+            "",
+            "gpu",
+            "n-cpu-moe",
+            "n-cpu-moe:0",
+            "n-cpu-moe:-1",
+            "n-cpu-moe:x",
+        ] {
             assert!(s.parse::<OffloadProfile>().is_err(), "{s}");
         }
     }

@@ -42,8 +42,12 @@ impl ModelShape {
         let n_embd = h.arch_u64("embedding_length").unwrap_or(0);
         let n_head = h.arch_u64("attention.head_count").unwrap_or(1).max(1);
         let n_head_kv = h.arch_u64("attention.head_count_kv").unwrap_or(n_head);
-        let k_len = h.arch_u64("attention.key_length").unwrap_or(n_embd / n_head);
-        let v_len = h.arch_u64("attention.value_length").unwrap_or(n_embd / n_head);
+        let k_len = h
+            .arch_u64("attention.key_length")
+            .unwrap_or(n_embd / n_head);
+        let v_len = h
+            .arch_u64("attention.value_length")
+            .unwrap_or(n_embd / n_head);
         let mut expert_bytes_per_layer = vec![0u64; n_layer as usize];
         let mut total = 0;
         for t in &h.tensors {

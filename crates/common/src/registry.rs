@@ -6,8 +6,8 @@ mod registrar;
 mod watcher;
 
 pub use advert::{
-    AdvertError, Capacity, DeviceInfo, DeviceKind, Load, MemoryInfo, ModelInfo, OffloadInfo,
-    Speed, WorkerAdvert, WorkerState, ADVERT_SCHEMA,
+    ADVERT_SCHEMA, AdvertError, Capacity, DeviceInfo, DeviceKind, Load, MemoryInfo, ModelInfo,
+    OffloadInfo, Speed, WorkerAdvert, WorkerState,
 };
 pub use registrar::{Registrar, RegistrarConfig};
 pub use watcher::{ClusterSnapshot, Watcher};
@@ -22,7 +22,10 @@ pub enum RegistryError {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
     #[error("etcd at {endpoints} did not answer within {timeout:?}")]
-    Timeout { endpoints: String, timeout: Duration },
+    Timeout {
+        endpoints: String,
+        timeout: Duration,
+    },
     #[error("encoding advert: {0}")]
     Encode(#[from] serde_json::Error),
 }

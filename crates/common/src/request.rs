@@ -69,7 +69,9 @@ pub fn validate(
             return invalid(format!("messages[{i}].role is empty"));
         }
         if m.role.len() > 64 || m.role.contains('\0') || m.content.contains('\0') {
-            return invalid(format!("messages[{i}] has an invalid role or a NUL character"));
+            return invalid(format!(
+                "messages[{i}] has an invalid role or a NUL character"
+            ));
         }
         total += m.content.len();
     }
@@ -192,7 +194,10 @@ mod tests {
     fn rejects_each_bad_field_with_a_precise_message() {
         let cases: Vec<(Box<dyn Fn(&mut GenerateRequest)>, &str)> = vec![
             (Box::new(|r| r.prompt.clear()), "prompt is empty"),
-            (Box::new(|r| r.max_tokens = 0), "max_tokens must be at least 1"),
+            (
+                Box::new(|r| r.max_tokens = 0),
+                "max_tokens must be at least 1",
+            ),
             (Box::new(|r| r.max_tokens = 1 << 30), "exceeds the limit"),
             (
                 Box::new(|r| {

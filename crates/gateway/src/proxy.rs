@@ -51,13 +51,19 @@ pub fn schedule_status(e: ScheduleError) -> Status {
     match e {
         ScheduleError::ModelNotFound(_) => Status::not_found(e.to_string()),
         ScheduleError::Unavailable(_) => Status::unavailable(e.to_string()),
+        ScheduleError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
         ScheduleError::NoHeadroom { .. } => Status::resource_exhausted(e.to_string()),
     }
 }
 
 /// Prompt tokens estimated from bytes (about 3 bytes a token errs on the side of reserving).
 fn estimate_prompt_tokens(req: &GenerateRequest) -> u32 {
-    let bytes = req.prompt.len() + req.messages.iter().map(|m| m.content.len() + 16).sum::<usize>();
+    let bytes = req.prompt.len()
+        + req
+            .messages
+            .iter()
+            .map(|m| m.content.len() + 16)
+            .sum::<usize>();
     (bytes / 3 + 1) as u32
 }
 
@@ -99,7 +105,10 @@ impl GatewayService {
         };
         // The first placement happens before the stream starts, so NOT_FOUND / UNAVAILABLE /
         // RESOURCE_EXHAUSTED are the call's status.
-        let ranking = self.router.rank(&demand, &HashSet::new()).map_err(schedule_status)?;
+        let ranking = self
+            .router
+            .rank(&demand, &HashSet::new())
+            .map_err(schedule_status)?;
         let (tx, rx) = mpsc::channel(64);
         let drive = Drive {
             router: self.router.clone(),
@@ -167,7 +176,12 @@ enum Outcome {
 fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
-        Code::Unavailable | Code::ResourceExhausted | Code::Unknown | Code::Internal | Code::Aborted | Code::Cancelled
+        Code::Unavailable
+            | Code::ResourceExhausted
+            | Code::Unknown
+            | Code::Internal
+            | Code::Aborted
+            | Code::Cancelled
     )
 }
 
@@ -212,7 +226,10 @@ impl Drive {
                 }
             }
             if Instant::now() >= self.deadline {
-                let _ = self.tx.send(Err(Status::deadline_exceeded("request deadline passed"))).await;
+                let _ = self
+                    .tx
+                    .send(Err(Status::deadline_exceeded("request deadline passed")))
+                    .await;
                 return;
             }
         }
@@ -254,7 +271,9 @@ impl Drive {
             let _ = self.tx.send(Ok(final_msg)).await;
             return Outcome::Done;
         }
-        let _reservation = self.router.reserve(&c.worker.id, self.demand(generated.len()).kv_tokens());
+        let _reservation = self
+            .router
+            .reserve(&c.worker.id, self.demand(generated.len()).kv_tokens());
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Outcome::Failed {
@@ -296,11 +315,14 @@ impl Drive {
             match msg {
                 Ok(Some(mut m)) => {
                     generated.extend_from_slice(&m.token_ids);
-                    let finish = FinishReason::try_from(m.finish_reason).unwrap_or(FinishReason::Unspecified);
+                    let finish = FinishReason::try_from(m.finish_reason)
+                        .unwrap_or(FinishReason::Unspecified);
                     if finish == FinishReason::Cancelled && Instant::now() < self.deadline {
                         // The worker gave up on the stream (drain): continue elsewhere.
                         return Outcome::Failed {
-                            status: Status::unavailable("worker cancelled the stream while draining"),
+                            status: Status::unavailable(
+                                "worker cancelled the stream while draining",
+                            ),
                             retryable: true,
                         };
                     }
@@ -319,7 +341,9 @@ impl Drive {
                 }
                 Ok(None) => {
                     return Outcome::Failed {
-                        status: Status::unavailable("worker ended the stream without a final message"),
+                        status: Status::unavailable(
+                            "worker ended the stream without a final message",
+                        ),
                         retryable: true,
                     };
                 }
@@ -335,5 +359,11 @@ impl Drive {
 /// The first candidate; on retries, the fallback list too (a slower answer beats none).
 fn pick(r: Ranking, retry: bool) -> Option<Candidate> {
     let mut all = r.candidates.into_iter();
-    all.next().or_else(|| if retry { r.fallback.into_iter().next() } else { None })
+    all.next().or_else(|| {
+        if retry {
+            r.fallback.into_iter().next()
+        } else {
+            None
+        }
+    })
 }

@@ -60,7 +60,9 @@ impl std::str::FromStr for Spill {
                 .and_then(|v| v.parse::<f64>().ok())
                 .filter(|v| v.is_finite() && *v > 0.0)
                 .map(Spill::BelowLoad)
-                .ok_or_else(|| format!("spill must be on, off or below:LOAD (e.g. below:0.5), not {s:?}")),
+                .ok_or_else(|| {
+                    format!("spill must be on, off or below:LOAD (e.g. below:0.5), not {s:?}")
+                }),
         }
     }
 }
@@ -162,6 +164,10 @@ pub enum ScheduleError {
     ModelNotFound(String),
     #[error("no ready worker: {0}")]
     Unavailable(String),
+    #[error(
+        "max_tokens {max_tokens} does not fit the context of any worker serving the model (largest: {largest} tokens)"
+    )]
+    TooLarge { max_tokens: u32, largest: u32 },
     #[error("no worker has KV headroom for {needed} tokens ({reason})")]
     NoHeadroom { needed: u32, reason: String },
 }
@@ -225,8 +231,23 @@ pub fn rank(
         return Err(ScheduleError::Unavailable(format!(
             "{} worker(s) serve the model but none is ready{}",
             serving.len(),
-            if exclude.is_empty() { "" } else { " or untried" }
+            if exclude.is_empty() {
+                ""
+            } else {
+                " or untried"
+            }
         )));
+    }
+    let largest = ready
+        .iter()
+        .map(|w| w.capacity.context_tokens)
+        .max()
+        .unwrap_or(0);
+    if demand.max_tokens >= largest {
+        return Err(ScheduleError::TooLarge {
+            max_tokens: demand.max_tokens,
+            largest,
+        });
     }
     let needed = demand.kv_tokens();
     let preferred = match demand.class {
@@ -313,11 +334,12 @@ fn two_choices(list: &mut [Candidate], reservations: &Reservations, rng: &mut im
     if b >= a {
         b += 1;
     }
-    let pick = if reservations.streams(&list[a].worker.id) <= reservations.streams(&list[b].worker.id) {
-        a
-    } else {
-        b
-    };
+    let pick =
+        if reservations.streams(&list[a].worker.id) <= reservations.streams(&list[b].worker.id) {
+            a
+        } else {
+            b
+        };
     list.swap(0, pick);
 }
 

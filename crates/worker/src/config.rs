@@ -107,7 +107,11 @@ impl WorkerConfig {
             let host = std::env::var("HOSTNAME")
                 .ok()
                 .filter(|h| !h.is_empty())
-                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+                .or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_string())
+                })
                 .unwrap_or_else(|| "worker".into());
             format!("{host}-{port}")
         })

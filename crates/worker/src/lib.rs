@@ -70,7 +70,13 @@ pub async fn run(
     );
 
     let (state_tx, state_rx) = watch::channel(WorkerState::Ready);
-    let first = advert::build(&id, &endpoint, engine.model(), WorkerState::Ready, &engine.stats().borrow());
+    let first = advert::build(
+        &id,
+        &endpoint,
+        engine.model(),
+        WorkerState::Ready,
+        &engine.stats().borrow(),
+    );
     let (advert_tx, advert_rx) = watch::channel(first);
     let background = CancellationToken::new();
     tokio::spawn(advert::follow(
@@ -130,7 +136,10 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::warn!(in_flight = intake.in_flight(), "drain grace over; cancelling streams");
+        tracing::warn!(
+            in_flight = intake.in_flight(),
+            "drain grace over; cancelling streams"
+        );
     }
     engine.shutdown().await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), intake.wait_idle()).await;

@@ -8,12 +8,16 @@ use std::time::Instant;
 
 use futures::Stream;
 use moe_common::pb::v1::inference_server::Inference;
-use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, LatencyClass, Timings, Usage};
+use moe_common::pb::{
+    FinishReason, GenerateRequest, GenerateResponse, LatencyClass, Timings, Usage,
+};
 use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
 use tokio::sync::{Notify, mpsc};
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Class, EngineError, EngineHandle, Event, Finish, Job, Prompt, Sampling, Summary};
+use crate::engine::{
+    Class, EngineError, EngineHandle, Event, Finish, Job, Prompt, Sampling, Summary,
+};
 
 /// Tracks streams in flight so a draining worker can wait for them.
 #[derive(Default)]

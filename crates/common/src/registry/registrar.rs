@@ -45,13 +45,14 @@ impl Registrar {
         adverts: watch::Receiver<WorkerAdvert>,
     ) -> Result<Registrar, RegistryError> {
         let client = config.etcd.connect().await?;
-        let key = config.etcd.worker_key(&adverts.borrow().id);
+        let first = adverts.borrow().clone();
+        let key = config.etcd.worker_key(&first.id);
         let mut session = Session {
             client,
             key,
             config,
         };
-        let lease = session.register(&adverts.borrow().clone()).await?;
+        let lease = session.register(&first).await?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(session.run(lease, adverts, stop.clone()));
         Ok(Registrar { stop, task })
@@ -165,7 +166,9 @@ impl Session {
         if let Some(l) = lease {
             match self.client.lease_revoke(l.id).await {
                 Ok(_) => tracing::info!(key = %self.key, "deregistered from etcd"),
-                Err(e) => tracing::warn!(error = %e, "lease revoke failed; advert expires with its TTL"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease revoke failed; advert expires with its TTL")
+                }
             }
         }
     }

@@ -54,7 +54,10 @@ pub struct Watcher {
 impl Watcher {
     /// Connects, lists the prefix once (so the first snapshot is complete), then watches in the
     /// background until `stop` is cancelled.
-    pub async fn start(config: EtcdConfig, stop: CancellationToken) -> Result<Watcher, RegistryError> {
+    pub async fn start(
+        config: EtcdConfig,
+        stop: CancellationToken,
+    ) -> Result<Watcher, RegistryError> {
         let mut client = config.connect().await?;
         let prefix = config.workers_prefix();
         let first = list(&mut client, &prefix).await?;
@@ -135,7 +138,11 @@ async fn watch_from(
     let mut stream = client.watch(prefix, Some(opts)).await?;
     while let Some(resp) = stream.message().await? {
         if resp.canceled() || resp.compact_revision() > 0 {
-            tracing::info!(compact = resp.compact_revision(), reason = resp.cancel_reason(), "watch cancelled");
+            tracing::info!(
+                compact = resp.compact_revision(),
+                reason = resp.cancel_reason(),
+                "watch cancelled"
+            );
             return Ok(());
         }
         if resp.events().is_empty() {

@@ -82,7 +82,10 @@ fn rank_default(d: &Demand, s: &ClusterSnapshot) -> Result<Ranking, ScheduleErro
 
 #[test]
 fn interactive_prefers_full_gpu_worker() {
-    let s = snapshot(vec![worker("slow", "cpu-moe", 8000), worker("fast", "full", 1000)]);
+    let s = snapshot(vec![
+        worker("slow", "cpu-moe", 8000),
+        worker("fast", "full", 1000),
+    ]);
     let r = rank_default(&demand(Class::Interactive), &s).unwrap();
     assert_eq!(ids(&r), vec!["fast", "slow"]);
     assert!(!r.candidates[0].spill);
@@ -103,7 +106,10 @@ fn batch_prefers_offloaded_workers_ranked_by_headroom() {
 #[test]
 fn interactive_ranks_by_predicted_time_to_first_token() {
     let mut busy = worker("busy", "full", 8000);
-    busy.load = Load { active: 8, queued: 8 };
+    busy.load = Load {
+        active: 8,
+        queued: 8,
+    };
     let idle = worker("idle", "full", 8000);
     let s = snapshot(vec![busy, idle]);
     let r = rank_default(&demand(Class::Interactive), &s).unwrap();
@@ -113,7 +119,10 @@ fn interactive_ranks_by_predicted_time_to_first_token() {
 
 #[test]
 fn skips_worker_without_kv_headroom() {
-    let s = snapshot(vec![worker("full-1", "full", 150), worker("full-2", "full", 500)]);
+    let s = snapshot(vec![
+        worker("full-1", "full", 150),
+        worker("full-2", "full", 500),
+    ]);
     let r = rank_default(&demand(Class::Interactive), &s).unwrap();
     assert_eq!(ids(&r), vec!["full-2"]);
 }
@@ -152,7 +161,10 @@ fn subtracts_reservations_made_since_the_advert() {
 
 #[test]
 fn spill_off_keeps_batch_out_of_the_fast_pool_but_offers_it_as_fallback() {
-    let s = snapshot(vec![worker("fast", "full", 8000), worker("slow", "cpu-moe", 100)]);
+    let s = snapshot(vec![
+        worker("fast", "full", 8000),
+        worker("slow", "cpu-moe", 100),
+    ]);
     let policy = Policy {
         batch_spill: Spill::Off,
         ..Policy::default()
@@ -175,8 +187,15 @@ fn spill_below_load_uses_the_other_pool_only_while_it_is_lightly_loaded() {
     let mut fast = worker("fast", "full", 8000);
     let s_idle = snapshot(vec![fast.clone(), worker("slow", "cpu-moe", 100)]);
     let r = rank_default(&demand(Class::Batch), &s_idle).unwrap();
-    assert_eq!(ids(&r), vec!["fast"], "default batch spill is below:0.5; idle fast pool qualifies");
-    fast.load = Load { active: 6, queued: 0 };
+    assert_eq!(
+        ids(&r),
+        vec!["fast"],
+        "default batch spill is below:0.5; idle fast pool qualifies"
+    );
+    fast.load = Load {
+        active: 6,
+        queued: 0,
+    };
     let s_busy = snapshot(vec![fast, worker("slow", "cpu-moe", 100)]);
     let r = rank_default(&demand(Class::Batch), &s_busy).unwrap();
     assert!(r.candidates.is_empty());
@@ -185,7 +204,10 @@ fn spill_below_load_uses_the_other_pool_only_while_it_is_lightly_loaded() {
 
 #[test]
 fn spill_over_happens_when_the_preferred_pool_is_saturated() {
-    let s = snapshot(vec![worker("fast", "full", 0), worker("slow", "cpu-moe", 8000)]);
+    let s = snapshot(vec![
+        worker("fast", "full", 0),
+        worker("slow", "cpu-moe", 8000),
+    ]);
     let r = rank_default(&demand(Class::Interactive), &s).unwrap();
     assert_eq!(ids(&r), vec!["slow"]);
     assert!(r.candidates[0].spill);
@@ -211,7 +233,10 @@ fn no_workers_is_unavailable_and_draining_workers_get_nothing() {
         model: "",
         ..demand(Class::Interactive)
     };
-    assert!(matches!(rank_default(&d, &empty), Err(ScheduleError::Unavailable(_))));
+    assert!(matches!(
+        rank_default(&d, &empty),
+        Err(ScheduleError::Unavailable(_))
+    ));
     let mut w = worker("a", "full", 8000);
     w.state = WorkerState::Draining;
     assert!(matches!(
@@ -227,12 +252,28 @@ fn no_headroom_anywhere_is_resource_exhausted_with_the_reason() {
         rank_default(&demand(Class::Interactive), &s),
         Err(ScheduleError::NoHeadroom { needed: 200, .. })
     ));
+    let long_prompt = Demand {
+        prompt_tokens: 8150,
+        ..demand(Class::Interactive)
+    };
+    let err = rank_default(&long_prompt, &s).unwrap_err();
+    assert!(err.to_string().contains("context smaller"), "{err}");
+}
+
+#[test]
+fn max_tokens_beyond_every_context_is_too_large() {
+    let s = snapshot(vec![worker("a", "full", 8000)]);
     let huge = Demand {
         max_tokens: 100_000,
         ..demand(Class::Interactive)
     };
-    let err = rank_default(&huge, &s).unwrap_err();
-    assert!(err.to_string().contains("context smaller"), "{err}");
+    assert_eq!(
+        rank_default(&huge, &s).unwrap_err(),
+        ScheduleError::TooLarge {
+            max_tokens: 100_000,
+            largest: 8192
+        }
+    );
 }
 
 #[test]

@@ -235,7 +235,12 @@ impl<T> Batcher<T> {
             .flatten()
             .any(|s| s.class == Class::Interactive && s.next.is_some());
         // 2. Prompt chunks: interactive first, oldest first within a class.
-        let mut prefill: Vec<&Seq<T>> = self.slots.iter().flatten().filter(|s| s.prefilling()).collect();
+        let mut prefill: Vec<&Seq<T>> = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| s.prefilling())
+            .collect();
         prefill.sort_by_key(|s| (s.class == Class::Batch, s.admitted, s.seq_id));
         let mut batch_budget = if interactive_decoding {
             self.config.batch_prefill_tokens_under_interactive as usize
@@ -323,7 +328,9 @@ impl<T> Batcher<T> {
     /// Records a token sampled for `slot`; it is fed back in the next step.
     /// Returns true when the sequence has reached its `max_tokens`.
     pub fn push_token(&mut self, slot: usize, token: u32) -> bool {
-        let seq = self.slots[slot].as_mut().expect("push_token on an empty slot");
+        let seq = self.slots[slot]
+            .as_mut()
+            .expect("push_token on an empty slot");
         seq.next = Some(token);
         seq.generated += 1;
         seq.generated >= seq.max_tokens
@@ -352,7 +359,13 @@ mod tests {
         }
     }
 
-    fn pending(n_prompt: usize, max_tokens: u32, class: Class, tag: u32, at: Instant) -> Pending<u32> {
+    fn pending(
+        n_prompt: usize,
+        max_tokens: u32,
+        class: Class,
+        tag: u32,
+        at: Instant,
+    ) -> Pending<u32> {
         Pending {
             tokens: (0..n_prompt as u32).collect(),
             max_tokens,
@@ -397,7 +410,8 @@ mod tests {
     fn frees_the_slot_and_kv_of_a_cancelled_request() {
         let t = Instant::now();
         let mut b = Batcher::new(config());
-        b.enqueue(pending(10, 40, Class::Interactive, 1, t)).unwrap();
+        b.enqueue(pending(10, 40, Class::Interactive, 1, t))
+            .unwrap();
         step(&mut b, t);
         assert_eq!(b.free_kv_tokens(), 50);
         let gone = b.slots_where(|s| s.payload == 1);
@@ -414,7 +428,10 @@ mod tests {
         let t = Instant::now();
         let mut b = Batcher::new(config());
         b.enqueue(pending(40, 5, Class::Interactive, 1, t)).unwrap();
-        let sizes: Vec<_> = (0..3).map(|_| step(&mut b, t)).map(|p| p.n_tokens()).collect();
+        let sizes: Vec<_> = (0..3)
+            .map(|_| step(&mut b, t))
+            .map(|p| p.n_tokens())
+            .collect();
         assert_eq!(sizes, vec![16, 16, 8]);
         // Only the last chunk samples.
         assert_eq!(b.seq(0).unwrap().generated, 1);
@@ -428,7 +445,11 @@ mod tests {
         step(&mut b, t); // interactive prefilled, now decoding
         b.enqueue(pending(30, 5, Class::Batch, 2, t)).unwrap();
         let plan = step(&mut b, t);
-        assert_eq!(plan.entries[0].tokens.len(), 1, "interactive decode is in every step");
+        assert_eq!(
+            plan.entries[0].tokens.len(),
+            1,
+            "interactive decode is in every step"
+        );
         assert_eq!(plan.entries[1].tokens.len(), 4, "batch chunk capped");
     }
 
@@ -450,7 +471,13 @@ mod tests {
         let t = Instant::now();
         let mut b = Batcher::new(config());
         let (why, _) = b.enqueue(pending(90, 20, Class::Batch, 1, t)).unwrap_err();
-        assert_eq!(why, Refusal::TooLong { needed: 110, capacity: 100 });
+        assert_eq!(
+            why,
+            Refusal::TooLong {
+                needed: 110,
+                capacity: 100
+            }
+        );
         b.enqueue(pending(30, 40, Class::Batch, 2, t)).unwrap();
         b.enqueue(pending(20, 20, Class::Batch, 3, t)).unwrap();
         step(&mut b, t);
@@ -485,6 +512,9 @@ mod tests {
         for _ in 0..3 {
             step(&mut b, t);
         }
-        assert!(b.is_idle(), "three sampled tokens end a max_tokens=3 sequence");
+        assert!(
+            b.is_idle(),
+            "three sampled tokens end a max_tokens=3 sequence"
+        );
     }
 }

@@ -27,8 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::batcher::{Batcher, BatcherConfig, Pending, Refusal};
 use super::text::{StopMatcher, Utf8Assembler};
 use super::{
-    Command, EngineError, EngineHandle, EngineStats, Event, Finish, Job, Prompt, Sampling,
-    Summary,
+    Command, EngineError, EngineHandle, EngineStats, Event, Finish, Job, Prompt, Sampling, Summary,
 };
 
 /// How to load the model and size the batch.
@@ -151,17 +150,24 @@ fn device_kind(t: LlamaBackendDeviceType) -> DeviceKind {
 /// Lists ggml devices with their memory now, attributing planned weight and KV bytes.
 pub fn devices(plan: &MemoryPlan) -> Vec<DeviceInfo> {
     let list = list_llama_ggml_backend_devices();
-    let has_gpu = list.iter().any(|d| d.device_type != LlamaBackendDeviceType::Cpu
-        && d.device_type != LlamaBackendDeviceType::Accelerator);
+    let has_gpu = list.iter().any(|d| {
+        d.device_type != LlamaBackendDeviceType::Cpu
+            && d.device_type != LlamaBackendDeviceType::Accelerator
+    });
     list.into_iter()
         .filter(|d| d.device_type != LlamaBackendDeviceType::Accelerator)
         .map(|d| {
             let kind = device_kind(d.device_type);
             let (weight_bytes, kv_bytes) = match (has_gpu, kind) {
                 // Without an accelerator everything sits in host memory.
-                (false, DeviceKind::Cpu) => (plan.device_weight_bytes + plan.host_expert_bytes, plan.kv_bytes),
+                (false, DeviceKind::Cpu) => (
+                    plan.device_weight_bytes + plan.host_expert_bytes,
+                    plan.kv_bytes,
+                ),
                 (true, DeviceKind::Cpu) => (plan.host_expert_bytes, 0),
-                (true, _) if d.index == first_gpu_index() => (plan.device_weight_bytes, plan.kv_bytes),
+                (true, _) if d.index == first_gpu_index() => {
+                    (plan.device_weight_bytes, plan.kv_bytes)
+                }
                 _ => (0, 0),
             };
             DeviceInfo {
@@ -180,7 +186,12 @@ pub fn devices(plan: &MemoryPlan) -> Vec<DeviceInfo> {
 fn first_gpu_index() -> usize {
     list_llama_ggml_backend_devices()
         .iter()
-        .find(|d| matches!(d.device_type, LlamaBackendDeviceType::Gpu | LlamaBackendDeviceType::IntegratedGpu))
+        .find(|d| {
+            matches!(
+                d.device_type,
+                LlamaBackendDeviceType::Gpu | LlamaBackendDeviceType::IntegratedGpu
+            )
+        })
         .map(|d| d.index)
         .unwrap_or(usize::MAX)
 }
@@ -191,9 +202,9 @@ const AUTO_RESERVE_BYTES: u64 = 768 << 20;
 fn plan_placement(config: &EngineConfig, shape: &ModelShape) -> Result<MemoryPlan, EngineError> {
     match config.offload {
         OffloadProfile::Auto => {
-            let budget = config.vram_budget.ok_or_else(|| {
-                EngineError::Load("--offload auto needs --vram-budget".into())
-            })?;
+            let budget = config
+                .vram_budget
+                .ok_or_else(|| EngineError::Load("--offload auto needs --vram-budget".into()))?;
             shape
                 .fit(budget, AUTO_RESERVE_BYTES, config.ctx_size)
                 .ok_or_else(|| {
@@ -225,8 +236,8 @@ fn load(config: &EngineConfig) -> Result<(LlamaModel, LoadedModel), EngineError>
             .unwrap_or_else(|| "model".into())
     });
     let devices = devices(&plan);
-    let has_accelerator = backend.supports_gpu_offload()
-        && devices.iter().any(|d| d.kind != DeviceKind::Cpu);
+    let has_accelerator =
+        backend.supports_gpu_offload() && devices.iter().any(|d| d.kind != DeviceKind::Cpu);
     let info = LoadedModel {
         name,
         architecture: header.architecture().unwrap_or("unknown").to_string(),
@@ -467,13 +478,19 @@ impl<'m> Engine<'m> {
     fn housekeeping(&mut self, now: Instant) {
         let gone = |l: &Live| l.events.is_closed();
         let late = |l: &Live| l.deadline.is_some_and(|d| d <= now);
-        for p in self.batcher.drain_queued(|p| gone(&p.payload) || late(&p.payload)) {
+        for p in self
+            .batcher
+            .drain_queued(|p| gone(&p.payload) || late(&p.payload))
+        {
             if gone(&p.payload) {
                 self.stats.cancelled_total += 1;
             } else {
-                let _ = p.payload.events.send(Event::Failed(EngineError::DeadlineExceeded(
-                    "while queued".into(),
-                )));
+                let _ = p
+                    .payload
+                    .events
+                    .send(Event::Failed(EngineError::DeadlineExceeded(
+                        "while queued".into(),
+                    )));
             }
         }
         for (why, p) in self.batcher.expire(now) {
@@ -511,18 +528,33 @@ impl<'m> Engine<'m> {
                     sample_at.push((e.slot, self.batch.n_tokens()));
                 }
                 self.batch
-                    .add(LlamaToken(t as i32), (e.pos + i as u32) as i32, &[e.seq_id], logits)
+                    .add(
+                        LlamaToken(t as i32),
+                        (e.pos + i as u32) as i32,
+                        &[e.seq_id],
+                        logits,
+                    )
                     .expect("plan fits the batch");
             }
         }
-        let n_prefill = plan.n_tokens() - plan.entries.iter().filter(|e| e.tokens.len() == 1 && e.sample).count();
+        let n_prefill = plan.n_tokens()
+            - plan
+                .entries
+                .iter()
+                .filter(|e| e.tokens.len() == 1 && e.sample)
+                .count();
         let started = Instant::now();
         if let Err(e) = self.ctx.decode(&mut self.batch) {
             tracing::error!(error = %e, "decode failed; failing the batch");
             for e2 in &plan.entries {
                 if let Some(seq) = self.batcher.finish(e2.slot) {
-                    let _ = self.ctx.clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
-                    let _ = seq.payload.events.send(Event::Failed(EngineError::Internal(e.to_string())));
+                    let _ = self
+                        .ctx
+                        .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
+                    let _ = seq
+                        .payload
+                        .events
+                        .send(Event::Failed(EngineError::Internal(e.to_string())));
                 }
             }
             return true;
@@ -538,10 +570,18 @@ impl<'m> Engine<'m> {
 
     fn update_speed(&mut self, n_prefill: usize, elapsed: f64) {
         const ALPHA: f64 = 0.2;
-        let ema = |old: f64, new: f64| if old == 0.0 { new } else { old * (1.0 - ALPHA) + new * ALPHA };
+        let ema = |old: f64, new: f64| {
+            if old == 0.0 {
+                new
+            } else {
+                old * (1.0 - ALPHA) + new * ALPHA
+            }
+        };
         if n_prefill > 0 {
-            self.stats.prefill_tokens_per_second =
-                ema(self.stats.prefill_tokens_per_second, n_prefill as f64 / elapsed);
+            self.stats.prefill_tokens_per_second = ema(
+                self.stats.prefill_tokens_per_second,
+                n_prefill as f64 / elapsed,
+            );
         } else {
             self.stats.decode_tokens_per_second =
                 ema(self.stats.decode_tokens_per_second, 1.0 / elapsed);
@@ -549,7 +589,9 @@ impl<'m> Engine<'m> {
     }
 
     fn sample(&mut self, slot: usize, idx: i32) {
-        let Some(seq) = self.batcher.seq_mut(slot) else { return };
+        let Some(seq) = self.batcher.seq_mut(slot) else {
+            return;
+        };
         let token = seq.payload.sampler.sample(&self.ctx, idx);
         let now = Instant::now();
         let live = &mut seq.payload;
@@ -579,8 +621,12 @@ impl<'m> Engine<'m> {
 
     /// Finishes a sequence normally: flushes held text, sends the summary, frees the slot.
     fn end(&mut self, slot: usize, finish: Finish) {
-        let Some(mut seq) = self.batcher.finish(slot) else { return };
-        let _ = self.ctx.clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
+        let Some(mut seq) = self.batcher.finish(slot) else {
+            return;
+        };
+        let _ = self
+            .ctx
+            .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
         let live = &mut seq.payload;
         if finish != Finish::Cancelled {
             let tail = live.utf8.finish();
@@ -596,7 +642,10 @@ impl<'m> Engine<'m> {
         }
         let admitted = live.admitted.unwrap_or(live.arrived);
         let first = live.first_token.unwrap_or(live.last_token);
-        let decode_secs = live.last_token.saturating_duration_since(first).as_secs_f64();
+        let decode_secs = live
+            .last_token
+            .saturating_duration_since(first)
+            .as_secs_f64();
         let summary = Summary {
             finish,
             prompt_tokens: live.prompt_tokens,
@@ -617,15 +666,20 @@ impl<'m> Engine<'m> {
     /// Frees a slot whose client is gone, sending nothing.
     fn release(&mut self, slot: usize) {
         if let Some(seq) = self.batcher.finish(slot) {
-            let _ = self.ctx.clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
+            let _ = self
+                .ctx
+                .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
         }
     }
 
     fn cancel_all(&mut self) {
         for p in self.batcher.drain_queued(|_| true) {
-            let _ = p.payload.events.send(Event::Failed(EngineError::Unavailable(
-                "worker is shutting down".into(),
-            )));
+            let _ = p
+                .payload
+                .events
+                .send(Event::Failed(EngineError::Unavailable(
+                    "worker is shutting down".into(),
+                )));
         }
         for slot in self.batcher.slots_where(|_| true) {
             self.end(slot, Finish::Cancelled);
@@ -661,7 +715,7 @@ fn refusal_error(why: Refusal) -> EngineError {
             EngineError::ResourceExhausted(format!("admission queue is full ({limit} waiting)"))
         }
         Refusal::QueueTimeout { waited } => EngineError::ResourceExhausted(format!(
-            "no KV cache headroom after waiting {:.1}s",
+            "not admitted after waiting {:.1}s: no free sequence slot or KV cache headroom",
             waited.as_secs_f64()
         )),
     }
@@ -670,7 +724,13 @@ fn refusal_error(why: Refusal) -> EngineError {
 fn build_sampler(s: &Sampling, n_vocab: i32) -> LlamaSampler {
     let mut chain = Vec::new();
     if s.repeat_penalty > 0.0 && s.repeat_penalty != 1.0 {
-        chain.push(LlamaSampler::penalties(n_vocab, 64, s.repeat_penalty, 0.0, 0.0));
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            64,
+            s.repeat_penalty,
+            0.0,
+            0.0,
+        ));
     }
     if s.temperature <= 0.0 {
         chain.push(LlamaSampler::greedy());
@@ -685,7 +745,10 @@ fn build_sampler(s: &Sampling, n_vocab: i32) -> LlamaSampler {
             chain.push(LlamaSampler::min_p(s.min_p, 1));
         }
         chain.push(LlamaSampler::temp(s.temperature));
-        let seed = s.seed.map(|v| (v ^ (v >> 32)) as u32).unwrap_or_else(random_seed);
+        let seed = s
+            .seed
+            .map(|v| (v ^ (v >> 32)) as u32)
+            .unwrap_or_else(random_seed);
         chain.push(LlamaSampler::dist(seed));
     }
     LlamaSampler::chain_simple(chain)

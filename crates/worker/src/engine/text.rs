@@ -21,7 +21,9 @@ impl Utf8Assembler {
                 }
                 Err(e) => {
                     let valid = e.valid_up_to();
-                    out.push_str(std::str::from_utf8(&self.pending[..valid]).expect("valid prefix"));
+                    out.push_str(
+                        std::str::from_utf8(&self.pending[..valid]).expect("valid prefix"),
+                    );
                     match e.error_len() {
                         // Incomplete character at the end: wait for more bytes.
                         None => {
@@ -140,9 +142,27 @@ mod tests {
     #[test]
     fn stops_before_a_stop_string_split_across_pushes() {
         let mut m = StopMatcher::new(vec!["END".into()]);
-        assert_eq!(m.push("hello E"), Released { text: "hello ".into(), stopped: false });
-        assert_eq!(m.push("N"), Released { text: "".into(), stopped: false });
-        assert_eq!(m.push("D more"), Released { text: "".into(), stopped: true });
+        assert_eq!(
+            m.push("hello E"),
+            Released {
+                text: "hello ".into(),
+                stopped: false
+            }
+        );
+        assert_eq!(
+            m.push("N"),
+            Released {
+                text: "".into(),
+                stopped: false
+            }
+        );
+        assert_eq!(
+            m.push("D more"),
+            Released {
+                text: "".into(),
+                stopped: true
+            }
+        );
     }
 
     #[test]
@@ -157,7 +177,13 @@ mod tests {
     #[test]
     fn earliest_of_several_stops_wins() {
         let mut m = StopMatcher::new(vec!["b".into(), "a".into()]);
-        assert_eq!(m.push("xxab"), Released { text: "xx".into(), stopped: true });
+        assert_eq!(
+            m.push("xxab"),
+            Released {
+                text: "xx".into(),
+                stopped: true
+            }
+        );
     }
 
     #[test]

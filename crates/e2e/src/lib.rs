@@ -1,0 +1,451 @@
+//! Test harness: a real etcd on free loopback ports, real workers (in-process through
+//! `moe_worker::run`, or as `moe-worker` processes when a test needs to kill one), real gateways,
+//! and a client that collects a whole stream. Every wait is bounded.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use moe_common::pb::v1::inference_client::InferenceClient;
+use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, SamplingParams};
+use moe_common::registry::{EtcdConfig, WorkerAdvert};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// Root of the workspace.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The SmolLM2 MoE test model made by `scripts/make_test_models.py`.
+pub fn smollm2_moe() -> PathBuf {
+    let p = std::env::var_os("MOE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("models/smollm2-moe-4x2.gguf"));
+    assert!(
+        p.exists(),
+        "{} is missing: run `python3 scripts/make_test_models.py` first",
+        p.display()
+    );
+    p
+}
+
+/// A binary of this workspace (`moe-worker`, `moe-gateway`), built by `cargo build`.
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("MOE_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    // target/debug/deps/<test> -> target/debug/<name>
+    let exe = std::env::current_exe().expect("current exe");
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        p.display()
+    );
+    p
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Polls `check` until it returns Some, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A real etcd server on free loopback ports with its own data directory.
+pub struct Etcd {
+    child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = free_port();
+        let peer = free_port();
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(std::env::var("MOE_ETCD_BIN").unwrap_or_else(|_| "etcd".into()))
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd (apt-get install etcd-server)");
+        let etcd = Etcd {
+            child,
+            endpoint: client_url,
+            _dir: dir,
+        };
+        let config = etcd.config("/probe");
+        eventually(Duration::from_secs(20), "etcd to answer", || {
+            let c = config.clone();
+            async move { c.connect().await.ok().map(|_| ()) }
+        })
+        .await;
+        etcd
+    }
+
+    /// Registry settings for one test's own key prefix.
+    pub fn config(&self, prefix: &str) -> EtcdConfig {
+        let mut c = EtcdConfig::new(vec![self.endpoint.clone()]);
+        c.prefix = prefix.to_string();
+        c
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint.as_str()], None)
+            .await
+            .expect("etcd client")
+    }
+
+    /// The advert stored at `<prefix>/workers/<id>`, if any.
+    pub async fn advert(&self, prefix: &str, id: &str) -> Option<WorkerAdvert> {
+        let key = self.config(prefix).worker_key(id);
+        let resp = self.client().await.get(key.as_str(), None).await.ok()?;
+        let kv = resp.kvs().first()?;
+        Some(WorkerAdvert::from_json(&key, kv.value()).expect("valid advert"))
+    }
+
+    /// The raw JSON of an advert.
+    pub async fn advert_json(&self, prefix: &str, id: &str) -> Option<serde_json::Value> {
+        let key = self.config(prefix).worker_key(id);
+        let resp = self.client().await.get(key.as_str(), None).await.ok()?;
+        let kv = resp.kvs().first()?;
+        serde_json::from_slice(kv.value()).ok()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Options for a test worker.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    pub id: String,
+    pub offload: String,
+    pub ctx_size: u32,
+    pub parallel: u32,
+    pub extra: Vec<String>,
+}
+
+impl WorkerSpec {
+    pub fn new(id: &str, offload: &str) -> Self {
+        WorkerSpec {
+            id: id.into(),
+            offload: offload.into(),
+            ctx_size: 2048,
+            parallel: 4,
+            extra: vec![],
+        }
+    }
+
+    pub fn with(mut self, flag: &str, value: &str) -> Self {
+        self.extra.push(flag.into());
+        self.extra.push(value.into());
+        self
+    }
+
+    fn args(&self, listen: &str, etcd: Option<(&Etcd, &str)>) -> Vec<String> {
+        let mut a = vec![
+            "moe-worker".to_string(),
+            "--model".into(),
+            smollm2_moe().to_string_lossy().into_owned(),
+            "--offload".into(),
+            self.offload.clone(),
+            "--listen".into(),
+            listen.into(),
+            "--id".into(),
+            self.id.clone(),
+            "--ctx-size".into(),
+            self.ctx_size.to_string(),
+            "--parallel".into(),
+            self.parallel.to_string(),
+            // One llama.cpp thread per test worker: tests run several workers at once on a
+            // small machine, and OpenMP's spinning barriers collapse when oversubscribed.
+            "--threads".into(),
+            "1".into(),
+            "--lease-ttl".into(),
+            "3s".into(),
+            "--drain-grace".into(),
+            "20s".into(),
+        ];
+        if let Some((etcd, prefix)) = etcd {
+            a.extend([
+                "--etcd".into(),
+                etcd.endpoint.clone(),
+                "--etcd-prefix".into(),
+                prefix.into(),
+            ]);
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+}
+
+/// A worker running inside the test process through `moe_worker::run`.
+pub struct Worker {
+    pub addr: SocketAddr,
+    pub id: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), moe_worker::WorkerError>>,
+}
+
+impl Worker {
+    pub async fn start(spec: WorkerSpec, etcd: Option<(&Etcd, &str)>) -> Worker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = <moe_worker::WorkerConfig as clap::Parser>::parse_from(
+            spec.args(&addr.to_string(), etcd),
+        );
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(moe_worker::run(config, shutdown.clone(), listener));
+        let worker = Worker {
+            addr,
+            id: spec.id,
+            shutdown,
+            task,
+        };
+        worker.wait_serving().await;
+        worker
+    }
+
+    async fn wait_serving(&self) {
+        let url = format!("http://{}", self.addr);
+        eventually(Duration::from_secs(60), "worker to serve", || {
+            let url = url.clone();
+            async move {
+                let ch = tonic::transport::Endpoint::from_shared(url)
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
+                let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+                let r = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .ok()?;
+                (r.into_inner().status == 1).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful shutdown (as SIGTERM) and wait for `run` to return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("worker stops")
+            .expect("worker task")
+            .expect("worker run ok");
+    }
+}
+
+/// `moe-worker` as a child process, for tests that kill it.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub id: String,
+}
+
+impl WorkerProcess {
+    pub async fn start(spec: WorkerSpec, etcd: &Etcd, prefix: &str) -> WorkerProcess {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let args = spec.args(&addr.to_string(), Some((etcd, prefix)));
+        let child = Command::new(bin("moe-worker"))
+            .args(&args[1..])
+            .env("RUST_LOG", "warn")
+            .env("OMP_WAIT_POLICY", "PASSIVE")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn moe-worker");
+        let p = WorkerProcess {
+            child,
+            addr,
+            id: spec.id,
+        };
+        let prefix = prefix.to_string();
+        let id = p.id.clone();
+        eventually(
+            Duration::from_secs(60),
+            "worker process to register",
+            || {
+                let (prefix, id) = (prefix.clone(), id.clone());
+                async move { etcd.advert(&prefix, &id).await }
+            },
+        )
+        .await;
+        p
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, returning its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s.code();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "worker did not exit within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A gateway running inside the test process.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), moe_gateway::GatewayError>>,
+}
+
+impl Gateway {
+    pub async fn start(etcd: &Etcd, prefix: &str, extra: &[&str]) -> Gateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut args = vec![
+            "moe-gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &etcd.endpoint,
+            "--etcd-prefix",
+            prefix,
+        ];
+        args.extend_from_slice(extra);
+        let config = <moe_gateway::GatewayConfig as clap::Parser>::parse_from(args);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(moe_gateway::run(config, shutdown.clone(), listener));
+        Gateway {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+    }
+}
+
+/// A greedy request for `prompt`.
+pub fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.into(),
+        max_tokens,
+        sampling: Some(SamplingParams::default()),
+        ..Default::default()
+    }
+}
+
+/// A whole stream: text, token ids, and the final message.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub messages: usize,
+    pub last: GenerateResponse,
+}
+
+impl Collected {
+    pub fn finish(&self) -> FinishReason {
+        FinishReason::try_from(self.last.finish_reason).unwrap_or(FinishReason::Unspecified)
+    }
+}
+
+pub async fn client(url: &str) -> InferenceClient<tonic::transport::Channel> {
+    InferenceClient::connect(url.to_string())
+        .await
+        .expect("connect")
+}
+
+/// Sends a request and collects the whole stream (bounded by 120 s).
+pub async fn generate(url: &str, req: GenerateRequest) -> Result<Collected, Status> {
+    let fut = async {
+        let mut c = client(url).await;
+        let mut stream = c.generate(req).await?.into_inner();
+        let mut out = Collected::default();
+        while let Some(m) = stream.message().await? {
+            out.text.push_str(&m.text);
+            out.token_ids.extend_from_slice(&m.token_ids);
+            out.messages += 1;
+            let last = m.finish_reason != FinishReason::Unspecified as i32;
+            out.last = m;
+            if last {
+                break;
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(Duration::from_secs(120), fut)
+        .await
+        .expect("stream finished within 120 s")
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every test of moe-cluster: unit and end-to-end Rust tests (real etcd, real llama.cpp on
+# the CPU, real gateways), the OpenAI SDK tests, and the Helm/Kubernetes checks.
+# Installs what it needs first. Usage: ./scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+
+export CARGO_TERM_COLOR=never
+# Keep the build cache outside the checkout so fresh clones on the same machine reuse it.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/moe-cluster/target}"
+export MOE_BIN_DIR="$CARGO_TARGET_DIR/debug"
+# Tests run several llama.cpp workers at once on few cores: OpenMP threads must sleep, not spin,
+# while they wait (libgomp reads this when the test binary loads).
+export OMP_WAIT_POLICY=PASSIVE
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== build"
+cargo build --workspace --bins --locked
+echo "== cargo test"
+cargo test --workspace --locked -- --test-threads 2
+
+if [ -d tests/openai ]; then
+  echo "== OpenAI SDK tests"
+  python3 -m pip install -q --disable-pip-version-check -r tests/openai/requirements.txt
+  python3 -m pytest -q tests/openai
+fi
+
+echo "== Helm chart and manifests"
+bash scripts/check-k8s.sh
