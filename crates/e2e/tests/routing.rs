@@ -1,0 +1,155 @@
+//! Issue 4 with real workers: placement by latency class, spill-over, retries and mid-stream
+//! migration through a real gateway.
+
+use std::time::Duration;
+
+use moe_common::pb::{FinishReason, GenerateRequest, LatencyClass};
+use moe_e2e::*;
+
+const PROMPT: &str = "The capital of France is";
+
+fn with_class(mut req: GenerateRequest, class: LatencyClass) -> GenerateRequest {
+    req.latency_class = class as i32;
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn interactive_lands_on_full_batch_on_cpu_moe_and_spills_when_saturated() {
+    let etcd = Etcd::start().await;
+    let prefix = "/t-route";
+    let full = Worker::start(WorkerSpec::new("full", "full"), Some((&etcd, prefix))).await;
+    let offload = Worker::start(WorkerSpec::new("offload", "cpu-moe"), Some((&etcd, prefix))).await;
+    // Batch spill off: batch work must never take the fast pool.
+    let gateway = Gateway::start(&etcd, prefix, &["--batch-spill", "off"]).await;
+    let url = gateway.url();
+
+    let i = generate(
+        &url,
+        with_class(greedy(PROMPT, 4), LatencyClass::Interactive),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (i.last.worker_id.as_str(), i.last.offload_profile.as_str()),
+        ("full", "full")
+    );
+    let b = generate(&url, with_class(greedy(PROMPT, 4), LatencyClass::Batch))
+        .await
+        .unwrap();
+    assert_eq!(
+        (b.last.worker_id.as_str(), b.last.offload_profile.as_str()),
+        ("offload", "cpu-moe")
+    );
+
+    // Saturate the full worker's KV (2048 cells): a 1900-token reservation leaves too little for
+    // another 400-token request, so interactive work spills to the cpu-moe worker.
+    let mut c = client(&url).await;
+    let mut hog = c
+        .generate(with_class(greedy(PROMPT, 1900), LatencyClass::Interactive))
+        .await
+        .unwrap()
+        .into_inner();
+    hog.message().await.unwrap().expect("hog streams");
+    let spilled = generate(
+        &url,
+        with_class(greedy(PROMPT, 400), LatencyClass::Interactive),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        spilled.last.worker_id, "offload",
+        "spilled to the other pool"
+    );
+    drop(hog);
+    gateway.stop().await;
+    full.stop().await;
+    offload.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_stream_migrates_to_another_worker_without_changing_the_text() {
+    let etcd = Etcd::start().await;
+    let prefix = "/t-migrate";
+    let a = WorkerProcess::start(WorkerSpec::new("a", "full"), &etcd, prefix).await;
+    let b = WorkerProcess::start(WorkerSpec::new("b", "full"), &etcd, prefix).await;
+    let reference = generate(&format!("http://{}", a.addr), greedy(PROMPT, 40))
+        .await
+        .expect("uninterrupted");
+    let gateway = Gateway::start(&etcd, prefix, &[]).await;
+
+    let mut c = client(&gateway.url()).await;
+    let mut stream = c.generate(greedy(PROMPT, 40)).await.unwrap().into_inner();
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    while tokens.len() < 4 {
+        let m = stream.message().await.unwrap().expect("early tokens");
+        text.push_str(&m.text);
+        tokens.extend(m.token_ids);
+    }
+    // Find the worker serving the stream and kill it.
+    let serving = eventually(
+        Duration::from_secs(3),
+        "the serving worker's advert",
+        || async {
+            for id in ["a", "b"] {
+                if etcd
+                    .advert(prefix, id)
+                    .await
+                    .is_some_and(|w| w.load.active == 1)
+                {
+                    return Some(id);
+                }
+            }
+            None
+        },
+    )
+    .await;
+    let (victim, survivor) = if serving == "a" { (a, b) } else { (b, a) };
+    victim.signal("KILL");
+    let mut last = None;
+    while let Some(m) = stream.message().await.expect("one unbroken stream") {
+        text.push_str(&m.text);
+        tokens.extend(m.token_ids.iter().copied());
+        if m.finish_reason != FinishReason::Unspecified as i32 {
+            last = Some(m);
+            break;
+        }
+    }
+    let last = last.expect("final message");
+    assert_eq!(last.finish_reason, FinishReason::Length as i32);
+    assert_eq!(last.migrations, 1, "the stream moved once");
+    assert_eq!(last.worker_id, survivor.id);
+    assert_eq!(last.usage.unwrap().completion_tokens, 40);
+    assert_eq!(
+        tokens, reference.token_ids,
+        "greedy tokens equal the uninterrupted run"
+    );
+    assert_eq!(text, reference.text);
+    drop(victim);
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_before_its_first_token_costs_the_client_nothing() {
+    let etcd = Etcd::start().await;
+    let prefix = "/t-retry";
+    let fast = WorkerProcess::start(WorkerSpec::new("fast", "full"), &etcd, prefix).await;
+    let _slow = WorkerProcess::start(WorkerSpec::new("slow", "cpu-moe"), &etcd, prefix).await;
+    let gateway = Gateway::start(&etcd, prefix, &[]).await;
+    // The preferred (full) worker dies; its advert lives on until the lease expires, so the
+    // gateway still places the interactive request there first.
+    fast.signal("KILL");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        etcd.advert(prefix, "fast").await.is_some(),
+        "advert not yet expired"
+    );
+    let out = generate(&gateway.url(), greedy(PROMPT, 8))
+        .await
+        .expect("retried elsewhere");
+    assert_eq!(out.last.worker_id, "slow");
+    assert_eq!(out.last.migrations, 0);
+    assert!(out.text.contains("Paris"));
+    drop(fast);
+    gateway.stop().await;
+}
