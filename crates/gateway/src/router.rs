@@ -104,7 +104,11 @@ impl Router {
     /// Forgets channels of workers no longer in the snapshot.
     pub fn prune_channels(&self) {
         let snapshot = self.snapshot();
-        let live: HashSet<&str> = snapshot.workers.values().map(|w| w.endpoint.as_str()).collect();
+        let live: HashSet<&str> = snapshot
+            .workers
+            .values()
+            .map(|w| w.endpoint.as_str())
+            .collect();
         self.channels
             .lock()
             .expect("channels lock")
@@ -124,10 +128,9 @@ impl Drop for ReservationGuard {
     fn drop(&mut self) {
         let mut res = self.router.reservations.lock().expect("reservations lock");
         if let Some(list) = res.by_worker.get_mut(&self.worker) {
-            if let Some(i) = list
-                .iter()
-                .position(|r| r.placed_unix_ms == self.placed_unix_ms && r.kv_tokens == self.kv_tokens)
-            {
+            if let Some(i) = list.iter().position(|r| {
+                r.placed_unix_ms == self.placed_unix_ms && r.kv_tokens == self.kv_tokens
+            }) {
                 list.swap_remove(i);
             }
             if list.is_empty() {
@@ -159,13 +162,17 @@ impl RetryBudget {
     pub fn deposit(&self) {
         let _ = self
             .balance
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some((b + self.deposit).min(self.cap)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some((b + self.deposit).min(self.cap))
+            });
     }
 
     /// Takes one retry from the budget; false when it is spent.
     pub fn withdraw(&self) -> bool {
         self.balance
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1000))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                b.checked_sub(1000)
+            })
             .is_ok()
     }
 }

@@ -63,7 +63,12 @@ struct GenerateArgs {
 #[derive(clap::Args)]
 struct EtcdArgs {
     /// etcd endpoints, comma-separated.
-    #[arg(long, env = "MOE_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "MOE_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     etcd: Vec<String>,
     #[arg(long, env = "MOE_ETCD_PREFIX", default_value = moe_common::registry::DEFAULT_PREFIX)]
     etcd_prefix: String,
@@ -215,7 +220,10 @@ fn table_row(w: &WorkerAdvert) -> String {
         w.offload.profile,
         w.model.name,
         vram,
-        format!("{}/{}", w.capacity.free_kv_tokens, w.capacity.context_tokens),
+        format!(
+            "{}/{}",
+            w.capacity.free_kv_tokens, w.capacity.context_tokens
+        ),
         w.load.active,
         w.load.queued
     )
