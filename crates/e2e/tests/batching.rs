@@ -20,19 +20,20 @@ const PROMPTS: [&str; 8] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eight_concurrent_streams_get_the_same_text_as_alone() {
-    let worker = Worker::start(
-        WorkerSpec {
-            parallel: 8,
-            ..WorkerSpec::new("batch8", "full")
-        },
-        None,
-    )
-    .await;
-    let url = worker.url();
+    // Solo runs on one worker, the concurrent run on a fresh one, so neither reuses the other's
+    // prefix cache: both compute every prompt from scratch.
+    let spec = WorkerSpec {
+        parallel: 8,
+        ..WorkerSpec::new("batch8", "full")
+    };
+    let solo = Worker::start(spec.clone(), None).await;
     let mut alone = Vec::new();
     for p in PROMPTS {
-        alone.push(generate(&url, greedy(p, 16)).await.expect("solo"));
+        alone.push(generate(&solo.url(), greedy(p, 16)).await.expect("solo"));
     }
+    solo.stop().await;
+    let worker = Worker::start(spec, None).await;
+    let url = worker.url();
     let started = Instant::now();
     let together = futures_join(PROMPTS.iter().map(|p| {
         let url = url.clone();
@@ -164,4 +165,44 @@ where
         out.push(h.await.expect("task"));
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repeated_prefix_reuses_kv_cells_and_keeps_the_output() {
+    let worker = Worker::start(WorkerSpec::new("prefix", "full"), None).await;
+    let url = worker.url();
+    let system = "You are a helpful assistant who answers questions about geography briefly. ";
+    let first = generate(
+        &url,
+        greedy(&format!("{system}The capital of France is"), 12),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.last.usage.clone().unwrap().cached_prompt_tokens, 0);
+    let again = generate(
+        &url,
+        greedy(&format!("{system}The capital of France is"), 12),
+    )
+    .await
+    .unwrap();
+    let usage = again.last.usage.clone().unwrap();
+    assert_eq!(
+        usage.cached_prompt_tokens,
+        usage.prompt_tokens - 1,
+        "all but the last prompt token come from the cache"
+    );
+    assert_eq!(
+        again.token_ids, first.token_ids,
+        "reuse does not change greedy output"
+    );
+    let other = generate(&url, greedy(&format!("{system}The capital of Italy is"), 8))
+        .await
+        .unwrap();
+    let u = other.last.usage.clone().unwrap();
+    assert!(
+        u.cached_prompt_tokens > 10 && u.cached_prompt_tokens < u.prompt_tokens - 1,
+        "the shared system prefix is reused: {u:?}"
+    );
+    assert!(other.text.contains("Rome"), "{:?}", other.text);
+    worker.stop().await;
 }

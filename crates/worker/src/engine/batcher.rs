@@ -2,7 +2,11 @@
 //! when a sequence slot and their whole KV reservation (prompt + max_tokens) are free, and each
 //! step is planned as one batch holding the next token of every decoding sequence plus prompt
 //! chunks of newly admitted ones under a token budget. Interactive work is admitted and
-//! prefilled before batch work. No llama.cpp here: the engine thread executes the plans.
+//! prefilled before batch work. A finished sequence leaves its KV cells in place as a prefix
+//! cache: a new request is put in the free slot whose cached tokens share the longest prefix
+//! with its prompt and skips recomputing that prefix; cached cells are evicted (least recently
+//! used first) only when an admission needs the room. No llama.cpp here: the engine thread
+//! executes the plans.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -48,7 +52,10 @@ impl<T> Pending<T> {
 pub struct Seq<T> {
     pub seq_id: i32,
     pub class: Class,
+    /// Prompt tokens followed by the tokens generated so far.
     pub tokens: Vec<u32>,
+    /// Prompt tokens whose KV cells were reused from the slot's prefix cache.
+    pub reused: u32,
     /// Tokens already in the KV cache.
     pub n_past: u32,
     /// Token sampled last and not yet fed back (None while prefilling).
@@ -93,8 +100,11 @@ pub struct Entry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub entries: Vec<Entry>,
-    /// Slots admitted while planning this step (their KV sequence must start empty).
-    pub admitted: Vec<usize>,
+    /// Slots admitted while planning this step, with the prompt tokens reused from the slot's
+    /// cache: the engine must drop the slot's KV cells from that position on.
+    pub admitted: Vec<(usize, u32)>,
+    /// Idle slots whose cached KV cells the engine must drop to make room.
+    pub evicted: Vec<usize>,
 }
 
 impl Plan {
@@ -103,9 +113,19 @@ impl Plan {
     }
 }
 
+/// KV cells an idle slot still holds: the tokens at positions 0..len.
+#[derive(Debug)]
+struct Cached {
+    tokens: Vec<u32>,
+    /// Admission counter value when this cache was last used (for LRU eviction).
+    used: u64,
+}
+
 pub struct Batcher<T> {
     config: BatcherConfig,
     slots: Vec<Option<Seq<T>>>,
+    cache: Vec<Option<Cached>>,
+    clock: u64,
     interactive: VecDeque<Pending<T>>,
     batch: VecDeque<Pending<T>>,
     reserved: u32,
@@ -114,9 +134,12 @@ pub struct Batcher<T> {
 impl<T> Batcher<T> {
     pub fn new(config: BatcherConfig) -> Self {
         let slots = (0..config.max_sequences).map(|_| None).collect();
+        let cache = (0..config.max_sequences).map(|_| None).collect();
         Batcher {
             config,
             slots,
+            cache,
+            clock: 0,
             interactive: VecDeque::new(),
             batch: VecDeque::new(),
             reserved: 0,
@@ -212,7 +235,8 @@ impl<T> Batcher<T> {
 
     /// Admits what fits, then plans the next step.
     pub fn plan(&mut self, now: Instant) -> Plan {
-        let admitted = self.admit(now);
+        let mut plan = Plan::default();
+        self.admit(now, &mut plan);
         let mut budget = self.config.step_tokens as usize;
         let mut entries = Vec::new();
         // 1. Every decoding sequence advances by one token.
@@ -271,46 +295,104 @@ impl<T> Batcher<T> {
                 batch_budget -= take.min(batch_budget);
             }
         }
-        Plan { entries, admitted }
+        plan.entries = entries;
+        plan
     }
 
-    fn admit(&mut self, now: Instant) -> Vec<usize> {
-        let mut admitted = Vec::new();
+    /// Cells held by idle slots' caches, except `except`'s.
+    fn cached_cells(&self, except: Option<usize>) -> u32 {
+        self.cache
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != except)
+            .filter_map(|(_, c)| c.as_ref())
+            .map(|c| c.tokens.len() as u32)
+            .sum()
+    }
+
+    /// The free slot for `tokens`: longest cached common prefix (at most all but the last prompt
+    /// token, whose logits must be computed), then an empty slot, then the least recently used.
+    fn choose_slot(&self, tokens: &[u32]) -> Option<(usize, u32)> {
+        let max_reuse = tokens.len().saturating_sub(1);
+        (0..self.slots.len())
+            .filter(|&i| self.slots[i].is_none())
+            .map(|i| {
+                let (lcp, used) = match &self.cache[i] {
+                    Some(c) => {
+                        let lcp = c
+                            .tokens
+                            .iter()
+                            .zip(tokens)
+                            .take_while(|(a, b)| a == b)
+                            .count();
+                        (lcp.min(max_reuse) as u32, Some(c.used))
+                    }
+                    None => (0, None),
+                };
+                (i, lcp, used)
+            })
+            .max_by_key(|&(i, lcp, used)| {
+                (
+                    lcp,
+                    used.is_none(),
+                    std::cmp::Reverse(used),
+                    std::cmp::Reverse(i),
+                )
+            })
+            .map(|(i, lcp, _)| (i, lcp))
+    }
+
+    fn admit(&mut self, now: Instant, plan: &mut Plan) {
         loop {
-            let Some(slot) = self.slots.iter().position(Option::is_none) else {
-                break;
-            };
-            let free = self.free_kv_tokens();
             // Interactive first; batch only while no interactive request is waiting, so a large
             // interactive request is not starved by a stream of small batch ones.
             let queue = if !self.interactive.is_empty() {
-                &mut self.interactive
+                &self.interactive
             } else {
-                &mut self.batch
+                &self.batch
             };
-            match queue.front() {
-                Some(p) if p.reservation() <= free => {}
-                _ => break,
+            let Some(head) = queue.front() else { break };
+            let needed = head.reservation();
+            let Some((slot, reused)) = self.choose_slot(&head.tokens) else {
+                break;
+            };
+            // Unreserved cells are free or held by evictable caches: never over-commit.
+            if needed > self.config.kv_tokens - self.reserved {
+                break;
             }
-            let p = queue.pop_front().expect("front checked");
-            let reserved = p.reservation();
-            self.reserved += reserved;
+            while needed > self.config.kv_tokens - self.reserved - self.cached_cells(Some(slot)) {
+                let victim = (0..self.cache.len())
+                    .filter(|&i| i != slot && self.cache[i].is_some())
+                    .min_by_key(|&i| self.cache[i].as_ref().map(|c| c.used))
+                    .expect("cached cells exist while the sum is positive");
+                self.cache[victim] = None;
+                plan.evicted.push(victim);
+            }
+            let p = if !self.interactive.is_empty() {
+                self.interactive.pop_front()
+            } else {
+                self.batch.pop_front()
+            }
+            .expect("front checked");
+            self.cache[slot] = None;
+            self.reserved += needed;
+            self.clock += 1;
             self.slots[slot] = Some(Seq {
                 seq_id: slot as i32,
                 class: p.class,
                 tokens: p.tokens,
-                n_past: 0,
+                reused,
+                n_past: reused,
                 next: None,
                 generated: 0,
                 max_tokens: p.max_tokens,
-                reserved,
+                reserved: needed,
                 enqueued: p.enqueued,
                 admitted: now,
                 payload: p.payload,
             });
-            admitted.push(slot);
+            plan.admitted.push((slot, reused));
         }
-        admitted
     }
 
     /// Records that a planned step was decoded: its tokens are now in the KV cache.
@@ -318,9 +400,7 @@ impl<T> Batcher<T> {
         for e in &plan.entries {
             if let Some(seq) = self.slots[e.slot].as_mut() {
                 seq.n_past += e.tokens.len() as u32;
-                if seq.next.is_some() {
-                    seq.next = None;
-                }
+                seq.next = None;
             }
         }
     }
@@ -332,15 +412,33 @@ impl<T> Batcher<T> {
             .as_mut()
             .expect("push_token on an empty slot");
         seq.next = Some(token);
+        seq.tokens.push(token);
         seq.generated += 1;
         seq.generated >= seq.max_tokens
     }
 
-    /// Frees a slot and its KV reservation, returning the sequence.
+    /// Frees a slot and its KV reservation, returning the sequence. The cells of the tokens it
+    /// decoded stay as the slot's prefix cache.
     pub fn finish(&mut self, slot: usize) -> Option<Seq<T>> {
         let seq = self.slots.get_mut(slot)?.take()?;
         self.reserved -= seq.reserved;
+        self.cache[slot] = Some(Cached {
+            tokens: seq.tokens[..seq.n_past as usize].to_vec(),
+            used: self.clock,
+        });
         Some(seq)
+    }
+
+    /// Forgets a slot's prefix cache (its KV cells were dropped).
+    pub fn forget(&mut self, slot: usize) {
+        if let Some(c) = self.cache.get_mut(slot) {
+            *c = None;
+        }
+    }
+
+    /// KV cells held by idle slots' prefix caches.
+    pub fn cached_tokens(&self) -> u32 {
+        self.cached_cells(None)
     }
 }
 
@@ -393,13 +491,13 @@ mod tests {
         let mut b = Batcher::new(config());
         b.enqueue(pending(4, 5, Class::Interactive, 1, t)).unwrap();
         let first = step(&mut b, t);
-        assert_eq!(first.admitted, vec![0]);
+        assert_eq!(first.admitted, vec![(0, 0)]);
         assert_eq!(first.n_tokens(), 4);
         // A second request arrives while the first decodes: admitted at the very next step,
         // which carries the first one's decode token and the second one's prompt together.
         b.enqueue(pending(3, 5, Class::Interactive, 2, t)).unwrap();
         let second = step(&mut b, t);
-        assert_eq!(second.admitted, vec![1]);
+        assert_eq!(second.admitted, vec![(1, 0)]);
         assert_eq!(second.entries.len(), 2);
         assert_eq!(second.entries[0].tokens, vec![7]);
         assert_eq!(second.entries[0].pos, 4);
@@ -502,6 +600,82 @@ mod tests {
         let (why, p) = b.enqueue(pending(1, 1, Class::Batch, 9, t)).unwrap_err();
         assert_eq!(why, Refusal::QueueFull { limit: 3 });
         assert_eq!(p.payload, 9);
+    }
+
+    #[test]
+    fn reuses_the_longest_cached_prefix_and_skips_recomputing_it() {
+        let t = Instant::now();
+        let mut b = Batcher::new(config());
+        b.enqueue(pending(10, 2, Class::Interactive, 1, t)).unwrap();
+        b.enqueue(pending(3, 2, Class::Interactive, 2, t)).unwrap();
+        while !b.is_idle() {
+            step(&mut b, t);
+        }
+        // Slot 0 holds 0..10 plus one decoded token; slot 1 holds 0..3 plus one.
+        assert_eq!(b.cached_tokens(), 11 + 4);
+        let mut long = pending(12, 2, Class::Interactive, 3, t);
+        long.tokens[11] = 99;
+        b.enqueue(long).unwrap();
+        let plan = step(&mut b, t);
+        assert_eq!(
+            plan.admitted,
+            vec![(0, 10)],
+            "slot 0 shares 10 prompt tokens"
+        );
+        assert_eq!(plan.entries[0].pos, 10);
+        assert_eq!(
+            plan.entries[0].tokens,
+            vec![10, 99],
+            "only the new suffix is computed"
+        );
+        assert_eq!(b.seq(0).unwrap().reused, 10);
+    }
+
+    #[test]
+    fn a_fully_cached_prompt_still_computes_its_last_token() {
+        let t = Instant::now();
+        let mut b = Batcher::new(config());
+        b.enqueue(pending(6, 2, Class::Interactive, 1, t)).unwrap();
+        while !b.is_idle() {
+            step(&mut b, t);
+        }
+        b.enqueue(pending(6, 2, Class::Interactive, 2, t)).unwrap();
+        let plan = step(&mut b, t);
+        assert_eq!(plan.admitted, vec![(0, 5)]);
+        assert_eq!(plan.entries[0].tokens, vec![5]);
+        assert!(plan.entries[0].sample);
+    }
+
+    #[test]
+    fn evicts_least_recently_used_caches_only_when_an_admission_needs_the_room() {
+        let t = Instant::now();
+        let mut b = Batcher::new(BatcherConfig {
+            max_sequences: 3,
+            ..config()
+        });
+        for tag in 0..2 {
+            let mut p = pending(30, 2, Class::Interactive, tag, t);
+            p.tokens[0] = 100 + tag; // distinct prompts
+            b.enqueue(p).unwrap();
+            while !b.is_idle() {
+                step(&mut b, t);
+            }
+        }
+        assert_eq!(b.cached_tokens(), 62);
+        assert_eq!(
+            b.free_kv_tokens(),
+            100,
+            "caches are evictable: all cells advertised free"
+        );
+        // Needs 60 of 100 cells; 62 are cached in slots 0 and 1, slot 2 is empty: evict slot 0
+        // (least recently used) and keep slot 1.
+        let mut p = pending(50, 10, Class::Interactive, 9, t);
+        p.tokens[0] = 7;
+        b.enqueue(p).unwrap();
+        let plan = b.plan(t);
+        assert_eq!(plan.admitted, vec![(2, 0)]);
+        assert_eq!(plan.evicted, vec![0]);
+        assert_eq!(b.cached_tokens(), 31);
     }
 
     #[test]

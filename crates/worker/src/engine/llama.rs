@@ -509,8 +509,13 @@ impl<'m> Engine<'m> {
     fn step(&mut self) -> bool {
         let now = Instant::now();
         let plan = self.batcher.plan(now);
-        for &slot in &plan.admitted {
+        for &slot in &plan.evicted {
             let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+        }
+        for &(slot, reused) in &plan.admitted {
+            // Keep the reused prefix's cells, drop the rest of the slot's old sequence.
+            let from = (reused > 0).then_some(reused);
+            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), from, None);
             if let Some(seq) = self.batcher.seq_mut(slot) {
                 seq.payload.admitted = Some(now);
             }
@@ -548,6 +553,7 @@ impl<'m> Engine<'m> {
             tracing::error!(error = %e, "decode failed; failing the batch");
             for e2 in &plan.entries {
                 if let Some(seq) = self.batcher.finish(e2.slot) {
+                    self.batcher.forget(e2.slot);
                     let _ = self
                         .ctx
                         .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
@@ -621,12 +627,10 @@ impl<'m> Engine<'m> {
 
     /// Finishes a sequence normally: flushes held text, sends the summary, frees the slot.
     fn end(&mut self, slot: usize, finish: Finish) {
+        // The sequence's cells stay in the KV cache as the slot's prefix cache.
         let Some(mut seq) = self.batcher.finish(slot) else {
             return;
         };
-        let _ = self
-            .ctx
-            .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
         let live = &mut seq.payload;
         if finish != Finish::Cancelled {
             let tail = live.utf8.finish();
@@ -650,7 +654,7 @@ impl<'m> Engine<'m> {
             finish,
             prompt_tokens: live.prompt_tokens,
             completion_tokens: seq.generated,
-            cached_prompt_tokens: 0,
+            cached_prompt_tokens: seq.reused,
             queue: admitted.saturating_duration_since(live.arrived),
             time_to_first_token: first.saturating_duration_since(live.arrived),
             decode_tokens_per_second: if seq.generated > 1 && decode_secs > 0.0 {
@@ -665,11 +669,8 @@ impl<'m> Engine<'m> {
 
     /// Frees a slot whose client is gone, sending nothing.
     fn release(&mut self, slot: usize) {
-        if let Some(seq) = self.batcher.finish(slot) {
-            let _ = self
-                .ctx
-                .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
-        }
+        // Its cells stay in the KV cache as the slot's prefix cache.
+        self.batcher.finish(slot);
     }
 
     fn cancel_all(&mut self) {
