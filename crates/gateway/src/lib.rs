@@ -88,7 +88,9 @@ pub async fn run(
     let stop_server = shutdown.clone();
     let reporter = health_reporter.clone();
     let server = tonic::transport::Server::builder()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(config.max_concurrency * 2))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.max_concurrency * 2,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(InferenceServer::new(service))
