@@ -27,5 +27,8 @@ if [ -d tests/openai ]; then
   python3 -m pytest -q tests/openai
 fi
 
+echo "== Dashboard queries name catalogued metrics (docs/metrics.md)"
+python3 scripts/check-dashboard.py
+
 echo "== Helm chart and manifests"
 bash scripts/check-k8s.sh

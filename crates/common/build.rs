@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let inference = proto_root.join("moe/v1/inference.proto");
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // prost's codec, but a request that does not decode is INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::MoeCodec")
         .file_descriptor_set_path(out_dir.join("moe_v1_descriptor.bin"))
         .compile_protos(&[inference], &[proto_root.clone()])?;
     println!("cargo:rerun-if-changed={}", proto_root.display());

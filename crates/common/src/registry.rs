@@ -9,10 +9,13 @@ pub use advert::{
     ADVERT_SCHEMA, AdvertError, Capacity, DeviceInfo, DeviceKind, Load, MemoryInfo, ModelInfo,
     OffloadInfo, Speed, WorkerAdvert, WorkerState,
 };
-pub use registrar::{Registrar, RegistrarConfig};
+pub use registrar::{Registrar, RegistrarConfig, RegistrationStatus};
 pub use watcher::{ClusterSnapshot, Watcher};
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::tls::{ClientTlsFiles, TlsError};
 
 /// The default key prefix; every key of a cluster lives under it.
 pub const DEFAULT_PREFIX: &str = "/moe/v1";
@@ -28,6 +31,63 @@ pub enum RegistryError {
     },
     #[error("encoding advert: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error(
+        "etcd at {endpoints} refused the request ({message}): check --etcd-user/--etcd-password and the user's role on the key prefix"
+    )]
+    Auth { endpoints: String, message: String },
+    #[error("etcd TLS: {0}")]
+    Tls(#[from] TlsError),
+}
+
+impl RegistryError {
+    /// Turns etcd's authentication and permission refusals into [`RegistryError::Auth`], which
+    /// says what to fix.
+    pub fn explain(self, config: &EtcdConfig) -> RegistryError {
+        let RegistryError::Etcd(etcd_client::Error::GRpcStatus(status)) = &self else {
+            return self;
+        };
+        let message = status.message();
+        let auth = matches!(
+            status.code(),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        ) || message.contains("user name is empty")
+            || message.contains("invalid auth token")
+            || message.contains("authentication failed");
+        if !auth {
+            return self;
+        }
+        RegistryError::Auth {
+            endpoints: config.endpoints.join(","),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// etcd TLS flags, the same on every binary that talks to etcd.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct EtcdTlsArgs {
+    /// PEM CA bundle etcd's server certificate must chain to (use https:// endpoints).
+    #[arg(long, env = "MOE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd's client-certificate auth (with --etcd-key).
+    #[arg(long, env = "MOE_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "MOE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The TLS files, or None when no flag is given (plaintext etcd).
+    pub fn files(&self) -> Option<ClientTlsFiles> {
+        if self.etcd_ca.is_none() && self.etcd_cert.is_none() {
+            return None;
+        }
+        Some(ClientTlsFiles {
+            ca: self.etcd_ca.clone(),
+            identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+        })
+    }
 }
 
 /// How to reach etcd.
@@ -39,6 +99,8 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// Username and password, when etcd has auth enabled.
     pub user: Option<(String, String)>,
+    /// TLS to etcd (files read at connect); None is plaintext.
+    pub tls: Option<ClientTlsFiles>,
     pub connect_timeout: Duration,
 }
 
@@ -48,6 +110,7 @@ impl EtcdConfig {
             endpoints,
             prefix: DEFAULT_PREFIX.to_string(),
             user: None,
+            tls: None,
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -62,13 +125,21 @@ impl EtcdConfig {
         format!("{}{id}", self.workers_prefix())
     }
 
-    /// Connects, failing after `connect_timeout` instead of hanging on an unreachable etcd.
+    /// Connects, failing after `connect_timeout` instead of hanging on an unreachable etcd, and
+    /// with [`RegistryError::Auth`] when etcd refuses the credentials.
     pub async fn connect(&self) -> Result<etcd_client::Client, RegistryError> {
+        self.connect_once().await.map_err(|e| e.explain(self))
+    }
+
+    async fn connect_once(&self) -> Result<etcd_client::Client, RegistryError> {
         let mut opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if let Some((user, password)) = &self.user {
             opts = opts.with_user(user, password);
+        }
+        if let Some(tls) = &self.tls {
+            opts = opts.with_tls(tls.config()?);
         }
         let connect = etcd_client::Client::connect(&self.endpoints, Some(opts));
         let mut client = tokio::time::timeout(self.connect_timeout, connect)

@@ -3,15 +3,42 @@
 
 use crate::pb::{GenerateRequest, LatencyClass};
 
-/// Limits on everything a client controls.
-#[derive(Clone, Debug)]
+/// Limits on everything a client controls. Both binaries take them as flags; a worker's must be
+/// at least its gateways' (it re-checks what they forward).
+#[derive(Clone, Debug, PartialEq, clap::Args)]
 pub struct RequestLimits {
+    /// Largest `prompt` in bytes; also the limit on the total content of `messages`.
+    #[arg(long, env = "MOE_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
     pub max_prompt_bytes: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(
+        long = "max-tokens-limit",
+        env = "MOE_MAX_TOKENS_LIMIT",
+        default_value_t = 32_768
+    )]
     pub max_tokens: u32,
+    /// Most chat `messages` in one request.
+    #[arg(long, env = "MOE_MAX_MESSAGES", default_value_t = 256)]
     pub max_messages: usize,
+    /// Longest chat message `role`, in bytes.
+    #[arg(long, env = "MOE_MAX_ROLE_BYTES", default_value_t = 64)]
+    pub max_role_bytes: usize,
+    /// Most `stop` strings in one request.
+    #[arg(long, env = "MOE_MAX_STOP_STRINGS", default_value_t = 16)]
     pub max_stop_strings: usize,
+    /// Longest `stop` string, in bytes.
+    #[arg(long, env = "MOE_MAX_STOP_BYTES", default_value_t = 256)]
     pub max_stop_bytes: usize,
+    /// Longest `request_id`, in characters.
+    #[arg(long, env = "MOE_MAX_REQUEST_ID_CHARS", default_value_t = 128)]
     pub max_request_id_chars: usize,
+    /// Longest `model` name, in characters.
+    #[arg(long, env = "MOE_MAX_MODEL_CHARS", default_value_t = 256)]
+    pub max_model_chars: usize,
+    /// Largest encoded gRPC request message in bytes; larger ones are refused before decoding
+    /// (OUT_OF_RANGE). Keep it above --max-prompt-bytes.
+    #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
 }
 
 impl Default for RequestLimits {
@@ -20,12 +47,36 @@ impl Default for RequestLimits {
             max_prompt_bytes: 1 << 20,
             max_tokens: 32_768,
             max_messages: 256,
+            max_role_bytes: 64,
             max_stop_strings: 16,
             max_stop_bytes: 256,
             max_request_id_chars: 128,
+            max_model_chars: 256,
+            max_message_bytes: 4 << 20,
         }
     }
 }
+
+impl RequestLimits {
+    /// Cross-field checks for the flags.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_tokens == 0 {
+            return Err("--max-tokens-limit must be at least 1".into());
+        }
+        if self.max_message_bytes < self.max_prompt_bytes {
+            return Err("--max-message-bytes must be at least --max-prompt-bytes".into());
+        }
+        Ok(())
+    }
+}
+
+/// Inclusive ranges of the float sampling settings; NaN and infinities are refused.
+pub const SAMPLING_RANGES: [(&str, f32, f32); 4] = [
+    ("temperature", 0.0, 100.0),
+    ("top_p", 0.0, 1.0),
+    ("min_p", 0.0, 1.0),
+    ("repeat_penalty", 0.0, 100.0),
+];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
@@ -35,8 +86,13 @@ fn invalid(msg: impl Into<String>) -> Result<(), InvalidRequest> {
     Err(InvalidRequest(msg.into()))
 }
 
+/// Control characters (NUL, escape sequences, newlines) in ids that end up in logs and headers.
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 /// Checks a request from a client. `allow_resume` is true only on workers (gateways set
-/// `resume_token_ids`; clients may not).
+/// `resume_token_ids`; clients may not). Never panics, whatever the input.
 pub fn validate(
     req: &GenerateRequest,
     limits: &RequestLimits,
@@ -56,6 +112,9 @@ pub fn validate(
             limits.max_prompt_bytes
         ));
     }
+    if req.prompt.contains('\0') {
+        return invalid("prompt contains a NUL character");
+    }
     if req.messages.len() > limits.max_messages {
         return invalid(format!(
             "{} messages; the limit is {}",
@@ -68,21 +127,25 @@ pub fn validate(
         if m.role.trim().is_empty() {
             return invalid(format!("messages[{i}].role is empty"));
         }
-        if m.role.len() > 64 || m.role.contains('\0') || m.content.contains('\0') {
+        if m.role.len() > limits.max_role_bytes {
             return invalid(format!(
-                "messages[{i}] has an invalid role or a NUL character"
+                "messages[{i}].role is longer than {} bytes",
+                limits.max_role_bytes
             ));
         }
-        total += m.content.len();
+        if has_control(&m.role) {
+            return invalid(format!("messages[{i}].role contains a control character"));
+        }
+        if m.content.contains('\0') {
+            return invalid(format!("messages[{i}].content contains a NUL character"));
+        }
+        total = total.saturating_add(m.content.len());
     }
     if total > limits.max_prompt_bytes {
         return invalid(format!(
             "messages total {total} bytes; the limit is {}",
             limits.max_prompt_bytes
         ));
-    }
-    if req.prompt.contains('\0') {
-        return invalid("prompt contains a NUL character");
     }
     if req.max_tokens == 0 {
         return invalid("max_tokens must be at least 1");
@@ -114,20 +177,32 @@ pub fn validate(
             limits.max_request_id_chars
         ));
     }
+    if has_control(&req.request_id) {
+        return invalid("request_id contains a control character");
+    }
+    if req.model.chars().count() > limits.max_model_chars {
+        return invalid(format!(
+            "model is longer than {} characters",
+            limits.max_model_chars
+        ));
+    }
+    if has_control(&req.model) {
+        return invalid("model contains a control character");
+    }
     if LatencyClass::try_from(req.latency_class).is_err() {
         return invalid(format!("unknown latency_class {}", req.latency_class));
     }
-    if !allow_resume && !req.resume_token_ids.is_empty() {
-        return invalid("resume_token_ids is set by gateways only");
+    if !req.resume_token_ids.is_empty() {
+        if !allow_resume {
+            return invalid("resume_token_ids is set by gateways only");
+        }
+        if req.resume_token_ids.len() >= req.max_tokens as usize {
+            return invalid("resume_token_ids must be fewer than max_tokens");
+        }
     }
     if let Some(s) = &req.sampling {
-        let checks = [
-            ("temperature", s.temperature, 0.0, 100.0),
-            ("top_p", s.top_p, 0.0, 1.0),
-            ("min_p", s.min_p, 0.0, 1.0),
-            ("repeat_penalty", s.repeat_penalty, 0.0, 100.0),
-        ];
-        for (name, v, lo, hi) in checks {
+        let values = [s.temperature, s.top_p, s.min_p, s.repeat_penalty];
+        for ((name, lo, hi), v) in SAMPLING_RANGES.into_iter().zip(values) {
             if !v.is_finite() || v < lo || v > hi {
                 return invalid(format!("sampling.{name} {v} is outside [{lo}, {hi}]"));
             }

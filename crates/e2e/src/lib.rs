@@ -2,6 +2,10 @@
 //! `moe_worker::run`, or as `moe-worker` processes when a test needs to kill one), real gateways,
 //! and a client that collects a whole stream. Every wait is bounded.
 
+pub mod observe;
+
+pub mod pki;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 /// Root of the workspace.
 pub fn workspace() -> PathBuf {
@@ -165,6 +170,8 @@ pub struct WorkerSpec {
     pub ctx_size: u32,
     pub parallel: u32,
     pub extra: Vec<String>,
+    /// How the harness reaches the worker when it serves TLS (and the URL becomes https://).
+    pub client_tls: Option<ClientTlsConfig>,
 }
 
 impl WorkerSpec {
@@ -175,7 +182,14 @@ impl WorkerSpec {
             ctx_size: 2048,
             parallel: 4,
             extra: vec![],
+            client_tls: None,
         }
+    }
+
+    /// The worker serves TLS; the harness checks its health with `tls`.
+    pub fn with_client_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.client_tls = Some(tls);
+        self
     }
 
     pub fn with(mut self, flag: &str, value: &str) -> Self {
@@ -225,12 +239,20 @@ impl WorkerSpec {
 pub struct Worker {
     pub addr: SocketAddr,
     pub id: String,
+    tls: Option<ClientTlsConfig>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), moe_worker::WorkerError>>,
 }
 
 impl Worker {
     pub async fn start(spec: WorkerSpec, etcd: Option<(&Etcd, &str)>) -> Worker {
+        let worker = Worker::spawn(spec, etcd).await;
+        worker.wait_serving().await;
+        worker
+    }
+
+    /// Starts a worker without waiting for it to serve (for workers the harness cannot reach).
+    pub async fn spawn(spec: WorkerSpec, etcd: Option<(&Etcd, &str)>) -> Worker {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let config = <moe_worker::WorkerConfig as clap::Parser>::parse_from(
@@ -238,26 +260,26 @@ impl Worker {
         );
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(moe_worker::run(config, shutdown.clone(), listener));
-        let worker = Worker {
+        Worker {
             addr,
             id: spec.id,
+            tls: spec.client_tls,
             shutdown,
             task,
-        };
-        worker.wait_serving().await;
-        worker
+        }
     }
 
     async fn wait_serving(&self) {
-        let url = format!("http://{}", self.addr);
+        let url = self.url();
         eventually(Duration::from_secs(60), "worker to serve", || {
             let url = url.clone();
+            let tls = self.tls.clone();
             async move {
-                let ch = tonic::transport::Endpoint::from_shared(url)
-                    .ok()?
-                    .connect()
-                    .await
-                    .ok()?;
+                let mut ep = tonic::transport::Endpoint::from_shared(url).ok()?;
+                if let Some(tls) = tls {
+                    ep = ep.tls_config(tls).ok()?;
+                }
+                let ch = ep.connect().await.ok()?;
                 let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
                 let r = health
                     .check(tonic_health::pb::HealthCheckRequest {
@@ -272,7 +294,8 @@ impl Worker {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Graceful shutdown (as SIGTERM) and wait for `run` to return.
@@ -429,9 +452,37 @@ pub async fn client(url: &str) -> InferenceClient<tonic::transport::Channel> {
 
 /// Sends a request and collects the whole stream (bounded by 120 s).
 pub async fn generate(url: &str, req: GenerateRequest) -> Result<Collected, Status> {
+    collect(client(url).await, tonic::Request::new(req)).await
+}
+
+/// A client over TLS with `tls`, connecting lazily (a failed handshake fails the first call).
+pub fn tls_client(url: &str, tls: ClientTlsConfig) -> InferenceClient<Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    InferenceClient::new(ch)
+}
+
+/// `req` with `authorization: Bearer <key>`.
+pub fn with_key(req: GenerateRequest, key: &str) -> tonic::Request<GenerateRequest> {
+    let mut r = tonic::Request::new(req);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("ascii key"),
+    );
+    r
+}
+
+/// Sends `request` on `c` and collects the whole stream (bounded by 120 s).
+pub async fn collect(
+    mut c: InferenceClient<Channel>,
+    request: tonic::Request<GenerateRequest>,
+) -> Result<Collected, Status> {
     let fut = async {
-        let mut c = client(url).await;
-        let mut stream = c.generate(req).await?.into_inner();
+        let mut stream = c.generate(request).await?.into_inner();
         let mut out = Collected::default();
         while let Some(m) = stream.message().await? {
             out.text.push_str(&m.text);

@@ -121,6 +121,13 @@ async fn the_advert_carries_the_documented_fields_under_a_lease() {
     assert!(json["memory"]["weight_bytes"].as_u64().unwrap() > 200_000_000);
     assert!(json["memory"]["kv_bytes"].as_u64().unwrap() > 0);
     assert!(json["memory"]["host_expert_bytes"].as_u64().unwrap() > 0);
+    // The planner's weight bytes (from the GGUF tensor table) match what llama.cpp loaded.
+    let planned = json["memory"]["weight_bytes"].as_f64().unwrap();
+    let loaded = json["model"]["weight_bytes"].as_f64().unwrap();
+    assert!(
+        (planned - loaded).abs() / loaded < 0.05,
+        "planned {planned} vs loaded {loaded}"
+    );
     assert_eq!(json["capacity"]["context_tokens"], 2048);
     assert_eq!(json["capacity"]["free_kv_tokens"], 2048);
     assert_eq!(json["capacity"]["max_sequences"], 4);
@@ -325,4 +332,31 @@ async fn no_eligible_worker_is_a_fast_unavailable() {
     assert!(err.message().contains("no workers"), "{}", err.message());
     assert!(started.elapsed() < Duration::from_secs(1));
     gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_offload_fits_the_vram_budget_and_publishes_its_plan() {
+    let etcd = Etcd::start().await;
+    let prefix = "/t-auto";
+    // 900 MiB minus the 768 MiB reserve leaves 132 MiB for weights (235 MiB) and KV (45 MiB at
+    // 2048 cells): some layers' experts must go to the host, not all of them.
+    let worker = Worker::start(
+        WorkerSpec::new("auto", "auto").with("--vram-budget", "900MiB"),
+        Some((&etcd, prefix)),
+    )
+    .await;
+    let advert = etcd.advert(prefix, "auto").await.expect("advert");
+    assert_eq!(advert.offload.profile, "auto");
+    assert_eq!(advert.offload.mode, "n-cpu-moe");
+    let n = advert.offload.n_cpu_moe;
+    assert!(n > 0 && n < 30, "a partial placement, got {n}");
+    let device =
+        advert.memory.weight_bytes - advert.memory.host_expert_bytes + advert.memory.kv_bytes;
+    assert!(
+        device + (768 << 20) <= 900 << 20,
+        "the plan fits the budget"
+    );
+    let out = generate(&worker.url(), greedy(PROMPT, 6)).await.unwrap();
+    assert!(out.text.contains("Paris"));
+    worker.stop().await;
 }

@@ -16,6 +16,9 @@ pub struct GatewayConfig {
     /// Address the gRPC server listens on.
     #[arg(long, env = "MOE_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// Address the OpenAI-compatible HTTP API listens on (off when unset).
+    #[arg(long, env = "MOE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// etcd endpoints (comma-separated or repeated).
     #[arg(long, env = "MOE_ETCD", value_delimiter = ',', required = true)]
     pub etcd: Vec<String>,
@@ -44,13 +47,21 @@ pub struct GatewayConfig {
     /// May BATCH requests use full-GPU workers: on, off or below:LOAD.
     #[arg(long, env = "MOE_BATCH_SPILL", default_value = "below:0.5")]
     pub batch_spill: Spill,
-    /// Largest max_tokens a request may ask for.
-    #[arg(long, env = "MOE_MAX_TOKENS_LIMIT", default_value_t = 32768)]
-    pub max_tokens_limit: u32,
+    /// Limits on what clients send (--max-tokens-limit, --max-prompt-bytes, ...).
+    #[command(flatten)]
+    pub limits: moe_common::request::RequestLimits,
+    /// TLS on the gateway's ports, TLS to workers, API keys.
+    #[command(flatten)]
+    pub security: crate::security::SecurityArgs,
+    #[command(flatten)]
+    pub etcd_tls: moe_common::registry::EtcdTlsArgs,
+    #[command(flatten)]
+    pub telemetry: moe_common::telemetry::TelemetryConfig,
 }
 
 impl GatewayConfig {
     pub fn validate(&self) -> Result<(), String> {
+        self.telemetry.validate()?;
         if self.max_concurrency == 0 {
             return Err("--max-concurrency must be at least 1".into());
         }
@@ -60,6 +71,8 @@ impl GatewayConfig {
         if self.etcd_user.is_some() != self.etcd_password.is_some() {
             return Err("--etcd-user and --etcd-password go together".into());
         }
+        self.limits.validate()?;
+        self.security.validate()?;
         Ok(())
     }
 

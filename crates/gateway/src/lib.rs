@@ -1,19 +1,22 @@
 //! moe-gateway: a stateless router. One watcher keeps the etcd registry as an immutable
 //! snapshot; each `Generate` is placed by the policy in `scheduler`, proxied to a worker, retried
-//! or migrated by `proxy`.
+//! or migrated by `proxy`. `http` serves the same service as an OpenAI-compatible HTTP API.
 
+pub mod auth;
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod scheduler;
+pub mod security;
+pub mod sim;
 
 use std::sync::Arc;
 
 use moe_common::pb::v1::inference_server::InferenceServer;
 use moe_common::registry::{EtcdConfig, RegistryError, Watcher};
-use moe_common::request::RequestLimits;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use config::GatewayConfig;
@@ -28,6 +31,8 @@ pub enum GatewayError {
     Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Security(#[from] security::SecurityError),
 }
 
 /// Serves until `shutdown` is cancelled, then stops intake (health NOT_SERVING) and lets
@@ -40,18 +45,26 @@ pub async fn run(
     let mut etcd = EtcdConfig::new(config.etcd.clone());
     etcd.prefix = config.etcd_prefix.clone();
     etcd.user = config.etcd_user.clone().zip(config.etcd_password.clone());
+    etcd.tls = config.etcd_tls.files();
     let watcher_stop = CancellationToken::new();
+    let security = security::Security::load(&config.security, watcher_stop.clone())?;
     let watcher = Watcher::start(etcd, watcher_stop.clone()).await?;
     let policy = Policy {
         interactive_spill: config.interactive_spill,
         batch_spill: config.batch_spill,
         ..Policy::default()
     };
-    let router = Arc::new(Router::new(watcher.snapshots(), policy));
+    let router =
+        Arc::new(Router::new(watcher.snapshots(), policy).with_worker_tls(security.worker_tls));
+    // One registry per gateway; served at --metrics-listen.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let gateway_metrics = metrics::GatewayMetrics::register(&mut registry);
+    gateway_metrics.snapshot(&watcher.current());
     {
         let router = router.clone();
         let mut snapshots = watcher.snapshots();
         let stop = watcher_stop.clone();
+        let gateway_metrics = gateway_metrics.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -59,21 +72,33 @@ pub async fn run(
                     r = snapshots.changed() => if r.is_err() { return },
                 }
                 router.prune_channels();
+                gateway_metrics.snapshot(&snapshots.borrow_and_update());
             }
         });
     }
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let listener = moe_common::telemetry::metrics::bind(addr).await?;
+            tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
+            Some(tokio::spawn(moe_common::telemetry::metrics::serve(
+                Arc::new(registry),
+                listener,
+                watcher_stop.clone(),
+            )))
+        }
+        None => None,
+    };
     let service = GatewayService::new(
         router,
         ProxyConfig {
             max_streams: config.max_concurrency,
             request_timeout: config.request_timeout,
             max_attempts: config.max_attempts,
-            limits: RequestLimits {
-                max_tokens: config.max_tokens_limit,
-                ..RequestLimits::default()
-            },
+            limits: config.limits.clone(),
         },
-    );
+    )
+    .with_metrics(gateway_metrics)
+    .with_api_keys(security.api_keys);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<InferenceServer<GatewayService>>()
@@ -83,8 +108,31 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let http_listener = match config.http_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("binding the HTTP listener on {addr}: {e}"),
+            )
+        })?),
+        None => None,
+    };
+    let http_local = http_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
+    let http_server = {
+        let service = service.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            match http_listener {
+                Some(l) => http::serve_http(service, l, security.http_tls, shutdown).await,
+                None => Ok(()),
+            }
+        }
+    };
     let local = listener.local_addr()?;
-    tracing::info!(%local, workers = watcher.current().workers.len(), "gateway ready");
+    tracing::info!(%local, http = ?http_local, workers = watcher.current().workers.len(), "gateway ready");
     let stop_server = shutdown.clone();
     let reporter = health_reporter.clone();
     let server = tonic::transport::Server::builder()
@@ -93,16 +141,28 @@ pub async fn run(
         ))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(InferenceServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            stop_server.cancelled().await;
-            tracing::info!("draining: no new requests, finishing running streams");
-            reporter
-                .set_not_serving::<InferenceServer<GatewayService>>()
-                .await;
-        });
-    server.await?;
+        .add_service(
+            InferenceServer::new(service)
+                .max_decoding_message_size(config.limits.max_message_bytes),
+        )
+        .serve_with_incoming_shutdown(
+            moe_common::tls::incoming(listener, security.grpc_tls, "gRPC"),
+            async move {
+                stop_server.cancelled().await;
+                tracing::info!("draining: no new requests, finishing running streams");
+                reporter
+                    .set_not_serving::<InferenceServer<GatewayService>>()
+                    .await;
+            },
+        );
+    let grpc_server = async { server.await.map_err(GatewayError::from) };
+    tokio::try_join!(grpc_server, async {
+        http_server.await.map_err(GatewayError::from)
+    })?;
     watcher_stop.cancel();
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     tracing::info!("gateway stopped");
     Ok(())
 }

@@ -10,9 +10,11 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("moe-gateway: {e}");
         std::process::exit(64);
     }
-    moe_common::telemetry::init("info");
+    let telemetry = moe_common::telemetry::init("moe-gateway", "info", &config.telemetry)?;
     let shutdown = moe_common::shutdown::on_signals();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    moe_gateway::run(config, shutdown, listener).await?;
-    Ok(())
+    let result = moe_gateway::run(config, shutdown, listener).await;
+    // Flushing blocks on the exporter, which needs the runtime's other threads.
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    Ok(result?)
 }

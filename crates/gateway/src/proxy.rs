@@ -14,7 +14,10 @@ use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
+use tracing::{Instrument, Span};
 
+use crate::auth::{ApiKeys, Grant};
+use crate::metrics::{Decision, GatewayMetrics, InFlightGuard, StreamLabels, class_label};
 use crate::router::Router;
 use crate::scheduler::{Candidate, Class, Demand, Ranking, ScheduleError};
 
@@ -35,6 +38,9 @@ pub struct GatewayService {
     router: Arc<Router>,
     streams: Arc<Semaphore>,
     config: ProxyConfig,
+    metrics: Arc<GatewayMetrics>,
+    /// API keys every request must present; None serves anyone.
+    auth: Option<Arc<ApiKeys>>,
 }
 
 impl GatewayService {
@@ -43,7 +49,21 @@ impl GatewayService {
             router,
             streams: Arc::new(Semaphore::new(config.max_streams)),
             config,
+            metrics: Arc::new(GatewayMetrics::unregistered()),
+            auth: None,
         }
+    }
+
+    /// Requires one of these API keys on every request (see `auth`).
+    pub fn with_api_keys(mut self, keys: Option<Arc<ApiKeys>>) -> Self {
+        self.auth = keys;
+        self
+    }
+
+    /// Records into `metrics` (registered in the process's registry) instead of nowhere.
+    pub fn with_metrics(mut self, metrics: Arc<GatewayMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -80,12 +100,44 @@ impl GatewayService {
     /// Validates and places a request, then proxies it in the background; the returned stream
     /// yields the worker's messages (across retries and migrations) and ends with the final
     /// message or an error status. Every front end (gRPC, HTTP) goes through here.
+    ///
+    /// The request's span (`gateway.request`) is a child of the current span, so a front end
+    /// that extracted a caller's trace context enters a span carrying it before calling this.
+    ///
+    /// `api_key` is the caller's bearer key, checked first when the gateway has API keys.
     pub fn start(
         &self,
         req: GenerateRequest,
         client_timeout: Option<Duration>,
+        api_key: Option<&str>,
+    ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
+        let class = class_of(&req);
+        let span = tracing::info_span!(
+            "gateway.request",
+            class = class_label(class),
+            max_tokens = req.max_tokens,
+            otel.status_code = tracing::field::Empty,
+        );
+        let result = span.in_scope(|| self.start_in(req, client_timeout, api_key, span.clone()));
+        if let Err(status) = &result {
+            span.record("otel.status_code", "ERROR");
+            self.metrics.request_finished("none", class, status.code());
+        }
+        result
+    }
+
+    fn start_in(
+        &self,
+        req: GenerateRequest,
+        client_timeout: Option<Duration>,
+        api_key: Option<&str>,
+        span: Span,
     ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
         let started = Instant::now();
+        let grant = match &self.auth {
+            Some(keys) => Some(keys.admit(api_key, &req)?),
+            None => None,
+        };
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "gateway is at its limit of {} concurrent streams; retry later",
@@ -97,28 +149,44 @@ impl GatewayService {
         });
         validate(&req, &self.config.limits, false).map_err(|e| Status::invalid_argument(e.0))?;
         self.router.retry_budget.deposit();
+        let class = class_of(&req);
         let demand = Demand {
             model: &req.model,
-            class: class_of(&req),
+            class,
             prompt_tokens: estimate_prompt_tokens(&req),
             max_tokens: req.max_tokens,
         };
         // The first placement happens before the stream starts, so NOT_FOUND / UNAVAILABLE /
         // RESOURCE_EXHAUSTED are the call's status.
-        let ranking = self
-            .router
-            .rank(&demand, &HashSet::new())
-            .map_err(schedule_status)?;
+        let ranking = tracing::info_span!("gateway.schedule", attempt = 0)
+            .in_scope(|| self.router.rank(&demand, &HashSet::new()))
+            .map_err(|e| {
+                self.metrics.placement_failed(class, &e);
+                schedule_status(e)
+            })?;
+        if ranking.candidates.is_empty() {
+            // Only the other pool has room and this class may not spill there now.
+            return Err(Status::resource_exhausted(format!(
+                "no worker of the preferred pool has KV headroom and spill-over is not allowed \
+                 for this class now ({} worker(s) of the other pool could take it)",
+                ranking.fallback.len()
+            )));
+        }
         let (tx, rx) = mpsc::channel(64);
         let drive = Drive {
             router: self.router.clone(),
             max_attempts: self.config.max_attempts,
             deadline: started + timeout,
+            started,
+            class,
             req,
             tx,
+            metrics: self.metrics.clone(),
+            _in_flight: self.metrics.in_flight(),
             _permit: permit,
+            grant,
         };
-        tokio::spawn(drive.run(ranking));
+        tokio::spawn(drive.run(ranking).instrument(span));
         Ok(ReceiverStream::new(rx))
     }
 
@@ -150,7 +218,11 @@ impl Inference for GatewayService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
-        let stream = self.start(request.into_inner(), timeout)?;
+        let server = tracing::info_span!("gateway.grpc", otel.kind = "server");
+        moe_common::telemetry::propagation::adopt_remote_parent(&server, request.metadata());
+        let api_key = crate::auth::grpc_bearer(request.metadata()).map(str::to_owned);
+        let stream =
+            server.in_scope(|| self.start(request.into_inner(), timeout, api_key.as_deref()))?;
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -160,16 +232,31 @@ struct Drive {
     router: Arc<Router>,
     max_attempts: u32,
     deadline: Instant,
+    started: Instant,
+    class: Class,
     req: GenerateRequest,
     tx: mpsc::Sender<Result<GenerateResponse, Status>>,
+    metrics: Arc<GatewayMetrics>,
+    _in_flight: InFlightGuard,
     _permit: OwnedSemaphorePermit,
+    /// The API key's stream slot and token charge, settled when the request ends.
+    grant: Option<Grant>,
 }
 
 enum Outcome {
-    /// The final message reached the client (or the client left).
+    /// The final message reached the client.
     Done,
+    /// The client left; dropping the worker stream cancels the sequence there.
+    ClientGone,
     /// The worker failed; `retryable` says whether another worker may take over.
     Failed { status: Status, retryable: bool },
+}
+
+/// Per-attempt stream bookkeeping for latency metrics.
+struct Relay {
+    labels: StreamLabels,
+    /// When the previous tokens went to the client (None before the first token).
+    last_token: Option<Instant>,
 }
 
 /// Statuses after which another worker may succeed.
@@ -187,6 +274,17 @@ fn retryable(status: &Status) -> bool {
 
 impl Drive {
     async fn run(self, first: Ranking) {
+        let mut model = String::from("none");
+        let code = self.drive(first, &mut model).await;
+        self.metrics.request_finished(&model, self.class, code);
+        if !matches!(code, Code::Ok | Code::Cancelled) {
+            Span::current().record("otel.status_code", "ERROR");
+        }
+    }
+
+    /// Tries workers until one finishes the stream; returns the request's outcome and leaves
+    /// the model of the last worker tried in `model`.
+    async fn drive(&self, first: Ranking, model: &mut String) -> Code {
         let mut generated: Vec<u32> = Vec::new();
         let mut tried = HashSet::new();
         let mut ranking = Some(first);
@@ -195,32 +293,70 @@ impl Drive {
         for attempt in 0..self.max_attempts {
             let r = match ranking.take() {
                 Some(r) => Ok(r),
-                None => self.router.rank(&self.demand(generated.len()), &tried),
+                None => tracing::info_span!("gateway.schedule", attempt)
+                    .in_scope(|| self.router.rank(&self.demand(generated.len()), &tried)),
             };
             let candidate = match r {
                 Ok(r) => pick(r, attempt > 0),
                 Err(e) => {
                     tracing::debug!(error = %e, "no further worker to try");
+                    self.metrics.placement_failed(self.class, &e);
                     None
                 }
             };
-            let Some(candidate) = candidate else { break };
+            let Some((candidate, decision)) = candidate else {
+                break;
+            };
             if attempt > 0 && !self.router.retry_budget.withdraw() {
                 tracing::warn!("retry budget spent; failing the request");
+                self.metrics.retry_budget_exhausted();
                 break;
             }
-            if attempt > 0 && !generated.is_empty() {
-                migrations += 1;
-                tracing::info!(worker = %candidate.worker.id, tokens = generated.len(), "migrating stream");
+            self.metrics
+                .placed(self.class, decision, &candidate.worker.offload.profile);
+            let migrating = attempt > 0 && !generated.is_empty();
+            if let Some(failed) = last.as_ref().filter(|_| !migrating) {
+                self.metrics.retry(self.class, failed.code());
             }
+            // A migration gets its own span; the attempt on the new worker nests under it.
+            let outer = if migrating {
+                migrations += 1;
+                self.metrics.migration(self.class);
+                tracing::info!(worker = %candidate.worker.id, tokens = generated.len(), "migrating stream");
+                tracing::info_span!(
+                    "gateway.migration",
+                    to_worker = %candidate.worker.id,
+                    tokens = generated.len()
+                )
+            } else {
+                Span::current()
+            };
+            let span = tracing::info_span!(
+                parent: &outer,
+                "gateway.attempt",
+                attempt,
+                worker = %candidate.worker.id,
+                profile = %candidate.worker.offload.profile,
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+            );
             tried.insert(candidate.worker.id.clone());
-            match self.attempt(&candidate, &mut generated, migrations).await {
-                Outcome::Done => return,
+            model.clone_from(&candidate.worker.model.name);
+            let outcome = self
+                .attempt(&candidate, &mut generated, migrations)
+                .instrument(span.clone())
+                .await;
+            drop(outer);
+            match outcome {
+                Outcome::Done => return Code::Ok,
+                Outcome::ClientGone => return Code::Cancelled,
                 Outcome::Failed { status, retryable } => {
+                    span.record("otel.status_code", "ERROR");
                     tracing::warn!(worker = %candidate.worker.id, code = ?status.code(), message = status.message(), retryable, "worker attempt failed");
                     if !retryable {
+                        let code = status.code();
                         let _ = self.tx.send(Err(status)).await;
-                        return;
+                        return code;
                     }
                     last = Some(status);
                 }
@@ -230,7 +366,7 @@ impl Drive {
                     .tx
                     .send(Err(Status::deadline_exceeded("request deadline passed")))
                     .await;
-                return;
+                return Code::DeadlineExceeded;
             }
         }
         let status = match last {
@@ -242,6 +378,27 @@ impl Drive {
             None => Status::unavailable("no worker could take the request"),
         };
         let _ = self.tx.send(Err(status)).await;
+        Code::Unavailable
+    }
+
+    /// Records latency metrics for a message of `tokens` tokens about to go to the client;
+    /// `first` when the client has no token yet.
+    fn relayed(&self, relay: &mut Relay, first: bool, tokens: usize) {
+        if tokens == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if first {
+            self.metrics.first_token(
+                &relay.labels,
+                now.duration_since(self.started).as_secs_f64(),
+            );
+        }
+        let gap = relay
+            .last_token
+            .map(|t| now.duration_since(t).as_secs_f64());
+        self.metrics.tokens(&relay.labels, tokens as u64, gap);
+        relay.last_token = Some(now);
     }
 
     fn demand(&self, generated: usize) -> Demand<'_> {
@@ -268,8 +425,10 @@ impl Drive {
                 migrations,
                 ..Default::default()
             };
-            let _ = self.tx.send(Ok(final_msg)).await;
-            return Outcome::Done;
+            return match self.tx.send(Ok(final_msg)).await {
+                Ok(()) => Outcome::Done,
+                Err(_) => Outcome::ClientGone,
+            };
         }
         let _reservation = self
             .router
@@ -294,10 +453,11 @@ impl Drive {
         wreq.resume_token_ids = generated.clone();
         let mut request = Request::new(wreq);
         request.set_timeout(remaining);
+        moe_common::telemetry::propagation::inject(&Span::current(), request.metadata_mut());
         let mut client = InferenceClient::new(channel);
         let response = tokio::select! {
             r = client.generate(request) => r,
-            _ = self.tx.closed() => return Outcome::Done,
+            _ = self.tx.closed() => return Outcome::ClientGone,
         };
         let mut stream = match response {
             Ok(r) => r.into_inner(),
@@ -306,15 +466,28 @@ impl Drive {
                 return Outcome::Failed { status, retryable };
             }
         };
+        let mut relay = Relay {
+            labels: StreamLabels {
+                model: c.worker.model.name.clone(),
+                class: class_label(self.class),
+                profile: c.worker.offload.profile.clone(),
+            },
+            // Also None after a migration: the hand-over is not counted as an inter-token gap.
+            last_token: None,
+        };
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m,
                 // Client gone: dropping the worker stream cancels the sequence there.
-                _ = self.tx.closed() => return Outcome::Done,
+                _ = self.tx.closed() => return Outcome::ClientGone,
             };
             match msg {
                 Ok(Some(mut m)) => {
+                    self.relayed(&mut relay, generated.is_empty(), m.token_ids.len());
                     generated.extend_from_slice(&m.token_ids);
+                    if let Some(g) = &self.grant {
+                        g.generated(m.token_ids.len());
+                    }
                     let finish = FinishReason::try_from(m.finish_reason)
                         .unwrap_or(FinishReason::Unspecified);
                     if finish == FinishReason::Cancelled && Instant::now() < self.deadline {
@@ -333,7 +506,7 @@ impl Drive {
                         }
                     }
                     if self.tx.send(Ok(m)).await.is_err() {
-                        return Outcome::Done;
+                        return Outcome::ClientGone;
                     }
                     if finish != FinishReason::Unspecified {
                         return Outcome::Done;
@@ -357,11 +530,21 @@ impl Drive {
 }
 
 /// The first candidate; on retries, the fallback list too (a slower answer beats none).
-fn pick(r: Ranking, retry: bool) -> Option<Candidate> {
-    let mut all = r.candidates.into_iter();
-    all.next().or_else(|| {
+fn pick(r: Ranking, retry: bool) -> Option<(Candidate, Decision)> {
+    let first = r.candidates.into_iter().next().map(|c| {
+        let d = if c.spill {
+            Decision::Spill
+        } else {
+            Decision::Preferred
+        };
+        (c, d)
+    });
+    first.or_else(|| {
         if retry {
-            r.fallback.into_iter().next()
+            r.fallback
+                .into_iter()
+                .next()
+                .map(|c| (c, Decision::Fallback))
         } else {
             None
         }

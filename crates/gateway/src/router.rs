@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use moe_common::registry::ClusterSnapshot;
+use moe_common::tls::ClientTls;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
@@ -18,6 +19,21 @@ pub struct Router {
     channels: Mutex<HashMap<String, Channel>>,
     policy: Policy,
     pub retry_budget: RetryBudget,
+    /// TLS to workers; when set, only `https://` workers are dialled.
+    worker_tls: Option<ClientTls>,
+    /// Generation of `worker_tls` the cached channels were made with.
+    tls_generation: AtomicU64,
+}
+
+/// Why a worker cannot be dialled.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{0}")]
+    Endpoint(#[from] tonic::transport::Error),
+    #[error("worker endpoint {0} is plaintext and this gateway requires TLS to workers (--tls-ca)")]
+    Plaintext(String),
+    #[error("worker endpoint {0} is https but this gateway has no --tls-ca to check it with")]
+    NoTls(String),
 }
 
 impl Router {
@@ -28,7 +44,15 @@ impl Router {
             channels: Mutex::new(HashMap::new()),
             policy,
             retry_budget: RetryBudget::new(0.2, 10),
+            worker_tls: None,
+            tls_generation: AtomicU64::new(0),
         }
+    }
+
+    /// Dial workers over TLS with these settings (and refuse plaintext workers).
+    pub fn with_worker_tls(mut self, tls: Option<ClientTls>) -> Self {
+        self.worker_tls = tls;
+        self
     }
 
     pub fn snapshot(&self) -> Arc<ClusterSnapshot> {
@@ -85,18 +109,32 @@ impl Router {
         }
     }
 
-    /// A (lazily connecting) channel to a worker endpoint, shared by all requests.
-    pub fn channel(&self, endpoint: &str) -> Result<Channel, tonic::transport::Error> {
+    /// A (lazily connecting) channel to a worker endpoint, shared by all requests. When the
+    /// TLS files change, cached channels are dropped so new connections use the new files.
+    pub fn channel(&self, endpoint: &str) -> Result<Channel, ChannelError> {
+        let tls = self.worker_tls.as_ref().map(ClientTls::current);
         let mut channels = self.channels.lock().expect("channels lock");
+        if let Some((generation, _)) = &tls
+            && self.tls_generation.swap(*generation, Ordering::Relaxed) != *generation
+        {
+            channels.clear();
+        }
         if let Some(c) = channels.get(endpoint) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(endpoint.to_string())?
+        let https = endpoint.starts_with("https://");
+        let mut ep = Endpoint::from_shared(endpoint.to_string())?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        match (tls, https) {
+            (Some((_, config)), true) => ep = ep.tls_config(config)?,
+            (Some(_), false) => return Err(ChannelError::Plaintext(endpoint.to_string())),
+            (None, true) => return Err(ChannelError::NoTls(endpoint.to_string())),
+            (None, false) => {}
+        }
+        let channel = ep.connect_lazy();
         channels.insert(endpoint.to_string(), channel.clone());
         Ok(channel)
     }

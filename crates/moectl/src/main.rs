@@ -1,4 +1,7 @@
-//! `moectl`: stream a completion, list the workers in etcd, plan expert offload for a GGUF file.
+//! `moectl`: stream a completion, list the workers in etcd, watch the fleet live, plan expert
+//! offload for a GGUF file.
+
+mod top;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -27,6 +30,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Print the workers registered in etcd as a table.
     Workers(EtcdArgs),
+    /// Live view of the fleet: per worker profile, VRAM, KV headroom, load and speed.
+    Top(top::TopArgs),
     /// Print the memory plan of every offload profile for a GGUF file, without loading it.
     Plan(PlanArgs),
 }
@@ -58,6 +63,18 @@ struct GenerateArgs {
     /// Give up after this long (seconds).
     #[arg(long, default_value_t = 300.0)]
     timeout: f64,
+    /// API key, sent as `authorization: Bearer KEY`.
+    #[arg(long, env = "MOE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// PEM CA bundle the gateway's certificate must chain to (use an https:// address).
+    #[arg(long, env = "MOE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a gateway that requires one (with --tls-key).
+    #[arg(long, env = "MOE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MOE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -72,6 +89,18 @@ struct EtcdArgs {
     etcd: Vec<String>,
     #[arg(long, env = "MOE_ETCD_PREFIX", default_value = moe_common::registry::DEFAULT_PREFIX)]
     etcd_prefix: String,
+    /// etcd user name (with --etcd-password).
+    #[arg(long, env = "MOE_ETCD_USER", requires = "etcd_password")]
+    etcd_user: Option<String>,
+    #[arg(
+        long,
+        env = "MOE_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_user"
+    )]
+    etcd_password: Option<String>,
+    #[command(flatten)]
+    etcd_tls: moe_common::registry::EtcdTlsArgs,
     /// Print the raw adverts as JSON lines instead of a table.
     #[arg(long)]
     json: bool,
@@ -97,6 +126,7 @@ async fn main() {
     let result = match Cli::parse().command {
         Command::Generate(a) => generate(a).await,
         Command::Workers(a) => workers(a).await,
+        Command::Top(a) => top::run(a).await,
         Command::Plan(a) => plan(a),
     };
     if let Err(e) = result {
@@ -114,9 +144,20 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     } else {
         format!("http://{}", a.gateway)
     };
-    let mut client = InferenceClient::connect(url.clone())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("gateway address {url}"))?;
+    if a.tls_ca.is_some() || a.tls_cert.is_some() {
+        let files = moe_common::tls::ClientTlsFiles {
+            ca: a.tls_ca.clone(),
+            identity: a.tls_cert.clone().zip(a.tls_key.clone()),
+        };
+        endpoint = endpoint.tls_config(files.config()?)?;
+    }
+    let channel = endpoint
+        .connect()
         .await
         .with_context(|| format!("connecting to {url}"))?;
+    let mut client = InferenceClient::new(channel);
     let class = match a.class.as_str() {
         "interactive" => LatencyClass::Interactive,
         "batch" => LatencyClass::Batch,
@@ -144,6 +185,12 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     }
     let mut request = tonic::Request::new(req);
     request.set_timeout(Duration::from_secs_f64(a.timeout));
+    if let Some(key) = &a.api_key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .context("--api-key is not valid in a header")?;
+        request.metadata_mut().insert("authorization", value);
+    }
     let mut stream = client.generate(request).await?.into_inner();
     let mut out = std::io::stdout();
     while let Some(msg) = stream.message().await? {
@@ -173,6 +220,8 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 async fn workers(a: EtcdArgs) -> anyhow::Result<()> {
     let mut etcd = EtcdConfig::new(a.etcd);
     etcd.prefix = a.etcd_prefix;
+    etcd.user = a.etcd_user.zip(a.etcd_password);
+    etcd.tls = a.etcd_tls.files();
     let stop = tokio_util::sync::CancellationToken::new();
     let watcher = Watcher::start(etcd, stop.clone()).await?;
     let snap = watcher.current();

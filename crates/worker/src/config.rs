@@ -75,11 +75,23 @@ pub struct WorkerConfig {
     /// Address of the Prometheus /metrics endpoint (off when unset).
     #[arg(long, env = "MOE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub telemetry: moe_common::telemetry::TelemetryConfig,
+    /// TLS on the gRPC port (the advert then says https://); mTLS with --tls-client-ca.
+    #[command(flatten)]
+    pub tls: moe_common::tls::ServerTlsArgs,
+    #[command(flatten)]
+    pub etcd_tls: moe_common::registry::EtcdTlsArgs,
+    /// Limits on requests; keep them at least the gateways' (requests are checked again here).
+    #[command(flatten)]
+    pub limits: moe_common::request::RequestLimits,
 }
 
 impl WorkerConfig {
     /// Cross-field checks clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        self.telemetry.validate()?;
+        self.limits.validate()?;
         if self.parallel == 0 || self.parallel > 256 {
             return Err("--parallel must be 1..=256".into());
         }

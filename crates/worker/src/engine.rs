@@ -52,6 +52,9 @@ pub struct Job {
     pub arrived: Instant,
     /// Where the engine streams this job's events; closing it cancels the job.
     pub events: mpsc::UnboundedSender<Event>,
+    /// The request's span on this worker: the engine's queue, prefill and decode spans are its
+    /// children, and each engine step links to the spans of the sequences it served.
+    pub span: tracing::Span,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +129,8 @@ pub struct EngineHandle {
 }
 
 pub(crate) enum Command {
-    Submit(Job),
+    /// Boxed: a job is much larger than the other commands.
+    Submit(Box<Job>),
     /// Cancel every job still running or queued, then stop the thread.
     Shutdown,
 }
@@ -135,7 +139,7 @@ impl EngineHandle {
     /// Hands a job to the engine. Fails fast with UNAVAILABLE when the engine has stopped.
     pub async fn submit(&self, job: Job) -> Result<(), EngineError> {
         self.jobs
-            .send(Command::Submit(job))
+            .send(Command::Submit(Box::new(job)))
             .await
             .map_err(|_| EngineError::Unavailable("engine stopped".into()))
     }

@@ -4,6 +4,7 @@
 pub mod advert;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod service;
 
 use std::sync::Arc;
@@ -12,7 +13,6 @@ use moe_common::pb::v1::inference_server::InferenceServer;
 use moe_common::registry::{EtcdConfig, Registrar, RegistrarConfig, RegistryError, WorkerState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use config::WorkerConfig;
@@ -29,6 +29,8 @@ pub enum WorkerError {
     Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] moe_common::tls::TlsError),
 }
 
 fn engine_config(c: &WorkerConfig) -> EngineConfig {
@@ -56,10 +58,17 @@ pub async fn run(
     listener: TcpListener,
 ) -> Result<(), WorkerError> {
     let local = listener.local_addr()?;
+    // Certificates are checked before the model loads, so a bad file fails fast.
+    let tls = config
+        .tls
+        .files()
+        .map(moe_common::tls::ServerTls::grpc)
+        .transpose()?;
     let engine = engine::start(engine_config(&config)).await?;
     let id = config.worker_id(local.port());
     let endpoint = format!(
-        "http://{}",
+        "{}://{}",
+        if tls.is_some() { "https" } else { "http" },
         config.advertise_addr.clone().unwrap_or_else(|| {
             if local.ip().is_unspecified() {
                 format!("127.0.0.1:{}", local.port())
@@ -78,6 +87,7 @@ pub async fn run(
         &engine.stats().borrow(),
     );
     let (advert_tx, advert_rx) = watch::channel(first);
+    let metrics_advert = advert_rx.clone();
     let background = CancellationToken::new();
     tokio::spawn(advert::follow(
         engine.clone(),
@@ -94,12 +104,43 @@ pub async fn run(
         let mut etcd = EtcdConfig::new(config.etcd.clone());
         etcd.prefix = config.etcd_prefix.clone();
         etcd.user = config.etcd_user.clone().zip(config.etcd_password.clone());
+        etcd.tls = config.etcd_tls.files();
         let rc = RegistrarConfig {
             etcd,
             lease_ttl: config.lease_ttl,
             min_update_interval: std::time::Duration::from_millis(250),
         };
         Some(Registrar::start(rc, advert_rx).await?)
+    };
+
+    // One registry per worker; served at --metrics-listen.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let worker_metrics = metrics::WorkerMetrics::register(
+        &mut registry,
+        &id,
+        &engine.model().name,
+        &engine.model().profile.to_string(),
+    );
+    tokio::spawn(metrics::follow(
+        worker_metrics.clone(),
+        metrics::Sources {
+            stats: engine.stats(),
+            advert: metrics_advert,
+            registration: registrar.as_ref().map(Registrar::status),
+        },
+        background.clone(),
+    ));
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let listener = moe_common::telemetry::metrics::bind(addr).await?;
+            tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
+            Some(tokio::spawn(moe_common::telemetry::metrics::serve(
+                Arc::new(registry),
+                listener,
+                background.clone(),
+            )))
+        }
+        None => None,
     };
 
     let intake = Arc::new(Intake::default());
@@ -112,14 +153,19 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let service = InferenceService::new(engine.clone(), id.clone(), intake.clone());
+    let service = InferenceService::new(engine.clone(), id.clone(), intake.clone())
+        .with_metrics(worker_metrics)
+        .with_limits(config.limits.clone());
     let stop_server = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(InferenceServer::new(service))
+        .add_service(
+            InferenceServer::new(service)
+                .max_decoding_message_size(config.limits.max_message_bytes),
+        )
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            moe_common::tls::incoming(listener, tls, "gRPC"),
             stop_server.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
@@ -147,6 +193,9 @@ pub async fn run(
         r.deregister().await;
     }
     background.cancel();
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     stop_server.cancel();
     match server.await {
         Ok(r) => r?,

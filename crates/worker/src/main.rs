@@ -10,9 +10,15 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("moe-worker: {e}");
         std::process::exit(64);
     }
-    moe_common::telemetry::init("info,llama-cpp-2=warn,llama_cpp_2=warn");
+    let telemetry = moe_common::telemetry::init(
+        "moe-worker",
+        "info,llama-cpp-2=warn,llama_cpp_2=warn",
+        &config.telemetry,
+    )?;
     let shutdown = moe_common::shutdown::on_signals();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    moe_worker::run(config, shutdown, listener).await?;
-    Ok(())
+    let result = moe_worker::run(config, shutdown, listener).await;
+    // Flushing blocks on the exporter, which needs the runtime's other threads.
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    Ok(result?)
 }

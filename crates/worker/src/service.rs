@@ -13,11 +13,13 @@ use moe_common::pb::{
 };
 use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
 use tokio::sync::{Notify, mpsc};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tracing::{Instrument, Span};
 
 use crate::engine::{
     Class, EngineError, EngineHandle, Event, Finish, Job, Prompt, Sampling, Summary,
 };
+use crate::metrics::{WorkerMetrics, class_label};
 
 /// Tracks streams in flight so a draining worker can wait for them.
 #[derive(Default)]
@@ -64,6 +66,7 @@ pub struct InferenceService {
     worker_id: String,
     limits: RequestLimits,
     intake: Arc<Intake>,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl InferenceService {
@@ -73,7 +76,20 @@ impl InferenceService {
             worker_id,
             limits: RequestLimits::default(),
             intake,
+            metrics: Arc::new(WorkerMetrics::unregistered()),
         }
+    }
+
+    /// Checks requests against these limits instead of the defaults.
+    pub fn with_limits(mut self, limits: RequestLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Records into `metrics` (registered in the process's registry) instead of nowhere.
+    pub fn with_metrics(mut self, metrics: Arc<WorkerMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -97,6 +113,35 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        // The request's span on this worker, a child of the caller's (gateway attempt) span; it
+        // stays open until the response stream ends.
+        let span = tracing::info_span!(
+            "worker.request",
+            otel.kind = "server",
+            class = tracing::field::Empty,
+            max_tokens = request.get_ref().max_tokens,
+            completion_tokens = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        moe_common::telemetry::propagation::adopt_remote_parent(&span, request.metadata());
+        let result = self
+            .start(request, span.clone())
+            .instrument(span.clone())
+            .await;
+        if let Err(status) = &result {
+            span.record("otel.status_code", "ERROR");
+            self.metrics.request_finished(status.code());
+        }
+        result
+    }
+}
+
+impl InferenceService {
+    async fn start(
+        &self,
+        request: Request<GenerateRequest>,
+        span: Span,
+    ) -> Result<Response<GenerateStream>, Status> {
         let arrived = Instant::now();
         if self.intake.draining.load(Ordering::SeqCst) {
             return Err(Status::unavailable("worker is draining"));
@@ -117,16 +162,75 @@ impl Inference for InferenceService {
             )));
         }
         let (events, rx) = mpsc::unbounded_channel();
-        let job = job(&req, arrived, deadline, events);
+        let mut job = job(&req, arrived, deadline, events);
+        let class = job.class;
+        span.record("class", class_label(class));
+        job.span = span.clone();
         self.intake.in_flight.fetch_add(1, Ordering::SeqCst);
         let guard = InFlight(self.intake.clone());
         self.engine.submit(job).await.map_err(status)?;
+        let record = Record {
+            metrics: self.metrics.clone(),
+            class,
+            span,
+            outcome: None,
+            last_token: None,
+        };
         let meta = FinalMeta {
             worker_id: self.worker_id.clone(),
             profile: model.profile.to_string(),
             request_id: req.request_id.clone(),
         };
-        Ok(Response::new(Box::pin(responses(rx, meta, guard))))
+        Ok(Response::new(Box::pin(responses(rx, meta, guard, record))))
+    }
+}
+
+/// One request's metrics and span, recorded when its response stream ends (or is dropped: the
+/// client went away).
+struct Record {
+    metrics: Arc<WorkerMetrics>,
+    class: Class,
+    span: Span,
+    outcome: Option<Code>,
+    last_token: Option<Instant>,
+}
+
+impl Record {
+    fn delta(&mut self, tokens: usize) {
+        if tokens == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let gap = self.last_token.map(|t| now.duration_since(t));
+        self.metrics.tokens(self.class, tokens, gap);
+        self.last_token = Some(now);
+    }
+
+    fn done(&mut self, s: &Summary) {
+        if s.completion_tokens > 0 {
+            self.metrics
+                .first_token(self.class, s.time_to_first_token, s.queue, s.prompt_tokens);
+        }
+        self.span.record("completion_tokens", s.completion_tokens);
+        self.end(match s.finish {
+            Finish::Stop | Finish::Length => Code::Ok,
+            Finish::Cancelled => Code::Cancelled,
+        });
+    }
+
+    /// Sets the outcome counted when the record drops.
+    fn end(&mut self, code: Code) {
+        self.outcome = Some(code);
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let code = self.outcome.unwrap_or(Code::Cancelled);
+        if !matches!(code, Code::Ok | Code::Cancelled) {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        self.metrics.request_finished(code);
     }
 }
 
@@ -178,6 +282,7 @@ fn job(
         deadline,
         arrived,
         events,
+        span: Span::none(),
     }
 }
 
@@ -185,24 +290,30 @@ fn responses(
     mut rx: mpsc::UnboundedReceiver<Event>,
     meta: FinalMeta,
     guard: InFlight,
+    mut record: Record,
 ) -> impl Stream<Item = Result<GenerateResponse, Status>> + Send {
     async_stream::stream! {
         let _guard = guard;
         while let Some(event) = rx.recv().await {
             match event {
                 Event::Delta { text, token_ids } => {
+                    record.delta(token_ids.len());
                     yield Ok(GenerateResponse { text, token_ids, ..Default::default() });
                 }
                 Event::Done(summary) => {
+                    record.done(&summary);
                     yield Ok(final_message(&summary, &meta));
                     return;
                 }
                 Event::Failed(e) => {
-                    yield Err(status(e));
+                    let status = status(e);
+                    record.end(status.code());
+                    yield Err(status);
                     return;
                 }
             }
         }
+        record.end(Code::Unavailable);
         yield Err(Status::unavailable("engine stopped before the request finished"));
     }
 }

@@ -23,6 +23,16 @@ pub struct RegistrarConfig {
 pub struct Registrar {
     stop: CancellationToken,
     task: JoinHandle<()>,
+    status: watch::Receiver<RegistrationStatus>,
+}
+
+/// Where the registration stands, for metrics and health.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegistrationStatus {
+    /// The lease is held and the advert written under it.
+    pub registered: bool,
+    /// Leases granted so far: the first registration plus every re-registration.
+    pub registrations: u64,
 }
 
 struct Lease {
@@ -35,6 +45,7 @@ struct Session {
     client: Client,
     key: String,
     config: RegistrarConfig,
+    status: watch::Sender<RegistrationStatus>,
 }
 
 impl Registrar {
@@ -47,15 +58,25 @@ impl Registrar {
         let client = config.etcd.connect().await?;
         let first = adverts.borrow().clone();
         let key = config.etcd.worker_key(&first.id);
+        let (status_tx, status) = watch::channel(RegistrationStatus::default());
         let mut session = Session {
             client,
             key,
             config,
+            status: status_tx,
         };
-        let lease = session.register(&first).await?;
+        let lease = session
+            .register(&first)
+            .await
+            .map_err(|e| e.explain(&session.config.etcd))?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(session.run(lease, adverts, stop.clone()));
-        Ok(Registrar { stop, task })
+        Ok(Registrar { stop, task, status })
+    }
+
+    /// Follows the registration: registered or not, and how many leases were granted.
+    pub fn status(&self) -> watch::Receiver<RegistrationStatus> {
+        self.status.clone()
     }
 
     /// Writes the latest advert, revokes the lease (removing the advert) and stops.
@@ -73,6 +94,10 @@ impl Session {
         let id = self.client.lease_grant(ttl, None).await?.id();
         self.put(advert, id).await?;
         let (keeper, responses) = self.client.lease_keep_alive(id).await?;
+        self.status.send_modify(|s| {
+            s.registered = true;
+            s.registrations += 1;
+        });
         tracing::info!(key = %self.key, lease = id, ttl, "registered in etcd");
         Ok(Lease {
             id,
@@ -123,6 +148,7 @@ impl Session {
                 _ = keepalive.tick() => {
                     if let Err(e) = l.keeper.keep_alive().await {
                         tracing::warn!(error = %e, "lease keep-alive failed; re-registering");
+                        self.status.send_modify(|s| s.registered = false);
                         lease = None;
                     }
                 }
@@ -130,6 +156,7 @@ impl Session {
                     Ok(Some(r)) if r.ttl() > 0 => {}
                     other => {
                         tracing::warn!(response = ?other.map(|m| m.map(|r| r.ttl())), "lease lost; re-registering");
+                        self.status.send_modify(|s| s.registered = false);
                         lease = None;
                     }
                 },
@@ -163,6 +190,7 @@ impl Session {
                 }
             }
         }
+        self.status.send_modify(|s| s.registered = false);
         if let Some(l) = lease {
             match self.client.lease_revoke(l.id).await {
                 Ok(_) => tracing::info!(key = %self.key, "deregistered from etcd"),

@@ -60,7 +60,9 @@ impl Watcher {
     ) -> Result<Watcher, RegistryError> {
         let mut client = config.connect().await?;
         let prefix = config.workers_prefix();
-        let first = list(&mut client, &prefix).await?;
+        let first = list(&mut client, &prefix)
+            .await
+            .map_err(|e| e.explain(&config))?;
         let (tx, rx) = watch::channel(Arc::new(first));
         tokio::spawn(run(client, prefix, tx, stop));
         Ok(Watcher { snapshots: rx })

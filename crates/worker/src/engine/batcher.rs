@@ -186,6 +186,18 @@ impl<T> Batcher<T> {
         self.config.kv_tokens - self.reserved
     }
 
+    /// KV cells neither reserved by admitted sequences nor claimed by queued requests: what a
+    /// gateway may still place here without the request having to wait for memory.
+    pub fn unclaimed_kv_tokens(&self) -> u32 {
+        let queued: u32 = self
+            .interactive
+            .iter()
+            .chain(&self.batch)
+            .map(Pending::reservation)
+            .sum();
+        self.free_kv_tokens().saturating_sub(queued)
+    }
+
     /// Removes queued requests that waited longer than the queue timeout.
     pub fn expire(&mut self, now: Instant) -> Vec<(Refusal, Pending<T>)> {
         let timeout = self.config.queue_timeout;
@@ -583,6 +595,11 @@ mod tests {
         assert_eq!(b.active(), 1);
         assert_eq!(b.queued(), 1);
         assert_eq!(b.free_kv_tokens(), 30);
+        assert_eq!(
+            b.unclaimed_kv_tokens(),
+            0,
+            "the queued request claims the rest"
+        );
         // It times out in the queue rather than over-committing the KV cache.
         let expired = b.expire(t + Duration::from_secs(6));
         assert_eq!(expired.len(), 1);

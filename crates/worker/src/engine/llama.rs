@@ -336,6 +336,11 @@ struct Live {
     admitted: Option<Instant>,
     first_token: Option<Instant>,
     last_token: Instant,
+    /// The request's span (`worker.request`), which engine steps link to.
+    span: tracing::Span,
+    /// The span of the phase the sequence is in: `worker.queue`, `worker.prefill`, then
+    /// `worker.decode`; replacing it ends the previous phase.
+    phase: tracing::Span,
 }
 
 struct Engine<'m> {
@@ -389,7 +394,7 @@ impl<'m> Engine<'m> {
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Submit(job) => {
-                self.submit(job);
+                self.submit(*job);
                 true
             }
             Command::Shutdown => {
@@ -466,6 +471,8 @@ impl<'m> Engine<'m> {
                 admitted: None,
                 first_token: None,
                 last_token: job.arrived,
+                phase: tracing::info_span!(parent: &job.span, "worker.queue"),
+                span: job.span,
             },
         };
         if let Err((why, p)) = self.batcher.enqueue(pending) {
@@ -518,11 +525,30 @@ impl<'m> Engine<'m> {
             let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), from, None);
             if let Some(seq) = self.batcher.seq_mut(slot) {
                 seq.payload.admitted = Some(now);
+                let live = &mut seq.payload;
+                live.phase = tracing::info_span!(
+                    parent: &live.span,
+                    "worker.prefill",
+                    cached_tokens = reused
+                );
             }
         }
         if plan.entries.is_empty() {
             return false;
         }
+        // One span per step, linked to the requests whose sequences it advances.
+        let step = tracing::info_span!(
+            parent: None,
+            "engine.step",
+            sequences = plan.entries.len(),
+            tokens = plan.n_tokens()
+        );
+        for e in &plan.entries {
+            if let Some(seq) = self.batcher.seq_mut(e.slot) {
+                step.follows_from(&seq.payload.span);
+            }
+        }
+        let _step = step.enter();
         self.batch.clear();
         let mut sample_at = Vec::new();
         for e in &plan.entries {
@@ -601,6 +627,9 @@ impl<'m> Engine<'m> {
         let token = seq.payload.sampler.sample(&self.ctx, idx);
         let now = Instant::now();
         let live = &mut seq.payload;
+        if live.first_token.is_none() {
+            live.phase = tracing::info_span!(parent: &live.span, "worker.decode");
+        }
         live.first_token.get_or_insert(now);
         live.last_token = now;
         self.stats.generated_tokens_total += 1;
@@ -694,7 +723,9 @@ impl<'m> Engine<'m> {
         self.last_publish = Instant::now();
         self.stats.active = self.batcher.active() as u32;
         self.stats.queued = self.batcher.queued() as u32;
-        self.stats.free_kv_tokens = self.batcher.free_kv_tokens();
+        // Queued requests' claims count too, so gateways stop placing here as soon as memory is
+        // spoken for, not only once it is admitted.
+        self.stats.free_kv_tokens = self.batcher.unclaimed_kv_tokens();
         let stats = self.stats.clone();
         self.stats_tx.send_if_modified(|s| {
             if *s == stats {

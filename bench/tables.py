@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Turns moe-bench JSON reports into the markdown tables of docs/benchmarks/.
+
+  tables.py side-by-side OURS.json UPSTREAM.json   one table, ratio ours/llama-server per row
+  tables.py gateway DIRECT.json [DIRECT.json ...] -- GATEWAY.json [GATEWAY.json ...]
+"""
+import json
+import statistics
+import sys
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def fmt(v, digits=1):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def ratio(a, b):
+    return "-" if a is None or b in (None, 0) else f"{a / b:.2f}"
+
+
+def by_conc(report):
+    return {level["concurrency"]: level for level in report["levels"]}
+
+
+def side_by_side(ours_path, theirs_path):
+    ours, theirs = by_conc(load(ours_path)), by_conc(load(theirs_path))
+    levels = sorted(set(ours) & set(theirs))
+    rows = []
+
+    def row(name, key, conc, better, digits=1):
+        a, b = ours[conc].get(key), theirs[conc].get(key)
+        rows.append((f"{name} ({better})", fmt(a, digits), fmt(b, digits), ratio(a, b)))
+
+    if 1 in ours and 1 in theirs:
+        row("single-stream decode tok/s", "decode_tok_s_per_stream_mean", 1, "higher is better")
+    for c in levels:
+        row(f"aggregate tok/s, {c} stream{'s' if c > 1 else ''}", "aggregate_tok_s", c, "higher is better")
+    for c in levels:
+        row(f"decode tok/s per stream, {c} stream{'s' if c > 1 else ''}", "decode_tok_s_per_stream_mean", c, "higher is better")
+    for c in levels:
+        row(f"TTFT p50 ms, {c} stream{'s' if c > 1 else ''}", "ttft_ms_p50", c, "lower is better")
+        row(f"TTFT p99 ms, {c} stream{'s' if c > 1 else ''}", "ttft_ms_p99", c, "lower is better")
+    out = ["| metric | ours (moe-worker) | llama-server | ours / llama-server |", "|---|---:|---:|---:|"]
+    out += [f"| {n} | {a} | {b} | {r} |" for n, a, b, r in rows]
+    notes = []
+    for name, rep in (("ours", ours), ("llama-server", theirs)):
+        for c in levels:
+            lv = rep[c]
+            if lv["errors"] or lv["skipped"]:
+                notes.append(f"{name} at {c}: {lv['errors']} errors {lv['error_kinds']}, {lv['skipped']} not sent")
+    gen = [f"{name} {fmt(rep[c].get('completion_tokens_mean'), 0)}" for name, rep in (("ours", ours), ("llama-server", theirs)) for c in levels[:1]]
+    prompt = [f"{name} {fmt(rep[levels[0]].get('prompt_tokens_mean'), 0)}" for name, rep in (("ours", ours), ("llama-server", theirs))] if levels else []
+    out.append("")
+    out.append(f"Prompt tokens per request (server-counted): {', '.join(prompt)}; generated tokens per request: {', '.join(gen)}.")
+    if notes:
+        out.append("Errors: " + "; ".join(notes) + ".")
+    return "\n".join(out)
+
+
+def gateway(direct_paths, gateway_paths):
+    direct = [by_conc(load(p)) for p in direct_paths]
+    via = [by_conc(load(p)) for p in gateway_paths]
+    levels = sorted(set.intersection(*(set(r) for r in direct + via)))
+    out = [
+        "| streams | TTFT p50 direct ms | TTFT p50 gateway ms | Δ p50 ms | TTFT p99 direct ms | TTFT p99 gateway ms | Δ p99 ms | tok/s direct | tok/s gateway | gateway / direct tok/s | direct run-to-run Δ p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def med(reps, c, key):
+        vals = [r[c][key] for r in reps if r[c].get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    for c in levels:
+        d50, g50 = med(direct, c, "ttft_ms_p50"), med(via, c, "ttft_ms_p50")
+        d99, g99 = med(direct, c, "ttft_ms_p99"), med(via, c, "ttft_ms_p99")
+        dt, gt = med(direct, c, "aggregate_tok_s"), med(via, c, "aggregate_tok_s")
+        spread = [r[c]["ttft_ms_p99"] for r in direct if r[c].get("ttft_ms_p99") is not None]
+        noise = max(spread) - min(spread) if len(spread) > 1 else None
+        delta = lambda a, b: None if a is None or b is None else b - a
+        out.append(
+            f"| {c} | {fmt(d50, 2)} | {fmt(g50, 2)} | {fmt(delta(d50, g50), 2)} | {fmt(d99, 2)} | {fmt(g99, 2)} | "
+            f"{fmt(delta(d99, g99), 2)} | {fmt(dt)} | {fmt(gt)} | {ratio(gt, dt)} | {fmt(noise, 2)} |"
+        )
+    out.append("")
+    out.append(f"Medians over {len(direct)} direct and {len(via)} gateway runs, interleaved (direct, gateway, direct, …).")
+    return "\n".join(out)
+
+
+def main(argv):
+    if len(argv) == 3 and argv[0] == "side-by-side":
+        print(side_by_side(argv[1], argv[2]))
+    elif len(argv) >= 4 and argv[0] == "gateway" and "--" in argv:
+        i = argv.index("--")
+        print(gateway(argv[1:i], argv[i + 1:]))
+    else:
+        print(__doc__, file=sys.stderr)
+        return 64
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

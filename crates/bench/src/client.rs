@@ -1,0 +1,176 @@
+//! One streaming request against either protocol, timed on the client: the time to the first
+//! generated token, the time between the first and the last token, and the token counts.
+
+mod grpc;
+mod llama_server;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::config::Class;
+use crate::target::Target;
+
+/// What one request asks for.
+#[derive(Clone, Debug)]
+pub struct RequestSpec {
+    pub prompt: String,
+    pub max_tokens: u32,
+    pub class: Class,
+    /// Incremented while this request streams (from its first token to its end): lets the
+    /// background load say how many of its streams are really decoding.
+    pub streaming: Option<Arc<AtomicU32>>,
+}
+
+/// What one successful request measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// Request sent → first generated token received.
+    pub ttft: Duration,
+    /// First → last generated token received.
+    pub decode: Duration,
+    pub completion_tokens: u32,
+    /// As counted by the server, where it says.
+    pub prompt_tokens: Option<u32>,
+}
+
+impl Sample {
+    /// Tokens per second after the first one; None for a single token.
+    pub fn decode_tokens_per_second(&self) -> Option<f64> {
+        let secs = self.decode.as_secs_f64();
+        (self.completion_tokens > 1 && secs > 0.0)
+            .then(|| f64::from(self.completion_tokens - 1) / secs)
+    }
+}
+
+/// Why a request failed; `kind()` is the bounded label used in reports.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("connecting: {0}")]
+    Connect(String),
+    #[error("gRPC status {code:?}: {message}")]
+    Status { code: tonic::Code, message: String },
+    #[error("HTTP: {0}")]
+    Http(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("request took longer than {0:?}")]
+    Timeout(Duration),
+    #[error("stream ended without generating a token")]
+    NoTokens,
+}
+
+impl BenchError {
+    pub fn kind(&self) -> String {
+        match self {
+            BenchError::Connect(_) => "connect".into(),
+            BenchError::Status { code, .. } => format!("grpc_{code:?}").to_lowercase(),
+            BenchError::Http(_) => "http".into(),
+            BenchError::Protocol(_) => "protocol".into(),
+            BenchError::Timeout(_) => "timeout".into(),
+            BenchError::NoTokens => "no_tokens".into(),
+        }
+    }
+}
+
+/// A connected client for the target; cheap to clone (one shared connection pool).
+#[derive(Clone, Debug)]
+pub enum Client {
+    Grpc(grpc::GrpcClient),
+    LlamaServer(llama_server::LlamaServerClient),
+}
+
+impl Client {
+    pub async fn connect(target: &Target) -> Result<Client, BenchError> {
+        match target {
+            Target::Grpc { addr } => Ok(Client::Grpc(grpc::GrpcClient::connect(*addr).await?)),
+            Target::LlamaServer { addr } => Ok(Client::LlamaServer(
+                llama_server::LlamaServerClient::new(*addr)?,
+            )),
+        }
+    }
+
+    /// Sends one request and reads its stream to the end, within `timeout`.
+    pub async fn generate(
+        &self,
+        spec: &RequestSpec,
+        timeout: Duration,
+    ) -> Result<Sample, BenchError> {
+        let run = async {
+            match self {
+                Client::Grpc(c) => c.generate(spec, StreamClock::start(spec)).await,
+                Client::LlamaServer(c) => c.generate(spec, StreamClock::start(spec)).await,
+            }
+        };
+        tokio::time::timeout(timeout, run)
+            .await
+            .map_err(|_| BenchError::Timeout(timeout))?
+    }
+}
+
+/// Client-side clock of one stream.
+#[derive(Debug)]
+struct StreamClock {
+    sent: tokio::time::Instant,
+    first: Option<tokio::time::Instant>,
+    last: Option<tokio::time::Instant>,
+    tokens: u32,
+    streaming: Option<Arc<AtomicU32>>,
+}
+
+impl StreamClock {
+    fn start(spec: &RequestSpec) -> Self {
+        StreamClock {
+            sent: tokio::time::Instant::now(),
+            first: None,
+            last: None,
+            tokens: 0,
+            streaming: spec.streaming.clone(),
+        }
+    }
+
+    /// Restarts the clock just before the request goes out.
+    fn restart(&mut self) {
+        self.sent = tokio::time::Instant::now();
+    }
+
+    fn tokens(&mut self, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if self.first.is_none() {
+            self.first = Some(now);
+            if let Some(c) = &self.streaming {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.last = Some(now);
+        self.tokens += n;
+    }
+
+    /// `server_tokens` (the server's completion count) wins over the client's count.
+    fn finish(
+        &self,
+        server_tokens: Option<u32>,
+        prompt_tokens: Option<u32>,
+    ) -> Result<Sample, BenchError> {
+        let (Some(first), Some(last)) = (self.first, self.last) else {
+            return Err(BenchError::NoTokens);
+        };
+        Ok(Sample {
+            ttft: first - self.sent,
+            decode: last - first,
+            completion_tokens: server_tokens.filter(|&n| n > 0).unwrap_or(self.tokens),
+            prompt_tokens,
+        })
+    }
+}
+
+impl Drop for StreamClock {
+    fn drop(&mut self) {
+        if let (Some(c), Some(_)) = (&self.streaming, self.first) {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}

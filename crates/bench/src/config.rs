@@ -1,0 +1,152 @@
+//! Command-line configuration of `moe-bench`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::target::Target;
+
+/// Drives streaming generation load against a moe-cluster worker or gateway (gRPC) or an
+/// upstream llama-server (HTTP), level by level, and reports TTFT and token rates.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "moe-bench", version, about)]
+pub struct BenchConfig {
+    /// grpc://HOST:PORT (worker or gateway) or llama-server://HOST:PORT; loopback hosts only.
+    #[arg(long, env = "MOE_BENCH_TARGET")]
+    pub target: Target,
+    /// Concurrent streams of each level, comma-separated.
+    #[arg(
+        long,
+        env = "MOE_BENCH_CONCURRENCY",
+        value_delimiter = ',',
+        default_value = "1,4,8,16"
+    )]
+    pub concurrency: Vec<u32>,
+    /// Requests per level (at least the level's concurrency is sent).
+    #[arg(long, env = "MOE_BENCH_REQUESTS_PER_LEVEL", default_value_t = 8)]
+    pub requests_per_level: u32,
+    /// Approximate prompt length in tokens (one common word is about one token).
+    #[arg(long, env = "MOE_BENCH_PROMPT_TOKENS", default_value_t = 128)]
+    pub prompt_tokens: u32,
+    /// Tokens to generate per request.
+    #[arg(long, env = "MOE_BENCH_MAX_TOKENS", default_value_t = 64)]
+    pub max_tokens: u32,
+    /// Latency class of the measured requests (gRPC only).
+    #[arg(long, env = "MOE_BENCH_CLASS", value_enum, default_value_t = Class::Interactive)]
+    pub class: Class,
+    /// Unmeasured requests sent one at a time before the first level.
+    #[arg(long, env = "MOE_BENCH_WARMUP", default_value_t = 1)]
+    pub warmup: u32,
+    /// Retry the first warm-up request for this long (servers loading a model, gateways that
+    /// have not seen a worker yet).
+    #[arg(long, env = "MOE_BENCH_WAIT_READY", default_value = "60s", value_parser = parse_secs)]
+    pub wait_ready: Duration,
+    /// Keep this many BATCH streams running (gRPC only) and measure every level twice: idle,
+    /// then under that background load.
+    #[arg(long, env = "MOE_BENCH_BACKGROUND_BATCH", default_value_t = 0)]
+    pub background_batch: u32,
+    /// Tokens each background BATCH request generates.
+    #[arg(long, env = "MOE_BENCH_BACKGROUND_MAX_TOKENS", default_value_t = 256)]
+    pub background_max_tokens: u32,
+    /// Longest a single request may take.
+    #[arg(long, env = "MOE_BENCH_REQUEST_TIMEOUT", default_value = "120s", value_parser = parse_secs)]
+    pub request_timeout: Duration,
+    /// Longest a level may take; requests not started by then are skipped and counted.
+    #[arg(long, env = "MOE_BENCH_LEVEL_TIMEOUT", default_value = "300s", value_parser = parse_secs)]
+    pub level_timeout: Duration,
+    /// Writes the full report as JSON here.
+    #[arg(long, env = "MOE_BENCH_JSON")]
+    pub json: Option<PathBuf>,
+    /// Free-form label stored in the report (e.g. "worker", "llama-server", "gateway").
+    #[arg(long, env = "MOE_BENCH_LABEL", default_value = "")]
+    pub label: String,
+}
+
+/// Latency class of the measured requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    Interactive,
+    Batch,
+}
+
+/// Upper bounds that keep every run finite.
+pub const MAX_REQUESTS_PER_LEVEL: u32 = 10_000;
+pub const MAX_CONCURRENCY: u32 = 1024;
+
+impl BenchConfig {
+    /// Cross-field checks clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.concurrency.is_empty()
+            || self
+                .concurrency
+                .iter()
+                .any(|&c| c == 0 || c > MAX_CONCURRENCY)
+        {
+            return Err(format!(
+                "--concurrency values must be 1..={MAX_CONCURRENCY}"
+            ));
+        }
+        if self.requests_per_level == 0 || self.requests_per_level > MAX_REQUESTS_PER_LEVEL {
+            return Err(format!(
+                "--requests-per-level must be 1..={MAX_REQUESTS_PER_LEVEL}"
+            ));
+        }
+        if self.max_tokens == 0 || self.prompt_tokens == 0 {
+            return Err("--max-tokens and --prompt-tokens must be at least 1".into());
+        }
+        if self.background_batch > 0 && !matches!(self.target, Target::Grpc { .. }) {
+            return Err("--background-batch needs a grpc:// target".into());
+        }
+        if self.background_batch > MAX_CONCURRENCY {
+            return Err(format!(
+                "--background-batch must be at most {MAX_CONCURRENCY}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(ms) = t.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(m) = t.strip_suffix('m') {
+        (m, 60.0)
+    } else {
+        (t.strip_suffix('s').unwrap_or(t), 1.0)
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (e.g. 30s, 500ms, 2m)"))?;
+    if !(v > 0.0 && v < 86_400.0) {
+        return Err(format!("duration out of range: {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_batch_needs_grpc() {
+        let c = BenchConfig::parse_from([
+            "moe-bench",
+            "--target",
+            "llama-server://127.0.0.1:8080",
+            "--background-batch",
+            "4",
+        ]);
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_secs("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_secs("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_secs("30").unwrap(), Duration::from_secs(30));
+        assert!(parse_secs("-1s").is_err());
+    }
+}

@@ -1,0 +1,606 @@
+//! The OpenAI wire format and its pure mapping to and from `moe.v1`: request bodies into a
+//! `GenerateRequest`, `GenerateResponse`s into completion objects and stream chunks.
+
+use moe_common::pb::{
+    ChatMessage, FinishReason, GenerateRequest, GenerateResponse, LatencyClass, SamplingParams,
+    Usage,
+};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::error::ApiError;
+
+/// `max_tokens` when a request sets neither `max_tokens` nor `max_completion_tokens`.
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+/// OpenAI's default temperature, used when a request sets none.
+pub const DEFAULT_TEMPERATURE: f32 = 1.0;
+
+/// Fields shared by `/v1/chat/completions` and `/v1/completions`. Fields not listed here are
+/// ignored, as OpenAI-compatible servers usually do.
+#[derive(Debug, Default, Deserialize)]
+pub struct Params {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// Extension (llama.cpp, vLLM): keep the K most likely tokens; 0 is off.
+    pub top_k: Option<i32>,
+    /// Extension (llama.cpp, vLLM).
+    pub min_p: Option<f32>,
+    /// Extension (vLLM's name for llama.cpp's `repeat_penalty`).
+    pub repetition_penalty: Option<f32>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    /// OpenAI's free-form metadata; `latency_class` is read from it.
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessageIn>,
+    #[serde(flatten)]
+    pub params: Params,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessageIn {
+    pub role: String,
+    /// A string, an array of content parts, or null (an assistant turn with tool calls only).
+    #[serde(default)]
+    pub content: Value,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    /// A string, or an array holding exactly one string.
+    #[serde(default)]
+    pub prompt: Value,
+    #[serde(flatten)]
+    pub params: Params,
+}
+
+/// A request translated for `GatewayService::start`, with what the HTTP layer needs to answer.
+#[derive(Debug)]
+pub struct Mapped {
+    pub request: GenerateRequest,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Which endpoint is answering: decides the object names and how text is carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+pub fn chat_request(body: ChatRequest, class: LatencyClass) -> Result<Mapped, ApiError> {
+    if body.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "messages must hold at least one message",
+        ));
+    }
+    let messages = body
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            Ok(ChatMessage {
+                // Newer OpenAI clients send "developer" where chat templates know "system".
+                role: if m.role == "developer" {
+                    "system".into()
+                } else {
+                    m.role
+                },
+                content: message_text(&m.content).ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("messages[{i}].content"),
+                        "content must be a string, null, or an array of text parts",
+                    )
+                })?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let request = GenerateRequest {
+        messages,
+        ..Default::default()
+    };
+    apply_params(request, body.params, class)
+}
+
+pub fn completion_request(
+    body: CompletionRequest,
+    class: LatencyClass,
+) -> Result<Mapped, ApiError> {
+    let not_one_string = || {
+        ApiError::invalid(
+            "prompt",
+            "prompt must be a string or an array of exactly one string (token arrays and batches are not supported)",
+        )
+    };
+    let prompt = match body.prompt {
+        Value::String(s) => s,
+        Value::Array(a) => match <[Value; 1]>::try_from(a) {
+            Ok([Value::String(s)]) => s,
+            _ => return Err(not_one_string()),
+        },
+        Value::Null => return Err(ApiError::invalid("prompt", "prompt is required")),
+        _ => return Err(not_one_string()),
+    };
+    let request = GenerateRequest {
+        prompt,
+        ..Default::default()
+    };
+    apply_params(request, body.params, class)
+}
+
+/// The text of a chat message's content: text parts are joined with newlines.
+fn message_text(content: &Value) -> Option<String> {
+    match content {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => Some(String::new()),
+        Value::Array(parts) => {
+            let texts = parts
+                .iter()
+                .map(
+                    |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                        (Some("text"), Some(Value::String(t))) => Some(t.as_str()),
+                        _ => None,
+                    },
+                )
+                .collect::<Option<Vec<_>>>()?;
+            Some(texts.join("\n"))
+        }
+        _ => None,
+    }
+}
+
+fn apply_params(
+    mut request: GenerateRequest,
+    p: Params,
+    class: LatencyClass,
+) -> Result<Mapped, ApiError> {
+    if let Some(n) = p.n
+        && n != 1
+    {
+        return Err(ApiError::invalid(
+            "n",
+            format!("n is {n}; only n=1 is supported"),
+        ));
+    }
+    request.model = p.model.unwrap_or_default();
+    request.max_tokens = p
+        .max_completion_tokens
+        .or(p.max_tokens)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
+    request.sampling = Some(SamplingParams {
+        temperature: p.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+        top_k: p.top_k.unwrap_or(0),
+        top_p: p.top_p.unwrap_or(0.0),
+        min_p: p.min_p.unwrap_or(0.0),
+        repeat_penalty: p.repetition_penalty.unwrap_or(0.0),
+        // Negative seeds are accepted and reinterpreted: same seed, same output still holds.
+        seed: p.seed.map(|s| s as u64),
+    });
+    request.stop = match p.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    request.latency_class = class as i32;
+    let stream = p.stream.unwrap_or(false);
+    Ok(Mapped {
+        request,
+        stream,
+        include_usage: stream && p.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// The latency class from the `x-moe-latency-class` header or, failing that, the body's
+/// `metadata.latency_class`; INTERACTIVE when neither is set. The header wins when both are.
+pub fn latency_class(
+    header: Option<&str>,
+    metadata: Option<&Map<String, Value>>,
+) -> Result<LatencyClass, ApiError> {
+    let (source, value) = match (header, metadata.and_then(|m| m.get("latency_class"))) {
+        (Some(h), _) => ("x-moe-latency-class", h),
+        (None, Some(Value::String(s))) => ("metadata.latency_class", s.as_str()),
+        (None, Some(_)) => {
+            return Err(ApiError::invalid(
+                "metadata.latency_class",
+                "latency_class must be a string",
+            ));
+        }
+        (None, None) => return Ok(LatencyClass::Interactive),
+    };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "interactive" => Ok(LatencyClass::Interactive),
+        "batch" => Ok(LatencyClass::Batch),
+        other => Err(ApiError::invalid(
+            source,
+            format!("latency class {other:?} is not one of \"interactive\", \"batch\""),
+        )),
+    }
+}
+
+/// OpenAI's `finish_reason` for a final message; `None` before it. CANCELLED (the server gave
+/// up on the stream, e.g. its deadline passed) has no OpenAI counterpart and reads as "stop".
+pub fn finish_reason(code: i32) -> Option<&'static str> {
+    match FinishReason::try_from(code).unwrap_or(FinishReason::Unspecified) {
+        FinishReason::Unspecified => None,
+        FinishReason::Stop | FinishReason::Cancelled => Some("stop"),
+        FinishReason::Length => Some("length"),
+    }
+}
+
+pub fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": u.cached_prompt_tokens },
+    })
+}
+
+/// What every object of one response shares.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub kind: Kind,
+    /// `chatcmpl-…` or `cmpl-…`.
+    pub id: String,
+    /// Unix seconds when the request arrived.
+    pub created: u64,
+    pub model: String,
+}
+
+impl Shape {
+    pub fn new(kind: Kind, created: u64, model: String) -> Self {
+        let prefix = match kind {
+            Kind::Chat => "chatcmpl",
+            Kind::Completion => "cmpl",
+        };
+        Shape {
+            kind,
+            id: format!("{prefix}-{:032x}", rand::random::<u128>()),
+            created,
+            model,
+        }
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(chunk),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    /// One stream chunk for a `GenerateResponse`. The first chat chunk carries the assistant
+    /// role; the final one carries `finish_reason` (and its text, if any).
+    pub fn chunk(&self, msg: &GenerateResponse, first: bool, include_usage: bool) -> Value {
+        let finish = finish_reason(msg.finish_reason);
+        let choice = match self.kind {
+            Kind::Chat => {
+                let mut delta = Map::new();
+                if first {
+                    delta.insert("role".into(), "assistant".into());
+                }
+                if !msg.text.is_empty() || (first && finish.is_none()) {
+                    delta.insert("content".into(), msg.text.clone().into());
+                }
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": 0, "text": msg.text, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        let mut v = self.envelope(true, json!([choice]));
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    /// The extra last chunk of `stream_options.include_usage`: no choices, the usage.
+    pub fn usage_chunk(&self, usage: &Usage) -> Value {
+        let mut v = self.envelope(true, json!([]));
+        v["usage"] = usage_json(usage);
+        v
+    }
+
+    /// The whole (non-streamed) completion.
+    pub fn complete(&self, text: String, finish: &str, usage: &Usage) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
+            Kind::Completion => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        let mut v = self.envelope(false, json!([choice]));
+        v["usage"] = usage_json(usage);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: Value) -> Result<Mapped, ApiError> {
+        chat_request(
+            serde_json::from_value(body).unwrap(),
+            LatencyClass::Interactive,
+        )
+    }
+
+    fn completion(body: Value) -> Result<Mapped, ApiError> {
+        completion_request(
+            serde_json::from_value(body).unwrap(),
+            LatencyClass::Interactive,
+        )
+    }
+
+    #[test]
+    fn chat_request_maps_every_supported_field() {
+        let m = chat(json!({
+            "model": "smollm2-moe-4x2",
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": null},
+            ],
+            "max_completion_tokens": 12,
+            "max_tokens": 99,
+            "temperature": 0,
+            "top_p": 0.9,
+            "stop": ["\n\n", "END"],
+            "seed": 7,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "n": 1,
+            "presence_penalty": 0.5,
+            "user": "ignored",
+        }))
+        .unwrap();
+        let r = &m.request;
+        assert_eq!(r.model, "smollm2-moe-4x2");
+        let msgs: Vec<_> = r
+            .messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        assert_eq!(
+            msgs,
+            [
+                ("system", "Be brief."),
+                ("user", "Hi\nthere"),
+                ("assistant", "")
+            ]
+        );
+        assert_eq!(
+            r.max_tokens, 12,
+            "max_completion_tokens wins over max_tokens"
+        );
+        let s = r.sampling.unwrap();
+        assert_eq!((s.temperature, s.top_p, s.seed), (0.0, 0.9, Some(7)));
+        assert_eq!(r.stop, ["\n\n", "END"]);
+        assert!(r.prompt.is_empty());
+        assert_eq!(r.latency_class, LatencyClass::Interactive as i32);
+        assert!(m.stream && m.include_usage);
+    }
+
+    #[test]
+    fn absent_fields_take_openai_defaults() {
+        let m = completion(json!({"prompt": "The capital of France is"})).unwrap();
+        let r = &m.request;
+        assert_eq!(r.prompt, "The capital of France is");
+        assert_eq!(r.max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(r.sampling.unwrap().temperature, 1.0);
+        assert_eq!(r.sampling.unwrap().seed, None);
+        assert!(r.model.is_empty() && r.stop.is_empty());
+        assert!(!m.stream && !m.include_usage);
+    }
+
+    #[test]
+    fn include_usage_needs_a_stream() {
+        let m =
+            completion(json!({"prompt": "x", "stream_options": {"include_usage": true}})).unwrap();
+        assert!(!m.include_usage);
+    }
+
+    #[test]
+    fn prompt_is_a_string_or_one_string_in_an_array() {
+        assert_eq!(
+            completion(json!({"prompt": ["one"], "stop": "."}))
+                .unwrap()
+                .request
+                .stop,
+            ["."]
+        );
+        assert_eq!(
+            completion(json!({"prompt": ["one"]}))
+                .unwrap()
+                .request
+                .prompt,
+            "one"
+        );
+        for bad in [
+            json!(["a", "b"]),
+            json!([1, 2, 3]),
+            json!([]),
+            json!(null),
+            json!(5),
+        ] {
+            let e = completion(json!({"prompt": bad})).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("prompt"), "{bad}");
+            assert_eq!(e.status.as_u16(), 400);
+        }
+    }
+
+    #[test]
+    fn only_one_choice_is_supported() {
+        let e = chat(json!({"messages": [{"role": "user", "content": "x"}], "n": 2})).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some("n")));
+    }
+
+    #[test]
+    fn chat_without_messages_or_with_image_parts_is_refused() {
+        let e = chat(json!({"messages": []})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let image = json!([{"type": "image_url", "image_url": {"url": "x"}}]);
+        let e = chat(json!({"messages": [{"role": "user", "content": image}]})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+    }
+
+    #[test]
+    fn latency_class_header_wins_over_metadata_and_defaults_to_interactive() {
+        let batch = json!({"latency_class": "batch"});
+        let meta = batch.as_object();
+        assert_eq!(latency_class(None, None), Ok(LatencyClass::Interactive));
+        assert_eq!(latency_class(None, meta), Ok(LatencyClass::Batch));
+        assert_eq!(
+            latency_class(Some(" Interactive "), meta),
+            Ok(LatencyClass::Interactive)
+        );
+        assert_eq!(latency_class(Some("BATCH"), None), Ok(LatencyClass::Batch));
+        let e = latency_class(Some("urgent"), None).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("x-moe-latency-class"));
+        let e = latency_class(None, json!({"latency_class": 2}).as_object()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("metadata.latency_class"));
+        assert_eq!(
+            latency_class(None, json!({"user": "x"}).as_object()),
+            Ok(LatencyClass::Interactive)
+        );
+    }
+
+    #[test]
+    fn finish_reasons_map_to_openai_names() {
+        assert_eq!(finish_reason(FinishReason::Unspecified as i32), None);
+        assert_eq!(finish_reason(FinishReason::Stop as i32), Some("stop"));
+        assert_eq!(finish_reason(FinishReason::Length as i32), Some("length"));
+        assert_eq!(finish_reason(FinishReason::Cancelled as i32), Some("stop"));
+        assert_eq!(finish_reason(42), None);
+    }
+
+    fn shape(kind: Kind) -> Shape {
+        Shape::new(kind, 1_700_000_000, "m".into())
+    }
+
+    fn delta(text: &str) -> GenerateResponse {
+        GenerateResponse {
+            text: text.into(),
+            ..Default::default()
+        }
+    }
+
+    fn last(text: &str) -> GenerateResponse {
+        GenerateResponse {
+            text: text.into(),
+            finish_reason: FinishReason::Length as i32,
+            usage: Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 8,
+                cached_prompt_tokens: 2,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ids_carry_the_endpoint_prefix() {
+        assert!(shape(Kind::Chat).id.starts_with("chatcmpl-"));
+        assert!(shape(Kind::Completion).id.starts_with("cmpl-"));
+        assert_ne!(shape(Kind::Chat).id, shape(Kind::Chat).id);
+    }
+
+    #[test]
+    fn chat_chunks_open_with_the_role_and_close_with_the_finish_reason() {
+        let s = shape(Kind::Chat);
+        let first = s.chunk(&delta("Par"), true, false);
+        assert_eq!(first["object"], "chat.completion.chunk");
+        assert_eq!(first["model"], "m");
+        assert_eq!(first["created"], 1_700_000_000);
+        assert_eq!(
+            first["choices"][0]["delta"],
+            json!({"role": "assistant", "content": "Par"})
+        );
+        assert_eq!(first["choices"][0]["finish_reason"], Value::Null);
+        assert!(first.get("usage").is_none());
+        let next = s.chunk(&delta("is"), false, true);
+        assert_eq!(next["choices"][0]["delta"], json!({"content": "is"}));
+        assert_eq!(next["usage"], Value::Null);
+        let end = s.chunk(&last(""), false, false);
+        assert_eq!(end["choices"][0]["delta"], json!({}));
+        assert_eq!(end["choices"][0]["finish_reason"], "length");
+    }
+
+    #[test]
+    fn completion_chunks_carry_text() {
+        let s = shape(Kind::Completion);
+        let c = s.chunk(&last(" Paris"), true, false);
+        assert_eq!(c["object"], "text_completion");
+        assert_eq!(c["choices"][0]["text"], " Paris");
+        assert_eq!(c["choices"][0]["finish_reason"], "length");
+    }
+
+    #[test]
+    fn usage_chunk_has_no_choices() {
+        let u = shape(Kind::Chat).usage_chunk(&last("").usage.unwrap());
+        assert_eq!(u["choices"], json!([]));
+        assert_eq!(
+            u["usage"],
+            json!({"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13,
+                   "prompt_tokens_details": {"cached_tokens": 2}})
+        );
+    }
+
+    #[test]
+    fn whole_completions_have_message_or_text_and_usage() {
+        let usage = last("").usage.unwrap();
+        let c = shape(Kind::Chat).complete("Paris.".into(), "stop", &usage);
+        assert_eq!(c["object"], "chat.completion");
+        assert_eq!(
+            c["choices"][0]["message"],
+            json!({"role": "assistant", "content": "Paris."})
+        );
+        assert_eq!(c["choices"][0]["finish_reason"], "stop");
+        assert_eq!(c["usage"]["total_tokens"], 13);
+        let c = shape(Kind::Completion).complete(" Paris".into(), "length", &usage);
+        assert_eq!(c["object"], "text_completion");
+        assert_eq!(c["choices"][0]["text"], " Paris");
+    }
+}
