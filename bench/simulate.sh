@@ -19,7 +19,7 @@ cargo build --release -p moe-gateway --bin moe-sim
 SCENARIOS=("Default scenario|")
 if [ -z "${SIM_ONLY_DEFAULT:-}" ]; then
   SCENARIOS+=(
-    "What-if: workers advertise free KV minus their queued requests|--advert-free-kv unclaimed"
+    "What-if: workers advertise only admitted reservations (the advert before 58a3ad8)|--advert-free-kv admitted"
     "Workers admit interactive before batch (moe-worker's own order)|--worker-queue interactive-first"
     "Four gateways, each seeing only its own reservations|--gateways 4"
     "Lighter load: 300 req/s|--rate 300"
@@ -82,7 +82,7 @@ virtual time, next to round-robin and least-loaded, on one request trace, worker
   (model 500), 140 tok/s and 14 s TTFT p50 at 64 streams (model ≈ 2.5 ms per sequence). The
   16-stream cpu-moe point (45 tok/s) is not reproduced (model ≈ 110). Override with
   \`--full-model\` / \`--cpu-moe-model\` (e.g. \`per_seq_ms=0.25\`).
-- **Adverts**: each worker's advert (free KV = capacity − admitted reservations, active, queued,
+- **Adverts**: each worker's advert (free KV = capacity − reservations of admitted and queued requests, active, queued,
   measured speeds) is refreshed every 250 ms at its own phase, as the registrar's
   \`min_update_interval\` does; the policies see nothing newer. One gateway by default, holding
   the reservations of its placements (\`Reservations\`), newer ones subtracted from headroom.

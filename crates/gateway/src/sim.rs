@@ -89,9 +89,10 @@ pub struct ClusterModel {
 /// What a worker advertises as free KV.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdvertFreeKv {
-    /// KV not reserved by admitted sequences: what `moe-worker` advertises.
+    /// What-if (moe-worker before commit 58a3ad8): KV not reserved by admitted sequences.
     Admitted,
-    /// What-if: also minus the reservations of the requests in its queue.
+    /// KV not reserved by admitted sequences nor claimed by queued requests: what `moe-worker`
+    /// advertises.
     Unclaimed,
 }
 

@@ -42,9 +42,9 @@ struct Args {
     /// How often a worker's advert is refreshed, in milliseconds.
     #[arg(long, env = "MOE_SIM_ADVERT_INTERVAL_MS", default_value_t = 250)]
     advert_interval_ms: u64,
-    /// What adverts count as free KV: admitted (moe-worker today) or unclaimed (a what-if:
-    /// minus the requests queued at the worker too).
-    #[arg(long, env = "MOE_SIM_ADVERT_FREE_KV", default_value = "admitted")]
+    /// What adverts count as free KV: unclaimed (moe-worker: minus admitted and queued
+    /// requests) or admitted (a what-if: the older advert, minus admitted requests only).
+    #[arg(long, env = "MOE_SIM_ADVERT_FREE_KV", default_value = "unclaimed")]
     advert_free_kv: AdvertFreeKv,
     /// Mean request arrivals per second (Poisson). The default loads the modelled 1000 workers
     /// moderately: they saturate near 800–1000 req/s, so the 10,000 is pure overload.
