@@ -15,6 +15,10 @@ RUN="$(mktemp -d /tmp/moe-cluster.XXXXXX)"
 ETCD_PORT="${ETCD_PORT:-2379}"
 GATEWAY="${MOE_GATEWAY_ADDR:-127.0.0.1:50051}"
 ETCD="http://127.0.0.1:$ETCD_PORT"
+# Two workers share this machine's cores: give each half, and let idle OpenMP threads sleep
+# instead of spinning against the other worker.
+THREADS=$(( $(nproc) / 2 )); [ "$THREADS" -ge 1 ] || THREADS=1
+export OMP_WAIT_POLICY=PASSIVE
 
 pids=()
 cleanup() {
@@ -36,10 +40,10 @@ for _ in $(seq 50); do etcdctl --endpoints "$ETCD" endpoint health >/dev/null 2>
 
 echo "== workers: full and cpu-moe"
 "$BIN/moe-worker" --model "$MODEL" --offload full --id full-0 --listen 127.0.0.1:50061 \
-  --etcd "$ETCD" --ctx-size 4096 --parallel 4 >"$RUN/worker-full.log" 2>&1 &
+  --etcd "$ETCD" --ctx-size 4096 --parallel 4 --threads "$THREADS" >"$RUN/worker-full.log" 2>&1 &
 pids+=($!)
 "$BIN/moe-worker" --model "$MODEL" --offload cpu-moe --id cpu-moe-0 --listen 127.0.0.1:50062 \
-  --etcd "$ETCD" --ctx-size 4096 --parallel 4 >"$RUN/worker-cpu-moe.log" 2>&1 &
+  --etcd "$ETCD" --ctx-size 4096 --parallel 4 --threads "$THREADS" >"$RUN/worker-cpu-moe.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 300); do
   [ "$(etcdctl --endpoints "$ETCD" get --prefix /moe/v1/workers/ --keys-only | grep -c workers)" -ge 2 ] && break
