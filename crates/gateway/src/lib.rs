@@ -76,18 +76,12 @@ pub async fn run(
             }
         });
     }
-    let metrics_server = match config.metrics_listen {
-        Some(addr) => {
-            let listener = moe_common::telemetry::metrics::bind(addr).await?;
-            tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
-            Some(tokio::spawn(moe_common::telemetry::metrics::serve(
-                Arc::new(registry),
-                listener,
-                watcher_stop.clone(),
-            )))
-        }
-        None => None,
-    };
+    let metrics_server = moe_common::telemetry::metrics::spawn(
+        config.metrics_listen,
+        registry,
+        watcher_stop.clone(),
+    )
+    .await?;
     let service = GatewayService::new(
         router,
         ProxyConfig {

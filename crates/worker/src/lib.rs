@@ -130,18 +130,9 @@ pub async fn run(
         },
         background.clone(),
     ));
-    let metrics_server = match config.metrics_listen {
-        Some(addr) => {
-            let listener = moe_common::telemetry::metrics::bind(addr).await?;
-            tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
-            Some(tokio::spawn(moe_common::telemetry::metrics::serve(
-                Arc::new(registry),
-                listener,
-                background.clone(),
-            )))
-        }
-        None => None,
-    };
+    let metrics_server =
+        moe_common::telemetry::metrics::spawn(config.metrics_listen, registry, background.clone())
+            .await?;
 
     let intake = Arc::new(Intake::default());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

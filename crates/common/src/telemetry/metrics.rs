@@ -47,6 +47,23 @@ pub async fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     })
 }
 
+/// Binds `addr` (when set) and serves `/metrics` from `registry` in the background until
+/// `shutdown`; None when no address is configured.
+pub async fn spawn(
+    addr: Option<std::net::SocketAddr>,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> std::io::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = bind(addr).await?;
+    tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
+    Ok(Some(tokio::spawn(serve(
+        Arc::new(registry),
+        listener,
+        shutdown,
+    ))))
+}
+
 /// A bounded `outcome` label value for a gRPC status code (`ok`, `unavailable`, …).
 pub fn code_label(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
