@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Turns moe-bench JSON reports into the markdown tables of docs/benchmarks/.
 
-  tables.py side-by-side OURS.json UPSTREAM.json   one table, ratio ours/llama-server per row
+  tables.py side-by-side OURS.json[,OURS2.json…] UPSTREAM.json[,UPSTREAM2.json…]
+      one table, ratio ours/llama-server per row; with several rounds (comma-separated, paired in
+      order) the values are medians over rounds and the last column lists each round's ratio
   tables.py gateway DIRECT.json [DIRECT.json ...] -- GATEWAY.json [GATEWAY.json ...]
 """
 import json
@@ -26,36 +28,60 @@ def by_conc(report):
     return {level["concurrency"]: level for level in report["levels"]}
 
 
-def side_by_side(ours_path, theirs_path):
-    ours, theirs = by_conc(load(ours_path)), by_conc(load(theirs_path))
-    levels = sorted(set(ours) & set(theirs))
+def median_level(reports, conc, key):
+    vals = [r[conc].get(key) for r in reports if conc in r and r[conc].get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def side_by_side(ours_paths, theirs_paths):
+    ours = [by_conc(load(p)) for p in ours_paths.split(",")]
+    theirs = [by_conc(load(p)) for p in theirs_paths.split(",")]
+    levels = sorted(set.intersection(*(set(r) for r in ours + theirs)))
+    several = len(ours) > 1 and len(ours) == len(theirs)
     rows = []
 
     def row(name, key, conc, better, digits=1):
-        a, b = ours[conc].get(key), theirs[conc].get(key)
-        rows.append((f"{name} ({better})", fmt(a, digits), fmt(b, digits), ratio(a, b)))
+        a, b = median_level(ours, conc, key), median_level(theirs, conc, key)
+        per_round = " / ".join(ratio(o[conc].get(key), t[conc].get(key)) for o, t in zip(ours, theirs))
+        rows.append((f"{name} ({better})", fmt(a, digits), fmt(b, digits), ratio(a, b), per_round))
 
-    if 1 in ours and 1 in theirs:
+    plural = lambda c: f"{c} stream{'s' if c > 1 else ''}"
+    if 1 in levels:
         row("single-stream decode tok/s", "decode_tok_s_per_stream_mean", 1, "higher is better")
     for c in levels:
-        row(f"aggregate tok/s, {c} stream{'s' if c > 1 else ''}", "aggregate_tok_s", c, "higher is better")
+        row(f"aggregate tok/s, {plural(c)}", "aggregate_tok_s", c, "higher is better")
     for c in levels:
-        row(f"decode tok/s per stream, {c} stream{'s' if c > 1 else ''}", "decode_tok_s_per_stream_mean", c, "higher is better")
+        if c > 1:
+            row(f"decode tok/s per stream, {plural(c)}", "decode_tok_s_per_stream_mean", c, "higher is better")
     for c in levels:
-        row(f"TTFT p50 ms, {c} stream{'s' if c > 1 else ''}", "ttft_ms_p50", c, "lower is better")
-        row(f"TTFT p99 ms, {c} stream{'s' if c > 1 else ''}", "ttft_ms_p99", c, "lower is better")
-    out = ["| metric | ours (moe-worker) | llama-server | ours / llama-server |", "|---|---:|---:|---:|"]
-    out += [f"| {n} | {a} | {b} | {r} |" for n, a, b, r in rows]
+        row(f"TTFT p50 ms, {plural(c)}", "ttft_ms_p50", c, "lower is better")
+        row(f"TTFT p99 ms, {plural(c)}", "ttft_ms_p99", c, "lower is better")
+    head = "| metric | ours (moe-worker) | llama-server | ours / llama-server |"
+    rule = "|---|---:|---:|---:|"
+    if several:
+        head += " ratio in each round |"
+        rule += "---:|"
+    out = [head, rule]
+    for n, a, b, r, per in rows:
+        out.append(f"| {n} | {a} | {b} | {r} |" + (f" {per} |" if several else ""))
     notes = []
-    for name, rep in (("ours", ours), ("llama-server", theirs)):
-        for c in levels:
-            lv = rep[c]
-            if lv["errors"] or lv["skipped"]:
-                notes.append(f"{name} at {c}: {lv['errors']} errors {lv['error_kinds']}, {lv['skipped']} not sent")
-    gen = [f"{name} {fmt(rep[c].get('completion_tokens_mean'), 0)}" for name, rep in (("ours", ours), ("llama-server", theirs)) for c in levels[:1]]
-    prompt = [f"{name} {fmt(rep[levels[0]].get('prompt_tokens_mean'), 0)}" for name, rep in (("ours", ours), ("llama-server", theirs))] if levels else []
+    for name, reps in (("ours", ours), ("llama-server", theirs)):
+        for i, rep in enumerate(reps, 1):
+            for c in levels:
+                lv = rep[c]
+                if lv["errors"] or lv["skipped"]:
+                    notes.append(f"{name} round {i} at {c}: {lv['errors']} errors {lv['error_kinds']}, {lv['skipped']} not sent")
     out.append("")
-    out.append(f"Prompt tokens per request (server-counted): {', '.join(prompt)}; generated tokens per request: {', '.join(gen)}.")
+    if several:
+        out.append(f"Values are medians over {len(ours)} rounds (ours, llama-server, ours, llama-server, …).")
+    if levels:
+        c0 = levels[0]
+        out.append(
+            "Prompt tokens per request (server-counted): "
+            f"ours {fmt(median_level(ours, c0, 'prompt_tokens_mean'), 0)}, llama-server {fmt(median_level(theirs, c0, 'prompt_tokens_mean'), 0)}; "
+            "generated tokens per request: "
+            f"ours {fmt(median_level(ours, c0, 'completion_tokens_mean'), 0)}, llama-server {fmt(median_level(theirs, c0, 'completion_tokens_mean'), 0)}."
+        )
     if notes:
         out.append("Errors: " + "; ".join(notes) + ".")
     return "\n".join(out)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 3: our worker against upstream llama-server, same model, same threads, same shared KV
 # (llama-server --kv-unified), same slots, measured one after the other with moe-bench (never both
-# running at once). Prints one table with ours/llama-server on every row and writes
+# running at once), in ROUNDS alternating rounds. Prints one table with ours/llama-server on every row and writes
 # docs/benchmarks/cpu-worker-vs-llama-server.md.
 #
 # usage: bench/worker-vs-llama-server.sh            (env overrides below; CPU only)
@@ -17,7 +17,8 @@ BATCH=${BATCH:-512}
 PROMPT_TOKENS=${PROMPT_TOKENS:-128}
 MAX_TOKENS=${MAX_TOKENS:-64}
 LEVELS=${LEVELS:-1,4,8,16}
-REQUESTS=${REQUESTS:-4}           # per level; a level always sends at least its concurrency
+REQUESTS=${REQUESTS:-8}           # per level; a level always sends at least its concurrency
+ROUNDS=${ROUNDS:-2}               # rounds of (ours, llama-server); the table shows medians
 DOC=${DOC:-docs/benchmarks/cpu-worker-vs-llama-server.md}
 OUTDIR=${OUTDIR:-target/bench/worker-vs-llama-server}
 LLAMA_SERVER=${LLAMA_SERVER:-}    # a built llama-server; default: bench/build-llama-server.sh
@@ -37,18 +38,18 @@ UPSTREAM_VERSION=$("$LLAMA_SERVER" --version 2>&1 | grep -m1 -i version || true)
 PID=
 trap 'stop_pid "$PID"' EXIT
 BENCH_ARGS=(--concurrency "$LEVELS" --requests-per-level "$REQUESTS" --prompt-tokens "$PROMPT_TOKENS"
-            --max-tokens "$MAX_TOKENS" --warmup 2 --wait-ready 120s --level-timeout 240s)
+            --max-tokens "$MAX_TOKENS" --warmup 2 --wait-ready 120s --request-timeout 300s --level-timeout 300s)
 
 run_ours() {
   local port; port=$(free_port)
   WORKER_CMD=("$WORKER" --model "$MODEL" --listen "127.0.0.1:$port" --ctx-size "$CTX" --parallel "$PARALLEL"
               --threads "$THREADS" --batch-size "$BATCH")
-  LOAD_OURS=$(cut -d' ' -f1-3 /proc/loadavg)
+  LOAD_OURS+="${LOAD_OURS:+; }$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "== ours: ${WORKER_CMD[*]}" >&2
   RUST_LOG=warn "${WORKER_CMD[@]}" >"$OUTDIR/worker.log" 2>&1 &
   PID=$!
   wait_port "$port" 60 "$PID"
-  OURS_BENCH=("$BENCH" --target "grpc://127.0.0.1:$port" "${BENCH_ARGS[@]}" --label moe-worker --json "$OUTDIR/ours.json")
+  OURS_BENCH=("$BENCH" --target "grpc://127.0.0.1:$port" "${BENCH_ARGS[@]}" --label moe-worker --json "$OUTDIR/ours-$ROUND.json")
   "${OURS_BENCH[@]}"
   stop_pid "$PID"; PID=
 }
@@ -58,22 +59,27 @@ run_upstream() {
   UPSTREAM_CMD=("$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$port" -c "$CTX" -np "$PARALLEL"
                 --cont-batching --kv-unified -t "$THREADS" -tb "$THREADS" -b "$BATCH" -ub "$((BATCH < 512 ? BATCH : 512))"
                 --no-webui)
-  LOAD_UPSTREAM=$(cut -d' ' -f1-3 /proc/loadavg)
+  LOAD_UPSTREAM+="${LOAD_UPSTREAM:+; }$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "== llama-server: ${UPSTREAM_CMD[*]}" >&2
   "${UPSTREAM_CMD[@]}" >"$OUTDIR/llama-server.log" 2>&1 &
   PID=$!
   wait_http_ok "http://127.0.0.1:$port/health" 120 "$PID"
-  UPSTREAM_BENCH=("$BENCH" --target "llama-server://127.0.0.1:$port" "${BENCH_ARGS[@]}" --label llama-server --json "$OUTDIR/upstream.json")
+  UPSTREAM_BENCH=("$BENCH" --target "llama-server://127.0.0.1:$port" "${BENCH_ARGS[@]}" --label llama-server --json "$OUTDIR/upstream-$ROUND.json")
   "${UPSTREAM_BENCH[@]}"
   stop_pid "$PID"; PID=
 }
 
 STARTED=$(date +%s)
-run_ours
-run_upstream
+LOAD_OURS= LOAD_UPSTREAM= OURS_JSON= UPSTREAM_JSON=
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+  run_ours
+  run_upstream
+  OURS_JSON+="${OURS_JSON:+,}$OUTDIR/ours-$ROUND.json"
+  UPSTREAM_JSON+="${UPSTREAM_JSON:+,}$OUTDIR/upstream-$ROUND.json"
+done
 ELAPSED=$(( $(date +%s) - STARTED ))
 
-TABLE=$(python3 bench/tables.py side-by-side "$OUTDIR/ours.json" "$OUTDIR/upstream.json")
+TABLE=$(python3 bench/tables.py side-by-side "$OURS_JSON" "$UPSTREAM_JSON")
 echo
 echo "$TABLE"
 
@@ -92,7 +98,7 @@ echo "$TABLE"
   echo "- **the two llama.cpp trees differ** (ggml 0.26.0 in the worker vs 0.25.3 upstream): kernel changes between them are part of every ratio below"
   echo "- both: $THREADS threads, $CTX KV cells shared by all sequences (llama-server \`--kv-unified\`), $PARALLEL slots, batch $BATCH, greedy sampling, no prompt cache (llama-server \`cache_prompt: false\`; every request has its own prompt)"
   echo "- load average (1/5/15 min) when each server started: ours $LOAD_OURS, llama-server $LOAD_UPSTREAM (other work on this shared machine adds noise to both)"
-  echo "- load: prompts of about $PROMPT_TOKENS tokens, $MAX_TOKENS generated tokens, levels $LEVELS concurrent streams, $REQUESTS requests per level (at least the concurrency), 2 warm-up requests; the servers ran one after the other, never together"
+  echo "- load: prompts of about $PROMPT_TOKENS tokens, $MAX_TOKENS generated tokens, levels $LEVELS concurrent streams, $REQUESTS requests per level (at least the concurrency), 2 warm-up requests; $ROUNDS rounds of (ours, llama-server), each server started afresh, never both running"
   echo
   echo "## Results"
   echo
@@ -109,6 +115,6 @@ echo "$TABLE"
   echo "${UPSTREAM_BENCH[*]}"
   echo '```'
   echo
-  echo "Raw reports: \`$OUTDIR/ours.json\`, \`$OUTDIR/upstream.json\` (not committed)."
+  echo "Raw reports: \`$OUTDIR/ours-N.json\`, \`$OUTDIR/upstream-N.json\` (not committed)."
 } >"$DOC"
 echo "wrote $DOC" >&2
