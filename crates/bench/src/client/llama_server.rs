@@ -34,10 +34,13 @@ struct Chunk {
 
 impl LlamaServerClient {
     pub fn new(addr: SocketAddr) -> Result<Self, BenchError> {
+        // No connection reuse: llama-server (cpp-httplib) closes kept-alive connections after a
+        // few requests or seconds, and a request sent on such a connection fails before it reaches
+        // the server. A fresh loopback connection per request costs well under a millisecond.
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .no_proxy()
-            .pool_max_idle_per_host(1024)
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| BenchError::Connect(e.to_string()))?;
         Ok(LlamaServerClient {
