@@ -5,8 +5,12 @@
 # llama-cpp-sys-2 crate ships only the library sources). It is downloaded with pip at run time into
 # a cache OUTSIDE the repository and never committed.
 #
-# usage: bench/build-llama-server.sh [--cuda] [--cache DIR] [--pack FILE.tar.gz] [--src-tarball FILE]
+# usage: bench/build-llama-server.sh [--cuda] [--portable] [--cache DIR] [--pack FILE.tar.gz] [--src-tarball FILE]
 #   --cuda              build with -DGGML_CUDA=ON (needs nvcc; CMAKE_CUDA_ARCHITECTURES, default 90)
+#   --portable          CPU code for the x86-64 feature set llama-cpp-sys-2 compiles the worker's
+#                       llama.cpp with (GGML_NATIVE=OFF, AVX AVX2 BMI2 F16C FMA SSE4.2) instead of
+#                       tuning for this machine: a code-for-code comparison, and a binary that runs on
+#                       another x86-64 host (the GPU device), when built here
 #   --cache DIR         default ${XDG_CACHE_HOME:-$HOME/.cache}/moe-cluster
 #   --pack FILE         only write a trimmed source tarball of vendor/llama.cpp (for machines
 #                       without network, e.g. the GPU device), then exit
@@ -16,10 +20,11 @@ set -euo pipefail
 
 VERSION=0.3.36                 # llama-cpp-python; vendors ggml-org/llama.cpp 0c1e57098 (ggml 0.25.3)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/moe-cluster
-CUDA=0 PACK= SRC_TARBALL=
+CUDA=0 PORTABLE=0 PACK= SRC_TARBALL=
 while [ $# -gt 0 ]; do
   case $1 in
     --cuda) CUDA=1 ;;
+    --portable) PORTABLE=1 ;;
     --cache) CACHE=$2; shift ;;
     --pack) PACK=$2; shift ;;
     --src-tarball) SRC_TARBALL=$2; shift ;;
@@ -58,9 +63,13 @@ else
   BUILD=$CACHE/llama-server-cpu
   EXTRA=(-DGGML_CUDA=OFF)
 fi
+if [ "$PORTABLE" = 1 ]; then
+  EXTRA+=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_F16C=ON -DGGML_FMA=ON -DGGML_SSE42=ON)
+  BUILD=$BUILD-portable
+fi
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
-# GGML_NATIVE (the default) tunes for this CPU, as llama-cpp-sys-2 does for the worker.
+# Without --portable, GGML_NATIVE (the default) tunes for this CPU.
 cmake -S "$SRC" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF "${EXTRA[@]}" >"$BUILD.configure.log" 2>&1 \

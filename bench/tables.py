@@ -5,6 +5,8 @@
       one table, ratio ours/llama-server per row; with several rounds (comma-separated, paired in
       order) the values are medians over rounds and the last column lists each round's ratio
   tables.py gateway DIRECT.json [DIRECT.json ...] -- GATEWAY.json [GATEWAY.json ...]
+  tables.py background REPORT.json
+      a run with --background-batch: each level's TTFT idle vs under the BATCH streams
 """
 import json
 import statistics
@@ -116,9 +118,32 @@ def gateway(direct_paths, gateway_paths):
     return "\n".join(out)
 
 
+def background(path):
+    report = load(path)
+    idle = by_conc(report)
+    busy = {level["concurrency"]: level for level in report.get("under_background", [])}
+    bg = report.get("background") or {}
+    out = [
+        "| interactive streams | TTFT p50 idle ms | TTFT p50 under batch ms | TTFT p99 idle ms | TTFT p99 under batch ms | p50 ratio | batch streams running (mean) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in sorted(set(idle) & set(busy)):
+        i, b = idle[c], busy[c]
+        out.append(
+            f"| {c} | {fmt(i.get('ttft_ms_p50'))} | {fmt(b.get('ttft_ms_p50'))} | {fmt(i.get('ttft_ms_p99'))} | "
+            f"{fmt(b.get('ttft_ms_p99'))} | {ratio(b.get('ttft_ms_p50'), i.get('ttft_ms_p50'))} | "
+            f"{fmt(b.get('background_streaming_mean'))} |"
+        )
+    out.append("")
+    out.append(f"Background: {json.dumps(bg)}")
+    return "\n".join(out)
+
+
 def main(argv):
     if len(argv) == 3 and argv[0] == "side-by-side":
         print(side_by_side(argv[1], argv[2]))
+    elif len(argv) == 2 and argv[0] == "background":
+        print(background(argv[1]))
     elif len(argv) >= 4 and argv[0] == "gateway" and "--" in argv:
         i = argv.index("--")
         print(gateway(argv[1:i], argv[i + 1:]))

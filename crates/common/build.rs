@@ -1,7 +1,10 @@
 //! Compiles `proto/moe/v1/*.proto` into Rust, with a descriptor set for gRPC reflection.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with `env!`: Cargo reuses a compiled build script across checkouts
+    // that share a target directory, and a baked-in path would point at another checkout.
+    let manifest_dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let proto_root = manifest_dir.join("../../proto");
     let inference = proto_root.join("moe/v1/inference.proto");
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()

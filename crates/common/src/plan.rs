@@ -3,6 +3,11 @@
 
 use crate::gguf::GgufHeader;
 
+/// Accelerator bytes `--offload auto` and `moectl plan` keep free for llama.cpp's compute
+/// buffers and the CUDA context when fitting a budget (measured on the H100 with the synthetic
+/// gpt-oss-20b: see docs/benchmarks/gpu.md).
+pub const AUTO_RESERVE_BYTES: u64 = 768 << 20;
+
 /// Bytes per device class for one placement.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryPlan {

@@ -39,6 +39,17 @@ pub fn smollm2_moe() -> PathBuf {
     p
 }
 
+/// The tiny random-weight MoE made by `scripts/make_test_models.py`.
+pub fn tiny_moe() -> PathBuf {
+    let p = workspace().join("models/tiny-moe.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run `python3 scripts/make_test_models.py` first",
+        p.display()
+    );
+    p
+}
+
 /// A binary of this workspace (`moe-worker`, `moe-gateway`), built by `cargo build`.
 pub fn bin(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os("MOE_BIN_DIR") {
@@ -169,6 +180,8 @@ pub struct WorkerSpec {
     pub offload: String,
     pub ctx_size: u32,
     pub parallel: u32,
+    /// The GGUF file; the SmolLM2 MoE when None.
+    pub model: Option<PathBuf>,
     pub extra: Vec<String>,
     /// How the harness reaches the worker when it serves TLS (and the URL becomes https://).
     pub client_tls: Option<ClientTlsConfig>,
@@ -181,6 +194,7 @@ impl WorkerSpec {
             offload: offload.into(),
             ctx_size: 2048,
             parallel: 4,
+            model: None,
             extra: vec![],
             client_tls: None,
         }
@@ -189,6 +203,11 @@ impl WorkerSpec {
     /// The worker serves TLS; the harness checks its health with `tls`.
     pub fn with_client_tls(mut self, tls: ClientTlsConfig) -> Self {
         self.client_tls = Some(tls);
+        self
+    }
+
+    pub fn with_model(mut self, model: PathBuf) -> Self {
+        self.model = Some(model);
         self
     }
 
@@ -202,7 +221,11 @@ impl WorkerSpec {
         let mut a = vec![
             "moe-worker".to_string(),
             "--model".into(),
-            smollm2_moe().to_string_lossy().into_owned(),
+            self.model
+                .clone()
+                .unwrap_or_else(smollm2_moe)
+                .to_string_lossy()
+                .into_owned(),
             "--offload".into(),
             self.offload.clone(),
             "--listen".into(),

@@ -121,6 +121,15 @@ async fn the_advert_carries_the_documented_fields_under_a_lease() {
     assert!(json["memory"]["weight_bytes"].as_u64().unwrap() > 200_000_000);
     assert!(json["memory"]["kv_bytes"].as_u64().unwrap() > 0);
     assert!(json["memory"]["host_expert_bytes"].as_u64().unwrap() > 0);
+    // Host memory is shared with the whole machine: planned, not measured; nothing to pin for.
+    assert_eq!(devices[0]["measured"], false);
+    assert_eq!(devices[0]["compute_bytes"], 0);
+    assert!(devices[0].get("process_bytes").is_none());
+    assert_eq!(
+        devices[0]["weight_bytes"], devices[0]["planned_weight_bytes"],
+        "{devices:?}"
+    );
+    assert_eq!(json["memory"]["host_experts_pinned"], false);
     // The planner's weight bytes (from the GGUF tensor table) match what llama.cpp loaded.
     let planned = json["memory"]["weight_bytes"].as_f64().unwrap();
     let loaded = json["model"]["weight_bytes"].as_f64().unwrap();

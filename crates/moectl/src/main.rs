@@ -306,7 +306,7 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         .map(|p| (p.to_string(), shape.plan(p.n_cpu_moe(shape.n_layer), a.ctx)))
         .collect();
     if let Some(budget) = a.vram_budget {
-        match shape.fit(budget.0, 768 << 20, a.ctx) {
+        match shape.fit(budget.0, moe_common::plan::AUTO_RESERVE_BYTES, a.ctx) {
             Some(p) => rows.push((format!("auto@{budget}"), p)),
             None => eprintln!("auto: nothing fits {budget}"),
         }

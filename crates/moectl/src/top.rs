@@ -175,6 +175,7 @@ mod tests {
             free_bytes: 8 << 30,
             weight_bytes: 12 << 30,
             kv_bytes: 1 << 30,
+            ..Default::default()
         });
         let mut cpu = advert("cpu-0", "cpu-moe");
         cpu.state = WorkerState::Draining;

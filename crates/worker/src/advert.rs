@@ -50,6 +50,8 @@ pub fn build(
             weight_bytes: plan.device_weight_bytes + plan.host_expert_bytes,
             kv_bytes: plan.kv_bytes,
             host_expert_bytes: plan.host_expert_bytes,
+            host_experts_pinned: model.host_experts_pinned,
+            compute_bytes: model.devices.iter().map(|d| d.compute_bytes).sum(),
         },
         capacity: Capacity {
             context_tokens: model.context_tokens,
@@ -89,7 +91,7 @@ pub async fn follow(
             r = state.changed() => if r.is_err() { return },
             _ = refresh.tick() => {
                 let mut m = (*model).clone();
-                m.devices = crate::engine::current_devices(&m.plan);
+                crate::engine::refresh_devices(&mut m.devices);
                 model = Arc::new(m);
             }
         }

@@ -3,6 +3,7 @@
 
 pub mod batcher;
 mod llama;
+mod nvml;
 pub mod text;
 
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-pub use llama::{EngineConfig, LoadedModel, devices as current_devices, start};
+pub use llama::{EngineConfig, LoadedModel, refresh_devices, start};
 
 /// Scheduling class of a job inside the worker: interactive work is admitted and prefilled first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -59,6 +59,9 @@ struct Devices {
     used: Family<DeviceLabels, Gauge>,
     weights: Family<DeviceLabels, Gauge>,
     kv: Family<DeviceLabels, Gauge>,
+    compute: Family<DeviceLabels, Gauge>,
+    process: Family<DeviceLabels, Gauge>,
+    overhead: Family<DeviceLabels, Gauge>,
 }
 
 pub struct WorkerMetrics {
@@ -234,6 +237,21 @@ impl WorkerMetrics {
             m.devices.kv.clone(),
         );
         r.register(
+            "moe_worker_device_compute_bytes",
+            "llama.cpp compute buffer bytes on each device (measured on accelerators)",
+            m.devices.compute.clone(),
+        );
+        r.register(
+            "moe_worker_device_process_bytes",
+            "This process's memory on each device as the driver reports it (NVML, as nvidia-smi)",
+            m.devices.process.clone(),
+        );
+        r.register(
+            "moe_worker_device_overhead_bytes",
+            "Process device memory not in weights, KV or compute buffers (CUDA context, pools)",
+            m.devices.overhead.clone(),
+        );
+        r.register(
             "moe_worker_host_expert_bytes",
             "Routed-expert weight bytes kept in host memory by the offload profile",
             m.host_expert_bytes.clone(),
@@ -330,6 +348,11 @@ impl WorkerMetrics {
                 .set(d.total_bytes.saturating_sub(d.free_bytes) as i64);
             d_.weights.get_or_create(&l).set(d.weight_bytes as i64);
             d_.kv.get_or_create(&l).set(d.kv_bytes as i64);
+            d_.compute.get_or_create(&l).set(d.compute_bytes as i64);
+            if let Some(p) = d.process_bytes {
+                d_.process.get_or_create(&l).set(p as i64);
+                d_.overhead.get_or_create(&l).set(d.overhead_bytes as i64);
+            }
         }
         for (state, label) in [
             (WorkerState::Starting, "starting"),
@@ -415,6 +438,7 @@ mod tests {
                 free_bytes: 40,
                 weight_bytes: 30,
                 kv_bytes: 10,
+                ..Default::default()
             }],
             memory: Default::default(),
             capacity: Default::default(),

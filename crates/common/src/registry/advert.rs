@@ -40,17 +40,18 @@ pub struct OffloadInfo {
     pub profile: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceKind {
     Cpu,
     Gpu,
     IntegratedGpu,
     Accelerator,
+    #[default]
     Unknown,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceInfo {
     /// ggml device name, e.g. `CPU`, `CUDA0`.
     pub name: String,
@@ -58,10 +59,28 @@ pub struct DeviceInfo {
     pub kind: DeviceKind,
     pub total_bytes: u64,
     pub free_bytes: u64,
-    /// Bytes of model weights placed on this device.
+    /// Bytes of model weights on this device: measured (see `measured`), else as planned.
     pub weight_bytes: u64,
+    /// Bytes of model weights the planner predicted for this device before loading.
+    #[serde(default)]
+    pub planned_weight_bytes: u64,
     /// Bytes of KV cache placed on this device.
     pub kv_bytes: u64,
+    /// Bytes of llama.cpp compute buffers on this device (measured; 0 when not measured).
+    #[serde(default)]
+    pub compute_bytes: u64,
+    /// Whether `weight_bytes` and `compute_bytes` were measured from the device's free memory
+    /// around loading (accelerators), rather than taken from the plan (host memory).
+    #[serde(default)]
+    pub measured: bool,
+    /// This process's memory on the device as the driver reports it (NVML: what `nvidia-smi`
+    /// shows); absent where the driver cannot tell (CPU, no NVML, no permission).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_bytes: Option<u64>,
+    /// `process_bytes` minus weights, KV and compute buffers: the CUDA context, cuBLAS
+    /// workspaces and pools. 0 when `process_bytes` is absent.
+    #[serde(default)]
+    pub overhead_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -72,6 +91,13 @@ pub struct MemoryInfo {
     pub kv_bytes: u64,
     /// Routed-expert weight bytes kept in host memory by the offload profile.
     pub host_expert_bytes: u64,
+    /// Whether those host experts live in pinned (page-locked) memory that the accelerator
+    /// copies from at full speed, rather than pageable or memory-mapped pages.
+    #[serde(default)]
+    pub host_experts_pinned: bool,
+    /// Compute buffer bytes on all devices together (measured ones).
+    #[serde(default)]
+    pub compute_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

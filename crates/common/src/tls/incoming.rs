@@ -119,7 +119,12 @@ pub fn incoming(
         None => {
             warn_plaintext(&listener, what);
             tokio_stream::wrappers::TcpListenerStream::new(listener)
-                .map(|r| r.map(Conn::Plain))
+                .map(|r| {
+                    r.map(|tcp| {
+                        set_nodelay(&tcp);
+                        Conn::Plain(tcp)
+                    })
+                })
                 .left_stream()
         }
         Some(tls) => {
@@ -128,6 +133,15 @@ pub fn incoming(
                 .map(Ok)
                 .right_stream()
         }
+    }
+}
+
+/// Streams send one small HTTP/2 DATA frame per token: Nagle's algorithm would hold each one back
+/// until the previous is acknowledged (up to the peer's delayed-ACK timer, 40 ms on Linux).
+/// tonic's own `tcp_nodelay` only covers the listeners it binds itself, not `serve_with_incoming`.
+fn set_nodelay(tcp: &TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set");
     }
 }
 
@@ -162,6 +176,7 @@ fn spawn_handshakes(listener: TcpListener, tls: ServerTls) -> mpsc::Receiver<Con
                     }
                 },
             };
+            set_nodelay(&tcp);
             let acceptor = TlsAcceptor::from(tls.config());
             let tx = tx.clone();
             tokio::spawn(async move {
