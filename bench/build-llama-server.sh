@@ -5,7 +5,7 @@
 # llama-cpp-sys-2 crate ships only the library sources). It is downloaded with pip at run time into
 # a cache OUTSIDE the repository and never committed.
 #
-# usage: bench/build-llama-server.sh [--cuda] [--portable] [--cache DIR] [--pack FILE.tar.gz] [--src-tarball FILE]
+# usage: bench/build-llama-server.sh [--cuda] [--portable] [--cache DIR] [--pack FILE.tar.xz] [--src-tarball FILE]
 #   --cuda              build with -DGGML_CUDA=ON (needs nvcc; CMAKE_CUDA_ARCHITECTURES, default 90)
 #   --portable          CPU code for the x86-64 feature set llama-cpp-sys-2 compiles the worker's
 #                       llama.cpp with (GGML_NATIVE=OFF, AVX AVX2 BMI2 F16C FMA SSE4.2) instead of
@@ -38,7 +38,7 @@ SRC=$CACHE/src/llama_cpp_python-$VERSION/vendor/llama.cpp
 if [ -n "$SRC_TARBALL" ]; then
   SRC=$CACHE/src/llama.cpp-trimmed
   if [ ! -f "$SRC/CMakeLists.txt" ]; then
-    mkdir -p "$SRC" && tar -xzf "$SRC_TARBALL" -C "$SRC"
+    mkdir -p "$SRC" && tar -xf "$SRC_TARBALL" -C "$SRC"
   fi
 elif [ ! -f "$SRC/CMakeLists.txt" ]; then
   mkdir -p "$CACHE/sdist" "$CACHE/src"
@@ -49,9 +49,15 @@ fi
 
 if [ -n "$PACK" ]; then
   # What a llama-server build needs: no models, docs, tests, benches, web UI sources.
-  tar -czf "$PACK" -C "$SRC" --exclude=./models --exclude=./docs --exclude=./tests --exclude=./benches \
+  # Backends other than CPU and CUDA are only added to the build when enabled: leave them out.
+  OTHER_BACKENDS=()
+  for b in cann openvino webgpu et metal hexagon sycl vulkan opencl virtgpu musa hip zdnn blas; do
+    OTHER_BACKENDS+=("--exclude=./ggml/src/ggml-$b")
+  done
+  tar -cf - -C "$SRC" --exclude=./models --exclude=./docs --exclude=./tests --exclude=./benches \
       --exclude=./media --exclude=./gguf-py --exclude=./examples/*/*.gguf --exclude='*.gguf' \
-      --exclude=./tools/ui/node_modules --exclude=./.github --exclude=./pocs --exclude=./skills .
+      --exclude=./tools/ui/node_modules --exclude=./.github --exclude=./pocs --exclude=./skills \
+      "${OTHER_BACKENDS[@]}" . | xz -T2 -6 >"$PACK"
   echo "$PACK"
   exit 0
 fi

@@ -27,7 +27,7 @@ xz_into() { # SRC NAME: stripped and xz-compressed, only when SRC is newer
   rm -f "$tmp"
 }
 T=${CARGO_TARGET_DIR:-target}/release
-cp "$T/moe-bench" "$CARRY/" && strip "$CARRY/moe-bench"
+xz_into "$T/moe-bench" moe-bench
 xz_into "$T/moe-gateway" moe-gateway
 xz_into "$T/moectl" moectl
 xz_into "$(command -v etcd)" etcd
@@ -39,9 +39,9 @@ if [ -x "$LLAMA_SERVER_BUILD/bin/llama-server" ]; then
     tar -cJf "$CARRY/llama-server-cuda.tar.xz" -C "$S" bin
     rm -rf "$S"
   fi
-  rm -f "$CARRY/llama.cpp-src.tar.gz"
+  rm -f "$CARRY/llama.cpp-src.tar.xz"
 else
-  bash bench/build-llama-server.sh --pack "$PWD/$CARRY/llama.cpp-src.tar.gz" >/dev/null
+  bash bench/build-llama-server.sh --pack "$PWD/$CARRY/llama.cpp-src.tar.xz" >/dev/null
 fi
 [ -f "$CARRY"/gguf-0.19.0-py3-none-any.whl ] || python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY" gguf==0.19.0
 cp "$GPU_SHARED/make_gptoss_like.py" "$GPU_SHARED/ggml-vocab-gpt-2.gguf" "$CARRY/"
