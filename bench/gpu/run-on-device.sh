@@ -30,7 +30,7 @@ case ${1:-} in
 start)
   CARRY=${2:?carry dir}
   mkdir -p "$WORK" "$R"
-  cp -f "$0" "$WORK/run.sh"; cp -f bench/build-llama-server.sh bench/tables.py bench/lib.sh "$WORK/"
+  cp -f "$0" "$WORK/run.sh"; cp -f bench/build-llama-server.sh bench/tables.py bench/lib.sh bench/gpu/memory.py "$WORK/"
   cp -f "$CARRY"/* "$WORK/"
   echo "$(date +%s)" >"$WORK/t0"
   # The detached pipeline outlives this command (until the machine is given back).
@@ -95,7 +95,9 @@ chmod +x moe-worker moe-bench moe-gateway moectl etcd 2>/dev/null
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" gguf-*.whl || fail "installing gguf"
 
 SERVER=$WORK/llama-server-cuda/bin/llama-server
-if [ -f llama-server-cuda.tar.xz ]; then
+if [ "$PROFILES" = e2e ]; then
+  echo 0 >build.rc   # the product check alone needs no upstream server
+elif [ -f llama-server-cuda.tar.xz ]; then
   stage "unpacking the prebuilt llama-server (CUDA, sm_90)"
   mkdir -p llama-server-cuda && tar -xJf llama-server-cuda.tar.xz -C llama-server-cuda || fail "unpacking llama-server"
   echo 0 >build.rc
@@ -124,7 +126,7 @@ if [ ! -f "$MODEL" ]; then
 fi
 stage "model: $(du -h "$MODEL" | cut -f1)"
 ./moectl plan "$MODEL" --vram-budget "$VRAM_BUDGET" --ctx "$CTX" --parallel "$PARALLEL" | tee "$R/plan.txt"
-AUTO_N=$(awk '$1 ~ /^auto@/ {print $2}' "$R/plan.txt")
+AUTO_N=$(awk '$1 ~ /^auto@/ {for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) {print $i; exit}}' "$R/plan.txt")
 [ -n "$AUTO_N" ] || fail "moectl plan chose nothing for $VRAM_BUDGET"
 
 VRAM_PID=
@@ -179,17 +181,6 @@ cat smoke-bench.log
 grep -m3 -i "cuda\|offload\|error" smoke-worker.log
 stop_pid "$SMOKE"
 [ "$RC" = 0 ] || { tail -20 smoke-worker.log; fail "smoke test of the CUDA worker (moe-bench rc $RC)"; }
-
-if [[ " $PROFILES " == *" e2e "* ]]; then
-  stage "e2e: etcd + gateway + full and cpu-moe workers on one GPU (while llama-server builds)"
-  run_e2e || echo "e2e: failed" >>"$R/skipped.txt"
-fi
-
-stage "waiting for llama-server"
-while [ ! -f build.rc ]; do sleep 2; done
-[ "$(cat build.rc)" = 0 ] || { tail -20 build-llama-server.log; fail "building llama-server"; }
-"$SERVER" --version >"$R/llama-server-version.txt" 2>&1
-stage "llama-server: $(grep -m1 version "$R/llama-server-version.txt")"
 
 # Rough seconds one server needs for a profile (load + all levels), from GPU.md's reference numbers.
 estimate() { # PROFILE LEVELS
@@ -289,6 +280,17 @@ run_e2e() {
 
 echo -e "profile\tserver\tvram_base_mib\tvram_peak_mib\tseconds" >"$R/vram.tsv"
 python3 memory.py header >"$R/memory.md"
+if [[ " $PROFILES " == *" e2e "* ]]; then
+  stage "e2e: etcd + gateway + full and cpu-moe workers on one GPU (while llama-server builds)"
+  run_e2e || echo "e2e: failed" >>"$R/skipped.txt"
+fi
+
+stage "waiting for llama-server"
+while [ ! -f build.rc ]; do sleep 2; done
+[ "$(cat build.rc)" = 0 ] || { tail -20 build-llama-server.log; fail "building llama-server"; }
+"$SERVER" --version >"$R/llama-server-version.txt" 2>&1 || true
+stage "llama-server: $(grep -m1 version "$R/llama-server-version.txt")"
+
 for profile in $PROFILES; do
   left=$(( END_AT - $(date +%s) ))
   [ "$profile" = e2e ] && continue   # ran above

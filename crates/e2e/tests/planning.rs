@@ -38,6 +38,7 @@ fn moectl_plan(model: &std::path::Path) -> Planned {
     let rows = text
         .lines()
         .skip(2)
+        .filter(|l| !l.starts_with("host memory"))
         .map(|l| {
             let c: Vec<&str> = l.split_whitespace().collect();
             (
@@ -57,11 +58,12 @@ async fn moectl_plan_predicts_what_loading_takes_on_both_test_models() {
     let prefix = "/t-plan";
     for (id, model) in [("tiny", tiny_moe()), ("smol", smollm2_moe())] {
         let planned = moectl_plan(&model);
-        // Every profile splits the same weights between the accelerator and the host.
+        // Fewer host experts, more accelerator weights; never more than the file holds.
+        let gpu = |name: &str| planned.rows.iter().find(|r| r.0 == name).unwrap().2;
+        assert!(gpu("cpu-moe") < gpu("full"), "{id}");
         for (profile, _, gpu, host) in &planned.rows {
-            let sum = gpu + host;
             assert!(
-                (sum - planned.weights).abs() / planned.weights < 0.01,
+                gpu + host <= planned.weights * 1.01,
                 "{id} {profile}: {gpu} + {host} vs {}",
                 planned.weights
             );

@@ -294,8 +294,8 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         a.parallel
     );
     println!(
-        "{:<16} {:>10} {:>16} {:>16} {:>16}",
-        "PROFILE", "N_CPU_MOE", "GPU WEIGHTS", "GPU KV", "HOST EXPERTS"
+        "{:<16} {:>10} {:>16} {:>16} {:>16} {:>16} {:>16}",
+        "PROFILE", "N_CPU_MOE", "GPU WEIGHTS", "GPU KV", "HOST EXPERTS", "GPU COMPUTE", "GPU TOTAL"
     );
     let mut profiles = vec![OffloadProfile::Full, OffloadProfile::CpuMoe];
     if shape.n_layer > 1 {
@@ -306,20 +306,32 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         .map(|p| (p.to_string(), shape.plan(p.n_cpu_moe(shape.n_layer), a.ctx)))
         .collect();
     if let Some(budget) = a.vram_budget {
-        match shape.fit(budget.0, moe_common::plan::AUTO_RESERVE_BYTES, a.ctx) {
+        match shape.fit(
+            budget.0,
+            moe_common::plan::ACCELERATOR_OVERHEAD_BYTES,
+            a.ctx,
+        ) {
             Some(p) => rows.push((format!("auto@{budget}"), p)),
             None => eprintln!("auto: nothing fits {budget}"),
         }
     }
     for (name, p) in rows {
         println!(
-            "{:<16} {:>10} {:>16} {:>16} {:>16}",
+            "{:<16} {:>10} {:>16} {:>16} {:>16} {:>16} {:>16}",
             name,
             p.n_cpu_moe,
             ByteSize(p.device_weight_bytes).to_string(),
             ByteSize(p.kv_bytes).to_string(),
-            ByteSize(p.host_expert_bytes).to_string()
+            ByteSize(p.host_expert_bytes).to_string(),
+            ByteSize(p.compute_bytes).to_string(),
+            ByteSize(p.device_bytes() + moe_common::plan::ACCELERATOR_OVERHEAD_BYTES).to_string()
         );
     }
+    println!(
+        "host memory also holds the input embeddings ({}); GPU TOTAL adds {} per process for the \
+         CUDA context, cuBLAS and pools",
+        ByteSize(shape.input_embedding_bytes),
+        ByteSize(moe_common::plan::ACCELERATOR_OVERHEAD_BYTES)
+    );
     Ok(())
 }

@@ -47,7 +47,7 @@ pub fn build(
         },
         devices: model.devices.clone(),
         memory: MemoryInfo {
-            weight_bytes: plan.device_weight_bytes + plan.host_expert_bytes,
+            weight_bytes: plan.total_weight_bytes,
             kv_bytes: plan.kv_bytes,
             host_expert_bytes: plan.host_expert_bytes,
             host_experts_pinned: model.host_experts_pinned,

@@ -127,6 +127,9 @@ pub struct EngineHandle {
     jobs: mpsc::Sender<Command>,
     stats: watch::Receiver<EngineStats>,
     model: Arc<LoadedModel>,
+    /// The engine thread, joined by `shutdown` so that the context and model are freed (and the
+    /// GPU idle) before the process exits: CUDA aborts a kernel still running at exit.
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 pub(crate) enum Command {
@@ -153,8 +156,13 @@ impl EngineHandle {
         &self.model
     }
 
-    /// Cancels all remaining jobs and stops the engine thread.
+    /// Cancels all remaining jobs, stops the engine thread and waits until it has freed the
+    /// context and the model.
     pub async fn shutdown(&self) {
         let _ = self.jobs.send(Command::Shutdown).await;
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
     }
 }

@@ -24,6 +24,10 @@ pub struct BatcherConfig {
     /// While interactive sequences are decoding, batch prefill takes at most this many tokens of
     /// a step, so a long batch prompt never slows an interactive stream by more than a small step.
     pub batch_prefill_tokens_under_interactive: u32,
+    /// Sequence slots, and their share of the KV cache, that BATCH work may not take: an
+    /// INTERACTIVE request arriving while batch streams fill the worker is admitted at the next
+    /// step instead of waiting for a batch stream to finish.
+    pub interactive_reserved_sequences: u32,
     /// Requests waiting for admission at most; more are refused at once.
     pub max_queue: usize,
     /// How long a request may wait for admission before it is refused.
@@ -372,6 +376,9 @@ impl<T> Batcher<T> {
             if needed > self.config.kv_tokens - self.reserved {
                 break;
             }
+            if head.class == Class::Batch && !self.batch_may_take(needed) {
+                break;
+            }
             while needed > self.config.kv_tokens - self.reserved - self.cached_cells(Some(slot)) {
                 let victim = (0..self.cache.len())
                     .filter(|&i| i != slot && self.cache[i].is_some())
@@ -405,6 +412,20 @@ impl<T> Batcher<T> {
             });
             plan.admitted.push((slot, reused));
         }
+    }
+
+    /// Whether a BATCH request needing `needed` KV cells leaves the interactive reserve free:
+    /// `interactive_reserved_sequences` empty slots and their fair share of the KV cache.
+    fn batch_may_take(&self, needed: u32) -> bool {
+        let reserve = self.config.interactive_reserved_sequences;
+        if reserve == 0 {
+            return true;
+        }
+        let free_slots = self.slots.iter().filter(|s| s.is_none()).count() as u32;
+        let kv_share =
+            reserve as u64 * self.config.kv_tokens as u64 / self.config.max_sequences.max(1) as u64;
+        let kv_left = (self.config.kv_tokens - self.reserved) as u64 - needed as u64;
+        free_slots > reserve && kv_left >= kv_share
     }
 
     /// Records that a planned step was decoded: its tokens are now in the KV cache.
@@ -464,6 +485,7 @@ mod tests {
             kv_tokens: 100,
             step_tokens: 16,
             batch_prefill_tokens_under_interactive: 4,
+            interactive_reserved_sequences: 0,
             max_queue: 3,
             queue_timeout: Duration::from_secs(5),
         }
@@ -495,6 +517,58 @@ mod tests {
             }
         }
         plan
+    }
+
+    #[test]
+    fn batch_work_leaves_the_interactive_reserve_free() {
+        let mut b = Batcher::new(BatcherConfig {
+            max_sequences: 4,
+            interactive_reserved_sequences: 1,
+            max_queue: 10,
+            ..config()
+        });
+        let t = Instant::now();
+        for i in 0..4 {
+            b.enqueue(pending(2, 10, Class::Batch, i, t)).unwrap();
+        }
+        let plan = step(&mut b, t);
+        assert_eq!(
+            plan.admitted.len(),
+            3,
+            "one slot stays free for interactive work"
+        );
+        assert_eq!(b.queued(), 1);
+        b.enqueue(pending(2, 5, Class::Interactive, 9, t)).unwrap();
+        let plan = step(&mut b, t);
+        assert_eq!(
+            plan.admitted.len(),
+            1,
+            "interactive takes the reserved slot at once"
+        );
+        let slot = plan.admitted[0].0;
+        assert_eq!(b.seq_mut(slot).unwrap().class, Class::Interactive);
+    }
+
+    #[test]
+    fn batch_work_leaves_the_interactive_share_of_the_kv_cache() {
+        let mut b = Batcher::new(BatcherConfig {
+            max_sequences: 4,
+            kv_tokens: 100,
+            interactive_reserved_sequences: 1,
+            max_queue: 10,
+            ..config()
+        });
+        let t = Instant::now();
+        // 25 cells are the interactive share: a batch request for 80 must wait.
+        b.enqueue(pending(40, 40, Class::Batch, 1, t)).unwrap();
+        assert!(step(&mut b, t).admitted.is_empty());
+        b.enqueue(pending(40, 40, Class::Interactive, 2, t))
+            .unwrap();
+        let plan = step(&mut b, t);
+        assert_eq!(plan.admitted.len(), 1, "interactive work may use the share");
+        let slot = plan.admitted[0].0;
+        assert_eq!(b.seq_mut(slot).unwrap().class, Class::Interactive);
+        assert_eq!(b.queued(), 1, "the batch request still waits");
     }
 
     #[test]

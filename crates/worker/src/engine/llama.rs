@@ -21,7 +21,7 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::{LlamaBackendDeviceType, list_llama_ggml_backend_devices};
 use moe_common::gguf::GgufHeader;
 use moe_common::offload::OffloadProfile;
-use moe_common::plan::{AUTO_RESERVE_BYTES, MemoryPlan, ModelShape};
+use moe_common::plan::{ACCELERATOR_OVERHEAD_BYTES, MemoryPlan, ModelShape};
 use moe_common::registry::{DeviceInfo, DeviceKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -88,7 +88,7 @@ pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
     let (ready_tx, ready_rx) = oneshot::channel();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("moe-engine".into())
         .spawn(move || engine_thread(config, cmd_rx, stats_tx, ready_tx))
         .map_err(|e| EngineError::Load(format!("spawning engine thread: {e}")))?;
@@ -99,6 +99,7 @@ pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
         jobs: cmd_tx,
         stats: stats_rx,
         model: Arc::new(model),
+        thread: Arc::new(std::sync::Mutex::new(Some(thread))),
     })
 }
 
@@ -162,17 +163,14 @@ pub fn planned_devices(plan: &MemoryPlan) -> Vec<DeviceInfo> {
         .filter(|d| d.device_type != LlamaBackendDeviceType::Accelerator)
         .map(|d| {
             let kind = device_kind(d.device_type);
-            let (weight_bytes, kv_bytes) = match (has_gpu, kind) {
+            let (weight_bytes, kv_bytes, compute_bytes) = match (has_gpu, kind) {
                 // Without an accelerator everything sits in host memory.
-                (false, DeviceKind::Cpu) => (
-                    plan.device_weight_bytes + plan.host_expert_bytes,
-                    plan.kv_bytes,
-                ),
-                (true, DeviceKind::Cpu) => (plan.host_expert_bytes, 0),
+                (false, DeviceKind::Cpu) => (plan.total_weight_bytes, plan.kv_bytes, 0),
+                (true, DeviceKind::Cpu) => (plan.host_expert_bytes + plan.host_input_bytes, 0, 0),
                 (true, _) if d.index == first_gpu_index() => {
-                    (plan.device_weight_bytes, plan.kv_bytes)
+                    (plan.device_weight_bytes, plan.kv_bytes, plan.compute_bytes)
                 }
-                _ => (0, 0),
+                _ => (0, 0, 0),
             };
             DeviceInfo {
                 name: d.name,
@@ -183,6 +181,7 @@ pub fn planned_devices(plan: &MemoryPlan) -> Vec<DeviceInfo> {
                 weight_bytes,
                 planned_weight_bytes: weight_bytes,
                 kv_bytes,
+                compute_bytes,
                 ..Default::default()
             }
         })
@@ -303,7 +302,7 @@ fn plan_placement(config: &EngineConfig, shape: &ModelShape) -> Result<MemoryPla
                 .vram_budget
                 .ok_or_else(|| EngineError::Load("--offload auto needs --vram-budget".into()))?;
             shape
-                .fit(budget, AUTO_RESERVE_BYTES, config.ctx_size)
+                .fit(budget, ACCELERATOR_OVERHEAD_BYTES, config.ctx_size)
                 .ok_or_else(|| {
                     EngineError::Load(format!(
                         "model does not fit a VRAM budget of {budget} bytes even with every expert on the host"
@@ -420,6 +419,8 @@ fn engine_thread(
         kv_tokens: context_tokens,
         step_tokens: config.batch_size,
         batch_prefill_tokens_under_interactive: (config.batch_size / 4).max(config.parallel),
+        // One slot in 16 (4 of 64) stays free of batch work for interactive arrivals.
+        interactive_reserved_sequences: config.parallel / 16,
         max_queue: config.max_queue,
         queue_timeout: config.queue_timeout,
     });
