@@ -64,6 +64,16 @@ struct Devices {
     overhead: Family<DeviceLabels, Gauge>,
 }
 
+/// The load signals under the names vLLM exports and the Gateway API Inference Extension and
+/// autoscalers read; same sources as `moe_worker_queue_depth`, `moe_worker_active_sequences`
+/// and `moe_worker_kv_utilization`.
+#[derive(Default)]
+struct VllmCompat {
+    waiting: Gauge,
+    running: Gauge,
+    kv_usage: FloatGauge,
+}
+
 pub struct WorkerMetrics {
     requests: Family<OutcomeLabels, Counter>,
     ttft: HistogramFamily<ClassLabels>,
@@ -86,6 +96,7 @@ pub struct WorkerMetrics {
     state: Family<StateLabels, Gauge>,
     registered: Gauge,
     registrations: Counter,
+    vllm: VllmCompat,
 }
 
 impl WorkerMetrics {
@@ -113,6 +124,7 @@ impl WorkerMetrics {
             state: Family::default(),
             registered: Gauge::default(),
             registrations: Counter::default(),
+            vllm: VllmCompat::default(),
         }
     }
 
@@ -271,6 +283,21 @@ impl WorkerMetrics {
             "etcd leases granted: the first registration plus re-registrations after a lost lease",
             m.registrations.clone(),
         );
+        r.register(
+            "vllm:num_requests_waiting",
+            "Requests waiting for admission (vLLM's name; same value as moe_worker_queue_depth)",
+            m.vllm.waiting.clone(),
+        );
+        r.register(
+            "vllm:num_requests_running",
+            "Sequences in the batch (vLLM's name; same value as moe_worker_active_sequences)",
+            m.vllm.running.clone(),
+        );
+        r.register(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage, 0 to 1 (vLLM's name; same value as moe_worker_kv_utilization)",
+            m.vllm.kv_usage.clone(),
+        );
         Arc::new(m)
     }
 
@@ -330,6 +357,11 @@ impl WorkerMetrics {
         let used = c.context_tokens.saturating_sub(c.free_kv_tokens);
         self.kv_used.set(used as i64);
         self.kv_utilization
+            .set(used as f64 / c.context_tokens.max(1) as f64);
+        self.vllm.waiting.set(a.load.queued as i64);
+        self.vllm.running.set(a.load.active as i64);
+        self.vllm
+            .kv_usage
             .set(used as f64 / c.context_tokens.max(1) as f64);
         self.decode_tps.set(a.speed.decode_tokens_per_second);
         self.prefill_tps.set(a.speed.prefill_tokens_per_second);
@@ -449,6 +481,8 @@ mod tests {
         };
         advert.capacity.context_tokens = 100;
         advert.capacity.free_kv_tokens = 25;
+        advert.load.queued = 3;
+        advert.load.active = 2;
         m.advert(&advert);
         m.engine(&EngineStats::default(), &mut 0);
         m.registration(
@@ -459,7 +493,30 @@ mod tests {
             &mut 0,
         );
         let text = encode(&registry);
-        assert_catalogued(&text, include_str!("../../../docs/metrics.md"));
+        let catalogue = include_str!("../../../docs/metrics.md");
+        // The vllm: compatibility names are catalogued in their own table (checked below).
+        let ours: String = text
+            .lines()
+            .filter(|l| !l.contains("vllm:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_catalogued(&ours, catalogue);
+        for (name, value) in [
+            ("vllm:num_requests_waiting", "3"),
+            ("vllm:num_requests_running", "2"),
+            ("vllm:kv_cache_usage_perc", "0.75"),
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} gauge")),
+                "{name} is not a gauge: {text}"
+            );
+            let sample = format!("{name}{{worker=\"w\",model=\"m\",profile=\"full\"}} {value}");
+            assert!(text.contains(&sample), "no {sample} in {text}");
+            assert!(
+                catalogue.contains(&format!("| `{name}` | gauge |")),
+                "{name} is not in docs/metrics.md"
+            );
+        }
         assert!(text.contains(
             r#"moe_worker_device_memory_used_bytes{worker="w",model="m",profile="full",device="CUDA0",kind="gpu"} 60"#
         ), "{text}");
