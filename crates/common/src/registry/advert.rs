@@ -17,6 +17,17 @@ pub enum WorkerState {
     Draining,
 }
 
+impl WorkerState {
+    /// The name used in the advert JSON and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Draining => "draining",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
     /// Name requests use to pick this model (`GenerateRequest.model`).
@@ -49,6 +60,19 @@ pub enum DeviceKind {
     Accelerator,
     #[default]
     Unknown,
+}
+
+impl DeviceKind {
+    /// The name used in the advert JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Gpu => "gpu",
+            DeviceKind::IntegratedGpu => "integrated_gpu",
+            DeviceKind::Accelerator => "accelerator",
+            DeviceKind::Unknown => "unknown",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -283,5 +307,36 @@ pub(crate) mod tests {
             WorkerAdvert::from_json(key, &a.to_json().unwrap()),
             Err(AdvertError::Schema(99))
         );
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn as_str_matches_the_json_names() {
+        for s in [
+            WorkerState::Starting,
+            WorkerState::Ready,
+            WorkerState::Draining,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        for k in [
+            DeviceKind::Cpu,
+            DeviceKind::Gpu,
+            DeviceKind::IntegratedGpu,
+            DeviceKind::Accelerator,
+            DeviceKind::Unknown,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.as_str())
+            );
+        }
     }
 }

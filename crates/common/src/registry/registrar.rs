@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{EtcdConfig, RegistryError, WorkerAdvert};
+use crate::unix_ms;
 
 #[derive(Clone, Debug)]
 pub struct RegistrarConfig {
@@ -200,11 +201,4 @@ impl Session {
             }
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
