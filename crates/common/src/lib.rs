@@ -1,6 +1,7 @@
 //! Shared pieces of moe-cluster: the protobuf API, the etcd registry (advert schema, registrar,
 //! watcher), the GGUF reader used for planning, telemetry set-up and shutdown wiring.
 
+pub mod chat;
 pub mod class;
 pub mod codec;
 pub mod gguf;

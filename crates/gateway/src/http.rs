@@ -25,7 +25,7 @@ use tonic::Status;
 use crate::proxy::GatewayService;
 pub use error::ApiError;
 use error::OpenAiJson;
-use openai::{ChatRequest, CompletionRequest, Kind, Mapped, Shape};
+use openai::{Body, Kind, Mapped, Shape};
 
 /// Header that picks the latency class (`interactive` or `batch`).
 pub const LATENCY_CLASS_HEADER: &str = "x-moe-latency-class";
@@ -70,9 +70,9 @@ pub async fn serve_http(
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    OpenAiJson(body): OpenAiJson<ChatRequest>,
+    OpenAiJson(body): OpenAiJson<Body>,
 ) -> Result<Response, ApiError> {
-    let class = class_of(&headers, body.params.metadata.as_ref())?;
+    let class = class_of(&headers, body.metadata.as_ref())?;
     let mapped = openai::chat_request(body, class)?;
     respond(&state, Kind::Chat, mapped, &headers).await
 }
@@ -80,9 +80,9 @@ async fn chat_completions(
 async fn completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    OpenAiJson(body): OpenAiJson<CompletionRequest>,
+    OpenAiJson(body): OpenAiJson<Body>,
 ) -> Result<Response, ApiError> {
-    let class = class_of(&headers, body.params.metadata.as_ref())?;
+    let class = class_of(&headers, body.metadata.as_ref())?;
     let mapped = openai::completion_request(body, class)?;
     respond(&state, Kind::Completion, mapped, &headers).await
 }

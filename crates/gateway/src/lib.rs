@@ -102,6 +102,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // v1alpha too: grpcio-reflection and older grpcurl speak only that version.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_common::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let http_listener = match config.http_listen {
         Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
             std::io::Error::new(
@@ -135,6 +141,7 @@ pub async fn run(
         ))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             InferenceServer::new(service)
                 .max_decoding_message_size(config.limits.max_message_bytes),

@@ -5,6 +5,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use moe_common::chat::strict::StrictJsonError;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tonic::{Code, Status};
@@ -142,15 +143,27 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OpenAiJson<T> {
                 param: None,
                 code: None,
             })?;
-        serde_json::from_slice(&bytes)
-            .map(OpenAiJson)
-            .map_err(|e| ApiError {
+        match moe_common::chat::strict::from_slice(&bytes) {
+            Ok(v) => Ok(OpenAiJson(v)),
+            Err(StrictJsonError::Unknown(fields)) => {
+                let mut e = ApiError::invalid(
+                    fields[0].clone(),
+                    format!(
+                        "unsupported parameter(s): {} (this server refuses fields it does not implement; see docs/api.md)",
+                        fields.join(", ")
+                    ),
+                );
+                e.code = Some("unsupported_parameter");
+                Err(e)
+            }
+            Err(StrictJsonError::Syntax(e)) => Err(ApiError {
                 status: StatusCode::BAD_REQUEST,
                 kind: "invalid_request_error",
                 message: format!("the request body is not valid JSON for this endpoint: {e}"),
                 param: None,
                 code: None,
-            })
+            }),
+        }
     }
 }
 

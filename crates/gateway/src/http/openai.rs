@@ -15,11 +15,16 @@ pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// OpenAI's default temperature, used when a request sets none.
 pub const DEFAULT_TEMPERATURE: f32 = 1.0;
 
-/// Fields shared by `/v1/chat/completions` and `/v1/completions`. Fields not listed here are
-/// ignored, as OpenAI-compatible servers usually do.
+/// The body of `/v1/chat/completions` (`messages`) and `/v1/completions` (`prompt`). Every field
+/// the API accepts is listed here; any other field is refused with a 400 naming it (the body is
+/// parsed with `moe_common::chat::strict`), and the fields we accept only at their "off" value are
+/// checked in [`refuse_unsupported`]. Nothing is silently ignored.
 #[derive(Debug, Default, Deserialize)]
-pub struct Params {
-    #[serde(default)]
+pub struct Body {
+    /// Chat only.
+    pub messages: Option<Vec<ChatMessageIn>>,
+    /// Completions only: a string, or an array holding exactly one string.
+    pub prompt: Option<Value>,
     pub model: Option<String>,
     pub max_tokens: Option<u32>,
     pub max_completion_tokens: Option<u32>,
@@ -36,8 +41,23 @@ pub struct Params {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
-    /// OpenAI's free-form metadata; `latency_class` is read from it.
+    /// OpenAI's free-form metadata; `latency_class` is read from it, other keys are opaque.
     pub metadata: Option<Map<String, Value>>,
+    /// An end-user id for abuse tracking: accepted, has no effect on the output.
+    pub user: Option<String>,
+    /// Accepted only as `false`: nothing is stored.
+    pub store: Option<bool>,
+    // Accepted only at the value that turns them off (OpenAI SDKs and frameworks send explicit
+    // defaults); any other value is refused until it is implemented.
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Chat: a boolean; completions: the number of top log-probabilities.
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<u32>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,27 +74,11 @@ pub struct StreamOptions {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    pub messages: Vec<ChatMessageIn>,
-    #[serde(flatten)]
-    pub params: Params,
-}
-
-#[derive(Debug, Deserialize)]
 pub struct ChatMessageIn {
     pub role: String,
     /// A string, an array of content parts, or null (an assistant turn with tool calls only).
     #[serde(default)]
     pub content: Value,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct CompletionRequest {
-    /// A string, or an array holding exactly one string.
-    #[serde(default)]
-    pub prompt: Value,
-    #[serde(flatten)]
-    pub params: Params,
 }
 
 /// A request translated for `GatewayService::start`, with what the HTTP layer needs to answer.
@@ -92,15 +96,22 @@ pub enum Kind {
     Completion,
 }
 
-pub fn chat_request(body: ChatRequest, class: LatencyClass) -> Result<Mapped, ApiError> {
-    if body.messages.is_empty() {
+pub fn chat_request(mut body: Body, class: LatencyClass) -> Result<Mapped, ApiError> {
+    if body.prompt.is_some() {
+        return Err(unsupported(
+            "prompt",
+            "use messages on /v1/chat/completions",
+        ));
+    }
+    refuse_unsupported(&body, Kind::Chat)?;
+    let messages = body.messages.take().unwrap_or_default();
+    if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
             "messages must hold at least one message",
         ));
     }
-    let messages = body
-        .messages
+    let messages = messages
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
@@ -124,33 +135,94 @@ pub fn chat_request(body: ChatRequest, class: LatencyClass) -> Result<Mapped, Ap
         messages,
         ..Default::default()
     };
-    apply_params(request, body.params, class)
+    apply_params(request, body, class)
 }
 
-pub fn completion_request(
-    body: CompletionRequest,
-    class: LatencyClass,
-) -> Result<Mapped, ApiError> {
+pub fn completion_request(body: Body, class: LatencyClass) -> Result<Mapped, ApiError> {
+    if body.messages.is_some() {
+        return Err(unsupported("messages", "use prompt on /v1/completions"));
+    }
+    refuse_unsupported(&body, Kind::Completion)?;
     let not_one_string = || {
         ApiError::invalid(
             "prompt",
             "prompt must be a string or an array of exactly one string (token arrays and batches are not supported)",
         )
     };
-    let prompt = match body.prompt {
-        Value::String(s) => s,
-        Value::Array(a) => match <[Value; 1]>::try_from(a) {
-            Ok([Value::String(s)]) => s,
+    let prompt = match &body.prompt {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) => match a.as_slice() {
+            [Value::String(s)] => s.clone(),
             _ => return Err(not_one_string()),
         },
-        Value::Null => return Err(ApiError::invalid("prompt", "prompt is required")),
+        None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "prompt is required")),
         _ => return Err(not_one_string()),
     };
     let request = GenerateRequest {
         prompt,
         ..Default::default()
     };
-    apply_params(request, body.params, class)
+    apply_params(request, body, class)
+}
+
+/// 400 naming a parameter this server does not implement (or not with that value).
+pub fn unsupported(param: &str, detail: &str) -> ApiError {
+    let mut e = ApiError::invalid(
+        param,
+        format!("unsupported parameter: {param} is not supported by this server ({detail})"),
+    );
+    e.code = Some("unsupported_parameter");
+    e
+}
+
+/// Refuses fields that are accepted only at the value that turns them off.
+fn refuse_unsupported(b: &Body, kind: Kind) -> Result<(), ApiError> {
+    let off_f32 = |v: Option<f32>| v.is_none_or(|x| x == 0.0);
+    if b.store == Some(true) {
+        return Err(unsupported("store", "completions are never stored"));
+    }
+    if !off_f32(b.presence_penalty) {
+        return Err(unsupported("presence_penalty", "only 0 is accepted"));
+    }
+    if !off_f32(b.frequency_penalty) {
+        return Err(unsupported("frequency_penalty", "only 0 is accepted"));
+    }
+    let logprobs_off = match (&b.logprobs, kind) {
+        (None | Some(Value::Null), _) => true,
+        (Some(Value::Bool(false)), Kind::Chat) => true,
+        (Some(v), Kind::Completion) => v.as_u64() == Some(0),
+        _ => false,
+    };
+    if !logprobs_off {
+        return Err(unsupported(
+            "logprobs",
+            "log-probabilities are not returned",
+        ));
+    }
+    if b.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(unsupported(
+            "top_logprobs",
+            "log-probabilities are not returned",
+        ));
+    }
+    if let Some(f) = &b.response_format {
+        let t = f.get("type").and_then(Value::as_str);
+        if t != Some("text") || f.as_object().is_some_and(|o| o.len() > 1) {
+            return Err(unsupported(
+                "response_format",
+                "only {\"type\": \"text\"} is accepted",
+            ));
+        }
+    }
+    if b.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(unsupported("tools", "tool calling is not implemented"));
+    }
+    match &b.tool_choice {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s == "none" || s == "auto" => {}
+        Some(_) => return Err(unsupported("tool_choice", "there are no tools")),
+    }
+    Ok(())
 }
 
 /// The text of a chat message's content: text parts are joined with newlines.
@@ -176,7 +248,7 @@ fn message_text(content: &Value) -> Option<String> {
 
 fn apply_params(
     mut request: GenerateRequest,
-    p: Params,
+    p: Body,
     class: LatencyClass,
 ) -> Result<Mapped, ApiError> {
     if let Some(n) = p.n
@@ -392,8 +464,13 @@ mod tests {
             "stream": true,
             "stream_options": {"include_usage": true},
             "n": 1,
-            "presence_penalty": 0.5,
-            "user": "ignored",
+            "presence_penalty": 0,
+            "logprobs": false,
+            "response_format": {"type": "text"},
+            "tool_choice": "none",
+            "tools": [],
+            "store": false,
+            "user": "no effect",
         }))
         .unwrap();
         let r = &m.request;
@@ -469,6 +546,48 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some("prompt"), "{bad}");
             assert_eq!(e.status.as_u16(), 400);
         }
+    }
+
+    #[test]
+    fn unsupported_values_are_refused_naming_the_parameter() {
+        let msgs = json!([{"role": "user", "content": "x"}]);
+        for (field, value) in [
+            ("presence_penalty", json!(0.5)),
+            ("frequency_penalty", json!(-1)),
+            ("logprobs", json!(true)),
+            ("top_logprobs", json!(2)),
+            ("response_format", json!({"type": "json_object"})),
+            (
+                "tools",
+                json!([{"type": "function", "function": {"name": "f"}}]),
+            ),
+            ("tool_choice", json!("required")),
+            ("store", json!(true)),
+            ("prompt", json!("x")),
+        ] {
+            let mut body = json!({"messages": msgs});
+            body[field] = value;
+            let e = chat(body).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(field)));
+            assert_eq!(e.code, Some("unsupported_parameter"), "{field}");
+        }
+        let e = completion(json!({"prompt": "x", "logprobs": 1})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("logprobs"));
+        let e = completion(json!({"prompt": "x", "messages": msgs})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        assert!(completion(json!({"prompt": "x", "logprobs": 0})).is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_the_body_parser() {
+        let e = moe_common::chat::strict::from_slice::<Body>(
+            br#"{"messages": [{"role": "user", "content": "x", "name": "bob"}], "logit_bias": {}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unsupported field(s): messages[0].name, logit_bias"
+        );
     }
 
     #[test]
