@@ -90,10 +90,106 @@ check() {
 lint() { "$helm" lint --strict --kube-version "$kube_version" "$chart" "$@"; }
 render() { "$helm" template moe "$chart" --namespace moe --kube-version "$kube_version" "$@"; }
 
-# render_validate ARGS...: render and validate every document strictly.
+# render_validate ARGS...: render and validate every document strictly (CRD kinds by name).
 render_validate() {
   render "$@" >"$work/out.yaml" || return 1
-  "$py" "$validate" --quiet "$work/out.yaml"
+  "$py" "$validate" --quiet --allow-kind ServiceMonitor --allow-kind ScaledObject "$work/out.yaml"
+}
+
+# autoscalers_wired: checks $work/out.yaml (rendered by render_validate). Every ScaledObject
+# targets a rendered worker Deployment that has no replicas field and no HPA, its replica range is
+# sane, and each trigger is a Prometheus query with a numeric threshold on catalogued worker
+# metrics of its own pool. Every HPA targets a rendered Deployment. Fails without a ScaledObject.
+autoscalers_wired() {
+  "$py" - "$work/out.yaml" "$root/docs/metrics.md" <<'EOF'
+import re, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+catalogue = set(re.findall(r"^\| `(moe_[a-z0-9_]+)` \|", open(sys.argv[2]).read(), re.M))
+deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+hpas = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+sos = [d for d in docs if d["kind"] == "ScaledObject"]
+bad = [] if sos else ["no ScaledObject rendered"]
+for so in sos:
+    name, spec = so["metadata"]["name"], so["spec"]
+    target = spec["scaleTargetRef"]["name"]
+    dep = deps.get(target)
+    if dep is None:
+        bad.append(f"{name}: targets {target}, which is not a rendered Deployment")
+        continue
+    pool = dep["spec"]["template"]["metadata"]["labels"]["moe-cluster.io/pool"]
+    if "replicas" in dep["spec"]:
+        bad.append(f"{name}: Deployment {target} sets replicas (it would fight KEDA)")
+    if target in hpas:
+        bad.append(f"{name}: Deployment {target} also has an HPA")
+    if not 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]:
+        bad.append(f"{name}: replica range {spec['minReplicaCount']}-{spec['maxReplicaCount']}")
+    for t in spec["triggers"]:
+        md, q = t["metadata"], t["metadata"]["query"]
+        if t["type"] != "prometheus" or not md["serverAddress"].startswith(("http://", "https://")):
+            bad.append(f"{name}/{t['name']}: not a prometheus trigger with an http(s) server")
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", md["threshold"]):
+            bad.append(f"{name}/{t['name']}: threshold {md['threshold']!r} is not a number")
+        if f'moe_cluster_io_pool="{pool}"' not in q:
+            bad.append(f"{name}/{t['name']}: query does not select pool {pool}: {q}")
+        names = [re.sub(r"_bucket$", "", n) for n in re.findall(r"\b(moe_[a-z0-9_]+)\{", q)]
+        if not names or any(n not in catalogue for n in names):
+            bad.append(f"{name}/{t['name']}: query names no catalogued metric: {q}")
+for d in docs:
+    if d["kind"] == "HorizontalPodAutoscaler" and d["spec"]["scaleTargetRef"]["name"] not in deps:
+        bad.append(f"HPA {d['metadata']['name']} targets no rendered Deployment")
+sys.exit("\n".join(bad) if bad else 0)
+EOF
+}
+
+keda_all_features() {
+  render_validate -a monitoring.coreos.com/v1 -f "$all_features" && autoscalers_wired
+}
+
+# keda_defaults_by_profile: with KEDA on for the default pools, the full pool scales on queue and
+# ttft, the cpu-moe pool on kv, and no worker HPA is rendered.
+keda_defaults_by_profile() {
+  render_validate --set workerDefaults.autoscaling.keda.enabled=true \
+    --set workerDefaults.autoscaling.keda.serverAddress=http://prometheus:9090 || return 1
+  autoscalers_wired || return 1
+  "$py" - "$work/out.yaml" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+got = {d["metadata"]["labels"]["moe-cluster.io/offload-profile"]: [t["name"] for t in d["spec"]["triggers"]]
+       for d in docs if d["kind"] == "ScaledObject"}
+want = {"full": ["queue", "ttft"], "cpu-moe": ["kv"]}
+hpa = [d["metadata"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+       and d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+sys.exit(f"signals {got}, want {want}; worker HPAs {hpa}" if got != want or hpa else 0)
+EOF
+}
+
+# hpa_variant_has_no_scaledobject: the HPA variant renders HPAs and no ScaledObject.
+hpa_variant_has_no_scaledobject() {
+  render_validate --set workerDefaults.autoscaling.enabled=true || return 1
+  has_kind HorizontalPodAutoscaler && lacks_kind ScaledObject
+}
+
+# etcd_recovery_wired: the bundled etcd runs etcd-start.sh through busybox with every member's
+# client URL, and the ConfigMap carries files/etcd-start.sh unchanged.
+etcd_recovery_wired() {
+  render >"$work/etcd.yaml" || return 1
+  "$py" - "$work/etcd.yaml" "$chart/files/etcd-start.sh" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+sts = next(d for d in docs if d["kind"] == "StatefulSet")
+cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-etcd-scripts"))
+c = sts["spec"]["template"]["spec"]["containers"][0]
+env = {e["name"]: e.get("value") for e in c["env"]}
+bad = []
+if c["command"] != ["/moe-tools/busybox", "sh", "/moe-scripts/etcd-start.sh"]:
+    bad.append(f"command {c['command']}")
+if cm["data"]["etcd-start.sh"].rstrip("\n") != open(sys.argv[2]).read().rstrip("\n"):
+    bad.append("ConfigMap script differs from files/etcd-start.sh")
+eps = (env.get("MOE_ETCD_RECOVERY_ENDPOINTS") or "").split(",")
+if len(eps) != sts["spec"]["replicas"]:
+    bad.append(f"MOE_ETCD_RECOVERY_ENDPOINTS {eps} for {sts['spec']['replicas']} members")
+sys.exit("; ".join(bad) if bad else 0)
+EOF
 }
 
 # pools_wired VALUES_FILE...: every pool renders a Deployment with its offload and profile label.
@@ -195,6 +291,19 @@ check "render+validate tests/all-features.yaml (+monitoring.coreos.com/v1)" \
 check "render+validate serviceMonitor+networkPolicy+dashboard (+monitoring.coreos.com/v1)" \
   sm_rendered_with_capability
 check "no ServiceMonitor without monitoring.coreos.com/v1" sm_skipped_without_capability
+check "autoscaling (KEDA): tests/all-features.yaml ScaledObject wired" keda_all_features
+check "autoscaling (KEDA): defaults by profile (full: queue+ttft, cpu-moe: kv), no worker HPA" \
+  keda_defaults_by_profile
+check "autoscaling (HPA): HPAs and no ScaledObject" hpa_variant_has_no_scaledobject
+check "etcd member recovery wired into the StatefulSet" etcd_recovery_wired
+if [[ ${CHECK_ETCD_RECOVERY:-1} == 0 ]]; then
+  echo "skip etcd member recovery against a real etcd (CHECK_ETCD_RECOVERY=0)"
+elif ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  echo "skip etcd member recovery against a real etcd (no etcd/etcdctl on PATH)"
+else
+  check "etcd member recovery against a real 3-member etcd (about 90 s)" \
+    "$chart/tests/etcd-member-recovery.sh"
+fi
 check "kubeVersion floor: renders for 1.27.0" "$helm" template moe "$chart" --kube-version 1.27.0
 check "kubeVersion floor: refuses 1.26.0" \
   bash -c '! "$0" template moe "$1" --kube-version 1.26.0 >/dev/null 2>&1' "$helm" "$chart"

@@ -214,6 +214,33 @@ grpc:
 {{- end }}
 {{- end }}
 
+{{/* TLS between gateways and workers ---------------------------------------------------------- */}}
+
+{{/* The name gateways verify worker certificates against (workers are dialled by pod IP). */}}
+{{- define "moe.tls.workerServerName" -}}
+{{- default (printf "%s-worker.%s.svc" (include "moe.fullname" .) .Release.Namespace) .Values.tls.worker.serverName }}
+{{- end }}
+
+{{/* Fails on worker TLS settings that cannot work together (rendered by the gateway and worker templates). */}}
+{{- define "moe.tls.workerChecks" -}}
+{{- $w := .Values.tls.worker }}
+{{- if and $w.enabled (not $w.existingSecret) }}
+{{- include "moe.fail" "tls.worker.enabled needs tls.worker.existingSecret" }}
+{{- end }}
+{{- if and $w.requireClientCert (not $w.enabled) }}
+{{- include "moe.fail" "tls.worker.requireClientCert needs tls.worker.enabled" }}
+{{- end }}
+{{- if and $w.requireClientCert (not $w.clientSecret) }}
+{{- include "moe.fail" "tls.worker.requireClientCert needs tls.worker.clientSecret: the gateways' client certificate (tls.crt/tls.key) issued by the CA in tls.worker.existingSecret's ca.crt" }}
+{{- end }}
+{{- if and $w.clientSecret (not $w.enabled) }}
+{{- include "moe.fail" "tls.worker.clientSecret is set but tls.worker.enabled is false" }}
+{{- end }}
+{{- if and $w.serverName (not $w.enabled) }}
+{{- include "moe.fail" "tls.worker.serverName is set but tls.worker.enabled is false" }}
+{{- end }}
+{{- end }}
+
 {{/* workers ---------------------------------------------------------------------------------- */}}
 
 {{/*
@@ -221,6 +248,7 @@ The worker pools with workerDefaults merged in, checked, and derived fields adde
   .profileLabel        label-safe offload profile
   .fullname            Deployment/HPA/PDB name
   .tgps                terminationGracePeriodSeconds
+  .kedaSignals         the KEDA signals (autoscaling.keda.signals, or by profile)
 Use as: (include "moe.workerPools" . | fromJson).pools; .errors lists invalid settings (reported by
 worker-deployment.yaml through moe.fail).
 */}}
@@ -259,6 +287,19 @@ worker-deployment.yaml through moe.fail).
 {{- if and $pool.autoscaling.enabled (lt (int $pool.autoscaling.maxReplicas) (int $pool.autoscaling.minReplicas)) }}
 {{- $errors = append $errors (printf "workerPools[%s].autoscaling.maxReplicas must be >= minReplicas" $p.name) }}
 {{- end }}
+{{- $k := $pool.autoscaling.keda }}
+{{- if $k.enabled }}
+{{- if $pool.autoscaling.enabled }}
+{{- $errors = append $errors (printf "workerPools[%s]: autoscaling.enabled (HPA) and autoscaling.keda.enabled are mutually exclusive (KEDA creates its own HPA)" $p.name) }}
+{{- end }}
+{{- if not $k.serverAddress }}
+{{- $errors = append $errors (printf "workerPools[%s]: autoscaling.keda.enabled needs autoscaling.keda.serverAddress (the Prometheus URL)" $p.name) }}
+{{- end }}
+{{- if lt (int $pool.autoscaling.maxReplicas) (int $pool.autoscaling.minReplicas) }}
+{{- $errors = append $errors (printf "workerPools[%s].autoscaling.maxReplicas must be >= minReplicas" $p.name) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $pool "kedaSignals" ($k.signals | default (ternary (list "queue" "ttft") (list "kv") (eq $pool.offload "full"))) }}
 {{- $pools = append $pools $pool }}
 {{- end }}
 {{- dict "pools" $pools "errors" $errors | toJson }}
