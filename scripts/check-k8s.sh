@@ -169,6 +169,36 @@ hpa_variant_has_no_scaledobject() {
   has_kind HorizontalPodAutoscaler && lacks_kind ScaledObject
 }
 
+# notes_warn: helm install's NOTES carry the SECURITY WARNING with the defaults (and name the API
+# keys), and none with tests/all-features.yaml, where every protection is on.
+notes_warn() {
+  local out
+  out=$("$helm" install moe "$chart" --dry-run=client --namespace moe) \
+    || return 1
+  grep -q "SECURITY WARNING" <<<"$out" && grep -q "gateway.apiKeys.enabled is false" <<<"$out" \
+    || { echo "defaults: no SECURITY WARNING in NOTES"; return 1; }
+  out=$("$helm" install moe "$chart" --dry-run=client --namespace moe \
+    -f "$all_features") || return 1
+  ! grep -q "SECURITY WARNING" <<<"$out" || { echo "all-features: unexpected SECURITY WARNING"; return 1; }
+}
+
+# gateway_termination_wired ARGS...: the gateway has a preStop sleep, --drain-grace, and a grace
+# period longer than both together.
+gateway_termination_wired() {
+  render "$@" >"$work/gw.yaml" || return 1
+  "$py" - "$work/gw.yaml" <<'EOF'
+import sys, yaml
+d = next(d for d in yaml.safe_load_all(open(sys.argv[1]))
+         if d and d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-gateway"))
+pod = d["spec"]["template"]["spec"]
+c = pod["containers"][0]
+sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+grace = [int(a.split("=", 1)[1]) for a in c.get("args", []) if a.startswith("--drain-grace=")]
+if len(grace) != 1 or not pod["terminationGracePeriodSeconds"] > sleep + grace[0]:
+    sys.exit(f"preStop {sleep}s, --drain-grace {grace}, grace period {pod['terminationGracePeriodSeconds']}")
+EOF
+}
+
 # etcd_recovery_wired: the bundled etcd runs etcd-start.sh through busybox with every member's
 # client URL, and the ConfigMap carries files/etcd-start.sh unchanged.
 etcd_recovery_wired() {
@@ -296,6 +326,10 @@ check "autoscaling (KEDA): defaults by profile (full: queue+ttft, cpu-moe: kv), 
   keda_defaults_by_profile
 check "autoscaling (HPA): HPAs and no ScaledObject" hpa_variant_has_no_scaledobject
 check "etcd member recovery wired into the StatefulSet" etcd_recovery_wired
+check "NOTES: SECURITY WARNING with defaults, none with every protection on" notes_warn
+check "gateway termination: preStop + --drain-grace < grace period (defaults)" gateway_termination_wired
+check "gateway termination: preStop + --drain-grace < grace period (all-features)" \
+  gateway_termination_wired -f "$all_features"
 if [[ ${CHECK_ETCD_RECOVERY:-1} == 0 ]]; then
   echo "skip etcd member recovery against a real etcd (CHECK_ETCD_RECOVERY=0)"
 elif ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
