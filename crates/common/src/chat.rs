@@ -4,6 +4,7 @@
 //! too) and hold back only what may still become a marker.
 
 mod delta;
+pub mod grammar;
 pub mod harmony;
 pub mod parser;
 pub mod strict;
