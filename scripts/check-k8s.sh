@@ -182,8 +182,8 @@ notes_warn() {
   ! grep -q "SECURITY WARNING" <<<"$out" || { echo "all-features: unexpected SECURITY WARNING"; return 1; }
 }
 
-# gateway_termination_wired ARGS...: the gateway has a preStop sleep, --drain-grace, and a grace
-# period longer than both together.
+# gateway_termination_wired ARGS...: the gateway has a preStop sleep, a drain grace
+# (MOE_DRAIN_GRACE, i.e. --drain-grace), and a grace period longer than both together.
 gateway_termination_wired() {
   render "$@" >"$work/gw.yaml" || return 1
   "$py" - "$work/gw.yaml" <<'EOF'
@@ -193,9 +193,9 @@ d = next(d for d in yaml.safe_load_all(open(sys.argv[1]))
 pod = d["spec"]["template"]["spec"]
 c = pod["containers"][0]
 sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
-grace = [int(a.split("=", 1)[1]) for a in c.get("args", []) if a.startswith("--drain-grace=")]
+grace = [int(e["value"]) for e in c["env"] if e["name"] == "MOE_DRAIN_GRACE"]
 if len(grace) != 1 or not pod["terminationGracePeriodSeconds"] > sleep + grace[0]:
-    sys.exit(f"preStop {sleep}s, --drain-grace {grace}, grace period {pod['terminationGracePeriodSeconds']}")
+    sys.exit(f"preStop {sleep}s, MOE_DRAIN_GRACE {grace}, grace period {pod['terminationGracePeriodSeconds']}")
 EOF
 }
 
@@ -327,8 +327,8 @@ check "autoscaling (KEDA): defaults by profile (full: queue+ttft, cpu-moe: kv), 
 check "autoscaling (HPA): HPAs and no ScaledObject" hpa_variant_has_no_scaledobject
 check "etcd member recovery wired into the StatefulSet" etcd_recovery_wired
 check "NOTES: SECURITY WARNING with defaults, none with every protection on" notes_warn
-check "gateway termination: preStop + --drain-grace < grace period (defaults)" gateway_termination_wired
-check "gateway termination: preStop + --drain-grace < grace period (all-features)" \
+check "gateway termination: preStop + drain grace < grace period (defaults)" gateway_termination_wired
+check "gateway termination: preStop + drain grace < grace period (all-features)" \
   gateway_termination_wired -f "$all_features"
 if [[ ${CHECK_ETCD_RECOVERY:-1} == 0 ]]; then
   echo "skip etcd member recovery against a real etcd (CHECK_ETCD_RECOVERY=0)"
