@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
-use crate::config::{BenchConfig, Class};
+use crate::config::BenchConfig;
 use crate::report::BackgroundReport;
+use moe_common::LatencyClass;
 
 /// At most this many requests per background loop.
 const MAX_REQUESTS_PER_LOOP: u64 = 10_000;
@@ -52,7 +53,8 @@ impl Background {
                         return;
                     }
                     let index = super::INDEX_STRIDE * (500 + u64::from(k)) + n;
-                    let spec = super::spec(&config, Class::Batch, index, Some(streaming.clone()));
+                    let spec =
+                        super::spec(&config, LatencyClass::Batch, index, Some(streaming.clone()));
                     let outcome = tokio::select! {
                         r = client.generate(&spec, config.request_timeout) => r,
                         () = stop.cancelled() => return,

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::config::Class;
 use crate::target::Target;
+use moe_common::LatencyClass;
 
 /// What one request asks for.
 #[derive(Clone, Debug)]
 pub struct RequestSpec {
     pub prompt: String,
     pub max_tokens: u32,
-    pub class: Class,
+    pub class: LatencyClass,
     /// Incremented while this request streams (from its first token to its end): lets the
     /// background load say how many of its streams are really decoding.
     pub streaming: Option<Arc<AtomicU32>>,

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use moe_common::LatencyClass;
 
 use crate::target::Target;
 
@@ -33,8 +34,8 @@ pub struct BenchConfig {
     #[arg(long, env = "MOE_BENCH_MAX_TOKENS", default_value_t = 64)]
     pub max_tokens: u32,
     /// Latency class of the measured requests (gRPC only).
-    #[arg(long, env = "MOE_BENCH_CLASS", value_enum, default_value_t = Class::Interactive)]
-    pub class: Class,
+    #[arg(long, env = "MOE_BENCH_CLASS", value_enum, default_value_t = LatencyClass::Interactive)]
+    pub class: LatencyClass,
     /// Unmeasured requests sent one at a time before the first level.
     #[arg(long, env = "MOE_BENCH_WARMUP", default_value_t = 1)]
     pub warmup: u32,
@@ -61,14 +62,6 @@ pub struct BenchConfig {
     /// Free-form label stored in the report (e.g. "worker", "llama-server", "gateway").
     #[arg(long, env = "MOE_BENCH_LABEL", default_value = "")]
     pub label: String,
-}
-
-/// Latency class of the measured requests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Class {
-    Interactive,
-    Batch,
 }
 
 /// Upper bounds that keep every run finite.

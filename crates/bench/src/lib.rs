@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::background::Background;
 use crate::client::{BenchError, Client, RequestSpec};
-use crate::config::{BenchConfig, Class};
+use crate::config::BenchConfig;
 use crate::report::{LevelAccumulator, LevelReport, Report};
+use moe_common::LatencyClass;
 
 /// Prompt indexes of different phases never overlap, so no prompt is sent twice.
 const INDEX_STRIDE: u64 = 1_000_000;
@@ -109,12 +110,12 @@ async fn wait_ready(
 
 fn spec(
     config: &BenchConfig,
-    class: Class,
+    class: LatencyClass,
     index: u64,
     streaming: Option<Arc<AtomicU32>>,
 ) -> RequestSpec {
     let max_tokens = match class {
-        Class::Batch if streaming.is_some() => config.background_max_tokens,
+        LatencyClass::Batch if streaming.is_some() => config.background_max_tokens,
         _ => config.max_tokens,
     };
     RequestSpec {

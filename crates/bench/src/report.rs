@@ -162,7 +162,7 @@ pub struct BackgroundReport {
 pub struct Report {
     pub label: String,
     pub target: String,
-    pub class: crate::config::Class,
+    pub class: moe_common::LatencyClass,
     pub prompt_tokens_requested: u32,
     pub max_tokens: u32,
     pub requests_per_level: u32,

@@ -63,6 +63,66 @@ impl RegistryError {
     }
 }
 
+/// The etcd flags, the same on every binary that talks to etcd (gateway, worker, `moectl
+/// workers`, `moectl top`): `--etcd`, `--etcd-prefix`, `--etcd-user`, `--etcd-password` and the
+/// TLS flags. `--etcd` has no default here: each binary says what an empty list means
+/// ([`EtcdArgs::require`], [`EtcdArgs::or_local`], or "unregistered" on the worker).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints (comma-separated or repeated).
+    #[arg(long, env = "MOE_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// etcd key prefix of the cluster.
+    #[arg(long, env = "MOE_ETCD_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// etcd user name (with --etcd-password).
+    #[arg(long, env = "MOE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// etcd password (with --etcd-user).
+    #[arg(long, env = "MOE_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    #[command(flatten)]
+    pub etcd_tls: EtcdTlsArgs,
+}
+
+/// Where `moectl` looks for etcd when `--etcd` is not given.
+pub const LOCAL_ETCD: &str = "http://127.0.0.1:2379";
+
+impl EtcdArgs {
+    /// Cross-flag checks clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.etcd_user.is_some() != self.etcd_password.is_some() {
+            return Err("--etcd-user and --etcd-password go together".into());
+        }
+        Ok(())
+    }
+
+    /// [`EtcdArgs::validate`], and at least one endpoint.
+    pub fn require(&self) -> Result<(), String> {
+        if self.etcd.is_empty() {
+            return Err("--etcd (or MOE_ETCD) is required".into());
+        }
+        self.validate()
+    }
+
+    /// With no `--etcd`, the local default [`LOCAL_ETCD`].
+    pub fn or_local(mut self) -> Self {
+        if self.etcd.is_empty() {
+            self.etcd.push(LOCAL_ETCD.to_string());
+        }
+        self
+    }
+
+    /// How to reach etcd as these flags say.
+    pub fn config(&self) -> EtcdConfig {
+        let mut c = EtcdConfig::new(self.etcd.clone());
+        c.prefix = self.etcd_prefix.clone();
+        c.user = self.etcd_user.clone().zip(self.etcd_password.clone());
+        c.tls = self.etcd_tls.files();
+        c
+    }
+}
+
 /// etcd TLS flags, the same on every binary that talks to etcd.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct EtcdTlsArgs {

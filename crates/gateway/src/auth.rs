@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use moe_common::pb::{GenerateRequest, LatencyClass};
+use moe_common::LatencyClass;
+use moe_common::pb::GenerateRequest;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -282,10 +283,7 @@ impl ApiKeys {
                 )));
             }
         }
-        let class = match LatencyClass::try_from(req.latency_class) {
-            Ok(LatencyClass::Batch) => LatencyClass::Batch,
-            _ => LatencyClass::Interactive,
-        };
+        let class = LatencyClass::try_from(req.latency_class).unwrap_or_default();
         if let Some(classes) = &spec.classes
             && !classes.contains(&class)
         {
@@ -293,7 +291,7 @@ impl ApiKeys {
             return Err(Status::permission_denied(format!(
                 "API key {} may not use latency class {}",
                 spec.name,
-                keys::class_name(class)
+                class.as_str()
             )));
         }
         let stream = match &k.streams {

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use moe_common::registry::EtcdArgs;
 use moe_common::request::parse_duration_flag;
 
 use crate::scheduler::Spill;
@@ -19,16 +20,9 @@ pub struct GatewayConfig {
     /// Address the OpenAI-compatible HTTP API listens on (off when unset).
     #[arg(long, env = "MOE_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
-    /// etcd endpoints (comma-separated or repeated).
-    #[arg(long, env = "MOE_ETCD", value_delimiter = ',', required = true)]
-    pub etcd: Vec<String>,
-    /// etcd key prefix of the cluster.
-    #[arg(long, env = "MOE_ETCD_PREFIX", default_value = moe_common::registry::DEFAULT_PREFIX)]
-    pub etcd_prefix: String,
-    #[arg(long, env = "MOE_ETCD_USER")]
-    pub etcd_user: Option<String>,
-    #[arg(long, env = "MOE_ETCD_PASSWORD", hide_env_values = true)]
-    pub etcd_password: Option<String>,
+    /// etcd endpoints (required), prefix, credentials and TLS.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Address of the Prometheus /metrics endpoint (off when unset).
     #[arg(long, env = "MOE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -54,8 +48,6 @@ pub struct GatewayConfig {
     #[command(flatten)]
     pub security: crate::security::SecurityArgs,
     #[command(flatten)]
-    pub etcd_tls: moe_common::registry::EtcdTlsArgs,
-    #[command(flatten)]
     pub telemetry: moe_common::telemetry::TelemetryConfig,
 }
 
@@ -68,9 +60,7 @@ impl GatewayConfig {
         if self.max_attempts == 0 {
             return Err("--max-attempts must be at least 1".into());
         }
-        if self.etcd_user.is_some() != self.etcd_password.is_some() {
-            return Err("--etcd-user and --etcd-password go together".into());
-        }
+        self.etcd.require()?;
         self.limits.validate()?;
         self.security.validate()?;
         Ok(())

@@ -15,7 +15,7 @@ pub mod sim;
 use std::sync::Arc;
 
 use moe_common::pb::v1::inference_server::InferenceServer;
-use moe_common::registry::{EtcdConfig, RegistryError, Watcher};
+use moe_common::registry::{RegistryError, Watcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -42,10 +42,7 @@ pub async fn run(
     shutdown: CancellationToken,
     listener: TcpListener,
 ) -> Result<(), GatewayError> {
-    let mut etcd = EtcdConfig::new(config.etcd.clone());
-    etcd.prefix = config.etcd_prefix.clone();
-    etcd.user = config.etcd_user.clone().zip(config.etcd_password.clone());
-    etcd.tls = config.etcd_tls.files();
+    let etcd = config.etcd.config();
     let watcher_stop = CancellationToken::new();
     let security = security::Security::load(&config.security, watcher_stop.clone())?;
     let watcher = Watcher::start(etcd, watcher_stop.clone()).await?;

@@ -14,7 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::scheduler::{Class, ScheduleError};
+use crate::scheduler::ScheduleError;
+use moe_common::LatencyClass;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -85,13 +86,6 @@ pub struct GatewayMetrics {
     retry_budget_exhausted: Counter,
     workers: Family<WorkerPoolLabels, Gauge>,
     rejected_adverts: Gauge,
-}
-
-pub fn class_label(class: Class) -> &'static str {
-    match class {
-        Class::Interactive => "interactive",
-        Class::Batch => "batch",
-    }
 }
 
 fn schedule_error_label(e: &ScheduleError) -> &'static str {
@@ -188,11 +182,11 @@ impl GatewayMetrics {
         }
     }
 
-    pub fn request_finished(&self, model: &str, class: Class, code: tonic::Code) {
+    pub fn request_finished(&self, model: &str, class: LatencyClass, code: tonic::Code) {
         self.requests
             .get_or_create(&OutcomeLabels {
                 model: model.to_string(),
-                class: class_label(class),
+                class: class.as_str(),
                 outcome: code_label(code),
             })
             .inc();
@@ -221,7 +215,7 @@ impl GatewayMetrics {
         InFlightGuard(self.clone())
     }
 
-    pub fn placed(&self, class: Class, decision: Decision, profile: &str) {
+    pub fn placed(&self, class: LatencyClass, decision: Decision, profile: &str) {
         let d = match decision {
             Decision::Preferred => "preferred",
             Decision::Spill => "spill",
@@ -229,42 +223,42 @@ impl GatewayMetrics {
         };
         self.decisions
             .get_or_create(&DecisionLabels {
-                class: class_label(class),
+                class: class.as_str(),
                 decision: d,
             })
             .inc();
         if decision != Decision::Preferred {
             self.spillovers
                 .get_or_create(&SpillLabels {
-                    class: class_label(class),
+                    class: class.as_str(),
                     profile: profile.to_string(),
                 })
                 .inc();
         }
     }
 
-    pub fn placement_failed(&self, class: Class, e: &ScheduleError) {
+    pub fn placement_failed(&self, class: LatencyClass, e: &ScheduleError) {
         self.decisions
             .get_or_create(&DecisionLabels {
-                class: class_label(class),
+                class: class.as_str(),
                 decision: schedule_error_label(e),
             })
             .inc();
     }
 
-    pub fn retry(&self, class: Class, after: tonic::Code) {
+    pub fn retry(&self, class: LatencyClass, after: tonic::Code) {
         self.retries
             .get_or_create(&RetryLabels {
-                class: class_label(class),
+                class: class.as_str(),
                 reason: code_label(after),
             })
             .inc();
     }
 
-    pub fn migration(&self, class: Class) {
+    pub fn migration(&self, class: LatencyClass) {
         self.migrations
             .get_or_create(&ClassLabels {
-                class: class_label(class),
+                class: class.as_str(),
             })
             .inc();
     }
@@ -277,11 +271,7 @@ impl GatewayMetrics {
     pub fn snapshot(&self, snapshot: &ClusterSnapshot) {
         let mut counts: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
         for w in snapshot.workers.values() {
-            let state = match w.state {
-                moe_common::registry::WorkerState::Starting => "starting",
-                moe_common::registry::WorkerState::Ready => "ready",
-                moe_common::registry::WorkerState::Draining => "draining",
-            };
+            let state = w.state.as_str();
             *counts
                 .entry((w.offload.profile.clone(), state))
                 .or_default() += 1;
@@ -316,7 +306,7 @@ mod tests {
         let mut registry = Registry::default();
         let m = GatewayMetrics::register(&mut registry);
         // Touch every family so it shows up in the output.
-        m.request_finished("m", Class::Interactive, tonic::Code::Ok);
+        m.request_finished("m", LatencyClass::Interactive, tonic::Code::Ok);
         let labels = StreamLabels {
             model: "m".into(),
             class: "interactive",
@@ -324,9 +314,9 @@ mod tests {
         };
         m.first_token(&labels, 0.1);
         m.tokens(&labels, 2, Some(0.02));
-        m.placed(Class::Batch, Decision::Spill, "full");
-        m.retry(Class::Batch, tonic::Code::Unavailable);
-        m.migration(Class::Batch);
+        m.placed(LatencyClass::Batch, Decision::Spill, "full");
+        m.retry(LatencyClass::Batch, tonic::Code::Unavailable);
+        m.migration(LatencyClass::Batch);
         m.snapshot(&ClusterSnapshot::default());
         let docs = include_str!("../../../docs/metrics.md");
         assert_catalogued(&encode(&registry), docs);

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use moe_common::LatencyClass;
 use moe_common::pb::v1::inference_client::InferenceClient;
 use moe_common::pb::v1::inference_server::Inference;
-use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, LatencyClass, Usage};
+use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, Usage};
 use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,9 +18,9 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{Instrument, Span};
 
 use crate::auth::{ApiKeys, Grant};
-use crate::metrics::{Decision, GatewayMetrics, InFlightGuard, StreamLabels, class_label};
+use crate::metrics::{Decision, GatewayMetrics, InFlightGuard, StreamLabels};
 use crate::router::Router;
-use crate::scheduler::{Candidate, Class, Demand, Ranking, ScheduleError};
+use crate::scheduler::{Candidate, Demand, Ranking, ScheduleError};
 
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -87,11 +88,8 @@ fn estimate_prompt_tokens(req: &GenerateRequest) -> u32 {
     (bytes / 3 + 1) as u32
 }
 
-fn class_of(req: &GenerateRequest) -> Class {
-    match LatencyClass::try_from(req.latency_class) {
-        Ok(LatencyClass::Batch) => Class::Batch,
-        _ => Class::Interactive,
-    }
+fn class_of(req: &GenerateRequest) -> LatencyClass {
+    LatencyClass::try_from(req.latency_class).unwrap_or_default()
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -114,7 +112,7 @@ impl GatewayService {
         let class = class_of(&req);
         let span = tracing::info_span!(
             "gateway.request",
-            class = class_label(class),
+            class = class.as_str(),
             max_tokens = req.max_tokens,
             otel.status_code = tracing::field::Empty,
         );
@@ -233,7 +231,7 @@ struct Drive {
     max_attempts: u32,
     deadline: Instant,
     started: Instant,
-    class: Class,
+    class: LatencyClass,
     req: GenerateRequest,
     tx: mpsc::Sender<Result<GenerateResponse, Status>>,
     metrics: Arc<GatewayMetrics>,
@@ -469,7 +467,7 @@ impl Drive {
         let mut relay = Relay {
             labels: StreamLabels {
                 model: c.worker.model.name.clone(),
-                class: class_label(self.class),
+                class: self.class.as_str(),
                 profile: c.worker.offload.profile.clone(),
             },
             // Also None after a migration: the hand-over is not counted as an inter-token gap.

@@ -12,14 +12,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use moe_common::LatencyClass;
 use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
 use rand::Rng;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Class {
-    Interactive,
-    Batch,
-}
 
 /// Which pool a worker belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,7 +88,7 @@ impl Default for Policy {
 pub struct Demand<'a> {
     /// Empty: any model.
     pub model: &'a str,
-    pub class: Class,
+    pub class: LatencyClass,
     /// Estimated prompt tokens.
     pub prompt_tokens: u32,
     /// Tokens still to generate.
@@ -251,12 +246,12 @@ pub fn rank(
     }
     let needed = demand.kv_tokens();
     let preferred = match demand.class {
-        Class::Interactive => Pool::Fast,
-        Class::Batch => Pool::Offload,
+        LatencyClass::Interactive => Pool::Fast,
+        LatencyClass::Batch => Pool::Offload,
     };
     let spill = match demand.class {
-        Class::Interactive => policy.interactive_spill,
-        Class::Batch => policy.batch_spill,
+        LatencyClass::Interactive => policy.interactive_spill,
+        LatencyClass::Batch => policy.batch_spill,
     };
     let mut ranking = Ranking::default();
     let mut too_small = 0;
@@ -272,8 +267,8 @@ pub fn rank(
         }
         let pool = Pool::of(w);
         let score = match demand.class {
-            Class::Interactive => predicted_ttft(w, demand, local_streams, policy),
-            Class::Batch => -(free as f64),
+            LatencyClass::Interactive => predicted_ttft(w, demand, local_streams, policy),
+            LatencyClass::Batch => -(free as f64),
         };
         let candidate = Candidate {
             worker: w.clone(),

@@ -7,14 +7,15 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use moe_common::LatencyClass;
 use moe_common::gguf::GgufHeader;
 use moe_common::offload::OffloadProfile;
 use moe_common::pb::v1::inference_client::InferenceClient;
-use moe_common::pb::{ChatMessage, FinishReason, GenerateRequest, LatencyClass, SamplingParams};
+use moe_common::pb::{ChatMessage, FinishReason, GenerateRequest, SamplingParams};
 use moe_common::plan::ModelShape;
-use moe_common::registry::{EtcdConfig, Watcher, WorkerAdvert};
+use moe_common::registry::{EtcdArgs, Watcher, WorkerAdvert};
 use moe_common::size::ByteSize;
 
 #[derive(Parser)]
@@ -29,7 +30,7 @@ enum Command {
     /// Stream a completion from a gateway (or a worker) to the terminal.
     Generate(GenerateArgs),
     /// Print the workers registered in etcd as a table.
-    Workers(EtcdArgs),
+    Workers(WorkersArgs),
     /// Live view of the fleet: per worker profile, VRAM, KV headroom, load and speed.
     Top(top::TopArgs),
     /// Print the memory plan of every offload profile for a GGUF file, without loading it.
@@ -53,9 +54,8 @@ struct GenerateArgs {
     temperature: f32,
     #[arg(long)]
     seed: Option<u64>,
-    /// interactive or batch.
-    #[arg(long, default_value = "interactive")]
-    class: String,
+    #[arg(long, value_enum, default_value_t = LatencyClass::Interactive)]
+    class: LatencyClass,
     #[arg(long, default_value = "")]
     model: String,
     #[arg(long)]
@@ -78,29 +78,10 @@ struct GenerateArgs {
 }
 
 #[derive(clap::Args)]
-struct EtcdArgs {
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "MOE_ETCD",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    etcd: Vec<String>,
-    #[arg(long, env = "MOE_ETCD_PREFIX", default_value = moe_common::registry::DEFAULT_PREFIX)]
-    etcd_prefix: String,
-    /// etcd user name (with --etcd-password).
-    #[arg(long, env = "MOE_ETCD_USER", requires = "etcd_password")]
-    etcd_user: Option<String>,
-    #[arg(
-        long,
-        env = "MOE_ETCD_PASSWORD",
-        hide_env_values = true,
-        requires = "etcd_user"
-    )]
-    etcd_password: Option<String>,
+struct WorkersArgs {
+    /// etcd endpoints (default http://127.0.0.1:2379), prefix, credentials and TLS.
     #[command(flatten)]
-    etcd_tls: moe_common::registry::EtcdTlsArgs,
+    etcd: EtcdArgs,
     /// Print the raw adverts as JSON lines instead of a table.
     #[arg(long)]
     json: bool,
@@ -158,11 +139,6 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let mut client = InferenceClient::new(channel);
-    let class = match a.class.as_str() {
-        "interactive" => LatencyClass::Interactive,
-        "batch" => LatencyClass::Batch,
-        other => bail!("--class must be interactive or batch, not {other:?}"),
-    };
     let mut req = GenerateRequest {
         max_tokens: a.max_tokens,
         sampling: Some(SamplingParams {
@@ -171,7 +147,7 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             ..Default::default()
         }),
         stop: a.stop,
-        latency_class: class as i32,
+        latency_class: a.class.to_proto() as i32,
         model: a.model,
         ..Default::default()
     };
@@ -217,11 +193,9 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn workers(a: EtcdArgs) -> anyhow::Result<()> {
-    let mut etcd = EtcdConfig::new(a.etcd);
-    etcd.prefix = a.etcd_prefix;
-    etcd.user = a.etcd_user.zip(a.etcd_password);
-    etcd.tls = a.etcd_tls.files();
+async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
+    a.etcd.validate().map_err(anyhow::Error::msg)?;
+    let etcd = a.etcd.or_local().config();
     let stop = tokio_util::sync::CancellationToken::new();
     let watcher = Watcher::start(etcd, stop.clone()).await?;
     let snap = watcher.current();

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use moe_common::registry::{ClusterSnapshot, DeviceKind, EtcdConfig, Watcher, WorkerAdvert};
+use moe_common::registry::{ClusterSnapshot, DeviceKind, EtcdArgs, Watcher, WorkerAdvert};
 use moe_common::size::ByteSize;
 
 /// Clear the screen and home the cursor.
@@ -12,16 +12,9 @@ const CLEAR: &str = "\x1b[2J\x1b[H";
 
 #[derive(clap::Args)]
 pub struct TopArgs {
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "MOE_ETCD",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    etcd: Vec<String>,
-    #[arg(long, env = "MOE_ETCD_PREFIX", default_value = moe_common::registry::DEFAULT_PREFIX)]
-    etcd_prefix: String,
+    /// etcd endpoints (default http://127.0.0.1:2379), prefix, credentials and TLS.
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Print one frame without clearing the screen and exit (for scripts and tests).
     #[arg(long)]
     once: bool,
@@ -31,8 +24,8 @@ pub struct TopArgs {
 }
 
 pub async fn run(a: TopArgs) -> anyhow::Result<()> {
-    let mut etcd = EtcdConfig::new(a.etcd);
-    etcd.prefix = a.etcd_prefix;
+    a.etcd.validate().map_err(anyhow::Error::msg)?;
+    let etcd = a.etcd.or_local().config();
     let stop = tokio_util::sync::CancellationToken::new();
     let watcher = Watcher::start(etcd.clone(), stop.clone()).await?;
     let title = format!("{} {}", etcd.endpoints.join(","), etcd.prefix);

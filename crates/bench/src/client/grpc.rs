@@ -3,11 +3,10 @@
 use std::net::SocketAddr;
 
 use moe_common::pb::v1::inference_client::InferenceClient;
-use moe_common::pb::{FinishReason, GenerateRequest, LatencyClass, SamplingParams};
+use moe_common::pb::{FinishReason, GenerateRequest, SamplingParams};
 use tonic::transport::Channel;
 
 use super::{BenchError, RequestSpec, Sample, StreamClock};
-use crate::config::Class;
 
 #[derive(Clone, Debug)]
 pub struct GrpcClient {
@@ -39,10 +38,7 @@ impl GrpcClient {
                 temperature: 0.0,
                 ..Default::default()
             }),
-            latency_class: match spec.class {
-                Class::Interactive => LatencyClass::Interactive,
-                Class::Batch => LatencyClass::Batch,
-            } as i32,
+            latency_class: spec.class.to_proto() as i32,
             ..Default::default()
         };
         let status = |s: tonic::Status| BenchError::Status {

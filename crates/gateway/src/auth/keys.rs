@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use moe_common::pb::LatencyClass;
+use moe_common::LatencyClass;
 
 use super::{KeyDigest, digest, short_hash};
 
@@ -41,13 +41,6 @@ pub enum KeysError {
     Line { line: usize, message: String },
     #[error("API keys file has no key")]
     Empty,
-}
-
-pub fn class_name(c: LatencyClass) -> &'static str {
-    match c {
-        LatencyClass::Batch => "batch",
-        _ => "interactive",
-    }
 }
 
 fn positive(line: usize, name: &str, v: &str) -> Result<u32, KeysError> {
@@ -110,15 +103,7 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeySpec>, KeysError> {
                 "classes" => {
                     let mut classes = Vec::new();
                     for c in list(value) {
-                        classes.push(match c.as_str() {
-                            "interactive" => LatencyClass::Interactive,
-                            "batch" => LatencyClass::Batch,
-                            other => {
-                                return Err(err(format!(
-                                    "unknown class {other:?} (interactive or batch)"
-                                )));
-                            }
-                        });
+                        classes.push(c.parse::<LatencyClass>().map_err(|e| err(e.to_string()))?);
                     }
                     spec.classes = Some(classes);
                 }

@@ -44,7 +44,10 @@ fn parses_bare_keys_comments_and_settings() {
         specs[1].models,
         Some(vec!["a".to_string(), "b".to_string()])
     );
-    assert_eq!(specs[1].classes, Some(vec![LatencyClass::Batch]));
+    assert_eq!(
+        specs[1].classes,
+        Some(vec![moe_common::LatencyClass::Batch])
+    );
     assert_eq!(specs[1].tokens_per_minute, Some(100));
     assert_eq!(specs[1].max_concurrent, Some(2));
 }

@@ -56,7 +56,7 @@ fn snapshot(workers: Vec<WorkerAdvert>) -> ClusterSnapshot {
     }
 }
 
-fn demand(class: Class) -> Demand<'static> {
+fn demand(class: LatencyClass) -> Demand<'static> {
     Demand {
         model: "m",
         class,
@@ -86,7 +86,7 @@ fn interactive_prefers_full_gpu_worker() {
         worker("slow", "cpu-moe", 8000),
         worker("fast", "full", 1000),
     ]);
-    let r = rank_default(&demand(Class::Interactive), &s).unwrap();
+    let r = rank_default(&demand(LatencyClass::Interactive), &s).unwrap();
     assert_eq!(ids(&r), vec!["fast", "slow"]);
     assert!(!r.candidates[0].spill);
     assert!(r.candidates[1].spill);
@@ -99,7 +99,7 @@ fn batch_prefers_offloaded_workers_ranked_by_headroom() {
         worker("small", "cpu-moe", 1000),
         worker("big", "n-cpu-moe:12", 6000),
     ]);
-    let r = rank_default(&demand(Class::Batch), &s).unwrap();
+    let r = rank_default(&demand(LatencyClass::Batch), &s).unwrap();
     assert_eq!(ids(&r)[..2], ["big", "small"]);
 }
 
@@ -112,7 +112,7 @@ fn interactive_ranks_by_predicted_time_to_first_token() {
     };
     let idle = worker("idle", "full", 8000);
     let s = snapshot(vec![busy, idle]);
-    let r = rank_default(&demand(Class::Interactive), &s).unwrap();
+    let r = rank_default(&demand(LatencyClass::Interactive), &s).unwrap();
     assert_eq!(ids(&r)[0], "idle");
     assert!(r.candidates[0].score < r.candidates[1].score);
 }
@@ -123,7 +123,7 @@ fn skips_worker_without_kv_headroom() {
         worker("full-1", "full", 150),
         worker("full-2", "full", 500),
     ]);
-    let r = rank_default(&demand(Class::Interactive), &s).unwrap();
+    let r = rank_default(&demand(LatencyClass::Interactive), &s).unwrap();
     assert_eq!(ids(&r), vec!["full-2"]);
 }
 
@@ -148,7 +148,7 @@ fn subtracts_reservations_made_since_the_advert() {
         }],
     );
     let r = rank(
-        &demand(Class::Interactive),
+        &demand(LatencyClass::Interactive),
         &s,
         &res,
         &HashSet::new(),
@@ -170,7 +170,7 @@ fn spill_off_keeps_batch_out_of_the_fast_pool_but_offers_it_as_fallback() {
         ..Policy::default()
     };
     let r = rank(
-        &demand(Class::Batch),
+        &demand(LatencyClass::Batch),
         &s,
         &Reservations::default(),
         &HashSet::new(),
@@ -186,7 +186,7 @@ fn spill_off_keeps_batch_out_of_the_fast_pool_but_offers_it_as_fallback() {
 fn spill_below_load_uses_the_other_pool_only_while_it_is_lightly_loaded() {
     let mut fast = worker("fast", "full", 8000);
     let s_idle = snapshot(vec![fast.clone(), worker("slow", "cpu-moe", 100)]);
-    let r = rank_default(&demand(Class::Batch), &s_idle).unwrap();
+    let r = rank_default(&demand(LatencyClass::Batch), &s_idle).unwrap();
     assert_eq!(
         ids(&r),
         vec!["fast"],
@@ -197,7 +197,7 @@ fn spill_below_load_uses_the_other_pool_only_while_it_is_lightly_loaded() {
         queued: 0,
     };
     let s_busy = snapshot(vec![fast, worker("slow", "cpu-moe", 100)]);
-    let r = rank_default(&demand(Class::Batch), &s_busy).unwrap();
+    let r = rank_default(&demand(LatencyClass::Batch), &s_busy).unwrap();
     assert!(r.candidates.is_empty());
     assert_eq!(r.fallback.len(), 1);
 }
@@ -208,7 +208,7 @@ fn spill_over_happens_when_the_preferred_pool_is_saturated() {
         worker("fast", "full", 0),
         worker("slow", "cpu-moe", 8000),
     ]);
-    let r = rank_default(&demand(Class::Interactive), &s).unwrap();
+    let r = rank_default(&demand(LatencyClass::Interactive), &s).unwrap();
     assert_eq!(ids(&r), vec!["slow"]);
     assert!(r.candidates[0].spill);
 }
@@ -218,7 +218,7 @@ fn unknown_model_is_not_found() {
     let s = snapshot(vec![worker("a", "full", 8000)]);
     let d = Demand {
         model: "other",
-        ..demand(Class::Interactive)
+        ..demand(LatencyClass::Interactive)
     };
     assert_eq!(
         rank_default(&d, &s).unwrap_err(),
@@ -231,7 +231,7 @@ fn no_workers_is_unavailable_and_draining_workers_get_nothing() {
     let empty = snapshot(vec![]);
     let d = Demand {
         model: "",
-        ..demand(Class::Interactive)
+        ..demand(LatencyClass::Interactive)
     };
     assert!(matches!(
         rank_default(&d, &empty),
@@ -240,7 +240,7 @@ fn no_workers_is_unavailable_and_draining_workers_get_nothing() {
     let mut w = worker("a", "full", 8000);
     w.state = WorkerState::Draining;
     assert!(matches!(
-        rank_default(&demand(Class::Interactive), &snapshot(vec![w])),
+        rank_default(&demand(LatencyClass::Interactive), &snapshot(vec![w])),
         Err(ScheduleError::Unavailable(_))
     ));
 }
@@ -249,12 +249,12 @@ fn no_workers_is_unavailable_and_draining_workers_get_nothing() {
 fn no_headroom_anywhere_is_resource_exhausted_with_the_reason() {
     let s = snapshot(vec![worker("a", "full", 10), worker("b", "cpu-moe", 10)]);
     assert!(matches!(
-        rank_default(&demand(Class::Interactive), &s),
+        rank_default(&demand(LatencyClass::Interactive), &s),
         Err(ScheduleError::NoHeadroom { needed: 200, .. })
     ));
     let long_prompt = Demand {
         prompt_tokens: 8150,
-        ..demand(Class::Interactive)
+        ..demand(LatencyClass::Interactive)
     };
     let err = rank_default(&long_prompt, &s).unwrap_err();
     assert!(err.to_string().contains("context smaller"), "{err}");
@@ -265,7 +265,7 @@ fn max_tokens_beyond_every_context_is_too_large() {
     let s = snapshot(vec![worker("a", "full", 8000)]);
     let huge = Demand {
         max_tokens: 100_000,
-        ..demand(Class::Interactive)
+        ..demand(LatencyClass::Interactive)
     };
     assert_eq!(
         rank_default(&huge, &s).unwrap_err(),
@@ -281,7 +281,7 @@ fn excluded_workers_are_not_candidates() {
     let s = snapshot(vec![worker("a", "full", 8000), worker("b", "full", 8000)]);
     let exclude: HashSet<String> = ["a".to_string()].into();
     let r = rank(
-        &demand(Class::Interactive),
+        &demand(LatencyClass::Interactive),
         &s,
         &Reservations::default(),
         &exclude,
@@ -309,7 +309,7 @@ fn ties_are_broken_by_two_choices_on_local_in_flight_streams() {
     );
     for seed in 0..20 {
         let r = rank(
-            &demand(Class::Interactive),
+            &demand(LatencyClass::Interactive),
             &s,
             &res,
             &HashSet::new(),

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use super::engine::{PoolUsage, RunResult};
 use super::{Micros, PolicyKind, ProfileModel, SimConfig, Trace};
-use crate::scheduler::Class;
+use moe_common::LatencyClass;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClassStats {
@@ -26,7 +26,7 @@ pub struct ClassStats {
 }
 
 impl ClassStats {
-    fn of(class: Class, config: &SimConfig, trace: &Trace, run: &RunResult) -> Self {
+    fn of(class: LatencyClass, config: &SimConfig, trace: &Trace, run: &RunResult) -> Self {
         let mut s = ClassStats::default();
         let mut ttft: Vec<Micros> = Vec::new();
         for (r, o) in trace.requests.iter().zip(&run.outcomes) {
@@ -86,8 +86,8 @@ impl PolicyReport {
     ) -> Self {
         PolicyReport {
             policy,
-            interactive: ClassStats::of(Class::Interactive, config, trace, run),
-            batch: ClassStats::of(Class::Batch, config, trace, run),
+            interactive: ClassStats::of(LatencyClass::Interactive, config, trace, run),
+            batch: ClassStats::of(LatencyClass::Batch, config, trace, run),
             usage: run.usage,
             decisions: run.decisions,
             decision_us: run.decision_us,

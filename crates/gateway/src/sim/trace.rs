@@ -7,7 +7,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::{Micros, Profile, SimConfig, micros};
-use crate::scheduler::Class;
+use moe_common::LatencyClass;
 
 /// Prompt and answer sizes of one class.
 #[derive(Clone, Debug)]
@@ -50,7 +50,7 @@ impl Workload {
 #[derive(Clone, Debug)]
 pub struct TraceRequest {
     pub at: Micros,
-    pub class: Class,
+    pub class: LatencyClass,
     pub prompt: u32,
     pub max_tokens: u32,
 }
@@ -106,11 +106,11 @@ impl Trace {
                 break;
             }
             let class = if rng.random::<f64>() < w.interactive_fraction {
-                Class::Interactive
+                LatencyClass::Interactive
             } else {
-                Class::Batch
+                LatencyClass::Batch
             };
-            let shape = if class == Class::Interactive {
+            let shape = if class == LatencyClass::Interactive {
                 &w.interactive
             } else {
                 &w.batch

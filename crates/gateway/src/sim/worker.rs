@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use crate::scheduler::Class;
+use moe_common::LatencyClass;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Profile {
@@ -141,7 +141,7 @@ impl ProfileModel {
 pub struct Job {
     /// Index of the request in the trace.
     pub req: usize,
-    pub class: Class,
+    pub class: LatencyClass,
     pub prompt: u32,
     pub answer: u32,
 }
@@ -258,7 +258,7 @@ impl SimWorker {
                 QueueDiscipline::InteractiveFirst => self
                     .queue
                     .iter()
-                    .position(|j| j.class == Class::Interactive)
+                    .position(|j| j.class == LatencyClass::Interactive)
                     .unwrap_or(0),
             };
             match self.queue.get(next) {
@@ -291,7 +291,7 @@ impl SimWorker {
         let mut budget = self.model.step_tokens.saturating_sub(decoding);
         let mut prefill = 0u32;
         let interactive_first = self.discipline == QueueDiscipline::InteractiveFirst;
-        for pass in [Some(Class::Interactive), None] {
+        for pass in [Some(LatencyClass::Interactive), None] {
             for s in self
                 .running
                 .iter_mut()

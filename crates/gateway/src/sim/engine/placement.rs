@@ -8,8 +8,9 @@ use std::time::Instant;
 use super::super::baseline::least_loaded;
 use super::super::worker::{Job, Profile};
 use super::{Engine, Event, Placement};
-use crate::scheduler::{self, Class, Demand, Reservation};
+use crate::scheduler::{self, Demand, Reservation};
 use crate::sim::PolicyKind;
+use moe_common::LatencyClass;
 
 impl Engine<'_> {
     /// Places request `r`, or counts a refusal and lets its client send it again later.
@@ -124,7 +125,7 @@ impl Engine<'_> {
         });
         let spill = matches!(
             (job.class, node.worker.profile),
-            (Class::Interactive, Profile::CpuMoe) | (Class::Batch, Profile::Full)
+            (LatencyClass::Interactive, Profile::CpuMoe) | (LatencyClass::Batch, Profile::Full)
         );
         let o = &mut self.outcomes[r];
         o.placements += 1;

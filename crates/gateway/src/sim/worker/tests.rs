@@ -17,7 +17,7 @@ fn worker(kv: u32, slots: u32) -> SimWorker {
     SimWorker::new(Profile::Full, model(kv, slots), QueueDiscipline::Fifo, 8)
 }
 
-fn job(req: usize, class: Class, prompt: u32, answer: u32) -> Job {
+fn job(req: usize, class: LatencyClass, prompt: u32, answer: u32) -> Job {
     Job {
         req,
         class,
@@ -42,8 +42,8 @@ fn run_to_idle(w: &mut SimWorker) -> (Vec<usize>, Vec<usize>) {
 #[test]
 fn admission_waits_for_kv_headroom() {
     let mut w = worker(100, 4);
-    w.offer(job(0, Class::Batch, 50, 20)).unwrap();
-    w.offer(job(1, Class::Batch, 20, 20)).unwrap();
+    w.offer(job(0, LatencyClass::Batch, 50, 20)).unwrap();
+    w.offer(job(1, LatencyClass::Batch, 20, 20)).unwrap();
     assert_eq!(w.unclaimed_kv(), 0, "70 + 40 queued exceed the 100 cells");
     w.start_step().unwrap();
     assert_eq!(
@@ -62,7 +62,7 @@ fn admission_waits_for_kv_headroom() {
 fn admission_respects_sequence_slots() {
     let mut w = worker(10_000, 2);
     for r in 0..3 {
-        w.offer(job(r, Class::Interactive, 4, 3)).unwrap();
+        w.offer(job(r, LatencyClass::Interactive, 4, 3)).unwrap();
     }
     w.start_step().unwrap();
     assert_eq!((w.active(), w.queued()), (2, 1));
@@ -73,9 +73,9 @@ fn admission_respects_sequence_slots() {
 #[test]
 fn queue_is_head_of_line_in_fifo_order() {
     let mut w = worker(100, 4);
-    w.offer(job(0, Class::Batch, 60, 10)).unwrap();
-    w.offer(job(1, Class::Batch, 60, 10)).unwrap();
-    w.offer(job(2, Class::Interactive, 5, 5)).unwrap();
+    w.offer(job(0, LatencyClass::Batch, 60, 10)).unwrap();
+    w.offer(job(1, LatencyClass::Batch, 60, 10)).unwrap();
+    w.offer(job(2, LatencyClass::Interactive, 5, 5)).unwrap();
     w.start_step().unwrap();
     assert_eq!(
         w.active(),
@@ -92,8 +92,8 @@ fn interactive_first_admits_interactive_ahead_of_batch() {
         QueueDiscipline::InteractiveFirst,
         8,
     );
-    w.offer(job(0, Class::Batch, 60, 10)).unwrap();
-    w.offer(job(1, Class::Interactive, 20, 5)).unwrap();
+    w.offer(job(0, LatencyClass::Batch, 60, 10)).unwrap();
+    w.offer(job(1, LatencyClass::Interactive, 20, 5)).unwrap();
     w.start_step().unwrap();
     assert_eq!(w.active(), 2);
     let mut w = SimWorker::new(
@@ -102,8 +102,8 @@ fn interactive_first_admits_interactive_ahead_of_batch() {
         QueueDiscipline::InteractiveFirst,
         8,
     );
-    w.offer(job(0, Class::Batch, 10, 10)).unwrap();
-    w.offer(job(1, Class::Interactive, 10, 10)).unwrap();
+    w.offer(job(0, LatencyClass::Batch, 10, 10)).unwrap();
+    w.offer(job(1, LatencyClass::Interactive, 10, 10)).unwrap();
     let (first, _) = run_to_idle(&mut w);
     assert_eq!(first, vec![1, 0]);
 }
@@ -111,11 +111,17 @@ fn interactive_first_admits_interactive_ahead_of_batch() {
 #[test]
 fn refuses_what_can_never_fit_and_a_full_queue() {
     let mut w = worker(100, 4);
-    assert_eq!(w.offer(job(0, Class::Batch, 90, 20)), Err(Refusal::TooLong));
+    assert_eq!(
+        w.offer(job(0, LatencyClass::Batch, 90, 20)),
+        Err(Refusal::TooLong)
+    );
     for r in 0..8 {
-        w.offer(job(r, Class::Batch, 1, 1)).unwrap();
+        w.offer(job(r, LatencyClass::Batch, 1, 1)).unwrap();
     }
-    assert_eq!(w.offer(job(9, Class::Batch, 1, 1)), Err(Refusal::QueueFull));
+    assert_eq!(
+        w.offer(job(9, LatencyClass::Batch, 1, 1)),
+        Err(Refusal::QueueFull)
+    );
 }
 
 #[test]
@@ -130,13 +136,13 @@ fn decode_step_time_grows_with_the_batch() {
         1.0 / one
     );
     let mut w = worker(10_000, 8);
-    w.offer(job(0, Class::Interactive, 1, 50)).unwrap();
+    w.offer(job(0, LatencyClass::Interactive, 1, 50)).unwrap();
     w.start_step().unwrap();
     w.finish_step(&mut Vec::new(), &mut Vec::new());
     let alone = w.start_step().unwrap();
     w.finish_step(&mut Vec::new(), &mut Vec::new());
     for r in 1..8 {
-        w.offer(job(r, Class::Interactive, 1, 50)).unwrap();
+        w.offer(job(r, LatencyClass::Interactive, 1, 50)).unwrap();
     }
     w.start_step().unwrap();
     w.finish_step(&mut Vec::new(), &mut Vec::new());
@@ -154,7 +160,7 @@ fn decode_step_time_grows_with_the_batch() {
 #[test]
 fn prompt_is_prefilled_in_chunks_and_the_first_token_ends_the_last_chunk() {
     let mut w = worker(10_000, 4);
-    w.offer(job(0, Class::Batch, 150, 2)).unwrap();
+    w.offer(job(0, LatencyClass::Batch, 150, 2)).unwrap();
     let mut first = Vec::new();
     let mut steps = Vec::new();
     while first.is_empty() {
@@ -171,8 +177,8 @@ fn prompt_is_prefilled_in_chunks_and_the_first_token_ends_the_last_chunk() {
 #[test]
 fn eviction_returns_running_and_queued_work_with_progress() {
     let mut w = worker(100, 1);
-    w.offer(job(0, Class::Interactive, 2, 10)).unwrap();
-    w.offer(job(1, Class::Interactive, 2, 10)).unwrap();
+    w.offer(job(0, LatencyClass::Interactive, 2, 10)).unwrap();
+    w.offer(job(1, LatencyClass::Interactive, 2, 10)).unwrap();
     for _ in 0..3 {
         w.start_step().unwrap();
         w.finish_step(&mut Vec::new(), &mut Vec::new());
