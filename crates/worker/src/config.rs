@@ -31,17 +31,9 @@ pub struct WorkerConfig {
     /// host:port gateways dial (default: the listen address, 127.0.0.1 for 0.0.0.0).
     #[arg(long, env = "MOE_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
-    /// etcd endpoints (comma-separated or repeated); none runs the worker unregistered.
-    #[arg(long, env = "MOE_ETCD", value_delimiter = ',')]
-    pub etcd: Vec<String>,
-    /// etcd key prefix of the cluster.
-    #[arg(long, env = "MOE_ETCD_PREFIX", default_value = moe_common::registry::DEFAULT_PREFIX)]
-    pub etcd_prefix: String,
-    /// etcd user name (with --etcd-password).
-    #[arg(long, env = "MOE_ETCD_USER")]
-    pub etcd_user: Option<String>,
-    #[arg(long, env = "MOE_ETCD_PASSWORD", hide_env_values = true)]
-    pub etcd_password: Option<String>,
+    /// etcd endpoints (none runs the worker unregistered), prefix, credentials and TLS.
+    #[command(flatten)]
+    pub etcd: moe_common::registry::EtcdArgs,
     /// Worker id, unique in the cluster (default: hostname-port).
     #[arg(long = "id", env = "MOE_WORKER_ID")]
     pub id: Option<String>,
@@ -80,8 +72,6 @@ pub struct WorkerConfig {
     /// TLS on the gRPC port (the advert then says https://); mTLS with --tls-client-ca.
     #[command(flatten)]
     pub tls: moe_common::tls::ServerTlsArgs,
-    #[command(flatten)]
-    pub etcd_tls: moe_common::registry::EtcdTlsArgs,
     /// Limits on requests; keep them at least the gateways' (requests are checked again here).
     #[command(flatten)]
     pub limits: moe_common::request::RequestLimits,
@@ -107,9 +97,7 @@ impl WorkerConfig {
         if self.lease_ttl < Duration::from_secs(2) {
             return Err("--lease-ttl must be at least 2s".into());
         }
-        if self.etcd_user.is_some() != self.etcd_password.is_some() {
-            return Err("--etcd-user and --etcd-password go together".into());
-        }
+        self.etcd.validate()?;
         Ok(())
     }
 

@@ -10,7 +10,7 @@ pub mod service;
 use std::sync::Arc;
 
 use moe_common::pb::v1::inference_server::InferenceServer;
-use moe_common::registry::{EtcdConfig, Registrar, RegistrarConfig, RegistryError, WorkerState};
+use moe_common::registry::{Registrar, RegistrarConfig, RegistryError, WorkerState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -97,14 +97,11 @@ pub async fn run(
         advert_tx,
         background.clone(),
     ));
-    let registrar = if config.etcd.is_empty() {
+    let registrar = if config.etcd.etcd.is_empty() {
         tracing::warn!("no --etcd given: serving without registration");
         None
     } else {
-        let mut etcd = EtcdConfig::new(config.etcd.clone());
-        etcd.prefix = config.etcd_prefix.clone();
-        etcd.user = config.etcd_user.clone().zip(config.etcd_password.clone());
-        etcd.tls = config.etcd_tls.files();
+        let etcd = config.etcd.config();
         let rc = RegistrarConfig {
             etcd,
             lease_ttl: config.lease_ttl,
