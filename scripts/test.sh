@@ -16,8 +16,15 @@ export OMP_WAIT_POLICY=PASSIVE
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build"
 cargo build --workspace --bins --locked
+echo "== GPU model generator: a 2-layer gpt-oss-shaped file plans (scripts/make_gptoss_like.py)"
+GEN=$(mktemp -d)
+python3 scripts/make_gptoss_like.py "$GEN/gptoss-2l.gguf" --layers 2 --sparse
+"$MOE_BIN_DIR/moectl" plan "$GEN/gptoss-2l.gguf" --ctx 4096 | grep -q '2 layers, 32 experts (4 used)'
+rm -rf "$GEN"
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads 2
 

@@ -2,12 +2,14 @@
 # Fills the carry folder for bench/gpu/run-on-device.sh (default target/gpu-carry, ignored by git):
 # the CUDA worker, gateway, moectl, moe-bench and etcd (xz), upstream llama-server built here with
 # CUDA (or, without it, a trimmed llama.cpp source tarball to build there), the gguf wheel, the
-# synthetic-model generator and its vocabulary, libgomp as a fallback.
+# synthetic-model generator (scripts/make_gptoss_like.py) and, when given, the GPT-2 vocabulary the
+# published results used (without it the generator falls back to a byte-level vocabulary), libgomp
+# as a fallback.
 #
 # usage: bench/gpu/prepare-carry.sh CUDA_WORKER_BINARY [CARRY_DIR]
 #   CUDA_WORKER_BINARY: from `source DIR/env.sh && CMAKE_CUDA_ARCHITECTURES=90 cargo build --release
 #   --features cuda -p moe-worker --target-dir ...` (see shared/GPU.md)
-# env: GPU_SHARED (default ../shared/gpu: make_gptoss_like.py, ggml-vocab-gpt-2.gguf)
+# env: GPT2_VOCAB (optional: llama.cpp's models/ggml-vocab-gpt-2.gguf)
 #      LLAMA_SERVER_BUILD (default ~/.cache/moe-cluster/llama-server-cuda-portable: from
 #      `bench/build-llama-server.sh --cuda --portable` after `source DIR/env.sh`)
 # The device call carries at most 64 MiB: the folder's total is printed at the end.
@@ -15,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORKER=${1:?CUDA worker binary}
 CARRY=${2:-target/gpu-carry}
-GPU_SHARED=${GPU_SHARED:-../shared/gpu}
+GPT2_VOCAB=${GPT2_VOCAB:-}
 LLAMA_SERVER_BUILD=${LLAMA_SERVER_BUILD:-$HOME/.cache/moe-cluster/llama-server-cuda-portable}
 mkdir -p "$CARRY"
 nice -n 19 cargo build --release -q -p moe-bench -p moe-gateway -p moectl
@@ -44,6 +46,7 @@ else
   bash bench/build-llama-server.sh --pack "$PWD/$CARRY/llama.cpp-src.tar.xz" >/dev/null
 fi
 [ -f "$CARRY"/gguf-0.19.0-py3-none-any.whl ] || python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY" gguf==0.19.0
-cp "$GPU_SHARED/make_gptoss_like.py" "$GPU_SHARED/ggml-vocab-gpt-2.gguf" "$CARRY/"
+cp scripts/make_gptoss_like.py "$CARRY/"
+if [ -n "$GPT2_VOCAB" ]; then cp "$GPT2_VOCAB" "$CARRY/ggml-vocab-gpt-2.gguf"; else rm -f "$CARRY/ggml-vocab-gpt-2.gguf"; fi
 cp "$(gcc -print-file-name=libgomp.so.1)" "$CARRY/libgomp.so.1"
 du -ch "$CARRY"/* | tail -20

@@ -120,7 +120,8 @@ wait_port "$ETCD_PORT" 20 "$ETCD_PID" || fail "starting etcd"
 
 if [ ! -f "$MODEL" ]; then
   stage "generating the synthetic gpt-oss-20b ($LAYERS layers)"
-  PYTHONPATH=$WORK/site python3 make_gptoss_like.py "$MODEL.tmp" --vocab-gguf ggml-vocab-gpt-2.gguf --layers "$LAYERS" \
+  VOCAB=(); [ -f ggml-vocab-gpt-2.gguf ] && VOCAB=(--vocab-gguf ggml-vocab-gpt-2.gguf)
+  PYTHONPATH=$WORK/site python3 make_gptoss_like.py "$MODEL.tmp" "${VOCAB[@]}" --layers "$LAYERS" \
     >make-model.log 2>&1 || { tail -5 make-model.log; fail "making the model"; }
   mv "$MODEL.tmp" "$MODEL"
 fi

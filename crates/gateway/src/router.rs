@@ -90,7 +90,7 @@ impl Router {
 
     /// Records a placement until the returned guard is dropped.
     pub fn reserve(self: &Arc<Self>, worker: &str, kv_tokens: u32) -> ReservationGuard {
-        let placed_unix_ms = unix_ms();
+        let placed_unix_ms = moe_common::unix_ms();
         self.reservations
             .lock()
             .expect("reservations lock")
@@ -213,13 +213,6 @@ impl RetryBudget {
             })
             .is_ok()
     }
-}
-
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
