@@ -2,6 +2,7 @@
 //! completions over gRPC (`moe.v1.Inference`) and advertises itself in etcd.
 
 pub mod advert;
+pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod metrics;
@@ -141,6 +142,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // v1alpha too: grpcio-reflection and older grpcurl speak only that version.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_common::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let service = InferenceService::new(engine.clone(), id.clone(), intake.clone())
         .with_metrics(worker_metrics)
         .with_limits(config.limits.clone());
@@ -148,6 +155,7 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             InferenceServer::new(service)
                 .max_decoding_message_size(config.limits.max_message_bytes),

@@ -71,24 +71,52 @@ array ::= "[" ws ( value ( ws "," ws value )* )? ws "]"
 
 /// A grammar for any JSON object (`response_format: json_object`), then `suffix`.
 pub fn json_object_grammar(suffix: &str) -> String {
-    format!("root ::= object{}\n{PRIMITIVES}", suffix_rule(suffix))
+    GrammarBuilder::default().finish(&format!("object{}", suffix_rule(suffix)))
 }
 
 /// A grammar for JSON valid against `schema`, then `suffix` (e.g. the closing tag of a forced
 /// tool call).
 pub fn schema_grammar(schema: &Value, suffix: &str) -> Result<String, GrammarError> {
-    let mut c = Converter {
-        root: schema,
-        rules: BTreeMap::new(),
-        refs: BTreeMap::new(),
-    };
-    let body = c.visit(schema)?;
-    let mut out = format!("root ::= {body}{}\n", suffix_rule(suffix));
-    for (name, rule) in &c.rules {
-        let _ = writeln!(out, "{name} ::= {rule}");
+    let mut g = GrammarBuilder::default();
+    let body = g.schema(schema)?;
+    Ok(g.finish(&format!("{body}{}", suffix_rule(suffix))))
+}
+
+/// Builds one grammar from several schemas (e.g. "call one of these tools"): each
+/// [`GrammarBuilder::schema`] returns an expression to use in the root rule.
+#[derive(Debug, Default)]
+pub struct GrammarBuilder {
+    rules: BTreeMap<String, String>,
+    schemas: usize,
+}
+
+impl GrammarBuilder {
+    /// The expression matching JSON valid against `schema`; its helper rules are kept.
+    pub fn schema(&mut self, schema: &Value) -> Result<String, GrammarError> {
+        let prefix = if self.schemas == 0 {
+            String::new()
+        } else {
+            format!("s{}", self.schemas)
+        };
+        self.schemas += 1;
+        let mut c = Converter {
+            root: schema,
+            prefix,
+            rules: &mut self.rules,
+            refs: BTreeMap::new(),
+        };
+        c.visit(schema)
     }
-    out.push_str(PRIMITIVES);
-    Ok(out)
+
+    /// The grammar text: `root ::= root_expr`, the helper rules, the JSON primitives.
+    pub fn finish(self, root_expr: &str) -> String {
+        let mut out = format!("root ::= {root_expr}\n");
+        for (name, rule) in &self.rules {
+            let _ = writeln!(out, "{name} ::= {rule}");
+        }
+        out.push_str(PRIMITIVES);
+        out
+    }
 }
 
 fn suffix_rule(suffix: &str) -> String {
@@ -118,8 +146,10 @@ pub fn literal(text: &str) -> String {
 
 struct Converter<'a> {
     root: &'a Value,
+    /// Prefix of this schema's rule names (several schemas share one grammar).
+    prefix: String,
     /// Named rules: `$ref` targets and helpers.
-    rules: BTreeMap<String, String>,
+    rules: &'a mut BTreeMap<String, String>,
     /// `$ref` → rule name.
     refs: BTreeMap<String, String>,
 }
@@ -257,7 +287,7 @@ impl Converter<'_> {
         if max.is_some_and(|m| m < min) {
             return Err(GrammarError::Invalid("maxItems is below minItems".into()));
         }
-        let name = format!("r{}", self.rules.len());
+        let name = format!("{}r{}", self.prefix, self.rules.len());
         self.rules.insert(name.clone(), item);
         let rest = format!("( ws \",\" ws {name} )");
         let body = match (min, max) {
@@ -283,7 +313,7 @@ impl Converter<'_> {
             .or_else(|| r.strip_prefix("#/definitions/").map(|n| ("definitions", n)))
             .and_then(|(section, n)| self.root.get(section)?.get(n))
             .ok_or_else(|| GrammarError::Unsupported(format!("$ref {r}")))?;
-        let name = format!("ref{}", self.refs.len());
+        let name = format!("{}ref{}", self.prefix, self.refs.len());
         self.refs.insert(r.to_string(), name.clone());
         // Inserted before visiting so that recursive schemas terminate.
         self.rules.insert(name.clone(), String::new());

@@ -103,3 +103,17 @@ fn strings_with_length_bounds_and_type_lists() {
         "{g}"
     );
 }
+
+#[test]
+fn several_schemas_share_one_grammar_without_name_clashes() {
+    let mut g = GrammarBuilder::default();
+    let list = json!({"type": "array", "items": {"type": "integer"}});
+    let a = g.schema(&list).unwrap();
+    let b = g.schema(&list).unwrap();
+    assert_ne!(a, b);
+    let text = g.finish(&format!("( {a} | {b} )"));
+    assert!(
+        text.contains("\nr0 ::= integer\n") && text.contains("\ns1r1 ::= integer\n"),
+        "{text}"
+    );
+}
