@@ -1,11 +1,7 @@
 //! Keeps this worker's advert in step with the engine: state, load, KV headroom and memory.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use moe_common::registry::{
-    ADVERT_SCHEMA, Capacity, Load, MemoryInfo, ModelInfo, OffloadInfo, Speed, WorkerAdvert,
-    WorkerState,
+    ADVERT_SCHEMA, Capacity, Load, MemoryInfo, OffloadInfo, Speed, WorkerAdvert, WorkerState,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -21,9 +17,16 @@ pub fn build(
     stats: &EngineStats,
 ) -> WorkerAdvert {
     let plan = &model.plan;
+    let devices = if stats.devices.is_empty() {
+        &model.devices
+    } else {
+        &stats.devices
+    };
     let mode = match model.profile {
         moe_common::offload::OffloadProfile::Auto if plan.n_cpu_moe == 0 => "full",
-        moe_common::offload::OffloadProfile::Auto if plan.n_cpu_moe >= model.n_layer => "cpu-moe",
+        moe_common::offload::OffloadProfile::Auto if plan.n_cpu_moe >= model.info.n_layer => {
+            "cpu-moe"
+        }
         moe_common::offload::OffloadProfile::Auto => "n-cpu-moe",
         p => p.mode(),
     };
@@ -32,26 +35,20 @@ pub fn build(
         id: id.to_string(),
         endpoint: endpoint.to_string(),
         state,
-        model: ModelInfo {
-            name: model.name.clone(),
-            architecture: model.architecture.clone(),
-            n_layer: model.n_layer,
-            expert_count: model.expert_count,
-            expert_used_count: model.expert_used_count,
-            weight_bytes: model.weight_bytes,
-        },
+        model: model.info.clone(),
         offload: OffloadInfo {
             mode: mode.to_string(),
             n_cpu_moe: plan.n_cpu_moe,
             profile: model.profile.to_string(),
         },
-        devices: model.devices.clone(),
+        // Live device memory from the engine thread; the start-up figures until it publishes.
+        devices: devices.to_vec(),
         memory: MemoryInfo {
             weight_bytes: plan.total_weight_bytes,
             kv_bytes: plan.kv_bytes,
             host_expert_bytes: plan.host_expert_bytes,
             host_experts_pinned: model.host_experts_pinned,
-            compute_bytes: model.devices.iter().map(|d| d.compute_bytes).sum(),
+            compute_bytes: devices.iter().map(|d| d.compute_bytes).sum(),
         },
         capacity: Capacity {
             context_tokens: model.context_tokens,
@@ -71,8 +68,8 @@ pub fn build(
     }
 }
 
-/// Rebuilds the advert whenever engine stats or the worker state change, and refreshes device
-/// memory every few seconds. Ends when `stop` is cancelled.
+/// Rebuilds the advert whenever engine stats (which carry live device memory) or the worker
+/// state change. Ends when `stop` is cancelled.
 pub async fn follow(
     engine: EngineHandle,
     id: String,
@@ -82,18 +79,12 @@ pub async fn follow(
     stop: CancellationToken,
 ) {
     let mut stats = engine.stats();
-    let mut model: Arc<LoadedModel> = Arc::new(engine.model().clone());
-    let mut refresh = tokio::time::interval(Duration::from_secs(5));
+    let model = engine.model().clone();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             r = stats.changed() => if r.is_err() { return },
             r = state.changed() => if r.is_err() { return },
-            _ = refresh.tick() => {
-                let mut m = (*model).clone();
-                crate::engine::refresh_devices(&mut m.devices);
-                model = Arc::new(m);
-            }
         }
         let advert = build(&id, &endpoint, &model, *state.borrow(), &stats.borrow());
         adverts.send_if_modified(|a| {

@@ -1,17 +1,62 @@
 //! The engine seam: async code submits [`Job`]s and receives [`Event`]s; one OS thread owns
-//! llama.cpp (see `llama.rs`) and runs the continuous-batching loop planned by `batcher.rs`.
+//! llama.cpp (`thread.rs`, with loading in `load.rs`, device memory in `devices.rs` and token
+//! choice in `sampler.rs`) and runs the continuous-batching loop planned by `batcher.rs`.
 
 pub mod batcher;
-mod llama;
-mod nvml;
+mod devices;
+mod load;
+mod sampler;
 pub mod text;
+mod thread;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use moe_common::offload::OffloadProfile;
+use moe_common::plan::MemoryPlan;
+use moe_common::registry::{DeviceInfo, ModelInfo};
+use tokio::sync::{mpsc, oneshot, watch};
 
-pub use llama::{EngineConfig, LoadedModel, refresh_devices, start};
+/// How to load the model and size the batch.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub model_path: PathBuf,
+    /// Name requests use; defaults to the GGUF `general.name` or the file stem.
+    pub model_name: Option<String>,
+    pub offload: OffloadProfile,
+    /// Accelerator budget for `auto` (bytes).
+    pub vram_budget: Option<u64>,
+    /// Layers on the accelerator; None means all.
+    pub gpu_layers: Option<u32>,
+    /// KV cache cells shared by all sequences.
+    pub ctx_size: u32,
+    /// Sequences decoded together.
+    pub parallel: u32,
+    pub threads: Option<u32>,
+    /// Tokens per engine step (llama `n_batch`).
+    pub batch_size: u32,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+}
+
+/// What the loaded model and context look like; fixed after start-up.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    /// The model as the advert describes it (name requests use, architecture, experts, size).
+    pub info: ModelInfo,
+    pub profile: OffloadProfile,
+    /// The placement actually loaded (for `auto`, the one the planner chose).
+    pub plan: MemoryPlan,
+    /// Devices at start-up, with measured weight and compute bytes; live free memory is in
+    /// [`EngineStats::devices`].
+    pub devices: Vec<DeviceInfo>,
+    pub context_tokens: u32,
+    pub max_sequences: u32,
+    pub has_accelerator: bool,
+    /// Whether the experts kept on the host live in pinned memory.
+    pub host_experts_pinned: bool,
+}
 
 /// Scheduling class of a job inside the worker: interactive work is admitted and prefilled first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +164,9 @@ pub struct EngineStats {
     pub cancelled_total: u64,
     pub completed_total: u64,
     pub generated_tokens_total: u64,
+    /// The devices with live free memory and this process's bytes per GPU, refreshed by the
+    /// engine thread every few seconds.
+    pub devices: Vec<DeviceInfo>,
 }
 
 /// Cloneable handle async code uses to reach the engine thread.
@@ -137,6 +185,26 @@ pub(crate) enum Command {
     Submit(Box<Job>),
     /// Cancel every job still running or queued, then stop the thread.
     Shutdown,
+}
+
+/// Loads the model on a dedicated thread and starts the engine loop there.
+pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
+    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("moe-engine".into())
+        .spawn(move || thread::engine_thread(config, cmd_rx, stats_tx, ready_tx))
+        .map_err(|e| EngineError::Load(format!("spawning engine thread: {e}")))?;
+    let model = ready_rx
+        .await
+        .map_err(|_| EngineError::Load("engine thread died while loading".into()))??;
+    Ok(EngineHandle {
+        jobs: cmd_tx,
+        stats: stats_rx,
+        model: Arc::new(model),
+        thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+    })
 }
 
 impl EngineHandle {

@@ -116,7 +116,7 @@ pub async fn run(
     let worker_metrics = metrics::WorkerMetrics::register(
         &mut registry,
         &id,
-        &engine.model().name,
+        &engine.model().info.name,
         &engine.model().profile.to_string(),
     );
     tokio::spawn(metrics::follow(
@@ -165,7 +165,7 @@ pub async fn run(
             stop_server.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);
-    tracing::info!(%id, %endpoint, model = %engine.model().name, profile = %engine.model().profile, "worker ready");
+    tracing::info!(%id, %endpoint, model = %engine.model().info.name, profile = %engine.model().profile, "worker ready");
 
     shutdown.cancelled().await;
     tracing::info!(in_flight = intake.in_flight(), "draining");

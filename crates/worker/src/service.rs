@@ -155,10 +155,10 @@ impl InferenceService {
         let req = request.into_inner();
         validate(&req, &self.limits, true).map_err(|e| Status::invalid_argument(e.0))?;
         let model = self.engine.model();
-        if !req.model.is_empty() && req.model != model.name {
+        if !req.model.is_empty() && req.model != model.info.name {
             return Err(Status::not_found(format!(
                 "model {:?} is not served here (this worker serves {:?})",
-                req.model, model.name
+                req.model, model.info.name
             )));
         }
         let (events, rx) = mpsc::unbounded_channel();

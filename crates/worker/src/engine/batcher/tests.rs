@@ -1,0 +1,301 @@
+//! Unit tests of the batcher state machine.
+
+use super::*;
+
+fn config() -> BatcherConfig {
+    BatcherConfig {
+        max_sequences: 2,
+        kv_tokens: 100,
+        step_tokens: 16,
+        batch_prefill_tokens_under_interactive: 4,
+        interactive_reserved_sequences: 0,
+        max_queue: 3,
+        queue_timeout: Duration::from_secs(5),
+    }
+}
+
+fn pending(n_prompt: usize, max_tokens: u32, class: Class, tag: u32, at: Instant) -> Pending<u32> {
+    Pending {
+        tokens: (0..n_prompt as u32).collect(),
+        max_tokens,
+        class,
+        enqueued: at,
+        payload: tag,
+    }
+}
+
+/// Runs a plan as the engine would, sampling token 7 for every sampled entry.
+fn step(b: &mut Batcher<u32>, now: Instant) -> Plan {
+    let plan = b.plan(now);
+    b.commit(&plan);
+    for e in plan.entries.iter().filter(|e| e.sample) {
+        if b.push_token(e.slot, 7) {
+            b.finish(e.slot);
+        }
+    }
+    plan
+}
+
+#[test]
+fn batch_work_leaves_the_interactive_reserve_free() {
+    let mut b = Batcher::new(BatcherConfig {
+        max_sequences: 4,
+        interactive_reserved_sequences: 1,
+        max_queue: 10,
+        ..config()
+    });
+    let t = Instant::now();
+    for i in 0..4 {
+        b.enqueue(pending(2, 10, Class::Batch, i, t)).unwrap();
+    }
+    let plan = step(&mut b, t);
+    assert_eq!(
+        plan.admitted.len(),
+        3,
+        "one slot stays free for interactive work"
+    );
+    assert_eq!(b.queued(), 1);
+    b.enqueue(pending(2, 5, Class::Interactive, 9, t)).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(
+        plan.admitted.len(),
+        1,
+        "interactive takes the reserved slot at once"
+    );
+    let slot = plan.admitted[0].0;
+    assert_eq!(b.seq_mut(slot).unwrap().class, Class::Interactive);
+}
+
+#[test]
+fn batch_work_leaves_the_interactive_share_of_the_kv_cache() {
+    let mut b = Batcher::new(BatcherConfig {
+        max_sequences: 4,
+        kv_tokens: 100,
+        interactive_reserved_sequences: 1,
+        max_queue: 10,
+        ..config()
+    });
+    let t = Instant::now();
+    // 25 cells are the interactive share: a batch request for 80 must wait.
+    b.enqueue(pending(40, 40, Class::Batch, 1, t)).unwrap();
+    assert!(step(&mut b, t).admitted.is_empty());
+    b.enqueue(pending(40, 40, Class::Interactive, 2, t))
+        .unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(plan.admitted.len(), 1, "interactive work may use the share");
+    let slot = plan.admitted[0].0;
+    assert_eq!(b.seq_mut(slot).unwrap().class, Class::Interactive);
+    assert_eq!(b.queued(), 1, "the batch request still waits");
+}
+
+#[test]
+fn admits_new_requests_between_decode_steps() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    b.enqueue(pending(4, 5, Class::Interactive, 1, t)).unwrap();
+    let first = step(&mut b, t);
+    assert_eq!(first.admitted, vec![(0, 0)]);
+    assert_eq!(first.n_tokens(), 4);
+    // A second request arrives while the first decodes: admitted at the very next step,
+    // which carries the first one's decode token and the second one's prompt together.
+    b.enqueue(pending(3, 5, Class::Interactive, 2, t)).unwrap();
+    let second = step(&mut b, t);
+    assert_eq!(second.admitted, vec![(1, 0)]);
+    assert_eq!(second.entries.len(), 2);
+    assert_eq!(second.entries[0].tokens, vec![7]);
+    assert_eq!(second.entries[0].pos, 4);
+    assert_eq!(second.entries[1].tokens, vec![0, 1, 2]);
+}
+
+#[test]
+fn frees_the_slot_and_kv_of_a_cancelled_request() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    b.enqueue(pending(10, 40, Class::Interactive, 1, t))
+        .unwrap();
+    step(&mut b, t);
+    assert_eq!(b.free_kv_tokens(), 50);
+    let gone = b.slots_where(|s| s.payload == 1);
+    assert_eq!(gone, vec![0]);
+    let seq = b.finish(0).unwrap();
+    assert_eq!(seq.payload, 1);
+    assert_eq!(b.free_kv_tokens(), 100);
+    assert!(b.is_idle());
+    assert!(b.plan(t).entries.is_empty());
+}
+
+#[test]
+fn respects_the_prefill_budget_with_chunks() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    b.enqueue(pending(40, 5, Class::Interactive, 1, t)).unwrap();
+    let sizes: Vec<_> = (0..3)
+        .map(|_| step(&mut b, t))
+        .map(|p| p.n_tokens())
+        .collect();
+    assert_eq!(sizes, vec![16, 16, 8]);
+    // Only the last chunk samples.
+    assert_eq!(b.seq(0).unwrap().generated, 1);
+}
+
+#[test]
+fn batch_prefill_is_capped_while_interactive_streams_decode() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    b.enqueue(pending(2, 10, Class::Interactive, 1, t)).unwrap();
+    step(&mut b, t); // interactive prefilled, now decoding
+    b.enqueue(pending(30, 5, Class::Batch, 2, t)).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(
+        plan.entries[0].tokens.len(),
+        1,
+        "interactive decode is in every step"
+    );
+    assert_eq!(plan.entries[1].tokens.len(), 4, "batch chunk capped");
+}
+
+#[test]
+fn interactive_requests_are_admitted_before_batch_ones() {
+    let t = Instant::now();
+    let mut b = Batcher::new(BatcherConfig {
+        max_sequences: 1,
+        ..config()
+    });
+    b.enqueue(pending(2, 2, Class::Batch, 1, t)).unwrap();
+    b.enqueue(pending(2, 2, Class::Interactive, 2, t)).unwrap();
+    step(&mut b, t);
+    assert_eq!(b.seq(0).unwrap().payload, 2);
+}
+
+#[test]
+fn refuses_what_can_never_fit_and_waits_for_what_does_not_fit_now() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    let (why, _) = b.enqueue(pending(90, 20, Class::Batch, 1, t)).unwrap_err();
+    assert_eq!(
+        why,
+        Refusal::TooLong {
+            needed: 110,
+            capacity: 100
+        }
+    );
+    b.enqueue(pending(30, 40, Class::Batch, 2, t)).unwrap();
+    b.enqueue(pending(20, 20, Class::Batch, 3, t)).unwrap();
+    step(&mut b, t);
+    // 70 reserved, 30 free: the second (needs 40) must wait although a slot is free.
+    assert_eq!(b.active(), 1);
+    assert_eq!(b.queued(), 1);
+    assert_eq!(b.free_kv_tokens(), 30);
+    assert_eq!(
+        b.unclaimed_kv_tokens(),
+        0,
+        "the queued request claims the rest"
+    );
+    // It times out in the queue rather than over-committing the KV cache.
+    let expired = b.expire(t + Duration::from_secs(6));
+    assert_eq!(expired.len(), 1);
+    assert!(matches!(expired[0].0, Refusal::QueueTimeout { .. }));
+    assert_eq!(expired[0].1.payload, 3);
+}
+
+#[test]
+fn a_full_queue_refuses_at_once() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    for i in 0..3 {
+        b.enqueue(pending(1, 1, Class::Batch, i, t)).unwrap();
+    }
+    let (why, p) = b.enqueue(pending(1, 1, Class::Batch, 9, t)).unwrap_err();
+    assert_eq!(why, Refusal::QueueFull { limit: 3 });
+    assert_eq!(p.payload, 9);
+}
+
+#[test]
+fn reuses_the_longest_cached_prefix_and_skips_recomputing_it() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    b.enqueue(pending(10, 2, Class::Interactive, 1, t)).unwrap();
+    b.enqueue(pending(3, 2, Class::Interactive, 2, t)).unwrap();
+    while !b.is_idle() {
+        step(&mut b, t);
+    }
+    // Slot 0 holds 0..10 plus one decoded token; slot 1 holds 0..3 plus one.
+    assert_eq!(b.cached_tokens(), 11 + 4);
+    let mut long = pending(12, 2, Class::Interactive, 3, t);
+    long.tokens[11] = 99;
+    b.enqueue(long).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(
+        plan.admitted,
+        vec![(0, 10)],
+        "slot 0 shares 10 prompt tokens"
+    );
+    assert_eq!(plan.entries[0].pos, 10);
+    assert_eq!(
+        plan.entries[0].tokens,
+        vec![10, 99],
+        "only the new suffix is computed"
+    );
+    assert_eq!(b.seq(0).unwrap().reused, 10);
+}
+
+#[test]
+fn a_fully_cached_prompt_still_computes_its_last_token() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    b.enqueue(pending(6, 2, Class::Interactive, 1, t)).unwrap();
+    while !b.is_idle() {
+        step(&mut b, t);
+    }
+    b.enqueue(pending(6, 2, Class::Interactive, 2, t)).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(plan.admitted, vec![(0, 5)]);
+    assert_eq!(plan.entries[0].tokens, vec![5]);
+    assert!(plan.entries[0].sample);
+}
+
+#[test]
+fn evicts_least_recently_used_caches_only_when_an_admission_needs_the_room() {
+    let t = Instant::now();
+    let mut b = Batcher::new(BatcherConfig {
+        max_sequences: 3,
+        ..config()
+    });
+    for tag in 0..2 {
+        let mut p = pending(30, 2, Class::Interactive, tag, t);
+        p.tokens[0] = 100 + tag; // distinct prompts
+        b.enqueue(p).unwrap();
+        while !b.is_idle() {
+            step(&mut b, t);
+        }
+    }
+    assert_eq!(b.cached_tokens(), 62);
+    assert_eq!(
+        b.free_kv_tokens(),
+        100,
+        "caches are evictable: all cells advertised free"
+    );
+    // Needs 60 of 100 cells; 62 are cached in slots 0 and 1, slot 2 is empty: evict slot 0
+    // (least recently used) and keep slot 1.
+    let mut p = pending(50, 10, Class::Interactive, 9, t);
+    p.tokens[0] = 7;
+    b.enqueue(p).unwrap();
+    let plan = b.plan(t);
+    assert_eq!(plan.admitted, vec![(2, 0)]);
+    assert_eq!(plan.evicted, vec![0]);
+    assert_eq!(b.cached_tokens(), 31);
+}
+
+#[test]
+fn finishes_at_max_tokens() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    b.enqueue(pending(2, 3, Class::Interactive, 1, t)).unwrap();
+    for _ in 0..3 {
+        step(&mut b, t);
+    }
+    assert!(
+        b.is_idle(),
+        "three sampled tokens end a max_tokens=3 sequence"
+    );
+}

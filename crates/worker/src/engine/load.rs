@@ -1,0 +1,195 @@
+//! Loading: the llama backend, model parameters (which experts stay on the host), placement
+//! (the planner's choice for `auto`), the model itself, and the context with its warm-up decode
+//! and device-memory accounting.
+
+use std::ffi::CString;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use moe_common::gguf::GgufHeader;
+use moe_common::offload::OffloadProfile;
+use moe_common::plan::{ACCELERATOR_OVERHEAD_BYTES, MemoryPlan, ModelShape};
+use moe_common::registry::{DeviceKind, ModelInfo};
+
+use super::devices::{
+    accelerator_pins_host_weights, account, free_by_device, planned_devices, refresh_devices,
+};
+use super::{EngineConfig, EngineError, LoadedModel};
+
+pub(super) fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    if let Some(b) = BACKEND.get() {
+        return Ok(b);
+    }
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+    let b = LlamaBackend::init().map_err(|e| EngineError::Load(e.to_string()))?;
+    Ok(BACKEND.get_or_init(|| b))
+}
+
+/// Model parameters with their override patterns, which llama.cpp reads by pointer: the
+/// strings must outlive the load, so they live beside the pinned parameters.
+struct ModelParams {
+    params: Pin<Box<LlamaModelParams>>,
+    _patterns: Vec<CString>,
+}
+
+fn model_params(config: &EngineConfig, n_cpu_moe: u32, n_layer: u32) -> ModelParams {
+    let gpu_layers = config.gpu_layers.unwrap_or(u32::MAX / 2);
+    let experts_on_host = n_cpu_moe > 0;
+    let mut params = Box::pin(
+        LlamaModelParams::default()
+            .with_n_gpu_layers(gpu_layers)
+            // Host-resident experts are read on every token: keep them in RAM that the backend
+            // can pin, not in a page-cache mapping.
+            .with_use_mmap(!experts_on_host),
+    );
+    let mut patterns = Vec::new();
+    if n_cpu_moe >= n_layer && n_layer > 0 {
+        params.as_mut().add_cpu_moe_override();
+        // The crate's pattern misses fused gate_up experts.
+        let fused = CString::new(r"\.ffn_gate_up_(ch|)exps").expect("no NUL");
+        params.as_mut().add_cpu_buft_override(&fused);
+        patterns.push(fused);
+    } else {
+        for i in 0..n_cpu_moe {
+            let p = CString::new(format!(r"blk\.{i}\.ffn_(up|down|gate|gate_up)_(ch|)exps"))
+                .expect("no NUL");
+            params.as_mut().add_cpu_buft_override(&p);
+            patterns.push(p);
+        }
+    }
+    ModelParams {
+        params,
+        _patterns: patterns,
+    }
+}
+
+fn plan_placement(config: &EngineConfig, shape: &ModelShape) -> Result<MemoryPlan, EngineError> {
+    match config.offload {
+        OffloadProfile::Auto => {
+            let budget = config
+                .vram_budget
+                .ok_or_else(|| EngineError::Load("--offload auto needs --vram-budget".into()))?;
+            shape
+                .fit(budget, ACCELERATOR_OVERHEAD_BYTES, config.ctx_size)
+                .ok_or_else(|| {
+                    EngineError::Load(format!(
+                        "model does not fit a VRAM budget of {budget} bytes even with every expert on the host"
+                    ))
+                })
+        }
+        profile => Ok(shape.plan(profile.n_cpu_moe(shape.n_layer), config.ctx_size)),
+    }
+}
+
+/// Loads the model with the placement its profile asks for.
+pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedModel), EngineError> {
+    let backend = backend()?;
+    let header = GgufHeader::open(&config.model_path)
+        .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
+    let shape = ModelShape::from_gguf(&header);
+    let plan = plan_placement(config, &shape)?;
+    let params = model_params(config, plan.n_cpu_moe, shape.n_layer);
+    let model = LlamaModel::load_from_file(backend, &config.model_path, &params.params)
+        .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
+    // The file stem names the model unless the operator says otherwise: GGUF `general.name`
+    // values are often long free text, and operators name files deliberately.
+    let name = config.model_name.clone().unwrap_or_else(|| {
+        config
+            .model_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let devices = planned_devices(&plan);
+    let has_accelerator =
+        backend.supports_gpu_offload() && devices.iter().any(|d| d.kind != DeviceKind::Cpu);
+    // Host experts are loaded without mmap (see `model_params`).
+    let host_experts_pinned =
+        plan.host_expert_bytes > 0 && has_accelerator && accelerator_pins_host_weights();
+    let info = LoadedModel {
+        info: ModelInfo {
+            name,
+            architecture: header.architecture().unwrap_or("unknown").to_string(),
+            n_layer: model.n_layer(),
+            expert_count: shape.expert_count,
+            expert_used_count: shape.expert_used_count,
+            weight_bytes: model.size(),
+        },
+        profile: config.offload,
+        plan,
+        devices,
+        context_tokens: config.ctx_size,
+        max_sequences: config.parallel,
+        has_accelerator,
+        host_experts_pinned,
+    };
+    Ok((model, info))
+}
+
+/// The context's threads: `--threads`, else every core.
+pub(super) fn threads(config: &EngineConfig) -> i32 {
+    config
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get() as u32))
+        as i32
+}
+
+fn context_params(config: &EngineConfig) -> LlamaContextParams {
+    let threads = threads(config);
+    LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(config.ctx_size))
+        .with_n_batch(config.batch_size)
+        .with_n_ubatch(config.batch_size.min(512))
+        .with_n_seq_max(config.parallel)
+        .with_kv_unified(true)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+}
+
+/// Loads the model and creates a warmed-up context on it, measuring what each took from the
+/// accelerators' free memory (call with nothing else allocating on the devices meanwhile).
+/// `with_context` runs on the calling thread with the model, the context and the model's
+/// description; the context borrows the model, hence the callback.
+pub(super) fn open<R>(
+    config: &EngineConfig,
+    with_context: impl FnOnce(&LlamaModel, LlamaContext<'_>, LoadedModel) -> R,
+) -> Result<R, EngineError> {
+    backend()?;
+    let free_before = free_by_device();
+    let (model, mut info) = load_model(config)?;
+    let free_loaded = free_by_device();
+    let mut ctx = model
+        .new_context(backend()?, context_params(config))
+        .map_err(|e| EngineError::Load(format!("creating context: {e}")))?;
+    warm_up(&mut ctx, &model).map_err(|e| EngineError::Load(format!("warm-up decode: {e}")))?;
+    account(
+        &mut info.devices,
+        &free_before,
+        &free_loaded,
+        &free_by_device(),
+    );
+    refresh_devices(&mut info.devices);
+    info.context_tokens = ctx.n_ctx();
+    Ok(with_context(&model, ctx, info))
+}
+
+/// Decodes one token and forgets it, as llama-server does at start-up: the first request then
+/// pays for no lazy initialisation (cuBLAS handles, CUDA graphs, pools), and the memory those take
+/// is in place before the worker accounts its device memory.
+fn warm_up(ctx: &mut LlamaContext<'_>, model: &LlamaModel) -> Result<(), String> {
+    let mut batch = LlamaBatch::new(1, 1);
+    batch
+        .add(model.vocab().bos(), 0, &[0], true)
+        .map_err(|e| e.to_string())?;
+    ctx.decode(&mut batch).map_err(|e| e.to_string())?;
+    ctx.clear_kv_cache();
+    Ok(())
+}

@@ -1,0 +1,524 @@
+//! The engine thread: owns the model and context and runs the continuous-batching loop —
+//! intake, cancellation, plan, decode, sample, stream — publishing live stats (including
+//! device memory, refreshed here so that no FFI runs on the async runtime).
+
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::batcher::{Batcher, BatcherConfig, Pending, Refusal};
+use super::devices::refresh_devices;
+use super::load;
+use super::sampler::SeqSampler;
+use super::text::{StopMatcher, Utf8Assembler};
+use super::{
+    Command, EngineConfig, EngineError, EngineStats, Event, Finish, Job, LoadedModel, Prompt,
+    Summary,
+};
+
+/// How often device memory (free bytes, this process's bytes per GPU) is refreshed.
+const DEVICE_REFRESH: Duration = Duration::from_secs(5);
+
+/// The engine thread's body: loads, reports readiness, runs until shutdown.
+pub(super) fn engine_thread(
+    config: EngineConfig,
+    cmd_rx: mpsc::Receiver<Command>,
+    stats_tx: watch::Sender<EngineStats>,
+    ready: oneshot::Sender<Result<LoadedModel, EngineError>>,
+) {
+    let mut ready = Some(ready);
+    let opened = load::open(&config, |model, ctx, info| {
+        let context_tokens = info.context_tokens;
+        tracing::info!(
+            model = %info.info.name, profile = %info.profile, n_cpu_moe = info.plan.n_cpu_moe,
+            ctx = context_tokens, parallel = config.parallel, threads = load::threads(&config),
+            "model loaded"
+        );
+        let batcher = Batcher::new(BatcherConfig {
+            max_sequences: config.parallel,
+            kv_tokens: context_tokens,
+            step_tokens: config.batch_size,
+            batch_prefill_tokens_under_interactive: (config.batch_size / 4).max(config.parallel),
+            // One slot in 16 (4 of 64) stays free of batch work for interactive arrivals.
+            interactive_reserved_sequences: config.parallel / 16,
+            max_queue: config.max_queue,
+            queue_timeout: config.queue_timeout,
+        });
+        let stats = EngineStats {
+            context_tokens,
+            free_kv_tokens: context_tokens,
+            max_sequences: config.parallel,
+            devices: info.devices.clone(),
+            ..Default::default()
+        };
+        if let Some(r) = ready.take() {
+            let _ = r.send(Ok(info));
+        }
+        let mut engine = Engine {
+            model,
+            ctx,
+            batcher,
+            batch: LlamaBatch::new(config.batch_size as usize, config.parallel as i32),
+            stats,
+            stats_tx,
+            last_publish: Instant::now(),
+            last_refresh: Instant::now(),
+        };
+        engine.run(cmd_rx);
+    });
+    match opened {
+        Ok(()) => tracing::info!("engine stopped"),
+        Err(e) => {
+            if let Some(r) = ready.take() {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
+}
+
+/// Per-sequence state that lives only on the engine thread.
+struct Live {
+    events: mpsc::UnboundedSender<Event>,
+    sampler: SeqSampler,
+    utf8: Utf8Assembler,
+    stops: StopMatcher,
+    prompt_tokens: u32,
+    deadline: Option<Instant>,
+    arrived: Instant,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Instant,
+    /// The request's span (`worker.request`), which engine steps link to.
+    span: tracing::Span,
+    /// The span of the phase the sequence is in: `worker.queue`, `worker.prefill`, then
+    /// `worker.decode`; replacing it ends the previous phase.
+    phase: tracing::Span,
+}
+
+struct Engine<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batcher: Batcher<Live>,
+    batch: LlamaBatch<'static>,
+    stats: EngineStats,
+    stats_tx: watch::Sender<EngineStats>,
+    last_publish: Instant,
+    last_refresh: Instant,
+}
+
+impl<'m> Engine<'m> {
+    fn run(&mut self, mut cmd_rx: mpsc::Receiver<Command>) {
+        // A timer for the idle wait; the thread runs no other async work.
+        let idle = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a current-thread runtime with a timer");
+        loop {
+            if self.batcher.is_idle() {
+                self.publish(true);
+                // Idle: wait for work, waking up to refresh device memory.
+                let next = idle
+                    .block_on(async { tokio::time::timeout(DEVICE_REFRESH, cmd_rx.recv()).await });
+                match next {
+                    Ok(Some(cmd)) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(_) => continue,
+                }
+            }
+            loop {
+                match cmd_rx.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        self.cancel_all();
+                        return;
+                    }
+                }
+            }
+            self.housekeeping(Instant::now());
+            if !self.step() {
+                // Nothing runnable (requests wait for KV): wait briefly for completions/intake.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            self.publish(false);
+        }
+    }
+
+    /// Returns false when the engine must stop.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(job) => {
+                self.submit(*job);
+                true
+            }
+            Command::Shutdown => {
+                self.cancel_all();
+                self.publish(true);
+                false
+            }
+        }
+    }
+
+    fn tokenize(&self, job: &Job) -> Result<Vec<u32>, EngineError> {
+        let text = match &job.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(messages) => {
+                let template = self.model.chat_template(None).map_err(|e| {
+                    EngineError::InvalidArgument(format!("model has no chat template: {e}"))
+                })?;
+                let chat = messages
+                    .iter()
+                    .map(|(r, c)| LlamaChatMessage::new(r.clone(), c.clone()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| EngineError::InvalidArgument(format!("message: {e}")))?;
+                self.model
+                    .apply_chat_template(&template, &chat, true)
+                    .map_err(|e| EngineError::InvalidArgument(format!("chat template: {e}")))?
+            }
+        };
+        let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidArgument("prompt has no tokens".into()));
+        }
+        Ok(tokens.into_iter().map(|t| t.0 as u32).collect())
+    }
+
+    fn submit(&mut self, job: Job) {
+        let events = job.events.clone();
+        let mut tokens = match self.tokenize(&job) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = events.send(Event::Failed(e));
+                return;
+            }
+        };
+        let prompt_tokens = tokens.len() as u32;
+        let n_vocab = self.model.n_vocab() as u32;
+        if let Some(bad) = job.resume_tokens.iter().find(|&&t| t >= n_vocab) {
+            let _ = events.send(Event::Failed(EngineError::InvalidArgument(format!(
+                "resume token {bad} is outside the vocabulary ({n_vocab})"
+            ))));
+            return;
+        }
+        if job.resume_tokens.len() as u32 >= job.max_tokens {
+            let _ = events.send(Event::Failed(EngineError::InvalidArgument(
+                "resume_token_ids must be fewer than max_tokens".into(),
+            )));
+            return;
+        }
+        let mut sampler = SeqSampler::new(&job.sampling, self.model.n_vocab());
+        sampler.accept(&job.resume_tokens);
+        tokens.extend_from_slice(&job.resume_tokens);
+        let pending = Pending {
+            tokens,
+            max_tokens: job.max_tokens - job.resume_tokens.len() as u32,
+            class: job.class,
+            enqueued: job.arrived,
+            payload: Live {
+                events: job.events,
+                sampler,
+                utf8: Utf8Assembler::default(),
+                stops: StopMatcher::new(job.stop),
+                prompt_tokens,
+                deadline: job.deadline,
+                arrived: job.arrived,
+                admitted: None,
+                first_token: None,
+                last_token: job.arrived,
+                phase: tracing::info_span!(parent: &job.span, "worker.queue"),
+                span: job.span,
+            },
+        };
+        if let Err((why, p)) = self.batcher.enqueue(pending) {
+            let _ = p.payload.events.send(Event::Failed(refusal_error(why)));
+        }
+    }
+
+    /// Drops work whose client went away or whose deadline passed; refuses requests that
+    /// waited too long for KV.
+    fn housekeeping(&mut self, now: Instant) {
+        let gone = |l: &Live| l.events.is_closed();
+        let late = |l: &Live| l.deadline.is_some_and(|d| d <= now);
+        for p in self
+            .batcher
+            .drain_queued(|p| gone(&p.payload) || late(&p.payload))
+        {
+            if gone(&p.payload) {
+                self.stats.cancelled_total += 1;
+            } else {
+                let _ = p
+                    .payload
+                    .events
+                    .send(Event::Failed(EngineError::DeadlineExceeded(
+                        "while queued".into(),
+                    )));
+            }
+        }
+        for (why, p) in self.batcher.expire(now) {
+            let _ = p.payload.events.send(Event::Failed(refusal_error(why)));
+        }
+        for slot in self.batcher.slots_where(|s| gone(&s.payload)) {
+            self.stats.cancelled_total += 1;
+            self.release(slot);
+        }
+        for slot in self.batcher.slots_where(|s| late(&s.payload)) {
+            self.end(slot, Finish::Cancelled);
+        }
+    }
+
+    /// Plans and runs one decode step. Returns false when there was nothing to run.
+    fn step(&mut self) -> bool {
+        let now = Instant::now();
+        let plan = self.batcher.plan(now);
+        for &slot in &plan.evicted {
+            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+        }
+        for &(slot, reused) in &plan.admitted {
+            // Keep the reused prefix's cells, drop the rest of the slot's old sequence.
+            let from = (reused > 0).then_some(reused);
+            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), from, None);
+            if let Some(seq) = self.batcher.seq_mut(slot) {
+                seq.payload.admitted = Some(now);
+                let live = &mut seq.payload;
+                live.phase = tracing::info_span!(
+                    parent: &live.span,
+                    "worker.prefill",
+                    cached_tokens = reused
+                );
+            }
+        }
+        if plan.entries.is_empty() {
+            return false;
+        }
+        // One span per step, linked to the requests whose sequences it advances.
+        let step = tracing::info_span!(
+            parent: None,
+            "engine.step",
+            sequences = plan.entries.len(),
+            tokens = plan.n_tokens()
+        );
+        for e in &plan.entries {
+            if let Some(seq) = self.batcher.seq_mut(e.slot) {
+                step.follows_from(&seq.payload.span);
+            }
+        }
+        let _step = step.enter();
+        self.batch.clear();
+        let mut sample_at = Vec::new();
+        for e in &plan.entries {
+            let last = e.tokens.len() - 1;
+            for (i, &t) in e.tokens.iter().enumerate() {
+                let logits = e.sample && i == last;
+                if logits {
+                    sample_at.push((e.slot, self.batch.n_tokens()));
+                }
+                self.batch
+                    .add(
+                        LlamaToken(t as i32),
+                        (e.pos + i as u32) as i32,
+                        &[e.seq_id],
+                        logits,
+                    )
+                    .expect("plan fits the batch");
+            }
+        }
+        let n_prefill = plan.n_tokens()
+            - plan
+                .entries
+                .iter()
+                .filter(|e| e.tokens.len() == 1 && e.sample)
+                .count();
+        let started = Instant::now();
+        if let Err(e) = self.ctx.decode(&mut self.batch) {
+            tracing::error!(error = %e, "decode failed; failing the batch");
+            for e2 in &plan.entries {
+                if let Some(seq) = self.batcher.finish(e2.slot) {
+                    self.batcher.forget(e2.slot);
+                    let _ = self
+                        .ctx
+                        .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
+                    let _ = seq
+                        .payload
+                        .events
+                        .send(Event::Failed(EngineError::Internal(e.to_string())));
+                }
+            }
+            return true;
+        }
+        let elapsed = started.elapsed().as_secs_f64().max(1e-6);
+        self.update_speed(n_prefill, elapsed);
+        self.batcher.commit(&plan);
+        for (slot, idx) in sample_at {
+            self.sample(slot, idx);
+        }
+        true
+    }
+
+    fn update_speed(&mut self, n_prefill: usize, elapsed: f64) {
+        const ALPHA: f64 = 0.2;
+        let ema = |old: f64, new: f64| {
+            if old == 0.0 {
+                new
+            } else {
+                old * (1.0 - ALPHA) + new * ALPHA
+            }
+        };
+        if n_prefill > 0 {
+            self.stats.prefill_tokens_per_second = ema(
+                self.stats.prefill_tokens_per_second,
+                n_prefill as f64 / elapsed,
+            );
+        } else {
+            self.stats.decode_tokens_per_second =
+                ema(self.stats.decode_tokens_per_second, 1.0 / elapsed);
+        }
+    }
+
+    fn sample(&mut self, slot: usize, idx: i32) {
+        let Some(seq) = self.batcher.seq_mut(slot) else {
+            return;
+        };
+        let token = seq.payload.sampler.sample(&self.ctx, idx);
+        let now = Instant::now();
+        let live = &mut seq.payload;
+        if live.first_token.is_none() {
+            live.phase = tracing::info_span!(parent: &live.span, "worker.decode");
+        }
+        live.first_token.get_or_insert(now);
+        live.last_token = now;
+        self.stats.generated_tokens_total += 1;
+        if self.model.vocab().is_eog(token) {
+            self.end(slot, Finish::Stop);
+            return;
+        }
+        let at_limit = self.batcher.push_token(slot, token.0 as u32);
+        let seq = self.batcher.seq_mut(slot).expect("slot still active");
+        let live = &mut seq.payload;
+        let bytes = self.model.vocab().token_to_piece(token, false, None);
+        let piece = live.utf8.push(&bytes);
+        let released = live.stops.push(&piece);
+        let _ = live.events.send(Event::Delta {
+            text: released.text,
+            token_ids: vec![token.0 as u32],
+        });
+        if released.stopped {
+            self.end(slot, Finish::Stop);
+        } else if at_limit {
+            self.end(slot, Finish::Length);
+        }
+    }
+
+    /// Finishes a sequence normally: flushes held text, sends the summary, frees the slot.
+    fn end(&mut self, slot: usize, finish: Finish) {
+        // The sequence's cells stay in the KV cache as the slot's prefix cache.
+        let Some(mut seq) = self.batcher.finish(slot) else {
+            return;
+        };
+        let live = &mut seq.payload;
+        if finish != Finish::Cancelled {
+            let tail = live.utf8.finish();
+            let mut text = live.stops.push(&tail).text;
+            // After a stop string matched, nothing is held back any more.
+            text.push_str(&live.stops.finish());
+            if !text.is_empty() {
+                let _ = live.events.send(Event::Delta {
+                    text,
+                    token_ids: vec![],
+                });
+            }
+        }
+        let admitted = live.admitted.unwrap_or(live.arrived);
+        let first = live.first_token.unwrap_or(live.last_token);
+        let decode_secs = live
+            .last_token
+            .saturating_duration_since(first)
+            .as_secs_f64();
+        let summary = Summary {
+            finish,
+            prompt_tokens: live.prompt_tokens,
+            completion_tokens: seq.generated,
+            cached_prompt_tokens: seq.reused,
+            queue: admitted.saturating_duration_since(live.arrived),
+            time_to_first_token: first.saturating_duration_since(live.arrived),
+            decode_tokens_per_second: if seq.generated > 1 && decode_secs > 0.0 {
+                (seq.generated - 1) as f64 / decode_secs
+            } else {
+                0.0
+            },
+        };
+        self.stats.completed_total += 1;
+        let _ = live.events.send(Event::Done(summary));
+    }
+
+    /// Frees a slot whose client is gone, sending nothing.
+    fn release(&mut self, slot: usize) {
+        // Its cells stay in the KV cache as the slot's prefix cache.
+        self.batcher.finish(slot);
+    }
+
+    fn cancel_all(&mut self) {
+        for p in self.batcher.drain_queued(|_| true) {
+            let _ = p
+                .payload
+                .events
+                .send(Event::Failed(EngineError::Unavailable(
+                    "worker is shutting down".into(),
+                )));
+        }
+        for slot in self.batcher.slots_where(|_| true) {
+            self.end(slot, Finish::Cancelled);
+        }
+    }
+
+    fn publish(&mut self, force: bool) {
+        if self.last_refresh.elapsed() >= DEVICE_REFRESH {
+            self.last_refresh = Instant::now();
+            refresh_devices(&mut self.stats.devices);
+        }
+        if !force && self.last_publish.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.last_publish = Instant::now();
+        self.stats.active = self.batcher.active() as u32;
+        self.stats.queued = self.batcher.queued() as u32;
+        // Queued requests' claims count too, so gateways stop placing here as soon as memory is
+        // spoken for, not only once it is admitted.
+        self.stats.free_kv_tokens = self.batcher.unclaimed_kv_tokens();
+        let stats = self.stats.clone();
+        self.stats_tx.send_if_modified(|s| {
+            if *s == stats {
+                false
+            } else {
+                *s = stats;
+                true
+            }
+        });
+    }
+}
+
+fn refusal_error(why: Refusal) -> EngineError {
+    match why {
+        Refusal::TooLong { needed, capacity } => EngineError::InvalidArgument(format!(
+            "prompt plus max_tokens needs {needed} tokens of context; this worker has {capacity}"
+        )),
+        Refusal::QueueFull { limit } => {
+            EngineError::ResourceExhausted(format!("admission queue is full ({limit} waiting)"))
+        }
+        Refusal::QueueTimeout { waited } => EngineError::ResourceExhausted(format!(
+            "not admitted after waiting {:.1}s: no free sequence slot or KV cache headroom",
+            waited.as_secs_f64()
+        )),
+    }
+}
