@@ -58,12 +58,10 @@ pub struct LoadedModel {
     pub host_experts_pinned: bool,
 }
 
-/// Scheduling class of a job inside the worker: interactive work is admitted and prefilled first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Class {
-    Interactive,
-    Batch,
-}
+/// Scheduling class of a job: interactive work is admitted and prefilled first.
+pub use moe_common::LatencyClass;
+/// The old name, kept until `metrics.rs` imports [`LatencyClass`] directly.
+pub use moe_common::LatencyClass as Class;
 
 /// What to generate from.
 #[derive(Clone, Debug)]
@@ -93,7 +91,7 @@ pub struct Job {
     pub max_tokens: u32,
     pub sampling: Sampling,
     pub stop: Vec<String>,
-    pub class: Class,
+    pub class: LatencyClass,
     pub deadline: Option<Instant>,
     pub arrived: Instant,
     /// Where the engine streams this job's events; closing it cancels the job.

@@ -7,18 +7,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use futures::Stream;
+use moe_common::LatencyClass;
 use moe_common::pb::v1::inference_server::Inference;
-use moe_common::pb::{
-    FinishReason, GenerateRequest, GenerateResponse, LatencyClass, Timings, Usage,
-};
+use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, Timings, Usage};
 use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
 use tokio::sync::{Notify, mpsc};
 use tonic::{Code, Request, Response, Status};
 use tracing::{Instrument, Span};
 
-use crate::engine::{
-    Class, EngineError, EngineHandle, Event, Finish, Job, Prompt, Sampling, Summary,
-};
+use crate::engine::{EngineError, EngineHandle, Event, Finish, Job, Prompt, Sampling, Summary};
 use crate::metrics::{WorkerMetrics, class_label};
 
 /// Tracks streams in flight so a draining worker can wait for them.
@@ -189,7 +186,7 @@ impl InferenceService {
 /// client went away).
 struct Record {
     metrics: Arc<WorkerMetrics>,
-    class: Class,
+    class: LatencyClass,
     span: Span,
     outcome: Option<Code>,
     last_token: Option<Instant>,
@@ -268,10 +265,8 @@ fn job(
             seed: s.seed,
         })
         .unwrap_or_default();
-    let class = match LatencyClass::try_from(req.latency_class) {
-        Ok(LatencyClass::Batch) => Class::Batch,
-        _ => Class::Interactive,
-    };
+    // Validated before: an unknown value cannot reach here.
+    let class = LatencyClass::try_from(req.latency_class).unwrap_or_default();
     Job {
         prompt,
         resume_tokens: req.resume_token_ids.clone(),

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::Class;
+use moe_common::LatencyClass;
 
 #[derive(Clone, Debug)]
 pub struct BatcherConfig {
@@ -40,7 +40,7 @@ pub struct Pending<T> {
     /// Prompt tokens (including any resumed tokens) to prefill.
     pub tokens: Vec<u32>,
     pub max_tokens: u32,
-    pub class: Class,
+    pub class: LatencyClass,
     pub enqueued: Instant,
     pub payload: T,
 }
@@ -55,7 +55,7 @@ impl<T> Pending<T> {
 #[derive(Debug)]
 pub struct Seq<T> {
     pub seq_id: i32,
-    pub class: Class,
+    pub class: LatencyClass,
     /// Prompt tokens followed by the tokens generated so far.
     pub tokens: Vec<u32>,
     /// Prompt tokens whose KV cells were reused from the slot's prefix cache.
@@ -167,8 +167,8 @@ impl<T> Batcher<T> {
             return Err((Refusal::QueueFull { limit }, p));
         }
         match p.class {
-            Class::Interactive => self.interactive.push_back(p),
-            Class::Batch => self.batch.push_back(p),
+            LatencyClass::Interactive => self.interactive.push_back(p),
+            LatencyClass::Batch => self.batch.push_back(p),
         }
         Ok(())
     }
@@ -273,7 +273,7 @@ impl<T> Batcher<T> {
             .slots
             .iter()
             .flatten()
-            .any(|s| s.class == Class::Interactive && s.next.is_some());
+            .any(|s| s.class == LatencyClass::Interactive && s.next.is_some());
         // 2. Prompt chunks: interactive first, oldest first within a class.
         let mut prefill: Vec<&Seq<T>> = self
             .slots
@@ -281,7 +281,7 @@ impl<T> Batcher<T> {
             .flatten()
             .filter(|s| s.prefilling())
             .collect();
-        prefill.sort_by_key(|s| (s.class == Class::Batch, s.admitted, s.seq_id));
+        prefill.sort_by_key(|s| (s.class == LatencyClass::Batch, s.admitted, s.seq_id));
         let mut batch_budget = if interactive_decoding {
             self.config.batch_prefill_tokens_under_interactive as usize
         } else {
@@ -289,7 +289,7 @@ impl<T> Batcher<T> {
         };
         for seq in prefill {
             let remaining = seq.tokens.len() - seq.n_past as usize;
-            let cap = if seq.class == Class::Batch {
+            let cap = if seq.class == LatencyClass::Batch {
                 budget.min(batch_budget)
             } else {
                 budget
@@ -307,7 +307,7 @@ impl<T> Batcher<T> {
                 sample: take == remaining,
             });
             budget -= take;
-            if seq.class == Class::Batch {
+            if seq.class == LatencyClass::Batch {
                 batch_budget -= take.min(batch_budget);
             }
         }
@@ -376,7 +376,7 @@ impl<T> Batcher<T> {
             if needed > self.config.kv_tokens - self.reserved {
                 break;
             }
-            if head.class == Class::Batch && !self.batch_may_take(needed) {
+            if head.class == LatencyClass::Batch && !self.batch_may_take(needed) {
                 break;
             }
             while needed > self.config.kv_tokens - self.reserved - self.cached_cells(Some(slot)) {

@@ -14,7 +14,13 @@ fn config() -> BatcherConfig {
     }
 }
 
-fn pending(n_prompt: usize, max_tokens: u32, class: Class, tag: u32, at: Instant) -> Pending<u32> {
+fn pending(
+    n_prompt: usize,
+    max_tokens: u32,
+    class: LatencyClass,
+    tag: u32,
+    at: Instant,
+) -> Pending<u32> {
     Pending {
         tokens: (0..n_prompt as u32).collect(),
         max_tokens,
@@ -46,7 +52,8 @@ fn batch_work_leaves_the_interactive_reserve_free() {
     });
     let t = Instant::now();
     for i in 0..4 {
-        b.enqueue(pending(2, 10, Class::Batch, i, t)).unwrap();
+        b.enqueue(pending(2, 10, LatencyClass::Batch, i, t))
+            .unwrap();
     }
     let plan = step(&mut b, t);
     assert_eq!(
@@ -55,7 +62,8 @@ fn batch_work_leaves_the_interactive_reserve_free() {
         "one slot stays free for interactive work"
     );
     assert_eq!(b.queued(), 1);
-    b.enqueue(pending(2, 5, Class::Interactive, 9, t)).unwrap();
+    b.enqueue(pending(2, 5, LatencyClass::Interactive, 9, t))
+        .unwrap();
     let plan = step(&mut b, t);
     assert_eq!(
         plan.admitted.len(),
@@ -63,7 +71,7 @@ fn batch_work_leaves_the_interactive_reserve_free() {
         "interactive takes the reserved slot at once"
     );
     let slot = plan.admitted[0].0;
-    assert_eq!(b.seq_mut(slot).unwrap().class, Class::Interactive);
+    assert_eq!(b.seq_mut(slot).unwrap().class, LatencyClass::Interactive);
 }
 
 #[test]
@@ -77,14 +85,15 @@ fn batch_work_leaves_the_interactive_share_of_the_kv_cache() {
     });
     let t = Instant::now();
     // 25 cells are the interactive share: a batch request for 80 must wait.
-    b.enqueue(pending(40, 40, Class::Batch, 1, t)).unwrap();
+    b.enqueue(pending(40, 40, LatencyClass::Batch, 1, t))
+        .unwrap();
     assert!(step(&mut b, t).admitted.is_empty());
-    b.enqueue(pending(40, 40, Class::Interactive, 2, t))
+    b.enqueue(pending(40, 40, LatencyClass::Interactive, 2, t))
         .unwrap();
     let plan = step(&mut b, t);
     assert_eq!(plan.admitted.len(), 1, "interactive work may use the share");
     let slot = plan.admitted[0].0;
-    assert_eq!(b.seq_mut(slot).unwrap().class, Class::Interactive);
+    assert_eq!(b.seq_mut(slot).unwrap().class, LatencyClass::Interactive);
     assert_eq!(b.queued(), 1, "the batch request still waits");
 }
 
@@ -92,13 +101,15 @@ fn batch_work_leaves_the_interactive_share_of_the_kv_cache() {
 fn admits_new_requests_between_decode_steps() {
     let t = Instant::now();
     let mut b = Batcher::new(config());
-    b.enqueue(pending(4, 5, Class::Interactive, 1, t)).unwrap();
+    b.enqueue(pending(4, 5, LatencyClass::Interactive, 1, t))
+        .unwrap();
     let first = step(&mut b, t);
     assert_eq!(first.admitted, vec![(0, 0)]);
     assert_eq!(first.n_tokens(), 4);
     // A second request arrives while the first decodes: admitted at the very next step,
     // which carries the first one's decode token and the second one's prompt together.
-    b.enqueue(pending(3, 5, Class::Interactive, 2, t)).unwrap();
+    b.enqueue(pending(3, 5, LatencyClass::Interactive, 2, t))
+        .unwrap();
     let second = step(&mut b, t);
     assert_eq!(second.admitted, vec![(1, 0)]);
     assert_eq!(second.entries.len(), 2);
@@ -111,7 +122,7 @@ fn admits_new_requests_between_decode_steps() {
 fn frees_the_slot_and_kv_of_a_cancelled_request() {
     let t = Instant::now();
     let mut b = Batcher::new(config());
-    b.enqueue(pending(10, 40, Class::Interactive, 1, t))
+    b.enqueue(pending(10, 40, LatencyClass::Interactive, 1, t))
         .unwrap();
     step(&mut b, t);
     assert_eq!(b.free_kv_tokens(), 50);
@@ -128,7 +139,8 @@ fn frees_the_slot_and_kv_of_a_cancelled_request() {
 fn respects_the_prefill_budget_with_chunks() {
     let t = Instant::now();
     let mut b = Batcher::new(config());
-    b.enqueue(pending(40, 5, Class::Interactive, 1, t)).unwrap();
+    b.enqueue(pending(40, 5, LatencyClass::Interactive, 1, t))
+        .unwrap();
     let sizes: Vec<_> = (0..3)
         .map(|_| step(&mut b, t))
         .map(|p| p.n_tokens())
@@ -142,9 +154,11 @@ fn respects_the_prefill_budget_with_chunks() {
 fn batch_prefill_is_capped_while_interactive_streams_decode() {
     let t = Instant::now();
     let mut b = Batcher::new(config());
-    b.enqueue(pending(2, 10, Class::Interactive, 1, t)).unwrap();
+    b.enqueue(pending(2, 10, LatencyClass::Interactive, 1, t))
+        .unwrap();
     step(&mut b, t); // interactive prefilled, now decoding
-    b.enqueue(pending(30, 5, Class::Batch, 2, t)).unwrap();
+    b.enqueue(pending(30, 5, LatencyClass::Batch, 2, t))
+        .unwrap();
     let plan = step(&mut b, t);
     assert_eq!(
         plan.entries[0].tokens.len(),
@@ -161,8 +175,9 @@ fn interactive_requests_are_admitted_before_batch_ones() {
         max_sequences: 1,
         ..config()
     });
-    b.enqueue(pending(2, 2, Class::Batch, 1, t)).unwrap();
-    b.enqueue(pending(2, 2, Class::Interactive, 2, t)).unwrap();
+    b.enqueue(pending(2, 2, LatencyClass::Batch, 1, t)).unwrap();
+    b.enqueue(pending(2, 2, LatencyClass::Interactive, 2, t))
+        .unwrap();
     step(&mut b, t);
     assert_eq!(b.seq(0).unwrap().payload, 2);
 }
@@ -171,7 +186,9 @@ fn interactive_requests_are_admitted_before_batch_ones() {
 fn refuses_what_can_never_fit_and_waits_for_what_does_not_fit_now() {
     let t = Instant::now();
     let mut b = Batcher::new(config());
-    let (why, _) = b.enqueue(pending(90, 20, Class::Batch, 1, t)).unwrap_err();
+    let (why, _) = b
+        .enqueue(pending(90, 20, LatencyClass::Batch, 1, t))
+        .unwrap_err();
     assert_eq!(
         why,
         Refusal::TooLong {
@@ -179,8 +196,10 @@ fn refuses_what_can_never_fit_and_waits_for_what_does_not_fit_now() {
             capacity: 100
         }
     );
-    b.enqueue(pending(30, 40, Class::Batch, 2, t)).unwrap();
-    b.enqueue(pending(20, 20, Class::Batch, 3, t)).unwrap();
+    b.enqueue(pending(30, 40, LatencyClass::Batch, 2, t))
+        .unwrap();
+    b.enqueue(pending(20, 20, LatencyClass::Batch, 3, t))
+        .unwrap();
     step(&mut b, t);
     // 70 reserved, 30 free: the second (needs 40) must wait although a slot is free.
     assert_eq!(b.active(), 1);
@@ -203,9 +222,11 @@ fn a_full_queue_refuses_at_once() {
     let t = Instant::now();
     let mut b = Batcher::new(config());
     for i in 0..3 {
-        b.enqueue(pending(1, 1, Class::Batch, i, t)).unwrap();
+        b.enqueue(pending(1, 1, LatencyClass::Batch, i, t)).unwrap();
     }
-    let (why, p) = b.enqueue(pending(1, 1, Class::Batch, 9, t)).unwrap_err();
+    let (why, p) = b
+        .enqueue(pending(1, 1, LatencyClass::Batch, 9, t))
+        .unwrap_err();
     assert_eq!(why, Refusal::QueueFull { limit: 3 });
     assert_eq!(p.payload, 9);
 }
@@ -214,14 +235,16 @@ fn a_full_queue_refuses_at_once() {
 fn reuses_the_longest_cached_prefix_and_skips_recomputing_it() {
     let t = Instant::now();
     let mut b = Batcher::new(config());
-    b.enqueue(pending(10, 2, Class::Interactive, 1, t)).unwrap();
-    b.enqueue(pending(3, 2, Class::Interactive, 2, t)).unwrap();
+    b.enqueue(pending(10, 2, LatencyClass::Interactive, 1, t))
+        .unwrap();
+    b.enqueue(pending(3, 2, LatencyClass::Interactive, 2, t))
+        .unwrap();
     while !b.is_idle() {
         step(&mut b, t);
     }
     // Slot 0 holds 0..10 plus one decoded token; slot 1 holds 0..3 plus one.
     assert_eq!(b.cached_tokens(), 11 + 4);
-    let mut long = pending(12, 2, Class::Interactive, 3, t);
+    let mut long = pending(12, 2, LatencyClass::Interactive, 3, t);
     long.tokens[11] = 99;
     b.enqueue(long).unwrap();
     let plan = step(&mut b, t);
@@ -243,11 +266,13 @@ fn reuses_the_longest_cached_prefix_and_skips_recomputing_it() {
 fn a_fully_cached_prompt_still_computes_its_last_token() {
     let t = Instant::now();
     let mut b = Batcher::new(config());
-    b.enqueue(pending(6, 2, Class::Interactive, 1, t)).unwrap();
+    b.enqueue(pending(6, 2, LatencyClass::Interactive, 1, t))
+        .unwrap();
     while !b.is_idle() {
         step(&mut b, t);
     }
-    b.enqueue(pending(6, 2, Class::Interactive, 2, t)).unwrap();
+    b.enqueue(pending(6, 2, LatencyClass::Interactive, 2, t))
+        .unwrap();
     let plan = step(&mut b, t);
     assert_eq!(plan.admitted, vec![(0, 5)]);
     assert_eq!(plan.entries[0].tokens, vec![5]);
@@ -262,7 +287,7 @@ fn evicts_least_recently_used_caches_only_when_an_admission_needs_the_room() {
         ..config()
     });
     for tag in 0..2 {
-        let mut p = pending(30, 2, Class::Interactive, tag, t);
+        let mut p = pending(30, 2, LatencyClass::Interactive, tag, t);
         p.tokens[0] = 100 + tag; // distinct prompts
         b.enqueue(p).unwrap();
         while !b.is_idle() {
@@ -277,7 +302,7 @@ fn evicts_least_recently_used_caches_only_when_an_admission_needs_the_room() {
     );
     // Needs 60 of 100 cells; 62 are cached in slots 0 and 1, slot 2 is empty: evict slot 0
     // (least recently used) and keep slot 1.
-    let mut p = pending(50, 10, Class::Interactive, 9, t);
+    let mut p = pending(50, 10, LatencyClass::Interactive, 9, t);
     p.tokens[0] = 7;
     b.enqueue(p).unwrap();
     let plan = b.plan(t);
@@ -290,7 +315,8 @@ fn evicts_least_recently_used_caches_only_when_an_admission_needs_the_room() {
 fn finishes_at_max_tokens() {
     let t = Instant::now();
     let mut b = Batcher::new(config());
-    b.enqueue(pending(2, 3, Class::Interactive, 1, t)).unwrap();
+    b.enqueue(pending(2, 3, LatencyClass::Interactive, 1, t))
+        .unwrap();
     for _ in 0..3 {
         step(&mut b, t);
     }
