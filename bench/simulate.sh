@@ -13,7 +13,7 @@ RAW=target/sim
 SIM=target/release/moe-sim
 mkdir -p "$RAW" "$(dirname "$OUT")"
 
-cargo build --release -p moe-gateway --bin moe-sim
+cargo build --release -p moe-sim --bin moe-sim
 
 # title|moe-sim arguments; the default scenario first.
 SCENARIOS=("Default scenario|")
@@ -56,7 +56,7 @@ cat > "$OUT" <<DOC
 \`bench/simulate.sh\` on $(date -u +%Y-%m-%d), commit \`$commit\`$dirty.
 Machine: \`$(uname -a)\`, $(nproc) cores.
 
-\`moe-sim\` (crates/gateway/src/bin/moe-sim.rs, model in crates/gateway/src/sim/) drives the real
+\`moe-sim\` (crates/sim: binary in src/main.rs, model in src/) drives the real
 placement policy, \`scheduler::rank\` with the default \`Policy\`, against modelled workers in
 virtual time, next to round-robin and least-loaded, on one request trace, worker set and churn
 (deterministic for a seed).

@@ -10,7 +10,6 @@ pub mod proxy;
 pub mod router;
 pub mod scheduler;
 pub mod security;
-pub mod sim;
 
 use std::sync::Arc;
 

@@ -7,7 +7,7 @@ use std::ops::Bound;
 use moe_common::registry::ClusterSnapshot;
 use rand::Rng;
 
-use crate::scheduler::Reservations;
+use moe_gateway::scheduler::Reservations;
 
 /// Cycles through ready workers in id order.
 #[derive(Debug, Default)]
@@ -137,7 +137,7 @@ mod tests {
         res.by_worker.insert(
             "w1".into(),
             vec![
-                crate::scheduler::Reservation {
+                moe_gateway::scheduler::Reservation {
                     kv_tokens: 1,
                     placed_unix_ms: 5
                 };

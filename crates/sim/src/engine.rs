@@ -20,7 +20,7 @@ use super::baseline::RoundRobin;
 use super::trace::{ChurnKind, Trace};
 use super::worker::{Job, Profile, SimWorker};
 use super::{AdvertFreeKv, Micros, PolicyKind, SimConfig, micros};
-use crate::scheduler::{Policy, Reservations};
+use moe_gateway::scheduler::{Policy, Reservations};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {

@@ -1,4 +1,4 @@
-//! A discrete-event simulator that drives the real placement policy ([`crate::scheduler::rank`])
+//! A discrete-event simulator that drives the real placement policy ([`moe_gateway::scheduler::rank`])
 //! against modelled workers in virtual time, next to round-robin and least-loaded baselines, on
 //! the identical request trace, worker set and churn. Deterministic for a given seed.
 //!

@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use moe_gateway::sim::{
-    self, AdvertFreeKv, ClassShape, ClusterModel, FrontModel, PolicyKind, ProfileModel,
-    QueueDiscipline, SimConfig, Workload, micros,
+use moe_sim::{
+    AdvertFreeKv, ClassShape, ClusterModel, FrontModel, PolicyKind, ProfileModel, QueueDiscipline,
+    SimConfig, Workload, micros,
 };
 
 /// Discrete-event simulation of moe-cluster placement: the real `scheduler::rank` against
@@ -177,7 +177,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(64);
         }
     };
-    let report = sim::run(&config, &args.policies);
+    let report = moe_sim::run(&config, &args.policies);
     println!(
         "{} requests ({} counted after a {:.0} s warm-up per policy below), {} churn events, seed {}",
         report.requests,

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use super::engine::{PoolUsage, RunResult};
 use super::{Micros, PolicyKind, ProfileModel, SimConfig, Trace};
 use moe_common::LatencyClass;
+use serde::Serialize;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClassStats {
@@ -242,92 +243,147 @@ impl Report {
         out
     }
 
+    /// The report and the configuration that produced it as pretty-printed JSON.
     pub fn json(&self, config: &SimConfig) -> String {
         let c = &config.cluster;
         let w = &config.workload;
         let f = &config.front;
-        let mut out = String::from("{\n  \"config\": {");
-        let _ = write!(
-            out,
-            r#""seed":{},"workers":{},"full_fraction":{},"rate":{},"duration_s":{},"warmup_s":{},"#,
-            config.seed,
-            c.workers,
-            c.full_fraction,
-            w.rate,
-            w.duration as f64 / 1e6,
-            config.warmup as f64 / 1e6
-        );
-        let _ = write!(
-            out,
-            r#""interactive_fraction":{},"churn_per_minute":{},"advert_interval_ms":{},"advert_free_kv":"{:?}","worker_queue":"{:?}","max_queue":{},"#,
-            w.interactive_fraction,
-            c.churn_per_minute,
-            c.advert_interval as f64 / 1e3,
-            c.advert_free_kv,
-            c.queue,
-            c.max_queue
-        );
-        let _ = write!(
-            out,
-            r#""gateways":{},"max_attempts":{},"client_retries":{},"client_backoff_s":{},"full":{},"cpu_moe":{}}},"#,
-            f.gateways,
-            f.max_attempts,
-            f.client_retries,
-            f.client_backoff as f64 / 1e6,
-            profile_json(&c.full),
-            profile_json(&c.cpu_moe)
-        );
-        let _ = write!(
-            out,
-            "\n  \"requests\": {},\n  \"churn_events\": {},\n  \"results\": [",
-            self.requests, self.churn_events
-        );
-        let mut rows = Vec::new();
-        for p in &self.policies {
-            for (class, s) in p.classes() {
-                rows.push(result_json(p, class, s));
-            }
-        }
-        let _ = write!(out, "\n    {}\n  ]\n}}\n", rows.join(",\n    "));
+        let doc = JsonReport {
+            config: JsonConfig {
+                seed: config.seed,
+                workers: c.workers,
+                full_fraction: c.full_fraction,
+                rate: w.rate,
+                duration_s: w.duration as f64 / 1e6,
+                warmup_s: config.warmup as f64 / 1e6,
+                interactive_fraction: w.interactive_fraction,
+                churn_per_minute: c.churn_per_minute,
+                advert_interval_ms: c.advert_interval as f64 / 1e3,
+                advert_free_kv: format!("{:?}", c.advert_free_kv),
+                worker_queue: format!("{:?}", c.queue),
+                max_queue: c.max_queue,
+                gateways: f.gateways,
+                max_attempts: f.max_attempts,
+                client_retries: f.client_retries,
+                client_backoff_s: f.client_backoff as f64 / 1e6,
+                full: JsonProfile::of(&c.full),
+                cpu_moe: JsonProfile::of(&c.cpu_moe),
+            },
+            requests: self.requests,
+            churn_events: self.churn_events,
+            results: self
+                .policies
+                .iter()
+                .flat_map(|p| p.classes().map(|(class, s)| JsonRow::of(p, class, s)))
+                .collect(),
+        };
+        let mut out = serde_json::to_string_pretty(&doc).expect("plain data serializes");
+        out.push('\n');
         out
     }
 }
 
-fn profile_json(m: &ProfileModel) -> String {
-    format!(
-        r#"{{"kv_tokens":{},"max_sequences":{},"step_base_ms":{},"step_per_seq_ms":{},"prefill_tps":{},"step_tokens":{}}}"#,
-        m.kv_tokens,
-        m.max_sequences,
-        m.step_base_s * 1e3,
-        m.step_per_seq_s * 1e3,
-        m.prefill_tps,
-        m.step_tokens
-    )
+#[derive(Serialize)]
+struct JsonReport {
+    config: JsonConfig,
+    requests: usize,
+    churn_events: usize,
+    results: Vec<JsonRow>,
 }
 
-fn result_json(p: &PolicyReport, class: &str, s: &ClassStats) -> String {
-    let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.6}"));
-    let [full, cpu] = p.usage;
-    format!(
-        r#"{{"policy":"{}","class":"{class}","requests":{},"ttft_p50_s":{},"ttft_p99_s":{},"placements":{},"headroom_violations":{},"spill_overs":{},"replaced":{},"refused":{},"failed":{},"unfinished":{},"completed":{},"full_slots_used":{:.4},"full_kv_used":{:.4},"cpu_moe_slots_used":{:.4},"cpu_moe_kv_used":{:.4},"decisions":{},"decision_us":{:.2},"wall_s":{:.3}}}"#,
-        p.policy.name(),
-        s.requests,
-        num(s.ttft_p50),
-        num(s.ttft_p99),
-        s.placements,
-        s.violations,
-        s.spills,
-        s.replaced,
-        s.refused,
-        s.failed,
-        s.unfinished,
-        s.completed,
-        full.slots,
-        full.kv,
-        cpu.slots,
-        cpu.kv,
-        p.decisions,
-        p.decision_us,
-        p.wall_s
-    )
+#[derive(Serialize)]
+struct JsonConfig {
+    seed: u64,
+    workers: usize,
+    full_fraction: f64,
+    rate: f64,
+    duration_s: f64,
+    warmup_s: f64,
+    interactive_fraction: f64,
+    churn_per_minute: f64,
+    advert_interval_ms: f64,
+    advert_free_kv: String,
+    worker_queue: String,
+    max_queue: usize,
+    gateways: usize,
+    max_attempts: u32,
+    client_retries: u32,
+    client_backoff_s: f64,
+    full: JsonProfile,
+    cpu_moe: JsonProfile,
+}
+
+#[derive(Serialize)]
+struct JsonProfile {
+    kv_tokens: u32,
+    max_sequences: u32,
+    step_base_ms: f64,
+    step_per_seq_ms: f64,
+    prefill_tps: f64,
+    step_tokens: u32,
+}
+
+impl JsonProfile {
+    fn of(m: &ProfileModel) -> Self {
+        JsonProfile {
+            kv_tokens: m.kv_tokens,
+            max_sequences: m.max_sequences,
+            step_base_ms: m.step_base_s * 1e3,
+            step_per_seq_ms: m.step_per_seq_s * 1e3,
+            prefill_tps: m.prefill_tps,
+            step_tokens: m.step_tokens,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonRow {
+    policy: &'static str,
+    class: &'static str,
+    requests: usize,
+    ttft_p50_s: Option<f64>,
+    ttft_p99_s: Option<f64>,
+    placements: u64,
+    headroom_violations: u64,
+    spill_overs: u64,
+    replaced: u64,
+    refused: u64,
+    failed: usize,
+    unfinished: usize,
+    completed: usize,
+    full_slots_used: f64,
+    full_kv_used: f64,
+    cpu_moe_slots_used: f64,
+    cpu_moe_kv_used: f64,
+    decisions: u64,
+    decision_us: f64,
+    wall_s: f64,
+}
+
+impl JsonRow {
+    fn of(p: &PolicyReport, class: &'static str, s: &ClassStats) -> Self {
+        let [full, cpu] = p.usage;
+        JsonRow {
+            policy: p.policy.name(),
+            class,
+            requests: s.requests,
+            ttft_p50_s: s.ttft_p50,
+            ttft_p99_s: s.ttft_p99,
+            placements: s.placements,
+            headroom_violations: s.violations,
+            spill_overs: s.spills,
+            replaced: s.replaced,
+            refused: s.refused,
+            failed: s.failed,
+            unfinished: s.unfinished,
+            completed: s.completed,
+            full_slots_used: full.slots,
+            full_kv_used: full.kv,
+            cpu_moe_slots_used: cpu.slots,
+            cpu_moe_kv_used: cpu.kv,
+            decisions: p.decisions,
+            decision_us: p.decision_us,
+            wall_s: p.wall_s,
+        }
+    }
 }

@@ -8,9 +8,9 @@ use std::time::Instant;
 use super::super::baseline::least_loaded;
 use super::super::worker::{Job, Profile};
 use super::{Engine, Event, Placement};
-use crate::scheduler::{self, Demand, Reservation};
-use crate::sim::PolicyKind;
+use crate::PolicyKind;
 use moe_common::LatencyClass;
+use moe_gateway::scheduler::{self, Demand, Reservation};
 
 impl Engine<'_> {
     /// Places request `r`, or counts a refusal and lets its client send it again later.
