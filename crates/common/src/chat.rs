@@ -8,6 +8,7 @@ pub mod grammar;
 pub mod harmony;
 pub mod parser;
 pub mod strict;
+pub mod support;
 pub mod think;
 pub mod tools;
 

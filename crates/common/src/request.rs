@@ -98,6 +98,9 @@ pub fn validate(
     limits: &RequestLimits,
     allow_resume: bool,
 ) -> Result<(), InvalidRequest> {
+    if let Some(field) = crate::chat::support::unimplemented_field(req) {
+        return invalid(format!("{field} is not supported by this server"));
+    }
     let has_prompt = !req.prompt.is_empty();
     let has_messages = !req.messages.is_empty();
     match (has_prompt, has_messages) {
@@ -279,6 +282,7 @@ mod tests {
                     r.messages.push(ChatMessage {
                         role: "".into(),
                         content: "x".into(),
+                        ..Default::default()
                     })
                 }),
                 "not both",
@@ -320,6 +324,7 @@ mod tests {
             messages: vec![ChatMessage {
                 role: " ".into(),
                 content: "x".into(),
+                ..Default::default()
             }],
             max_tokens: 1,
             ..Default::default()

@@ -144,12 +144,17 @@ fn sampling() -> impl Strategy<Value = SamplingParams> {
                 min_p,
                 repeat_penalty,
                 seed,
+                ..Default::default()
             },
         )
 }
 
 fn request() -> impl Strategy<Value = GenerateRequest> {
-    let message = (text(10), text(20)).prop_map(|(role, content)| ChatMessage { role, content });
+    let message = (text(10), text(20)).prop_map(|(role, content)| ChatMessage {
+        role,
+        content,
+        ..Default::default()
+    });
     (
         text(60),
         prop_oneof![2 => Just(vec![]), 1 => proptest::collection::vec(message, 0..6)],
@@ -173,6 +178,7 @@ fn request() -> impl Strategy<Value = GenerateRequest> {
                     model,
                     request_id,
                     resume_token_ids: resume,
+                    ..Default::default()
                 }
             },
         )

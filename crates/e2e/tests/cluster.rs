@@ -61,6 +61,7 @@ async fn chat_messages_are_rendered_with_the_model_template() {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: "What is the capital of France?".into(),
+            ..Default::default()
         }],
         max_tokens: 24,
         ..greedy("", 24)
@@ -301,6 +302,7 @@ async fn bad_input_gets_the_right_status_from_gateway_and_worker() {
                 messages: vec![ChatMessage {
                     role: "".into(),
                     content: "hi".into(),
+                    ..Default::default()
                 }],
                 ..greedy("", 4)
             },
@@ -312,6 +314,7 @@ async fn bad_input_gets_the_right_status_from_gateway_and_worker() {
                 messages: vec![ChatMessage {
                     role: "user".into(),
                     content: "hi".into(),
+                    ..Default::default()
                 }],
                 ..greedy(PROMPT, 4)
             },

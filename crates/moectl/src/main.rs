@@ -155,6 +155,7 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         req.messages = vec![ChatMessage {
             role: "user".into(),
             content: a.prompt,
+            ..Default::default()
         }];
     } else {
         req.prompt = a.prompt;

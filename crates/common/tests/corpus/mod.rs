@@ -120,6 +120,7 @@ fn request(r: &Value) -> GenerateRequest {
                     .map(|m| ChatMessage {
                         role: string(m, "role"),
                         content: string(m, "content"),
+                        ..Default::default()
                     })
                     .collect()
             })
@@ -132,6 +133,7 @@ fn request(r: &Value) -> GenerateRequest {
             min_p: float(s, "min_p", 0.0),
             repeat_penalty: float(s, "repeat_penalty", 0.0),
             seed: s.get("seed").and_then(Value::as_u64),
+            ..Default::default()
         }),
         stop: strings("stop"),
         latency_class: r.get("latency_class").and_then(Value::as_i64).unwrap_or(0) as i32,
@@ -146,5 +148,6 @@ fn request(r: &Value) -> GenerateRequest {
                     .collect()
             })
             .unwrap_or_default(),
+        ..Default::default()
     }
 }

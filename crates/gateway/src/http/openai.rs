@@ -128,6 +128,7 @@ pub fn chat_request(mut body: Body, class: LatencyClass) -> Result<Mapped, ApiEr
                         "content must be a string, null, or an array of text parts",
                     )
                 })?,
+                ..Default::default()
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -272,6 +273,7 @@ fn apply_params(
         repeat_penalty: p.repetition_penalty.unwrap_or(0.0),
         // Negative seeds are accepted and reinterpreted: same seed, same output still holds.
         seed: p.seed.map(|s| s as u64),
+        ..Default::default()
     });
     request.stop = match p.stop {
         None => Vec::new(),
@@ -321,6 +323,7 @@ pub fn finish_reason(code: i32) -> Option<&'static str> {
         FinishReason::Unspecified => None,
         FinishReason::Stop | FinishReason::Cancelled => Some("stop"),
         FinishReason::Length => Some("length"),
+        FinishReason::ToolCalls => Some("tool_calls"),
     }
 }
 
