@@ -124,7 +124,9 @@ pub struct Summary {
 
 #[derive(Debug)]
 pub enum Event {
-    /// Newly produced text (whole UTF-8 characters) and the tokens generated since the last event.
+    /// Newly released text and exactly the tokens whose bytes it (with the text released before)
+    /// wholly contains: ids of text held back (a split character, a possible stop string) come
+    /// with that text later, so a replay of the ids received ends on a clean boundary.
     Delta { text: String, token_ids: Vec<u32> },
     /// The job ended normally; no event follows.
     Done(Summary),
@@ -138,6 +140,9 @@ pub enum EngineError {
     InvalidArgument(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Prompt plus `max_tokens` exceeds this worker's context; a larger one may fit.
+    #[error("{0}")]
+    TooLong(String),
     #[error("deadline exceeded {0}")]
     DeadlineExceeded(String),
     #[error("{0}")]

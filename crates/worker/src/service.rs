@@ -94,6 +94,7 @@ pub fn status(e: EngineError) -> Status {
     match e {
         EngineError::InvalidArgument(m) => Status::invalid_argument(m),
         EngineError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        EngineError::TooLong(m) => Status::out_of_range(m),
         EngineError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
         EngineError::Unavailable(m) => Status::unavailable(m),
         e @ (EngineError::Internal(_) | EngineError::Load(_)) => Status::internal(e.to_string()),

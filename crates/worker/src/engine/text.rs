@@ -1,6 +1,6 @@
 //! Turning token bytes into streamed text: UTF-8 reassembly across token boundaries, stop
-//! strings that hold back only the text that might still become a stop string, and the
-//! token-aligned [`Detokenizer`] that releases token ids only together with their text.
+//! strings that hold back only the text that might still become a stop string, and token ids
+//! released only together with their text ([`Detokenizer`]).
 
 /// Collects token bytes and releases only whole UTF-8 characters.
 #[derive(Debug, Default)]
@@ -69,62 +69,6 @@ fn hold_from(stops: &[String], text: &str) -> usize {
             stops.iter().any(|s| s.starts_with(tail))
         })
         .unwrap_or(text.len())
-}
-
-/// Finds stop strings in streamed text.
-#[derive(Debug, Default)]
-pub struct StopMatcher {
-    stops: Vec<String>,
-    held: String,
-}
-
-/// What to do with text after a [`StopMatcher::push`].
-#[derive(Debug, PartialEq, Eq)]
-pub struct Released {
-    /// Text safe to send now.
-    pub text: String,
-    /// A stop string matched: generation ends, nothing after `text` is sent.
-    pub stopped: bool,
-}
-
-impl StopMatcher {
-    pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
-            held: String::new(),
-        }
-    }
-
-    pub fn push(&mut self, text: &str) -> Released {
-        if self.stops.is_empty() {
-            return Released {
-                text: text.to_string(),
-                stopped: false,
-            };
-        }
-        self.held.push_str(text);
-        if let Some(at) = first_stop(&self.stops, &self.held) {
-            let text = self.held[..at].to_string();
-            self.held.clear();
-            return Released {
-                text,
-                stopped: true,
-            };
-        }
-        // Hold back the longest suffix that is a prefix of some stop string.
-        let keep_from = hold_from(&self.stops, &self.held);
-        let text = self.held[..keep_from].to_string();
-        self.held.drain(..keep_from);
-        Released {
-            text,
-            stopped: false,
-        }
-    }
-
-    /// Releases held-back text at the end of generation (it never became a stop string).
-    pub fn finish(&mut self) -> String {
-        std::mem::take(&mut self.held)
-    }
 }
 
 /// Streams generated tokens as text, releasing each token id only together with its text.
@@ -275,59 +219,6 @@ mod tests {
         assert_eq!(a.push(&[b'a', 0xff, b'b']), "a\u{fffd}b");
         assert_eq!(a.push(&[0xe2, 0x82]), "");
         assert_eq!(a.finish(), "\u{fffd}");
-    }
-
-    #[test]
-    fn stops_before_a_stop_string_split_across_pushes() {
-        let mut m = StopMatcher::new(vec!["END".into()]);
-        assert_eq!(
-            m.push("hello E"),
-            Released {
-                text: "hello ".into(),
-                stopped: false
-            }
-        );
-        assert_eq!(
-            m.push("N"),
-            Released {
-                text: "".into(),
-                stopped: false
-            }
-        );
-        assert_eq!(
-            m.push("D more"),
-            Released {
-                text: "".into(),
-                stopped: true
-            }
-        );
-    }
-
-    #[test]
-    fn releases_held_text_that_did_not_become_a_stop() {
-        let mut m = StopMatcher::new(vec!["END".into()]);
-        assert_eq!(m.push("E").text, "");
-        assert_eq!(m.push("X").text, "EX");
-        assert_eq!(m.push("EN").text, "");
-        assert_eq!(m.finish(), "EN");
-    }
-
-    #[test]
-    fn earliest_of_several_stops_wins() {
-        let mut m = StopMatcher::new(vec!["b".into(), "a".into()]);
-        assert_eq!(
-            m.push("xxab"),
-            Released {
-                text: "xx".into(),
-                stopped: true
-            }
-        );
-    }
-
-    #[test]
-    fn no_stops_passes_through() {
-        let mut m = StopMatcher::new(vec![]);
-        assert_eq!(m.push("abc").text, "abc");
     }
 
     /// A test tokenizer's output: (id, piece bytes).
@@ -513,6 +404,26 @@ mod tests {
                 stopped: false
             }
         );
+    }
+
+    #[test]
+    fn detokenizer_earliest_of_several_stops_wins() {
+        let mut d = Detokenizer::new(vec!["b".into(), "a".into(), String::new()]);
+        assert_eq!(
+            d.push(1, b"xxab"),
+            Release {
+                text: "xx".into(),
+                token_ids: vec![],
+                stopped: true
+            }
+        );
+    }
+
+    #[test]
+    fn detokenizer_without_stops_passes_whole_characters_through() {
+        let mut d = Detokenizer::new(vec![]);
+        assert_eq!(d.push(1, b"abc").text, "abc");
+        assert_eq!(d.push(2, b"\n").token_ids, vec![2]);
     }
 
     #[test]

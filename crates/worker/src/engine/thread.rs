@@ -14,7 +14,7 @@ use super::batcher::{Batcher, BatcherConfig, Pending, Refusal};
 use super::devices::refresh_devices;
 use super::load;
 use super::sampler::SeqSampler;
-use super::text::{StopMatcher, Utf8Assembler};
+use super::text::Detokenizer;
 use super::{
     Command, EngineConfig, EngineError, EngineStats, Event, Finish, Job, LoadedModel, Prompt,
     Summary,
@@ -84,8 +84,8 @@ pub(super) fn engine_thread(
 struct Live {
     events: mpsc::UnboundedSender<Event>,
     sampler: SeqSampler,
-    utf8: Utf8Assembler,
-    stops: StopMatcher,
+    /// Token ids go out only together with their text (see `Detokenizer`).
+    text: Detokenizer,
     prompt_tokens: u32,
     deadline: Option<Instant>,
     arrived: Instant,
@@ -229,8 +229,7 @@ impl<'m> Engine<'m> {
             payload: Live {
                 events: job.events,
                 sampler,
-                utf8: Utf8Assembler::default(),
-                stops: StopMatcher::new(job.stop),
+                text: Detokenizer::new(job.stop),
                 prompt_tokens,
                 deadline: job.deadline,
                 arrived: job.arrived,
@@ -407,13 +406,15 @@ impl<'m> Engine<'m> {
         let seq = self.batcher.seq_mut(slot).expect("slot still active");
         let live = &mut seq.payload;
         let bytes = self.model.vocab().token_to_piece(token, false, None);
-        let piece = live.utf8.push(&bytes);
-        let released = live.stops.push(&piece);
-        let _ = live.events.send(Event::Delta {
-            text: released.text,
-            token_ids: vec![token.0 as u32],
-        });
-        if released.stopped {
+        let released = live.text.push(token.0 as u32, &bytes);
+        let stopped = released.stopped;
+        if !released.is_empty() {
+            let _ = live.events.send(Event::Delta {
+                text: released.text,
+                token_ids: released.token_ids,
+            });
+        }
+        if stopped {
             self.end(slot, Finish::Stop);
         } else if at_limit {
             self.end(slot, Finish::Length);
@@ -427,15 +428,15 @@ impl<'m> Engine<'m> {
             return;
         };
         let live = &mut seq.payload;
+        // Held text goes out with its token ids. Not on Cancelled (drain, deadline): the
+        // gateway replays only the ids the client has text for, and the next worker generates
+        // the held tokens again.
         if finish != Finish::Cancelled {
-            let tail = live.utf8.finish();
-            let mut text = live.stops.push(&tail).text;
-            // After a stop string matched, nothing is held back any more.
-            text.push_str(&live.stops.finish());
-            if !text.is_empty() {
+            let released = live.text.finish();
+            if !released.is_empty() {
                 let _ = live.events.send(Event::Delta {
-                    text,
-                    token_ids: vec![],
+                    text: released.text,
+                    token_ids: released.token_ids,
                 });
             }
         }
@@ -510,7 +511,7 @@ impl<'m> Engine<'m> {
 
 fn refusal_error(why: Refusal) -> EngineError {
     match why {
-        Refusal::TooLong { needed, capacity } => EngineError::InvalidArgument(format!(
+        Refusal::TooLong { needed, capacity } => EngineError::TooLong(format!(
             "prompt plus max_tokens needs {needed} tokens of context; this worker has {capacity}"
         )),
         Refusal::QueueFull { limit } => {
