@@ -11,7 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // prost's codec, but a request that does not decode is INVALID_ARGUMENT (src/codec.rs).
         .codec_path("crate::codec::MoeCodec")
         .file_descriptor_set_path(out_dir.join("moe_v1_descriptor.bin"))
-        .compile_protos(&[inference], &[proto_root.clone()])?;
+        .compile_protos(&[inference], std::slice::from_ref(&proto_root))?;
     println!("cargo:rerun-if-changed={}", proto_root.display());
     Ok(())
 }

@@ -238,10 +238,11 @@ pub fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
 
 /// Parses a duration flag: plain seconds (`30`) or humantime (`30s`, `500ms`, `2m`).
 pub fn parse_duration_flag(s: &str) -> Result<std::time::Duration, String> {
-    if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Ok(std::time::Duration::from_secs_f64(secs));
-        }
+    if let Ok(secs) = s.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Ok(std::time::Duration::from_secs_f64(secs));
     }
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
@@ -270,7 +271,8 @@ mod tests {
 
     #[test]
     fn rejects_each_bad_field_with_a_precise_message() {
-        let cases: Vec<(Box<dyn Fn(&mut GenerateRequest)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut GenerateRequest)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|r| r.prompt.clear()), "prompt is empty"),
             (
                 Box::new(|r| r.max_tokens = 0),

@@ -32,6 +32,9 @@ pub struct GatewayConfig {
     /// Longest a request may take (also caps client deadlines).
     #[arg(long, env = "MOE_REQUEST_TIMEOUT", default_value = "600s", value_parser = parse_duration_flag)]
     pub request_timeout: Duration,
+    /// On SIGTERM, how long running streams may take to finish before they are cut.
+    #[arg(long, env = "MOE_DRAIN_GRACE", default_value = "30s", value_parser = parse_duration_flag)]
+    pub drain_grace: Duration,
     /// Workers tried per request at most (placement, retries, migrations).
     #[arg(long, env = "MOE_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,

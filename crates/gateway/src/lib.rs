@@ -153,9 +153,23 @@ pub async fn run(
             },
         );
     let grpc_server = async { server.await.map_err(GatewayError::from) };
-    tokio::try_join!(grpc_server, async {
-        http_server.await.map_err(GatewayError::from)
-    })?;
+    let servers = async {
+        tokio::try_join!(grpc_server, async {
+            http_server.await.map_err(GatewayError::from)
+        })
+    };
+    // Draining is bounded like the worker's: after --drain-grace the remaining streams are cut
+    // (their clients see the connection close) instead of holding the process open.
+    let grace_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(config.drain_grace).await;
+    };
+    tokio::select! {
+        r = servers => { r?; }
+        () = grace_over => {
+            tracing::warn!(grace = ?config.drain_grace, "drain grace over; cutting the remaining streams");
+        }
+    }
     watcher_stop.cancel();
     if let Some(m) = metrics_server {
         let _ = m.await;
