@@ -7,6 +7,8 @@ mod json;
 pub mod prompt;
 mod strftime;
 pub mod template;
+pub mod wire;
 
 pub use prompt::{ChatPrompt, ChatRequest, OutputFormat, Tokenize, ToolChoice, build_prompt};
 pub use template::{ChatTemplate, Message, RenderRequest, Segment, TemplateError, ToolCall};
+pub use wire::{ChatJob, ChatReply, EnginePrompt, ReplyShaper, chat_job, engine_prompt};

@@ -67,8 +67,8 @@ pub use moe_common::LatencyClass as Class;
 #[derive(Clone, Debug)]
 pub enum Prompt {
     Text(String),
-    /// (role, content) pairs rendered with the model's chat template.
-    Chat(Vec<(String, String)>),
+    /// A chat rendered with the model's chat template (`crate::chat`).
+    Chat(Box<crate::chat::ChatJob>),
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -128,6 +128,8 @@ pub enum Event {
     /// wholly contains: ids of text held back (a split character, a possible stop string) come
     /// with that text later, so a replay of the ids received ends on a clean boundary.
     Delta { text: String, token_ids: Vec<u32> },
+    /// Chat jobs only, before any text: how to read the reply (`crate::chat::ReplyShaper`).
+    Chat(crate::chat::ChatReply),
     /// The job ended normally; no event follows.
     Done(Summary),
     /// The job failed; no event follows.

@@ -160,7 +160,7 @@ impl InferenceService {
             )));
         }
         let (events, rx) = mpsc::unbounded_channel();
-        let mut job = job(&req, arrived, deadline, events);
+        let mut job = job(&req, arrived, deadline, events).map_err(Status::invalid_argument)?;
         let class = job.class;
         span.record("class", class_label(class));
         job.span = span.clone();
@@ -243,16 +243,11 @@ fn job(
     arrived: Instant,
     deadline: Option<Instant>,
     events: mpsc::UnboundedSender<Event>,
-) -> Job {
+) -> Result<Job, String> {
     let prompt = if req.messages.is_empty() {
         Prompt::Text(req.prompt.clone())
     } else {
-        Prompt::Chat(
-            req.messages
-                .iter()
-                .map(|m| (m.role.clone(), m.content.clone()))
-                .collect(),
-        )
+        Prompt::Chat(Box::new(crate::chat::chat_job(req)?))
     };
     let sampling = req
         .sampling
@@ -268,7 +263,7 @@ fn job(
         .unwrap_or_default();
     // Validated before: an unknown value cannot reach here.
     let class = LatencyClass::try_from(req.latency_class).unwrap_or_default();
-    Job {
+    Ok(Job {
         prompt,
         resume_tokens: req.resume_token_ids.clone(),
         max_tokens: req.max_tokens,
@@ -279,7 +274,7 @@ fn job(
         arrived,
         events,
         span: Span::none(),
-    }
+    })
 }
 
 fn responses(
@@ -290,15 +285,28 @@ fn responses(
 ) -> impl Stream<Item = Result<GenerateResponse, Status>> + Send {
     async_stream::stream! {
         let _guard = guard;
+        // Chat replies are parsed here, off the engine thread (reasoning, tool calls).
+        let mut shaper = crate::chat::ReplyShaper::new(&meta.request_id);
         while let Some(event) = rx.recv().await {
             match event {
+                Event::Chat(reply) => {
+                    let m = shaper.start(reply);
+                    if !m.text.is_empty() || !m.tool_calls.is_empty() || !m.reasoning.is_empty() {
+                        yield Ok(m);
+                    }
+                }
                 Event::Delta { text, token_ids } => {
                     record.delta(token_ids.len());
-                    yield Ok(GenerateResponse { text, token_ids, ..Default::default() });
+                    yield Ok(shaper.delta(text, token_ids));
                 }
                 Event::Done(summary) => {
                     record.done(&summary);
-                    yield Ok(final_message(&summary, &meta));
+                    if let Some(m) = shaper.finish() {
+                        yield Ok(m);
+                    }
+                    let mut last = final_message(&summary, &meta);
+                    last.finish_reason = shaper.finish_reason(last.finish_reason()) as i32;
+                    yield Ok(last);
                     return;
                 }
                 Event::Failed(e) => {

@@ -3,25 +3,10 @@
 //! so that no option is silently ignored. A field moves out of here when it is implemented.
 
 use crate::pb::GenerateRequest;
-use crate::pb::v1::response_format::Type as FormatType;
 use crate::pb::v1::tool_choice::Mode as ToolMode;
 
 /// The first field of `req` that is set to something this build does not implement.
 pub fn unimplemented_field(req: &GenerateRequest) -> Option<String> {
-    for (i, m) in req.messages.iter().enumerate() {
-        let field = if !m.name.is_empty() {
-            "name"
-        } else if !m.tool_calls.is_empty() {
-            "tool_calls"
-        } else if !m.tool_call_id.is_empty() {
-            "tool_call_id"
-        } else if !m.reasoning_content.is_empty() {
-            "reasoning_content"
-        } else {
-            continue;
-        };
-        return Some(format!("messages[{i}].{field}"));
-    }
     if let Some(s) = &req.sampling {
         if s.presence_penalty != 0.0 {
             return Some("sampling.presence_penalty".into());
@@ -30,24 +15,23 @@ pub fn unimplemented_field(req: &GenerateRequest) -> Option<String> {
             return Some("sampling.frequency_penalty".into());
         }
     }
+    // One call per turn is enforced only where the call is forced (grammar).
+    let auto_tools = !req.tools_json.is_empty()
+        && req
+            .tool_choice
+            .as_ref()
+            .is_none_or(|c| c.mode() == ToolMode::Auto);
     let checks = [
         (
-            req.response_format
-                .as_ref()
-                .is_some_and(|f| f.r#type() != FormatType::Text || !f.json_schema.is_empty()),
-            "response_format",
+            auto_tools && req.parallel_tool_calls == Some(false),
+            "parallel_tool_calls",
         ),
-        (!req.tools_json.is_empty(), "tools_json"),
-        (
-            req.tool_choice
-                .as_ref()
-                .is_some_and(|c| c.mode() != ToolMode::Auto || !c.function_name.is_empty()),
-            "tool_choice",
-        ),
-        (!req.reasoning_effort.is_empty(), "reasoning_effort"),
-        (req.raw_output, "raw_output"),
         (req.logprobs, "logprobs"),
         (req.top_logprobs != 0, "top_logprobs"),
+        (
+            !req.prompt.is_empty() && (req.response_format.is_some() || !req.tools_json.is_empty()),
+            "response_format/tools_json (chat requests only)",
+        ),
     ];
     checks
         .into_iter()
@@ -58,41 +42,51 @@ pub fn unimplemented_field(req: &GenerateRequest) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pb::SamplingParams;
     use crate::pb::v1::ResponseFormat;
-    use crate::pb::{ChatMessage, SamplingParams};
 
     #[test]
-    fn plain_requests_use_nothing_unimplemented() {
+    fn plain_and_chat_requests_use_nothing_unimplemented() {
         let req = GenerateRequest {
             prompt: "x".into(),
             parallel_tool_calls: Some(false),
             sampling: Some(SamplingParams::default()),
-            response_format: Some(ResponseFormat::default()),
             ..Default::default()
         };
         assert_eq!(unimplemented_field(&req), None);
+        let chat = GenerateRequest {
+            tools_json: "[]".into(),
+            response_format: Some(ResponseFormat::default()),
+            ..Default::default()
+        };
+        assert_eq!(unimplemented_field(&chat), None);
     }
 
     #[test]
     fn unimplemented_fields_are_named() {
         let req = GenerateRequest {
-            messages: vec![
-                ChatMessage::default(),
-                ChatMessage {
-                    tool_call_id: "c".into(),
-                    ..Default::default()
-                },
-            ],
-            ..Default::default()
-        };
-        assert_eq!(
-            unimplemented_field(&req).as_deref(),
-            Some("messages[1].tool_call_id")
-        );
-        let req = GenerateRequest {
             logprobs: true,
             ..Default::default()
         };
         assert_eq!(unimplemented_field(&req).as_deref(), Some("logprobs"));
+        let req = GenerateRequest {
+            tools_json: "[{}]".into(),
+            parallel_tool_calls: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(
+            unimplemented_field(&req).as_deref(),
+            Some("parallel_tool_calls")
+        );
+        let req = GenerateRequest {
+            prompt: "x".into(),
+            tools_json: "[{}]".into(),
+            ..Default::default()
+        };
+        assert!(
+            unimplemented_field(&req)
+                .unwrap()
+                .starts_with("response_format")
+        );
     }
 }

@@ -27,6 +27,19 @@ impl SeqSampler {
         }
     }
 
+    /// Constrains the sequence to a GBNF grammar (root rule `root`), ahead of the rest.
+    pub(super) fn with_grammar(
+        mut self,
+        model: &llama_cpp_2::model::LlamaModel,
+        gbnf: &str,
+    ) -> Result<Self, String> {
+        let grammar = LlamaSampler::grammar(model, gbnf, "root")
+            .map_err(|e| format!("output grammar: {e:?}"))?;
+        self.chain = LlamaSampler::chain_simple([grammar, self.chain]);
+        self.greedy = false;
+        Ok(self)
+    }
+
     /// Feeds tokens that are already part of the sequence (no sampling), so stateful samplers
     /// (penalties) see them.
     pub(super) fn accept(&mut self, tokens: &[u32]) {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -60,6 +60,7 @@ pub(super) fn engine_thread(
         }
         let mut engine = Engine {
             model,
+            specials: special_texts(model),
             ctx,
             batcher,
             batch: LlamaBatch::new(config.batch_size as usize, config.parallel as i32),
@@ -86,6 +87,8 @@ struct Live {
     sampler: SeqSampler,
     /// Token ids go out only together with their text (see `Detokenizer`).
     text: Detokenizer,
+    /// Detokenize with special tokens rendered (harmony replies, raw output).
+    special: bool,
     prompt_tokens: u32,
     deadline: Option<Instant>,
     arrived: Instant,
@@ -101,6 +104,8 @@ struct Live {
 
 struct Engine<'m> {
     model: &'m LlamaModel,
+    /// Text of every special token (refused in chat tool definitions; see `crate::chat`).
+    specials: Vec<String>,
     ctx: LlamaContext<'m>,
     batcher: Batcher<Live>,
     batch: LlamaBatch<'static>,
@@ -171,33 +176,62 @@ impl<'m> Engine<'m> {
         }
     }
 
-    fn tokenize(&self, job: &Job) -> Result<Vec<u32>, EngineError> {
+    /// Prompt tokens, the output grammar, and whether to render special tokens.
+    fn tokenize(&self, job: &Job) -> Result<(Vec<u32>, Option<String>, bool), EngineError> {
         let text = match &job.prompt {
             Prompt::Text(t) => t.clone(),
-            Prompt::Chat(messages) => {
-                let template = self.model.chat_template(None).map_err(|e| {
-                    EngineError::InvalidArgument(format!("model has no chat template: {e}"))
-                })?;
-                let chat = messages
-                    .iter()
-                    .map(|(r, c)| LlamaChatMessage::new(r.clone(), c.clone()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| EngineError::InvalidArgument(format!("message: {e}")))?;
-                self.model
-                    .apply_chat_template(&template, &chat, true)
-                    .map_err(|e| EngineError::InvalidArgument(format!("chat template: {e}")))?
+            Prompt::Chat(chat) => {
+                let p = self.chat_prompt(chat)?;
+                let _ = job.events.send(Event::Chat(p.reply));
+                return Ok((p.tokens, p.grammar, p.render_special));
             }
         };
         let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
         if tokens.is_empty() {
             return Err(EngineError::InvalidArgument("prompt has no tokens".into()));
         }
-        Ok(tokens.into_iter().map(|t| t.0 as u32).collect())
+        Ok((
+            tokens.into_iter().map(|t| t.0 as u32).collect(),
+            None,
+            false,
+        ))
+    }
+
+    /// Renders a chat with the GGUF's Jinja template (`crate::chat`); template errors are the
+    /// request's fault.
+    fn chat_prompt(
+        &self,
+        chat: &crate::chat::ChatJob,
+    ) -> Result<crate::chat::EnginePrompt, EngineError> {
+        let template = self.model.chat_template(None).map_err(|e| {
+            EngineError::InvalidArgument(format!("model has no chat template: {e}"))
+        })?;
+        let source = template.to_str().map_err(|e| {
+            EngineError::InvalidArgument(format!("chat template is not UTF-8: {e}"))
+        })?;
+        let vocab = self.model.vocab();
+        let piece = |t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+        let tok = ModelTokenizer {
+            model: self.model,
+            specials: &self.specials,
+        };
+        let p = crate::chat::engine_prompt(
+            chat,
+            source,
+            &piece(vocab.bos()),
+            &piece(vocab.eos()),
+            &tok,
+        )
+        .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        if p.tokens.is_empty() {
+            return Err(EngineError::InvalidArgument("prompt has no tokens".into()));
+        }
+        Ok(p)
     }
 
     fn submit(&mut self, job: Job) {
         let events = job.events.clone();
-        let mut tokens = match self.tokenize(&job) {
+        let (mut tokens, grammar, special) = match self.tokenize(&job) {
             Ok(t) => t,
             Err(e) => {
                 let _ = events.send(Event::Failed(e));
@@ -219,6 +253,15 @@ impl<'m> Engine<'m> {
             return;
         }
         let mut sampler = SeqSampler::new(&job.sampling, self.model.n_vocab());
+        if let Some(g) = &grammar {
+            sampler = match sampler.with_grammar(self.model, g) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = events.send(Event::Failed(EngineError::InvalidArgument(e)));
+                    return;
+                }
+            };
+        }
         sampler.accept(&job.resume_tokens);
         tokens.extend_from_slice(&job.resume_tokens);
         let pending = Pending {
@@ -230,6 +273,7 @@ impl<'m> Engine<'m> {
                 events: job.events,
                 sampler,
                 text: Detokenizer::new(job.stop),
+                special,
                 prompt_tokens,
                 deadline: job.deadline,
                 arrived: job.arrived,
@@ -405,7 +449,7 @@ impl<'m> Engine<'m> {
         let at_limit = self.batcher.push_token(slot, token.0 as u32);
         let seq = self.batcher.seq_mut(slot).expect("slot still active");
         let live = &mut seq.payload;
-        let bytes = self.model.vocab().token_to_piece(token, false, None);
+        let bytes = self.model.vocab().token_to_piece(token, live.special, None);
         let released = live.text.push(token.0 as u32, &bytes);
         let stopped = released.stopped;
         if !released.is_empty() {
@@ -507,6 +551,38 @@ impl<'m> Engine<'m> {
             }
         });
     }
+}
+
+/// The model's tokenizer as chat prompt building sees it.
+struct ModelTokenizer<'a> {
+    model: &'a LlamaModel,
+    specials: &'a [String],
+}
+
+impl crate::chat::Tokenize for ModelTokenizer<'_> {
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), add_special, parse_special)
+            .into_iter()
+            .map(|t| t.0 as u32)
+            .collect()
+    }
+
+    fn special_texts(&self) -> Vec<String> {
+        self.specials.to_vec()
+    }
+}
+
+/// The text of every token that renders only with special tokens on (control tokens).
+fn special_texts(model: &LlamaModel) -> Vec<String> {
+    let vocab = model.vocab();
+    (0..model.n_vocab())
+        .map(LlamaToken)
+        .filter(|&t| vocab.token_to_piece(t, false, None).is_empty())
+        .map(|t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn refusal_error(why: Refusal) -> EngineError {
