@@ -50,8 +50,9 @@ pub async fn run(
         batch_spill: config.batch_spill,
         ..Policy::default()
     };
-    let router =
-        Arc::new(Router::new(watcher.snapshots(), policy).with_worker_tls(security.worker_tls));
+    let router = Arc::new(
+        RoutingState::new(watcher.snapshots(), policy).with_worker_tls(security.worker_tls),
+    );
     // One registry per gateway; served at --metrics-listen.
     let mut registry = prometheus_client::registry::Registry::default();
     let gateway_metrics = metrics::GatewayMetrics::register(&mut registry);
@@ -178,4 +179,4 @@ pub async fn run(
     Ok(())
 }
 
-pub use router::Router;
+pub use router::RoutingState;

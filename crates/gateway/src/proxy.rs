@@ -1,5 +1,6 @@
-//! The gateway's `moe.v1.Inference` service: validate, place, proxy the worker's stream, retry
-//! on another worker before the first token, and migrate mid-stream after it.
+//! The gateway's `moe.v1.Inference` service: authenticate, validate, place the first attempt,
+//! then hand the request to its drive loop ([`drive`]), which proxies the worker's stream,
+//! retries on another worker before the first token and migrates mid-stream after it.
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -8,19 +9,21 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use moe_common::LatencyClass;
-use moe_common::pb::v1::inference_client::InferenceClient;
 use moe_common::pb::v1::inference_server::Inference;
-use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, Usage};
+use moe_common::pb::{GenerateRequest, GenerateResponse};
 use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span};
 
-use crate::auth::{ApiKeys, Grant};
-use crate::metrics::{Decision, GatewayMetrics, InFlightGuard, StreamLabels};
-use crate::router::Router;
-use crate::scheduler::{Candidate, Demand, Ranking, ScheduleError};
+use crate::auth::ApiKeys;
+use crate::metrics::GatewayMetrics;
+use crate::router::RoutingState;
+use crate::scheduler::{Demand, ScheduleError};
+
+mod drive;
+use drive::Drive;
 
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -36,7 +39,7 @@ pub struct ProxyConfig {
 /// Cheap to clone: every front end (gRPC, HTTP) holds one.
 #[derive(Clone)]
 pub struct GatewayService {
-    router: Arc<Router>,
+    router: Arc<RoutingState>,
     streams: Arc<Semaphore>,
     config: ProxyConfig,
     metrics: Arc<GatewayMetrics>,
@@ -45,7 +48,7 @@ pub struct GatewayService {
 }
 
 impl GatewayService {
-    pub fn new(router: Arc<Router>, config: ProxyConfig) -> Self {
+    pub fn new(router: Arc<RoutingState>, config: ProxyConfig) -> Self {
         GatewayService {
             router,
             streams: Arc::new(Semaphore::new(config.max_streams)),
@@ -146,7 +149,7 @@ impl GatewayService {
             t.min(self.config.request_timeout)
         });
         validate(&req, &self.config.limits, false).map_err(|e| Status::invalid_argument(e.0))?;
-        self.router.retry_budget.deposit();
+        self.router.request_started();
         let class = class_of(&req);
         let demand = Demand {
             model: &req.model,
@@ -223,328 +226,4 @@ impl Inference for GatewayService {
             server.in_scope(|| self.start(request.into_inner(), timeout, api_key.as_deref()))?;
         Ok(Response::new(Box::pin(stream)))
     }
-}
-
-/// One request's journey over one or more workers.
-struct Drive {
-    router: Arc<Router>,
-    max_attempts: u32,
-    deadline: Instant,
-    started: Instant,
-    class: LatencyClass,
-    req: GenerateRequest,
-    tx: mpsc::Sender<Result<GenerateResponse, Status>>,
-    metrics: Arc<GatewayMetrics>,
-    _in_flight: InFlightGuard,
-    _permit: OwnedSemaphorePermit,
-    /// The API key's stream slot and token charge, settled when the request ends.
-    grant: Option<Grant>,
-}
-
-enum Outcome {
-    /// The final message reached the client.
-    Done,
-    /// The client left; dropping the worker stream cancels the sequence there.
-    ClientGone,
-    /// The worker failed; `retryable` says whether another worker may take over.
-    Failed { status: Status, retryable: bool },
-}
-
-/// Per-attempt stream bookkeeping for latency metrics.
-struct Relay {
-    labels: StreamLabels,
-    /// When the previous tokens went to the client (None before the first token).
-    last_token: Option<Instant>,
-}
-
-/// Statuses after which another worker may succeed.
-fn retryable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable
-            | Code::ResourceExhausted
-            | Code::Unknown
-            | Code::Internal
-            | Code::Aborted
-            | Code::Cancelled
-    )
-}
-
-impl Drive {
-    async fn run(self, first: Ranking) {
-        let mut model = String::from("none");
-        let code = self.drive(first, &mut model).await;
-        self.metrics.request_finished(&model, self.class, code);
-        if !matches!(code, Code::Ok | Code::Cancelled) {
-            Span::current().record("otel.status_code", "ERROR");
-        }
-    }
-
-    /// Tries workers until one finishes the stream; returns the request's outcome and leaves
-    /// the model of the last worker tried in `model`.
-    async fn drive(&self, first: Ranking, model: &mut String) -> Code {
-        let mut generated: Vec<u32> = Vec::new();
-        let mut tried = HashSet::new();
-        let mut ranking = Some(first);
-        let mut migrations = 0u32;
-        let mut last: Option<Status> = None;
-        for attempt in 0..self.max_attempts {
-            let r = match ranking.take() {
-                Some(r) => Ok(r),
-                None => tracing::info_span!("gateway.schedule", attempt)
-                    .in_scope(|| self.router.rank(&self.demand(generated.len()), &tried)),
-            };
-            let candidate = match r {
-                Ok(r) => pick(r, attempt > 0),
-                Err(e) => {
-                    tracing::debug!(error = %e, "no further worker to try");
-                    self.metrics.placement_failed(self.class, &e);
-                    None
-                }
-            };
-            let Some((candidate, decision)) = candidate else {
-                break;
-            };
-            if attempt > 0 && !self.router.retry_budget.withdraw() {
-                tracing::warn!("retry budget spent; failing the request");
-                self.metrics.retry_budget_exhausted();
-                break;
-            }
-            self.metrics
-                .placed(self.class, decision, &candidate.worker.offload.profile);
-            let migrating = attempt > 0 && !generated.is_empty();
-            if let Some(failed) = last.as_ref().filter(|_| !migrating) {
-                self.metrics.retry(self.class, failed.code());
-            }
-            // A migration gets its own span; the attempt on the new worker nests under it.
-            let outer = if migrating {
-                migrations += 1;
-                self.metrics.migration(self.class);
-                tracing::info!(worker = %candidate.worker.id, tokens = generated.len(), "migrating stream");
-                tracing::info_span!(
-                    "gateway.migration",
-                    to_worker = %candidate.worker.id,
-                    tokens = generated.len()
-                )
-            } else {
-                Span::current()
-            };
-            let span = tracing::info_span!(
-                parent: &outer,
-                "gateway.attempt",
-                attempt,
-                worker = %candidate.worker.id,
-                profile = %candidate.worker.offload.profile,
-                otel.kind = "client",
-                otel.status_code = tracing::field::Empty,
-            );
-            tried.insert(candidate.worker.id.clone());
-            model.clone_from(&candidate.worker.model.name);
-            let outcome = self
-                .attempt(&candidate, &mut generated, migrations)
-                .instrument(span.clone())
-                .await;
-            drop(outer);
-            match outcome {
-                Outcome::Done => return Code::Ok,
-                Outcome::ClientGone => return Code::Cancelled,
-                Outcome::Failed { status, retryable } => {
-                    span.record("otel.status_code", "ERROR");
-                    tracing::warn!(worker = %candidate.worker.id, code = ?status.code(), message = status.message(), retryable, "worker attempt failed");
-                    if !retryable {
-                        let code = status.code();
-                        let _ = self.tx.send(Err(status)).await;
-                        return code;
-                    }
-                    last = Some(status);
-                }
-            }
-            if Instant::now() >= self.deadline {
-                let _ = self
-                    .tx
-                    .send(Err(Status::deadline_exceeded("request deadline passed")))
-                    .await;
-                return Code::DeadlineExceeded;
-            }
-        }
-        let status = match last {
-            Some(s) => Status::unavailable(format!(
-                "all workers tried failed; last error: {:?} {}",
-                s.code(),
-                s.message()
-            )),
-            None => Status::unavailable("no worker could take the request"),
-        };
-        let _ = self.tx.send(Err(status)).await;
-        Code::Unavailable
-    }
-
-    /// Records latency metrics for a message of `tokens` tokens about to go to the client;
-    /// `first` when the client has no token yet.
-    fn relayed(&self, relay: &mut Relay, first: bool, tokens: usize) {
-        if tokens == 0 {
-            return;
-        }
-        let now = Instant::now();
-        if first {
-            self.metrics.first_token(
-                &relay.labels,
-                now.duration_since(self.started).as_secs_f64(),
-            );
-        }
-        let gap = relay
-            .last_token
-            .map(|t| now.duration_since(t).as_secs_f64());
-        self.metrics.tokens(&relay.labels, tokens as u64, gap);
-        relay.last_token = Some(now);
-    }
-
-    fn demand(&self, generated: usize) -> Demand<'_> {
-        Demand {
-            model: &self.req.model,
-            class: class_of(&self.req),
-            prompt_tokens: estimate_prompt_tokens(&self.req) + generated as u32,
-            max_tokens: self.req.max_tokens.saturating_sub(generated as u32),
-        }
-    }
-
-    async fn attempt(&self, c: &Candidate, generated: &mut Vec<u32>, migrations: u32) -> Outcome {
-        let before = generated.len() as u32;
-        if before >= self.req.max_tokens {
-            // The previous worker produced every token but died before its final message.
-            let final_msg = GenerateResponse {
-                finish_reason: FinishReason::Length as i32,
-                usage: Some(Usage {
-                    prompt_tokens: 0,
-                    completion_tokens: before,
-                    cached_prompt_tokens: 0,
-                }),
-                request_id: self.req.request_id.clone(),
-                migrations,
-                ..Default::default()
-            };
-            return match self.tx.send(Ok(final_msg)).await {
-                Ok(()) => Outcome::Done,
-                Err(_) => Outcome::ClientGone,
-            };
-        }
-        let _reservation = self
-            .router
-            .reserve(&c.worker.id, self.demand(generated.len()).kv_tokens());
-        let remaining = self.deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Outcome::Failed {
-                status: Status::deadline_exceeded("request deadline passed"),
-                retryable: false,
-            };
-        }
-        let channel = match self.router.channel(&c.worker.endpoint) {
-            Ok(ch) => ch,
-            Err(e) => {
-                return Outcome::Failed {
-                    status: Status::unavailable(format!("bad worker endpoint: {e}")),
-                    retryable: true,
-                };
-            }
-        };
-        let mut wreq = self.req.clone();
-        wreq.resume_token_ids = generated.clone();
-        let mut request = Request::new(wreq);
-        request.set_timeout(remaining);
-        moe_common::telemetry::propagation::inject(&Span::current(), request.metadata_mut());
-        let mut client = InferenceClient::new(channel);
-        let response = tokio::select! {
-            r = client.generate(request) => r,
-            _ = self.tx.closed() => return Outcome::ClientGone,
-        };
-        let mut stream = match response {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
-                let retryable = retryable(&status);
-                return Outcome::Failed { status, retryable };
-            }
-        };
-        let mut relay = Relay {
-            labels: StreamLabels {
-                model: c.worker.model.name.clone(),
-                class: self.class.as_str(),
-                profile: c.worker.offload.profile.clone(),
-            },
-            // Also None after a migration: the hand-over is not counted as an inter-token gap.
-            last_token: None,
-        };
-        loop {
-            let msg = tokio::select! {
-                m = stream.message() => m,
-                // Client gone: dropping the worker stream cancels the sequence there.
-                _ = self.tx.closed() => return Outcome::ClientGone,
-            };
-            match msg {
-                Ok(Some(mut m)) => {
-                    self.relayed(&mut relay, generated.is_empty(), m.token_ids.len());
-                    generated.extend_from_slice(&m.token_ids);
-                    if let Some(g) = &self.grant {
-                        g.generated(m.token_ids.len());
-                    }
-                    let finish = FinishReason::try_from(m.finish_reason)
-                        .unwrap_or(FinishReason::Unspecified);
-                    if finish == FinishReason::Cancelled && Instant::now() < self.deadline {
-                        // The worker gave up on the stream (drain): continue elsewhere.
-                        return Outcome::Failed {
-                            status: Status::unavailable(
-                                "worker cancelled the stream while draining",
-                            ),
-                            retryable: true,
-                        };
-                    }
-                    if finish != FinishReason::Unspecified {
-                        m.migrations = migrations;
-                        if let Some(u) = m.usage.as_mut() {
-                            u.completion_tokens += before;
-                        }
-                    }
-                    if self.tx.send(Ok(m)).await.is_err() {
-                        return Outcome::ClientGone;
-                    }
-                    if finish != FinishReason::Unspecified {
-                        return Outcome::Done;
-                    }
-                }
-                Ok(None) => {
-                    return Outcome::Failed {
-                        status: Status::unavailable(
-                            "worker ended the stream without a final message",
-                        ),
-                        retryable: true,
-                    };
-                }
-                Err(status) => {
-                    let retryable = retryable(&status);
-                    return Outcome::Failed { status, retryable };
-                }
-            }
-        }
-    }
-}
-
-/// The first candidate; on retries, the fallback list too (a slower answer beats none).
-fn pick(r: Ranking, retry: bool) -> Option<(Candidate, Decision)> {
-    let first = r.candidates.into_iter().next().map(|c| {
-        let d = if c.spill {
-            Decision::Spill
-        } else {
-            Decision::Preferred
-        };
-        (c, d)
-    });
-    first.or_else(|| {
-        if retry {
-            r.fallback
-                .into_iter()
-                .next()
-                .map(|c| (c, Decision::Fallback))
-        } else {
-            None
-        }
-    })
 }

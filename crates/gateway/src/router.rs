@@ -13,12 +13,12 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::scheduler::{self, Demand, Policy, Ranking, Reservation, Reservations, ScheduleError};
 
-pub struct Router {
+pub struct RoutingState {
     snapshots: watch::Receiver<Arc<ClusterSnapshot>>,
     reservations: Mutex<Reservations>,
     channels: Mutex<HashMap<String, Channel>>,
     policy: Policy,
-    pub retry_budget: RetryBudget,
+    retry_budget: RetryBudget,
     /// TLS to workers; when set, only `https://` workers are dialled.
     worker_tls: Option<ClientTls>,
     /// Generation of `worker_tls` the cached channels were made with.
@@ -36,9 +36,9 @@ pub enum ChannelError {
     NoTls(String),
 }
 
-impl Router {
+impl RoutingState {
     pub fn new(snapshots: watch::Receiver<Arc<ClusterSnapshot>>, policy: Policy) -> Self {
-        Router {
+        RoutingState {
             snapshots,
             reservations: Mutex::new(Reservations::default()),
             channels: Mutex::new(HashMap::new()),
@@ -47,6 +47,22 @@ impl Router {
             worker_tls: None,
             tls_generation: AtomicU64::new(0),
         }
+    }
+
+    /// Replaces the default retry budget (a fifth of the request rate, floor 10).
+    pub fn with_retry_budget(mut self, ratio: f64, floor: u64) -> Self {
+        self.retry_budget = RetryBudget::new(ratio, floor);
+        self
+    }
+
+    /// Credits the retry budget for one new request.
+    pub fn request_started(&self) {
+        self.retry_budget.deposit();
+    }
+
+    /// Takes one retry or migration from the budget; false when it is spent.
+    pub fn take_retry(&self) -> bool {
+        self.retry_budget.withdraw()
     }
 
     /// Dial workers over TLS with these settings (and refuse plaintext workers).
@@ -156,7 +172,7 @@ impl Router {
 
 /// Removes its reservation when dropped (the stream ended, one way or another).
 pub struct ReservationGuard {
-    router: Arc<Router>,
+    router: Arc<RoutingState>,
     worker: String,
     placed_unix_ms: u64,
     kv_tokens: u32,

@@ -14,7 +14,7 @@ use moe_common::LatencyClass;
 use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse};
 use moe_common::registry::ClusterSnapshot;
 use moe_common::request::RequestLimits;
-use moe_gateway::Router;
+use moe_gateway::RoutingState;
 use moe_gateway::proxy::{GatewayService, ProxyConfig};
 use moe_gateway::scheduler::Policy;
 use tokio::sync::watch;
@@ -27,7 +27,7 @@ fn gateway(
     request_timeout: Duration,
 ) -> (
     GatewayService,
-    Arc<Router>,
+    Arc<RoutingState>,
     watch::Sender<Arc<ClusterSnapshot>>,
 ) {
     let snapshot = ClusterSnapshot {
@@ -39,7 +39,7 @@ fn gateway(
         rejected: Default::default(),
     };
     let (tx, rx) = watch::channel(Arc::new(snapshot));
-    let router = Arc::new(Router::new(rx, Policy::default()));
+    let router = Arc::new(RoutingState::new(rx, Policy::default()));
     let service = GatewayService::new(
         router.clone(),
         ProxyConfig {
@@ -99,7 +99,11 @@ async fn drive_retries_on_another_worker_before_the_first_token() {
     assert_eq!(final_message(&msgs).migrations, 0);
     assert_eq!((a.calls(), b.calls()), (1, 1));
     assert_eq!(*b.seen.resumed_from.lock().unwrap(), vec![0]);
-    assert_eq!(b.seen.dropped.load(Ordering::SeqCst), 0, "finished, not dropped");
+    assert_eq!(
+        b.seen.dropped.load(Ordering::SeqCst),
+        0,
+        "finished, not dropped"
+    );
 }
 
 #[tokio::test]
@@ -142,7 +146,7 @@ async fn drive_fails_when_the_retry_budget_is_spent() {
     let a = FakeWorker::start("a", Script::FailBefore(Code::Unavailable)).await;
     let b = FakeWorker::start("b", FAST).await;
     let (svc, router, _snap) = gateway(&[(&a, "full"), (&b, "cpu-moe")], Duration::from_secs(10));
-    while router.retry_budget.withdraw() {}
+    while router.take_retry() {}
     let msgs = collect(&svc, request(4)).await;
     let err = msgs.last().unwrap().as_ref().expect_err("fails");
     assert_eq!(err.code(), Code::Unavailable);
