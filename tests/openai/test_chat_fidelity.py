@@ -1,10 +1,15 @@
-"""Chat fidelity (issue 15): nothing silently ignored, and gRPC reflection that every client
-speaks. Runs against the real cluster of conftest.py.
+"""Chat fidelity (issue 15): nothing silently ignored, gRPC reflection that every client speaks,
+structured output and tool calls (grammar-constrained), chat templates that keep message content
+apart from special tokens. Runs against the real cluster of conftest.py (SmolLM2 MoE, whose
+template knows no tools: tools reach it Hermes-style in the system message).
 """
 
 from __future__ import annotations
 
+import json
+
 import grpc
+import jsonschema
 import openai
 import pytest
 from google.protobuf import descriptor_pool, message_factory
@@ -22,10 +27,13 @@ from conftest import MODEL_NAME
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"modalities": ["audio"]}, "modalities"),
         ({"extra_body": {"no_such_option": 1}}, "no_such_option"),
-        ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+        ({"messages": [{"role": "user", "content": "hi", "audio": {"id": "x"}}]},
+         "messages[0].audio"),
+        ({"response_format": {"type": "json_schema",
+                              "json_schema": {"name": "x", "schema": {}, "extra": 1}}},
+         "response_format.json_schema.extra"),
     ],
 )
 def test_unsupported_field_is_refused_naming_it(client, kwargs, param):
@@ -68,3 +76,120 @@ def test_grpcio_reflection_lists_the_api_and_calls_generate(cluster):
     assert "Paris" in text, text
     assert messages[-1].finish_reason != 0
     assert messages[-1].usage.completion_tokens == 4
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20},
+                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "system", "content": "Answer in one word."},
+       {"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_json_object_output_parses(client):
+    r = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=64,
+        messages=[{"role": "system", "content": "Reply with a JSON object."},
+                  {"role": "user", "content": "Give the capital of France as JSON."}],
+        response_format={"type": "json_object"},
+    )
+    assert r.choices[0].finish_reason == "stop", r
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_json_schema_output_validates(client):
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 24},
+                       "population_millions": {"type": "integer"},
+                       "coastal": {"type": "boolean"}},
+        "required": ["capital", "population_millions", "coastal"],
+        "additionalProperties": False,
+    }
+    r = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=64,
+        messages=[{"role": "user", "content": "Describe the capital of France."}],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "city", "strict": True, "schema": schema}},
+    )
+    assert r.choices[0].finish_reason == "stop", r
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_forced_tool_call_returns_parseable_arguments(client):
+    r = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=64, messages=ASK, tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city", "unit"}
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+    assert call.id
+
+
+def test_forced_tool_call_streams_deltas_the_sdk_assembles(client):
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=64, messages=ASK, tools=[WEATHER],
+        tool_choice="required", stream=True,
+    )
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        choice = chunk.choices[0]
+        for d in choice.delta.tool_calls or []:
+            c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+            c["id"] = d.id or c["id"]
+            if d.function:
+                c["name"] += d.function.name or ""
+                c["arguments"] += d.function.arguments or ""
+        finish = choice.finish_reason or finish
+    assert finish == "tool_calls"
+    assert list(calls) == [0]
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+
+
+def test_a_tool_result_round_trips_into_the_next_turn(client):
+    first = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=64, messages=ASK, tools=[WEATHER],
+        tool_choice="required",
+    )
+    call = first.choices[0].message.tool_calls[0]
+    follow_up = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=24, messages=follow_up, tools=[WEATHER],
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    # The call and its result are part of the prompt of the second turn.
+    assert r.usage.prompt_tokens > first.usage.prompt_tokens + 10
+
+
+def test_special_token_text_in_a_message_is_plain_text(client):
+    plain = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=1,
+        messages=[{"role": "user", "content": "<|im_start|>"}],
+    )
+    # As plain text "<|im_start|>" is several tokens; as a special token it would be one.
+    marker_as_text = plain.usage.prompt_tokens
+    empty = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=1,
+        messages=[{"role": "user", "content": ""}],
+    )
+    assert marker_as_text - empty.usage.prompt_tokens > 1

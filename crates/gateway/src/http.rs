@@ -2,6 +2,7 @@
 //! `/v1/models`, `/health`). Requests go through `GatewayService::start`, the same path as gRPC
 //! `Generate`: validation, placement, retries, migration and limits are shared.
 
+pub mod chat;
 pub mod error;
 pub mod openai;
 
@@ -178,7 +179,7 @@ fn sse(
                 },
             };
             let done = openai::finish_reason(msg.finish_reason).is_some();
-            if is_first || done || !msg.text.is_empty() {
+            if is_first || done || !msg.text.is_empty() || chat::has_extras(&msg) {
                 yield Ok(data(&shape.chunk(&msg, is_first, include_usage)));
                 is_first = false;
             }
@@ -204,13 +205,13 @@ async fn collect(
     first: GenerateResponse,
     mut rx: Messages,
 ) -> Result<Response, ApiError> {
-    let mut text = String::new();
+    let mut reply = chat::Reply::default();
     let mut msg = first;
     loop {
-        text.push_str(&msg.text);
+        reply.push(&msg);
         if let Some(finish) = openai::finish_reason(msg.finish_reason) {
             let usage: Usage = msg.usage.unwrap_or_default();
-            let mut response = Json(shape.complete(text, finish, &usage)).into_response();
+            let mut response = Json(shape.complete(&reply, finish, &usage)).into_response();
             let h = response.headers_mut();
             for (name, value) in [
                 ("x-moe-worker-id", msg.worker_id),

@@ -8,6 +8,7 @@ use moe_common::pb::{
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::chat::{self, Reply};
 use super::error::ApiError;
 
 /// `max_tokens` when a request sets neither `max_tokens` nor `max_completion_tokens`.
@@ -58,6 +59,10 @@ pub struct Body {
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
+    /// Chat: "low", "medium" or "high", passed to the chat template (gpt-oss).
+    pub reasoning_effort: Option<String>,
+    /// Chat (extension): the model's raw text, special tokens included, nothing parsed.
+    pub raw_output: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,13 +78,7 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-#[derive(Debug, Deserialize)]
-pub struct ChatMessageIn {
-    pub role: String,
-    /// A string, an array of content parts, or null (an assistant turn with tool calls only).
-    #[serde(default)]
-    pub content: Value,
-}
+pub use super::chat::ChatMessageIn;
 
 /// A request translated for `GatewayService::start`, with what the HTTP layer needs to answer.
 #[derive(Debug)]
@@ -114,28 +113,35 @@ pub fn chat_request(mut body: Body, class: LatencyClass) -> Result<Mapped, ApiEr
     let messages = messages
         .into_iter()
         .enumerate()
-        .map(|(i, m)| {
-            Ok(ChatMessage {
-                // Newer OpenAI clients send "developer" where chat templates know "system".
-                role: if m.role == "developer" {
-                    "system".into()
-                } else {
-                    m.role
-                },
-                content: message_text(&m.content).ok_or_else(|| {
-                    ApiError::invalid(
-                        format!("messages[{i}].content"),
-                        "content must be a string, null, or an array of text parts",
-                    )
-                })?,
-                ..Default::default()
-            })
+        .map(|(i, mut m)| {
+            let content = message_text(&m.content).ok_or_else(|| {
+                ApiError::invalid(
+                    format!("messages[{i}].content"),
+                    "content must be a string, null, or an array of text parts",
+                )
+            })?;
+            // Newer OpenAI clients send "developer" where most chat templates know "system".
+            if m.role == "developer" {
+                m.role = "system".into();
+            }
+            chat::message(i, m, content)
         })
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    let request = GenerateRequest {
+        .collect::<Result<Vec<ChatMessage>, ApiError>>()?;
+    let mut request = GenerateRequest {
         messages,
         ..Default::default()
     };
+    chat::apply(
+        &mut request,
+        chat::ChatFields {
+            tools: body.tools.take(),
+            tool_choice: body.tool_choice.take(),
+            parallel_tool_calls: body.parallel_tool_calls,
+            response_format: body.response_format.take(),
+            reasoning_effort: body.reasoning_effort.take(),
+            raw_output: body.raw_output,
+        },
+    )?;
     apply_params(request, body, class)
 }
 
@@ -206,22 +212,38 @@ fn refuse_unsupported(b: &Body, kind: Kind) -> Result<(), ApiError> {
             "log-probabilities are not returned",
         ));
     }
+    if kind == Kind::Chat {
+        return Ok(());
+    }
+    // Chat-only fields, at a value that does something.
     if let Some(f) = &b.response_format {
         let t = f.get("type").and_then(Value::as_str);
         if t != Some("text") || f.as_object().is_some_and(|o| o.len() > 1) {
             return Err(unsupported(
                 "response_format",
-                "only {\"type\": \"text\"} is accepted",
+                "structured output is supported on /v1/chat/completions",
             ));
         }
     }
     if b.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(unsupported("tools", "tool calling is not implemented"));
+        return Err(unsupported(
+            "tools",
+            "tools are supported on /v1/chat/completions",
+        ));
     }
     match &b.tool_choice {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if s == "none" || s == "auto" => {}
         Some(_) => return Err(unsupported("tool_choice", "there are no tools")),
+    }
+    if b.reasoning_effort.is_some() {
+        return Err(unsupported("reasoning_effort", "a chat template setting"));
+    }
+    if b.raw_output.is_some() {
+        return Err(unsupported(
+            "raw_output",
+            "completions are raw text already",
+        ));
     }
     Ok(())
 }
@@ -389,9 +411,10 @@ impl Shape {
                 if first {
                     delta.insert("role".into(), "assistant".into());
                 }
-                if !msg.text.is_empty() || (first && finish.is_none()) {
+                if !msg.text.is_empty() || (first && finish.is_none() && !chat::has_extras(msg)) {
                     delta.insert("content".into(), msg.text.clone().into());
                 }
+                chat::delta_extras(msg, &mut delta);
                 json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
             }
             Kind::Completion => {
@@ -413,16 +436,16 @@ impl Shape {
     }
 
     /// The whole (non-streamed) completion.
-    pub fn complete(&self, text: String, finish: &str, usage: &Usage) -> Value {
+    pub fn complete(&self, reply: &Reply, finish: &str, usage: &Usage) -> Value {
         let choice = match self.kind {
             Kind::Chat => json!({
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": reply.message(),
                 "logprobs": null,
                 "finish_reason": finish,
             }),
             Kind::Completion => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": reply.text, "logprobs": null, "finish_reason": finish})
             }
         };
         let mut v = self.envelope(false, json!([choice]));
@@ -432,297 +455,4 @@ impl Shape {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn chat(body: Value) -> Result<Mapped, ApiError> {
-        chat_request(
-            serde_json::from_value(body).unwrap(),
-            LatencyClass::Interactive,
-        )
-    }
-
-    fn completion(body: Value) -> Result<Mapped, ApiError> {
-        completion_request(
-            serde_json::from_value(body).unwrap(),
-            LatencyClass::Interactive,
-        )
-    }
-
-    #[test]
-    fn chat_request_maps_every_supported_field() {
-        let m = chat(json!({
-            "model": "smollm2-moe-4x2",
-            "messages": [
-                {"role": "developer", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
-                {"role": "assistant", "content": null},
-            ],
-            "max_completion_tokens": 12,
-            "max_tokens": 99,
-            "temperature": 0,
-            "top_p": 0.9,
-            "stop": ["\n\n", "END"],
-            "seed": 7,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-            "n": 1,
-            "presence_penalty": 0,
-            "logprobs": false,
-            "response_format": {"type": "text"},
-            "tool_choice": "none",
-            "tools": [],
-            "store": false,
-            "user": "no effect",
-        }))
-        .unwrap();
-        let r = &m.request;
-        assert_eq!(r.model, "smollm2-moe-4x2");
-        let msgs: Vec<_> = r
-            .messages
-            .iter()
-            .map(|m| (m.role.as_str(), m.content.as_str()))
-            .collect();
-        assert_eq!(
-            msgs,
-            [
-                ("system", "Be brief."),
-                ("user", "Hi\nthere"),
-                ("assistant", "")
-            ]
-        );
-        assert_eq!(
-            r.max_tokens, 12,
-            "max_completion_tokens wins over max_tokens"
-        );
-        let s = r.sampling.unwrap();
-        assert_eq!((s.temperature, s.top_p, s.seed), (0.0, 0.9, Some(7)));
-        assert_eq!(r.stop, ["\n\n", "END"]);
-        assert!(r.prompt.is_empty());
-        assert_eq!(r.latency_class, LatencyClass::Interactive as i32);
-        assert!(m.stream && m.include_usage);
-    }
-
-    #[test]
-    fn absent_fields_take_openai_defaults() {
-        let m = completion(json!({"prompt": "The capital of France is"})).unwrap();
-        let r = &m.request;
-        assert_eq!(r.prompt, "The capital of France is");
-        assert_eq!(r.max_tokens, DEFAULT_MAX_TOKENS);
-        assert_eq!(r.sampling.unwrap().temperature, 1.0);
-        assert_eq!(r.sampling.unwrap().seed, None);
-        assert!(r.model.is_empty() && r.stop.is_empty());
-        assert!(!m.stream && !m.include_usage);
-    }
-
-    #[test]
-    fn include_usage_needs_a_stream() {
-        let m =
-            completion(json!({"prompt": "x", "stream_options": {"include_usage": true}})).unwrap();
-        assert!(!m.include_usage);
-    }
-
-    #[test]
-    fn prompt_is_a_string_or_one_string_in_an_array() {
-        assert_eq!(
-            completion(json!({"prompt": ["one"], "stop": "."}))
-                .unwrap()
-                .request
-                .stop,
-            ["."]
-        );
-        assert_eq!(
-            completion(json!({"prompt": ["one"]}))
-                .unwrap()
-                .request
-                .prompt,
-            "one"
-        );
-        for bad in [
-            json!(["a", "b"]),
-            json!([1, 2, 3]),
-            json!([]),
-            json!(null),
-            json!(5),
-        ] {
-            let e = completion(json!({"prompt": bad})).unwrap_err();
-            assert_eq!(e.param.as_deref(), Some("prompt"), "{bad}");
-            assert_eq!(e.status.as_u16(), 400);
-        }
-    }
-
-    #[test]
-    fn unsupported_values_are_refused_naming_the_parameter() {
-        let msgs = json!([{"role": "user", "content": "x"}]);
-        for (field, value) in [
-            ("presence_penalty", json!(0.5)),
-            ("frequency_penalty", json!(-1)),
-            ("logprobs", json!(true)),
-            ("top_logprobs", json!(2)),
-            ("response_format", json!({"type": "json_object"})),
-            (
-                "tools",
-                json!([{"type": "function", "function": {"name": "f"}}]),
-            ),
-            ("tool_choice", json!("required")),
-            ("store", json!(true)),
-            ("prompt", json!("x")),
-        ] {
-            let mut body = json!({"messages": msgs});
-            body[field] = value;
-            let e = chat(body).unwrap_err();
-            assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(field)));
-            assert_eq!(e.code, Some("unsupported_parameter"), "{field}");
-        }
-        let e = completion(json!({"prompt": "x", "logprobs": 1})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("logprobs"));
-        let e = completion(json!({"prompt": "x", "messages": msgs})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages"));
-        assert!(completion(json!({"prompt": "x", "logprobs": 0})).is_ok());
-    }
-
-    #[test]
-    fn unknown_fields_are_refused_by_the_body_parser() {
-        let e = moe_common::chat::strict::from_slice::<Body>(
-            br#"{"messages": [{"role": "user", "content": "x", "name": "bob"}], "logit_bias": {}}"#,
-        )
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "unsupported field(s): messages[0].name, logit_bias"
-        );
-    }
-
-    #[test]
-    fn only_one_choice_is_supported() {
-        let e = chat(json!({"messages": [{"role": "user", "content": "x"}], "n": 2})).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some("n")));
-    }
-
-    #[test]
-    fn chat_without_messages_or_with_image_parts_is_refused() {
-        let e = chat(json!({"messages": []})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages"));
-        let image = json!([{"type": "image_url", "image_url": {"url": "x"}}]);
-        let e = chat(json!({"messages": [{"role": "user", "content": image}]})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages[0].content"));
-    }
-
-    #[test]
-    fn latency_class_header_wins_over_metadata_and_defaults_to_interactive() {
-        let batch = json!({"latency_class": "batch"});
-        let meta = batch.as_object();
-        assert_eq!(latency_class(None, None), Ok(LatencyClass::Interactive));
-        assert_eq!(latency_class(None, meta), Ok(LatencyClass::Batch));
-        assert_eq!(
-            latency_class(Some(" Interactive "), meta),
-            Ok(LatencyClass::Interactive)
-        );
-        assert_eq!(latency_class(Some("BATCH"), None), Ok(LatencyClass::Batch));
-        let e = latency_class(Some("urgent"), None).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("x-moe-latency-class"));
-        let e = latency_class(None, json!({"latency_class": 2}).as_object()).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("metadata.latency_class"));
-        assert_eq!(
-            latency_class(None, json!({"user": "x"}).as_object()),
-            Ok(LatencyClass::Interactive)
-        );
-    }
-
-    #[test]
-    fn finish_reasons_map_to_openai_names() {
-        assert_eq!(finish_reason(FinishReason::Unspecified as i32), None);
-        assert_eq!(finish_reason(FinishReason::Stop as i32), Some("stop"));
-        assert_eq!(finish_reason(FinishReason::Length as i32), Some("length"));
-        assert_eq!(finish_reason(FinishReason::Cancelled as i32), Some("stop"));
-        assert_eq!(finish_reason(42), None);
-    }
-
-    fn shape(kind: Kind) -> Shape {
-        Shape::new(kind, 1_700_000_000, "m".into())
-    }
-
-    fn delta(text: &str) -> GenerateResponse {
-        GenerateResponse {
-            text: text.into(),
-            ..Default::default()
-        }
-    }
-
-    fn last(text: &str) -> GenerateResponse {
-        GenerateResponse {
-            text: text.into(),
-            finish_reason: FinishReason::Length as i32,
-            usage: Some(Usage {
-                prompt_tokens: 5,
-                completion_tokens: 8,
-                cached_prompt_tokens: 2,
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn ids_carry_the_endpoint_prefix() {
-        assert!(shape(Kind::Chat).id.starts_with("chatcmpl-"));
-        assert!(shape(Kind::Completion).id.starts_with("cmpl-"));
-        assert_ne!(shape(Kind::Chat).id, shape(Kind::Chat).id);
-    }
-
-    #[test]
-    fn chat_chunks_open_with_the_role_and_close_with_the_finish_reason() {
-        let s = shape(Kind::Chat);
-        let first = s.chunk(&delta("Par"), true, false);
-        assert_eq!(first["object"], "chat.completion.chunk");
-        assert_eq!(first["model"], "m");
-        assert_eq!(first["created"], 1_700_000_000);
-        assert_eq!(
-            first["choices"][0]["delta"],
-            json!({"role": "assistant", "content": "Par"})
-        );
-        assert_eq!(first["choices"][0]["finish_reason"], Value::Null);
-        assert!(first.get("usage").is_none());
-        let next = s.chunk(&delta("is"), false, true);
-        assert_eq!(next["choices"][0]["delta"], json!({"content": "is"}));
-        assert_eq!(next["usage"], Value::Null);
-        let end = s.chunk(&last(""), false, false);
-        assert_eq!(end["choices"][0]["delta"], json!({}));
-        assert_eq!(end["choices"][0]["finish_reason"], "length");
-    }
-
-    #[test]
-    fn completion_chunks_carry_text() {
-        let s = shape(Kind::Completion);
-        let c = s.chunk(&last(" Paris"), true, false);
-        assert_eq!(c["object"], "text_completion");
-        assert_eq!(c["choices"][0]["text"], " Paris");
-        assert_eq!(c["choices"][0]["finish_reason"], "length");
-    }
-
-    #[test]
-    fn usage_chunk_has_no_choices() {
-        let u = shape(Kind::Chat).usage_chunk(&last("").usage.unwrap());
-        assert_eq!(u["choices"], json!([]));
-        assert_eq!(
-            u["usage"],
-            json!({"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13,
-                   "prompt_tokens_details": {"cached_tokens": 2}})
-        );
-    }
-
-    #[test]
-    fn whole_completions_have_message_or_text_and_usage() {
-        let usage = last("").usage.unwrap();
-        let c = shape(Kind::Chat).complete("Paris.".into(), "stop", &usage);
-        assert_eq!(c["object"], "chat.completion");
-        assert_eq!(
-            c["choices"][0]["message"],
-            json!({"role": "assistant", "content": "Paris."})
-        );
-        assert_eq!(c["choices"][0]["finish_reason"], "stop");
-        assert_eq!(c["usage"]["total_tokens"], 13);
-        let c = shape(Kind::Completion).complete(" Paris".into(), "length", &usage);
-        assert_eq!(c["object"], "text_completion");
-        assert_eq!(c["choices"][0]["text"], " Paris");
-    }
-}
+mod tests;

@@ -84,14 +84,24 @@ pub fn build_prompt(
     }
     let offer_tools = !req.tools.is_empty() && req.tool_choice != ToolChoice::None;
     let tools_json = Json::Array(req.tools.to_vec());
+    // A template that knows no tools gets them in a system message, Hermes-style.
+    let generic = offer_tools && !template.source().contains("tools");
+    let messages = if generic {
+        generic_tool_messages(req.messages, &tools_json)
+    } else {
+        req.messages.to_vec()
+    };
     let segments = template.render(&RenderRequest {
-        messages: req.messages,
-        tools: offer_tools.then_some(&tools_json),
+        messages: &messages,
+        tools: (offer_tools && !generic).then_some(&tools_json),
         add_generation_prompt: true,
         reasoning_effort: req.reasoning_effort,
     })?;
     let rendered: String = segments.iter().map(segment_text).collect();
-    let format = template.format(&rendered, offer_tools);
+    let mut format = template.format(&rendered, offer_tools);
+    if generic {
+        format.tools = Some(ToolFormat::Hermes);
+    }
     let (prefill, grammar) = if !forced.is_empty() {
         forced_call(format, &forced)?
     } else {
@@ -117,6 +127,49 @@ pub fn build_prompt(
         prefill,
         grammar,
     })
+}
+
+/// The conversation for a template without tool support: tool definitions and instructions in
+/// the system message, earlier calls written as `<tool_call>` text, results as `tool` turns.
+fn generic_tool_messages(messages: &[Message], tools: &Json) -> Vec<Message> {
+    let instructions = format!(
+        "You may call one or more functions to assist with the user query. The function \
+         signatures are within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\
+         For each function call, return a JSON object with the function name and arguments \
+         within <tool_call></tool_call> XML tags:\n<tool_call>\n\
+         {{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
+    );
+    let mut out: Vec<Message> = messages
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            for c in std::mem::take(&mut m.tool_calls) {
+                let args = serde_json::from_str::<Json>(&c.arguments)
+                    .unwrap_or(Json::String(c.arguments.clone()));
+                let call = serde_json::json!({"name": c.name, "arguments": args});
+                if !m.content.is_empty() {
+                    m.content.push('\n');
+                }
+                m.content
+                    .push_str(&format!("<tool_call>\n{call}\n</tool_call>"));
+            }
+            m
+        })
+        .collect();
+    match out.first_mut() {
+        Some(first) if first.role == "system" || first.role == "developer" => {
+            first.content = format!("{}\n\n{instructions}", first.content);
+        }
+        _ => out.insert(
+            0,
+            Message {
+                role: "system".into(),
+                content: instructions,
+                ..Default::default()
+            },
+        ),
+    }
+    out
 }
 
 fn segment_text(s: &Segment) -> &str {

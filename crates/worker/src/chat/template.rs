@@ -136,6 +136,7 @@ impl ChatTemplate {
                 "tools: this model's chat template does not take tool definitions".into(),
             ));
         }
+        // (`prompt::build_prompt` puts tools into the messages for such templates.)
         if req.reasoning_effort.is_some() && !self.source.contains("reasoning_effort") {
             return Err(TemplateError::Unsupported(
                 "reasoning_effort: this model's chat template has no reasoning effort".into(),

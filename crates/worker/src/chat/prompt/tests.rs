@@ -163,3 +163,45 @@ fn bad_tool_requests_are_refused_by_name() {
     let untyped = [json!({"type": "code_interpreter"})];
     assert!(build(CHATML_TOOLS, &request(&msgs, &untyped)).is_err());
 }
+
+#[test]
+fn templates_without_tools_get_them_in_a_system_message() {
+    let smollm2 = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nDefault<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let history = [
+        user("Weather in Paris?"),
+        Message {
+            role: "assistant".into(),
+            tool_calls: vec![ToolCall {
+                id: "c0".into(),
+                name: "get_weather".into(),
+                arguments: "{\"city\": \"Paris\"}".into(),
+            }],
+            ..Default::default()
+        },
+        Message {
+            tool_call_id: Some("c0".into()),
+            ..Message {
+                role: "tool".into(),
+                content: "18C".into(),
+                ..Default::default()
+            }
+        },
+    ];
+    let tools = [weather_tool()];
+    let mut req = request(&history, &tools);
+    req.tool_choice = ToolChoice::Required;
+    let p = build(smollm2, &req).unwrap();
+    let text: String = p.tokens.iter().filter_map(|&t| char::from_u32(t)).collect();
+    assert!(
+        text.contains("system\nYou may call one or more functions"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Default"),
+        "the tool system message replaces the default one"
+    );
+    assert!(text.contains("<tool_call>\n{\"arguments\":{\"city\":\"Paris\"},\"name\":\"get_weather\"}\n</tool_call>"), "{text}");
+    assert!(text.contains("tool\n18C"), "{text}");
+    assert_eq!(p.format.tools, Some(ToolFormat::Hermes));
+    assert!(p.grammar.is_some());
+}
