@@ -94,6 +94,7 @@ mod tests {
                 endpoint: "http://h:1".into(),
                 state: WorkerState::Ready,
                 model: ModelInfo::default(),
+                model_fingerprint: String::new(),
                 offload: OffloadInfo::default(),
                 devices: vec![],
                 memory: MemoryInfo::default(),

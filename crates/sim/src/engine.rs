@@ -223,6 +223,7 @@ impl Engine<'_> {
                 n_layer: 24,
                 ..Default::default()
             },
+            model_fingerprint: String::new(),
             offload: OffloadInfo {
                 mode: profile.name().into(),
                 n_cpu_moe,

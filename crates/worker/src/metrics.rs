@@ -461,6 +461,7 @@ mod tests {
             endpoint: "http://127.0.0.1:1".into(),
             state: WorkerState::Ready,
             model: Default::default(),
+            model_fingerprint: String::new(),
             offload: Default::default(),
             devices: vec![moe_common::registry::DeviceInfo {
                 name: "CUDA0".into(),

@@ -159,6 +159,11 @@ pub struct WorkerAdvert {
     pub endpoint: String,
     pub state: WorkerState,
     pub model: ModelInfo,
+    /// Identity of the model file the worker serves (vocabulary, special tokens, weights): a
+    /// stream may move only to a worker with the same fingerprint. Empty from workers that
+    /// compute none (gateways then fall back to the model name).
+    #[serde(default)]
+    pub model_fingerprint: String,
     pub offload: OffloadInfo,
     pub devices: Vec<DeviceInfo>,
     pub memory: MemoryInfo,
@@ -251,6 +256,7 @@ pub(crate) mod tests {
                 name: "m".into(),
                 ..Default::default()
             },
+            model_fingerprint: String::new(),
             offload: OffloadInfo {
                 mode: "full".into(),
                 n_cpu_moe: 0,

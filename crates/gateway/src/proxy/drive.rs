@@ -1,6 +1,14 @@
 //! One request's drive loop: place on a worker, relay its stream to the client, retry on
 //! another worker before the first token and migrate mid-stream after it, within the request's
 //! deadline, attempt limit and the gateway's retry budget.
+//!
+//! A migration replays the token ids the client received as `resume_token_ids`. Workers send
+//! ids only together with their text, so the replay ends on a clean boundary (no split
+//! character, no partial stop string) and the new worker regenerates anything held back. It
+//! goes only to a worker of the same model file as the one that produced the first token
+//! (`continuity`).
+
+mod continuity;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tonic::{Code, Request, Status};
 use tracing::{Instrument, Span};
 
+use self::continuity::Continuity;
 use super::{class_of, estimate_prompt_tokens};
 use crate::auth::Grant;
 use crate::metrics::{Decision, GatewayMetrics, InFlightGuard, StreamLabels};
@@ -82,6 +91,7 @@ impl Drive {
         let mut ranking = Some(first);
         let mut migrations = 0u32;
         let mut last: Option<Status> = None;
+        let mut continuity = Continuity::default();
         for attempt in 0..self.max_attempts {
             let r = match ranking.take() {
                 Some(r) => Ok(r),
@@ -89,7 +99,10 @@ impl Drive {
                     .in_scope(|| self.router.rank(&self.demand(generated.len()), &tried)),
             };
             let candidate = match r {
-                Ok(r) => pick(r, attempt > 0),
+                Ok(mut r) => {
+                    continuity.filter(&mut r);
+                    pick(r, attempt > 0)
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "no further worker to try");
                     self.metrics.placement_failed(self.class, &e);
@@ -139,10 +152,19 @@ impl Drive {
                 .instrument(span.clone())
                 .await;
             drop(outer);
+            if !generated.is_empty() {
+                // The client has this model's tokens: only the same model may continue them.
+                continuity.pin(&candidate.worker);
+            }
             match outcome {
                 Outcome::Done => return Code::Ok,
                 Outcome::ClientGone => return Code::Cancelled,
                 Outcome::Failed { status, retryable } => {
+                    // Too long for this worker's context: a worker with a larger one may fit.
+                    let retryable = retryable || status.code() == Code::OutOfRange;
+                    if status.code() == Code::OutOfRange {
+                        continuity.refused_too_long(&candidate.worker);
+                    }
                     span.record("otel.status_code", "ERROR");
                     tracing::warn!(worker = %candidate.worker.id, code = ?status.code(), message = status.message(), retryable, "worker attempt failed");
                     if !retryable {
@@ -162,6 +184,8 @@ impl Drive {
             }
         }
         let status = match last {
+            // No worker with a larger context was left to try: the refusal is the answer.
+            Some(s) if s.code() == Code::OutOfRange => s,
             Some(s) => Status::unavailable(format!(
                 "all workers tried failed; last error: {:?} {}",
                 s.code(),
@@ -169,8 +193,9 @@ impl Drive {
             )),
             None => Status::unavailable("no worker could take the request"),
         };
+        let code = status.code();
         let _ = self.tx.send(Err(status)).await;
-        Code::Unavailable
+        code
     }
 
     /// Records latency metrics for a message of `tokens` tokens about to go to the client;

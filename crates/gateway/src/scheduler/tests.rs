@@ -23,6 +23,7 @@ fn worker(id: &str, profile: &str, free_kv: u32) -> WorkerAdvert {
             n_layer: 24,
             ..Default::default()
         },
+        model_fingerprint: String::new(),
         offload: OffloadInfo {
             mode: profile.split(':').next().unwrap().into(),
             n_cpu_moe,
