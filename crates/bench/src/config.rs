@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use moe_common::LatencyClass;
+use moe_common::flags::parse_bounded_duration_flag;
 
 use crate::target::Target;
 
@@ -41,7 +42,7 @@ pub struct BenchConfig {
     pub warmup: u32,
     /// Retry the first warm-up request for this long (servers loading a model, gateways that
     /// have not seen a worker yet).
-    #[arg(long, env = "MOE_BENCH_WAIT_READY", default_value = "60s", value_parser = parse_secs)]
+    #[arg(long, env = "MOE_BENCH_WAIT_READY", default_value = "60s", value_parser = parse_bounded_duration_flag)]
     pub wait_ready: Duration,
     /// Keep this many BATCH streams running (gRPC only) and measure every level twice: idle,
     /// then under that background load.
@@ -51,10 +52,10 @@ pub struct BenchConfig {
     #[arg(long, env = "MOE_BENCH_BACKGROUND_MAX_TOKENS", default_value_t = 256)]
     pub background_max_tokens: u32,
     /// Longest a single request may take.
-    #[arg(long, env = "MOE_BENCH_REQUEST_TIMEOUT", default_value = "120s", value_parser = parse_secs)]
+    #[arg(long, env = "MOE_BENCH_REQUEST_TIMEOUT", default_value = "120s", value_parser = parse_bounded_duration_flag)]
     pub request_timeout: Duration,
     /// Longest a level may take; requests not started by then are skipped and counted.
-    #[arg(long, env = "MOE_BENCH_LEVEL_TIMEOUT", default_value = "300s", value_parser = parse_secs)]
+    #[arg(long, env = "MOE_BENCH_LEVEL_TIMEOUT", default_value = "300s", value_parser = parse_bounded_duration_flag)]
     pub level_timeout: Duration,
     /// Writes the full report as JSON here.
     #[arg(long, env = "MOE_BENCH_JSON")]
@@ -101,24 +102,6 @@ impl BenchConfig {
     }
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, scale) = if let Some(ms) = t.strip_suffix("ms") {
-        (ms, 1e-3)
-    } else if let Some(m) = t.strip_suffix('m') {
-        (m, 60.0)
-    } else {
-        (t.strip_suffix('s').unwrap_or(t), 1.0)
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("not a duration: {s:?} (e.g. 30s, 500ms, 2m)"))?;
-    if !(v > 0.0 && v < 86_400.0) {
-        return Err(format!("duration out of range: {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(v * scale))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,9 +120,18 @@ mod tests {
 
     #[test]
     fn durations_parse_with_units() {
-        assert_eq!(parse_secs("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_secs("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_secs("30").unwrap(), Duration::from_secs(30));
-        assert!(parse_secs("-1s").is_err());
+        assert_eq!(
+            parse_bounded_duration_flag("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            parse_bounded_duration_flag("2m").unwrap(),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            parse_bounded_duration_flag("30").unwrap(),
+            Duration::from_secs(30)
+        );
+        assert!(parse_bounded_duration_flag("-1s").is_err());
     }
 }

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod class;
 pub mod codec;
+pub mod flags;
 pub mod gguf;
 pub mod offload;
 pub mod pb;

@@ -236,16 +236,6 @@ pub fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
     })
 }
 
-/// Parses a duration flag: plain seconds (`30`) or humantime (`30s`, `500ms`, `2m`).
-pub fn parse_duration_flag(s: &str) -> Result<std::time::Duration, String> {
-    if let Ok(secs) = s.parse::<f64>()
-        && secs.is_finite()
-        && secs >= 0.0
-    {
-        return Ok(std::time::Duration::from_secs_f64(secs));
-    }
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
-}
 
 #[cfg(test)]
 mod tests {
@@ -341,13 +331,5 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
         assert_eq!(parse_grpc_timeout("5x"), None);
         assert_eq!(parse_grpc_timeout("m"), None);
-    }
-
-    #[test]
-    fn parses_duration_flags() {
-        use std::time::Duration;
-        assert_eq!(parse_duration_flag("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration_flag("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration_flag("soon").is_err());
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use moe_common::registry::EtcdArgs;
-use moe_common::request::parse_duration_flag;
+use moe_common::flags::parse_duration_flag;
 
 use crate::scheduler::Spill;
 

@@ -19,7 +19,7 @@ pub struct TopArgs {
     #[arg(long)]
     once: bool,
     /// Time between frames, e.g. 1s or 500ms.
-    #[arg(long, default_value = "1s", value_parser = moe_common::request::parse_duration_flag)]
+    #[arg(long, default_value = "1s", value_parser = moe_common::flags::parse_duration_flag)]
     interval: Duration,
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use moe_common::offload::OffloadProfile;
-use moe_common::request::parse_duration_flag;
+use moe_common::flags::parse_duration_flag;
 use moe_common::size::ByteSize;
 
 /// Serves one GGUF MoE model through llama.cpp and advertises itself in etcd.
