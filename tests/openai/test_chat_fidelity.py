@@ -24,8 +24,6 @@ from conftest import MODEL_NAME
     ("kwargs", "param"),
     [
         ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
         ({"modalities": ["audio"]}, "modalities"),
         ({"extra_body": {"no_such_option": 1}}, "no_such_option"),
@@ -193,3 +191,15 @@ def test_special_token_text_in_a_message_is_plain_text(client):
         messages=[{"role": "user", "content": ""}],
     )
     assert marker_as_text - empty.usage.prompt_tokens > 1
+
+
+def test_frequency_and_presence_penalties_change_greedy_output(client):
+    def count(**kw):
+        return client.completions.create(model=MODEL_NAME, prompt="1, 2, 3, 4, 5, 6,",
+                                         max_tokens=16, temperature=0, **kw).choices[0].text
+    plain = count()
+    assert count(frequency_penalty=2.0) != plain
+    assert count(presence_penalty=2.0) != plain
+    with pytest.raises(openai.BadRequestError) as e:
+        count(presence_penalty=3)
+    assert e.value.body["param"] == "presence_penalty"

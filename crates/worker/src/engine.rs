@@ -80,6 +80,9 @@ pub struct Sampling {
     pub min_p: f32,
     pub repeat_penalty: f32,
     pub seed: Option<u64>,
+    /// OpenAI's penalties on tokens generated so far, -2..2; 0 is off.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
 }
 
 /// One generation request as the engine sees it.

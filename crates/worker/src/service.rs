@@ -259,6 +259,8 @@ fn job(
             min_p: s.min_p,
             repeat_penalty: s.repeat_penalty,
             seed: s.seed,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
         })
         .unwrap_or_default();
     // Validated before: an unknown value cannot reach here.

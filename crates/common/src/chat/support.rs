@@ -8,11 +8,12 @@ use crate::pb::v1::tool_choice::Mode as ToolMode;
 /// The first field of `req` that is set to something this build does not implement.
 pub fn unimplemented_field(req: &GenerateRequest) -> Option<String> {
     if let Some(s) = &req.sampling {
-        if s.presence_penalty != 0.0 {
-            return Some("sampling.presence_penalty".into());
+        // Out of OpenAI's range: refused rather than clamped.
+        if !(-2.0..=2.0).contains(&s.presence_penalty) {
+            return Some("sampling.presence_penalty outside -2..2".into());
         }
-        if s.frequency_penalty != 0.0 {
-            return Some("sampling.frequency_penalty".into());
+        if !(-2.0..=2.0).contains(&s.frequency_penalty) {
+            return Some("sampling.frequency_penalty outside -2..2".into());
         }
     }
     // One call per turn is enforced only where the call is forced (grammar).

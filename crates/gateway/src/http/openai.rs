@@ -184,15 +184,19 @@ pub fn unsupported(param: &str, detail: &str) -> ApiError {
 
 /// Refuses fields that are accepted only at the value that turns them off.
 fn refuse_unsupported(b: &Body, kind: Kind) -> Result<(), ApiError> {
-    let off_f32 = |v: Option<f32>| v.is_none_or(|x| x == 0.0);
+    for (name, v) in [
+        ("presence_penalty", b.presence_penalty),
+        ("frequency_penalty", b.frequency_penalty),
+    ] {
+        if v.is_some_and(|x| !(-2.0..=2.0).contains(&x)) {
+            return Err(ApiError::invalid(
+                name,
+                format!("{name} must be between -2 and 2"),
+            ));
+        }
+    }
     if b.store == Some(true) {
         return Err(unsupported("store", "completions are never stored"));
-    }
-    if !off_f32(b.presence_penalty) {
-        return Err(unsupported("presence_penalty", "only 0 is accepted"));
-    }
-    if !off_f32(b.frequency_penalty) {
-        return Err(unsupported("frequency_penalty", "only 0 is accepted"));
     }
     let logprobs_off = match (&b.logprobs, kind) {
         (None | Some(Value::Null), _) => true,
@@ -295,7 +299,8 @@ fn apply_params(
         repeat_penalty: p.repetition_penalty.unwrap_or(0.0),
         // Negative seeds are accepted and reinterpreted: same seed, same output still holds.
         seed: p.seed.map(|s| s as u64),
-        ..Default::default()
+        presence_penalty: p.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
     });
     request.stop = match p.stop {
         None => Vec::new(),

@@ -59,7 +59,10 @@ impl SeqSampler {
 
 /// Whether `build_chain` makes a chain of the greedy sampler alone.
 fn is_plain_greedy(s: &Sampling) -> bool {
-    s.temperature <= 0.0 && (s.repeat_penalty <= 0.0 || s.repeat_penalty == 1.0)
+    s.temperature <= 0.0
+        && (s.repeat_penalty <= 0.0 || s.repeat_penalty == 1.0)
+        && s.presence_penalty == 0.0
+        && s.frequency_penalty == 0.0
 }
 
 /// The first index of the largest logit, as llama.cpp's greedy sampler picks it — without
@@ -77,13 +80,17 @@ fn argmax(logits: &[f32]) -> i32 {
 
 fn build_chain(s: &Sampling, n_vocab: i32) -> LlamaSampler {
     let mut chain = Vec::new();
-    if s.repeat_penalty > 0.0 && s.repeat_penalty != 1.0 {
+    let repeat = if s.repeat_penalty > 0.0 { s.repeat_penalty } else { 1.0 };
+    let openai = s.presence_penalty != 0.0 || s.frequency_penalty != 0.0;
+    if repeat != 1.0 || openai {
+        // OpenAI's penalties count every generated token; llama.cpp's repeat penalty a window.
+        let window = if openai { 4096 } else { 64 };
         chain.push(LlamaSampler::penalties(
             n_vocab,
-            64,
-            s.repeat_penalty,
-            0.0,
-            0.0,
+            window,
+            repeat,
+            s.frequency_penalty,
+            s.presence_penalty,
         ));
     }
     if s.temperature <= 0.0 {

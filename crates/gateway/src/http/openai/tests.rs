@@ -119,8 +119,6 @@ fn prompt_is_a_string_or_one_string_in_an_array() {
 fn unsupported_values_are_refused_naming_the_parameter() {
     let msgs = json!([{"role": "user", "content": "x"}]);
     for (field, value) in [
-        ("presence_penalty", json!(0.5)),
-        ("frequency_penalty", json!(-1)),
         ("logprobs", json!(true)),
         ("top_logprobs", json!(2)),
         ("store", json!(true)),
