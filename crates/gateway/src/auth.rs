@@ -164,16 +164,54 @@ impl Drop for Grant {
     }
 }
 
-fn retry_status(message: String, after: Duration) -> Status {
-    let ms = after.as_millis().max(1);
-    let secs = ms.div_ceil(1000);
-    let mut md = MetadataMap::new();
-    md.insert(RETRY_AFTER_MS, MetadataValue::from(ms as u64));
-    Status::with_metadata(
-        tonic::Code::ResourceExhausted,
-        format!("{message}; retry-after {secs} s"),
-        md,
-    )
+/// Why [`ApiKeys::admit`] refused a request; mapped to a gRPC status in one place
+/// (`From<AuthError> for Status`), and from there to HTTP by the HTTP front end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No key, or not one of ours: UNAUTHENTICATED.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The key may not use this model or class: PERMISSION_DENIED.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request can never fit the key's allowance: INVALID_ARGUMENT.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Over a limit for now: RESOURCE_EXHAUSTED with `retry-after-ms` metadata.
+    #[error("{message}; retry-after {} s", retry_after.as_millis().max(1).div_ceil(1000))]
+    RetryLater {
+        message: String,
+        retry_after: Duration,
+    },
+}
+
+impl AuthError {
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            AuthError::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            AuthError::Forbidden(_) => tonic::Code::PermissionDenied,
+            AuthError::TooLarge(_) => tonic::Code::InvalidArgument,
+            AuthError::RetryLater { .. } => tonic::Code::ResourceExhausted,
+        }
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Status {
+        let mut md = MetadataMap::new();
+        if let AuthError::RetryLater { retry_after, .. } = &e {
+            let ms = retry_after.as_millis().max(1);
+            md.insert(RETRY_AFTER_MS, MetadataValue::from(ms as u64));
+        }
+        Status::with_metadata(e.code(), e.to_string(), md)
+    }
+}
+
+fn retry_later(message: String, retry_after: Duration) -> AuthError {
+    AuthError::RetryLater {
+        message,
+        retry_after,
+    }
 }
 
 impl ApiKeys {
@@ -247,10 +285,10 @@ impl ApiKeys {
     /// Authenticates `key`, checks the request's model and class against the key's allowances,
     /// then charges its max_tokens and takes a stream slot. UNAUTHENTICATED, PERMISSION_DENIED
     /// or RESOURCE_EXHAUSTED (with `retry-after-ms` metadata) otherwise.
-    pub fn admit(&self, key: Option<&str>, req: &GenerateRequest) -> Result<Grant, Status> {
+    pub fn admit(&self, key: Option<&str>, req: &GenerateRequest) -> Result<Grant, AuthError> {
         let Some(key) = key else {
-            return Err(Status::unauthenticated(
-                "missing API key: send `authorization: Bearer <key>`",
+            return Err(AuthError::Unauthenticated(
+                "missing API key: send `authorization: Bearer <key>`".into(),
             ));
         };
         let presented = digest(key);
@@ -265,19 +303,19 @@ impl ApiKeys {
         }
         let Some(k) = found else {
             tracing::info!(key = %short_hash(&presented), "refused: unknown API key");
-            return Err(Status::unauthenticated("invalid API key"));
+            return Err(AuthError::Unauthenticated("invalid API key".into()));
         };
         let spec = &k.spec;
         if let Some(models) = &spec.models {
             if req.model.is_empty() {
-                return Err(Status::permission_denied(format!(
+                return Err(AuthError::Forbidden(format!(
                     "API key {} may use only models {models:?}: name one in `model`",
                     spec.name
                 )));
             }
             if !models.iter().any(|m| m == &req.model) {
                 tracing::info!(key = %spec.name, "refused: model not allowed");
-                return Err(Status::permission_denied(format!(
+                return Err(AuthError::Forbidden(format!(
                     "API key {} may not use model {:?}",
                     spec.name, req.model
                 )));
@@ -288,7 +326,7 @@ impl ApiKeys {
             && !classes.contains(&class)
         {
             tracing::info!(key = %spec.name, "refused: latency class not allowed");
-            return Err(Status::permission_denied(format!(
+            return Err(AuthError::Forbidden(format!(
                 "API key {} may not use latency class {}",
                 spec.name,
                 class.as_str()
@@ -296,7 +334,7 @@ impl ApiKeys {
         }
         let stream = match &k.streams {
             Some(s) => Some(s.clone().try_acquire_owned().map_err(|_| {
-                retry_status(
+                retry_later(
                     format!(
                         "API key {} already has {} streams running, its limit",
                         spec.name,
@@ -310,7 +348,7 @@ impl ApiKeys {
         let charged = req.max_tokens;
         if let (Some(b), Some(per_minute)) = (&k.bucket, spec.tokens_per_minute) {
             if charged > per_minute {
-                return Err(Status::invalid_argument(format!(
+                return Err(AuthError::TooLarge(format!(
                     "max_tokens {charged} is more than API key {} may use in a minute ({per_minute})",
                     spec.name
                 )));
@@ -318,7 +356,7 @@ impl ApiKeys {
             let taken = b.lock().expect("bucket lock").take(charged, Instant::now());
             if let Err(wait) = taken {
                 tracing::info!(key = %spec.name, "refused: over the token rate");
-                return Err(retry_status(
+                return Err(retry_later(
                     format!(
                         "API key {} is over its limit of {per_minute} tokens a minute",
                         spec.name

@@ -148,10 +148,11 @@ fn over_the_rate_is_resource_exhausted_with_a_retry_hint_and_unused_tokens_come_
     let g = k
         .admit(Some(ALICE), &req("", LatencyClass::Interactive, 80))
         .expect("first");
-    let s = k
-        .admit(Some(ALICE), &req("", LatencyClass::Interactive, 80))
-        .err()
-        .expect("over the rate");
+    let s = tonic::Status::from(
+        k.admit(Some(ALICE), &req("", LatencyClass::Interactive, 80))
+            .err()
+            .expect("over the rate"),
+    );
     assert_eq!(s.code(), Code::ResourceExhausted);
     assert!(s.message().contains("retry-after"), "{}", s.message());
     let ms: u64 = s
@@ -185,7 +186,7 @@ fn concurrency_is_limited_per_key() {
     let (k, _f) = keys(&format!("{ALICE} max_concurrent=1\n{BATCH}"));
     let r = req("", LatencyClass::Interactive, 4);
     let g = k.admit(Some(ALICE), &r).expect("first stream");
-    let s = k.admit(Some(ALICE), &r).err().expect("second stream");
+    let s = tonic::Status::from(k.admit(Some(ALICE), &r).err().expect("second stream"));
     assert_eq!(s.code(), Code::ResourceExhausted);
     assert!(s.metadata().get(RETRY_AFTER_MS).is_some());
     assert!(
