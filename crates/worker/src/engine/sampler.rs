@@ -80,7 +80,11 @@ fn argmax(logits: &[f32]) -> i32 {
 
 fn build_chain(s: &Sampling, n_vocab: i32) -> LlamaSampler {
     let mut chain = Vec::new();
-    let repeat = if s.repeat_penalty > 0.0 { s.repeat_penalty } else { 1.0 };
+    let repeat = if s.repeat_penalty > 0.0 {
+        s.repeat_penalty
+    } else {
+        1.0
+    };
     let openai = s.presence_penalty != 0.0 || s.frequency_penalty != 0.0;
     if repeat != 1.0 || openai {
         // OpenAI's penalties count every generated token; llama.cpp's repeat penalty a window.
