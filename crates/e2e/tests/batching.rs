@@ -29,7 +29,7 @@ async fn eight_concurrent_streams_get_the_same_text_as_alone() {
     let solo = Worker::start(spec.clone(), None).await;
     let mut alone = Vec::new();
     for p in PROMPTS {
-        alone.push(generate(&solo.url(), greedy(p, 16)).await.expect("solo"));
+        alone.push(generate(&solo.url(), greedy(p, 64)).await.expect("solo"));
     }
     solo.stop().await;
     let worker = Worker::start(spec, None).await;
@@ -37,7 +37,7 @@ async fn eight_concurrent_streams_get_the_same_text_as_alone() {
     let started = Instant::now();
     let together = futures_join(PROMPTS.iter().map(|p| {
         let url = url.clone();
-        async move { generate(&url, greedy(p, 16)).await.expect("concurrent") }
+        async move { generate(&url, greedy(p, 64)).await.expect("concurrent") }
     }))
     .await;
     let concurrent_time = started.elapsed();
@@ -47,7 +47,7 @@ async fn eight_concurrent_streams_get_the_same_text_as_alone() {
             "prompt {p:?}: {:?} vs {:?}",
             a.text, t.text
         );
-        assert_eq!(t.finish(), FinishReason::Length);
+        assert_eq!(t.finish(), a.finish());
     }
     // They really ran together: admission happened while others were decoding.
     let queue_max = together
@@ -122,10 +122,11 @@ async fn overload_is_resource_exhausted_never_a_hang() {
 async fn a_cancelled_stream_frees_its_kv_cells_in_the_advert() {
     let etcd = Etcd::start().await;
     let prefix = "/t-kv";
+    // 2048 cells, 4 sequences: each has its own KV stream of 512 cells.
     let worker = Worker::start(WorkerSpec::new("kv", "full"), Some((&etcd, prefix))).await;
     let mut c = client(&worker.url()).await;
     let mut stream = c
-        .generate(greedy(PROMPTS[0], 1000))
+        .generate(greedy(PROMPTS[0], 500))
         .await
         .unwrap()
         .into_inner();
@@ -140,8 +141,8 @@ async fn a_cancelled_stream_frees_its_kv_cells_in_the_advert() {
         },
     )
     .await;
-    // prompt (5 tokens) + max_tokens (1000) reserved.
-    assert_eq!(busy.capacity.free_kv_tokens, 2048 - 1005);
+    // The stream holds its whole slot.
+    assert_eq!(busy.capacity.free_kv_tokens, 2048 - 512);
     drop(stream);
     eventually(Duration::from_secs(3), "KV back in the advert", || async {
         etcd.advert(prefix, "kv")

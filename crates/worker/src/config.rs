@@ -52,6 +52,12 @@ pub struct WorkerConfig {
     /// Tokens per engine step: decodes plus prompt chunks.
     #[arg(long, env = "MOE_BATCH_SIZE", default_value_t = 512)]
     pub batch_size: u32,
+    /// One KV cache shared by all sequences (llama.cpp `kv_unified`). Off by default: each
+    /// sequence then has its own --ctx-size/--parallel cells, and greedy output does not depend
+    /// on which other sequences share the batch (issue 14). On lets one request use the whole
+    /// cache, but concurrent sequences' cells interleave and change rounding.
+    #[arg(long, env = "MOE_KV_UNIFIED")]
+    pub kv_unified: bool,
     /// Requests waiting for KV headroom at most; more get RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "MOE_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,

@@ -36,6 +36,10 @@ pub struct EngineConfig {
     pub threads: Option<u32>,
     /// Tokens per engine step (llama `n_batch`).
     pub batch_size: u32,
+    /// One KV cache shared by all sequences. When false (the default), each sequence has its own
+    /// KV stream of `ctx_size / parallel` cells, at the same positions as when it runs alone, so
+    /// greedy output does not depend on the batch (see docs/benchmarks/batch-invariance.md).
+    pub kv_unified: bool,
     pub max_queue: usize,
     pub queue_timeout: Duration,
 }
@@ -51,7 +55,10 @@ pub struct LoadedModel {
     /// Devices at start-up, with measured weight and compute bytes; live free memory is in
     /// [`EngineStats::devices`].
     pub devices: Vec<DeviceInfo>,
+    /// KV cells of the context, all sequences together.
     pub context_tokens: u32,
+    /// KV cells one sequence may use: `context_tokens`, or its share with per-sequence streams.
+    pub sequence_tokens: u32,
     pub max_sequences: u32,
     pub has_accelerator: bool,
     /// Whether the experts kept on the host live in pinned memory.
@@ -83,6 +90,19 @@ pub struct Sampling {
     /// OpenAI's penalties on tokens generated so far, -2..2; 0 is off.
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// Return each token's log-probability with this many alternatives (None: off).
+    pub logprobs: Option<u32>,
+}
+
+/// Log-probability of one generated token (over the model's logits), with the most likely
+/// alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// (token, bytes, logprob), most likely first.
+    pub top: Vec<(u32, Vec<u8>, f32)>,
 }
 
 /// One generation request as the engine sees it.
@@ -130,7 +150,12 @@ pub enum Event {
     /// Newly released text and exactly the tokens whose bytes it (with the text released before)
     /// wholly contains: ids of text held back (a split character, a possible stop string) come
     /// with that text later, so a replay of the ids received ends on a clean boundary.
-    Delta { text: String, token_ids: Vec<u32> },
+    Delta {
+        text: String,
+        token_ids: Vec<u32>,
+        /// With `Sampling::logprobs`: one entry per id of `token_ids`; otherwise empty.
+        logprobs: Vec<TokenLogprob>,
+    },
     /// Chat jobs only, before any text: how to read the reply (`crate::chat::ReplyShaper`).
     Chat(crate::chat::ChatReply),
     /// The job ended normally; no event follows.

@@ -45,6 +45,7 @@ fn engine_config(c: &WorkerConfig) -> EngineConfig {
         parallel: c.parallel,
         threads: c.threads,
         batch_size: c.batch_size,
+        kv_unified: c.kv_unified,
         max_queue: c.max_queue,
         queue_timeout: c.queue_timeout,
     }

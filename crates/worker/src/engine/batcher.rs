@@ -17,8 +17,12 @@ use moe_common::LatencyClass;
 pub struct BatcherConfig {
     /// Sequence slots (llama `n_seq_max`, `--parallel`).
     pub max_sequences: u32,
-    /// KV cells shared by all sequences (llama `n_ctx` with a unified KV cache).
+    /// KV cells of the context, all slots together (llama `n_ctx`).
     pub kv_tokens: u32,
+    /// KV cells each slot has to itself when every sequence has its own KV stream (llama
+    /// `kv_unified = false`): a request must fit its slot, a slot's prefix cache competes with
+    /// nobody, and a slot is reserved whole. None: one pool of `kv_tokens` shared by all slots.
+    pub slot_kv_tokens: Option<u32>,
     /// Tokens one step may decode (llama `n_batch`): decodes plus prefill chunks.
     pub step_tokens: u32,
     /// While interactive sequences are decoding, batch prefill takes at most this many tokens of
@@ -46,6 +50,7 @@ pub struct Pending<T> {
 }
 
 impl<T> Pending<T> {
+    /// KV cells the request needs: prompt + max_tokens.
     fn reservation(&self) -> u32 {
         self.tokens.len() as u32 + self.max_tokens
     }
@@ -158,8 +163,8 @@ impl<T> Batcher<T> {
     /// queue is full.
     pub fn enqueue(&mut self, p: Pending<T>) -> Result<(), (Refusal, Pending<T>)> {
         let needed = p.reservation();
-        if needed > self.config.kv_tokens {
-            let capacity = self.config.kv_tokens;
+        let capacity = self.sequence_capacity();
+        if needed > capacity {
             return Err((Refusal::TooLong { needed, capacity }, p));
         }
         if self.queued() >= self.config.max_queue {
@@ -171,6 +176,19 @@ impl<T> Batcher<T> {
             LatencyClass::Batch => self.batch.push_back(p),
         }
         Ok(())
+    }
+
+    /// The most KV cells one request may need.
+    pub fn sequence_capacity(&self) -> u32 {
+        self.config.slot_kv_tokens.unwrap_or(self.config.kv_tokens)
+    }
+
+    /// KV cells a request holds once admitted (and claims while queued): what it needs, or its
+    /// whole slot when slots have their own cells.
+    fn claim(&self, p: &Pending<T>) -> u32 {
+        self.config
+            .slot_kv_tokens
+            .unwrap_or_else(|| p.reservation())
     }
 
     pub fn queued(&self) -> usize {
@@ -197,7 +215,7 @@ impl<T> Batcher<T> {
             .interactive
             .iter()
             .chain(&self.batch)
-            .map(Pending::reservation)
+            .map(|p| self.claim(p))
             .sum();
         self.free_kv_tokens().saturating_sub(queued)
     }
@@ -368,7 +386,7 @@ impl<T> Batcher<T> {
                 &self.batch
             };
             let Some(head) = queue.front() else { break };
-            let needed = head.reservation();
+            let needed = self.claim(head);
             let Some((slot, reused)) = self.choose_slot(&head.tokens) else {
                 break;
             };
@@ -379,7 +397,10 @@ impl<T> Batcher<T> {
             if head.class == LatencyClass::Batch && !self.batch_may_take(needed) {
                 break;
             }
-            while needed > self.config.kv_tokens - self.reserved - self.cached_cells(Some(slot)) {
+            // Other slots' caches take room from this one only when all share one pool.
+            while self.config.slot_kv_tokens.is_none()
+                && needed > self.config.kv_tokens - self.reserved - self.cached_cells(Some(slot))
+            {
                 let victim = (0..self.cache.len())
                     .filter(|&i| i != slot && self.cache[i].is_some())
                     .min_by_key(|&i| self.cache[i].as_ref().map(|c| c.used))

@@ -127,6 +127,7 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
         plan,
         devices,
         context_tokens: config.ctx_size,
+        sequence_tokens: config.ctx_size,
         max_sequences: config.parallel,
         has_accelerator,
         host_experts_pinned,
@@ -149,7 +150,7 @@ fn context_params(config: &EngineConfig) -> LlamaContextParams {
         .with_n_batch(config.batch_size)
         .with_n_ubatch(config.batch_size.min(512))
         .with_n_seq_max(config.parallel)
-        .with_kv_unified(true)
+        .with_kv_unified(config.kv_unified)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
 }
@@ -178,6 +179,12 @@ pub(super) fn open<R>(
     );
     refresh_devices(&mut info.devices);
     info.context_tokens = ctx.n_ctx();
+    // llama.cpp rounds each sequence's share up to 256 cells and n_ctx to parallel shares.
+    info.sequence_tokens = if config.kv_unified {
+        info.context_tokens
+    } else {
+        info.context_tokens / config.parallel.max(1)
+    };
     Ok(with_context(&model, ctx, info))
 }
 

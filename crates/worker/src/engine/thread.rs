@@ -17,7 +17,7 @@ use super::sampler::SeqSampler;
 use super::text::Detokenizer;
 use super::{
     Command, EngineConfig, EngineError, EngineStats, Event, Finish, Job, LoadedModel, Prompt,
-    Summary,
+    Summary, TokenLogprob,
 };
 
 /// How often device memory (free bytes, this process's bytes per GPU) is refreshed.
@@ -41,6 +41,7 @@ pub(super) fn engine_thread(
         let batcher = Batcher::new(BatcherConfig {
             max_sequences: config.parallel,
             kv_tokens: context_tokens,
+            slot_kv_tokens: (!config.kv_unified).then_some(info.sequence_tokens),
             step_tokens: config.batch_size,
             batch_prefill_tokens_under_interactive: (config.batch_size / 4).max(config.parallel),
             // One slot in 16 (4 of 64) stays free of batch work for interactive arrivals.
@@ -89,6 +90,8 @@ struct Live {
     text: Detokenizer,
     /// Detokenize with special tokens rendered (harmony replies, raw output).
     special: bool,
+    /// Log-probabilities of tokens whose text is held back, sent with their ids.
+    logprobs: std::collections::VecDeque<TokenLogprob>,
     prompt_tokens: u32,
     deadline: Option<Instant>,
     arrived: Instant,
@@ -274,6 +277,7 @@ impl<'m> Engine<'m> {
                 sampler,
                 text: Detokenizer::new(job.stop),
                 special,
+                logprobs: Default::default(),
                 prompt_tokens,
                 deadline: job.deadline,
                 arrived: job.arrived,
@@ -450,12 +454,28 @@ impl<'m> Engine<'m> {
         let seq = self.batcher.seq_mut(slot).expect("slot still active");
         let live = &mut seq.payload;
         let bytes = self.model.vocab().token_to_piece(token, live.special, None);
+        if let Some((logprob, top)) = live.sampler.take_logprob() {
+            let piece = |t: u32| {
+                self.model
+                    .vocab()
+                    .token_to_piece(LlamaToken(t as i32), live.special, None)
+            };
+            let top = top.into_iter().map(|(t, l)| (t, piece(t), l)).collect();
+            live.logprobs.push_back(TokenLogprob {
+                token: token.0 as u32,
+                bytes: bytes.clone(),
+                logprob,
+                top,
+            });
+        }
         let released = live.text.push(token.0 as u32, &bytes);
         let stopped = released.stopped;
         if !released.is_empty() {
+            let n = released.token_ids.len().min(live.logprobs.len());
             let _ = live.events.send(Event::Delta {
                 text: released.text,
                 token_ids: released.token_ids,
+                logprobs: live.logprobs.drain(..n).collect(),
             });
         }
         if stopped {
@@ -478,9 +498,11 @@ impl<'m> Engine<'m> {
         if finish != Finish::Cancelled {
             let released = live.text.finish();
             if !released.is_empty() {
+                let n = released.token_ids.len().min(live.logprobs.len());
                 let _ = live.events.send(Event::Delta {
                     text: released.text,
                     token_ids: released.token_ids,
+                    logprobs: live.logprobs.drain(..n).collect(),
                 });
             }
         }
@@ -588,7 +610,7 @@ fn special_texts(model: &LlamaModel) -> Vec<String> {
 fn refusal_error(why: Refusal) -> EngineError {
     match why {
         Refusal::TooLong { needed, capacity } => EngineError::TooLong(format!(
-            "prompt plus max_tokens needs {needed} tokens of context; this worker has {capacity}"
+            "prompt plus max_tokens needs {needed} tokens of context; a sequence on this worker has {capacity}"
         )),
         Refusal::QueueFull { limit } => {
             EngineError::ResourceExhausted(format!("admission queue is full ({limit} waiting)"))

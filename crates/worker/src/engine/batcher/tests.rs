@@ -6,6 +6,7 @@ fn config() -> BatcherConfig {
     BatcherConfig {
         max_sequences: 2,
         kv_tokens: 100,
+        slot_kv_tokens: None,
         step_tokens: 16,
         batch_prefill_tokens_under_interactive: 4,
         interactive_reserved_sequences: 0,
@@ -79,6 +80,7 @@ fn batch_work_leaves_the_interactive_share_of_the_kv_cache() {
     let mut b = Batcher::new(BatcherConfig {
         max_sequences: 4,
         kv_tokens: 100,
+        slot_kv_tokens: None,
         interactive_reserved_sequences: 1,
         max_queue: 10,
         ..config()
@@ -324,4 +326,78 @@ fn finishes_at_max_tokens() {
         b.is_idle(),
         "three sampled tokens end a max_tokens=3 sequence"
     );
+}
+
+fn per_slot_config() -> BatcherConfig {
+    BatcherConfig {
+        max_sequences: 2,
+        kv_tokens: 100,
+        slot_kv_tokens: Some(50),
+        ..config()
+    }
+}
+
+#[test]
+fn with_per_slot_streams_a_request_must_fit_its_slot() {
+    let t = Instant::now();
+    let mut b = Batcher::new(per_slot_config());
+    let (why, _) = b
+        .enqueue(pending(20, 40, LatencyClass::Interactive, 1, t))
+        .expect_err("60 cells do not fit a 50-cell slot");
+    assert_eq!(
+        why,
+        Refusal::TooLong {
+            needed: 60,
+            capacity: 50
+        }
+    );
+    b.enqueue(pending(10, 40, LatencyClass::Interactive, 2, t))
+        .expect("50 cells fit");
+}
+
+#[test]
+fn with_per_slot_streams_a_slot_is_reserved_and_claimed_whole() {
+    let t = Instant::now();
+    let mut b = Batcher::new(per_slot_config());
+    b.enqueue(pending(2, 3, LatencyClass::Interactive, 1, t))
+        .unwrap();
+    assert_eq!(
+        b.unclaimed_kv_tokens(),
+        50,
+        "a queued request claims a slot"
+    );
+    b.plan(t);
+    assert_eq!(b.free_kv_tokens(), 50, "the admitted one holds its slot");
+    b.enqueue(pending(2, 3, LatencyClass::Interactive, 2, t))
+        .unwrap();
+    b.enqueue(pending(2, 3, LatencyClass::Interactive, 3, t))
+        .unwrap();
+    assert_eq!(b.unclaimed_kv_tokens(), 0);
+}
+
+#[test]
+fn with_per_slot_streams_admission_never_evicts_another_slots_cache() {
+    let t = Instant::now();
+    let mut b = Batcher::new(per_slot_config());
+    b.enqueue(pending(30, 1, LatencyClass::Interactive, 1, t))
+        .unwrap();
+    while b.active() > 0 || b.queued() > 0 {
+        step(&mut b, t);
+    }
+    assert_eq!(b.cached_tokens(), 30);
+    // A request as large as a slot: in one shared pool of 100 cells with 30 cached it would
+    // evict; here it takes the other slot and leaves the cache alone.
+    let other: Vec<u32> = (100..140).collect();
+    b.enqueue(Pending {
+        tokens: other,
+        max_tokens: 10,
+        class: LatencyClass::Interactive,
+        enqueued: t,
+        payload: 2,
+    })
+    .unwrap();
+    let plan = b.plan(t);
+    assert!(plan.evicted.is_empty(), "{plan:?}");
+    assert_eq!(plan.admitted.len(), 1);
+    assert_eq!(b.cached_tokens(), 30);
 }

@@ -1,0 +1,160 @@
+//! Issue 14.1 on the real model: greedy output does not depend on which other sequences share
+//! the batch, on how a prompt's prefill is chunked, on the prefix cache, or on the offload
+//! profile. Each worker runs with the default per-sequence KV streams (`--kv-unified` off).
+
+use std::time::Duration;
+
+use moe_e2e::*;
+
+const STORY: &str = "Once upon a time, in a small village by the sea,";
+const TOKENS: u32 = 128;
+
+/// Prompts of different lengths and topics, the last one long enough to need several prefill
+/// chunks at `--batch-size 32`.
+fn prompts() -> Vec<String> {
+    let mut p: Vec<String> = [
+        STORY,
+        "The capital of France is",
+        "Water boils at a temperature of",
+        "A week has seven days. The days are",
+        "The tallest mountain on Earth is",
+        "Photosynthesis is the process by which",
+        "Here is a short poem about the moon:",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let long = "The history of the lighthouse begins with fires lit on hills to guide ships home. \
+        Later, towers of stone carried lamps of oil, and lenses made their light reach far out \
+        over the water. Keepers lived in small houses beside them, trimming wicks each night. "
+        .repeat(3);
+    p.push(format!(
+        "{long}Tell me what a lighthouse keeper did each day."
+    ));
+    p
+}
+
+/// A worker with per-sequence KV streams of 512 cells (8 x 512 = 4096).
+fn spec(id: &str, offload: &str) -> WorkerSpec {
+    WorkerSpec {
+        parallel: 8,
+        ctx_size: 4096,
+        ..WorkerSpec::new(id, offload)
+    }
+}
+
+async fn solo(url: &str, prompt: &str) -> Collected {
+    generate(url, greedy(prompt, TOKENS)).await.expect("solo")
+}
+
+/// Sends all prompts at once and returns the outputs in order.
+async fn together(url: &str, prompts: &[String]) -> Vec<Collected> {
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (url, p) = (url.to_string(), p.clone());
+            tokio::spawn(async move { generate(&url, greedy(&p, TOKENS)).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        let c = tokio::time::timeout(Duration::from_secs(300), h)
+            .await
+            .expect("concurrent requests finish")
+            .expect("task")
+            .expect("concurrent");
+        out.push(c);
+    }
+    out
+}
+
+fn assert_same(what: &str, expected: &Collected, got: &[Collected]) {
+    let differ: Vec<usize> = got
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.token_ids != expected.token_ids)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{what}: {} of {} differ from the solo output (first: {:?})\nsolo: {:?}\ngot:  {:?}",
+        differ.len(),
+        got.len(),
+        differ,
+        expected.text,
+        got[differ[0]].text
+    );
+    for c in got {
+        assert_eq!(c.finish(), expected.finish());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_concurrent_greedy_requests_equal_the_solo_output() {
+    let worker = Worker::start(spec("inv-same", "full"), None).await;
+    let url = worker.url();
+    let cold = solo(&url, STORY).await;
+    assert_eq!(cold.token_ids.len(), TOKENS as usize, "{:?}", cold.text);
+    // Again: the whole prompt but its last token comes from the slot's prefix cache.
+    let warm = solo(&url, STORY).await;
+    assert!(warm.last.usage.clone().unwrap().cached_prompt_tokens > 0);
+    assert_eq!(warm.token_ids, cold.token_ids, "prefix cache warm vs cold");
+    let eight = vec![STORY.to_string(); 8];
+    assert_same("8 together", &cold, &together(&url, &eight).await);
+    // 16 on 8 slots: half wait and are admitted while the others decode.
+    let sixteen = vec![STORY.to_string(); 16];
+    assert_same("16 together", &cold, &together(&url, &sixteen).await);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn different_prompts_with_chunked_prefill_equal_their_solo_outputs() {
+    let prompts = prompts();
+    // Small steps: the long prompt is prefilled in chunks whose size depends on how many
+    // sequences decode beside it.
+    let small_steps = |id: &str| spec(id, "full").with("--batch-size", "32");
+    let alone = Worker::start(small_steps("inv-alone"), None).await;
+    let mut expected = Vec::new();
+    for p in &prompts {
+        expected.push(solo(&alone.url(), p).await);
+    }
+    alone.stop().await;
+    let lengths: Vec<usize> = expected.iter().map(|c| c.token_ids.len()).collect();
+    assert!(
+        lengths.iter().filter(|&&n| n >= 64).count() >= 6,
+        "most outputs are long enough to diverge: {lengths:?}"
+    );
+    // Cold: a fresh worker, nothing cached.
+    let worker = Worker::start(small_steps("inv-mixed"), None).await;
+    let url = worker.url();
+    let cold = together(&url, &prompts).await;
+    // Warm: every slot now caches one of the prompts; sent again in reverse order, each lands
+    // on the slot caching its prompt.
+    let reversed: Vec<String> = prompts.iter().rev().cloned().collect();
+    let mut warm = together(&url, &reversed).await;
+    warm.reverse();
+    for (i, p) in prompts.iter().enumerate() {
+        assert_same(&format!("cold {p:?}"), &expected[i], &cold[i..=i]);
+        assert_same(&format!("warm {p:?}"), &expected[i], &warm[i..=i]);
+    }
+    let cached: u32 = warm
+        .iter()
+        .map(|c| c.last.usage.clone().unwrap().cached_prompt_tokens)
+        .sum();
+    assert!(cached > 0, "the second round reused cached prefixes");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_offload_profile_gives_the_batched_output_of_full_alone() {
+    let full = Worker::start(spec("inv-full", "full"), None).await;
+    let expected = solo(&full.url(), STORY).await;
+    full.stop().await;
+    let eight = vec![STORY.to_string(); 8];
+    for profile in ["full", "cpu-moe", "n-cpu-moe:15"] {
+        let id = format!("inv-{}", profile.replace(':', "-"));
+        let worker = Worker::start(spec(&id, profile), None).await;
+        assert_same(profile, &expected, &together(&worker.url(), &eight).await);
+        worker.stop().await;
+    }
+}
