@@ -221,6 +221,7 @@ impl FakeWorker {
                 n_layer: 24,
                 ..Default::default()
             },
+            model_fingerprint: String::new(),
             offload: OffloadInfo {
                 mode: profile.into(),
                 n_cpu_moe,
