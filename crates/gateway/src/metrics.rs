@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::scheduler::ScheduleError;
+use crate::scheduler::{Decision, ScheduleError};
 use moe_common::LatencyClass;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,17 +61,6 @@ pub struct WorkerPoolLabels {
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-
-/// How a placement went, for `moe_scheduler_decisions_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// A worker of the pool the class prefers.
-    Preferred,
-    /// A worker of the other pool, allowed by the class's spill rule.
-    Spill,
-    /// A retry onto a worker the spill rule would not allow (a slower answer beats none).
-    Fallback,
-}
 
 pub struct GatewayMetrics {
     requests: Family<OutcomeLabels, Counter>,
@@ -216,11 +205,7 @@ impl GatewayMetrics {
     }
 
     pub fn placed(&self, class: LatencyClass, decision: Decision, profile: &str) {
-        let d = match decision {
-            Decision::Preferred => "preferred",
-            Decision::Spill => "spill",
-            Decision::Fallback => "fallback",
-        };
+        let d = decision.as_str();
         self.decisions
             .get_or_create(&DecisionLabels {
                 class: class.as_str(),

@@ -20,7 +20,7 @@ use tracing::{Instrument, Span};
 use crate::auth::ApiKeys;
 use crate::metrics::GatewayMetrics;
 use crate::router::RoutingState;
-use crate::scheduler::{Demand, ScheduleError};
+use crate::scheduler::{Demand, ScheduleError, estimate_prompt_tokens};
 
 mod drive;
 use drive::Drive;
@@ -78,17 +78,6 @@ pub fn schedule_status(e: ScheduleError) -> Status {
         ScheduleError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
         ScheduleError::NoHeadroom { .. } => Status::resource_exhausted(e.to_string()),
     }
-}
-
-/// Prompt tokens estimated from bytes (about 3 bytes a token errs on the side of reserving).
-fn estimate_prompt_tokens(req: &GenerateRequest) -> u32 {
-    let bytes = req.prompt.len()
-        + req
-            .messages
-            .iter()
-            .map(|m| m.content.len() + 16)
-            .sum::<usize>();
-    (bytes / 3 + 1) as u32
 }
 
 fn class_of(req: &GenerateRequest) -> LatencyClass {

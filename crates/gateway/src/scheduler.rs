@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use moe_common::LatencyClass;
+use moe_common::pb::GenerateRequest;
 use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
 use rand::Rng;
 
@@ -336,6 +337,61 @@ fn two_choices(list: &mut [Candidate], reservations: &Reservations, rng: &mut im
             b
         };
     list.swap(0, pick);
+}
+
+/// How a placement went, for `moe_scheduler_decisions_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// A worker of the pool the class prefers.
+    Preferred,
+    /// A worker of the other pool, allowed by the class's spill rule.
+    Spill,
+    /// A retry onto a worker the spill rule would not allow (a slower answer beats none).
+    Fallback,
+}
+
+impl Decision {
+    /// The `decision` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Preferred => "preferred",
+            Decision::Spill => "spill",
+            Decision::Fallback => "fallback",
+        }
+    }
+}
+
+/// The first candidate; on retries, the fallback list too (a slower answer beats none).
+pub fn pick(r: Ranking, retry: bool) -> Option<(Candidate, Decision)> {
+    let first = r.candidates.into_iter().next().map(|c| {
+        let d = if c.spill {
+            Decision::Spill
+        } else {
+            Decision::Preferred
+        };
+        (c, d)
+    });
+    first.or_else(|| {
+        if retry {
+            r.fallback
+                .into_iter()
+                .next()
+                .map(|c| (c, Decision::Fallback))
+        } else {
+            None
+        }
+    })
+}
+
+/// Prompt tokens estimated from bytes (about 3 bytes a token errs on the side of reserving).
+pub fn estimate_prompt_tokens(req: &GenerateRequest) -> u32 {
+    let bytes = req.prompt.len()
+        + req
+            .messages
+            .iter()
+            .map(|m| m.content.len() + 16)
+            .sum::<usize>();
+    (bytes / 3 + 1) as u32
 }
 
 #[cfg(test)]

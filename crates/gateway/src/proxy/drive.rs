@@ -22,11 +22,11 @@ use tonic::{Code, Request, Status};
 use tracing::{Instrument, Span};
 
 use self::continuity::Continuity;
-use super::{class_of, estimate_prompt_tokens};
+use super::class_of;
 use crate::auth::Grant;
-use crate::metrics::{Decision, GatewayMetrics, InFlightGuard, StreamLabels};
+use crate::metrics::{GatewayMetrics, InFlightGuard, StreamLabels};
 use crate::router::RoutingState;
-use crate::scheduler::{Candidate, Demand, Ranking};
+use crate::scheduler::{Candidate, Demand, Ranking, estimate_prompt_tokens, pick};
 
 /// One request's journey over one or more workers.
 pub(super) struct Drive {
@@ -344,26 +344,4 @@ impl Drive {
             }
         }
     }
-}
-
-/// The first candidate; on retries, the fallback list too (a slower answer beats none).
-fn pick(r: Ranking, retry: bool) -> Option<(Candidate, Decision)> {
-    let first = r.candidates.into_iter().next().map(|c| {
-        let d = if c.spill {
-            Decision::Spill
-        } else {
-            Decision::Preferred
-        };
-        (c, d)
-    });
-    first.or_else(|| {
-        if retry {
-            r.fallback
-                .into_iter()
-                .next()
-                .map(|c| (c, Decision::Fallback))
-        } else {
-            None
-        }
-    })
 }
