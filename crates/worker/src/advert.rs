@@ -36,7 +36,7 @@ pub fn build(
         endpoint: endpoint.to_string(),
         state,
         model: model.info.clone(),
-        model_fingerprint: String::new(),
+        model_fingerprint: model.fingerprint.clone(),
         offload: OffloadInfo {
             mode: mode.to_string(),
             n_cpu_moe: plan.n_cpu_moe,

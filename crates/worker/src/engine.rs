@@ -4,6 +4,7 @@
 
 pub mod batcher;
 mod devices;
+mod fingerprint;
 mod load;
 mod sampler;
 pub mod text;
@@ -49,6 +50,8 @@ pub struct EngineConfig {
 pub struct LoadedModel {
     /// The model as the advert describes it (name requests use, architecture, experts, size).
     pub info: ModelInfo,
+    /// Identity of the model file (vocabulary, special tokens, weights); see `fingerprint.rs`.
+    pub fingerprint: String,
     pub profile: OffloadProfile,
     /// The placement actually loaded (for `auto`, the one the planner chose).
     pub plan: MemoryPlan,

@@ -114,7 +114,10 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
     // Host experts are loaded without mmap (see `model_params`).
     let host_experts_pinned =
         plan.host_expert_bytes > 0 && has_accelerator && accelerator_pins_host_weights();
+    let fingerprint = super::fingerprint::fingerprint(&config.model_path, &header, &model)
+        .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
     let info = LoadedModel {
+        fingerprint,
         info: ModelInfo {
             name,
             architecture: header.architecture().unwrap_or("unknown").to_string(),
