@@ -157,7 +157,7 @@ def cluster(request: pytest.FixtureRequest):
         spawn("worker", [
             str(bin_dir / "moe-worker"), "--model", str(model), "--offload", "full",
             "--listen", f"127.0.0.1:{wport}", "--etcd", etcd_url, "--id", WORKER_ID,
-            "--ctx-size", "2048", "--parallel", "4",
+            "--ctx-size", "8192", "--parallel", "4",  # 2048 cells per sequence
         ])
         spawn("gateway", [
             str(bin_dir / "moe-gateway"), "--listen", c.grpc,

@@ -24,7 +24,6 @@ from conftest import MODEL_NAME
     ("kwargs", "param"),
     [
         ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
         ({"modalities": ["audio"]}, "modalities"),
         ({"extra_body": {"no_such_option": 1}}, "no_such_option"),
         ({"messages": [{"role": "user", "content": "hi", "audio": {"id": "x"}}]},
@@ -203,3 +202,36 @@ def test_frequency_and_presence_penalties_change_greedy_output(client):
     with pytest.raises(openai.BadRequestError) as e:
         count(presence_penalty=3)
     assert e.value.body["param"] == "presence_penalty"
+
+
+def test_chat_logprobs_come_with_the_requested_top_logprobs(client):
+    r = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3,
+        messages=[{"role": "system", "content": "Answer in one word."},
+                  {"role": "user", "content": "What is the capital of France?"}],
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert t.top_logprobs[0].token == t.token
+        assert abs(t.top_logprobs[0].logprob - t.logprob) < 1e-4
+        assert bytes(t.bytes).decode(errors="replace") == t.token
+
+
+def test_streamed_chat_logprobs_and_completion_logprobs(client):
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, temperature=0, max_tokens=4, logprobs=True, top_logprobs=1,
+        messages=[{"role": "user", "content": "Hi"}], stream=True,
+    )
+    tokens = [t for c in stream if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.content]
+    assert len(tokens) == 4
+    r = client.completions.create(model=MODEL_NAME, prompt="The capital of France is",
+                                  max_tokens=3, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 3 == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text

@@ -11,4 +11,6 @@ pub mod wire;
 
 pub use prompt::{ChatPrompt, ChatRequest, OutputFormat, Tokenize, ToolChoice, build_prompt};
 pub use template::{ChatTemplate, Message, RenderRequest, Segment, TemplateError, ToolCall};
-pub use wire::{ChatJob, ChatReply, EnginePrompt, ReplyShaper, chat_job, engine_prompt};
+pub use wire::{
+    ChatJob, ChatReply, EnginePrompt, ReplyShaper, chat_job, engine_prompt, logprobs_pb,
+};

@@ -261,8 +261,13 @@ fn job(
             seed: s.seed,
             presence_penalty: s.presence_penalty,
             frequency_penalty: s.frequency_penalty,
+            logprobs: None,
         })
         .unwrap_or_default();
+    let sampling = Sampling {
+        logprobs: req.logprobs.then_some(req.top_logprobs),
+        ..sampling
+    };
     // Validated before: an unknown value cannot reach here.
     let class = LatencyClass::try_from(req.latency_class).unwrap_or_default();
     Ok(Job {
@@ -297,9 +302,11 @@ fn responses(
                         yield Ok(m);
                     }
                 }
-                Event::Delta { text, token_ids } => {
+                Event::Delta { text, token_ids, logprobs } => {
                     record.delta(token_ids.len());
-                    yield Ok(shaper.delta(text, token_ids));
+                    let mut m = shaper.delta(text, token_ids);
+                    m.logprobs = crate::chat::logprobs_pb(logprobs);
+                    yield Ok(m);
                 }
                 Event::Done(summary) => {
                     record.done(&summary);

@@ -27,8 +27,10 @@ pub fn unimplemented_field(req: &GenerateRequest) -> Option<String> {
             auto_tools && req.parallel_tool_calls == Some(false),
             "parallel_tool_calls",
         ),
-        (req.logprobs, "logprobs"),
-        (req.top_logprobs != 0, "top_logprobs"),
+        (
+            req.top_logprobs > 20 || (req.top_logprobs > 0 && !req.logprobs),
+            "top_logprobs (0-20, with logprobs)",
+        ),
         (
             !req.prompt.is_empty() && (req.response_format.is_some() || !req.tools_json.is_empty()),
             "response_format/tools_json (chat requests only)",
@@ -66,10 +68,14 @@ mod tests {
     #[test]
     fn unimplemented_fields_are_named() {
         let req = GenerateRequest {
-            logprobs: true,
+            top_logprobs: 2,
             ..Default::default()
         };
-        assert_eq!(unimplemented_field(&req).as_deref(), Some("logprobs"));
+        assert!(
+            unimplemented_field(&req)
+                .unwrap()
+                .starts_with("top_logprobs")
+        );
         let req = GenerateRequest {
             tools_json: "[{}]".into(),
             parallel_tool_calls: Some(false),

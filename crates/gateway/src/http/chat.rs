@@ -211,6 +211,7 @@ pub fn has_extras(msg: &GenerateResponse) -> bool {
 #[derive(Debug, Default)]
 pub struct Reply {
     pub text: String,
+    pub logprobs: Vec<moe_common::pb::v1::TokenLogprob>,
     pub reasoning: String,
     pub tool_calls: Vec<ToolCallDelta>,
 }
@@ -219,6 +220,7 @@ impl Reply {
     pub fn push(&mut self, msg: &GenerateResponse) {
         self.text.push_str(&msg.text);
         self.reasoning.push_str(&msg.reasoning);
+        self.logprobs.extend(msg.logprobs.iter().cloned());
         for c in &msg.tool_calls {
             match self.tool_calls.iter_mut().find(|t| t.index == c.index) {
                 Some(t) => t.arguments.push_str(&c.arguments),

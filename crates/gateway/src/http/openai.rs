@@ -1,6 +1,7 @@
 //! The OpenAI wire format and its pure mapping to and from `moe.v1`: request bodies into a
 //! `GenerateRequest`, `GenerateResponse`s into completion objects and stream chunks.
 
+use moe_common::pb::v1::TokenLogprob;
 use moe_common::pb::{
     ChatMessage, FinishReason, GenerateRequest, GenerateResponse, LatencyClass, SamplingParams,
     Usage,
@@ -198,24 +199,6 @@ fn refuse_unsupported(b: &Body, kind: Kind) -> Result<(), ApiError> {
     if b.store == Some(true) {
         return Err(unsupported("store", "completions are never stored"));
     }
-    let logprobs_off = match (&b.logprobs, kind) {
-        (None | Some(Value::Null), _) => true,
-        (Some(Value::Bool(false)), Kind::Chat) => true,
-        (Some(v), Kind::Completion) => v.as_u64() == Some(0),
-        _ => false,
-    };
-    if !logprobs_off {
-        return Err(unsupported(
-            "logprobs",
-            "log-probabilities are not returned",
-        ));
-    }
-    if b.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(unsupported(
-            "top_logprobs",
-            "log-probabilities are not returned",
-        ));
-    }
     if kind == Kind::Chat {
         return Ok(());
     }
@@ -286,6 +269,7 @@ fn apply_params(
             format!("n is {n}; only n=1 is supported"),
         ));
     }
+    (request.logprobs, request.top_logprobs) = logprobs_fields(&p, !request.messages.is_empty())?;
     request.model = p.model.unwrap_or_default();
     request.max_tokens = p
         .max_completion_tokens
@@ -314,6 +298,90 @@ fn apply_params(
         stream,
         include_usage: stream && p.stream_options.is_some_and(|o| o.include_usage),
     })
+}
+
+/// (logprobs, top_logprobs): chat takes `logprobs: bool` and `top_logprobs: 0-20`,
+/// completions `logprobs: N` (the N most likely alternatives, 0-20).
+fn logprobs_fields(b: &Body, chat: bool) -> Result<(bool, u32), ApiError> {
+    let top_err = || ApiError::invalid("top_logprobs", "top_logprobs must be 0-20, with logprobs");
+    if chat {
+        let on = match &b.logprobs {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(on)) => *on,
+            Some(_) => return Err(ApiError::invalid("logprobs", "logprobs must be a boolean")),
+        };
+        let top = b.top_logprobs.unwrap_or(0);
+        if top > 20 || (top > 0 && !on) {
+            return Err(top_err());
+        }
+        Ok((on, top))
+    } else {
+        if b.top_logprobs.is_some() {
+            return Err(unsupported(
+                "top_logprobs",
+                "use logprobs: N on /v1/completions",
+            ));
+        }
+        match &b.logprobs {
+            None | Some(Value::Null) => Ok((false, 0)),
+            Some(v) => match v.as_u64().filter(|&n| n <= 20) {
+                Some(n) => Ok((true, n as u32)),
+                None => Err(ApiError::invalid(
+                    "logprobs",
+                    "logprobs must be a whole number 0-20",
+                )),
+            },
+        }
+    }
+}
+
+/// The choice's `logprobs` for these tokens: chat's `{"content": [...]}` or the legacy
+/// completions object; null when none were asked for.
+pub fn logprobs_json(kind: Kind, lps: &[TokenLogprob]) -> Value {
+    if lps.is_empty() {
+        return Value::Null;
+    }
+    match kind {
+        Kind::Chat => {
+            let content: Vec<Value> = lps
+                .iter()
+                .map(|l| {
+                    let top: Vec<Value> = l
+                        .top_logprobs
+                        .iter()
+                        .map(|t| json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes}))
+                        .collect();
+                    json!({"token": l.token, "logprob": l.logprob, "bytes": l.bytes,
+                           "top_logprobs": top})
+                })
+                .collect();
+            json!({"content": content})
+        }
+        Kind::Completion => {
+            let mut offset = 0;
+            let mut offsets = Vec::new();
+            for l in lps {
+                offsets.push(offset);
+                offset += l.token.len();
+            }
+            let top: Vec<Value> = lps
+                .iter()
+                .map(|l| {
+                    l.top_logprobs
+                        .iter()
+                        .map(|t| (t.token.clone(), json!(t.logprob)))
+                        .collect::<Map<String, Value>>()
+                        .into()
+                })
+                .collect();
+            json!({
+                "tokens": lps.iter().map(|l| l.token.clone()).collect::<Vec<_>>(),
+                "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+    }
 }
 
 /// The latency class from the `x-moe-latency-class` header or, failing that, the body's
@@ -420,10 +488,12 @@ impl Shape {
                     delta.insert("content".into(), msg.text.clone().into());
                 }
                 chat::delta_extras(msg, &mut delta);
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs_json(self.kind, &msg.logprobs),
+                       "finish_reason": finish})
             }
             Kind::Completion => {
-                json!({"index": 0, "text": msg.text, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": msg.text,
+                       "logprobs": logprobs_json(self.kind, &msg.logprobs), "finish_reason": finish})
             }
         };
         let mut v = self.envelope(true, json!([choice]));
@@ -446,11 +516,12 @@ impl Shape {
             Kind::Chat => json!({
                 "index": 0,
                 "message": reply.message(),
-                "logprobs": null,
+                "logprobs": logprobs_json(self.kind, &reply.logprobs),
                 "finish_reason": finish,
             }),
             Kind::Completion => {
-                json!({"index": 0, "text": reply.text, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": reply.text,
+                       "logprobs": logprobs_json(self.kind, &reply.logprobs), "finish_reason": finish})
             }
         };
         let mut v = self.envelope(false, json!([choice]));

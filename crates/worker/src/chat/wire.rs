@@ -247,6 +247,30 @@ impl ReplyShaper {
     }
 }
 
+/// The engine's log-probabilities as `moe.v1` messages.
+pub fn logprobs_pb(
+    logprobs: Vec<crate::engine::TokenLogprob>,
+) -> Vec<moe_common::pb::v1::TokenLogprob> {
+    use moe_common::pb::v1::{TokenLogprob, TopLogprob};
+    logprobs
+        .into_iter()
+        .map(|l| TokenLogprob {
+            token: String::from_utf8_lossy(&l.bytes).into_owned(),
+            bytes: l.bytes,
+            logprob: l.logprob,
+            top_logprobs: l
+                .top
+                .into_iter()
+                .map(|(_, bytes, logprob)| TopLogprob {
+                    token: String::from_utf8_lossy(&bytes).into_owned(),
+                    bytes,
+                    logprob,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

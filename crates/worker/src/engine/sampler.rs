@@ -17,6 +17,10 @@ pub(super) struct SeqSampler {
     chain: LlamaSampler,
     /// The chain is greedy alone: take the arg-max of the logits directly (see `argmax`).
     greedy: bool,
+    /// Alternatives to report with each token's log-probability (None: off).
+    logprobs: Option<u32>,
+    /// The last sampled token's log-probability and top alternatives.
+    last: Option<(f32, Vec<(u32, f32)>)>,
 }
 
 impl SeqSampler {
@@ -24,7 +28,14 @@ impl SeqSampler {
         SeqSampler {
             chain: build_chain(s, n_vocab),
             greedy: is_plain_greedy(s),
+            logprobs: s.logprobs,
+            last: None,
         }
+    }
+
+    /// The log-probability (and top alternatives) of the token `sample` returned last.
+    pub(super) fn take_logprob(&mut self) -> Option<(f32, Vec<(u32, f32)>)> {
+        self.last.take()
     }
 
     /// Constrains the sequence to a GBNF grammar (root rule `root`), ahead of the rest.
@@ -49,12 +60,39 @@ impl SeqSampler {
 
     /// Picks the token after the batch row `idx` (whose logits were requested) and records it.
     pub(super) fn sample(&mut self, ctx: &LlamaContext<'_>, idx: i32) -> LlamaToken {
-        if self.greedy {
+        let token = if self.greedy {
             LlamaToken(argmax(ctx.get_logits_ith(idx)))
         } else {
             self.chain.sample(ctx, idx)
+        };
+        if let Some(n) = self.logprobs {
+            self.last = Some(logprobs(
+                ctx.get_logits_ith(idx),
+                token.0 as usize,
+                n as usize,
+            ));
         }
+        token
     }
+}
+
+/// Log-softmax of `logits` at `token`, and the `top` most likely tokens with theirs.
+fn logprobs(logits: &[f32], token: usize, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut all: Vec<(u32, f32)> = (0u32..).zip(logits.iter().copied()).collect();
+        let k = top.min(all.len());
+        all.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+        all.truncate(k);
+        all.sort_by(|a, b| b.1.total_cmp(&a.1));
+        best = all.into_iter().map(|(t, l)| (t, l - log_sum)).collect();
+    }
+    (
+        logits.get(token).map_or(f32::NEG_INFINITY, |l| l - log_sum),
+        best,
+    )
 }
 
 /// Whether `build_chain` makes a chain of the greedy sampler alone.

@@ -118,12 +118,7 @@ fn prompt_is_a_string_or_one_string_in_an_array() {
 #[test]
 fn unsupported_values_are_refused_naming_the_parameter() {
     let msgs = json!([{"role": "user", "content": "x"}]);
-    for (field, value) in [
-        ("logprobs", json!(true)),
-        ("top_logprobs", json!(2)),
-        ("store", json!(true)),
-        ("prompt", json!("x")),
-    ] {
+    for (field, value) in [("store", json!(true)), ("prompt", json!("x"))] {
         let mut body = json!({"messages": msgs});
         body[field] = value;
         let e = chat(body).unwrap_err();
@@ -144,7 +139,13 @@ fn unsupported_values_are_refused_naming_the_parameter() {
         let e = completion(body).unwrap_err();
         assert_eq!(e.param.as_deref(), Some(field));
     }
-    let e = completion(json!({"prompt": "x", "logprobs": 1})).unwrap_err();
+    let m = completion(json!({"prompt": "x", "logprobs": 3})).unwrap();
+    assert_eq!((m.request.logprobs, m.request.top_logprobs), (true, 3));
+    let m = chat(json!({"messages": msgs, "logprobs": true, "top_logprobs": 2})).unwrap();
+    assert_eq!((m.request.logprobs, m.request.top_logprobs), (true, 2));
+    let e = chat(json!({"messages": msgs, "top_logprobs": 2})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+    let e = completion(json!({"prompt": "x", "logprobs": 21})).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("logprobs"));
     let e = completion(json!({"prompt": "x", "messages": msgs})).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("messages"));
