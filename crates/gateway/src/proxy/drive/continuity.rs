@@ -1,6 +1,6 @@
 //! Which workers may take a request over from another: once the client has text, only workers
 //! serving the same model file (same fingerprint), and after a "too long for this worker"
-//! refusal, only workers with a larger context.
+//! refusal, only workers with more KV cells per sequence.
 
 use moe_common::registry::WorkerAdvert;
 
@@ -11,9 +11,15 @@ use crate::scheduler::Ranking;
 pub(super) struct Continuity {
     /// The model that produced the text the client has; None before the first token.
     model: Option<ModelPin>,
-    /// A worker must have more KV cells than this (the largest context that refused the
-    /// request as too long); 0 admits any.
-    context_above: u32,
+    /// A worker must have more KV cells per sequence than this (the largest share that refused
+    /// the request as too long); 0 admits any.
+    share_above: u32,
+}
+
+/// KV cells one request may use on `worker`: its share of the context, as workers split it by
+/// default (per-sequence KV streams; a `--kv-unified` worker may give one request more).
+fn sequence_share(worker: &WorkerAdvert) -> u32 {
+    worker.capacity.context_tokens / worker.capacity.max_sequences.max(1)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,19 +41,19 @@ impl Continuity {
 
     /// `worker` refused the request as too long for its context.
     pub(super) fn refused_too_long(&mut self, worker: &WorkerAdvert) {
-        self.context_above = self.context_above.max(worker.capacity.context_tokens);
+        self.share_above = self.share_above.max(sequence_share(worker));
     }
 
     /// Whether `worker` may continue the request: the same fingerprint as the worker that
-    /// produced the first token (the same model name when that worker advertised none), and a
-    /// context larger than any that refused the request as too long.
+    /// produced the first token (the same model name when that worker advertised none), and
+    /// more KV cells per sequence than any worker that refused the request as too long.
     pub(super) fn admits(&self, worker: &WorkerAdvert) -> bool {
         let model = match &self.model {
             None => true,
             Some(pin) if pin.fingerprint.is_empty() => worker.model.name == pin.name,
             Some(pin) => worker.model_fingerprint == pin.fingerprint,
         };
-        model && worker.capacity.context_tokens > self.context_above
+        model && sequence_share(worker) > self.share_above
     }
 
     /// Drops the candidates that may not continue the request.
@@ -151,6 +157,20 @@ mod tests {
         c.refused_too_long(&worker("a", "qwen", "f1", 2048));
         assert!(!c.admits(&worker("c", "qwen", "f1", 8192)));
         assert!(c.admits(&worker("d", "qwen", "f1", 16384)));
+    }
+
+    #[test]
+    fn too_long_compares_the_share_of_one_sequence_not_the_whole_context() {
+        let mut c = Continuity::default();
+        let mut refusing = worker("a", "qwen", "f1", 8192);
+        refusing.capacity.max_sequences = 16; // 512 cells a sequence
+        c.refused_too_long(&refusing);
+        let mut fewer_slots = worker("b", "qwen", "f1", 4096);
+        fewer_slots.capacity.max_sequences = 2; // 2048 cells a sequence
+        assert!(c.admits(&fewer_slots));
+        let mut same_share = worker("c", "qwen", "f1", 16384);
+        same_share.capacity.max_sequences = 32;
+        assert!(!c.admits(&same_share));
     }
 
     #[test]
