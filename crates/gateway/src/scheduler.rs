@@ -7,7 +7,10 @@
 //! - Spill-over to the other pool follows a per-class [`Spill`] rule.
 //! - A worker whose advertised free KV minus reservations made since that advert cannot hold
 //!   prompt + max_tokens is never a candidate.
-//! - Ties are broken by power-of-two choices on this gateway's in-flight streams.
+//! - A first placement samples k workers of the preferred pool ([`sampled`], power-of-k
+//!   choices, O(k log n)); retries, small pools and samples where nothing fits use the full scan
+//!   ([`rank_full`]), whose ties are broken by power-of-two choices on local in-flight streams.
+//! - [`affinity`]: prefix affinity (rendezvous hashing of a prompt-prefix key, bounded by load).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,6 +19,11 @@ use moe_common::LatencyClass;
 use moe_common::pb::GenerateRequest;
 use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
 use rand::Rng;
+
+pub mod affinity;
+mod sampled;
+
+pub use sampled::{IndexCache, PoolIndex, Sampling};
 
 /// Which pool a worker belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +79,10 @@ pub struct Policy {
     pub default_prefill_tps: f64,
     /// Decode speed assumed likewise (tokens/s per sequence).
     pub default_decode_tps: f64,
+    /// Sampled (power-of-k) first placements, or the full scan of every worker.
+    pub sampling: Sampling,
+    /// The per-pool worker index sampled decisions read (shared by clones of the policy).
+    pub index: IndexCache,
 }
 
 impl Default for Policy {
@@ -80,6 +92,8 @@ impl Default for Policy {
             batch_spill: Spill::BelowLoad(0.5),
             default_prefill_tps: 500.0,
             default_decode_tps: 20.0,
+            sampling: Sampling::default(),
+            index: IndexCache::default(),
         }
     }
 }
@@ -197,8 +211,42 @@ fn predicted_ttft(w: &WorkerAdvert, d: &Demand, local_streams: u32, policy: &Pol
     d.prompt_tokens as f64 / prefill_tps + wait + busy / slots * step
 }
 
-/// Ranks the workers that can take `demand`. `exclude` lists workers already tried.
+/// The pool a class prefers.
+fn preferred_pool(class: LatencyClass) -> Pool {
+    match class {
+        LatencyClass::Interactive => Pool::Fast,
+        LatencyClass::Batch => Pool::Offload,
+    }
+}
+
+/// Lower is better: predicted TTFT seconds (interactive) or negative free KV (batch).
+fn score(w: &WorkerAdvert, d: &Demand, free: u32, local_streams: u32, policy: &Policy) -> f64 {
+    match d.class {
+        LatencyClass::Interactive => predicted_ttft(w, d, local_streams, policy),
+        LatencyClass::Batch => -(free as f64),
+    }
+}
+
+/// Ranks the workers that can take `demand`. `exclude` lists workers already tried. A first
+/// placement (nothing excluded) is sampled when the policy says so; a retry sees every worker.
 pub fn rank(
+    demand: &Demand,
+    snapshot: &ClusterSnapshot,
+    reservations: &Reservations,
+    exclude: &HashSet<String>,
+    policy: &Policy,
+    rng: &mut impl Rng,
+) -> Result<Ranking, ScheduleError> {
+    match policy.sampling {
+        Sampling::PowerOfK { k, scan_below } if exclude.is_empty() && k > 0 => {
+            sampled::rank_sampled(demand, snapshot, reservations, policy, (k, scan_below), rng)
+        }
+        _ => rank_full(demand, snapshot, reservations, exclude, policy, rng),
+    }
+}
+
+/// Scores every worker and sorts them: the candidates in order, and the fallback list.
+pub fn rank_full(
     demand: &Demand,
     snapshot: &ClusterSnapshot,
     reservations: &Reservations,
@@ -246,10 +294,7 @@ pub fn rank(
         });
     }
     let needed = demand.kv_tokens();
-    let preferred = match demand.class {
-        LatencyClass::Interactive => Pool::Fast,
-        LatencyClass::Batch => Pool::Offload,
-    };
+    let preferred = preferred_pool(demand.class);
     let spill = match demand.class {
         LatencyClass::Interactive => policy.interactive_spill,
         LatencyClass::Batch => policy.batch_spill,
@@ -267,10 +312,7 @@ pub fn rank(
             continue;
         }
         let pool = Pool::of(w);
-        let score = match demand.class {
-            LatencyClass::Interactive => predicted_ttft(w, demand, local_streams, policy),
-            LatencyClass::Batch => -(free as f64),
-        };
+        let score = score(w, demand, free, local_streams, policy);
         let candidate = Candidate {
             worker: w.clone(),
             pool,

@@ -1,0 +1,230 @@
+//! Sampled placement: power-of-k choices within the preferred pool, read through a per-pool index
+//! of worker ids, so a decision costs O(k log n) instead of a scan and sort of every worker.
+//!
+//! - The index ([`PoolIndex`]) lists worker ids by model and pool. It holds no live fields: each
+//!   sampled id is looked up in the current snapshot, and a sample that is gone or changed pool
+//!   or model is skipped and makes the index rebuild. It is rebuilt when the number of workers
+//!   changes and after as many decisions as it has workers (O(1) amortised per decision), so a
+//!   worker that joined while another left is sampled within that many decisions.
+//! - Safety is the full scan's: every sampled worker passes the same readiness, context and
+//!   headroom checks, only preferred-pool workers are sampled, and when no sampled worker fits
+//!   (after a second, larger sample) the decision falls back to the full scan, which applies
+//!   spill-over, builds the fallback list and returns the precise error.
+//! - Several gateways draw different samples, so they do not all pick the same worker.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
+use rand::Rng;
+
+use super::{Candidate, Demand, Policy, Pool, Ranking, Reservations, ScheduleError};
+
+/// How decisions are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sampling {
+    /// Score and sort every worker (the policy before issue 17; kept for comparison).
+    FullScan,
+    /// Sample `k` workers of the preferred pool (pools of at most `scan_below` are scanned).
+    PowerOfK { k: usize, scan_below: usize },
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling::PowerOfK {
+            k: 2,
+            scan_below: 16,
+        }
+    }
+}
+
+/// Worker ids by model ("" = every model) and pool, as of one snapshot.
+#[derive(Debug, Default)]
+pub struct PoolIndex {
+    by_model: HashMap<String, [PoolIds; 2]>,
+    workers: usize,
+    uses: AtomicUsize,
+}
+
+/// One pool's worker ids, with each id's stable hash for rendezvous hashing.
+#[derive(Debug, Default)]
+pub struct PoolIds {
+    pub ids: Vec<String>,
+    pub hashes: Vec<u64>,
+}
+
+impl PoolIds {
+    fn push(&mut self, id: &str) {
+        self.ids.push(id.to_string());
+        self.hashes
+            .push(super::affinity::stable_hash(id.as_bytes()));
+    }
+}
+
+fn slot(pool: Pool) -> usize {
+    match pool {
+        Pool::Fast => 0,
+        Pool::Offload => 1,
+    }
+}
+
+impl PoolIndex {
+    pub fn build(snapshot: &ClusterSnapshot) -> PoolIndex {
+        let mut by_model: HashMap<String, [PoolIds; 2]> = HashMap::new();
+        for w in snapshot.workers.values() {
+            let s = slot(Pool::of(w));
+            by_model.entry(String::new()).or_default()[s].push(&w.id);
+            by_model.entry(w.model.name.clone()).or_default()[s].push(&w.id);
+        }
+        PoolIndex {
+            by_model,
+            workers: snapshot.workers.len(),
+            uses: AtomicUsize::new(0),
+        }
+    }
+
+    /// The ids of `model`'s workers in `pool` (every model when `model` is empty).
+    pub fn pool(&self, model: &str, pool: Pool) -> &[String] {
+        self.ids(model, pool).map_or(&[][..], |p| &p.ids[..])
+    }
+
+    /// The ids and their hashes of `model`'s workers in `pool`.
+    pub fn ids(&self, model: &str, pool: Pool) -> Option<&PoolIds> {
+        self.by_model.get(model).map(|pools| &pools[slot(pool)])
+    }
+
+    fn fresh_for(&self, snapshot: &ClusterSnapshot) -> bool {
+        self.workers == snapshot.workers.len()
+            && self.uses.fetch_add(1, Ordering::Relaxed) < self.workers.max(64)
+    }
+}
+
+/// The index shared by one gateway's decisions (clones share it).
+#[derive(Clone, Debug, Default)]
+pub struct IndexCache {
+    current: Arc<Mutex<Option<Arc<PoolIndex>>>>,
+}
+
+impl IndexCache {
+    /// The cached index, rebuilt first when it is stale for `snapshot`.
+    pub fn get(&self, snapshot: &ClusterSnapshot) -> Arc<PoolIndex> {
+        if let Some(index) = self.current.lock().expect("index lock").as_ref()
+            && index.fresh_for(snapshot)
+        {
+            return index.clone();
+        }
+        let index = Arc::new(PoolIndex::build(snapshot));
+        *self.current.lock().expect("index lock") = Some(index.clone());
+        index
+    }
+
+    /// Forces a rebuild at the next decision (a sampled id was stale).
+    pub fn invalidate(&self) {
+        *self.current.lock().expect("index lock") = None;
+    }
+}
+
+/// A worker the sampled path may offer: the current advert, if it still belongs where the index
+/// put it. `None` with `stale` set when it does not.
+pub(super) fn lookup<'s>(
+    snapshot: &'s ClusterSnapshot,
+    id: &str,
+    demand: &Demand,
+    pool: Pool,
+    stale: &mut bool,
+) -> Option<&'s Arc<WorkerAdvert>> {
+    let w = snapshot.workers.get(id);
+    match w {
+        Some(w)
+            if Pool::of(w) == pool && (demand.model.is_empty() || w.model.name == demand.model) =>
+        {
+            Some(w)
+        }
+        _ => {
+            *stale = true;
+            None
+        }
+    }
+}
+
+/// Scores `w` for `demand` if it is ready and has room; the full scan's checks.
+pub(super) fn evaluate(
+    w: &Arc<WorkerAdvert>,
+    demand: &Demand,
+    reservations: &Reservations,
+    policy: &Policy,
+    spill: bool,
+) -> Option<Candidate> {
+    if !w.is_ready() {
+        return None;
+    }
+    let needed = demand.kv_tokens();
+    let (kv_reserved, local_streams) = reservations.since(&w.id, w.updated_unix_ms);
+    let free = w.capacity.free_kv_tokens.saturating_sub(kv_reserved);
+    if needed > w.capacity.context_tokens || free < needed {
+        return None;
+    }
+    Some(Candidate {
+        worker: w.clone(),
+        pool: Pool::of(w),
+        score: super::score(w, demand, free, local_streams, policy),
+        spill,
+    })
+}
+
+/// Sampled decision for a first placement (nothing excluded); the full scan when the pool is
+/// small or no sampled worker fits.
+pub(super) fn rank_sampled(
+    demand: &Demand,
+    snapshot: &ClusterSnapshot,
+    reservations: &Reservations,
+    policy: &Policy,
+    (k, scan_below): (usize, usize),
+    rng: &mut impl Rng,
+) -> Result<Ranking, ScheduleError> {
+    let full = |rng: &mut _| {
+        super::rank_full(demand, snapshot, reservations, &HashSet::new(), policy, rng)
+    };
+    let index = policy.index.get(snapshot);
+    let preferred = super::preferred_pool(demand.class);
+    let ids = index.pool(demand.model, preferred);
+    if ids.len() < scan_below.max(k + 1) {
+        return full(rng);
+    }
+    let mut stale = false;
+    let mut found: Vec<Candidate> = Vec::with_capacity(k);
+    // A first sample of k; if none fits, one of 4k before scanning everything.
+    for draws in [k, 4 * k] {
+        for _ in 0..draws {
+            let id = &ids[rng.random_range(0..ids.len())];
+            if found.iter().any(|c| c.worker.id == *id) {
+                continue;
+            }
+            let Some(w) = lookup(snapshot, id, demand, preferred, &mut stale) else {
+                continue;
+            };
+            found.extend(evaluate(w, demand, reservations, policy, false));
+        }
+        if !found.is_empty() {
+            break;
+        }
+    }
+    if stale {
+        policy.index.invalidate();
+    }
+    if found.is_empty() {
+        return full(rng);
+    }
+    found.sort_by(|a, b| {
+        a.score.total_cmp(&b.score).then_with(|| {
+            reservations
+                .streams(&a.worker.id)
+                .cmp(&reservations.streams(&b.worker.id))
+        })
+    });
+    Ok(Ranking {
+        candidates: found,
+        fallback: Vec::new(),
+    })
+}
