@@ -9,6 +9,7 @@ mod load;
 mod sampler;
 pub mod text;
 mod thread;
+mod tokenizer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use moe_common::offload::OffloadProfile;
 use moe_common::plan::MemoryPlan;
 use moe_common::registry::{DeviceInfo, ModelInfo};
 use tokio::sync::{mpsc, oneshot, watch};
+
+pub use tokenizer::{PreparedPrompt, SpecialTokens, Tokenizer};
 
 /// How to load the model and size the batch.
 #[derive(Clone, Debug)]
@@ -111,7 +114,8 @@ pub struct TokenLogprob {
 /// One generation request as the engine sees it.
 #[derive(Debug)]
 pub struct Job {
-    pub prompt: Prompt,
+    /// The prompt as tokens ([`Tokenizer::prepare`], off the engine thread).
+    pub prompt: PreparedPrompt,
     /// Tokens generated earlier for this request by another worker (migration).
     pub resume_tokens: Vec<u32>,
     pub max_tokens: u32,
@@ -211,6 +215,7 @@ pub struct EngineHandle {
     jobs: mpsc::Sender<Command>,
     stats: watch::Receiver<EngineStats>,
     model: Arc<LoadedModel>,
+    tokenizer: Tokenizer,
     /// The engine thread, joined by `shutdown` so that the context and model are freed (and the
     /// GPU idle) before the process exits: CUDA aborts a kernel still running at exit.
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
@@ -232,13 +237,14 @@ pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
         .name("moe-engine".into())
         .spawn(move || thread::engine_thread(config, cmd_rx, stats_tx, ready_tx))
         .map_err(|e| EngineError::Load(format!("spawning engine thread: {e}")))?;
-    let model = ready_rx
+    let (model, tokenizer) = ready_rx
         .await
         .map_err(|_| EngineError::Load("engine thread died while loading".into()))??;
     Ok(EngineHandle {
         jobs: cmd_tx,
         stats: stats_rx,
         model: Arc::new(model),
+        tokenizer,
         thread: Arc::new(std::sync::Mutex::new(Some(thread))),
     })
 }
@@ -260,8 +266,13 @@ impl EngineHandle {
         &self.model
     }
 
+    /// The model's tokenizer, for use off the engine thread.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
     /// Cancels all remaining jobs, stops the engine thread and waits until it has freed the
-    /// context and the model.
+    /// context (the model's weights go with the last tokenizer handle).
     pub async fn shutdown(&self) {
         let _ = self.jobs.send(Command::Shutdown).await;
         let thread = self.thread.lock().ok().and_then(|mut t| t.take());

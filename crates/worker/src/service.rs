@@ -15,7 +15,9 @@ use tokio::sync::{Notify, mpsc};
 use tonic::{Code, Request, Response, Status};
 use tracing::{Instrument, Span};
 
-use crate::engine::{EngineError, EngineHandle, Event, Finish, Job, Prompt, Sampling, Summary};
+use crate::engine::{
+    EngineError, EngineHandle, Event, Finish, Job, PreparedPrompt, Prompt, Sampling, Summary,
+};
 use crate::metrics::{WorkerMetrics, class_label};
 
 /// Tracks streams in flight so a draining worker can wait for them.
@@ -159,8 +161,18 @@ impl InferenceService {
                 req.model, model.info.name
             )));
         }
+        let prompt = request_prompt(&req).map_err(Status::invalid_argument)?;
+        // Templating and tokenizing run here, on the blocking pool, not on the engine thread.
+        let tokenizer = self.engine.tokenizer().clone();
+        let (prompt, reply) = tokio::task::spawn_blocking(move || tokenizer.prepare(&prompt))
+            .await
+            .map_err(|e| Status::internal(format!("preparing the prompt: {e}")))?
+            .map_err(status)?;
         let (events, rx) = mpsc::unbounded_channel();
-        let mut job = job(&req, arrived, deadline, events).map_err(Status::invalid_argument)?;
+        if let Some(reply) = reply {
+            let _ = events.send(Event::Chat(reply));
+        }
+        let mut job = job(&req, prompt, arrived, deadline, events);
         let class = job.class;
         span.record("class", class_label(class));
         job.span = span.clone();
@@ -238,17 +250,22 @@ struct FinalMeta {
     request_id: String,
 }
 
-fn job(
-    req: &GenerateRequest,
-    arrived: Instant,
-    deadline: Option<Instant>,
-    events: mpsc::UnboundedSender<Event>,
-) -> Result<Job, String> {
-    let prompt = if req.messages.is_empty() {
+/// The request's prompt: raw text, or a chat to render with the model's template.
+fn request_prompt(req: &GenerateRequest) -> Result<Prompt, String> {
+    Ok(if req.messages.is_empty() {
         Prompt::Text(req.prompt.clone())
     } else {
         Prompt::Chat(Box::new(crate::chat::chat_job(req)?))
-    };
+    })
+}
+
+fn job(
+    req: &GenerateRequest,
+    prompt: PreparedPrompt,
+    arrived: Instant,
+    deadline: Option<Instant>,
+    events: mpsc::UnboundedSender<Event>,
+) -> Job {
     let sampling = req
         .sampling
         .as_ref()
@@ -270,7 +287,7 @@ fn job(
     };
     // Validated before: an unknown value cannot reach here.
     let class = LatencyClass::try_from(req.latency_class).unwrap_or_default();
-    Ok(Job {
+    Job {
         prompt,
         resume_tokens: req.resume_token_ids.clone(),
         max_tokens: req.max_tokens,
@@ -281,7 +298,7 @@ fn job(
         arrived,
         events,
         span: Span::none(),
-    })
+    }
 }
 
 fn responses(

@@ -5,7 +5,7 @@
 use std::ffi::CString;
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -21,7 +21,7 @@ use moe_common::registry::{DeviceKind, ModelInfo};
 use super::devices::{
     accelerator_pins_host_weights, account, free_by_device, planned_devices, refresh_devices,
 };
-use super::{EngineConfig, EngineError, LoadedModel};
+use super::{EngineConfig, EngineError, LoadedModel, Tokenizer};
 
 pub(super) fn backend() -> Result<&'static LlamaBackend, EngineError> {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
@@ -160,15 +160,17 @@ fn context_params(config: &EngineConfig) -> LlamaContextParams {
 
 /// Loads the model and creates a warmed-up context on it, measuring what each took from the
 /// accelerators' free memory (call with nothing else allocating on the devices meanwhile).
-/// `with_context` runs on the calling thread with the model, the context and the model's
-/// description; the context borrows the model, hence the callback.
+/// `with_context` runs on the calling thread with the model, the context, the model's
+/// description and a tokenizer for other threads; the context borrows the model, hence the
+/// callback (the context is dropped before the model).
 pub(super) fn open<R>(
     config: &EngineConfig,
-    with_context: impl FnOnce(&LlamaModel, LlamaContext<'_>, LoadedModel) -> R,
+    with_context: impl FnOnce(&LlamaModel, LlamaContext<'_>, LoadedModel, Tokenizer) -> R,
 ) -> Result<R, EngineError> {
     backend()?;
     let free_before = free_by_device();
     let (model, mut info) = load_model(config)?;
+    let model = Arc::new(model);
     let free_loaded = free_by_device();
     let mut ctx = model
         .new_context(backend()?, context_params(config))
@@ -188,7 +190,8 @@ pub(super) fn open<R>(
     } else {
         info.context_tokens / config.parallel.max(1)
     };
-    Ok(with_context(&model, ctx, info))
+    let tokenizer = Tokenizer::new(model.clone());
+    Ok(with_context(&model, ctx, info, tokenizer))
 }
 
 /// Decodes one token and forgets it, as llama-server does at start-up: the first request then

@@ -16,8 +16,8 @@ use super::load;
 use super::sampler::SeqSampler;
 use super::text::Detokenizer;
 use super::{
-    Command, EngineConfig, EngineError, EngineStats, Event, Finish, Job, LoadedModel, Prompt,
-    Summary, TokenLogprob,
+    Command, EngineConfig, EngineError, EngineStats, Event, Finish, Job, LoadedModel,
+    PreparedPrompt, Summary, TokenLogprob, Tokenizer,
 };
 
 /// How often device memory (free bytes, this process's bytes per GPU) is refreshed.
@@ -28,10 +28,10 @@ pub(super) fn engine_thread(
     config: EngineConfig,
     cmd_rx: mpsc::Receiver<Command>,
     stats_tx: watch::Sender<EngineStats>,
-    ready: oneshot::Sender<Result<LoadedModel, EngineError>>,
+    ready: oneshot::Sender<Result<(LoadedModel, Tokenizer), EngineError>>,
 ) {
     let mut ready = Some(ready);
-    let opened = load::open(&config, |model, ctx, info| {
+    let opened = load::open(&config, |model, ctx, info, tokenizer| {
         let context_tokens = info.context_tokens;
         tracing::info!(
             model = %info.info.name, profile = %info.profile, n_cpu_moe = info.plan.n_cpu_moe,
@@ -57,11 +57,10 @@ pub(super) fn engine_thread(
             ..Default::default()
         };
         if let Some(r) = ready.take() {
-            let _ = r.send(Ok(info));
+            let _ = r.send(Ok((info, tokenizer)));
         }
         let mut engine = Engine {
             model,
-            specials: special_texts(model),
             ctx,
             batcher,
             batch: LlamaBatch::new(config.batch_size as usize, config.parallel as i32),
@@ -107,8 +106,6 @@ struct Live {
 
 struct Engine<'m> {
     model: &'m LlamaModel,
-    /// Text of every special token (refused in chat tool definitions; see `crate::chat`).
-    specials: Vec<String>,
     ctx: LlamaContext<'m>,
     batcher: Batcher<Live>,
     batch: LlamaBatch<'static>,
@@ -179,68 +176,13 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Prompt tokens, the output grammar, and whether to render special tokens.
-    fn tokenize(&self, job: &Job) -> Result<(Vec<u32>, Option<String>, bool), EngineError> {
-        let text = match &job.prompt {
-            Prompt::Text(t) => t.clone(),
-            Prompt::Chat(chat) => {
-                let p = self.chat_prompt(chat)?;
-                let _ = job.events.send(Event::Chat(p.reply));
-                return Ok((p.tokens, p.grammar, p.render_special));
-            }
-        };
-        let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
-        if tokens.is_empty() {
-            return Err(EngineError::InvalidArgument("prompt has no tokens".into()));
-        }
-        Ok((
-            tokens.into_iter().map(|t| t.0 as u32).collect(),
-            None,
-            false,
-        ))
-    }
-
-    /// Renders a chat with the GGUF's Jinja template (`crate::chat`); template errors are the
-    /// request's fault.
-    fn chat_prompt(
-        &self,
-        chat: &crate::chat::ChatJob,
-    ) -> Result<crate::chat::EnginePrompt, EngineError> {
-        let template = self.model.chat_template(None).map_err(|e| {
-            EngineError::InvalidArgument(format!("model has no chat template: {e}"))
-        })?;
-        let source = template.to_str().map_err(|e| {
-            EngineError::InvalidArgument(format!("chat template is not UTF-8: {e}"))
-        })?;
-        let vocab = self.model.vocab();
-        let piece = |t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
-        let tok = ModelTokenizer {
-            model: self.model,
-            specials: &self.specials,
-        };
-        let p = crate::chat::engine_prompt(
-            chat,
-            source,
-            &piece(vocab.bos()),
-            &piece(vocab.eos()),
-            &tok,
-        )
-        .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
-        if p.tokens.is_empty() {
-            return Err(EngineError::InvalidArgument("prompt has no tokens".into()));
-        }
-        Ok(p)
-    }
-
     fn submit(&mut self, job: Job) {
         let events = job.events.clone();
-        let (mut tokens, grammar, special) = match self.tokenize(&job) {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = events.send(Event::Failed(e));
-                return;
-            }
-        };
+        let PreparedPrompt {
+            mut tokens,
+            grammar,
+            render_special: special,
+        } = job.prompt;
         let prompt_tokens = tokens.len() as u32;
         let n_vocab = self.model.n_vocab() as u32;
         if let Some(bad) = job.resume_tokens.iter().find(|&&t| t >= n_vocab) {
@@ -573,38 +515,6 @@ impl<'m> Engine<'m> {
             }
         });
     }
-}
-
-/// The model's tokenizer as chat prompt building sees it.
-struct ModelTokenizer<'a> {
-    model: &'a LlamaModel,
-    specials: &'a [String],
-}
-
-impl crate::chat::Tokenize for ModelTokenizer<'_> {
-    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
-        self.model
-            .vocab()
-            .tokenize(text.as_bytes(), add_special, parse_special)
-            .into_iter()
-            .map(|t| t.0 as u32)
-            .collect()
-    }
-
-    fn special_texts(&self) -> Vec<String> {
-        self.specials.to_vec()
-    }
-}
-
-/// The text of every token that renders only with special tokens on (control tokens).
-fn special_texts(model: &LlamaModel) -> Vec<String> {
-    let vocab = model.vocab();
-    (0..model.n_vocab())
-        .map(LlamaToken)
-        .filter(|&t| vocab.token_to_piece(t, false, None).is_empty())
-        .map(|t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
 }
 
 fn refusal_error(why: Refusal) -> EngineError {
