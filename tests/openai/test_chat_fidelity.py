@@ -69,10 +69,33 @@ def test_grpcio_reflection_lists_the_api_and_calls_generate(cluster):
         )
         request = request_cls(prompt="The capital of France is", max_tokens=4, model=MODEL_NAME)
         messages = list(generate(request, timeout=120))
-    text = "".join(m.text for m in messages)
-    assert "Paris" in text, text
-    assert messages[-1].finish_reason != 0
-    assert messages[-1].usage.completion_tokens == 4
+        text = "".join(m.text for m in messages)
+        assert "Paris" in text, text
+        assert messages[-1].finish_reason != 0
+        assert messages[-1].usage.completion_tokens == 4
+
+        # Structured output and tool calls on gRPC too.
+        chat = request_cls(max_tokens=48, model=MODEL_NAME)
+        chat.messages.add(role="user", content="Describe Paris as JSON.")
+        chat.response_format.type = 1  # JSON_OBJECT
+        reply = list(generate(chat, timeout=120))
+        assert isinstance(json.loads("".join(m.text for m in reply)), dict)
+        call = request_cls(max_tokens=48, model=MODEL_NAME, tools_json=json.dumps([WEATHER]))
+        call.messages.add(role="user", content="Weather in Paris?")
+        call.tool_choice.mode = 3  # FUNCTION
+        call.tool_choice.function_name = "get_weather"
+        reply = list(generate(call, timeout=120))
+        pieces = [c for m in reply for c in m.tool_calls]
+        assert pieces[0].name == "get_weather" and pieces[0].id
+        json.loads("".join(c.arguments for c in pieces))
+        assert reply[-1].finish_reason == 4  # TOOL_CALLS
+
+        # An unsupported value is INVALID_ARGUMENT naming the field.
+        bad = request_cls(prompt="x", max_tokens=2, top_logprobs=30, logprobs=True)
+        with pytest.raises(grpc.RpcError) as e:
+            list(generate(bad, timeout=60))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "top_logprobs" in e.value.details()
 
 
 WEATHER = {
