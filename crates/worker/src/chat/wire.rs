@@ -31,6 +31,10 @@ pub struct ChatReply {
     /// Prompt text after the generation prompt that the parser must read first.
     pub prefill: String,
     pub raw_output: bool,
+    /// After a migration: the text of the tokens the previous worker generated (its client
+    /// already has what they meant). The parser reads it, emitting nothing, so that it resumes
+    /// in the right state (inside reasoning, a tool call, …). The engine sets it.
+    pub resumed: String,
 }
 
 /// What the engine needs to run a chat job.
@@ -74,6 +78,7 @@ pub fn engine_prompt(
             format: p.format,
             prefill: p.prefill,
             raw_output: chat.raw_output,
+            resumed: String::new(),
         },
     })
 }
@@ -162,16 +167,28 @@ impl ReplyShaper {
 
     /// The chat reply's format is known: parse from now on (the prefill first).
     pub fn start(&mut self, reply: ChatReply) -> GenerateResponse {
+        let resumed = !reply.resumed.is_empty();
         if reply.raw_output {
             return GenerateResponse {
-                text: reply.prefill,
+                text: if resumed {
+                    String::new()
+                } else {
+                    reply.prefill
+                },
                 ..Default::default()
             };
         }
         let mut parser = ChatParser::new(reply.format);
-        let deltas = parser.push(&reply.prefill);
+        let mut deltas = parser.push(&reply.prefill);
+        deltas.extend(parser.push(&reply.resumed));
         self.parser = Some(parser);
-        self.shape(String::new(), Vec::new(), deltas)
+        let first = self.shape(String::new(), Vec::new(), deltas);
+        if resumed {
+            // The previous worker sent all of it (tool-call count and ids are kept).
+            GenerateResponse::default()
+        } else {
+            first
+        }
     }
 
     /// A text delta from the engine.
@@ -294,6 +311,7 @@ mod tests {
             },
             prefill: String::new(),
             raw_output: false,
+            resumed: String::new(),
         });
         assert!(first.text.is_empty());
         let m = s.delta(
@@ -321,6 +339,7 @@ mod tests {
             },
             prefill: "<tool_call>\n{\"name\": \"".into(),
             raw_output: false,
+            resumed: String::new(),
         });
         assert!(first.tool_calls.is_empty(), "the name is not complete yet");
         let m = s.delta(
@@ -333,6 +352,29 @@ mod tests {
         assert_eq!(m.tool_calls[0].arguments, "{\"a\":1}");
         assert_eq!(s.finish_reason(FinishReason::Stop), FinishReason::ToolCalls);
         assert_eq!(s.finish_reason(FinishReason::Length), FinishReason::Length);
+    }
+
+    #[test]
+    fn a_resumed_reply_continues_in_the_parser_state_of_the_previous_worker() {
+        let mut s = ReplyShaper::new("r1");
+        let first = s.start(ChatReply {
+            format: ChatFormat {
+                reasoning: ReasoningFormat::Harmony,
+                tools: None,
+            },
+            prefill: String::new(),
+            raw_output: false,
+            resumed: "<|channel|>analysis<|message|>The user asks".into(),
+        });
+        assert_eq!(first, GenerateResponse::default(), "nothing is sent twice");
+        let m = s.delta(
+            " about Paris.<|end|><|start|>assistant<|channel|>final<|message|>Paris".into(),
+            vec![9],
+        );
+        assert_eq!(
+            (m.reasoning.as_str(), m.text.as_str()),
+            (" about Paris.", "Paris")
+        );
     }
 
     #[test]
