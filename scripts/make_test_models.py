@@ -136,6 +136,40 @@ TINY_PARAMS = {
     "weight_type": "F16",
 }
 
+# A gpt-oss-shaped chat format on the tiny model: harmony special tokens appended to the SmolLM2
+# vocabulary (control tokens) and a harmony chat template (system header with the reasoning
+# effort, developer instructions, tools as a TypeScript namespace, tool calls and results on the
+# commentary channel). Random weights: tests constrain its output with grammars.
+TINY_HARMONY_OUT = "tiny-harmony.gguf"
+TINY_HARMONY_PARAMS = dict(TINY_PARAMS, name="tiny-harmony")
+HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>",
+                  "<|return|>", "<|call|>"]
+HARMONY_TEMPLATE = (
+    "<|start|>system<|message|>You are a helpful assistant.\n"
+    "Reasoning: {{ reasoning_effort or 'medium' }}\n\n"
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message."
+    "{% if tools %}\nCalls to these tools must go to the commentary channel: 'functions'.{% endif %}"
+    "<|end|>"
+    "{% if tools %}<|start|>developer<|message|># Tools\n\n## functions\n\nnamespace functions {\n"
+    "{% for t in tools %}// {{ t.function.description }}\ntype {{ t.function.name }} = "
+    "(_: {{ t.function.parameters | tojson }}) => any;\n{% endfor %}} // namespace functions<|end|>"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'system' or m.role == 'developer' %}"
+    "<|start|>developer<|message|># Instructions\n\n{{ m.content }}<|end|>"
+    "{% elif m.role == 'user' %}<|start|>user<|message|>{{ m.content }}<|end|>"
+    "{% elif m.role == 'assistant' %}"
+    "{% if m.thinking %}<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{% endif %}"
+    "{% for tc in m.tool_calls or [] %}<|start|>assistant to=functions.{{ tc.function.name }}"
+    "<|channel|>commentary <|constrain|>json<|message|>{{ tc.function.arguments | tojson }}<|call|>"
+    "{% endfor %}"
+    "{% if m.content %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endif %}"
+    "{% elif m.role == 'tool' %}<|start|>functions.tool to=assistant<|channel|>commentary<|message|>"
+    "{{ m.content }}<|end|>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+
 DENSE_FFN = ("ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -440,9 +474,8 @@ def build_smollm2_moe(s: FastGGUF, out: Path) -> None:
 # 2. tiny random MoE
 # --------------------------------------------------------------------------
 
-def tiny_tensor_specs(n_vocab: int) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType, float]]:
+def tiny_tensor_specs(n_vocab: int, p: dict = TINY_PARAMS) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType, float]]:
     """(name, ggml ne[], type, init std; 0 = ones) in llama.cpp's LLM_ARCH_LLAMA layout."""
-    p = TINY_PARAMS
     E, H, Hkv, L, F, X = p["n_embd"], p["n_head"], p["n_head_kv"], p["n_layer"], p["n_ff"], p["n_expert"]
     hd = E // H
     F16, F32 = GGMLQuantizationType.F16, GGMLQuantizationType.F32
@@ -467,8 +500,29 @@ def tiny_tensor_specs(n_vocab: int) -> list[tuple[str, tuple[int, ...], GGMLQuan
 
 
 def build_tiny(s: FastGGUF, out: Path) -> None:
-    p = TINY_PARAMS
-    n_vocab = len(s.get("tokenizer.ggml.tokens"))
+    _write_tiny(s, out, TINY_PARAMS, {})
+
+
+def harmony_tokenizer(s: FastGGUF) -> dict:
+    """Tokenizer KVs of the harmony variant: SmolLM2's plus the harmony control tokens."""
+    tokens, vt, sub = s.kvs["tokenizer.ggml.tokens"]
+    types, tvt, tsub = s.kvs["tokenizer.ggml.token_type"]
+    template = s.kvs["tokenizer.chat_template"]
+    return {
+        "tokenizer.ggml.tokens": (list(tokens) + [t.encode() for t in HARMONY_TOKENS], vt, sub),
+        "tokenizer.ggml.token_type": (list(types) + [3] * len(HARMONY_TOKENS), tvt, tsub),
+        "tokenizer.chat_template": (HARMONY_TEMPLATE.encode(), template[1], template[2]),
+    }
+
+
+def build_tiny_harmony(s: FastGGUF, out: Path) -> None:
+    _write_tiny(s, out, TINY_HARMONY_PARAMS, harmony_tokenizer(s))
+
+
+def _write_tiny(s: FastGGUF, out: Path, p: dict, overrides: dict) -> None:
+    """The tiny random MoE with SmolLM2's tokenizer KVs, `overrides` replacing some of them."""
+    kvs = {k: overrides.get(k, v) for k, v in s.kvs.items()}
+    n_vocab = len(kvs["tokenizer.ggml.tokens"][0])
     E, H = p["n_embd"], p["n_head"]
     rng = np.random.default_rng(p["seed"])
 
@@ -490,12 +544,12 @@ def build_tiny(s: FastGGUF, out: Path) -> None:
     w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", p["rms_eps"])
     w.add_uint32(f"{ARCH}.expert_count", p["n_expert"])
     w.add_uint32(f"{ARCH}.expert_used_count", p["n_expert_used"])
-    for key, (val, vt, sub) in s.kvs.items():
+    for key, (val, vt, sub) in kvs.items():
         if key.startswith("tokenizer."):  # real SmolLM2 tokenizer + chat template
             w.add_key_value(key, val, vt, sub_type=sub)
 
     plan = Plan()
-    for name, ne, gt, std in tiny_tensor_specs(n_vocab):
+    for name, ne, gt, std in tiny_tensor_specs(n_vocab, p):
         np_shape = tuple(reversed(ne))  # numpy shape = reversed ggml ne[]
         dt = np.float16 if gt == GGMLQuantizationType.F16 else np.float32
         if std == 0.0:
@@ -600,12 +654,26 @@ def check_tiny(s: FastGGUF, out: Path) -> None:
     print(f"check ok: {out} ({len(got)} tensors, vocab {n_vocab}, {p['n_layer']} layers x {p['n_expert']} experts)")
 
 
+def check_tiny_harmony(s: FastGGUF, out: Path) -> None:
+    m = GGUFReader(out)
+    want = harmony_tokenizer(s)
+    n_vocab = len(want["tokenizer.ggml.tokens"][0])
+    for key, v in want.items():
+        assert _kv(m, key) == v, f"KV {key} differs"
+    assert _kv(m, "general.name")[0] == TINY_HARMONY_PARAMS["name"].encode()
+    got = {t.name: t.shape.tolist() for t in m.tensors}
+    assert got["token_embd.weight"] == [TINY_HARMONY_PARAMS["n_embd"], n_vocab], got["token_embd.weight"]
+    _check_alignment(m)
+    print(f"check ok: {out} (vocab {n_vocab} with {len(HARMONY_TOKENS)} harmony control tokens)")
+
+
 # --------------------------------------------------------------------------
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", default="models", help="output directory (default: models/)")
-    ap.add_argument("--only", choices=["smollm2", "tiny"], help="build only this model")
+    ap.add_argument("--only", choices=["smollm2", "tiny", "tiny-harmony"],
+                    help="build only this model")
     ap.add_argument("--check", action="store_true",
                     help="read the files back with gguf.GGUFReader and verify them (slower: ~5 s per file)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
@@ -621,6 +689,8 @@ def main() -> int:
     targets = [
         ("smollm2", SMOLLM2_OUT, SMOLLM2_PARAMS, build_smollm2_moe, check_smollm2),
         ("tiny", TINY_OUT, TINY_PARAMS, build_tiny, check_tiny),
+        ("tiny-harmony", TINY_HARMONY_OUT, TINY_HARMONY_PARAMS, build_tiny_harmony,
+         check_tiny_harmony),
     ]
     parsed: FastGGUF | None = None
     for key, fname, params, build, check in targets:

@@ -30,6 +30,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "smollm2-moe-4x2"
+# Random weights, harmony tokens and template (scripts/make_test_models.py): output under grammars.
+HARMONY_MODEL = "tiny-harmony"
 WORKER_ID = "w1"
 STARTUP_TIMEOUT_S = 180
 RELEASE_TIMEOUT_S = 10
@@ -128,9 +130,13 @@ def cluster(request: pytest.FixtureRequest):
     if not model.exists():
         subprocess.run([sys.executable, "scripts/make_test_models.py", "--only", "smollm2"],
                        cwd=ROOT, check=True, timeout=600)
+    harmony = model.with_name(f"{HARMONY_MODEL}.gguf")
+    if not harmony.exists():
+        subprocess.run([sys.executable, "scripts/make_test_models.py", "--only", "tiny-harmony",
+                        "--out-dir", str(harmony.parent)], cwd=ROOT, check=True, timeout=600)
 
     tmp = Path(tempfile.mkdtemp(prefix="moe-openai-"))
-    eport, pport, wport, gport, hport = (free_port() for _ in range(5))
+    eport, pport, wport, gport, hport, w2port = (free_port() for _ in range(6))
     etcd_url = f"http://127.0.0.1:{eport}"
     procs: dict[str, subprocess.Popen] = {}
     c = Cluster(http=f"http://127.0.0.1:{hport}", grpc=f"127.0.0.1:{gport}", etcd=etcd_url,
@@ -163,13 +169,19 @@ def cluster(request: pytest.FixtureRequest):
             str(bin_dir / "moe-gateway"), "--listen", c.grpc,
             "--http-listen", f"127.0.0.1:{hport}", "--etcd", etcd_url,
         ])
-        wait_until("gateway /health ready",
-                   lambda: http_get(f"{c.http}/health")[0] == 200,
+        spawn("harmony-worker", [
+            str(bin_dir / "moe-worker"), "--model", str(harmony), "--offload", "full",
+            "--listen", f"127.0.0.1:{w2port}", "--etcd", etcd_url, "--id", "w2",
+            "--ctx-size", "2048", "--parallel", "2", "--threads", "1",
+        ])
+        wait_until("gateway /health ready with both models",
+                   lambda: {MODEL_NAME, HARMONY_MODEL} <= set(http_get(f"{c.http}/health")[1]
+                                                               .get("models", [])),
                    STARTUP_TIMEOUT_S, interval_s=0.5, check=c.check_alive)
         yield c
         keep = request.session.testsfailed > 0 or "MOE_TEST_KEEP_LOGS" in os.environ
     finally:
-        for name in ("gateway", "worker", "etcd"):
+        for name in ("gateway", "worker", "harmony-worker", "etcd"):
             if name in procs:
                 stop(procs[name])
         if keep:

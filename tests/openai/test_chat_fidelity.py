@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from conftest import MODEL_NAME
+from conftest import HARMONY_MODEL, MODEL_NAME
 
 
 @pytest.mark.parametrize(
@@ -258,3 +258,30 @@ def test_streamed_chat_logprobs_and_completion_logprobs(client):
     assert len(lp.tokens) == 3 == len(lp.token_logprobs) == len(lp.top_logprobs)
     assert all(len(t) <= 2 for t in lp.top_logprobs)
     assert "".join(lp.tokens) == r.choices[0].text
+
+
+def test_harmony_model_answers_json_in_the_final_channel(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=HARMONY_MODEL, max_tokens=32, temperature=0, reasoning_effort="low",
+        messages=[{"role": "user", "content": "Answer."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    m = r.choices[0].message
+    jsonschema.validate(json.loads(m.content), schema)
+    assert getattr(m, "reasoning_content", None) is None
+    # The template rendered harmony special tokens as single tokens, content stayed text.
+    assert r.usage.prompt_tokens < 120
+
+
+def test_harmony_model_forced_tool_call_is_a_commentary_message(client):
+    r = client.chat.completions.create(
+        model=HARMONY_MODEL, max_tokens=48, temperature=0, messages=ASK, tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    assert r.choices[0].finish_reason == "tool_calls"
