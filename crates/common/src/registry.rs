@@ -4,6 +4,7 @@
 mod advert;
 mod registrar;
 mod watcher;
+mod write_policy;
 
 pub use advert::{
     ADVERT_SCHEMA, AdvertError, Capacity, DeviceInfo, DeviceKind, Load, MemoryInfo, ModelInfo,
@@ -11,6 +12,7 @@ pub use advert::{
 };
 pub use registrar::{Registrar, RegistrarConfig, RegistrationStatus};
 pub use watcher::{ClusterSnapshot, Watcher};
+pub use write_policy::{Change, WritePolicy};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -212,7 +214,7 @@ impl EtcdConfig {
         Ok(client)
     }
 
-    fn timeout(&self) -> RegistryError {
+    pub(crate) fn timeout(&self) -> RegistryError {
         RegistryError::Timeout {
             endpoints: self.endpoints.join(","),
             timeout: self.connect_timeout,

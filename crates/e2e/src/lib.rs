@@ -6,6 +6,9 @@ pub mod observe;
 
 pub mod pki;
 
+mod etcd;
+pub use etcd::Etcd;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use moe_common::pb::v1::inference_client::InferenceClient;
 use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, SamplingParams};
-use moe_common::registry::{EtcdConfig, WorkerAdvert};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -93,83 +95,6 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A real etcd server on free loopback ports with its own data directory.
-pub struct Etcd {
-    child: Child,
-    pub endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    pub async fn start() -> Etcd {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let client = free_port();
-        let peer = free_port();
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new(std::env::var("MOE_ETCD_BIN").unwrap_or_else(|_| "etcd".into()))
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("test={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd (apt-get install etcd-server)");
-        let etcd = Etcd {
-            child,
-            endpoint: client_url,
-            _dir: dir,
-        };
-        let config = etcd.config("/probe");
-        eventually(Duration::from_secs(20), "etcd to answer", || {
-            let c = config.clone();
-            async move { c.connect().await.ok().map(|_| ()) }
-        })
-        .await;
-        etcd
-    }
-
-    /// Registry settings for one test's own key prefix.
-    pub fn config(&self, prefix: &str) -> EtcdConfig {
-        let mut c = EtcdConfig::new(vec![self.endpoint.clone()]);
-        c.prefix = prefix.to_string();
-        c
-    }
-
-    pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint.as_str()], None)
-            .await
-            .expect("etcd client")
-    }
-
-    /// The advert stored at `<prefix>/workers/<id>`, if any.
-    pub async fn advert(&self, prefix: &str, id: &str) -> Option<WorkerAdvert> {
-        let key = self.config(prefix).worker_key(id);
-        let resp = self.client().await.get(key.as_str(), None).await.ok()?;
-        let kv = resp.kvs().first()?;
-        Some(WorkerAdvert::from_json(&key, kv.value()).expect("valid advert"))
-    }
-
-    /// The raw JSON of an advert.
-    pub async fn advert_json(&self, prefix: &str, id: &str) -> Option<serde_json::Value> {
-        let key = self.config(prefix).worker_key(id);
-        let resp = self.client().await.get(key.as_str(), None).await.ok()?;
-        let kv = resp.kvs().first()?;
-        serde_json::from_slice(kv.value()).ok()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -410,6 +335,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(etcd: &Etcd, prefix: &str, extra: &[&str]) -> Gateway {
+        Gateway::start_at(&etcd.endpoint, prefix, extra).await
+    }
+
+    /// A gateway watching the etcd at `endpoint`, which need not be up yet.
+    pub async fn start_at(endpoint: &str, prefix: &str, extra: &[&str]) -> Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut args = vec![
@@ -417,7 +347,7 @@ impl Gateway {
             "--listen",
             "127.0.0.1:0",
             "--etcd",
-            &etcd.endpoint,
+            endpoint,
             "--etcd-prefix",
             prefix,
         ];
@@ -434,6 +364,11 @@ impl Gateway {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Whether `moe_gateway::run` has returned (it should not while the test runs).
+    pub fn exited(&self) -> bool {
+        self.task.is_finished()
     }
 
     pub async fn stop(self) {

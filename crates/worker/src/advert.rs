@@ -53,7 +53,13 @@ pub fn build(
         },
         capacity: Capacity {
             context_tokens: model.context_tokens,
-            free_kv_tokens: stats.free_kv_tokens.min(model.context_tokens),
+            // Stats the engine has not published yet (context 0) say nothing about headroom:
+            // an idle engine's whole cache is free.
+            free_kv_tokens: if stats.context_tokens == 0 {
+                model.context_tokens
+            } else {
+                stats.free_kv_tokens.min(model.context_tokens)
+            },
             max_sequences: model.max_sequences,
         },
         load: Load {

@@ -1,5 +1,11 @@
 //! Worker side of the registry: grant a lease, keep the advert under it fresh, re-register when
 //! the lease is lost, and revoke it on deregistration (which deletes the advert at once).
+//!
+//! etcd being away is never fatal here: a worker that starts while etcd is down serves anyway
+//! and registers when etcd answers (review H7). Every etcd call is bounded by
+//! [`RegistrarConfig::call_timeout`], so a stalled put cannot starve the lease keep-alives
+//! (review M2), and the advert is written only when it changes meaningfully ([`WritePolicy`],
+//! review M5).
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::write_policy::WritePolicy;
 use super::{EtcdConfig, RegistryError, WorkerAdvert};
 use crate::unix_ms;
 
@@ -20,11 +27,29 @@ pub struct RegistrarConfig {
     pub min_update_interval: Duration,
 }
 
+impl RegistrarConfig {
+    /// The bound on each etcd call: a quarter of the lease TTL (at most 3 s, at least 200 ms), so
+    /// that a keep-alive sent every TTL/3 still lands in time after one stalled call.
+    pub fn call_timeout(&self) -> Duration {
+        (self.lease_ttl / 4).clamp(Duration::from_millis(200), Duration::from_secs(3))
+    }
+
+    /// The write rule: drift (speed, device memory, small KV moves) is written at most once a
+    /// lease TTL.
+    pub fn write_policy(&self) -> WritePolicy {
+        WritePolicy {
+            min_interval: self.min_update_interval,
+            max_interval: self.lease_ttl.max(self.min_update_interval),
+        }
+    }
+}
+
 /// A running registration. Drop it only through [`Registrar::deregister`].
 pub struct Registrar {
     stop: CancellationToken,
     task: JoinHandle<()>,
     status: watch::Receiver<RegistrationStatus>,
+    revoke_timeout: Duration,
 }
 
 /// Where the registration stands, for metrics and health.
@@ -43,36 +68,52 @@ struct Lease {
 }
 
 struct Session {
-    client: Client,
+    client: Option<Client>,
     key: String,
     config: RegistrarConfig,
     status: watch::Sender<RegistrationStatus>,
+    /// The advert last written and when.
+    written: Option<(WorkerAdvert, Instant)>,
 }
 
 impl Registrar {
     /// Connects to etcd, grants a lease and writes the current advert under it, then keeps
-    /// lease and advert fresh in a background task until [`Registrar::deregister`].
+    /// lease and advert fresh in a background task until [`Registrar::deregister`]. When etcd
+    /// cannot be reached the task keeps trying with backoff (logging each failure); only etcd
+    /// refusing the credentials ([`RegistryError::Auth`]) is returned as an error.
     pub async fn start(
         config: RegistrarConfig,
         adverts: watch::Receiver<WorkerAdvert>,
     ) -> Result<Registrar, RegistryError> {
-        let client = config.etcd.connect().await?;
         let first = adverts.borrow().clone();
         let key = config.etcd.worker_key(&first.id);
         let (status_tx, status) = watch::channel(RegistrationStatus::default());
+        let revoke_timeout = config.call_timeout();
         let mut session = Session {
-            client,
+            client: None,
             key,
             config,
             status: status_tx,
+            written: None,
         };
-        let lease = session
-            .register(&first)
-            .await
-            .map_err(|e| e.explain(&session.config.etcd))?;
+        let lease = match session.register(&first).await {
+            Ok(lease) => Some(lease),
+            Err(e) => match e.explain(&session.config.etcd) {
+                e @ RegistryError::Auth { .. } => return Err(e),
+                e => {
+                    tracing::warn!(error = %e, "etcd unreachable: serving unregistered, retrying registration in the background");
+                    None
+                }
+            },
+        };
         let stop = CancellationToken::new();
         let task = tokio::spawn(session.run(lease, adverts, stop.clone()));
-        Ok(Registrar { stop, task, status })
+        Ok(Registrar {
+            stop,
+            task,
+            status,
+            revoke_timeout,
+        })
     }
 
     /// Follows the registration: registered or not, and how many leases were granted.
@@ -80,21 +121,56 @@ impl Registrar {
         self.status.clone()
     }
 
-    /// Writes the latest advert, revokes the lease (removing the advert) and stops.
+    /// Revokes the lease (removing the advert) and stops, bounded by the call timeout: when
+    /// etcd does not answer in time the advert expires with its lease TTL instead.
     pub async fn deregister(self) {
         self.stop.cancel();
-        if let Err(e) = self.task.await {
-            tracing::warn!(error = %e, "registrar task failed");
+        let bound = self.revoke_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(bound, self.task).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "registrar task failed"),
+            Err(_) => tracing::warn!("deregistration timed out; the advert expires with its lease"),
+            Ok(Ok(())) => {}
         }
+    }
+}
+
+/// Runs `call` bounded by `limit`, a timeout becoming [`RegistryError::Timeout`].
+async fn bounded<T>(
+    config: &RegistrarConfig,
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, RegistryError> {
+    let limit = config.call_timeout();
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(RegistryError::Timeout {
+            endpoints: config.etcd.endpoints.join(","),
+            timeout: limit,
+        }),
     }
 }
 
 impl Session {
     async fn register(&mut self, advert: &WorkerAdvert) -> Result<Lease, RegistryError> {
+        let result = self.try_register(advert).await;
+        if result.is_err() {
+            // Start the next attempt from a fresh connection.
+            self.client = None;
+        }
+        result
+    }
+
+    async fn try_register(&mut self, advert: &WorkerAdvert) -> Result<Lease, RegistryError> {
+        if self.client.is_none() {
+            self.client = Some(self.config.etcd.connect().await?);
+        }
+        let client = self.client.as_mut().expect("connected above");
         let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
-        let id = self.client.lease_grant(ttl, None).await?.id();
+        let id = bounded(&self.config, client.lease_grant(ttl, None))
+            .await?
+            .id();
         self.put(advert, id).await?;
-        let (keeper, responses) = self.client.lease_keep_alive(id).await?;
+        let client = self.client.as_mut().expect("connected above");
+        let (keeper, responses) = bounded(&self.config, client.lease_keep_alive(id)).await?;
         self.status.send_modify(|s| {
             s.registered = true;
             s.registrations += 1;
@@ -108,46 +184,71 @@ impl Session {
     }
 
     async fn put(&mut self, advert: &WorkerAdvert, lease: i64) -> Result<(), RegistryError> {
-        let mut advert = advert.clone();
-        advert.updated_unix_ms = unix_ms();
+        let Some(client) = self.client.as_mut() else {
+            return Err(self.config.etcd.timeout());
+        };
+        let mut stamped = advert.clone();
+        stamped.updated_unix_ms = unix_ms();
         let opts = PutOptions::new().with_lease(lease);
-        self.client
-            .put(self.key.as_str(), advert.to_json()?, Some(opts))
-            .await?;
+        let put = client.put(self.key.as_str(), stamped.to_json()?, Some(opts));
+        bounded(&self.config, put).await?;
+        self.written = Some((advert.clone(), Instant::now()));
         Ok(())
+    }
+
+    /// Writes `advert` when the write policy says it is due.
+    async fn maybe_put(&mut self, advert: &WorkerAdvert, lease: i64, policy: &WritePolicy) {
+        let due = match &self.written {
+            None => true,
+            Some((written, at)) => policy.due(written, at.elapsed(), advert),
+        };
+        if due && let Err(e) = self.put(advert, lease).await {
+            tracing::warn!(error = %e, "advert update failed; retrying at the next tick");
+        }
     }
 
     async fn run(
         mut self,
-        lease: Lease,
+        lease: Option<Lease>,
         mut adverts: watch::Receiver<WorkerAdvert>,
         stop: CancellationToken,
     ) {
-        let mut lease = Some(lease);
+        const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+        let policy = self.config.write_policy();
+        let mut lease = lease;
+        let mut backoff = FIRST_BACKOFF;
         let mut keepalive = tokio::time::interval(self.config.lease_ttl / 3);
         let mut flush = tokio::time::interval(self.config.min_update_interval);
-        let mut dirty = false;
-        let mut last_state = adverts.borrow().state;
-        let mut last_put = Instant::now();
         loop {
             if lease.is_none() {
-                let advert = adverts.borrow().clone();
-                match self.register(&advert).await {
-                    Ok(l) => lease = Some(l),
+                let advert = adverts.borrow_and_update().clone();
+                let registered = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = self.register(&advert) => r,
+                };
+                match registered {
+                    Ok(l) => {
+                        lease = Some(l);
+                        backoff = FIRST_BACKOFF;
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "re-registration failed; retrying");
+                        tracing::warn!(error = %e, retry_in = ?backoff, "registration in etcd failed; retrying");
                         tokio::select! {
                             _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            _ = tokio::time::sleep(backoff) => {}
                         }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
                     }
                 }
             }
             let l = lease.as_mut().expect("lease present");
+            let id = l.id;
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = keepalive.tick() => {
-                    if let Err(e) = l.keeper.keep_alive().await {
+                    let sent = bounded(&self.config, l.keeper.keep_alive()).await;
+                    if let Err(e) = sent {
                         tracing::warn!(error = %e, "lease keep-alive failed; re-registering");
                         self.status.send_modify(|s| s.registered = false);
                         lease = None;
@@ -165,35 +266,18 @@ impl Session {
                     if changed.is_err() {
                         break;
                     }
-                    let state = adverts.borrow().state;
-                    let urgent = state != last_state
-                        || last_put.elapsed() >= self.config.min_update_interval;
-                    if urgent {
-                        last_state = state;
-                        let advert = adverts.borrow_and_update().clone();
-                        if let Err(e) = self.put(&advert, l.id).await {
-                            tracing::warn!(error = %e, "advert update failed");
-                            dirty = true;
-                        } else {
-                            dirty = false;
-                            last_put = Instant::now();
-                        }
-                    } else {
-                        dirty = true;
-                    }
-                }
-                _ = flush.tick(), if dirty => {
                     let advert = adverts.borrow_and_update().clone();
-                    if self.put(&advert, l.id).await.is_ok() {
-                        dirty = false;
-                        last_put = Instant::now();
-                    }
+                    self.maybe_put(&advert, id, &policy).await;
+                }
+                _ = flush.tick() => {
+                    let advert = adverts.borrow().clone();
+                    self.maybe_put(&advert, id, &policy).await;
                 }
             }
         }
         self.status.send_modify(|s| s.registered = false);
-        if let Some(l) = lease {
-            match self.client.lease_revoke(l.id).await {
+        if let (Some(l), Some(client)) = (lease, self.client.as_mut()) {
+            match bounded(&self.config, client.lease_revoke(l.id)).await {
                 Ok(_) => tracing::info!(key = %self.key, "deregistered from etcd"),
                 Err(e) => {
                     tracing::warn!(error = %e, "lease revoke failed; advert expires with its TTL")

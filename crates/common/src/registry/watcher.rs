@@ -53,18 +53,42 @@ pub struct Watcher {
 
 impl Watcher {
     /// Connects, lists the prefix once (so the first snapshot is complete), then watches in the
-    /// background until `stop` is cancelled.
+    /// background until `stop` is cancelled. Fails when etcd cannot be reached: for tools
+    /// (`moectl`) whose answer is wrong without etcd. A server uses [`Watcher::start_retrying`].
     pub async fn start(
         config: EtcdConfig,
         stop: CancellationToken,
     ) -> Result<Watcher, RegistryError> {
-        let mut client = config.connect().await?;
-        let prefix = config.workers_prefix();
-        let first = list(&mut client, &prefix)
-            .await
-            .map_err(|e| e.explain(&config))?;
-        let (tx, rx) = watch::channel(Arc::new(first));
-        tokio::spawn(run(client, prefix, tx, stop));
+        let (client, first) = connect_and_list(&config).await?;
+        let (tx, rx) = watch::channel(Arc::new(first.snapshot));
+        tokio::spawn(run(config, Some((client, first.cluster_id)), tx, stop));
+        Ok(Watcher { snapshots: rx })
+    }
+
+    /// Like [`Watcher::start`], but an unreachable etcd is not fatal: the watcher starts with an
+    /// empty snapshot (revision 0: no workers known, so nothing is routed) and keeps connecting
+    /// in the background with backoff, logging each failure. Only a refusal of the credentials
+    /// ([`RegistryError::Auth`]), which retrying cannot fix, is returned.
+    pub async fn start_retrying(
+        config: EtcdConfig,
+        stop: CancellationToken,
+    ) -> Result<Watcher, RegistryError> {
+        let (tx, rx) = watch::channel(Arc::new(ClusterSnapshot::default()));
+        let connected = match connect_and_list(&config).await {
+            Ok((client, first)) => {
+                tx.send_replace(Arc::new(first.snapshot));
+                Some((client, first.cluster_id))
+            }
+            Err(e @ RegistryError::Auth { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "etcd unreachable at start: no workers known until it answers; retrying in the background"
+                );
+                None
+            }
+        };
+        tokio::spawn(run(config, connected, tx, stop));
         Ok(Watcher { snapshots: rx })
     }
 
@@ -75,12 +99,35 @@ impl Watcher {
     pub fn current(&self) -> Arc<ClusterSnapshot> {
         self.snapshots.borrow().clone()
     }
+
+    /// Whether the registry has been listed at least once (a snapshot of revision 0 is the
+    /// empty one [`Watcher::start_retrying`] begins with).
+    pub fn synced(&self) -> bool {
+        self.snapshots.borrow().revision > 0
+    }
 }
 
-async fn list(client: &mut Client, prefix: &str) -> Result<ClusterSnapshot, RegistryError> {
-    let resp = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await?;
+/// One complete listing and the etcd cluster that answered it.
+struct Listing {
+    snapshot: ClusterSnapshot,
+    cluster_id: u64,
+}
+
+async fn connect_and_list(config: &EtcdConfig) -> Result<(Client, Listing), RegistryError> {
+    let mut client = config.connect().await?;
+    let first = list(&mut client, config)
+        .await
+        .map_err(|e| e.explain(config))?;
+    Ok((client, first))
+}
+
+/// Lists the workers prefix, bounded by the connect timeout.
+async fn list(client: &mut Client, config: &EtcdConfig) -> Result<Listing, RegistryError> {
+    let prefix = config.workers_prefix();
+    let get = client.get(prefix, Some(GetOptions::new().with_prefix()));
+    let resp = tokio::time::timeout(config.connect_timeout, get)
+        .await
+        .map_err(|_| config.timeout())??;
     let mut snap = ClusterSnapshot {
         revision: resp.header().map(|h| h.revision()).unwrap_or(0),
         ..Default::default()
@@ -88,21 +135,64 @@ async fn list(client: &mut Client, prefix: &str) -> Result<ClusterSnapshot, Regi
     for kv in resp.kvs() {
         snap.apply_put(&String::from_utf8_lossy(kv.key()), kv.value());
     }
-    Ok(snap)
+    Ok(Listing {
+        snapshot: snap,
+        cluster_id: resp.header().map(|h| h.cluster_id()).unwrap_or(0),
+    })
 }
 
+/// Lists, then watches from the listed revision; after anything that ends a watch (error,
+/// compaction, cancel, a revision that went backwards, another cluster) it lists again *before*
+/// watching again, so a watch never waits on a revision the store will not reach (review M1:
+/// after a restore from snapshot the revision goes back). The last snapshot is kept while etcd
+/// is unreachable.
 async fn run(
-    mut client: Client,
-    prefix: String,
+    config: EtcdConfig,
+    mut connected: Option<(Client, u64)>,
     tx: watch::Sender<Arc<ClusterSnapshot>>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    let prefix = config.workers_prefix();
+    let mut backoff = FIRST_BACKOFF;
     loop {
+        let (client, cluster_id) = match connected.take() {
+            Some(c) => c,
+            None => {
+                let listed = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = connect_and_list(&config) => r,
+                };
+                match listed {
+                    Ok((client, listing)) => {
+                        if listing.snapshot.revision < tx.borrow().revision {
+                            tracing::warn!(
+                                was = tx.borrow().revision,
+                                now = listing.snapshot.revision,
+                                "etcd revision went back (restored or replaced): using the new listing"
+                            );
+                        }
+                        tx.send_replace(Arc::new(listing.snapshot));
+                        backoff = FIRST_BACKOFF;
+                        (client, listing.cluster_id)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "registry list failed; keeping the last snapshot");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
+        };
+        let mut client = client;
         let start = tx.borrow().revision + 1;
         tokio::select! {
             _ = stop.cancelled() => return,
-            result = watch_from(&mut client, &prefix, start, &tx) => {
+            result = watch_from(&mut client, &prefix, start, cluster_id, &tx) => {
                 match result {
                     Ok(()) => tracing::info!("registry watch ended; re-listing"),
                     Err(e) => tracing::warn!(error = %e, "registry watch failed; re-listing"),
@@ -113,30 +203,22 @@ async fn run(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        match list(&mut client, &prefix).await {
-            Ok(snap) => {
-                backoff = Duration::from_millis(100);
-                tx.send_replace(Arc::new(snap));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "registry re-list failed");
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
     }
 }
 
 /// Applies watch events to the published snapshot until the watch ends (compaction, cancel,
-/// error). Returns so the caller re-lists.
+/// error, a header from another cluster or an older revision). Returns so the caller re-lists.
 async fn watch_from(
     client: &mut Client,
     prefix: &str,
     start_revision: i64,
+    cluster_id: u64,
     tx: &watch::Sender<Arc<ClusterSnapshot>>,
 ) -> Result<(), RegistryError> {
     let opts = WatchOptions::new()
         .with_prefix()
-        .with_start_revision(start_revision);
+        .with_start_revision(start_revision)
+        .with_progress_notify();
     let mut stream = client.watch(prefix, Some(opts)).await?;
     while let Some(resp) = stream.message().await? {
         if resp.canceled() || resp.compact_revision() > 0 {
@@ -146,6 +228,18 @@ async fn watch_from(
                 "watch cancelled"
             );
             return Ok(());
+        }
+        if let Some(h) = resp.header() {
+            let known = tx.borrow().revision;
+            if h.cluster_id() != cluster_id || h.revision() < known {
+                tracing::warn!(
+                    cluster = h.cluster_id(),
+                    revision = h.revision(),
+                    known,
+                    "etcd answered from another cluster or an older revision (restored?)"
+                );
+                return Ok(());
+            }
         }
         if resp.events().is_empty() {
             continue;
