@@ -13,4 +13,5 @@ pub use prompt::{ChatPrompt, ChatRequest, OutputFormat, Tokenize, ToolChoice, bu
 pub use template::{ChatTemplate, Message, RenderRequest, Segment, TemplateError, ToolCall};
 pub use wire::{
     ChatJob, ChatReply, EnginePrompt, ReplyShaper, chat_job, engine_prompt, logprobs_pb,
+    resumed_text,
 };

@@ -169,7 +169,12 @@ impl InferenceService {
             .map_err(|e| Status::internal(format!("preparing the prompt: {e}")))?
             .map_err(status)?;
         let (events, rx) = mpsc::unbounded_channel();
-        if let Some(reply) = reply {
+        if let Some(mut reply) = reply {
+            // After a migration the reply parser resumes where the previous worker's stood.
+            let tokenizer = self.engine.tokenizer();
+            reply.resumed = crate::chat::resumed_text(&reply, &req.resume_token_ids, |t, s| {
+                tokenizer.token_to_bytes(t, s)
+            });
             let _ = events.send(Event::Chat(reply));
         }
         let mut job = job(&req, prompt, arrived, deadline, events);

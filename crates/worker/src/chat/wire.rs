@@ -83,6 +83,22 @@ pub fn engine_prompt(
     })
 }
 
+/// The text of `resume_ids` (a migrated request's earlier tokens) as the engine detokenizes
+/// this reply (special tokens rendered for harmony and raw output), for [`ChatReply::resumed`].
+pub fn resumed_text(
+    reply: &ChatReply,
+    resume_ids: &[u32],
+    token_bytes: impl Fn(u32, bool) -> Vec<u8>,
+) -> String {
+    let special =
+        reply.raw_output || reply.format.reasoning == moe_common::chat::ReasoningFormat::Harmony;
+    let bytes: Vec<u8> = resume_ids
+        .iter()
+        .flat_map(|&t| token_bytes(t, special))
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// The chat part of a validated request; `Err` names the field at fault.
 pub fn chat_job(req: &GenerateRequest) -> Result<ChatJob, String> {
     let messages = req
