@@ -360,22 +360,40 @@ async fn too_long_for_one_worker_is_retried_on_a_worker_whose_context_fits() {
     let prefix = "/t-mig-long";
     // Digits are one token each, so the gateway's estimate (3 bytes a token) is a third of the
     // real prompt: it places on the small full worker, which refuses.
-    let prompt = "0123456789".repeat(90);
-    // One sequence each, so that a worker's whole context is one sequence's.
+    let prompt = "0123456789".repeat(40);
+    // Two sequences each: 256 KV cells a request on the small worker, 1024 on the big one.
     let mut small = WorkerSpec::new("small", "full");
     small.ctx_size = 512;
-    small.parallel = 1;
+    small.parallel = 2;
     let small = Worker::start(small, Some((&etcd, prefix))).await;
     let gateway = Gateway::start(&etcd, prefix, &[]).await;
+    eventually(
+        Duration::from_secs(10),
+        "the small worker to advertise free KV",
+        || async {
+            let free = etcd.advert(prefix, "small").await?.capacity.free_kv_tokens;
+            (free > 0).then_some(())
+        },
+    )
+    .await;
     let refused = generate(&gateway.url(), greedy(&prompt, 8))
         .await
         .expect_err("no worker's context fits");
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
 
     let mut big = WorkerSpec::new("big", "cpu-moe");
-    big.ctx_size = 4096;
-    big.parallel = 1;
+    big.ctx_size = 2048;
+    big.parallel = 2;
     let big = Worker::start(big, Some((&etcd, prefix))).await;
+    eventually(
+        Duration::from_secs(10),
+        "the big worker to advertise free KV",
+        || async {
+            let free = etcd.advert(prefix, "big").await?.capacity.free_kv_tokens;
+            (free > 0).then_some(())
+        },
+    )
+    .await;
     // Once the gateway's table has the big worker, the refusal is retried there.
     let out = eventually(
         Duration::from_secs(10),
@@ -389,7 +407,7 @@ async fn too_long_for_one_worker_is_retried_on_a_worker_whose_context_fits() {
     assert_eq!(out.last.worker_id, "big");
     assert_eq!(out.last.migrations, 0);
     assert_eq!(out.finish(), FinishReason::Length);
-    assert!(out.last.usage.unwrap().prompt_tokens > 512);
+    assert!(out.last.usage.unwrap().prompt_tokens > 256);
     gateway.stop().await;
     small.stop().await;
     big.stop().await;
