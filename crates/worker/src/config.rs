@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use moe_common::offload::OffloadProfile;
 use moe_common::flags::parse_duration_flag;
+use moe_common::offload::OffloadProfile;
 use moe_common::size::ByteSize;
 
 /// Serves one GGUF MoE model through llama.cpp and advertises itself in etcd.
@@ -67,6 +67,10 @@ pub struct WorkerConfig {
     /// On SIGTERM, how long running streams may take to finish before they are cancelled.
     #[arg(long, env = "MOE_DRAIN_GRACE", default_value = "30s", value_parser = parse_duration_flag)]
     pub drain_grace: Duration,
+    /// An engine that holds work but makes no progress for this long is wedged: the worker goes
+    /// NOT_SERVING, leaves etcd and exits non-zero (0s: only a dead engine thread does that).
+    #[arg(long, env = "MOE_ENGINE_STALL_TIMEOUT", default_value = "60s", value_parser = parse_duration_flag)]
+    pub engine_stall_timeout: Duration,
     /// etcd lease TTL: a dead worker disappears after this long.
     #[arg(long, env = "MOE_LEASE_TTL", default_value = "10s", value_parser = parse_duration_flag)]
     pub lease_ttl: Duration,

@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod service;
+pub mod supervise;
 
 use std::sync::Arc;
 
@@ -32,6 +33,8 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
     Tls(#[from] moe_common::tls::TlsError),
+    #[error("engine failed, worker left the cluster: {0}")]
+    EngineFault(#[from] supervise::EngineFault),
 }
 
 fn engine_config(c: &WorkerConfig) -> EngineConfig {
@@ -168,7 +171,28 @@ pub async fn run(
     let server = tokio::spawn(server);
     tracing::info!(%id, %endpoint, model = %engine.model().info.name, profile = %engine.model().profile, "worker ready");
 
-    shutdown.cancelled().await;
+    let fault = tokio::select! {
+        () = shutdown.cancelled() => None,
+        fault = supervise::watch_engine(engine.stats(), config.engine_stall_timeout) => Some(fault),
+    };
+    if let Some(fault) = fault {
+        // A dead or wedged engine fails every request while the worker would look healthy:
+        // stop looking healthy, leave etcd (bounded), and exit non-zero so it is restarted.
+        tracing::error!(%fault, in_flight = intake.in_flight(), "engine failed; leaving the cluster and exiting");
+        intake.start_draining();
+        health_reporter
+            .set_not_serving::<InferenceServer<InferenceService>>()
+            .await;
+        state_tx.send_replace(WorkerState::Draining);
+        if let Some(r) = registrar {
+            r.deregister().await;
+        }
+        background.cancel();
+        stop_server.cancel();
+        // Streams waiting on a wedged engine never end: do not wait for them.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server).await;
+        return Err(fault.into());
+    }
     tracing::info!(in_flight = intake.in_flight(), "draining");
     intake.start_draining();
     health_reporter

@@ -20,5 +20,11 @@ async fn main() -> anyhow::Result<()> {
     let result = moe_worker::run(config, shutdown, listener).await;
     // Flushing blocks on the exporter, which needs the runtime's other threads.
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
-    Ok(result?)
+    if let Err(e) = result {
+        // Exit at once: after an engine fault the engine thread may still be stuck, and
+        // dropping the runtime must not wait on anything it holds.
+        eprintln!("moe-worker: {e}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
