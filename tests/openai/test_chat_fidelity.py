@@ -285,3 +285,15 @@ def test_harmony_model_forced_tool_call_is_a_commentary_message(client):
     assert call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
     assert r.choices[0].finish_reason == "tool_calls"
+
+
+def test_raw_output_returns_the_harmony_markup_unparsed(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    kw = dict(model=HARMONY_MODEL, max_tokens=16, temperature=0,
+              messages=[{"role": "user", "content": "Answer."}],
+              response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    parsed = client.chat.completions.create(**kw).choices[0].message.content
+    raw = client.chat.completions.create(**kw, extra_body={"raw_output": True})
+    text = raw.choices[0].message.content
+    assert text.startswith("<|channel|>final<|message|>"), text
+    assert json.loads(text.removeprefix("<|channel|>final<|message|>")) == json.loads(parsed)
