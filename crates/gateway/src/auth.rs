@@ -1,6 +1,7 @@
 //! API keys at the gateway: who may call, which models and latency classes each key may use, and
 //! how many tokens a minute and streams at once. Checked at the start of
-//! `GatewayService::start`, so gRPC and HTTP share it. The keys file is re-read when it changes.
+//! `GatewayService::start`, so gRPC and HTTP share it; the gRPC front also checks the key on the
+//! headers before reading the body (`grpc`). The keys file is re-read when it changes.
 //! Keys are compared by SHA-256 digest in constant time and never logged: logs name a key by its
 //! `name=` or by `key-` and the first 8 hex digits of its digest.
 
@@ -282,10 +283,14 @@ impl ApiKeys {
         self.table.read().expect("keys lock").clone()
     }
 
-    /// Authenticates `key`, checks the request's model and class against the key's allowances,
-    /// then charges its max_tokens and takes a stream slot. UNAUTHENTICATED, PERMISSION_DENIED
-    /// or RESOURCE_EXHAUSTED (with `retry-after-ms` metadata) otherwise.
-    pub fn admit(&self, key: Option<&str>, req: &GenerateRequest) -> Result<Grant, AuthError> {
+    /// Checks only that `key` is one of ours: what a front end runs on the headers, before it
+    /// reads the body (the gRPC interceptor). [`ApiKeys::admit`] checks it again with the rest.
+    pub fn authenticate(&self, key: Option<&str>) -> Result<(), AuthError> {
+        self.find(key).map(drop)
+    }
+
+    /// The key's entry, compared in constant time; UNAUTHENTICATED when missing or unknown.
+    fn find(&self, key: Option<&str>) -> Result<Arc<KeyState>, AuthError> {
         let Some(key) = key else {
             return Err(AuthError::Unauthenticated(
                 "missing API key: send `authorization: Bearer <key>`".into(),
@@ -305,6 +310,14 @@ impl ApiKeys {
             tracing::info!(key = %short_hash(&presented), "refused: unknown API key");
             return Err(AuthError::Unauthenticated("invalid API key".into()));
         };
+        Ok(k.clone())
+    }
+
+    /// Authenticates `key`, checks the request's model and class against the key's allowances,
+    /// then charges its max_tokens and takes a stream slot. UNAUTHENTICATED, PERMISSION_DENIED
+    /// or RESOURCE_EXHAUSTED (with `retry-after-ms` metadata) otherwise.
+    pub fn admit(&self, key: Option<&str>, req: &GenerateRequest) -> Result<Grant, AuthError> {
+        let k = self.find(key)?;
         let spec = &k.spec;
         if let Some(models) = &spec.models {
             if req.model.is_empty() {

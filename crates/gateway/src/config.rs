@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use moe_common::registry::EtcdArgs;
 use moe_common::flags::parse_duration_flag;
+use moe_common::registry::EtcdArgs;
 
 use crate::scheduler::Spill;
 
@@ -35,6 +35,32 @@ pub struct GatewayConfig {
     /// On SIGTERM, how long running streams may take to finish before they are cut.
     #[arg(long, env = "MOE_DRAIN_GRACE", default_value = "30s", value_parser = parse_duration_flag)]
     pub drain_grace: Duration,
+    /// Longest a stream may wait for its worker's next message before the worker counts as
+    /// failed (the stream is retried or migrated), or for its client to read before it is cut.
+    #[arg(long, env = "MOE_STREAM_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration_flag)]
+    pub stream_idle_timeout: Duration,
+    /// Consecutive failed attempts after which a worker is left out of placement for a while
+    /// (doubling on each ejection, up to a minute); 0 turns ejection off.
+    #[arg(long, env = "MOE_OUTLIER_FAILURES", default_value_t = 3)]
+    pub outlier_failures: u32,
+    /// How long a worker is first ejected for (see --outlier-failures).
+    #[arg(long, env = "MOE_OUTLIER_EJECTION", default_value = "5s", value_parser = parse_duration_flag)]
+    pub outlier_ejection: Duration,
+    /// gRPC requests read and decoded at once (health and reflection not counted); more are
+    /// refused with RESOURCE_EXHAUSTED. Bounds request memory to about this many times
+    /// --max-message-bytes (times the decoding expansion).
+    #[arg(long, env = "MOE_MAX_DECODING_REQUESTS", default_value_t = 64)]
+    pub max_decoding_requests: usize,
+    /// HTTP/2 streams one client connection may have open at once on the gRPC port.
+    #[arg(long, env = "MOE_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keepalive pings to idle gRPC clients (a half-open connection is
+    /// closed after one more --keepalive-timeout).
+    #[arg(long, env = "MOE_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = parse_duration_flag)]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "MOE_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration_flag)]
+    pub keepalive_timeout: Duration,
     /// Workers tried per request at most (placement, retries, migrations).
     #[arg(long, env = "MOE_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
@@ -59,6 +85,15 @@ impl GatewayConfig {
         self.telemetry.validate()?;
         if self.max_concurrency == 0 {
             return Err("--max-concurrency must be at least 1".into());
+        }
+        if self.stream_idle_timeout.is_zero() {
+            return Err("--stream-idle-timeout must be more than 0".into());
+        }
+        if self.max_decoding_requests == 0 {
+            return Err("--max-decoding-requests must be at least 1".into());
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err("--max-concurrent-streams must be at least 1".into());
         }
         if self.max_attempts == 0 {
             return Err("--max-attempts must be at least 1".into());

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
@@ -44,14 +45,21 @@ pub async fn run(
     let etcd = config.etcd.config();
     let watcher_stop = CancellationToken::new();
     let security = security::Security::load(&config.security, watcher_stop.clone())?;
-    let watcher = Watcher::start(etcd, watcher_stop.clone()).await?;
+    let watcher = Watcher::start_retrying(etcd, watcher_stop.clone()).await?;
     let policy = Policy {
         interactive_spill: config.interactive_spill,
         batch_spill: config.batch_spill,
         ..Policy::default()
     };
     let router = Arc::new(
-        RoutingState::new(watcher.snapshots(), policy).with_worker_tls(security.worker_tls),
+        RoutingState::new(watcher.snapshots(), policy)
+            .with_worker_tls(security.worker_tls)
+            .with_worker_tls_server_name(config.security.worker_tls_server_name.clone())
+            .with_outliers(router::OutlierConfig {
+                failures: config.outlier_failures,
+                ejection: config.outlier_ejection,
+                ..router::OutlierConfig::default()
+            }),
     );
     // One registry per gateway; served at --metrics-listen.
     let mut registry = prometheus_client::registry::Registry::default();
@@ -85,11 +93,12 @@ pub async fn run(
             max_streams: config.max_concurrency,
             request_timeout: config.request_timeout,
             max_attempts: config.max_attempts,
+            stream_idle_timeout: config.stream_idle_timeout,
             limits: config.limits.clone(),
         },
     )
     .with_metrics(gateway_metrics)
-    .with_api_keys(security.api_keys);
+    .with_api_keys(security.api_keys.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<InferenceServer<GatewayService>>()
@@ -132,27 +141,25 @@ pub async fn run(
     tracing::info!(%local, http = ?http_local, workers = watcher.current().workers.len(), "gateway ready");
     let stop_server = shutdown.clone();
     let reporter = health_reporter.clone();
-    let server = tonic::transport::Server::builder()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            config.max_concurrency * 2,
-        ))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            InferenceServer::new(service)
-                .max_decoding_message_size(config.limits.max_message_bytes),
-        )
-        .serve_with_incoming_shutdown(
-            moe_common::tls::incoming(listener, security.grpc_tls, "gRPC"),
-            async move {
-                stop_server.cancelled().await;
-                tracing::info!("draining: no new requests, finishing running streams");
-                reporter
-                    .set_not_serving::<InferenceServer<GatewayService>>()
-                    .await;
-            },
-        );
+    // Health and reflection are outside the decoding limit: probes answer while it is full.
+    let server = grpc::router(
+        &grpc::GrpcLimits::from_config(&config),
+        service,
+        security.api_keys,
+    )
+    .add_service(health_service)
+    .add_service(reflection)
+    .add_service(reflection_v1alpha)
+    .serve_with_incoming_shutdown(
+        moe_common::tls::incoming(listener, security.grpc_tls, "gRPC"),
+        async move {
+            stop_server.cancelled().await;
+            tracing::info!("draining: no new requests, finishing running streams");
+            reporter
+                .set_not_serving::<InferenceServer<GatewayService>>()
+                .await;
+        },
+    );
     let grpc_server = async { server.await.map_err(GatewayError::from) };
     let servers = async {
         tokio::try_join!(grpc_server, async {

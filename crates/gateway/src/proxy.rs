@@ -33,6 +33,9 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     /// Workers tried per request at most (first placement, retries and migrations).
     pub max_attempts: u32,
+    /// Longest a relayed stream may wait for its worker's next message (then the worker counts
+    /// as failed and the stream moves on) or for its client to take one (then it ends).
+    pub stream_idle_timeout: Duration,
     pub limits: RequestLimits,
 }
 
@@ -167,6 +170,7 @@ impl GatewayService {
             router: self.router.clone(),
             max_attempts: self.config.max_attempts,
             deadline: started + timeout,
+            idle_timeout: self.config.stream_idle_timeout,
             started,
             class,
             req,

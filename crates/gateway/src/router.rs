@@ -1,17 +1,26 @@
 //! Shared routing state: the cluster snapshot, this gateway's reservations, worker channels and
-//! the retry budget. The policy itself lives in `scheduler.rs`.
+//! the retry and drain-migration budgets, and passive outlier ejection (`outliers`). The policy
+//! itself lives in `scheduler.rs`.
+
+mod outliers;
+
+pub use outliers::OutlierConfig;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moe_common::registry::ClusterSnapshot;
 use moe_common::tls::ClientTls;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
+use self::outliers::Outliers;
 use crate::scheduler::{self, Demand, Policy, Ranking, Reservation, Reservations, ScheduleError};
+
+/// Idle time after which the TCP connection to a worker sends keepalive probes.
+const WORKER_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 pub struct RoutingState {
     snapshots: watch::Receiver<Arc<ClusterSnapshot>>,
@@ -19,8 +28,14 @@ pub struct RoutingState {
     channels: Mutex<HashMap<String, Channel>>,
     policy: Policy,
     retry_budget: RetryBudget,
+    /// Migrations of streams a draining worker gave back: budgeted apart from retries, so a
+    /// rollout does not spend the budget that protects the fleet from retry storms (M4).
+    drain_budget: RetryBudget,
+    outliers: Outliers,
     /// TLS to workers; when set, only `https://` workers are dialled.
     worker_tls: Option<ClientTls>,
+    /// Name checked against worker certificates instead of the advertised host.
+    worker_tls_server_name: Option<String>,
     /// Generation of `worker_tls` the cached channels were made with.
     tls_generation: AtomicU64,
 }
@@ -44,7 +59,10 @@ impl RoutingState {
             channels: Mutex::new(HashMap::new()),
             policy,
             retry_budget: RetryBudget::new(0.2, 10),
+            drain_budget: RetryBudget::new(1.0, 100),
+            outliers: Outliers::default(),
             worker_tls: None,
+            worker_tls_server_name: None,
             tls_generation: AtomicU64::new(0),
         }
     }
@@ -55,9 +73,46 @@ impl RoutingState {
         self
     }
 
-    /// Credits the retry budget for one new request.
+    /// Replaces the default drain-migration budget (one per request, floor 100).
+    pub fn with_drain_budget(mut self, ratio: f64, floor: u64) -> Self {
+        self.drain_budget = RetryBudget::new(ratio, floor);
+        self
+    }
+
+    /// Ejects workers that fail `config.failures` attempts in a row (default: 3, for 5 s).
+    pub fn with_outliers(mut self, config: OutlierConfig) -> Self {
+        self.outliers = Outliers::new(config);
+        self
+    }
+
+    /// Credits the retry and drain-migration budgets for one new request.
     pub fn request_started(&self) {
         self.retry_budget.deposit();
+        self.drain_budget.deposit();
+    }
+
+    /// Takes one migration of a stream that a draining worker gave back; false when that
+    /// budget is spent.
+    pub fn take_drain_migration(&self) -> bool {
+        self.drain_budget.withdraw()
+    }
+
+    /// An attempt on `worker` failed in a way that says the worker is unwell (not a capacity
+    /// refusal, not a drain); enough of these in a row eject it for a while.
+    pub fn worker_failed(&self, worker: &str) {
+        if let Some(period) = self.outliers.failed(worker, Instant::now()) {
+            tracing::warn!(worker, ?period, "worker ejected after consecutive failures");
+        }
+    }
+
+    /// A stream finished on `worker`: its failure count starts again.
+    pub fn worker_succeeded(&self, worker: &str) {
+        self.outliers.succeeded(worker);
+    }
+
+    /// Workers left out of placement now (ejected outliers).
+    pub fn ejected(&self) -> Vec<String> {
+        self.outliers.ejected(Instant::now())
     }
 
     /// Takes one retry or migration from the budget; false when it is spent.
@@ -71,11 +126,19 @@ impl RoutingState {
         self
     }
 
+    /// Checks worker certificates against `name` rather than the host in each advert (workers
+    /// advertise pod IPs; their certificates name a service): `--worker-tls-server-name`.
+    pub fn with_worker_tls_server_name(mut self, name: Option<String>) -> Self {
+        self.worker_tls_server_name = name;
+        self
+    }
+
     pub fn snapshot(&self) -> Arc<ClusterSnapshot> {
         self.snapshots.borrow().clone()
     }
 
-    /// Ranks candidates for `demand` on the current snapshot, logging the decision.
+    /// Ranks candidates for `demand` on the current snapshot, logging the decision. Ejected
+    /// outliers are left out, unless no other worker could take the request.
     pub fn rank(
         &self,
         demand: &Demand,
@@ -83,14 +146,29 @@ impl RoutingState {
     ) -> Result<Ranking, ScheduleError> {
         let snapshot = self.snapshot();
         let reservations = self.reservations.lock().expect("reservations lock").clone();
-        let ranking = scheduler::rank(
-            demand,
-            &snapshot,
-            &reservations,
-            exclude,
-            &self.policy,
-            &mut rand::rng(),
-        );
+        let rank = |exclude: &HashSet<String>| {
+            scheduler::rank(
+                demand,
+                &snapshot,
+                &reservations,
+                exclude,
+                &self.policy,
+                &mut rand::rng(),
+            )
+        };
+        let ejected = self.ejected();
+        let without_outliers = (!ejected.is_empty())
+            .then(|| {
+                let mut more = exclude.clone();
+                more.extend(ejected);
+                rank(&more)
+            })
+            .and_then(Result::ok)
+            .filter(|r| !r.candidates.is_empty() || !r.fallback.is_empty());
+        let ranking = match without_outliers {
+            Some(r) => Ok(r),
+            None => rank(exclude),
+        };
         match &ranking {
             Ok(r) => tracing::debug!(
                 class = ?demand.class,
@@ -142,10 +220,17 @@ impl RoutingState {
         let mut ep = Endpoint::from_shared(endpoint.to_string())?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
+            .tcp_keepalive(Some(WORKER_TCP_KEEPALIVE))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
         match (tls, https) {
-            (Some((_, config)), true) => ep = ep.tls_config(config)?,
+            (Some((_, config)), true) => {
+                let config = match &self.worker_tls_server_name {
+                    Some(name) => config.domain_name(name.clone()),
+                    None => config,
+                };
+                ep = ep.tls_config(config)?
+            }
             (Some(_), false) => return Err(ChannelError::Plaintext(endpoint.to_string())),
             (None, true) => return Err(ChannelError::NoTls(endpoint.to_string())),
             (None, false) => {}
@@ -155,9 +240,10 @@ impl RoutingState {
         Ok(channel)
     }
 
-    /// Forgets channels of workers no longer in the snapshot.
+    /// Forgets channels (and outlier records) of workers no longer in the snapshot.
     pub fn prune_channels(&self) {
         let snapshot = self.snapshot();
+        self.outliers.retain(|id| snapshot.workers.contains_key(id));
         let live: HashSet<&str> = snapshot
             .workers
             .values()

@@ -38,6 +38,10 @@ pub struct SecurityArgs {
     /// --tls-cert, as its client certificate.
     #[arg(long, env = "MOE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Name worker certificates must carry (SNI and verification), instead of the host of each
+    /// advertised endpoint: workers advertise pod IPs while their certificate names a service.
+    #[arg(long, env = "MOE_WORKER_TLS_SERVER_NAME", requires = "tls_ca")]
+    pub worker_tls_server_name: Option<String>,
     /// PEM client certificate presented to workers, when it must differ from --tls-cert.
     #[arg(long, env = "MOE_WORKER_TLS_CERT", requires = "worker_tls_key")]
     pub worker_tls_cert: Option<PathBuf>,
@@ -55,6 +59,16 @@ impl SecurityArgs {
     pub fn validate(&self) -> Result<(), String> {
         if self.worker_tls_cert.is_some() && self.tls_ca.is_none() {
             return Err("--worker-tls-cert needs --tls-ca (the CA of the workers)".into());
+        }
+        if self.worker_tls_server_name.is_some() && self.tls_ca.is_none() {
+            return Err("--worker-tls-server-name needs --tls-ca (the CA of the workers)".into());
+        }
+        if self
+            .worker_tls_server_name
+            .as_deref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            return Err("--worker-tls-server-name must not be empty".into());
         }
         Ok(())
     }

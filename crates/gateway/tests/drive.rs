@@ -1,13 +1,14 @@
 //! The gateway's per-request drive loop against fake workers (real gRPC on 127.0.0.1, no
 //! llama.cpp, no etcd: the routing state is built straight from adverts). One test per path:
 //! retry before the first token, migration after N tokens, drain hand-over, retry-budget
-//! exhaustion, deadline, client drop.
+//! exhaustion, deadline, client drop, a silent worker (idle timeout), a client that stops
+//! reading, drain migrations on their own budget, outlier ejection.
 
 mod fake_worker;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fake_worker::{FakeWorker, Script};
 use moe_common::LatencyClass;
@@ -15,21 +16,32 @@ use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse};
 use moe_common::registry::ClusterSnapshot;
 use moe_common::request::RequestLimits;
 use moe_gateway::RoutingState;
+use moe_gateway::auth::ApiKeys;
 use moe_gateway::proxy::{GatewayService, ProxyConfig};
+use moe_gateway::router::OutlierConfig;
 use moe_gateway::scheduler::Policy;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
-/// A gateway service over these workers, each with its profile (`full` or `cpu-moe`).
-fn gateway(
-    workers: &[(&FakeWorker, &str)],
-    request_timeout: Duration,
-) -> (
+type Gateway = (
     GatewayService,
     Arc<RoutingState>,
     watch::Sender<Arc<ClusterSnapshot>>,
-) {
+);
+
+/// A gateway service over these workers, each with its profile (`full` or `cpu-moe`).
+fn gateway(workers: &[(&FakeWorker, &str)], request_timeout: Duration) -> Gateway {
+    gateway_with(workers, request_timeout, Duration::from_secs(30), |r| r)
+}
+
+/// [`gateway`] with a stream idle timeout and routing-state settings.
+fn gateway_with(
+    workers: &[(&FakeWorker, &str)],
+    request_timeout: Duration,
+    stream_idle_timeout: Duration,
+    routing: impl FnOnce(RoutingState) -> RoutingState,
+) -> Gateway {
     let snapshot = ClusterSnapshot {
         revision: 1,
         workers: workers
@@ -39,13 +51,14 @@ fn gateway(
         rejected: Default::default(),
     };
     let (tx, rx) = watch::channel(Arc::new(snapshot));
-    let router = Arc::new(RoutingState::new(rx, Policy::default()));
+    let router = Arc::new(routing(RoutingState::new(rx, Policy::default())));
     let service = GatewayService::new(
         router.clone(),
         ProxyConfig {
             max_streams: 16,
             request_timeout,
             max_attempts: 3,
+            stream_idle_timeout,
             limits: RequestLimits::default(),
         },
     );
@@ -153,15 +166,130 @@ async fn drive_fails_when_the_retry_budget_is_spent() {
     assert_eq!((a.calls(), b.calls()), (1, 0), "no retry without budget");
 }
 
+/// Waits (at most 5 s) until the worker saw `n` streams dropped by the gateway.
+async fn dropped(w: &FakeWorker, n: usize) {
+    for _ in 0..100 {
+        if w.seen.dropped.load(Ordering::SeqCst) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the gateway did not cancel the worker stream");
+}
+
 #[tokio::test]
-#[ignore = "fails today: the relay loop does not enforce the deadline on a silent worker \
-            (reliability review H6, issue 16); un-ignore with that fix"]
 async fn drive_ends_a_stalled_stream_at_the_deadline() {
     let a = FakeWorker::start("a", Script::Stall).await;
     let (svc, _, _snap) = gateway(&[(&a, "full")], Duration::from_millis(300));
+    let t = Instant::now();
     let msgs = collect(&svc, request(4)).await;
     let err = msgs.last().unwrap().as_ref().expect_err("fails");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    dropped(&a, 1).await;
+}
+
+#[tokio::test]
+async fn drive_moves_a_stream_off_a_silent_worker_after_the_idle_timeout() {
+    let a = FakeWorker::start("a", Script::Stall).await;
+    let b = FakeWorker::start("b", FAST).await;
+    let (svc, _, _snap) = gateway_with(
+        &[(&a, "full"), (&b, "cpu-moe")],
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        |r| r,
+    );
+    let msgs = collect(&svc, request(3)).await;
+    assert_eq!(token_ids(&msgs), vec![0, 1, 2]);
+    assert_eq!((a.calls(), b.calls()), (1, 1));
+    dropped(&a, 1).await;
+}
+
+#[tokio::test]
+async fn drive_fails_a_stalled_worker_fast_and_releases_the_key_quota() {
+    let a = FakeWorker::start("a", Script::Stall).await;
+    let (svc, _, _snap) = gateway_with(
+        &[(&a, "full")],
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        |r| r,
+    );
+    let keys = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(keys.path(), "k-0123456789abcdef max_concurrent=1\n").unwrap();
+    let svc = svc.with_api_keys(Some(Arc::new(ApiKeys::load(keys.path()).unwrap())));
+    let key = Some("k-0123456789abcdef");
+    let t = Instant::now();
+    let stream = svc.start(request(4), None, key).expect("admitted");
+    let msgs = tokio::time::timeout(Duration::from_secs(5), stream.collect::<Vec<_>>())
+        .await
+        .expect("the stream ended");
+    let err = msgs.last().unwrap().as_ref().expect_err("fails");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    dropped(&a, 1).await;
+    // The key's one stream slot is free again.
+    svc.start(request(4), None, key)
+        .expect("the key's quota was released");
+}
+
+#[tokio::test]
+async fn drive_lets_go_of_a_client_that_stops_reading() {
+    let a = FakeWorker::start("a", FAST).await;
+    let (svc, _, _snap) = gateway_with(
+        &[(&a, "full")],
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        |r| r,
+    );
+    // More tokens than the client's channel holds, and the client reads none.
+    let stream = svc.start(request(500), None, None).expect("placed");
+    dropped(&a, 1).await;
+    let msgs = tokio::time::timeout(Duration::from_secs(5), stream.collect::<Vec<_>>())
+        .await
+        .expect("the stream ended");
+    let err = msgs
+        .last()
+        .unwrap()
+        .as_ref()
+        .expect_err("ends with a status");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(token_ids(&msgs).len() < 500);
+}
+
+#[tokio::test]
+async fn drive_drain_migrations_do_not_spend_the_retry_budget() {
+    let a = FakeWorker::start("a", Script::Drain { tokens: 2 }).await;
+    let b = FakeWorker::start("b", FAST).await;
+    let (svc, router, _snap) = gateway(&[(&a, "full"), (&b, "cpu-moe")], Duration::from_secs(10));
+    while router.take_retry() {}
+    let msgs = collect(&svc, request(4)).await;
+    assert_eq!(token_ids(&msgs), vec![0, 1, 2, 3]);
+    assert_eq!(final_message(&msgs).migrations, 1);
+}
+
+#[tokio::test]
+async fn drive_ejects_a_worker_that_keeps_failing() {
+    let a = FakeWorker::start("a", Script::FailBefore(Code::Unavailable)).await;
+    let b = FakeWorker::start("b", FAST).await;
+    let (svc, router, _snap) = gateway_with(
+        &[(&a, "full"), (&b, "cpu-moe")],
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+        |r| {
+            r.with_outliers(OutlierConfig {
+                failures: 2,
+                ejection: Duration::from_secs(30),
+                ..OutlierConfig::default()
+            })
+        },
+    );
+    for _ in 0..5 {
+        let msgs = collect(&svc, request(2)).await;
+        assert_eq!(token_ids(&msgs), vec![0, 1]);
+    }
+    assert_eq!(a.calls(), 2, "ejected after two failures in a row");
+    assert_eq!(b.calls(), 5);
+    assert_eq!(router.ejected(), vec!["a".to_string()]);
 }
 
 #[tokio::test]

@@ -7,17 +7,24 @@
 //! character, no partial stop string) and the new worker regenerates anything held back. It
 //! goes only to a worker of the same model file as the one that produced the first token
 //! (`continuity`).
+//!
+//! While relaying, the request's deadline and the stream idle timeout are enforced on every
+//! wait: a worker that sends nothing for the idle timeout is treated as failed (retried or
+//! migrated), a client that reads nothing for that long is let go, and the deadline ends the
+//! stream with DEADLINE_EXCEEDED. One slot of the client's channel is kept for the terminal
+//! status, so it is queued even behind a client that stopped reading.
 
 mod continuity;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use moe_common::LatencyClass;
 use moe_common::pb::v1::inference_client::InferenceClient;
 use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, Usage};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::{sleep, sleep_until, timeout_at};
 use tonic::{Code, Request, Status};
 use tracing::{Instrument, Span};
 
@@ -33,6 +40,8 @@ pub(super) struct Drive {
     pub(super) router: Arc<RoutingState>,
     pub(super) max_attempts: u32,
     pub(super) deadline: Instant,
+    /// Longest wait for the worker's next message, or for the client to take one.
+    pub(super) idle_timeout: Duration,
     pub(super) started: Instant,
     pub(super) class: LatencyClass,
     pub(super) req: GenerateRequest,
@@ -49,8 +58,21 @@ enum Outcome {
     Done,
     /// The client left; dropping the worker stream cancels the sequence there.
     ClientGone,
+    /// The client read nothing for the idle timeout (a half-open connection, a stuck reader).
+    ClientStalled,
     /// The worker failed; `retryable` says whether another worker may take over.
     Failed { status: Status, retryable: bool },
+    /// The worker is draining and gave the stream back: continue elsewhere, on the drain
+    /// budget rather than the retry budget.
+    Drained,
+}
+
+/// How a request ended: `Ok(code)` when nothing more goes to the client, `Err(status)` when
+/// this terminal status must still reach it.
+type End = Result<Code, Status>;
+
+fn deadline_passed() -> Status {
+    Status::deadline_exceeded("request deadline passed")
 }
 
 /// Per-attempt stream bookkeeping for latency metrics.
@@ -76,7 +98,19 @@ fn retryable(status: &Status) -> bool {
 impl Drive {
     pub(super) async fn run(self, first: Ranking) {
         let mut model = String::from("none");
-        let code = self.drive(first, &mut model).await;
+        // The channel is empty now, so this slot is free at once; it is used only for the
+        // terminal status.
+        let code = match self.tx.clone().reserve_owned().await {
+            Err(_) => Code::Cancelled,
+            Ok(terminal) => match self.drive(first, &mut model).await {
+                Ok(code) => code,
+                Err(status) => {
+                    let code = status.code();
+                    terminal.send(Err(status));
+                    code
+                }
+            },
+        };
         self.metrics.request_finished(&model, self.class, code);
         if !matches!(code, Code::Ok | Code::Cancelled) {
             Span::current().record("otel.status_code", "ERROR");
@@ -85,12 +119,14 @@ impl Drive {
 
     /// Tries workers until one finishes the stream; returns the request's outcome and leaves
     /// the model of the last worker tried in `model`.
-    async fn drive(&self, first: Ranking, model: &mut String) -> Code {
+    async fn drive(&self, first: Ranking, model: &mut String) -> End {
         let mut generated: Vec<u32> = Vec::new();
         let mut tried = HashSet::new();
         let mut ranking = Some(first);
         let mut migrations = 0u32;
         let mut last: Option<Status> = None;
+        // The last attempt ended because its worker drained (M4: a separate budget).
+        let mut drained = false;
         let mut continuity = Continuity::default();
         for attempt in 0..self.max_attempts {
             let r = match ranking.take() {
@@ -112,8 +148,13 @@ impl Drive {
             let Some((candidate, decision)) = candidate else {
                 break;
             };
-            if attempt > 0 && !self.router.take_retry() {
-                tracing::warn!("retry budget spent; failing the request");
+            let budgeted = match (attempt, drained) {
+                (0, _) => true,
+                (_, true) => self.router.take_drain_migration(),
+                (_, false) => self.router.take_retry(),
+            };
+            if !budgeted {
+                tracing::warn!(drained, "retry budget spent; failing the request");
                 self.metrics.retry_budget_exhausted();
                 break;
             }
@@ -156,10 +197,31 @@ impl Drive {
                 // The client has this model's tokens: only the same model may continue them.
                 continuity.pin(&candidate.worker);
             }
+            drained = false;
             match outcome {
-                Outcome::Done => return Code::Ok,
-                Outcome::ClientGone => return Code::Cancelled,
+                Outcome::Done => {
+                    self.router.worker_succeeded(&candidate.worker.id);
+                    return Ok(Code::Ok);
+                }
+                Outcome::ClientGone => return Ok(Code::Cancelled),
+                Outcome::ClientStalled => {
+                    tracing::warn!(idle = ?self.idle_timeout, "client stopped reading; ending the stream");
+                    return Err(Status::deadline_exceeded(format!(
+                        "the client read nothing for {:?} (stream idle timeout)",
+                        self.idle_timeout
+                    )));
+                }
+                Outcome::Drained => {
+                    drained = true;
+                    last = Some(Status::unavailable(
+                        "worker cancelled the stream while draining",
+                    ));
+                }
                 Outcome::Failed { status, retryable } => {
+                    if retryable && status.code() != Code::ResourceExhausted {
+                        // Unreachable, reset, silent or failing: counts towards ejection.
+                        self.router.worker_failed(&candidate.worker.id);
+                    }
                     // Too long for this worker's context: a worker with a larger one may fit.
                     let retryable = retryable || status.code() == Code::OutOfRange;
                     if status.code() == Code::OutOfRange {
@@ -168,19 +230,13 @@ impl Drive {
                     span.record("otel.status_code", "ERROR");
                     tracing::warn!(worker = %candidate.worker.id, code = ?status.code(), message = status.message(), retryable, "worker attempt failed");
                     if !retryable {
-                        let code = status.code();
-                        let _ = self.tx.send(Err(status)).await;
-                        return code;
+                        return Err(status);
                     }
                     last = Some(status);
                 }
             }
             if Instant::now() >= self.deadline {
-                let _ = self
-                    .tx
-                    .send(Err(Status::deadline_exceeded("request deadline passed")))
-                    .await;
-                return Code::DeadlineExceeded;
+                return Err(deadline_passed());
             }
         }
         let status = match last {
@@ -193,9 +249,22 @@ impl Drive {
             )),
             None => Status::unavailable("no worker could take the request"),
         };
-        let code = status.code();
-        let _ = self.tx.send(Err(status)).await;
-        code
+        Err(status)
+    }
+
+    /// Sends `m` to the client, waiting at most the idle timeout (and never past the deadline)
+    /// for it to make room.
+    async fn send(&self, m: GenerateResponse) -> Result<(), Outcome> {
+        let by = self.deadline.min(Instant::now() + self.idle_timeout);
+        match timeout_at(by.into(), self.tx.send(Ok(m))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Outcome::ClientGone),
+            Err(_) if Instant::now() >= self.deadline => Err(Outcome::Failed {
+                status: deadline_passed(),
+                retryable: false,
+            }),
+            Err(_) => Err(Outcome::ClientStalled),
+        }
     }
 
     /// Records latency metrics for a message of `tokens` tokens about to go to the client;
@@ -242,9 +311,9 @@ impl Drive {
                 migrations,
                 ..Default::default()
             };
-            return match self.tx.send(Ok(final_msg)).await {
+            return match self.send(final_msg).await {
                 Ok(()) => Outcome::Done,
-                Err(_) => Outcome::ClientGone,
+                Err(o) => o,
             };
         }
         let _reservation = self
@@ -253,10 +322,22 @@ impl Drive {
         let remaining = self.deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Outcome::Failed {
-                status: Status::deadline_exceeded("request deadline passed"),
+                status: deadline_passed(),
                 retryable: false,
             };
         }
+        let deadline = tokio::time::Instant::from_std(self.deadline);
+        let silent = || Outcome::Failed {
+            status: Status::unavailable(format!(
+                "worker sent nothing for {:?} (stream idle timeout)",
+                self.idle_timeout
+            )),
+            retryable: true,
+        };
+        let expired = || Outcome::Failed {
+            status: deadline_passed(),
+            retryable: false,
+        };
         let channel = match self.router.channel(&c.worker.endpoint) {
             Ok(ch) => ch,
             Err(e) => {
@@ -275,6 +356,8 @@ impl Drive {
         let response = tokio::select! {
             r = client.generate(request) => r,
             _ = self.tx.closed() => return Outcome::ClientGone,
+            _ = sleep_until(deadline) => return expired(),
+            _ = sleep(self.idle_timeout) => return silent(),
         };
         let mut stream = match response {
             Ok(r) => r.into_inner(),
@@ -292,11 +375,13 @@ impl Drive {
             // Also None after a migration: the hand-over is not counted as an inter-token gap.
             last_token: None,
         };
+        // Every return drops the worker stream, which cancels the sequence on the worker.
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m,
-                // Client gone: dropping the worker stream cancels the sequence there.
                 _ = self.tx.closed() => return Outcome::ClientGone,
+                _ = sleep_until(deadline) => return expired(),
+                _ = sleep(self.idle_timeout) => return silent(),
             };
             match msg {
                 Ok(Some(mut m)) => {
@@ -309,12 +394,7 @@ impl Drive {
                         .unwrap_or(FinishReason::Unspecified);
                     if finish == FinishReason::Cancelled && Instant::now() < self.deadline {
                         // The worker gave up on the stream (drain): continue elsewhere.
-                        return Outcome::Failed {
-                            status: Status::unavailable(
-                                "worker cancelled the stream while draining",
-                            ),
-                            retryable: true,
-                        };
+                        return Outcome::Drained;
                     }
                     if finish != FinishReason::Unspecified {
                         m.migrations = migrations;
@@ -322,8 +402,8 @@ impl Drive {
                             u.completion_tokens += before;
                         }
                     }
-                    if self.tx.send(Ok(m)).await.is_err() {
-                        return Outcome::ClientGone;
+                    if let Err(o) = self.send(m).await {
+                        return o;
                     }
                     if finish != FinishReason::Unspecified {
                         return Outcome::Done;

@@ -1,0 +1,121 @@
+//! The gateway's gRPC front: which checks run before a request body is read, and which services
+//! sit behind the request-decoding limit. API keys are checked on the headers (an interceptor),
+//! so an unauthenticated client is refused before its body is read or decoded (review H1). At
+//! most `max_decoding` `Generate` requests are read and decoded at once, and any beyond that are
+//! refused at once with RESOURCE_EXHAUSTED instead of queueing; this bounds the request bytes in
+//! flight to about `max_decoding × max_message_bytes`. Health and reflection sit outside that
+//! limit, so probes answer while it is saturated (M7). HTTP/2 keepalive pings close half-open
+//! client connections (H6), and `max_concurrent_streams` bounds streams per connection.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use moe_common::pb::v1::inference_server::InferenceServer;
+use tokio::sync::Semaphore;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::Router;
+
+use crate::auth::{ApiKeys, grpc_bearer};
+use crate::proxy::GatewayService;
+
+/// Limits of the gRPC server.
+#[derive(Clone, Debug)]
+pub struct GrpcLimits {
+    /// `Generate` requests read and decoded at once; more are refused (RESOURCE_EXHAUSTED).
+    pub max_decoding: usize,
+    /// Largest request message accepted (bytes, before decoding).
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams open at once per client connection.
+    pub max_concurrent_streams: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl GrpcLimits {
+    pub fn from_config(config: &crate::GatewayConfig) -> Self {
+        GrpcLimits {
+            max_decoding: config.max_decoding_requests,
+            max_message_bytes: config.limits.max_message_bytes,
+            max_concurrent_streams: config.max_concurrent_streams,
+            keepalive_interval: config.keepalive_interval,
+            keepalive_timeout: config.keepalive_timeout,
+        }
+    }
+}
+
+/// The gRPC router of a gateway: `Generate` behind the API-key interceptor and the decoding
+/// limit; `extra` services (health, reflection) beside them, unlimited.
+pub fn router(
+    limits: &GrpcLimits,
+    service: GatewayService,
+    api_keys: Option<Arc<ApiKeys>>,
+) -> Router {
+    let inference = DecodeLimit {
+        inner: InferenceServer::new(service).max_decoding_message_size(limits.max_message_bytes),
+        permits: Arc::new(Semaphore::new(limits.max_decoding)),
+    };
+    let inference = InterceptedService::new(inference, move |req: tonic::Request<()>| {
+        if let Some(keys) = &api_keys {
+            keys.authenticate(grpc_bearer(req.metadata()))?;
+        }
+        Ok(req)
+    });
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .add_service(inference)
+}
+
+/// Admits at most as many calls as it has permits, each holding one until its response
+/// headers are ready (the request has been read, decoded and placed); refuses the rest with
+/// RESOURCE_EXHAUSTED.
+#[derive(Clone)]
+pub struct DecodeLimit<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+impl<S: NamedService> NamedService for DecodeLimit<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for DecodeLimit<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let call = self.inner.call(req);
+                Box::pin(async move {
+                    let response = call.await;
+                    drop(permit);
+                    response
+                })
+            }
+            Err(_) => {
+                let status = Status::resource_exhausted(
+                    "gateway is reading as many requests as it may at once; retry later",
+                );
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
