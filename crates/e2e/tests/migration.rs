@@ -54,6 +54,22 @@ async fn draining_worker(spec: WorkerSpec, etcd: &Etcd, prefix: &str) -> WorkerP
     p
 }
 
+/// Waits until every worker of `ids` advertises free KV (a worker's first advert may show none
+/// until its engine has published its numbers), so that the gateway can place on it.
+async fn have_free_kv(etcd: &Etcd, prefix: &str, ids: &[&str]) {
+    for id in ids {
+        eventually(
+            Duration::from_secs(10),
+            "an advert with free KV",
+            || async {
+                let free = etcd.advert(prefix, id).await?.capacity.free_kv_tokens;
+                (free > 0).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
 /// Every message of a stream, the final one included.
 async fn messages(url: &str, req: GenerateRequest) -> Vec<GenerateResponse> {
     let fut = async {
@@ -235,6 +251,7 @@ async fn sigkill_inside_a_split_character_migrates_full_to_cpu_moe_byte_exact() 
     let a = WorkerProcess::start(WorkerSpec::new("a", "full"), &etcd, prefix).await;
     let reference = french_reference(&format!("http://{}", a.addr)).await;
     let b = WorkerProcess::start(WorkerSpec::new("b", "cpu-moe"), &etcd, prefix).await;
+    have_free_kv(&etcd, prefix, &["a", "b"]).await;
     let gateway = Gateway::start(&etcd, prefix, &[]).await;
 
     // Interactive work starts on the full worker; kill it when the client has the text just
@@ -279,6 +296,7 @@ async fn drain_inside_a_stop_string_migrates_and_the_stop_string_still_ends_the_
     let reference = french_reference(&format!("http://{}", a.addr)).await;
     let expected = before_stop(&reference);
     let b = draining_worker(WorkerSpec::new("b", "cpu-moe"), &etcd, prefix).await;
+    have_free_kv(&etcd, prefix, &["a", "b"]).await;
     let gateway = Gateway::start(&etcd, prefix, &[]).await;
 
     let mut req = greedy(TWEET, TOKENS);
@@ -329,6 +347,7 @@ async fn a_stream_without_a_model_never_migrates_to_a_worker_of_another_model() 
     .await;
     let b = WorkerProcess::start(WorkerSpec::new("b", "full"), &etcd, prefix).await;
     let reference = french_reference(&format!("http://{}", b.addr)).await;
+    have_free_kv(&etcd, prefix, &["a", "tiny", "b"]).await;
     let gateway = Gateway::start(&etcd, prefix, &["--batch-spill", "off"]).await;
 
     let mut req = greedy(TWEET, TOKENS);
@@ -367,15 +386,7 @@ async fn too_long_for_one_worker_is_retried_on_a_worker_whose_context_fits() {
     small.parallel = 2;
     let small = Worker::start(small, Some((&etcd, prefix))).await;
     let gateway = Gateway::start(&etcd, prefix, &[]).await;
-    eventually(
-        Duration::from_secs(10),
-        "the small worker to advertise free KV",
-        || async {
-            let free = etcd.advert(prefix, "small").await?.capacity.free_kv_tokens;
-            (free > 0).then_some(())
-        },
-    )
-    .await;
+    have_free_kv(&etcd, prefix, &["small"]).await;
     let refused = generate(&gateway.url(), greedy(&prompt, 8))
         .await
         .expect_err("no worker's context fits");
@@ -385,15 +396,7 @@ async fn too_long_for_one_worker_is_retried_on_a_worker_whose_context_fits() {
     big.ctx_size = 2048;
     big.parallel = 2;
     let big = Worker::start(big, Some((&etcd, prefix))).await;
-    eventually(
-        Duration::from_secs(10),
-        "the big worker to advertise free KV",
-        || async {
-            let free = etcd.advert(prefix, "big").await?.capacity.free_kv_tokens;
-            (free > 0).then_some(())
-        },
-    )
-    .await;
+    have_free_kv(&etcd, prefix, &["big"]).await;
     // Once the gateway's table has the big worker, the refusal is retried there.
     let out = eventually(
         Duration::from_secs(10),
