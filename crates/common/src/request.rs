@@ -8,56 +8,59 @@ use crate::pb::{GenerateRequest, LatencyClass};
 #[derive(Clone, Debug, PartialEq, clap::Args)]
 pub struct RequestLimits {
     /// Largest `prompt` in bytes; also the limit on the total content of `messages`.
-    #[arg(long, env = "MOE_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "MOE_MAX_PROMPT_BYTES", default_value_t = RequestLimits::DEFAULT.max_prompt_bytes)]
     pub max_prompt_bytes: usize,
     /// Largest max_tokens a request may ask for.
     #[arg(
         long = "max-tokens-limit",
         env = "MOE_MAX_TOKENS_LIMIT",
-        default_value_t = 32_768
+        default_value_t = RequestLimits::DEFAULT.max_tokens
     )]
     pub max_tokens: u32,
     /// Most chat `messages` in one request.
-    #[arg(long, env = "MOE_MAX_MESSAGES", default_value_t = 256)]
+    #[arg(long, env = "MOE_MAX_MESSAGES", default_value_t = RequestLimits::DEFAULT.max_messages)]
     pub max_messages: usize,
     /// Longest chat message `role`, in bytes.
-    #[arg(long, env = "MOE_MAX_ROLE_BYTES", default_value_t = 64)]
+    #[arg(long, env = "MOE_MAX_ROLE_BYTES", default_value_t = RequestLimits::DEFAULT.max_role_bytes)]
     pub max_role_bytes: usize,
     /// Most `stop` strings in one request.
-    #[arg(long, env = "MOE_MAX_STOP_STRINGS", default_value_t = 16)]
+    #[arg(long, env = "MOE_MAX_STOP_STRINGS", default_value_t = RequestLimits::DEFAULT.max_stop_strings)]
     pub max_stop_strings: usize,
     /// Longest `stop` string, in bytes.
-    #[arg(long, env = "MOE_MAX_STOP_BYTES", default_value_t = 256)]
+    #[arg(long, env = "MOE_MAX_STOP_BYTES", default_value_t = RequestLimits::DEFAULT.max_stop_bytes)]
     pub max_stop_bytes: usize,
     /// Longest `request_id`, in characters.
-    #[arg(long, env = "MOE_MAX_REQUEST_ID_CHARS", default_value_t = 128)]
+    #[arg(long, env = "MOE_MAX_REQUEST_ID_CHARS", default_value_t = RequestLimits::DEFAULT.max_request_id_chars)]
     pub max_request_id_chars: usize,
     /// Longest `model` name, in characters.
-    #[arg(long, env = "MOE_MAX_MODEL_CHARS", default_value_t = 256)]
+    #[arg(long, env = "MOE_MAX_MODEL_CHARS", default_value_t = RequestLimits::DEFAULT.max_model_chars)]
     pub max_model_chars: usize,
     /// Largest encoded gRPC request message in bytes; larger ones are refused before decoding
     /// (OUT_OF_RANGE). Keep it above --max-prompt-bytes.
-    #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = RequestLimits::DEFAULT.max_message_bytes)]
     pub max_message_bytes: usize,
 }
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        RequestLimits {
-            max_prompt_bytes: 1 << 20,
-            max_tokens: 32_768,
-            max_messages: 256,
-            max_role_bytes: 64,
-            max_stop_strings: 16,
-            max_stop_bytes: 256,
-            max_request_id_chars: 128,
-            max_model_chars: 256,
-            max_message_bytes: 4 << 20,
-        }
+        RequestLimits::DEFAULT
     }
 }
 
 impl RequestLimits {
+    /// The defaults, written once: the flags' defaults and [`Default`] both come from here.
+    pub const DEFAULT: RequestLimits = RequestLimits {
+        max_prompt_bytes: 1 << 20,
+        max_tokens: 32_768,
+        max_messages: 256,
+        max_role_bytes: 64,
+        max_stop_strings: 16,
+        max_stop_bytes: 256,
+        max_request_id_chars: 128,
+        max_model_chars: 256,
+        max_message_bytes: 4 << 20,
+    };
+
     /// Cross-field checks for the flags.
     pub fn validate(&self) -> Result<(), String> {
         if self.max_tokens == 0 {
@@ -91,9 +94,41 @@ fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
 }
 
+/// A request that passed [`validated`], with what validation learned about it.
+#[derive(Clone, Copy, Debug)]
+pub struct Validated<'a> {
+    pub request: &'a GenerateRequest,
+    /// The request's `latency_class` (unset is interactive), known to be a valid value.
+    pub class: crate::LatencyClass,
+}
+
 /// Checks a request from a client. `allow_resume` is true only on workers (gateways set
 /// `resume_token_ids`; clients may not). Never panics, whatever the input.
 pub fn validate(
+    req: &GenerateRequest,
+    limits: &RequestLimits,
+    allow_resume: bool,
+) -> Result<(), InvalidRequest> {
+    validated(req, limits, allow_resume).map(|_| ())
+}
+
+/// [`validate`], returning the request with its latency class, so callers need not decode the
+/// class again (and cannot fall back to a default for a value validation refused).
+pub fn validated<'a>(
+    req: &'a GenerateRequest,
+    limits: &RequestLimits,
+    allow_resume: bool,
+) -> Result<Validated<'a>, InvalidRequest> {
+    check_fields(req, limits, allow_resume)?;
+    let class = crate::LatencyClass::try_from(req.latency_class)
+        .map_err(|e| InvalidRequest(e.to_string()))?;
+    Ok(Validated {
+        request: req,
+        class,
+    })
+}
+
+fn check_fields(
     req: &GenerateRequest,
     limits: &RequestLimits,
     allow_resume: bool,
@@ -236,7 +271,6 @@ pub fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +291,37 @@ mod tests {
     #[test]
     fn accepts_a_plain_request() {
         assert_eq!(check(&ok_request()), Ok(()));
+    }
+
+    #[test]
+    fn validated_carries_the_latency_class() {
+        let mut req = ok_request();
+        let limits = RequestLimits::default();
+        let v = validated(&req, &limits, false).unwrap();
+        assert_eq!(
+            v.class,
+            crate::LatencyClass::Interactive,
+            "unset is interactive"
+        );
+        req.latency_class = crate::pb::LatencyClass::Batch as i32;
+        let v = validated(&req, &limits, false).unwrap();
+        assert_eq!(v.class, crate::LatencyClass::Batch);
+        req.latency_class = 99;
+        assert!(validated(&req, &limits, false).is_err());
+    }
+
+    #[test]
+    fn flag_defaults_are_the_default_limits() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            limits: RequestLimits,
+        }
+        let parsed = <Flags as clap::Parser>::try_parse_from(["x"]).unwrap();
+        // Only where no MOE_MAX_* variable overrides a default in this environment.
+        if std::env::vars().all(|(k, _)| !k.starts_with("MOE_MAX_")) {
+            assert_eq!(parsed.limits, RequestLimits::default());
+        }
     }
 
     #[test]
