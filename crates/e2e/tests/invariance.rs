@@ -34,13 +34,15 @@ fn prompts() -> Vec<String> {
     p
 }
 
-/// A worker with per-sequence KV streams of 512 cells (8 x 512 = 4096).
+/// A worker with per-sequence KV streams of 512 cells (8 x 512 = 4096). Queued requests wait
+/// as long as a loaded CI machine needs for 8 streams of 128 tokens.
 fn spec(id: &str, offload: &str) -> WorkerSpec {
     WorkerSpec {
         parallel: 8,
         ctx_size: 4096,
         ..WorkerSpec::new(id, offload)
     }
+    .with("--queue-timeout", "300s")
 }
 
 async fn solo(url: &str, prompt: &str) -> Collected {

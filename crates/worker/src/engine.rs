@@ -65,6 +65,9 @@ pub struct LoadedModel {
     pub context_tokens: u32,
     /// KV cells one sequence may use: `context_tokens`, or its share with per-sequence streams.
     pub sequence_tokens: u32,
+    /// Attention window of the model's sliding-window layers (GGUF
+    /// `<arch>.attention.sliding_window`); 0 when it has none.
+    pub sliding_window: u32,
     pub max_sequences: u32,
     pub has_accelerator: bool,
     /// Whether the experts kept on the host live in pinned memory.

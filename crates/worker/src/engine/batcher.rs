@@ -449,6 +449,17 @@ impl<T> Batcher<T> {
         free_slots > reserve && kv_left >= kv_share
     }
 
+    /// Drops the prefix reuse of a slot admitted by the last `plan` (its cached cells turned out
+    /// unusable, e.g. a sliding-window cache no longer holds them): the whole prompt is
+    /// prefilled. Plan again afterwards.
+    pub fn drop_reuse(&mut self, slot: usize) {
+        if let Some(seq) = self.slots[slot].as_mut() {
+            seq.reused = 0;
+            seq.n_past = 0;
+            seq.next = None;
+        }
+    }
+
     /// Records that a planned step was decoded: its tokens are now in the KV cache.
     pub fn commit(&mut self, plan: &Plan) {
         for e in &plan.entries {

@@ -131,6 +131,10 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
         devices,
         context_tokens: config.ctx_size,
         sequence_tokens: config.ctx_size,
+        sliding_window: header
+            .arch_u64("attention.sliding_window")
+            .and_then(|w| u32::try_from(w).ok())
+            .unwrap_or(0),
         max_sequences: config.parallel,
         has_accelerator,
         host_experts_pinned,
@@ -154,6 +158,9 @@ fn context_params(config: &EngineConfig) -> LlamaContextParams {
         .with_n_ubatch(config.batch_size.min(512))
         .with_n_seq_max(config.parallel)
         .with_kv_unified(config.kv_unified)
+        // Sliding-window layers keep only their window (as llama-server does), not full-size
+        // KV; prefix reuse checks what they still hold (see `reuse_allowed`).
+        .with_swa_full(false)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
 }

@@ -10,7 +10,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::batcher::{Batcher, BatcherConfig, Pending, Refusal};
+use super::batcher::{Batcher, BatcherConfig, Pending, Plan, Refusal};
 use super::devices::refresh_devices;
 use super::load;
 use super::sampler::SeqSampler;
@@ -33,6 +33,7 @@ pub(super) fn engine_thread(
     let mut ready = Some(ready);
     let opened = load::open(&config, |model, ctx, info, tokenizer| {
         let context_tokens = info.context_tokens;
+        let sliding_window = info.sliding_window;
         tracing::info!(
             model = %info.info.name, profile = %info.profile, n_cpu_moe = info.plan.n_cpu_moe,
             ctx = context_tokens, parallel = config.parallel, threads = load::threads(&config),
@@ -56,6 +57,8 @@ pub(super) fn engine_thread(
             devices: info.devices.clone(),
             ..Default::default()
         };
+        // Published before the worker reports ready, so no advert shows the empty defaults.
+        stats_tx.send_replace(stats.clone());
         if let Some(r) = ready.take() {
             let _ = r.send(Ok((info, tokenizer)));
         }
@@ -68,6 +71,7 @@ pub(super) fn engine_thread(
             stats_tx,
             last_publish: Instant::now(),
             last_refresh: Instant::now(),
+            sliding_window,
         };
         engine.run(cmd_rx);
     });
@@ -113,6 +117,8 @@ struct Engine<'m> {
     stats_tx: watch::Sender<EngineStats>,
     last_publish: Instant,
     last_refresh: Instant,
+    /// The model's sliding window (0: none), for prefix reuse.
+    sliding_window: u32,
 }
 
 impl<'m> Engine<'m> {
@@ -270,24 +276,13 @@ impl<'m> Engine<'m> {
     /// Plans and runs one decode step. Returns false when there was nothing to run.
     fn step(&mut self) -> bool {
         let now = Instant::now();
-        let plan = self.batcher.plan(now);
-        for &slot in &plan.evicted {
-            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
-        }
-        for &(slot, reused) in &plan.admitted {
-            // Keep the reused prefix's cells, drop the rest of the slot's old sequence.
-            let from = (reused > 0).then_some(reused);
-            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), from, None);
-            if let Some(seq) = self.batcher.seq_mut(slot) {
-                seq.payload.admitted = Some(now);
-                let live = &mut seq.payload;
-                live.phase = tracing::info_span!(
-                    parent: &live.span,
-                    "worker.prefill",
-                    cached_tokens = reused
-                );
+        // Planning again after a slot lost its prefix reuse: that slot then prefills from 0.
+        let plan = loop {
+            let plan = self.batcher.plan(now);
+            if !self.apply_admissions(&plan, now) {
+                break plan;
             }
-        }
+        };
         if plan.entries.is_empty() {
             return false;
         }
@@ -353,6 +348,44 @@ impl<'m> Engine<'m> {
             self.sample(slot, idx);
         }
         true
+    }
+
+    /// Drops the KV cells the plan evicts and prepares admitted slots: keeps the reused
+    /// prefix's cells (when the cache still holds them all) and drops the rest of the slot's
+    /// old sequence. Returns true when some slot's reuse was dropped, so the plan is stale.
+    fn apply_admissions(&mut self, plan: &Plan, now: Instant) -> bool {
+        for &slot in &plan.evicted {
+            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+        }
+        let mut stale = false;
+        for &(slot, mut reused) in &plan.admitted {
+            if reused > 0 {
+                let pos_min = self.ctx.kv_cache_seq_pos_min(slot as i32);
+                if !reuse_allowed(pos_min, reused, self.sliding_window) {
+                    tracing::debug!(
+                        slot,
+                        reused,
+                        pos_min,
+                        "prefix no longer cached; prefilling all"
+                    );
+                    self.batcher.drop_reuse(slot);
+                    reused = 0;
+                    stale = true;
+                }
+            }
+            let from = (reused > 0).then_some(reused);
+            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), from, None);
+            if let Some(seq) = self.batcher.seq_mut(slot) {
+                seq.payload.admitted = Some(now);
+                let live = &mut seq.payload;
+                live.phase = tracing::info_span!(
+                    parent: &live.span,
+                    "worker.prefill",
+                    cached_tokens = reused
+                );
+            }
+        }
+        stale
     }
 
     fn update_speed(&mut self, n_prefill: usize, elapsed: f64) {
@@ -517,6 +550,19 @@ impl<'m> Engine<'m> {
     }
 }
 
+/// Whether a slot whose cache starts at position `pos_min` (-1: empty) may reuse its first
+/// `reused` positions: every position before them must be cached, except that sliding-window
+/// layers (window `n_swa`, 0 for none) need only the last `n_swa` — llama-server's rule, strict
+/// for models without a window.
+fn reuse_allowed(pos_min: i32, reused: u32, n_swa: u32) -> bool {
+    let needed_from = if n_swa > 0 {
+        reused.saturating_sub(n_swa)
+    } else {
+        0
+    };
+    pos_min >= 0 && pos_min as u32 <= needed_from
+}
+
 fn refusal_error(why: Refusal) -> EngineError {
     match why {
         Refusal::TooLong { needed, capacity } => EngineError::TooLong(format!(
@@ -529,5 +575,28 @@ fn refusal_error(why: Refusal) -> EngineError {
             "not admitted after waiting {:.1}s: no free sequence slot or KV cache headroom",
             waited.as_secs_f64()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reuse_allowed;
+
+    #[test]
+    fn without_a_window_reuse_needs_every_position_from_zero() {
+        assert!(reuse_allowed(0, 40, 0));
+        assert!(!reuse_allowed(3, 40, 0), "positions 0..3 are gone");
+        assert!(!reuse_allowed(-1, 40, 0), "the slot holds nothing");
+    }
+
+    #[test]
+    fn with_a_window_reuse_needs_only_the_last_window_before_the_prefix_end() {
+        // Window 128, 300 tokens reused: positions 172.. must be cached.
+        assert!(reuse_allowed(150, 300, 128));
+        assert!(reuse_allowed(172, 300, 128));
+        assert!(!reuse_allowed(173, 300, 128), "position 172 was dropped");
+        // Shorter than the window: everything from 0.
+        assert!(reuse_allowed(0, 100, 128));
+        assert!(!reuse_allowed(1, 100, 128));
     }
 }

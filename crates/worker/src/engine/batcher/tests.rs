@@ -401,3 +401,25 @@ fn with_per_slot_streams_admission_never_evicts_another_slots_cache() {
     assert_eq!(plan.admitted.len(), 1);
     assert_eq!(b.cached_tokens(), 30);
 }
+
+#[test]
+fn a_dropped_reuse_prefills_the_whole_prompt_on_the_next_plan() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    b.enqueue(pending(10, 2, LatencyClass::Interactive, 1, t))
+        .unwrap();
+    while !b.is_idle() {
+        step(&mut b, t);
+    }
+    b.enqueue(pending(12, 2, LatencyClass::Interactive, 2, t))
+        .unwrap();
+    let first = b.plan(t);
+    assert_eq!(first.admitted, vec![(0, 10)]);
+    // The engine finds the cached cells gone (a sliding window dropped them).
+    b.drop_reuse(0);
+    let again = b.plan(t);
+    assert!(again.admitted.is_empty(), "admitted once");
+    assert_eq!(again.entries[0].pos, 0);
+    assert_eq!(again.entries[0].tokens.len(), 12, "the whole prompt");
+    assert_eq!(b.seq(0).unwrap().reused, 0);
+}
