@@ -266,11 +266,22 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub async fn start(spec: WorkerSpec, etcd: &Etcd, prefix: &str) -> WorkerProcess {
+        WorkerProcess::start_with_env(spec, etcd, prefix, &[]).await
+    }
+
+    /// [`WorkerProcess::start`] with extra environment variables (test hooks).
+    pub async fn start_with_env(
+        spec: WorkerSpec,
+        etcd: &Etcd,
+        prefix: &str,
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let args = spec.args(&addr.to_string(), Some((etcd, prefix)));
         let child = Command::new(bin("moe-worker"))
             .args(&args[1..])
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .env("OMP_WAIT_POLICY", "PASSIVE")
             .stdout(Stdio::null())
