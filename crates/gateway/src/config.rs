@@ -51,6 +51,10 @@ pub struct GatewayConfig {
     /// --max-message-bytes (times the decoding expansion).
     #[arg(long, env = "MOE_MAX_DECODING_REQUESTS", default_value_t = 64)]
     pub max_decoding_requests: usize,
+    /// Longest a gRPC request may take to arrive (its body read and decoded); a slower upload
+    /// is refused with DEADLINE_EXCEEDED and frees its place under --max-decoding-requests.
+    #[arg(long, env = "MOE_REQUEST_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration_flag)]
+    pub request_read_timeout: Duration,
     /// HTTP/2 streams one client connection may have open at once on the gRPC port.
     #[arg(long, env = "MOE_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
@@ -88,6 +92,9 @@ impl GatewayConfig {
         }
         if self.stream_idle_timeout.is_zero() {
             return Err("--stream-idle-timeout must be more than 0".into());
+        }
+        if self.request_read_timeout.is_zero() {
+            return Err("--request-read-timeout must be more than 0".into());
         }
         if self.max_decoding_requests == 0 {
             return Err("--max-decoding-requests must be at least 1".into());

@@ -4,7 +4,9 @@
 //! most `max_decoding` `Generate` requests are read and decoded at once, and any beyond that are
 //! refused at once with RESOURCE_EXHAUSTED instead of queueing; this bounds the request bytes in
 //! flight to about `max_decoding × max_message_bytes`. Health and reflection sit outside that
-//! limit, so probes answer while it is saturated (M7). HTTP/2 keepalive pings close half-open
+//! limit, so probes answer while it is saturated (M7), and a request whose body has not arrived
+//! within `read_timeout` is refused (DEADLINE_EXCEEDED), freeing its permit. HTTP/2 keepalive
+//! pings close half-open
 //! client connections (H6), and `max_concurrent_streams` bounds streams per connection.
 
 use std::convert::Infallible;
@@ -32,6 +34,8 @@ pub struct GrpcLimits {
     pub max_decoding: usize,
     /// Largest request message accepted (bytes, before decoding).
     pub max_message_bytes: usize,
+    /// Longest a `Generate` request may take to arrive (body read, decoded and placed).
+    pub read_timeout: Duration,
     /// HTTP/2 streams open at once per client connection.
     pub max_concurrent_streams: u32,
     pub keepalive_interval: Duration,
@@ -43,6 +47,7 @@ impl GrpcLimits {
         GrpcLimits {
             max_decoding: config.max_decoding_requests,
             max_message_bytes: config.limits.max_message_bytes,
+            read_timeout: config.request_read_timeout,
             max_concurrent_streams: config.max_concurrent_streams,
             keepalive_interval: config.keepalive_interval,
             keepalive_timeout: config.keepalive_timeout,
@@ -60,6 +65,7 @@ pub fn router(
     let inference = DecodeLimit {
         inner: InferenceServer::new(service).max_decoding_message_size(limits.max_message_bytes),
         permits: Arc::new(Semaphore::new(limits.max_decoding)),
+        read_timeout: limits.read_timeout,
     };
     let inference = InterceptedService::new(inference, move |req: tonic::Request<()>| {
         if let Some(keys) = &api_keys {
@@ -76,11 +82,12 @@ pub fn router(
 
 /// Admits at most as many calls as it has permits, each holding one until its response
 /// headers are ready (the request has been read, decoded and placed); refuses the rest with
-/// RESOURCE_EXHAUSTED.
+/// RESOURCE_EXHAUSTED, and a call not ready within `read_timeout` with DEADLINE_EXCEEDED.
 #[derive(Clone)]
 pub struct DecodeLimit<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    read_timeout: Duration,
 }
 
 impl<S: NamedService> NamedService for DecodeLimit<S> {
@@ -104,10 +111,17 @@ where
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let call = self.inner.call(req);
+                let read_timeout = self.read_timeout;
                 Box::pin(async move {
-                    let response = call.await;
+                    // Dropping the call on timeout drops the body: the stream is reset.
+                    let response = tokio::time::timeout(read_timeout, call).await;
                     drop(permit);
-                    response
+                    response.unwrap_or_else(|_| {
+                        Ok(Status::deadline_exceeded(format!(
+                            "the request did not arrive within {read_timeout:?}"
+                        ))
+                        .into_http())
+                    })
                 })
             }
             Err(_) => {

@@ -1,7 +1,7 @@
 //! The gateway's gRPC front (`moe_gateway::grpc::router`) on 127.0.0.1: API keys are checked on
 //! the headers before any of the body is read (review H1), `Generate` requests being read at once
 //! are bounded and the excess is refused at once, and health answers while that bound is
-//! saturated (M7). Raw gRPC calls whose bodies never finish stand in for slow or hostile clients.
+//! saturated (M7), and a request whose body does not arrive in time is refused. Raw gRPC calls whose bodies never finish stand in for slow or hostile clients.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,6 +108,7 @@ async fn front(
 fn limits(max_decoding: usize) -> GrpcLimits {
     GrpcLimits {
         max_decoding,
+        read_timeout: Duration::from_secs(30),
         max_message_bytes: 4 << 20,
         max_concurrent_streams: 64,
         keepalive_interval: Duration::from_secs(20),
@@ -196,5 +197,26 @@ async fn health_answers_while_the_decoding_limit_is_saturated() {
     assert!(t.elapsed() < Duration::from_secs(1));
     for h in &held {
         assert!(!h.is_finished(), "the held requests are still being read");
+    }
+}
+
+#[tokio::test]
+async fn a_request_whose_body_does_not_arrive_is_refused_and_frees_its_place() {
+    let limits = GrpcLimits {
+        read_timeout: Duration::from_millis(300),
+        ..limits(1)
+    };
+    let (channel, _stop) = front(limits, None).await;
+    for _ in 0..2 {
+        let t = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            call(channel.clone(), None, endless(0)),
+        )
+        .await
+        .expect("refused, not held");
+        let err = r.expect_err("refused");
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 }
