@@ -110,3 +110,33 @@ impl Security {
         Ok(security)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::GatewayConfig;
+
+    fn parse(extra: &[&str]) -> Result<GatewayConfig, clap::Error> {
+        let mut args = vec!["moe-gateway", "--etcd", "http://127.0.0.1:2379"];
+        args.extend_from_slice(extra);
+        GatewayConfig::try_parse_from(args)
+    }
+
+    #[test]
+    fn worker_tls_server_name_needs_the_worker_ca() {
+        assert!(parse(&["--worker-tls-server-name", "moe-worker.moe.svc"]).is_err());
+        let c = parse(&[
+            "--tls-ca",
+            "/etc/moe/worker-ca/ca.crt",
+            "--worker-tls-server-name",
+            "moe-worker.moe.svc",
+        ])
+        .expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(
+            c.security.worker_tls_server_name.as_deref(),
+            Some("moe-worker.moe.svc")
+        );
+    }
+}
