@@ -244,7 +244,10 @@ impl Session {
             }
             let l = lease.as_mut().expect("lease present");
             let id = l.id;
+            // Biased: a due keep-alive goes before any advert write, so writes that each take up
+            // to the call timeout cannot push keep-alives past the TTL.
             tokio::select! {
+                biased;
                 _ = stop.cancelled() => break,
                 _ = keepalive.tick() => {
                     let sent = bounded(&self.config, l.keeper.keep_alive()).await;
