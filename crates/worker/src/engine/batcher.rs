@@ -507,5 +507,18 @@ impl<T> Batcher<T> {
     }
 }
 
+/// Whether a slot whose cache starts at position `pos_min` (-1: empty) may reuse its first
+/// `reused` positions: every position before them must be cached, except that sliding-window
+/// layers (window `n_swa`, 0 for none) need only the last `n_swa` — llama-server's rule, strict
+/// for models without a window.
+pub fn reuse_allowed(pos_min: i32, reused: u32, n_swa: u32) -> bool {
+    let needed_from = if n_swa > 0 {
+        reused.saturating_sub(n_swa)
+    } else {
+        0
+    };
+    pos_min >= 0 && pos_min as u32 <= needed_from
+}
+
 #[cfg(test)]
 mod tests;

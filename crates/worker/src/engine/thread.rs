@@ -10,7 +10,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::batcher::{Batcher, BatcherConfig, Pending, Plan, Refusal};
+use super::batcher::{Batcher, BatcherConfig, Pending, Plan, Refusal, reuse_allowed};
 use super::devices::refresh_devices;
 use super::load;
 use super::sampler::SeqSampler;
@@ -550,19 +550,6 @@ impl<'m> Engine<'m> {
     }
 }
 
-/// Whether a slot whose cache starts at position `pos_min` (-1: empty) may reuse its first
-/// `reused` positions: every position before them must be cached, except that sliding-window
-/// layers (window `n_swa`, 0 for none) need only the last `n_swa` — llama-server's rule, strict
-/// for models without a window.
-fn reuse_allowed(pos_min: i32, reused: u32, n_swa: u32) -> bool {
-    let needed_from = if n_swa > 0 {
-        reused.saturating_sub(n_swa)
-    } else {
-        0
-    };
-    pos_min >= 0 && pos_min as u32 <= needed_from
-}
-
 fn refusal_error(why: Refusal) -> EngineError {
     match why {
         Refusal::TooLong { needed, capacity } => EngineError::TooLong(format!(
@@ -575,28 +562,5 @@ fn refusal_error(why: Refusal) -> EngineError {
             "not admitted after waiting {:.1}s: no free sequence slot or KV cache headroom",
             waited.as_secs_f64()
         )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::reuse_allowed;
-
-    #[test]
-    fn without_a_window_reuse_needs_every_position_from_zero() {
-        assert!(reuse_allowed(0, 40, 0));
-        assert!(!reuse_allowed(3, 40, 0), "positions 0..3 are gone");
-        assert!(!reuse_allowed(-1, 40, 0), "the slot holds nothing");
-    }
-
-    #[test]
-    fn with_a_window_reuse_needs_only_the_last_window_before_the_prefix_end() {
-        // Window 128, 300 tokens reused: positions 172.. must be cached.
-        assert!(reuse_allowed(150, 300, 128));
-        assert!(reuse_allowed(172, 300, 128));
-        assert!(!reuse_allowed(173, 300, 128), "position 172 was dropped");
-        // Shorter than the window: everything from 0.
-        assert!(reuse_allowed(0, 100, 128));
-        assert!(!reuse_allowed(1, 100, 128));
     }
 }

@@ -423,3 +423,21 @@ fn a_dropped_reuse_prefills_the_whole_prompt_on_the_next_plan() {
     assert_eq!(again.entries[0].tokens.len(), 12, "the whole prompt");
     assert_eq!(b.seq(0).unwrap().reused, 0);
 }
+
+#[test]
+fn without_a_window_reuse_needs_every_position_from_zero() {
+    assert!(reuse_allowed(0, 40, 0));
+    assert!(!reuse_allowed(3, 40, 0), "positions 0..3 are gone");
+    assert!(!reuse_allowed(-1, 40, 0), "the slot holds nothing");
+}
+
+#[test]
+fn with_a_window_reuse_needs_only_the_last_window_before_the_prefix_end() {
+    // Window 128, 300 tokens reused: positions 172.. must be cached.
+    assert!(reuse_allowed(150, 300, 128));
+    assert!(reuse_allowed(172, 300, 128));
+    assert!(!reuse_allowed(173, 300, 128), "position 172 was dropped");
+    // Shorter than the window: everything from 0.
+    assert!(reuse_allowed(0, 100, 128));
+    assert!(!reuse_allowed(1, 100, 128));
+}
