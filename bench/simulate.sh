@@ -4,6 +4,7 @@
 # the exact commands and the tables. Raw output (text, JSON, markdown) goes to target/sim/.
 #   bench/simulate.sh              default scenario + what-ifs (a few minutes on 2 cores)
 #   SIM_ONLY_DEFAULT=1 bench/simulate.sh     the default scenario only (under a minute)
+#   SIM_ONLY_PREFIX=1 bench/simulate.sh      the prefix-affinity scenarios only (issue 17)
 # Extra arguments are passed to every moe-sim run (e.g. --seed 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +17,14 @@ mkdir -p "$RAW" "$(dirname "$OUT")"
 cargo build --release -p moe-sim --bin moe-sim
 
 # title|moe-sim arguments; the default scenario first.
-SCENARIOS=("Default scenario|")
-if [ -z "${SIM_ONLY_DEFAULT:-}" ]; then
+SCENARIOS=()
+[ -z "${SIM_ONLY_PREFIX:-}" ] && SCENARIOS+=("Default scenario|")
+PREFIX="--conversations 5000 --policies ours-scan,ours,prefix,round-robin"
+SCENARIOS+=(
+  "Prefix caches, 5000 conversations, one gateway (issue 17)|$PREFIX --gateways 1"
+  "Prefix caches, 5000 conversations, four gateways (issue 17)|$PREFIX --gateways 4"
+)
+if [ -z "${SIM_ONLY_DEFAULT:-}" ] && [ -z "${SIM_ONLY_PREFIX:-}" ]; then
   SCENARIOS+=(
     "What-if: workers advertise only admitted reservations (the advert before 58a3ad8)|--advert-free-kv admitted"
     "Workers admit interactive before batch (moe-worker's own order)|--worker-queue interactive-first"
@@ -40,7 +47,7 @@ for entry in "${SCENARIOS[@]}"; do
   wall=$(echo "$(date +%s.%N) - $start" | bc)
   cat "$RAW/scenario-$i.txt"
   results+="### $title"$'\n\n'
-  results+="\`$cmd\` — $(head -1 "$RAW/scenario-$i.txt"); $(printf '%.0f' "$wall") s wall for the three policies (one thread each)."$'\n\n'
+  results+="\`$cmd\` — $(head -1 "$RAW/scenario-$i.txt"); $(printf '%.0f' "$wall") s wall for all policies (one thread each)."$'\n\n'
   results+="$(cat "$RAW/scenario-$i.md")"$'\n\n'
 done
 
@@ -59,7 +66,11 @@ Machine: \`$(uname -a)\`, $(nproc) cores.
 \`moe-sim\` (crates/sim: binary in src/main.rs, model in src/) drives the real
 placement policy, \`scheduler::rank\` with the default \`Policy\`, against modelled workers in
 virtual time, next to round-robin and least-loaded, on one request trace, worker set and churn
-(deterministic for a seed).
+(deterministic for a seed). Policies: *ours* is the live default (first placements sample k = 2
+workers of the preferred pool, full scan as fallback), *ours-scan* the full scan and sort of every
+worker (the policy before issue 17), *prefix* the default plus rendezvous prefix affinity keyed by
+conversation, bounded by load (\`scheduler::affinity::rank_with_prefix\`; simulation only: the
+proxy does not pass a prefix key yet).
 
 ## The model
 
@@ -97,6 +108,12 @@ virtual time, next to round-robin and least-loaded, on one request trace, worker
 - **Churn**: 1 % of workers leave per minute (as many join, advertising within 250 ms); a leaving
   worker's running and queued requests are re-placed at once with the tokens generated so far
   added to the prompt (the proxy's migration).
+- **Prefix caches** (issue 17 scenarios): with \`--conversations N\` every request continues one of
+  N conversations (uniformly); each worker keeps the last 64 conversations it served (LRU), and a
+  request placed on a worker holding its conversation skips 80 % of its prompt in prefill (the
+  cells still count in KV). *prefix hits %* is the share of counted requests whose last placement
+  was such a hit; *load imbalance* is the busiest worker's time-averaged admitted sequences over
+  its pool's mean.
 - **Columns**: *headroom violations* are placements onto a worker whose KV, after everything
   already queued there is admitted, cannot hold prompt + max_tokens (the request waits for memory
   at the worker); *spill-overs* are interactive placements on cpu-moe and batch placements on full

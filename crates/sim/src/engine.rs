@@ -5,7 +5,7 @@
 mod placement;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use super::baseline::RoundRobin;
 use super::trace::{ChurnKind, Trace};
 use super::worker::{Job, Profile, SimWorker};
 use super::{AdvertFreeKv, Micros, PolicyKind, SimConfig, micros};
-use moe_gateway::scheduler::{Policy, Reservations};
+use moe_gateway::scheduler::{Policy, Reservations, Sampling};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
@@ -53,6 +53,8 @@ pub struct Outcome {
     pub refused: u32,
     /// The client gave up after its retries.
     pub failed: bool,
+    /// Its last placement found its conversation in the worker's prefix cache.
+    pub prefix_hit: bool,
 }
 
 /// How full one pool was between the warm-up and the end of arrivals (time-weighted).
@@ -62,6 +64,8 @@ pub struct PoolUsage {
     pub slots: f64,
     /// Share of KV cells reserved by admitted sequences.
     pub kv: f64,
+    /// Busiest worker's mean admitted sequences over the pool's mean (1 = perfectly even).
+    pub imbalance: f64,
 }
 
 /// Everything one policy's run produced.
@@ -95,6 +99,8 @@ struct Node {
     kv_s: f64,
     /// The advert without its live fields.
     template: WorkerAdvert,
+    /// Conversations in the prefix cache, most recent last.
+    prefix: VecDeque<u64>,
 }
 
 struct Engine<'a> {
@@ -130,12 +136,20 @@ pub fn simulate(config: &SimConfig, trace: &Trace, kind: PolicyKind) -> RunResul
         class: r.class,
         prompt: r.prompt,
         answer: r.max_tokens,
+        cached: 0,
     });
     let mut e = Engine {
         config,
         trace,
         kind,
-        policy: Policy::default(),
+        policy: Policy {
+            sampling: if kind == PolicyKind::OursScan {
+                Sampling::FullScan
+            } else {
+                Sampling::default()
+            },
+            ..Policy::default()
+        },
         now: 0,
         events: BinaryHeap::new(),
         pushed: 0,
@@ -250,6 +264,7 @@ impl Engine<'_> {
             seq_s: 0.0,
             kv_s: 0.0,
             template,
+            prefix: VecDeque::new(),
         });
         self.index.insert(id, w);
         self.push(self.now + first_advert_in, Event::Advert(w));
@@ -320,18 +335,30 @@ impl Engine<'_> {
     fn usage(&self, profile: Profile) -> PoolUsage {
         let (from, to) = (self.config.warmup, self.config.workload.duration);
         let (mut slot_s, mut cell_s, mut seq_s, mut kv_s) = (0.0, 0.0, 0.0, 0.0);
+        let mut busiest = 0.0f64;
         for n in self.nodes.iter().filter(|n| n.worker.profile == profile) {
             let until = n.left.unwrap_or(to).min(to);
             let span = until.saturating_sub(n.joined.max(from)) as f64 / 1e6;
+            if span > 1.0 {
+                busiest = busiest.max(n.seq_s / span);
+            }
             slot_s += span * n.worker.model().max_sequences as f64;
             cell_s += span * n.worker.model().kv_tokens as f64;
             seq_s += n.seq_s;
             kv_s += n.kv_s;
         }
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let slots = self
+            .nodes
+            .iter()
+            .find(|n| n.worker.profile == profile)
+            .map_or(1.0, |n| n.worker.model().max_sequences as f64);
+        // Mean admitted sequences per worker: sequence-seconds over worker-seconds.
+        let mean = ratio(seq_s, slot_s) * slots;
         PoolUsage {
             slots: ratio(seq_s, slot_s),
             kv: ratio(kv_s, cell_s),
+            imbalance: ratio(busiest, mean),
         }
     }
 
@@ -365,6 +392,7 @@ impl Engine<'_> {
                     self.jobs[r] = Job {
                         prompt: job.prompt + generated,
                         answer: job.answer - generated,
+                        cached: 0,
                         ..job
                     };
                     self.try_place(r, true);

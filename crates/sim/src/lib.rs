@@ -31,8 +31,15 @@ pub fn micros(seconds: f64) -> Micros {
 /// The placement policies compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PolicyKind {
-    /// `scheduler::rank` with the default `Policy`, tried like the proxy does.
+    /// `scheduler::rank` with the default `Policy` (sampled first placements), tried like the
+    /// proxy does.
     Ours,
+    /// `scheduler::rank` with `Sampling::FullScan`: every worker scored and sorted (the policy
+    /// before issue 17).
+    OursScan,
+    /// `scheduler::affinity::rank_with_prefix` keyed by the request's conversation: the default
+    /// policy plus rendezvous prefix affinity bounded by load (not on the live path yet).
+    Prefix,
     /// Next ready worker in turn; ignores class and headroom.
     RoundRobin,
     /// Fewest active + queued streams (advert plus this gateway's placements since); ignores
@@ -41,8 +48,10 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 3] = [
+    pub const ALL: [PolicyKind; 5] = [
         PolicyKind::Ours,
+        PolicyKind::OursScan,
+        PolicyKind::Prefix,
         PolicyKind::RoundRobin,
         PolicyKind::LeastLoaded,
     ];
@@ -50,6 +59,8 @@ impl PolicyKind {
     pub fn name(self) -> &'static str {
         match self {
             PolicyKind::Ours => "ours",
+            PolicyKind::OursScan => "ours-scan",
+            PolicyKind::Prefix => "prefix",
             PolicyKind::RoundRobin => "round-robin",
             PolicyKind::LeastLoaded => "least-loaded",
         }
@@ -62,7 +73,11 @@ impl std::str::FromStr for PolicyKind {
         PolicyKind::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| format!("policy must be ours, round-robin or least-loaded, not {s:?}"))
+            .ok_or_else(|| {
+                format!(
+                    "policy must be ours, ours-scan, prefix, round-robin or least-loaded, not {s:?}"
+                )
+            })
     }
 }
 
@@ -84,6 +99,8 @@ pub struct ClusterModel {
     pub advert_interval: Micros,
     /// What an advert's `free_kv_tokens` counts.
     pub advert_free_kv: AdvertFreeKv,
+    /// Conversations each worker's prefix cache holds (least recently used leaves first).
+    pub prefix_cache: usize,
 }
 
 /// What a worker advertises as free KV.

@@ -72,6 +72,16 @@ struct Args {
     batch_prompt: (u32, u32),
     #[arg(long, env = "MOE_SIM_BATCH_MAX_TOKENS", default_value_t = 256)]
     batch_max_tokens: u32,
+    /// Requests continue this many conversations (chosen uniformly); 0: every request starts
+    /// its own. A worker that served a conversation before has part of its prompt cached.
+    #[arg(long, env = "MOE_SIM_CONVERSATIONS", default_value_t = 0)]
+    conversations: u64,
+    /// Share of the prompt a prefix-cache hit skips in prefill.
+    #[arg(long, env = "MOE_SIM_PREFIX_SHARE", default_value_t = 0.8)]
+    prefix_share: f64,
+    /// Conversations a worker's prefix cache holds (least recently used leave first).
+    #[arg(long, env = "MOE_SIM_PREFIX_CACHE", default_value_t = 64)]
+    prefix_cache: usize,
     /// Gateways sharing the cluster, each knowing only its own reservations.
     #[arg(long, env = "MOE_SIM_GATEWAYS", default_value_t = 1)]
     gateways: usize,
@@ -138,6 +148,7 @@ impl Args {
                 churn_per_minute: self.churn_per_minute,
                 advert_interval: self.advert_interval_ms * 1000,
                 advert_free_kv: self.advert_free_kv,
+                prefix_cache: self.prefix_cache,
             },
             front: FrontModel {
                 gateways: self.gateways,
@@ -159,6 +170,8 @@ impl Args {
                     prompt_max: self.batch_prompt.1,
                     max_tokens: self.batch_max_tokens,
                 },
+                conversations: self.conversations,
+                prefix_share: self.prefix_share,
             },
             warmup: micros(self.warmup),
             drain: micros(self.drain),

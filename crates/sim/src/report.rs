@@ -22,6 +22,8 @@ pub struct ClassStats {
     pub refused: u64,
     pub failed: usize,
     pub completed: usize,
+    /// Requests whose last placement found their conversation in the worker's prefix cache.
+    pub prefix_hits: usize,
     /// Neither completed nor given up when the simulation stopped.
     pub unfinished: usize,
 }
@@ -45,6 +47,7 @@ impl ClassStats {
             s.refused += o.refused as u64;
             s.failed += o.failed as usize;
             s.completed += o.done.is_some() as usize;
+            s.prefix_hits += o.prefix_hit as usize;
             s.unfinished += (o.done.is_none() && !o.failed) as usize;
         }
         ttft.sort_unstable();
@@ -109,7 +112,7 @@ pub struct Report {
     pub policies: Vec<PolicyReport>,
 }
 
-const HEADER: [&str; 12] = [
+const HEADER: [&str; 13] = [
     "policy",
     "class",
     "requests",
@@ -122,10 +125,11 @@ const HEADER: [&str; 12] = [
     "failed",
     "unfinished",
     "completed",
+    "prefix hits %",
 ];
 
 impl Report {
-    fn rows(&self) -> Vec<[String; 12]> {
+    fn rows(&self) -> Vec<[String; 13]> {
         let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
         let mut rows = Vec::new();
         for p in &self.policies {
@@ -143,6 +147,10 @@ impl Report {
                     s.failed.to_string(),
                     s.unfinished.to_string(),
                     s.completed.to_string(),
+                    format!(
+                        "{:.1}",
+                        100.0 * s.prefix_hits as f64 / s.requests.max(1) as f64
+                    ),
                 ]);
             }
         }
@@ -195,12 +203,15 @@ impl Report {
             let _ = writeln!(
                 out,
                 "{}: slots / KV in use: full {:.0} % / {:.0} %, cpu-moe {:.0} % / {:.0} %; \
+                 load imbalance (busiest worker / mean) full {:.2}, cpu-moe {:.2}; \
                  {} placement decisions, {:.1} µs each (wall clock)",
                 p.policy.name(),
                 f.0,
                 f.1,
                 c.0,
                 c.1,
+                p.usage[0].imbalance,
+                p.usage[1].imbalance,
                 p.decisions,
                 p.decision_us
             );
@@ -263,6 +274,9 @@ impl Report {
                 worker_queue: format!("{:?}", c.queue),
                 max_queue: c.max_queue,
                 gateways: f.gateways,
+                conversations: w.conversations,
+                prefix_share: w.prefix_share,
+                prefix_cache: c.prefix_cache,
                 max_attempts: f.max_attempts,
                 client_retries: f.client_retries,
                 client_backoff_s: f.client_backoff as f64 / 1e6,
@@ -306,6 +320,9 @@ struct JsonConfig {
     worker_queue: String,
     max_queue: usize,
     gateways: usize,
+    conversations: u64,
+    prefix_share: f64,
+    prefix_cache: usize,
     max_attempts: u32,
     client_retries: u32,
     client_backoff_s: f64,
@@ -351,6 +368,9 @@ struct JsonRow {
     failed: usize,
     unfinished: usize,
     completed: usize,
+    prefix_hits: usize,
+    full_imbalance: f64,
+    cpu_moe_imbalance: f64,
     full_slots_used: f64,
     full_kv_used: f64,
     cpu_moe_slots_used: f64,
@@ -377,6 +397,9 @@ impl JsonRow {
             failed: s.failed,
             unfinished: s.unfinished,
             completed: s.completed,
+            prefix_hits: s.prefix_hits,
+            full_imbalance: full.imbalance,
+            cpu_moe_imbalance: cpu.imbalance,
             full_slots_used: full.slots,
             full_kv_used: full.kv,
             cpu_moe_slots_used: cpu.slots,

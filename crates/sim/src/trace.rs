@@ -28,12 +28,19 @@ pub struct Workload {
     pub interactive_fraction: f64,
     pub interactive: ClassShape,
     pub batch: ClassShape,
+    /// Requests belong to this many ongoing conversations (uniformly); 0: each its own.
+    pub conversations: u64,
+    /// Share of a prompt a worker that served the conversation before has cached.
+    pub prefix_share: f64,
 }
 
 impl Workload {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.rate > 0.0 && self.rate.is_finite()) || self.duration == 0 {
             return Err("--rate and --duration must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.prefix_share) {
+            return Err("--prefix-share must be within 0..1".into());
         }
         if !(0.0..=1.0).contains(&self.interactive_fraction) {
             return Err("--interactive-fraction must be within 0..=1".into());
@@ -53,6 +60,8 @@ pub struct TraceRequest {
     pub class: LatencyClass,
     pub prompt: u32,
     pub max_tokens: u32,
+    /// The conversation the request continues (its prefix-cache key).
+    pub conversation: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,7 +129,14 @@ impl Trace {
                 class,
                 prompt: rng.random_range(shape.prompt_min..=shape.prompt_max),
                 max_tokens: shape.max_tokens,
+                conversation: requests.len() as u64,
             });
+        }
+        if w.conversations > 0 {
+            let mut rng = StdRng::seed_from_u64(config.seed ^ 0x5eed_0004);
+            for r in &mut requests {
+                r.conversation = rng.random_range(0..w.conversations);
+            }
         }
 
         let mut rng = StdRng::seed_from_u64(config.seed ^ 0x5eed_0001);

@@ -144,6 +144,9 @@ pub struct Job {
     pub class: LatencyClass,
     pub prompt: u32,
     pub answer: u32,
+    /// Prompt tokens the worker has in its prefix cache: prefill starts after them (they still
+    /// take KV cells).
+    pub cached: u32,
 }
 
 impl Job {
@@ -270,7 +273,7 @@ impl SimWorker {
             self.reserved += job.kv();
             self.running.push(Seq {
                 job,
-                prefilled: 0,
+                prefilled: job.cached.min(job.prompt.saturating_sub(1)),
                 generated: 0,
                 chunk: 0,
                 decoding: false,

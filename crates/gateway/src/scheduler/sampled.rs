@@ -8,8 +8,10 @@
 //!   worker that joined while another left is sampled within that many decisions.
 //! - Safety is the full scan's: every sampled worker passes the same readiness, context and
 //!   headroom checks, only preferred-pool workers are sampled, and when no sampled worker fits
-//!   (after a second, larger sample) the decision falls back to the full scan, which applies
-//!   spill-over, builds the fallback list and returns the precise error.
+//!   (after a second, larger sample) one pass over the snapshot looks for preferred-pool workers
+//!   with room (advertised free KV checked before anything costlier); only when there is none
+//!   does the decision fall back to the full scan, which applies spill-over, builds the fallback
+//!   list and returns the precise error.
 //! - Several gateways draw different samples, so they do not all pick the same worker.
 
 use std::collections::{HashMap, HashSet};
@@ -72,11 +74,20 @@ fn slot(pool: Pool) -> usize {
 impl PoolIndex {
     pub fn build(snapshot: &ClusterSnapshot) -> PoolIndex {
         let mut by_model: HashMap<String, [PoolIds; 2]> = HashMap::new();
+        let mut any: [PoolIds; 2] = Default::default();
         for w in snapshot.workers.values() {
             let s = slot(Pool::of(w));
-            by_model.entry(String::new()).or_default()[s].push(&w.id);
-            by_model.entry(w.model.name.clone()).or_default()[s].push(&w.id);
+            any[s].push(&w.id);
+            match by_model.get_mut(&w.model.name) {
+                Some(pools) => pools[s].push(&w.id),
+                None => {
+                    let mut pools: [PoolIds; 2] = Default::default();
+                    pools[s].push(&w.id);
+                    by_model.insert(w.model.name.clone(), pools);
+                }
+            }
         }
+        by_model.insert(String::new(), any);
         PoolIndex {
             by_model,
             workers: snapshot.workers.len(),
@@ -214,7 +225,10 @@ pub(super) fn rank_sampled(
         policy.index.invalidate();
     }
     if found.is_empty() {
-        return full(rng);
+        found = scan_preferred(demand, snapshot, reservations, policy, preferred);
+        if found.is_empty() {
+            return full(rng);
+        }
     }
     found.sort_by(|a, b| {
         a.score.total_cmp(&b.score).then_with(|| {
@@ -223,8 +237,30 @@ pub(super) fn rank_sampled(
                 .cmp(&reservations.streams(&b.worker.id))
         })
     });
+    super::two_choices(&mut found, reservations, rng);
     Ok(Ranking {
         candidates: found,
         fallback: Vec::new(),
     })
+}
+
+/// Every preferred-pool worker with room, unsorted: one pass, cheap checks first.
+fn scan_preferred(
+    demand: &Demand,
+    snapshot: &ClusterSnapshot,
+    reservations: &Reservations,
+    policy: &Policy,
+    preferred: Pool,
+) -> Vec<Candidate> {
+    let needed = demand.kv_tokens();
+    snapshot
+        .workers
+        .values()
+        .filter(|w| {
+            w.capacity.free_kv_tokens >= needed
+                && Pool::of(w) == preferred
+                && (demand.model.is_empty() || w.model.name == demand.model)
+        })
+        .filter_map(|w| evaluate(w, demand, reservations, policy, false))
+        .collect()
 }

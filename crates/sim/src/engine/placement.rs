@@ -10,6 +10,7 @@ use super::super::worker::{Job, Profile};
 use super::{Engine, Event, Placement};
 use crate::PolicyKind;
 use moe_common::LatencyClass;
+use moe_gateway::scheduler::affinity::{self, Affinity};
 use moe_gateway::scheduler::{self, Demand, Reservation};
 
 impl Engine<'_> {
@@ -27,6 +28,7 @@ impl Engine<'_> {
                 class: t.class,
                 prompt: t.prompt,
                 answer: t.max_tokens,
+                cached: 0,
             };
             self.push(
                 self.now + self.config.front.client_backoff,
@@ -52,9 +54,27 @@ impl Engine<'_> {
             let Some(w) = chosen else {
                 return false;
             };
-            let worker = &mut self.nodes[w].worker;
-            let violation = worker.unclaimed_kv() < job.kv();
-            if worker.offer(job).is_ok() {
+            let conversation = self.trace.requests[r].conversation;
+            let node = &mut self.nodes[w];
+            let hit = node.prefix.contains(&conversation);
+            let share = self.config.workload.prefix_share;
+            let offered = Job {
+                cached: if hit {
+                    (job.prompt as f64 * share) as u32
+                } else {
+                    0
+                },
+                ..job
+            };
+            let violation = node.worker.unclaimed_kv() < job.kv();
+            if node.worker.offer(offered).is_ok() {
+                // The worker keeps the conversation (most recent last, bounded).
+                node.prefix.retain(|&c| c != conversation);
+                node.prefix.push_back(conversation);
+                if node.prefix.len() > self.config.cluster.prefix_cache {
+                    node.prefix.pop_front();
+                }
+                self.outcomes[r].prefix_hit = hit;
                 self.accept(r, w, gateway, violation);
                 return true;
             }
@@ -72,7 +92,7 @@ impl Engine<'_> {
     ) -> Option<usize> {
         let reservations = &self.reservations[gateway];
         let id = match self.kind {
-            PolicyKind::Ours => {
+            PolicyKind::Ours | PolicyKind::OursScan | PolicyKind::Prefix => {
                 let demand = Demand {
                     model: "",
                     class: job.class,
@@ -80,14 +100,30 @@ impl Engine<'_> {
                     max_tokens: job.answer,
                 };
                 let (snapshot, policy) = (&self.snapshot, &self.policy);
-                let ranking = scheduler::rank(
-                    &demand,
-                    snapshot,
-                    reservations,
-                    tried,
-                    policy,
-                    &mut self.rng,
-                )
+                let ranking = if self.kind == PolicyKind::Prefix {
+                    // Stands for a hash of the conversation's first prompt block.
+                    let key = affinity::stable_hash(
+                        &self.trace.requests[job.req].conversation.to_le_bytes(),
+                    );
+                    affinity::rank_with_prefix(
+                        &demand,
+                        Some(key),
+                        snapshot,
+                        reservations,
+                        tried,
+                        (policy, Affinity::default()),
+                        &mut self.rng,
+                    )
+                } else {
+                    scheduler::rank(
+                        &demand,
+                        snapshot,
+                        reservations,
+                        tried,
+                        policy,
+                        &mut self.rng,
+                    )
+                }
                 .ok()?;
                 // The proxy's `pick`: the first candidate; the fallback list only on a retry.
                 let best = match ranking.candidates.first() {

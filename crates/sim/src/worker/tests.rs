@@ -19,6 +19,7 @@ fn worker(kv: u32, slots: u32) -> SimWorker {
 
 fn job(req: usize, class: LatencyClass, prompt: u32, answer: u32) -> Job {
     Job {
+        cached: 0,
         req,
         class,
         prompt,
