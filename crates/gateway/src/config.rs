@@ -39,6 +39,10 @@ pub struct GatewayConfig {
     /// failed (the stream is retried or migrated), or for its client to read before it is cut.
     #[arg(long, env = "MOE_STREAM_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration_flag)]
     pub stream_idle_timeout: Duration,
+    /// Longest a worker may take to send its first message of a stream (it may be queueing for
+    /// KV room or prefilling a long prompt) before it counts as failed.
+    #[arg(long, env = "MOE_FIRST_MESSAGE_TIMEOUT", default_value = "120s", value_parser = parse_duration_flag)]
+    pub first_message_timeout: Duration,
     /// Consecutive failed attempts after which a worker is left out of placement for a while
     /// (doubling on each ejection, up to a minute); 0 turns ejection off.
     #[arg(long, env = "MOE_OUTLIER_FAILURES", default_value_t = 3)]
@@ -89,6 +93,9 @@ impl GatewayConfig {
         self.telemetry.validate()?;
         if self.max_concurrency == 0 {
             return Err("--max-concurrency must be at least 1".into());
+        }
+        if self.first_message_timeout.is_zero() {
+            return Err("--first-message-timeout must be more than 0".into());
         }
         if self.stream_idle_timeout.is_zero() {
             return Err("--stream-idle-timeout must be more than 0".into());

@@ -94,6 +94,7 @@ pub async fn run(
             request_timeout: config.request_timeout,
             max_attempts: config.max_attempts,
             stream_idle_timeout: config.stream_idle_timeout,
+            first_message_timeout: config.first_message_timeout,
             limits: config.limits.clone(),
         },
     )

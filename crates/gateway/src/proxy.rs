@@ -36,6 +36,9 @@ pub struct ProxyConfig {
     /// Longest a relayed stream may wait for its worker's next message (then the worker counts
     /// as failed and the stream moves on) or for its client to take one (then it ends).
     pub stream_idle_timeout: Duration,
+    /// Longest an attempt may wait for its worker's first message (queueing and prefill of
+    /// prompt and replayed tokens come before it); then the worker counts as failed.
+    pub first_message_timeout: Duration,
     pub limits: RequestLimits,
 }
 
@@ -171,6 +174,7 @@ impl GatewayService {
             max_attempts: self.config.max_attempts,
             deadline: started + timeout,
             idle_timeout: self.config.stream_idle_timeout,
+            first_message_timeout: self.config.first_message_timeout,
             started,
             class,
             req,

@@ -59,6 +59,7 @@ fn gateway_with(
             request_timeout,
             max_attempts: 3,
             stream_idle_timeout,
+            first_message_timeout: stream_idle_timeout,
             limits: RequestLimits::default(),
         },
     );

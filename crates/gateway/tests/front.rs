@@ -74,6 +74,7 @@ async fn front(
             request_timeout: Duration::from_secs(10),
             max_attempts: 3,
             stream_idle_timeout: Duration::from_secs(30),
+            first_message_timeout: Duration::from_secs(30),
             limits: RequestLimits::default(),
         },
     )

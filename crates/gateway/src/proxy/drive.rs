@@ -9,7 +9,8 @@
 //! (`continuity`).
 //!
 //! While relaying, the request's deadline and the stream idle timeout are enforced on every
-//! wait: a worker that sends nothing for the idle timeout is treated as failed (retried or
+//! wait: a worker that sends nothing for the idle timeout (the first-message timeout before its
+//! first message, which may follow queueing and a long prefill) is treated as failed (retried or
 //! migrated), a client that reads nothing for that long is let go, and the deadline ends the
 //! stream with DEADLINE_EXCEEDED. One slot of the client's channel is kept for the terminal
 //! status, so it is queued even behind a client that stopped reading.
@@ -42,6 +43,8 @@ pub(super) struct Drive {
     pub(super) deadline: Instant,
     /// Longest wait for the worker's next message, or for the client to take one.
     pub(super) idle_timeout: Duration,
+    /// Longest wait for a worker's first message of an attempt (queueing and prefill).
+    pub(super) first_message_timeout: Duration,
     pub(super) started: Instant,
     pub(super) class: LatencyClass,
     pub(super) req: GenerateRequest,
@@ -327,13 +330,16 @@ impl Drive {
             };
         }
         let deadline = tokio::time::Instant::from_std(self.deadline);
-        let silent = || Outcome::Failed {
+        let silent = |waited: Duration| Outcome::Failed {
             status: Status::unavailable(format!(
-                "worker sent nothing for {:?} (stream idle timeout)",
-                self.idle_timeout
+                "worker sent nothing for {waited:?} (--stream-idle-timeout, or \
+                 --first-message-timeout before its first message)"
             )),
             retryable: true,
         };
+        // Before the worker's first message it may be queueing or prefilling; after it, the
+        // stream idle timeout applies between messages.
+        let mut wait = self.first_message_timeout;
         let expired = || Outcome::Failed {
             status: deadline_passed(),
             retryable: false,
@@ -357,7 +363,7 @@ impl Drive {
             r = client.generate(request) => r,
             _ = self.tx.closed() => return Outcome::ClientGone,
             _ = sleep_until(deadline) => return expired(),
-            _ = sleep(self.idle_timeout) => return silent(),
+            _ = sleep(wait) => return silent(wait),
         };
         let mut stream = match response {
             Ok(r) => r.into_inner(),
@@ -381,8 +387,9 @@ impl Drive {
                 m = stream.message() => m,
                 _ = self.tx.closed() => return Outcome::ClientGone,
                 _ = sleep_until(deadline) => return expired(),
-                _ = sleep(self.idle_timeout) => return silent(),
+                _ = sleep(wait) => return silent(wait),
             };
+            wait = self.idle_timeout;
             match msg {
                 Ok(Some(mut m)) => {
                     self.relayed(&mut relay, generated.is_empty(), m.token_ids.len());
