@@ -73,6 +73,7 @@ pub struct GatewayMetrics {
     retries: Family<RetryLabels, Counter>,
     migrations: Family<ClassLabels, Counter>,
     retry_budget_exhausted: Counter,
+    worker_ejections: Counter,
     workers: Family<WorkerPoolLabels, Gauge>,
     rejected_adverts: Gauge,
 }
@@ -141,6 +142,11 @@ impl GatewayMetrics {
             m.retry_budget_exhausted.clone(),
         );
         registry.register(
+            "moe_worker_ejections",
+            "Workers left out of placement for a while after consecutive failed attempts",
+            m.worker_ejections.clone(),
+        );
+        registry.register(
             "moe_registry_workers",
             "Workers in this gateway's registry snapshot, by offload profile and state",
             m.workers.clone(),
@@ -166,6 +172,7 @@ impl GatewayMetrics {
             retries: Family::default(),
             migrations: Family::default(),
             retry_budget_exhausted: Counter::default(),
+            worker_ejections: Counter::default(),
             workers: Family::default(),
             rejected_adverts: Gauge::default(),
         }
@@ -250,6 +257,10 @@ impl GatewayMetrics {
 
     pub fn retry_budget_exhausted(&self) {
         self.retry_budget_exhausted.inc();
+    }
+
+    pub fn worker_ejected(&self) {
+        self.worker_ejections.inc();
     }
 
     /// Sets the registry gauges from a new snapshot.

@@ -98,11 +98,14 @@ impl RoutingState {
     }
 
     /// An attempt on `worker` failed in a way that says the worker is unwell (not a capacity
-    /// refusal, not a drain); enough of these in a row eject it for a while.
-    pub fn worker_failed(&self, worker: &str) {
-        if let Some(period) = self.outliers.failed(worker, Instant::now()) {
+    /// refusal, not a drain); enough of these in a row eject it for a while. True when this
+    /// failure ejected it.
+    pub fn worker_failed(&self, worker: &str) -> bool {
+        let period = self.outliers.failed(worker, Instant::now());
+        if let Some(period) = period {
             tracing::warn!(worker, ?period, "worker ejected after consecutive failures");
         }
+        period.is_some()
     }
 
     /// A stream finished on `worker`: its failure count starts again.

@@ -223,7 +223,9 @@ impl Drive {
                 Outcome::Failed { status, retryable } => {
                     if retryable && status.code() != Code::ResourceExhausted {
                         // Unreachable, reset, silent or failing: counts towards ejection.
-                        self.router.worker_failed(&candidate.worker.id);
+                        if self.router.worker_failed(&candidate.worker.id) {
+                            self.metrics.worker_ejected();
+                        }
                     }
                     // Too long for this worker's context: a worker with a larger one may fit.
                     let retryable = retryable || status.code() == Code::OutOfRange;
