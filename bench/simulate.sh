@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=docs/benchmarks/scheduler-simulation.md
-RAW=target/sim
-SIM=target/release/moe-sim
+RAW=${CARGO_TARGET_DIR:-target}/sim
+SIM=${CARGO_TARGET_DIR:-target}/release/moe-sim
 mkdir -p "$RAW" "$(dirname "$OUT")"
 
 cargo build --release -p moe-sim --bin moe-sim

@@ -1,0 +1,166 @@
+//! Behaviour tests of prefix affinity (issue 17).
+
+use super::*;
+use crate::scheduler::affinity::{
+    Affinity, prefix_key, prefix_score, rank_with_prefix, rendezvous_top, within_bound,
+};
+
+#[test]
+fn prefix_score_counts_leading_cached_blocks() {
+    let cached: HashSet<u64> = [1, 2, 3, 9].into();
+    assert_eq!(prefix_score(&[1, 2, 3, 4, 9], &cached), 3);
+    assert_eq!(prefix_score(&[5, 1], &cached), 0);
+    assert_eq!(prefix_score(&[], &cached), 0);
+}
+
+#[test]
+fn rendezvous_is_stable_and_moves_only_the_keys_of_a_removed_worker() {
+    let hashes: Vec<u64> = (0..50)
+        .map(|i| crate::scheduler::affinity::stable_hash(format!("w{i}").as_bytes()))
+        .collect();
+    let mut moved = 0;
+    for key in 0..1000u64 {
+        let top = rendezvous_top(key, &hashes, 2);
+        assert_eq!(top, rendezvous_top(key, &hashes, 2));
+        // Drop worker 7: keys whose first choice was 7 move to their second, others stay.
+        let without: Vec<u64> = hashes.iter().copied().filter(|&h| h != hashes[7]).collect();
+        let after = rendezvous_top(key, &without, 1)[0];
+        let after = hashes.iter().position(|&h| h == without[after]).unwrap();
+        if top[0] == 7 {
+            assert_eq!(after, top[1]);
+            moved += 1;
+        } else {
+            assert_eq!(after, top[0]);
+        }
+    }
+    assert!((5..60).contains(&moved), "{moved} keys were on worker 7");
+}
+
+#[test]
+fn prefix_key_is_the_conversation_start() {
+    use moe_common::pb::ChatMessage;
+    let msg = |role: &str, content: &str| ChatMessage {
+        role: role.into(),
+        content: content.into(),
+        ..Default::default()
+    };
+    let turn1 = GenerateRequest {
+        messages: vec![msg("system", "be brief"), msg("user", "hello")],
+        ..Default::default()
+    };
+    let mut turn2 = turn1.clone();
+    turn2
+        .messages
+        .extend([msg("assistant", "hi"), msg("user", "more")]);
+    let other = GenerateRequest {
+        messages: vec![msg("system", "be brief"), msg("user", "bye")],
+        ..Default::default()
+    };
+    assert_eq!(prefix_key(&turn1), prefix_key(&turn2));
+    assert_ne!(prefix_key(&turn1), prefix_key(&other));
+    assert_eq!(prefix_key(&GenerateRequest::default()), None);
+}
+
+fn affine(s: &ClusterSnapshot, res: &Reservations, key: u64, d: &Demand) -> Ranking {
+    rank_with_prefix(
+        d,
+        Some(key),
+        s,
+        res,
+        &HashSet::new(),
+        (&full_scan(), Affinity::default()),
+        &mut StdRng::seed_from_u64(key),
+    )
+    .unwrap()
+}
+
+#[test]
+fn two_gateways_pick_the_same_worker_for_a_prefix() {
+    let s = fleet(8, 8);
+    for key in 0..50 {
+        let a = rank_with_prefix(
+            &demand(LatencyClass::Interactive),
+            Some(key),
+            &s,
+            &Reservations::default(),
+            &HashSet::new(),
+            (&Policy::default(), Affinity::default()),
+            &mut StdRng::seed_from_u64(1),
+        )
+        .unwrap();
+        let b = affine(
+            &s,
+            &Reservations::default(),
+            key,
+            &demand(LatencyClass::Interactive),
+        );
+        assert_eq!(a.candidates[0].worker.id, b.candidates[0].worker.id);
+        assert!(!a.candidates[0].spill);
+    }
+}
+
+#[test]
+fn affinity_never_overrides_headroom_or_class() {
+    let key = 42;
+    let s = fleet(8, 8);
+    let d = demand(LatencyClass::Interactive);
+    let chosen = affine(&s, &Reservations::default(), key, &d).candidates[0]
+        .worker
+        .id
+        .clone();
+    // The preferred worker loses its headroom: someone else, still in the fast pool.
+    let ws: Vec<WorkerAdvert> = s
+        .workers
+        .values()
+        .map(|w| {
+            let mut w = (**w).clone();
+            if w.id == chosen {
+                w.capacity.free_kv_tokens = 10;
+            }
+            w
+        })
+        .collect();
+    let r = affine(&snapshot(ws), &Reservations::default(), key, &d);
+    assert_ne!(r.candidates[0].worker.id, chosen);
+    assert!(!r.candidates[0].spill);
+    // Batch requests with the same key stay in the offload pool.
+    let b = affine(
+        &s,
+        &Reservations::default(),
+        key,
+        &demand(LatencyClass::Batch),
+    );
+    assert_eq!(b.candidates[0].pool, Pool::Offload);
+}
+
+#[test]
+fn a_hot_prefix_does_not_push_a_worker_beyond_the_load_bound() {
+    // One key for every request, placed through one gateway whose reservations count.
+    let s = fleet(8, 0);
+    let d = demand(LatencyClass::Interactive);
+    let mut res = Reservations::default();
+    let eps = Affinity::default().epsilon;
+    for _ in 0..48 {
+        let r = affine(&s, &res, 7, &d);
+        let id = r.candidates[0].worker.id.clone();
+        res.by_worker.entry(id).or_default().push(Reservation {
+            kv_tokens: 1,
+            placed_unix_ms: 2000,
+        });
+        let loads: Vec<f64> = s
+            .workers
+            .values()
+            .map(|w| crate::scheduler::affinity::load_with_local(w, &res))
+            .collect();
+        let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+        let max = loads.iter().cloned().fold(0.0, f64::max);
+        // One placement past the bound at most (the check precedes the placement).
+        assert!(
+            within_bound(max, mean, eps, 2.0 / 8.0),
+            "max load {max} vs mean {mean}"
+        );
+    }
+    // The key's first choice got more than its share, but not all of it.
+    let most = res.by_worker.values().map(Vec::len).max().unwrap();
+    assert!((7..48).contains(&most), "{most}");
+}
