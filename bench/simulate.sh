@@ -66,7 +66,7 @@ Machine: \`$(uname -a)\`, $(nproc) cores.
 \`moe-sim\` (crates/sim: binary in src/main.rs, model in src/) drives the real
 placement policy, \`scheduler::rank\` with the default \`Policy\`, against modelled workers in
 virtual time, next to round-robin and least-loaded, on one request trace, worker set and churn
-(deterministic for a seed). Policies: *ours* is the live default (first placements sample k = 2
+(deterministic for a seed). Policies: *ours* is the live default (first placements sample k = 4
 workers of the preferred pool, full scan as fallback), *ours-scan* the full scan and sort of every
 worker (the policy before issue 17), *prefix* the default plus rendezvous prefix affinity keyed by
 conversation, bounded by load (\`scheduler::affinity::rank_with_prefix\`; simulation only: the

@@ -7,7 +7,7 @@
 //! - Spill-over to the other pool follows a per-class [`Spill`] rule.
 //! - A worker whose advertised free KV minus reservations made since that advert cannot hold
 //!   prompt + max_tokens is never a candidate.
-//! - A first placement samples k workers of the preferred pool ([`sampled`], power-of-k
+//! - A first placement samples k (4) workers of the preferred pool ([`sampled`], power-of-k
 //!   choices, O(k log n)); retries, small pools and samples where nothing fits use the full scan
 //!   ([`rank_full`]), whose ties are broken by power-of-two choices on local in-flight streams.
 //! - [`affinity`]: prefix affinity (rendezvous hashing of a prompt-prefix key, bounded by load).

@@ -146,7 +146,10 @@ pub fn simulate(config: &SimConfig, trace: &Trace, kind: PolicyKind) -> RunResul
             sampling: if kind == PolicyKind::OursScan {
                 Sampling::FullScan
             } else {
-                Sampling::default()
+                Sampling::PowerOfK {
+                    k: config.front.sample_k,
+                    scan_below: 16,
+                }
             },
             ..Policy::default()
         },

@@ -138,6 +138,8 @@ pub struct FrontModel {
     pub client_retries: u32,
     /// ... after this long each time.
     pub client_backoff: Micros,
+    /// Workers the sampled policies draw per first placement (`Sampling::PowerOfK`'s k).
+    pub sample_k: usize,
 }
 
 #[derive(Clone, Debug)]

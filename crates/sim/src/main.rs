@@ -85,6 +85,9 @@ struct Args {
     /// Gateways sharing the cluster, each knowing only its own reservations.
     #[arg(long, env = "MOE_SIM_GATEWAYS", default_value_t = 1)]
     gateways: usize,
+    /// Workers the sampled policies (ours, prefix) draw per first placement.
+    #[arg(long, env = "MOE_SIM_SAMPLE_K", default_value_t = 4)]
+    sample_k: usize,
     /// Workers tried per placement (gateway --max-attempts).
     #[arg(long, env = "MOE_SIM_MAX_ATTEMPTS", default_value_t = 3)]
     max_attempts: u32,
@@ -155,6 +158,7 @@ impl Args {
                 max_attempts: self.max_attempts,
                 client_retries: self.client_retries,
                 client_backoff: self.client_backoff_ms * 1000,
+                sample_k: self.sample_k,
             },
             workload: Workload {
                 rate: self.rate,

@@ -26,6 +26,7 @@ fn config(gateways: usize) -> SimConfig {
             max_attempts: 3,
             client_retries: 30,
             client_backoff: 1_000_000,
+            sample_k: 4,
         },
         workload: Workload {
             rate: 15.0,

@@ -109,7 +109,7 @@ fn main() {
             .unwrap_or(300),
     );
     println!(
-        "| workers | preferred pool | class | full scan µs | sampled (k=2) µs | index rebuild µs | reservations clone µs |"
+        "| workers | preferred pool | class | full scan µs | sampled (k=4) µs | index rebuild µs | reservations clone µs |"
     );
     println!("|---:|---|---|---:|---:|---:|---:|");
     for n in [100, 1_000, 10_000] {
