@@ -10,7 +10,6 @@ use moe_e2e::*;
 const PROMPT: &str = "The capital of France is";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs the engine's test-only MOE_TEST_ENGINE_PANIC_AFTER hook in crates/worker/src/engine/thread.rs"]
 async fn an_engine_panic_makes_the_worker_leave_etcd_and_exit_non_zero() {
     let etcd = Etcd::start().await;
     let prefix = "/f-engine";

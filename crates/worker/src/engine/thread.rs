@@ -72,6 +72,10 @@ pub(super) fn engine_thread(
             last_publish: Instant::now(),
             last_refresh: Instant::now(),
             sliding_window,
+            panic_after: cfg!(debug_assertions)
+                .then(|| std::env::var("MOE_TEST_ENGINE_PANIC_AFTER").ok())
+                .flatten()
+                .and_then(|v| v.parse().ok()),
         };
         engine.run(cmd_rx);
     });
@@ -119,6 +123,9 @@ struct Engine<'m> {
     last_refresh: Instant,
     /// The model's sliding window (0: none), for prefix reuse.
     sliding_window: u32,
+    /// Test-only hook (debug builds): panic after this many generated tokens
+    /// (`MOE_TEST_ENGINE_PANIC_AFTER`), for the supervision test (review H3).
+    panic_after: Option<u64>,
 }
 
 impl<'m> Engine<'m> {
@@ -421,6 +428,12 @@ impl<'m> Engine<'m> {
         live.first_token.get_or_insert(now);
         live.last_token = now;
         self.stats.generated_tokens_total += 1;
+        if self
+            .panic_after
+            .is_some_and(|n| self.stats.generated_tokens_total >= n)
+        {
+            panic!("MOE_TEST_ENGINE_PANIC_AFTER: test-only engine panic");
+        }
         if self.model.vocab().is_eog(token) {
             self.end(slot, Finish::Stop);
             return;
