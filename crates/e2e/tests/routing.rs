@@ -17,7 +17,11 @@ fn with_class(mut req: GenerateRequest, class: LatencyClass) -> GenerateRequest 
 async fn interactive_lands_on_full_batch_on_cpu_moe_and_spills_when_saturated() {
     let etcd = Etcd::start().await;
     let prefix = "/t-route";
-    let full = Worker::start(WorkerSpec::new("full", "full"), Some((&etcd, prefix))).await;
+    // One sequence of 2048 cells: with a KV stream per sequence (the batch-invariant default), the
+    // 1900-token hog below must fit one slot.
+    let mut full_spec = WorkerSpec::new("full", "full");
+    full_spec.parallel = 1;
+    let full = Worker::start(full_spec, Some((&etcd, prefix))).await;
     let offload = Worker::start(WorkerSpec::new("offload", "cpu-moe"), Some((&etcd, prefix))).await;
     // Batch spill off: batch work must never take the fast pool.
     let gateway = Gateway::start(&etcd, prefix, &["--batch-spill", "off"]).await;
@@ -41,7 +45,7 @@ async fn interactive_lands_on_full_batch_on_cpu_moe_and_spills_when_saturated() 
         ("offload", "cpu-moe")
     );
 
-    // Saturate the full worker's KV (2048 cells): a 1900-token reservation leaves too little for
+    // Saturate the full worker's only slot (2048 cells): a 1900-token reservation leaves no room for
     // another 400-token request, so interactive work spills to the cpu-moe worker.
     let mut c = client(&url).await;
     let mut hog = c
