@@ -52,7 +52,7 @@ async fn eight_concurrent_streams_get_the_same_text_as_alone() {
     // They really ran together: admission happened while others were decoding.
     let queue_max = together
         .iter()
-        .map(|c| c.last.timings.clone().unwrap().queue_seconds)
+        .map(|c| c.last.timings.unwrap().queue_seconds)
         .fold(0.0, f64::max);
     assert!(
         queue_max < 1.0,
@@ -179,14 +179,14 @@ async fn a_repeated_prefix_reuses_kv_cells_and_keeps_the_output() {
     )
     .await
     .unwrap();
-    assert_eq!(first.last.usage.clone().unwrap().cached_prompt_tokens, 0);
+    assert_eq!(first.last.usage.unwrap().cached_prompt_tokens, 0);
     let again = generate(
         &url,
         greedy(&format!("{system}The capital of France is"), 12),
     )
     .await
     .unwrap();
-    let usage = again.last.usage.clone().unwrap();
+    let usage = again.last.usage.unwrap();
     assert_eq!(
         usage.cached_prompt_tokens,
         usage.prompt_tokens - 1,
@@ -199,7 +199,7 @@ async fn a_repeated_prefix_reuses_kv_cells_and_keeps_the_output() {
     let other = generate(&url, greedy(&format!("{system}The capital of Italy is"), 8))
         .await
         .unwrap();
-    let u = other.last.usage.clone().unwrap();
+    let u = other.last.usage.unwrap();
     assert!(
         u.cached_prompt_tokens > 10 && u.cached_prompt_tokens < u.prompt_tokens - 1,
         "the shared system prefix is reused: {u:?}"

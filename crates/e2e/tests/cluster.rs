@@ -29,7 +29,7 @@ async fn greedy_paris_streams_through_the_gateway_with_the_same_tokens_for_every
     );
     assert_eq!(out.finish(), FinishReason::Length);
     assert_eq!(out.token_ids.len(), 12);
-    let usage = out.last.usage.clone().expect("usage");
+    let usage = out.last.usage.expect("usage");
     assert_eq!(usage.completion_tokens, 12);
     assert_eq!(
         usage.prompt_tokens, 5,
@@ -38,7 +38,7 @@ async fn greedy_paris_streams_through_the_gateway_with_the_same_tokens_for_every
     assert_eq!(out.last.worker_id, "full");
     assert_eq!(out.last.offload_profile, "full");
     assert_eq!(out.last.request_id, "req-1");
-    let timings = out.last.timings.clone().expect("timings");
+    let timings = out.last.timings.expect("timings");
     assert!(timings.time_to_first_token_seconds > 0.0);
 
     for w in [&full, &cpu, &partial] {

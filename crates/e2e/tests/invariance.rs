@@ -99,7 +99,7 @@ async fn identical_concurrent_greedy_requests_equal_the_solo_output() {
     assert_eq!(cold.token_ids.len(), TOKENS as usize, "{:?}", cold.text);
     // Again: the whole prompt but its last token comes from the slot's prefix cache.
     let warm = solo(&url, STORY).await;
-    assert!(warm.last.usage.clone().unwrap().cached_prompt_tokens > 0);
+    assert!(warm.last.usage.unwrap().cached_prompt_tokens > 0);
     assert_eq!(warm.token_ids, cold.token_ids, "prefix cache warm vs cold");
     let eight = vec![STORY.to_string(); 8];
     assert_same("8 together", &cold, &together(&url, &eight).await);
@@ -141,7 +141,7 @@ async fn different_prompts_with_chunked_prefill_equal_their_solo_outputs() {
     }
     let cached: u32 = warm
         .iter()
-        .map(|c| c.last.usage.clone().unwrap().cached_prompt_tokens)
+        .map(|c| c.last.usage.unwrap().cached_prompt_tokens)
         .sum();
     assert!(cached > 0, "the second round reused cached prefixes");
     worker.stop().await;

@@ -58,6 +58,13 @@ pub struct WorkerConfig {
     /// cache, but concurrent sequences' cells interleave and change rounding.
     #[arg(long, env = "MOE_KV_UNIFIED")]
     pub kv_unified: bool,
+    /// Decode each sequence in its own llama.cpp call instead of one batch per step. GPU kernels
+    /// choose their algorithm by batch shape (measured on an H200: with batched steps no greedy
+    /// text equalled its solo run), so with this on a sequence sees the same kernel shapes as
+    /// when it runs alone; the cost is decode batching (docs/benchmarks/batch-invariance.md).
+    /// Not needed on the CPU, where per-sequence KV streams are already batch-invariant.
+    #[arg(long, env = "MOE_SEQUENTIAL_DECODE")]
+    pub sequential_decode: bool,
     /// Requests waiting for KV headroom at most; more get RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "MOE_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,

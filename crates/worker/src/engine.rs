@@ -44,6 +44,9 @@ pub struct EngineConfig {
     /// KV stream of `ctx_size / parallel` cells, at the same positions as when it runs alone, so
     /// greedy output does not depend on the batch (see docs/benchmarks/batch-invariance.md).
     pub kv_unified: bool,
+    /// Decode each sequence in its own llama.cpp call (batch-invariant on GPU backends, whose
+    /// kernels depend on the batch shape), instead of one batch per step.
+    pub sequential_decode: bool,
     pub max_queue: usize,
     pub queue_timeout: Duration,
 }

@@ -49,6 +49,7 @@ fn engine_config(c: &WorkerConfig) -> EngineConfig {
         threads: c.threads,
         batch_size: c.batch_size,
         kv_unified: c.kv_unified,
+        sequential_decode: c.sequential_decode,
         max_queue: c.max_queue,
         queue_timeout: c.queue_timeout,
     }
