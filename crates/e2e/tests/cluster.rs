@@ -240,7 +240,10 @@ async fn sigterm_finishes_running_streams_then_deregisters_at_once() {
 async fn a_client_that_drops_its_stream_stops_the_generation() {
     let etcd = Etcd::start().await;
     let prefix = "/t-drop";
-    let worker = Worker::start(WorkerSpec::new("w", "full"), Some((&etcd, prefix))).await;
+    // One sequence of 2048 cells: the 1500-token request must fit a sequence's KV stream.
+    let mut spec = WorkerSpec::new("w", "full");
+    spec.parallel = 1;
+    let worker = Worker::start(spec, Some((&etcd, prefix))).await;
     let gateway = Gateway::start(&etcd, prefix, &[]).await;
     for url in [worker.url(), gateway.url()] {
         let mut c = client(&url).await;
