@@ -47,6 +47,18 @@ async fn interactive_lands_on_full_batch_on_cpu_moe_and_spills_when_saturated() 
 
     // Saturate the full worker's only slot (2048 cells): a 1900-token reservation leaves no room for
     // another 400-token request, so interactive work spills to the cpu-moe worker.
+    // The first two requests' reservations are gone once the adverts say so (they are written
+    // at most every 250 ms for small changes): only then is the whole slot free again.
+    eventually(
+        Duration::from_secs(5),
+        "the full worker to advertise its whole sequence free",
+        || async {
+            let free = etcd.advert(prefix, "full").await?.capacity.free_kv_tokens;
+            (free >= 2000).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut c = client(&url).await;
     let mut hog = c
         .generate(with_class(greedy(PROMPT, 1900), LatencyClass::Interactive))
