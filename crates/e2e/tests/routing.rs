@@ -7,6 +7,9 @@ use moe_common::pb::{FinishReason, GenerateRequest, LatencyClass};
 use moe_e2e::*;
 
 const PROMPT: &str = "The capital of France is";
+/// Long enough that the stream is still running once the serving worker's advert shows it
+/// (advert writes of load changes are rate-limited), so the kill lands mid-stream.
+const MIGRATED_TOKENS: u32 = 160;
 
 fn with_class(mut req: GenerateRequest, class: LatencyClass) -> GenerateRequest {
     req.latency_class = class as i32;
@@ -88,13 +91,20 @@ async fn sigkill_mid_stream_migrates_to_another_worker_without_changing_the_text
     let prefix = "/t-migrate";
     let a = WorkerProcess::start(WorkerSpec::new("a", "full"), &etcd, prefix).await;
     let b = WorkerProcess::start(WorkerSpec::new("b", "full"), &etcd, prefix).await;
-    let reference = generate(&format!("http://{}", a.addr), greedy(PROMPT, 40))
-        .await
-        .expect("uninterrupted");
+    let reference = generate(
+        &format!("http://{}", a.addr),
+        greedy(PROMPT, MIGRATED_TOKENS),
+    )
+    .await
+    .expect("uninterrupted");
     let gateway = Gateway::start(&etcd, prefix, &[]).await;
 
     let mut c = client(&gateway.url()).await;
-    let mut stream = c.generate(greedy(PROMPT, 40)).await.unwrap().into_inner();
+    let mut stream = c
+        .generate(greedy(PROMPT, MIGRATED_TOKENS))
+        .await
+        .unwrap()
+        .into_inner();
     let mut text = String::new();
     let mut tokens = Vec::new();
     while tokens.len() < 4 {
@@ -135,7 +145,7 @@ async fn sigkill_mid_stream_migrates_to_another_worker_without_changing_the_text
     assert_eq!(last.finish_reason, FinishReason::Length as i32);
     assert_eq!(last.migrations, 1, "the stream moved once");
     assert_eq!(last.worker_id, survivor.id);
-    assert_eq!(last.usage.unwrap().completion_tokens, 40);
+    assert_eq!(last.usage.unwrap().completion_tokens, MIGRATED_TOKENS);
     assert_eq!(
         tokens, reference.token_ids,
         "greedy tokens equal the uninterrupted run"
