@@ -219,7 +219,7 @@ impl Worker {
 
     async fn wait_serving(&self) {
         let url = self.url();
-        eventually(Duration::from_secs(60), "worker to serve", || {
+        eventually(Duration::from_secs(180), "worker to serve", || {
             let url = url.clone();
             let tls = self.tls.clone();
             async move {
