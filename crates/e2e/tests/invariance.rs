@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use moe_e2e::*;
 
+/// These tests each run 8–16 concurrent sequences on in-process workers: run them one at a time,
+/// so two of them never share the 2 cores of a CI machine (and their timings stay meaningful).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const STORY: &str = "Once upon a time, in a small village by the sea,";
 const TOKENS: u32 = 128;
 
@@ -93,6 +97,7 @@ fn assert_same(what: &str, expected: &Collected, got: &[Collected]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identical_concurrent_greedy_requests_equal_the_solo_output() {
+    let _serial = SERIAL.lock().await;
     let worker = Worker::start(spec("inv-same", "full"), None).await;
     let url = worker.url();
     let cold = solo(&url, STORY).await;
@@ -111,6 +116,7 @@ async fn identical_concurrent_greedy_requests_equal_the_solo_output() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn different_prompts_with_chunked_prefill_equal_their_solo_outputs() {
+    let _serial = SERIAL.lock().await;
     let prompts = prompts();
     // Small steps: the long prompt is prefilled in chunks whose size depends on how many
     // sequences decode beside it.
@@ -149,6 +155,7 @@ async fn different_prompts_with_chunked_prefill_equal_their_solo_outputs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_offload_profile_gives_the_batched_output_of_full_alone() {
+    let _serial = SERIAL.lock().await;
     let full = Worker::start(spec("inv-full", "full"), None).await;
     let expected = solo(&full.url(), STORY).await;
     full.stop().await;
