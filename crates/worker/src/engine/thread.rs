@@ -342,16 +342,7 @@ impl<'m> Engine<'m> {
         if let Err(e) = self.ctx.decode(&mut self.batch) {
             tracing::error!(error = %e, "decode failed; failing the batch");
             for e2 in &plan.entries {
-                if let Some(seq) = self.batcher.finish(e2.slot) {
-                    self.batcher.forget(e2.slot);
-                    let _ = self
-                        .ctx
-                        .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
-                    let _ = seq
-                        .payload
-                        .events
-                        .send(Event::Failed(EngineError::Internal(e.to_string())));
-                }
+                self.fail_slot(e2.slot, &e.to_string());
             }
             return true;
         }
@@ -362,6 +353,20 @@ impl<'m> Engine<'m> {
             self.sample(slot, idx);
         }
         true
+    }
+
+    /// Ends a slot's sequence with an internal error after a failed decode and drops its cells.
+    fn fail_slot(&mut self, slot: usize, why: &str) {
+        if let Some(seq) = self.batcher.finish(slot) {
+            self.batcher.forget(slot);
+            let _ = self
+                .ctx
+                .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
+            let _ = seq
+                .payload
+                .events
+                .send(Event::Failed(EngineError::Internal(why.to_string())));
+        }
     }
 
     /// Drops the KV cells the plan evicts and prepares admitted slots: keeps the reused

@@ -6,7 +6,6 @@ use std::time::Instant;
 use llama_cpp_2::token::LlamaToken;
 
 use super::super::batcher::Plan;
-use super::super::{EngineError, Event};
 use super::Engine;
 
 impl Engine<'_> {
@@ -34,16 +33,7 @@ impl Engine<'_> {
             }
             if let Err(err) = self.ctx.decode(&mut self.batch) {
                 tracing::error!(error = %err, slot = e.slot, "decode failed; failing the sequence");
-                if let Some(seq) = self.batcher.finish(e.slot) {
-                    self.batcher.forget(e.slot);
-                    let _ = self
-                        .ctx
-                        .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
-                    let _ = seq
-                        .payload
-                        .events
-                        .send(Event::Failed(EngineError::Internal(err.to_string())));
-                }
+                self.fail_slot(e.slot, &err.to_string());
                 continue;
             }
             let one = Plan {
