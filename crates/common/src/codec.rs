@@ -9,7 +9,9 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-use crate::pb::{GenerateRequest, GenerateResponse};
+use crate::pb::{
+    GenerateRequest, GenerateResponse, PrefixCacheEvent, TokenizeResponse, WatchPrefixCacheRequest,
+};
 
 /// The status code for a message of this type that fails to decode.
 pub trait DecodeFailure {
@@ -25,6 +27,26 @@ impl DecodeFailure for GenerateRequest {
 }
 
 impl DecodeFailure for GenerateResponse {
+    fn status(message: String) -> Status {
+        Status::internal(message)
+    }
+}
+
+impl DecodeFailure for WatchPrefixCacheRequest {
+    fn status(message: String) -> Status {
+        Status::invalid_argument(format!(
+            "request does not decode as moe.v1.WatchPrefixCacheRequest: {message}"
+        ))
+    }
+}
+
+impl DecodeFailure for TokenizeResponse {
+    fn status(message: String) -> Status {
+        Status::internal(message)
+    }
+}
+
+impl DecodeFailure for PrefixCacheEvent {
     fn status(message: String) -> Status {
         Status::internal(message)
     }

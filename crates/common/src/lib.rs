@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod offload;
 pub mod pb;
 pub mod plan;
+pub mod prefix;
 pub mod registry;
 pub mod request;
 pub mod shutdown;

@@ -9,6 +9,6 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("moe_v1_descriptor");
 
 pub use v1::{
-    ChatMessage, FinishReason, GenerateRequest, GenerateResponse, LatencyClass, SamplingParams,
-    Timings, Usage,
+    ChatMessage, FinishReason, GenerateRequest, GenerateResponse, LatencyClass, PrefixCacheEvent,
+    SamplingParams, Timings, TokenizeResponse, Usage, WatchPrefixCacheRequest,
 };

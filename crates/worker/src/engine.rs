@@ -215,11 +215,21 @@ pub struct EngineStats {
     pub devices: Vec<DeviceInfo>,
 }
 
+/// The token sequences whose KV cells the engine holds right now — idle cached sequences and
+/// the prompt (and output so far) of running ones — one entry per KV stream that holds any.
+/// Published by the engine thread whenever it changes; the worker's `WatchPrefixCache` RPC
+/// turns it into block-hash events (`moe_common::prefix`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PrefixCacheView {
+    pub sequences: Vec<Arc<[u32]>>,
+}
+
 /// Cloneable handle async code uses to reach the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
     jobs: mpsc::Sender<Command>,
     stats: watch::Receiver<EngineStats>,
+    prefix_cache: watch::Receiver<Arc<PrefixCacheView>>,
     model: Arc<LoadedModel>,
     tokenizer: Tokenizer,
     /// The engine thread, joined by `shutdown` so that the context and model are freed (and the
@@ -238,10 +248,11 @@ pub(crate) enum Command {
 pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (stats_tx, stats_rx) = watch::channel(EngineStats::default());
+    let (cache_tx, cache_rx) = watch::channel(Arc::new(PrefixCacheView::default()));
     let (ready_tx, ready_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("moe-engine".into())
-        .spawn(move || thread::engine_thread(config, cmd_rx, stats_tx, ready_tx))
+        .spawn(move || thread::engine_thread(config, cmd_rx, stats_tx, cache_tx, ready_tx))
         .map_err(|e| EngineError::Load(format!("spawning engine thread: {e}")))?;
     let (model, tokenizer) = ready_rx
         .await
@@ -249,6 +260,7 @@ pub async fn start(config: EngineConfig) -> Result<EngineHandle, EngineError> {
     Ok(EngineHandle {
         jobs: cmd_tx,
         stats: stats_rx,
+        prefix_cache: cache_rx,
         model: Arc::new(model),
         tokenizer,
         thread: Arc::new(std::sync::Mutex::new(Some(thread))),
@@ -266,6 +278,11 @@ impl EngineHandle {
 
     pub fn stats(&self) -> watch::Receiver<EngineStats> {
         self.stats.clone()
+    }
+
+    /// What the KV cache holds, updated by the engine thread on every change.
+    pub fn prefix_cache(&self) -> watch::Receiver<Arc<PrefixCacheView>> {
+        self.prefix_cache.clone()
     }
 
     pub fn model(&self) -> &LoadedModel {

@@ -30,6 +30,8 @@ pub(super) fn engine_thread(
     config: EngineConfig,
     cmd_rx: mpsc::Receiver<Command>,
     stats_tx: watch::Sender<EngineStats>,
+    // Not published yet (issue 17): the engine will send its cached sequences here.
+    _cache_tx: watch::Sender<std::sync::Arc<super::PrefixCacheView>>,
     ready: oneshot::Sender<Result<(LoadedModel, Tokenizer), EngineError>>,
 ) {
     let mut ready = Some(ready);
