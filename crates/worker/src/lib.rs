@@ -8,6 +8,7 @@ pub mod engine;
 pub mod metrics;
 pub mod service;
 pub mod supervise;
+pub mod worker_service;
 
 use std::sync::Arc;
 
@@ -164,6 +165,12 @@ pub async fn run(
         .add_service(
             InferenceServer::new(service)
                 .max_decoding_message_size(config.limits.max_message_bytes),
+        )
+        .add_service(
+            moe_common::pb::v1::worker_server::WorkerServer::new(
+                worker_service::WorkerService::new(engine.clone(), config.limits.clone()),
+            )
+            .max_decoding_message_size(config.limits.max_message_bytes),
         )
         .serve_with_incoming_shutdown(
             moe_common::tls::incoming(listener, tls, "gRPC"),

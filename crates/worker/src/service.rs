@@ -256,7 +256,7 @@ struct FinalMeta {
 }
 
 /// The request's prompt: raw text, or a chat to render with the model's template.
-fn request_prompt(req: &GenerateRequest) -> Result<Prompt, String> {
+pub(crate) fn request_prompt(req: &GenerateRequest) -> Result<Prompt, String> {
     Ok(if req.messages.is_empty() {
         Prompt::Text(req.prompt.clone())
     } else {
