@@ -9,6 +9,7 @@
 //! executes the plans.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moe_common::LatencyClass;
@@ -63,6 +64,8 @@ pub struct Seq<T> {
     pub class: LatencyClass,
     /// Prompt tokens followed by the tokens generated so far.
     pub tokens: Vec<u32>,
+    /// The prompt as admitted, shared with the published prefix-cache view.
+    prompt: Arc<[u32]>,
     /// Prompt tokens whose KV cells were reused from the slot's prefix cache.
     pub reused: u32,
     /// Tokens already in the KV cache.
@@ -125,7 +128,7 @@ impl Plan {
 /// KV cells an idle slot still holds: the tokens at positions 0..len.
 #[derive(Debug)]
 struct Cached {
-    tokens: Vec<u32>,
+    tokens: Arc<[u32]>,
     /// Admission counter value when this cache was last used (for LRU eviction).
     used: u64,
 }
@@ -138,6 +141,8 @@ pub struct Batcher<T> {
     interactive: VecDeque<Pending<T>>,
     batch: VecDeque<Pending<T>>,
     reserved: u32,
+    /// Bumped whenever the token sequences the KV streams hold change (see `cached_sequences`).
+    version: u64,
 }
 
 impl<T> Batcher<T> {
@@ -152,6 +157,7 @@ impl<T> Batcher<T> {
             interactive: VecDeque::new(),
             batch: VecDeque::new(),
             reserved: 0,
+            version: 0,
         }
     }
 
@@ -406,6 +412,7 @@ impl<T> Batcher<T> {
                     .min_by_key(|&i| self.cache[i].as_ref().map(|c| c.used))
                     .expect("cached cells exist while the sum is positive");
                 self.cache[victim] = None;
+                self.version += 1;
                 plan.evicted.push(victim);
             }
             let p = if !self.interactive.is_empty() {
@@ -417,9 +424,11 @@ impl<T> Batcher<T> {
             self.cache[slot] = None;
             self.reserved += needed;
             self.clock += 1;
+            self.version += 1;
             self.slots[slot] = Some(Seq {
                 seq_id: slot as i32,
                 class: p.class,
+                prompt: p.tokens.as_slice().into(),
                 tokens: p.tokens,
                 reused,
                 n_past: reused,
@@ -488,17 +497,40 @@ impl<T> Batcher<T> {
         let seq = self.slots.get_mut(slot)?.take()?;
         self.reserved -= seq.reserved;
         self.cache[slot] = Some(Cached {
-            tokens: seq.tokens[..seq.n_past as usize].to_vec(),
+            tokens: seq.tokens[..seq.n_past as usize].into(),
             used: self.clock,
         });
+        self.version += 1;
         Some(seq)
     }
 
     /// Forgets a slot's prefix cache (its KV cells were dropped).
     pub fn forget(&mut self, slot: usize) {
-        if let Some(c) = self.cache.get_mut(slot) {
-            *c = None;
+        if let Some(c) = self.cache.get_mut(slot)
+            && c.take().is_some()
+        {
+            self.version += 1;
         }
+    }
+
+    /// Changes whenever [`Batcher::cached_sequences`] may have changed.
+    pub fn cache_version(&self) -> u64 {
+        self.version
+    }
+
+    /// The token sequences whose KV cells the streams hold, one per stream that holds any: an
+    /// idle stream's cached tokens, a running sequence's prompt (its cells are being computed).
+    pub fn cached_sequences(&self) -> Vec<Arc<[u32]>> {
+        self.slots
+            .iter()
+            .zip(&self.cache)
+            .filter_map(|(s, c)| match (s, c) {
+                (Some(s), _) => Some(s.prompt.clone()),
+                (None, Some(c)) => Some(c.tokens.clone()),
+                (None, None) => None,
+            })
+            .filter(|t| !t.is_empty())
+            .collect()
     }
 
     /// KV cells held by idle slots' prefix caches.

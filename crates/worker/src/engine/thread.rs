@@ -2,6 +2,7 @@
 //! intake, cancellation, plan, decode, sample, stream — publishing live stats (including
 //! device memory, refreshed here so that no FFI runs on the async runtime).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
@@ -19,7 +20,7 @@ use super::sampler::SeqSampler;
 use super::text::Detokenizer;
 use super::{
     Command, EngineConfig, EngineError, EngineStats, Event, Finish, Job, LoadedModel,
-    PreparedPrompt, Summary, TokenLogprob, Tokenizer,
+    PrefixCacheView, PreparedPrompt, Summary, TokenLogprob, Tokenizer,
 };
 
 /// How often device memory (free bytes, this process's bytes per GPU) is refreshed.
@@ -30,8 +31,7 @@ pub(super) fn engine_thread(
     config: EngineConfig,
     cmd_rx: mpsc::Receiver<Command>,
     stats_tx: watch::Sender<EngineStats>,
-    // Not published yet (issue 17): the engine will send its cached sequences here.
-    _cache_tx: watch::Sender<std::sync::Arc<super::PrefixCacheView>>,
+    cache_tx: watch::Sender<Arc<PrefixCacheView>>,
     ready: oneshot::Sender<Result<(LoadedModel, Tokenizer), EngineError>>,
 ) {
     let mut ready = Some(ready);
@@ -73,6 +73,8 @@ pub(super) fn engine_thread(
             batch: LlamaBatch::new(config.batch_size as usize, config.parallel as i32),
             stats,
             stats_tx,
+            cache_tx,
+            cache_version: 0,
             last_publish: Instant::now(),
             last_refresh: Instant::now(),
             sliding_window,
@@ -124,6 +126,10 @@ struct Engine<'m> {
     batch: LlamaBatch<'static>,
     stats: EngineStats,
     stats_tx: watch::Sender<EngineStats>,
+    /// Where the token sequences the KV streams hold are published (`PrefixCacheView`).
+    cache_tx: watch::Sender<Arc<PrefixCacheView>>,
+    /// The batcher's `cache_version` last published.
+    cache_version: u64,
     last_publish: Instant,
     last_refresh: Instant,
     /// The model's sliding window (0: none), for prefix reuse.
@@ -172,7 +178,9 @@ impl<'m> Engine<'m> {
                 }
             }
             self.housekeeping(Instant::now());
-            if !self.step() {
+            let stepped = self.step();
+            self.publish_cache();
+            if !stepped {
                 // Nothing runnable (requests wait for KV): wait briefly for completions/intake.
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -364,6 +372,7 @@ impl<'m> Engine<'m> {
             let _ = self
                 .ctx
                 .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None);
+            self.publish_cache();
             let _ = seq
                 .payload
                 .events
@@ -528,7 +537,10 @@ impl<'m> Engine<'m> {
             },
         };
         self.stats.completed_total += 1;
-        let _ = live.events.send(Event::Done(summary));
+        // The gateway routes the conversation's next turn by what this worker caches: the
+        // finished sequence's tokens are published before the client hears it is done.
+        self.publish_cache();
+        let _ = seq.payload.events.send(Event::Done(summary));
     }
 
     /// Frees a slot whose client is gone, sending nothing.
@@ -549,6 +561,26 @@ impl<'m> Engine<'m> {
         for slot in self.batcher.slots_where(|_| true) {
             self.end(slot, Finish::Cancelled);
         }
+    }
+
+    /// Publishes the token sequences the KV streams hold, when they changed since last time.
+    fn publish_cache(&mut self) {
+        let version = self.batcher.cache_version();
+        if version == self.cache_version {
+            return;
+        }
+        self.cache_version = version;
+        let view = PrefixCacheView {
+            sequences: self.batcher.cached_sequences(),
+        };
+        self.cache_tx.send_if_modified(|v| {
+            if **v == view {
+                false
+            } else {
+                *v = Arc::new(view);
+                true
+            }
+        });
     }
 
     fn publish(&mut self, force: bool) {

@@ -441,3 +441,29 @@ fn with_a_window_reuse_needs_only_the_last_window_before_the_prefix_end() {
     assert!(reuse_allowed(0, 100, 128));
     assert!(!reuse_allowed(1, 100, 128));
 }
+
+#[test]
+fn publishes_running_prompts_and_finished_sequences() {
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    let v0 = b.cache_version();
+    assert!(b.cached_sequences().is_empty());
+    b.enqueue(pending(5, 2, LatencyClass::Interactive, 1, t))
+        .unwrap();
+    step(&mut b, t);
+    assert_ne!(b.cache_version(), v0, "admission changes the view");
+    assert_eq!(b.cached_sequences(), vec![Arc::from(vec![0, 1, 2, 3, 4])]);
+    let v1 = b.cache_version();
+    step(&mut b, t); // decodes the first sampled token and finishes at max_tokens
+    assert!(b.is_idle());
+    assert_ne!(b.cache_version(), v1, "finishing changes the view");
+    // The prompt and the one generated token fed back hold cells.
+    assert_eq!(
+        b.cached_sequences(),
+        vec![Arc::from(vec![0, 1, 2, 3, 4, 7])]
+    );
+    let v2 = b.cache_version();
+    b.forget(0);
+    assert_ne!(b.cache_version(), v2);
+    assert!(b.cached_sequences().is_empty());
+}
