@@ -11,6 +11,7 @@ pub mod pb;
 pub mod plan;
 pub mod prefix;
 pub mod registry;
+pub mod reload;
 pub mod request;
 pub mod shutdown;
 pub mod size;

@@ -1,6 +1,6 @@
 //! TLS for the servers (gRPC, HTTP) and for outgoing calls, with rustls and the ring provider.
-//! Certificates and keys are PEM files, re-read when their modification time or size changes, so
-//! a rotated Kubernetes Secret takes effect without a restart: new handshakes (servers) and new
+//! Certificates and keys are PEM files, re-read when they change ([`crate::reload`]), so a rotated
+//! Kubernetes Secret takes effect without a restart: new handshakes (servers) and new
 //! connections (clients) use the new files, established connections keep theirs.
 
 mod incoming;
@@ -8,14 +8,18 @@ mod incoming;
 pub use incoming::{Conn, ServerListener, incoming};
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+use crate::reload::Reloading;
+
+const WHAT: &str = "TLS files";
 
 /// How often, at most, the files are checked for changes (on the next handshake or connection).
 pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -84,7 +88,7 @@ pub struct ClientTlsFiles {
 /// Server TLS settings, rebuilt when the files change. Cheap to clone.
 #[derive(Clone)]
 pub struct ServerTls {
-    inner: Arc<Reloading<Arc<ServerConfig>>>,
+    inner: Arc<Reloading<Arc<ServerConfig>, TlsError>>,
 }
 
 impl ServerTls {
@@ -106,9 +110,9 @@ impl ServerTls {
     ) -> Result<Self, TlsError> {
         let mut paths = vec![files.cert.clone(), files.key.clone()];
         paths.extend(files.client_ca.clone());
-        let build = move || server_config(&files, &alpn).map(Arc::new);
+        let build = move |_: Option<&_>| server_config(&files, &alpn).map(Arc::new);
         Ok(ServerTls {
-            inner: Arc::new(Reloading::new(paths, Box::new(build), check_every)?),
+            inner: Arc::new(Reloading::new(WHAT, paths, check_every, Box::new(build))?),
         })
     }
 
@@ -121,7 +125,7 @@ impl ServerTls {
 /// Client TLS settings for tonic channels, rebuilt when the files change. Cheap to clone.
 #[derive(Clone)]
 pub struct ClientTls {
-    inner: Arc<Reloading<ClientTlsConfig>>,
+    inner: Arc<Reloading<ClientTlsConfig, TlsError>>,
 }
 
 impl ClientTls {
@@ -134,9 +138,9 @@ impl ClientTls {
         if let Some((cert, key)) = &files.identity {
             paths.extend([cert.clone(), key.clone()]);
         }
-        let build = move || files.config();
+        let build = move |_: Option<&_>| files.config();
         Ok(ClientTls {
-            inner: Arc::new(Reloading::new(paths, Box::new(build), check_every)?),
+            inner: Arc::new(Reloading::new(WHAT, paths, check_every, Box::new(build))?),
         })
     }
 
@@ -213,77 +217,4 @@ fn server_config(files: &ServerTlsFiles, alpn: &[Vec<u8>]) -> Result<ServerConfi
     let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = alpn.to_vec();
     Ok(config)
-}
-
-/// What identifies a file's version: modification time and size (None when unreadable).
-type Stamp = Option<(SystemTime, u64)>;
-
-fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
-    paths
-        .iter()
-        .map(|p| {
-            // Follows symlinks: Kubernetes swaps a `..data` link when a Secret changes.
-            let m = std::fs::metadata(p).ok()?;
-            Some((m.modified().ok()?, m.len()))
-        })
-        .collect()
-}
-
-type Build<T> = Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>;
-
-/// A value built from files, rebuilt when they change. A failed rebuild keeps the previous value
-/// (and is retried when the files change again), so a half-written rotation never takes a
-/// server down.
-struct Reloading<T> {
-    paths: Vec<PathBuf>,
-    build: Build<T>,
-    check_every: Duration,
-    state: Mutex<ReloadState<T>>,
-}
-
-struct ReloadState<T> {
-    current: T,
-    generation: u64,
-    stamps: Vec<Stamp>,
-    checked: Instant,
-}
-
-impl<T: Clone> Reloading<T> {
-    fn new(paths: Vec<PathBuf>, build: Build<T>, check_every: Duration) -> Result<Self, TlsError> {
-        let stamps = stamps(&paths);
-        let current = build()?;
-        Ok(Reloading {
-            paths,
-            build,
-            check_every,
-            state: Mutex::new(ReloadState {
-                current,
-                generation: 0,
-                stamps,
-                checked: Instant::now(),
-            }),
-        })
-    }
-
-    fn get(&self) -> (u64, T) {
-        let mut s = self.state.lock().expect("tls reload lock");
-        if s.checked.elapsed() >= self.check_every {
-            s.checked = Instant::now();
-            let now = stamps(&self.paths);
-            if now != s.stamps {
-                s.stamps = now;
-                match (self.build)() {
-                    Ok(v) => {
-                        s.current = v;
-                        s.generation += 1;
-                        tracing::info!(files = ?self.paths, generation = s.generation, "TLS files changed: reloaded");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TLS files changed but cannot be used; keeping the previous ones");
-                    }
-                }
-            }
-        }
-        (s.generation, s.current.clone())
-    }
 }

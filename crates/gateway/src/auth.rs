@@ -10,13 +10,14 @@ mod keys;
 pub use keys::{KeySpec, KeysError, parse_keys};
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use moe_common::LatencyClass;
 use moe_common::pb::GenerateRequest;
+use moe_common::reload::{Build, Reloading};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -130,8 +131,31 @@ impl KeyState {
 
 /// The keys in force. Cheap to share; swapped whole on reload.
 pub struct ApiKeys {
-    path: PathBuf,
-    table: RwLock<Arc<Vec<Arc<KeyState>>>>,
+    table: Arc<Reloading<Table, KeysError>>,
+}
+
+type Table = Arc<Vec<Arc<KeyState>>>;
+
+/// Reads and parses the keys file; a key whose limits did not change keeps its live counters
+/// from `last`, the table in force.
+fn load_table(path: &Path, last: Option<&Table>) -> Result<Table, KeysError> {
+    let text = std::fs::read_to_string(path).map_err(|e| KeysError::Read {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let specs = parse_keys(&text)?;
+    let by_digest: HashMap<KeyDigest, &Arc<KeyState>> = last
+        .map(|t| t.iter().map(|k| (k.spec.digest, k)).collect())
+        .unwrap_or_default();
+    Ok(Arc::new(
+        specs
+            .into_iter()
+            .map(|spec| {
+                let prev = by_digest.get(&spec.digest).copied();
+                Arc::new(KeyState::new(spec, prev))
+            })
+            .collect(),
+    ))
 }
 
 /// What an admitted request holds until it ends: its stream slot, and the tokens charged at
@@ -221,66 +245,34 @@ impl ApiKeys {
     /// parses keeps the previous keys in force.
     pub fn start(path: &Path, stop: CancellationToken) -> Result<Arc<ApiKeys>, KeysError> {
         let keys = Arc::new(ApiKeys::load(path)?);
-        let k = keys.clone();
-        tokio::spawn(async move {
-            let mut seen = stamp(&k.path);
-            let mut tick = tokio::time::interval(RELOAD_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let now = stamp(&k.path);
-                if now != seen {
-                    seen = now;
-                    match k.reload() {
-                        Ok(n) => {
-                            tracing::info!(path = %k.path.display(), keys = n, "API keys reloaded")
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "API keys file changed but does not parse; keeping the previous keys")
-                        }
-                    }
-                }
-            }
-        });
+        keys.table.spawn(stop);
         Ok(keys)
     }
 
     pub fn load(path: &Path) -> Result<ApiKeys, KeysError> {
+        let file = path.to_path_buf();
+        let build: Build<Table, KeysError> = Box::new(move |last| load_table(&file, last));
+        let table = Reloading::new(
+            "API keys file",
+            vec![path.to_path_buf()],
+            RELOAD_INTERVAL,
+            build,
+        )?;
         let keys = ApiKeys {
-            path: path.to_path_buf(),
-            table: RwLock::new(Arc::new(Vec::new())),
+            table: Arc::new(table),
         };
-        let n = keys.reload()?;
-        tracing::info!(path = %path.display(), keys = n, "API keys loaded");
+        tracing::info!(path = %path.display(), keys = keys.table().len(), "API keys loaded");
         Ok(keys)
     }
 
     /// Re-reads the file and swaps the table; returns the number of keys.
     pub fn reload(&self) -> Result<usize, KeysError> {
-        let text = std::fs::read_to_string(&self.path).map_err(|e| KeysError::Read {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })?;
-        let specs = parse_keys(&text)?;
-        let old = self.table();
-        let by_digest: HashMap<KeyDigest, &Arc<KeyState>> =
-            old.iter().map(|k| (k.spec.digest, k)).collect();
-        let table: Vec<Arc<KeyState>> = specs
-            .into_iter()
-            .map(|spec| {
-                let prev = by_digest.get(&spec.digest).copied();
-                Arc::new(KeyState::new(spec, prev))
-            })
-            .collect();
-        let n = table.len();
-        *self.table.write().expect("keys lock") = Arc::new(table);
-        Ok(n)
+        self.table.rebuild()?;
+        Ok(self.table().len())
     }
 
-    fn table(&self) -> Arc<Vec<Arc<KeyState>>> {
-        self.table.read().expect("keys lock").clone()
+    fn table(&self) -> Table {
+        self.table.current().1
     }
 
     /// Checks only that `key` is one of ours: what a front end runs on the headers, before it
@@ -386,11 +378,6 @@ impl ApiKeys {
             _stream: stream,
         })
     }
-}
-
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
 }
 
 #[cfg(test)]
