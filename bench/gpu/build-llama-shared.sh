@@ -9,6 +9,9 @@
 #   bench/gpu/build-llama-shared.sh SRC_TARBALL BUILD_DIR
 #     SRC_TARBALL: llama.cpp/ from ~/.cargo/registry/src/*/llama-cpp-sys-2-<ver> packed with
 #                  `tar -cJf` (models, docs, examples, tests, tools left out)
+# env: JOBS (default nproc); AVX2_CPU=1 also builds BUILD_DIR/build-avx2/bin/libggml-cpu.so, the CPU
+#      backend alone for AVX2/FMA/F16C/BMI2 (what llama-cpp-sys-2 compiles for a generic x86-64
+#      build): put that directory first on LD_LIBRARY_PATH to run the same worker with AVX2 CPU code.
 # Prints the library directory on success.
 set -euo pipefail
 SRC=${1:?source tarball}
@@ -23,5 +26,14 @@ cmake -S "$B/llama.cpp" -B "$B/build" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
   -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >"$B/configure.log" 2>&1 \
   || { tail -30 "$B/configure.log"; exit 1; }
-cmake --build "$B/build" --target llama -j "$(nproc)" >"$B/build.log" 2>&1 || { tail -40 "$B/build.log"; exit 1; }
+cmake --build "$B/build" --target llama -j "${JOBS:-$(nproc)}" >"$B/build.log" 2>&1 || { tail -40 "$B/build.log"; exit 1; }
+if [ "${AVX2_CPU:-0}" = 1 ]; then
+  cmake -S "$B/llama.cpp" -B "$B/build-avx2" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_SSE42=ON \
+    -DGGML_OPENMP=ON -DGGML_CUDA=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    >"$B/configure-avx2.log" 2>&1 || { tail -30 "$B/configure-avx2.log"; exit 1; }
+  cmake --build "$B/build-avx2" --target ggml-cpu -j "${JOBS:-$(nproc)}" >"$B/build-avx2.log" 2>&1 \
+    || { tail -40 "$B/build-avx2.log"; exit 1; }
+fi
 echo "$B/build/bin"

@@ -37,7 +37,7 @@ WORKER=${WORKER_BIN:-$WORK/moe-worker-cuda}
 [ -n "${WORKER_BIN:-}" ] || { [ -x moe-worker-cuda ] || { unxz_to "$CARRY/moe-worker-cuda.xz" moe-worker-cuda && chmod +x moe-worker-cuda; }; }
 for b in moectl etcd; do [ -x "$b" ] || { unxz_to "$CARRY/$b.xz" "$b" && chmod +x "$b"; } || { log "unpacking $b failed"; exit 1; }; done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$CARRY"/gguf-*.whl
-MODEL=$WORK/gptoss-$LAYERS.gguf
+MODEL=${MODEL:-$WORK/gptoss-$LAYERS.gguf}
 if [ ! -f "$MODEL" ]; then
   log "generating the synthetic gpt-oss-20b ($LAYERS layers)"
   PYTHONPATH=$WORK/site python3 "$CARRY/make_gptoss_like.py" "$MODEL" --layers "$LAYERS" \

@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # Side-by-side GPU benchmark of moe-worker (CUDA) and upstream llama-server on the lent device
-# machine, synthetic gpt-oss-20b, offload profiles full, cpu-moe, n-cpu-moe:12 and auto (8 GiB);
-# memory truth (adverts vs nvidia-smi); 64 BATCH streams vs an INTERACTIVE request; and the
-# whole product on one GPU: etcd, a gateway, a full and a cpu-moe worker, with the gateway's
-# overhead measured against calling the worker directly.
+# machine, synthetic gpt-oss-20b: VRAM peaks, speed at 1/4/16/64 streams per offload profile,
+# host-expert decode against the measured host read bandwidth (AVX-512 vs AVX2 CPU code, thread
+# counts), INTERACTIVE TTFT under BATCH load, N-on-N admission and the gateway's overhead, and the
+# batch-invariance check (bench/gpu/invariance.sh). Issues 14, 16 and 18; results in
+# docs/benchmarks/gpu.md.
 #
-# The device has no Rust toolchain and no network, so everything comes in a carry folder made
-# here by bench/gpu/prepare-carry.sh (llama-server prebuilt here with CUDA, or built there when the
-# carry has only its source). The whole job outlasts one device command (10 min), so
-# `start` launches it detached (setsid: it lives as long as the machine is held) and `wait` follows
-# it; a second device call made right after the first (the machine stays warm ~30 s) runs `wait`
-# again and brings the results back under $OUT.
+# The device has no Rust toolchain and no network. The carry folder (bench/gpu/prepare-carry.sh)
+# holds a worker built here against *shared* llama.cpp libraries (`LLAMA_BUILD_SHARED_LIBS=1`) and
+# that llama.cpp source, which the device compiles with CUDA and its native CPU flags
+# (bench/gpu/build-llama-shared.sh, ~4 min on 8 cores), and upstream's source (the llama-cpp-python
+# sdist's vendored llama.cpp), built there with the same CPU flags on the other 8 cores at the same
+# time. The whole job outlasts one device command (10 min): `start` launches it detached and
+# `wait` follows it; device calls made back to back (the machine stays warm ~30 s) keep it alive.
 #
 #   bench/gpu/run-on-device.sh start CARRY_DIR     launch the pipeline, return at once
-#   bench/gpu/run-on-device.sh wait SECONDS        follow it until it ends or SECONDS pass; copy results to $OUT
+#   bench/gpu/run-on-device.sh wait SECONDS        follow it until it ends or SECONDS pass; results to $OUT
 #   bench/gpu/run-on-device.sh pipeline            (internal)
-# env: WORK (default /root/moe-gpu), BUDGET_S (pipeline deadline from start, default 1400),
-#      LEVELS (1,4,16,64), PROMPT_TOKENS (512), MAX_TOKENS (128), CTX (49152), PARALLEL (64),
-#      PROFILES ("e2e full cpu-moe auto n-cpu-moe:12"; e2e, the product check, runs while llama-server builds),
-#      VRAM_BUDGET (auto's budget, 8GiB), LAYERS (model layers, default 24 = gpt-oss-20b)
+# env: WORK (/root/moe-gpu), BUDGET_S (deadline from start, 1500), RPL (requests per level, 16),
+#      STAGES ("invariance gateway cpu-moe full n-cpu-moe threads"), OURS_FLAGS (extra worker
+#      flags for every run), BATCHED_FLAG (the worker flag for batched decode, "--decode-mode batched";
+#      empty: skip the batched rows), INV_MODES (invariance.sh MODES, "full cpu-moe"), LAYERS (24)
 set -uo pipefail
 WORK=${WORK:-/root/moe-gpu}
 R=$WORK/results
@@ -30,10 +32,11 @@ case ${1:-} in
 start)
   CARRY=${2:?carry dir}
   mkdir -p "$WORK" "$R"
-  cp -f "$0" "$WORK/run.sh"; cp -f bench/build-llama-server.sh bench/tables.py bench/lib.sh bench/gpu/memory.py "$WORK/"
+  cp -f "$0" "$WORK/run.sh"
+  cp -f bench/build-llama-server.sh bench/tables.py bench/lib.sh bench/gpu/memory.py bench/gpu/membw.c \
+    bench/gpu/build-llama-shared.sh bench/gpu/invariance.sh "$WORK/"
   cp -f "$CARRY"/* "$WORK/"
   echo "$(date +%s)" >"$WORK/t0"
-  # The detached pipeline outlives this command (until the machine is given back).
   setsid nohup bash "$WORK/run.sh" pipeline >"$LOG" 2>&1 </dev/null &
   echo "pipeline started (pid $!), log $LOG"
   ;;
@@ -57,9 +60,8 @@ wait)
   [ -f "$WORK/FAILED" ] && { echo "FAILED: $(cat "$WORK/FAILED")"; exit 1; }
   [ -f "$WORK/DONE" ] || exit 3
   ;;
-pipeline)
-  ;;
-*) sed -n 2,20p "$0"; exit 64 ;;
+pipeline) ;;
+*) sed -n 2,24p "$0"; exit 64 ;;
 esac
 [ "${1:-}" = pipeline ] || exit 0
 
@@ -67,47 +69,56 @@ esac
 cd "$WORK" || exit 1
 source "$WORK/lib.sh"
 T0=$(cat "$WORK/t0")
-BUDGET_S=${BUDGET_S:-1400}
+BUDGET_S=${BUDGET_S:-1500}
 END_AT=$(( T0 + BUDGET_S ))
-LEVELS=${LEVELS:-1,4,16,64}
+RPL=${RPL:-16}
 PROMPT_TOKENS=${PROMPT_TOKENS:-512}
-MAX_TOKENS=${MAX_TOKENS:-128}
-CTX=${CTX:-49152}
-PARALLEL=${PARALLEL:-64}
-THREADS=${THREADS:-$(nproc)}
-PROFILES=${PROFILES:-e2e full cpu-moe auto n-cpu-moe:12}
-VRAM_BUDGET=${VRAM_BUDGET:-8GiB}
+STAGES=${STAGES:-invariance gateway cpu-moe full n-cpu-moe threads}
+OURS_FLAGS=${OURS_FLAGS:-}
+BATCHED_FLAG=${BATCHED_FLAG---decode-mode batched}
 LAYERS=${LAYERS:-24}
-MODEL=$WORK/gptoss-20b-synthetic.gguf
+NPROC=$(nproc)
+HALF=$(( NPROC / 2 ))
+MODEL=${MODEL:-$WORK/gptoss-$LAYERS.gguf}
 fail() { stage "FAILED: $*"; echo "$*" >"$WORK/FAILED"; exit 1; }
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+left() { echo $(( END_AT - $(date +%s) )); }
+# has_time SECONDS NAME: whether a stage of about SECONDS still fits the budget.
+has_time() { [ "$(left)" -ge "$1" ] && return 0; stage "skipping $2: $(left)s left"; echo "$2: not run (time)" >>"$R/skipped.txt"; return 1; }
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_WAIT_POLICY=PASSIVE
 CUDA_LIB=$(ls -d /usr/local/cuda-13*/targets/x86_64-linux/lib /usr/local/cuda/targets/x86_64-linux/lib 2>/dev/null | head -1)
-export LD_LIBRARY_PATH=${CUDA_LIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:$WORK/fallback-lib
 command -v nvcc >/dev/null || export PATH=$(dirname "$(ls /usr/local/cuda*/bin/nvcc | head -1)"):$PATH
+unxz_to() { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' "$1" "$2"; }
 
 stage "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
-stage "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), nproc $(nproc), avx512: $(grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | paste -sd' ')"
-mkdir -p fallback-lib && [ -f libgomp.so.1 ] && mv libgomp.so.1 fallback-lib/
-unxz_to() { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' "$1" "$2"; }
-unxz_to moe-worker-cuda.xz moe-worker || fail "unpacking the worker"
-for b in moe-gateway moectl moe-bench etcd; do [ -f "$b.xz" ] && { unxz_to "$b.xz" "$b" || fail "unpacking $b"; }; done
-chmod +x moe-worker moe-bench moe-gateway moectl etcd 2>/dev/null
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" gguf-*.whl || fail "installing gguf"
+stage "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), nproc $NPROC, flags: $(grep -o 'avx512[a-z_0-9]*\|amx[a-z_0-9]*' /proc/cpuinfo | sort -u | paste -sd' ')"
+for b in moe-worker moe-gateway moectl moe-bench etcd; do
+  [ -f "$b.xz" ] || fail "carry lacks $b.xz"
+  unxz_to "$b.xz" "$b" && chmod +x "$b" || fail "unpacking $b"
+done
 
-SERVER=$WORK/llama-server-cuda/bin/llama-server
-if [ "$PROFILES" = e2e ]; then
-  echo 0 >build.rc   # the product check alone needs no upstream server
-elif [ -f llama-server-cuda.tar.xz ]; then
-  stage "unpacking the prebuilt llama-server (CUDA, sm_90)"
-  mkdir -p llama-server-cuda && tar -xJf llama-server-cuda.tar.xz -C llama-server-cuda || fail "unpacking llama-server"
-  echo 0 >build.rc
-else
-  BUILD_CORES=$(( $(nproc) * 5 / 8 ))
-  stage "building llama-server (CUDA, sm_90) in the background on cores 0-$(( BUILD_CORES - 1 ))"
-  ( JOBS=$BUILD_CORES CMAKE_CUDA_ARCHITECTURES=90 taskset -c "0-$(( BUILD_CORES - 1 ))" bash build-llama-server.sh --cuda --portable --cache "$WORK" --src-tarball llama.cpp-src.tar.xz \
-      >build-llama-server.log 2>&1; echo $? >build.rc
-    ln -sfn "$WORK/llama-server-cuda-portable" "$WORK/llama-server-cuda" ) &
+# 1. Host read bandwidth, first, while nothing else runs.
+stage "host memory read bandwidth"
+gcc -O3 -march=native -fopenmp membw.c -o membw && ./membw "${MEMBW_GIB:-8}" 5 | tee "$R/membw.txt"
+
+# 2. Both llama.cpp builds, on separate halves of the cores, while the model is generated.
+stage "building ours (shared libs, CUDA, native CPU + an AVX2 CPU backend) on cores 0-$(( HALF - 1 )) and upstream llama-server (CUDA, native CPU) on cores $HALF-$(( NPROC - 1 ))"
+# (A dry run elsewhere can pass PREBUILT_LIBS / PREBUILT_AVX2 / SERVER instead.)
+if [ -n "${PREBUILT_LIBS:-}" ]; then echo 0 >ours.rc; else
+( JOBS=$HALF AVX2_CPU=1 taskset -c "0-$(( HALF - 1 ))" bash build-llama-shared.sh ours-llama.cpp-src.tar.xz "$WORK/ll" \
+    >build-ours.log 2>&1; echo $? >ours.rc ) &
 fi
+if [ -n "${SERVER:-}" ]; then echo 0 >upstream.rc; else
+( JOBS=$HALF CMAKE_CUDA_ARCHITECTURES=90 taskset -c "$HALF-$(( NPROC - 1 ))" bash build-llama-server.sh --cuda --cache "$WORK" \
+    --src-tarball upstream-llama.cpp-src.tar.xz >build-upstream.log 2>&1; echo $? >upstream.rc ) &
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" gguf-*.whl || fail "installing gguf"
+if [ ! -f "$MODEL" ]; then
+  stage "generating the synthetic gpt-oss-20b ($LAYERS layers)"
+  PYTHONPATH=$WORK/site nice -n 5 python3 make_gptoss_like.py "$MODEL.tmp" --vocab-gguf ggml-vocab-gpt-2.gguf --layers "$LAYERS" \
+    >make-model.log 2>&1 || { tail -5 make-model.log; fail "making the model"; }
+  mv "$MODEL.tmp" "$MODEL"
+fi
+stage "model: $(du -h "$MODEL" | cut -f1)"
 
 ETCD_PORT=$(free_port); ETCD_PEER=$(free_port)
 ./etcd --name moe --data-dir "$WORK/etcd-data" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
@@ -118,17 +129,12 @@ ETCD_PID=$!
 ETCD=http://127.0.0.1:$ETCD_PORT
 wait_port "$ETCD_PORT" 20 "$ETCD_PID" || fail "starting etcd"
 
-if [ ! -f "$MODEL" ]; then
-  stage "generating the synthetic gpt-oss-20b ($LAYERS layers)"
-  VOCAB=(); [ -f ggml-vocab-gpt-2.gguf ] && VOCAB=(--vocab-gguf ggml-vocab-gpt-2.gguf)
-  PYTHONPATH=$WORK/site python3 make_gptoss_like.py "$MODEL.tmp" "${VOCAB[@]}" --layers "$LAYERS" \
-    >make-model.log 2>&1 || { tail -5 make-model.log; fail "making the model"; }
-  mv "$MODEL.tmp" "$MODEL"
-fi
-stage "model: $(du -h "$MODEL" | cut -f1)"
-./moectl plan "$MODEL" --vram-budget "$VRAM_BUDGET" --ctx "$CTX" --parallel "$PARALLEL" | tee "$R/plan.txt"
-AUTO_N=$(awk '$1 ~ /^auto@/ {for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) {print $i; exit}}' "$R/plan.txt")
-[ -n "$AUTO_N" ] || fail "moectl plan chose nothing for $VRAM_BUDGET"
+while [ ! -f ours.rc ]; do sleep 2; done
+[ "$(cat ours.rc)" = 0 ] || { tail -30 build-ours.log; fail "building ours"; }
+LIBS=${PREBUILT_LIBS:-$WORK/ll/build/bin}
+mkdir -p "$WORK/cpu-avx2" && cp -a "${PREBUILT_AVX2:-$WORK/ll/build-avx2/bin}"/libggml-cpu.so* "$WORK/cpu-avx2/" || fail "no AVX2 CPU backend"
+export LD_LIBRARY_PATH=$LIBS:$CUDA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+stage "ours built: $(ldd ./moe-worker | grep -E 'libllama|libggml' | awk '{print $3}' | paste -sd' ')"
 
 VRAM_PID=
 vram_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 >"$1" 2>/dev/null & VRAM_PID=$!; }
@@ -137,13 +143,10 @@ PIDS=()
 cleanup() { local p; for p in "${PIDS[@]}"; do stop_pid "$p"; done; PIDS=(); }
 trap 'cleanup; [ -n "$VRAM_PID" ] && kill "$VRAM_PID"; kill "$ETCD_PID" 2>/dev/null' EXIT
 
-# Our worker, registered in etcd so that its advert can be read next to nvidia-smi.
-worker_cmd() { # PROFILE PORT PARALLEL CTX ID [extra...]   (env WTHREADS: llama threads, default THREADS)
+worker_cmd() { # PROFILE PORT PARALLEL CTX ID [extra...]   (env WTHREADS: llama threads, default all cores)
   local p=$1 port=$2 par=$3 ctx=$4 id=$5; shift 5
-  local offload=(--offload "$p")
-  [ "$p" = auto ] && offload=(--offload auto --vram-budget "$VRAM_BUDGET")
-  echo ./moe-worker --model "$MODEL" "${offload[@]}" --listen "127.0.0.1:$port" --ctx-size "$ctx" --parallel "$par" \
-       --threads "${WTHREADS:-$THREADS}" --batch-size 2048 --max-queue 1024 --etcd "$ETCD" --id "$id" --lease-ttl 5s "$@"
+  echo ./moe-worker --model "$MODEL" --offload "$p" --listen "127.0.0.1:$port" --ctx-size "$ctx" --parallel "$par" \
+       --threads "${WTHREADS:-$NPROC}" --batch-size 2048 --max-queue 1024 --etcd "$ETCD" --id "$id" --lease-ttl 5s $OURS_FLAGS "$@"
 }
 upstream_cmd() { # PROFILE PORT PARALLEL CTX
   local extra=()
@@ -151,192 +154,186 @@ upstream_cmd() { # PROFILE PORT PARALLEL CTX
     full) ;;
     cpu-moe) extra=(--cpu-moe -lm none) ;;                 # our worker loads host experts without mmap too
     n-cpu-moe:*) extra=(--n-cpu-moe "${1#n-cpu-moe:}" -lm none) ;;
-    # llama.cpp's own fit to the same budget: leave (free - budget) MiB unused.
-    auto) local free budget_mib
-          free=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)
-          budget_mib=$(python3 -c 'import sys; s=sys.argv[1]; u={"GiB":1024,"MiB":1}; print(int(float(s[:-3])*u[s[-3:]]))' "$VRAM_BUDGET")
-          extra=(-lm none -fit on -fitt $(( free - budget_mib ))) ;;
   esac
-  local fit=(-fit off); [ "$1" = auto ] && fit=()
   echo "$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$2" -c "$4" -np "$3" \
-       --cont-batching --kv-unified -t "$THREADS" -tb "$THREADS" -b 2048 -ub 512 -ngl 999 "${fit[@]}" --no-webui "${extra[@]}"
+       --cont-batching --kv-unified -t "$NPROC" -tb "$NPROC" -b 2048 -ub 512 -ngl 999 -fit off --no-webui "${extra[@]}"
 }
-
-# memory_snapshot TAG: the adverts in etcd and nvidia-smi's per-process memory, side by side.
-memory_snapshot() {
+memory_snapshot() { # LABEL
   sleep 6   # adverts refresh device memory every 5 s
   ./moectl workers --etcd "$ETCD" --json >"$R/advert-$1.jsonl" 2>>"$WORK/moectl.log"
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits >"$R/smi-$1.txt"
-  cat "$R/advert-$1.jsonl" | python3 memory.py row "$1" "$R/smi-$1.txt" "${@:2}" >>"$R/memory.md" \
-    || echo "| $1 | (no advert) |" >>"$R/memory.md"
+  python3 memory.py row "$1" "$R/smi-$1.txt" <"$R/advert-$1.jsonl" >>"$R/memory.md" || echo "| $1 | (no advert) |" >>"$R/memory.md"
 }
 
-stage "smoke test of our CUDA worker (full offload)"
+# run_server NAME PROFILE CTX PARALLEL LEVELS MAX_TOKENS [worker flags...]
+#   NAME: ours, ours-batched, ours-avx2, ours-tN (threads N) or upstream. Writes $R/TAG.json and a
+#   VRAM peak row; ours also an advert/nvidia-smi memory row.
+run_server() {
+  local name=$1 profile=$2 ctx=$3 par=$4 levels=$5 maxt=$6; shift 6
+  local port cmd target tag pid base t peak
+  port=$(free_port); tag=${profile//:/-}-$ctx-$name
+  if [ "$name" = upstream ]; then
+    cmd=$(upstream_cmd "$profile" "$port" "$par" "$ctx"); target=llama-server://127.0.0.1:$port
+  else
+    cmd=$(worker_cmd "$profile" "$port" "$par" "$ctx" "bench-$tag" "$@"); target=grpc://127.0.0.1:$port
+  fi
+  echo "$cmd" >>"$R/commands.txt"
+  base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits)
+  vram_start "$WORK/vram-$tag.txt"
+  t=$(date +%s)
+  if [ "$name" = ours-avx2 ]; then
+    LD_LIBRARY_PATH=$WORK/cpu-avx2:$LD_LIBRARY_PATH RUST_LOG=warn,moe_worker::engine=info $cmd >"$WORK/server-$tag.log" 2>&1 &
+  else
+    RUST_LOG=warn,moe_worker::engine=info $cmd >"$WORK/server-$tag.log" 2>&1 &
+  fi
+  pid=$!; PIDS=("$pid")
+  local bench=(./moe-bench --target "$target" --concurrency "$levels" --requests-per-level "$RPL" --prompt-tokens "$PROMPT_TOKENS"
+               --max-tokens "$maxt" --warmup 1 --wait-ready 240s --request-timeout 200s --level-timeout 200s
+               --label "$name $profile" --json "$R/$tag.json")
+  echo "${bench[*]}" >>"$R/commands.txt"
+  "${bench[@]}" >"$WORK/bench-$tag.log" 2>&1 || { stage "$name $profile: moe-bench failed"; tail -5 "$WORK/bench-$tag.log"; }
+  tail -4 "$WORK/bench-$tag.log"
+  if [ "$name" = upstream ]; then
+    grep -i "n_cpu_moe\|model buffer size\|KV buffer size\|compute buffer size\|CPU_REPACK\|system_info" "$WORK/server-$tag.log" | head -40 >"$R/upstream-$tag-memory.txt"
+  else
+    memory_snapshot "$profile $ctx $name"
+    grep -m3 -i "decode mode\|decode_mode\|sequential" "$WORK/server-$tag.log" >"$R/$tag-mode.txt"
+  fi
+  if [ -n "${BACKGROUND:-}" ]; then
+    stage "$name $profile: $BACKGROUND BATCH streams vs INTERACTIVE requests"
+    local bg=(./moe-bench --target "$target" --concurrency 1 --requests-per-level 8 --prompt-tokens "$PROMPT_TOKENS"
+              --max-tokens 32 --warmup 1 --background-batch "$BACKGROUND" --background-max-tokens 256 --request-timeout 200s
+              --level-timeout 150s --label "$name $profile, $BACKGROUND batch in background" --json "$R/$tag-background.json")
+    echo "${bg[*]}" >>"$R/commands.txt"
+    "${bg[@]}" >"$WORK/bench-$tag-background.log" 2>&1; tail -3 "$WORK/bench-$tag-background.log"
+  fi
+  cleanup
+  peak=$(vram_stop "$WORK/vram-$tag.txt")
+  echo -e "$profile\t$ctx\t$par\t$name\t$base\t$peak\t$(( $(date +%s) - t ))" >>"$R/vram.tsv"
+  stage "$name $profile ctx $ctx: VRAM peak ${peak} MiB (baseline $base), $(( $(date +%s) - t ))s"
+}
+
+# The product on one GPU for issue 16: a `full` worker with 16 slots behind a gateway; 16 and 32
+# concurrent requests of ~560 tokens must all be served (none refused), an INTERACTIVE request is
+# measured idle and under 14 BATCH streams, and the gateway's overhead at 16 streams against
+# calling the worker directly.
+run_gateway() {
+  local pw pg wpid gpid round via port
+  pw=$(free_port); pg=$(free_port)
+  RUST_LOG=warn $(worker_cmd full "$pw" 16 16384 gw-full) >"$WORK/gw-worker.log" 2>&1 &
+  wpid=$!; PIDS=("$wpid")
+  echo "$(worker_cmd full "$pw" 16 16384 gw-full)" >>"$R/commands.txt"
+  RUST_LOG=warn ./moe-gateway --listen "127.0.0.1:$pg" --etcd "$ETCD" >"$WORK/gw-gateway.log" 2>&1 &
+  gpid=$!; PIDS+=("$gpid")
+  wait_port "$pg" 20 "$gpid" || { cleanup; echo "gateway: did not listen" >>"$R/skipped.txt"; return 1; }
+  local b=(./moe-bench --target "grpc://127.0.0.1:$pg" --concurrency 16,32 --requests-per-level 32 --prompt-tokens 560
+           --max-tokens 128 --warmup 1 --wait-ready 240s --request-timeout 200s --level-timeout 200s
+           --label "16 slots via gateway" --json "$R/gw-admission.json")
+  echo "${b[*]}" >>"$R/commands.txt"; "${b[@]}" >"$WORK/gw-admission.log" 2>&1; tail -4 "$WORK/gw-admission.log"
+  b=(./moe-bench --target "grpc://127.0.0.1:$pg" --concurrency 1 --requests-per-level 8 --prompt-tokens 560 --max-tokens 32
+     --warmup 1 --background-batch 14 --background-max-tokens 256 --request-timeout 200s --level-timeout 150s
+     --label "interactive under 14 batch via gateway" --json "$R/gw-background-14.json")
+  echo "${b[*]}" >>"$R/commands.txt"; "${b[@]}" >"$WORK/gw-background.log" 2>&1; tail -3 "$WORK/gw-background.log"
+  for round in 1 2; do
+    for via in direct gateway; do
+      port=$pw; [ "$via" = gateway ] && port=$pg
+      b=(./moe-bench --target "grpc://127.0.0.1:$port" --concurrency 16 --requests-per-level 32 --prompt-tokens 32
+         --max-tokens 64 --warmup 1 --wait-ready 60s --level-timeout 120s --label "$via" --json "$R/overhead-$via-$round.json")
+      echo "${b[*]}" >>"$R/commands.txt"; "${b[@]}" >"$WORK/overhead-$via-$round.log" 2>&1 || tail -3 "$WORK/overhead-$via-$round.log"
+    done
+  done
+  memory_snapshot "gateway full 16384"
+  cleanup
+}
+
+echo -e "profile\tctx\tparallel\tserver\tvram_base_mib\tvram_peak_mib\tseconds" >"$R/vram.tsv"
+python3 memory.py header >"$R/memory.md"
+
+stage "smoke test of our CUDA worker"
 PORT=$(free_port)
 $(worker_cmd full "$PORT" 4 8192 smoke) >smoke-worker.log 2>&1 &
 SMOKE=$!
 ./moe-bench --target "grpc://127.0.0.1:$PORT" --concurrency 1 --requests-per-level 2 --prompt-tokens 64 --max-tokens 32 \
   --warmup 1 --wait-ready 180s --label smoke --json "$R/smoke.json" >smoke-bench.log 2>&1
 RC=$?
-cat smoke-bench.log
-grep -m3 -i "cuda\|offload\|error" smoke-worker.log
+tail -3 smoke-bench.log; grep -m5 -i "cuda\|decode mode\|sequential\|error" smoke-worker.log
 stop_pid "$SMOKE"
 [ "$RC" = 0 ] || { tail -20 smoke-worker.log; fail "smoke test of the CUDA worker (moe-bench rc $RC)"; }
 
-# Rough seconds one server needs for a profile (load + all levels), from GPU.md's reference numbers.
-estimate() { # PROFILE LEVELS
-  local big=0; [[ ",$2," == *",64,"* ]] && big=1
-  case $1 in
-    full) echo $(( 40 + big * 30 )) ;;
-    e2e) echo 150 ;;
-    n-cpu-moe:*|auto) echo $(( 70 + big * 90 )) ;;
-    *) echo $(( 80 + big * 90 )) ;;
-  esac
-}
-
-run_server() { # NAME PROFILE LEVELS
-  local name=$1 profile=$2 levels=$3 port cmd target tag pid
-  port=$(free_port); tag=${profile//:/-}-$name
-  if [ "$name" = ours ]; then
-    cmd=$(worker_cmd "$profile" "$port" "$PARALLEL" "$CTX" "bench-$tag"); target=grpc://127.0.0.1:$port
-  else
-    cmd=$(upstream_cmd "$profile" "$port" "$PARALLEL" "$CTX"); target=llama-server://127.0.0.1:$port
-  fi
-  echo "$cmd" >>"$R/commands.txt"
-  local base; base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits)
-  vram_start "$WORK/vram-$tag.txt"
-  local t=$(date +%s)
-  RUST_LOG=warn,moe_worker::engine=info $cmd >"$WORK/server-$tag.log" 2>&1 &
-  pid=$!; PIDS=("$pid")
-  local bench=(./moe-bench --target "$target" --concurrency "$levels" --requests-per-level 4 --prompt-tokens "$PROMPT_TOKENS"
-               --max-tokens "$MAX_TOKENS" --warmup 1 --wait-ready 240s --request-timeout 200s --level-timeout 200s
-               --label "$name $profile" --json "$R/$tag.json")
-  echo "${bench[*]}" >>"$R/commands.txt"
-  "${bench[@]}" 2>&1 | tee "$WORK/bench-$tag.log"
-  if [ "$name" = ours ]; then
-    memory_snapshot "$profile"
-    if [ "$profile" = full ]; then
-      stage "ours full: 64 BATCH streams vs INTERACTIVE requests"
-      local bg=(./moe-bench --target "$target" --concurrency 1 --requests-per-level 6 --prompt-tokens "$PROMPT_TOKENS"
-                --max-tokens 32 --warmup 1 --background-batch 64 --background-max-tokens 256 --request-timeout 200s
-                --level-timeout 120s --label "ours full, 64 batch in background" --json "$R/full-ours-background.json")
-      echo "${bg[*]}" >>"$R/commands.txt"
-      "${bg[@]}" 2>&1 | tee "$WORK/bench-full-ours-background.log"
-    fi
-  else
-    grep -i "fit\|n_cpu_moe\|model buffer size\|KV buffer size\|compute buffer size" "$WORK/server-$tag.log" | head -40 >"$R/upstream-$tag-memory.txt"
-  fi
-  cleanup
-  local peak; peak=$(vram_stop "$WORK/vram-$tag.txt")
-  echo -e "$profile\t$name\t$base\t$peak\t$(( $(date +%s) - t ))" >>"$R/vram.tsv"
-  stage "$name $profile: VRAM peak ${peak} MiB (baseline $base), $(( $(date +%s) - t ))s"
-}
-
-# The product on one GPU: etcd, a gateway, a full and a cpu-moe worker; placement by class; then
-# the gateway's overhead against calling the full worker directly (cores split with taskset).
-run_e2e() {
-  # It runs while llama-server builds on the first 5/8 of the cores: the rest is split between
-  # the workers, the gateway and the client, so the direct and gateway runs see the same host.
-  local pf pc pg pid n=$(nproc)
-  local w0=$(( n * 5 / 8 )) g0=$(( n * 6 / 8 )) c0=$(( n * 7 / 8 ))
-  local wc="$w0-$(( g0 - 1 ))" gc="$g0-$(( c0 - 1 ))" cc="$c0-$(( n - 1 ))"
-  local WTHREADS=$(( g0 - w0 ))
-  pf=$(free_port); pc=$(free_port); pg=$(free_port)
-  # One at a time, so that each measures its own device memory while loading.
-  RUST_LOG=warn taskset -c "$wc" $(worker_cmd full "$pf" 16 16384 gpu-full) >"$WORK/e2e-full.log" 2>&1 &
-  pid=$!; PIDS=("$pid")
-  ./moe-bench --target "grpc://127.0.0.1:$pf" --concurrency 1 --requests-per-level 1 --max-tokens 8 --warmup 1 \
-    --wait-ready 240s >/dev/null 2>&1 || { cleanup; echo "e2e: full worker did not come up"; return 1; }
-  RUST_LOG=warn taskset -c "$wc" $(worker_cmd cpu-moe "$pc" 16 16384 gpu-cpu-moe) >"$WORK/e2e-cpu-moe.log" 2>&1 &
-  pid=$!; PIDS+=("$pid")
-  ./moe-bench --target "grpc://127.0.0.1:$pc" --concurrency 1 --requests-per-level 1 --max-tokens 8 --warmup 1 \
-    --wait-ready 240s >/dev/null 2>&1 || { cleanup; echo "e2e: cpu-moe worker did not come up"; return 1; }
-  RUST_LOG=warn taskset -c "$gc" ./moe-gateway --listen "127.0.0.1:$pg" --etcd "$ETCD" >"$WORK/e2e-gateway.log" 2>&1 &
-  pid=$!; PIDS+=("$pid")
-  wait_port "$pg" 20 "$pid" || { cleanup; echo "e2e: gateway did not listen"; return 1; }
-  sleep 2
-  local model; model=$(basename "$MODEL" .gguf)
-  : >"$R/e2e-placement.txt"
-  for class in interactive batch interactive batch; do
-    ./moectl generate --gateway "127.0.0.1:$pg" --model "$model" --class "$class" --max-tokens 16 "Placement check" \
-      >"$WORK/e2e-gen.out" 2>&1
-    echo "$class -> $(grep -o '\[[A-Z_]*\] worker=[^ ]* profile=[^ ]*.*' "$WORK/e2e-gen.out" || tail -2 "$WORK/e2e-gen.out")" \
-      | tee -a "$R/e2e-placement.txt"
-  done
-  memory_snapshot "e2e: full + cpu-moe on one GPU"
-  stage "gateway overhead (worker cores $wc, gateway $gc, client $cc)"
-  local round
-  for round in 1 2; do
-    for via in direct gateway; do
-      local port=$pf; [ "$via" = gateway ] && port=$pg
-      local b=(taskset -c "$cc" ./moe-bench --target "grpc://127.0.0.1:$port" --concurrency 1,4,16 --requests-per-level 48
-               --prompt-tokens 32 --max-tokens 64 --warmup 2 --wait-ready 60s --level-timeout 120s
-               --label "$via" --json "$R/overhead-$via-$round.json")
-      echo "${b[*]}" >>"$R/commands.txt"
-      "${b[@]}" >"$WORK/overhead-$via-$round.log" 2>&1 || tail -3 "$WORK/overhead-$via-$round.log"
-    done
-  done
-  cleanup
-}
-
-echo -e "profile\tserver\tvram_base_mib\tvram_peak_mib\tseconds" >"$R/vram.tsv"
-python3 memory.py header >"$R/memory.md"
-if [[ " $PROFILES " == *" e2e "* ]]; then
-  stage "e2e: etcd + gateway + full and cpu-moe workers on one GPU (while llama-server builds)"
-  run_e2e || echo "e2e: failed" >>"$R/skipped.txt"
+# Ours-only stages while upstream still builds on the other half of the cores.
+if [[ " $STAGES " == *" invariance "* ]] && has_time 300 invariance; then
+  stage "batch invariance (modes: ${INV_MODES:-full cpu-moe})"
+  MODES=${INV_MODES:-full cpu-moe} MODEL=$MODEL WORK=$WORK WORKER_BIN=$WORK/moe-worker LLAMA_LIB_DIR=$LIBS LAYERS=$LAYERS \
+    bash invariance.sh "$WORK" "$R/invariance" >invariance-run.log 2>&1
+  tail -8 "$R/invariance/invariance.md" 2>/dev/null || tail -20 invariance-run.log
+fi
+if [[ " $STAGES " == *" gateway "* ]] && has_time 240 gateway; then
+  stage "gateway: 16/32 on 16 slots, interactive under 14 batch, overhead at 16 streams"
+  run_gateway
 fi
 
 stage "waiting for llama-server"
-while [ ! -f build.rc ]; do sleep 2; done
-[ "$(cat build.rc)" = 0 ] || { tail -20 build-llama-server.log; fail "building llama-server"; }
+while [ ! -f upstream.rc ]; do sleep 2; done
+[ "$(cat upstream.rc)" = 0 ] || { tail -20 build-upstream.log; fail "building llama-server"; }
+SERVER=${SERVER:-$WORK/llama-server-cuda/bin/llama-server}
 "$SERVER" --version >"$R/llama-server-version.txt" 2>&1 || true
 stage "llama-server: $(grep -m1 version "$R/llama-server-version.txt")"
 
-for profile in $PROFILES; do
-  left=$(( END_AT - $(date +%s) ))
-  [ "$profile" = e2e ] && continue   # ran above
-  levels=$LEVELS
-  # Issue 3 also asks for 8 streams against 1 on the full GPU (aggregate >= 3x).
-  [ "$profile" = full ] && levels=$(echo "$LEVELS,8" | tr , '\n' | sort -nu | paste -sd,)
-  if [ "$left" -lt $(( 2 * $(estimate "$profile" "$levels") )) ]; then
-    levels=$(echo "$LEVELS" | tr , '\n' | awk '$1 < 64' | paste -sd,)
-    if [ "$left" -lt $(( 2 * $(estimate "$profile" "$levels") )) ]; then
-      stage "skipping $profile: ${left}s left"; echo "$profile: not run (time)" >>"$R/skipped.txt"; continue
-    fi
-    echo "$profile: levels $levels only (time)" >>"$R/skipped.txt"
-  fi
-  stage "profile $profile, levels $levels"
-  run_server ours "$profile" "$levels"
-  run_server upstream "$profile" "$levels"
-done
+if [[ " $STAGES " == *" cpu-moe "* ]] && has_time 330 cpu-moe; then
+  stage "cpu-moe at 16384 cells / 16 sequences: ours, ours with AVX2 CPU code, upstream"
+  run_server ours cpu-moe 16384 16 1,4,16 64
+  RPL=8 run_server ours-avx2 cpu-moe 16384 16 1 64
+  run_server upstream cpu-moe 16384 16 1,4,16 64
+fi
+if [[ " $STAGES " == *" full "* ]] && has_time 300 full; then
+  stage "full at 49152 cells / 64 sequences"
+  BACKGROUND=64 run_server ours full 49152 64 1,4,16,64 128
+  [ -n "$BATCHED_FLAG" ] && has_time 200 full-batched && run_server ours-batched full 49152 64 16,64 128 $BATCHED_FLAG
+  run_server upstream full 49152 64 1,4,16,64 128
+fi
+if [[ " $STAGES " == *" n-cpu-moe "* ]] && has_time 200 n-cpu-moe; then
+  stage "n-cpu-moe:12 at 64 streams"
+  RPL=64 run_server ours n-cpu-moe:12 49152 64 64 64
+  RPL=64 run_server upstream n-cpu-moe:12 49152 64 64 64
+fi
+if [[ " $STAGES " == *" threads "* ]]; then
+  for n in $(( NPROC / 4 )) $HALF; do
+    [ "$n" -ge 1 ] || continue
+    has_time 80 "threads $n" || break
+    RPL=8 WTHREADS=$n run_server "ours-t$n" cpu-moe 16384 16 1 64
+  done
+fi
 
 {
-  echo "Device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader); CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), nproc $(nproc)"
+  echo "Device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader); CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), nproc $NPROC"
+  echo "Host read bandwidth: $(cat "$R/membw.txt" 2>/dev/null)"
   echo "llama-server: $(grep -m2 -i 'version\|built' "$R/llama-server-version.txt" | paste -sd' ')"
-  echo "auto at $VRAM_BUDGET: moectl plan chose n_cpu_moe = $AUTO_N; upstream 'auto' is llama.cpp's own -fit to the same budget"
   echo
-  for profile in $PROFILES; do
-    tag=${profile//:/-}
-    [ -f "$R/$tag-ours.json" ] && [ -f "$R/$tag-upstream.json" ] || continue
-    echo "### $profile"
+  for pair in "cpu-moe-16384 ours upstream" "cpu-moe-16384 ours-avx2 ours" "cpu-moe-16384 ours-t$(( NPROC / 4 )) ours" \
+              "cpu-moe-16384 ours-t$HALF ours" "full-49152 ours upstream" "full-49152 ours-batched upstream" \
+              "full-49152 ours ours-batched" "n-cpu-moe-12-49152 ours upstream"; do
+    set -- $pair
+    [ -f "$R/$1-$2.json" ] && [ -f "$R/$1-$3.json" ] || continue
+    echo "### $1: $2 vs $3"
     echo
-    python3 tables.py side-by-side "$R/$tag-ours.json" "$R/$tag-upstream.json"
+    python3 tables.py side-by-side "$R/$1-$2.json" "$R/$1-$3.json"
     echo
   done
-  if [ -f "$R/full-ours-background.json" ]; then
+  if [ -f "$R/full-49152-ours-background.json" ]; then
     echo "### full, ours: INTERACTIVE TTFT idle vs under 64 BATCH streams"
     echo
-    python3 tables.py background "$R/full-ours-background.json"
+    python3 tables.py background "$R/full-49152-ours-background.json"
     echo
   fi
-  if ls "$R"/overhead-direct-*.json >/dev/null 2>&1; then
-    echo "### gateway overhead on the GPU host (taskset-separated cores)"
+  if [ -f "$R/gw-admission.json" ]; then
+    echo "### gateway, full worker with 16 slots: 16 and 32 concurrent ~560-token requests"
     echo
-    python3 tables.py gateway "$R"/overhead-direct-*.json -- "$R"/overhead-gateway-*.json
+    echo '```'; python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); [print(json.dumps({k: l.get(k) for k in ("concurrency","requests","ok","errors","error_kinds","skipped","ttft_ms_p50","ttft_ms_p99","aggregate_tok_s","prompt_tokens_mean")})) for l in r.get("levels",[])]' "$R/gw-admission.json"; echo '```'
     echo
-    echo '```'; cat "$R/e2e-placement.txt" 2>/dev/null; echo '```'
-    echo
+    [ -f "$R/gw-background-14.json" ] && { echo "### gateway: INTERACTIVE idle vs under 14 BATCH streams"; echo; python3 tables.py background "$R/gw-background-14.json"; echo; }
+    ls "$R"/overhead-direct-*.json >/dev/null 2>&1 && { echo "### gateway overhead at 16 streams"; echo; python3 tables.py gateway "$R"/overhead-direct-*.json -- "$R"/overhead-gateway-*.json; echo; }
   fi
+  [ -f "$R/invariance/invariance.md" ] && { cat "$R/invariance/invariance.md"; echo; }
   echo "### Memory: adverts vs nvidia-smi (MiB)"
   echo
   cat "$R/memory.md"
