@@ -1,52 +1,43 @@
 #!/usr/bin/env bash
 # Fills the carry folder for bench/gpu/run-on-device.sh (default target/gpu-carry, ignored by git):
-# the CUDA worker, gateway, moectl, moe-bench and etcd (xz), upstream llama-server built here with
-# CUDA (or, without it, a trimmed llama.cpp source tarball to build there), the gguf wheel, the
-# synthetic-model generator (scripts/make_gptoss_like.py) and, when given, the GPT-2 vocabulary the
-# published results used (without it the generator falls back to a byte-level vocabulary), libgomp
-# as a fallback.
+# - moe-worker built here against *shared* llama.cpp libraries (LLAMA_BUILD_SHARED_LIBS=1; the
+#   device builds those libraries with CUDA from ours-llama.cpp-src.tar.xz, the exact source
+#   llama-cpp-sys-2 vendors, in minutes on its 16 cores instead of an hour here), and the gateway,
+#   moectl and moe-bench (release), etcd — each stripped and xz-compressed;
+# - ours-llama.cpp-src.tar.xz: llama-cpp-sys-2's llama.cpp/ without models, docs, examples, tests,
+#   tools;
+# - upstream-llama.cpp-src.tar.xz: llama-server's source (the llama-cpp-python sdist's vendored
+#   llama.cpp, bench/build-llama-server.sh --pack);
+# - the gguf wheel, the synthetic-model generator (scripts/make_gptoss_like.py) and, when given,
+#   the GPT-2 vocabulary (GPT2_VOCAB; without it the generator falls back to bytes).
 #
-# usage: bench/gpu/prepare-carry.sh CUDA_WORKER_BINARY [CARRY_DIR]
-#   CUDA_WORKER_BINARY: from `source DIR/env.sh && CMAKE_CUDA_ARCHITECTURES=90 cargo build --release
-#   --features cuda -p moe-worker --target-dir ...` (see shared/GPU.md)
-# env: GPT2_VOCAB (optional: llama.cpp's models/ggml-vocab-gpt-2.gguf)
-#      LLAMA_SERVER_BUILD (default ~/.cache/moe-cluster/llama-server-cuda-portable: from
-#      `bench/build-llama-server.sh --cuda --portable` after `source DIR/env.sh`)
+# usage: bench/gpu/prepare-carry.sh [CARRY_DIR]
+# env: GPT2_VOCAB, CARGO_TARGET_DIR (default ~/.cache/moe-cluster/target-dyn: a separate cache, the
+#      shared-library build of llama-cpp-sys-2 differs from the static one)
 # The device call carries at most 64 MiB: the folder's total is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-WORKER=${1:?CUDA worker binary}
-CARRY=${2:-target/gpu-carry}
+CARRY=${1:-target/gpu-carry}
 GPT2_VOCAB=${GPT2_VOCAB:-}
-LLAMA_SERVER_BUILD=${LLAMA_SERVER_BUILD:-$HOME/.cache/moe-cluster/llama-server-cuda-portable}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/moe-cluster/target-dyn}
 mkdir -p "$CARRY"
-nice -n 19 cargo build --release -q -p moe-bench -p moe-gateway -p moectl
-xz_into() { # SRC NAME: stripped and xz-compressed, only when SRC is newer
-  [ "$CARRY/$2.xz" -nt "$1" ] && return 0
+LLAMA_BUILD_SHARED_LIBS=1 nice -n 10 cargo build --release --locked -q -p moe-worker -p moe-gateway -p moectl -p moe-bench
+xz_into() { # SRC NAME: stripped and xz-compressed
   local tmp; tmp=$(mktemp)
   cp "$1" "$tmp" && strip "$tmp" 2>/dev/null || true
-  nice -n 19 xz -T2 -9 -c "$tmp" >"$CARRY/$2.xz"
+  nice -n 10 xz -T2 -6 -c "$tmp" >"$CARRY/$2.xz"
   rm -f "$tmp"
 }
-T=${CARGO_TARGET_DIR:-target}/release
-xz_into "$T/moe-bench" moe-bench
-xz_into "$T/moe-gateway" moe-gateway
-xz_into "$T/moectl" moectl
-xz_into "$(command -v etcd)" etcd
-xz_into "$WORKER" moe-worker-cuda
-if [ -x "$LLAMA_SERVER_BUILD/bin/llama-server" ]; then
-  if [ ! "$CARRY/llama-server-cuda.tar.xz" -nt "$LLAMA_SERVER_BUILD/bin/llama-server" ]; then
-    S=$(mktemp -d); mkdir -p "$S/bin"
-    cp "$LLAMA_SERVER_BUILD/bin/llama-server" "$S/bin/" && strip "$S/bin/llama-server"
-    tar -cJf "$CARRY/llama-server-cuda.tar.xz" -C "$S" bin
-    rm -rf "$S"
-  fi
-  rm -f "$CARRY/llama.cpp-src.tar.xz"
-else
-  bash bench/build-llama-server.sh --pack "$PWD/$CARRY/llama.cpp-src.tar.xz" >/dev/null
-fi
+T=$CARGO_TARGET_DIR/release
+for b in moe-worker moe-gateway moectl moe-bench; do xz_into "$T/$b" "$b"; done
+[ -f "$CARRY/etcd.xz" ] || xz_into "$(command -v etcd)" etcd
+VER=$(awk '/^name = "llama-cpp-sys-2"/ {getline; gsub(/[^0-9.]/, "", $0); print; exit}' Cargo.lock)
+SYS=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/llama-cpp-sys-2-"$VER" | head -1)
+[ -f "$CARRY/ours-llama.cpp-src.tar.xz" ] || tar -C "$SYS" --exclude=llama.cpp/models --exclude=llama.cpp/docs \
+  --exclude=llama.cpp/examples --exclude=llama.cpp/tests --exclude=llama.cpp/tools --exclude=llama.cpp/gguf-py \
+  --exclude=llama.cpp/pocs --exclude='llama.cpp/*.py' -cf - llama.cpp | xz -T2 -6 >"$CARRY/ours-llama.cpp-src.tar.xz"
+[ -f "$CARRY/upstream-llama.cpp-src.tar.xz" ] || bash bench/build-llama-server.sh --pack "$PWD/$CARRY/upstream-llama.cpp-src.tar.xz" >/dev/null
 [ -f "$CARRY"/gguf-0.19.0-py3-none-any.whl ] || python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY" gguf==0.19.0
 cp scripts/make_gptoss_like.py "$CARRY/"
-if [ -n "$GPT2_VOCAB" ]; then cp "$GPT2_VOCAB" "$CARRY/ggml-vocab-gpt-2.gguf"; else rm -f "$CARRY/ggml-vocab-gpt-2.gguf"; fi
-cp "$(gcc -print-file-name=libgomp.so.1)" "$CARRY/libgomp.so.1"
+[ -n "$GPT2_VOCAB" ] && cp "$GPT2_VOCAB" "$CARRY/ggml-vocab-gpt-2.gguf"
 du -ch "$CARRY"/* | tail -20
