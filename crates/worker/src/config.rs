@@ -9,6 +9,8 @@ use moe_common::flags::parse_duration_flag;
 use moe_common::offload::OffloadProfile;
 use moe_common::size::ByteSize;
 
+use crate::engine::DecodeMode;
+
 /// Serves one GGUF MoE model through llama.cpp and advertises itself in etcd.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "moe-worker", version, about)]
@@ -37,12 +39,20 @@ pub struct WorkerConfig {
     /// Worker id, unique in the cluster (default: hostname-port).
     #[arg(long = "id", env = "MOE_WORKER_ID")]
     pub id: Option<String>,
-    /// KV cache cells shared by all sequences.
+    /// KV cache cells of the running sequences, all together (each of the --parallel sequences
+    /// gets --ctx-size/--parallel unless --kv-unified).
     #[arg(long, env = "MOE_CTX_SIZE", default_value_t = 4096)]
     pub ctx_size: u32,
     /// Sequences decoded together (continuous batching slots).
     #[arg(long, env = "MOE_PARALLEL", default_value_t = 4)]
     pub parallel: u32,
+    /// KV streams beyond --parallel that only hold idle cached sequences (prefix cache), so
+    /// this many more conversations keep their history between turns. Each takes a running
+    /// sequence's share of cells: KV memory grows by --ctx-size/--parallel cells per stream.
+    /// Default 0: KV memory as without it (at or below llama-server's for the same --ctx-size).
+    /// Needs per-sequence streams (not with --kv-unified).
+    #[arg(long, env = "MOE_CACHE_SEQUENCES", default_value_t = 0)]
+    pub cache_sequences: u32,
     /// Layers on the accelerator (default: all).
     #[arg(long, env = "MOE_GPU_LAYERS")]
     pub gpu_layers: Option<u32>,
@@ -63,8 +73,16 @@ pub struct WorkerConfig {
     /// text equalled its solo run), so with this on a sequence sees the same kernel shapes as
     /// when it runs alone; the cost is decode batching (docs/benchmarks/batch-invariance.md).
     /// Not needed on the CPU, where per-sequence KV streams are already batch-invariant.
+    /// Same as --decode-mode sequential (kept for existing deployments).
     #[arg(long, env = "MOE_SEQUENTIAL_DECODE")]
     pub sequential_decode: bool,
+    /// auto: sequential when any model layer runs on an accelerator, batched on the CPU.
+    /// sequential: one llama.cpp call per sequence and prompts prefilled in --batch-size chunks
+    /// at fixed boundaries, so greedy output is exactly a solo run's, prefix cache or not.
+    /// batched: one call per step for all sequences (faster on a GPU, not batch-invariant
+    /// there). See docs/benchmarks/batch-invariance.md.
+    #[arg(long, env = "MOE_DECODE_MODE", value_enum, default_value_t = DecodeMode::Auto)]
+    pub decode_mode: DecodeMode,
     /// Requests waiting for KV headroom at most; more get RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "MOE_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
@@ -102,6 +120,17 @@ impl WorkerConfig {
         if self.parallel == 0 || self.parallel > 256 {
             return Err("--parallel must be 1..=256".into());
         }
+        if self.parallel + self.cache_sequences.min(256) > 256 {
+            return Err("--parallel plus --cache-sequences must be at most 256".into());
+        }
+        if self.cache_sequences > 0 && self.kv_unified {
+            return Err(
+                "--cache-sequences needs per-sequence KV streams (not --kv-unified)".into(),
+            );
+        }
+        if self.sequential_decode && self.decode_mode == DecodeMode::Batched {
+            return Err("--sequential-decode contradicts --decode-mode batched".into());
+        }
         if self.ctx_size < 64 {
             return Err("--ctx-size must be at least 64".into());
         }
@@ -116,6 +145,15 @@ impl WorkerConfig {
         }
         self.etcd.validate()?;
         Ok(())
+    }
+
+    /// The decode mode asked for: `--sequential-decode` is `--decode-mode sequential`.
+    pub fn decode_mode(&self) -> DecodeMode {
+        if self.sequential_decode {
+            DecodeMode::Sequential
+        } else {
+            self.decode_mode
+        }
     }
 
     /// The id this worker registers under.

@@ -33,10 +33,13 @@ pub struct EngineConfig {
     pub vram_budget: Option<u64>,
     /// Layers on the accelerator; None means all.
     pub gpu_layers: Option<u32>,
-    /// KV cache cells shared by all sequences.
+    /// KV cache cells of the running sequences, all together (`--ctx-size`).
     pub ctx_size: u32,
     /// Sequences decoded together.
     pub parallel: u32,
+    /// KV streams beyond `parallel` that only hold idle cached sequences, each with a running
+    /// sequence's share of cells (`--cache-sequences`; per-sequence streams only).
+    pub cache_sequences: u32,
     pub threads: Option<u32>,
     /// Tokens per engine step (llama `n_batch`).
     pub batch_size: u32,
@@ -44,11 +47,34 @@ pub struct EngineConfig {
     /// KV stream of `ctx_size / parallel` cells, at the same positions as when it runs alone, so
     /// greedy output does not depend on the batch (see docs/benchmarks/batch-invariance.md).
     pub kv_unified: bool,
-    /// Decode each sequence in its own llama.cpp call (batch-invariant on GPU backends, whose
-    /// kernels depend on the batch shape), instead of one batch per step.
-    pub sequential_decode: bool,
+    /// Whether each sequence is decoded in its own llama.cpp call (batch-invariant on GPU
+    /// backends, whose kernels depend on the batch shape) or all in one batch per step.
+    pub decode_mode: DecodeMode,
     pub max_queue: usize,
     pub queue_timeout: Duration,
+}
+
+/// How decode steps call llama.cpp (`--decode-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecodeMode {
+    /// Sequential when any layer runs on an accelerator, batched on the CPU.
+    #[default]
+    Auto,
+    /// One llama.cpp call per sequence, prompts prefilled in chunks at fixed boundaries: greedy
+    /// output does not depend on other traffic or on the prefix cache, on any backend.
+    Sequential,
+    /// One llama.cpp call per step for all sequences: faster; batch-invariant on the CPU only.
+    Batched,
+}
+
+impl DecodeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecodeMode::Auto => "auto",
+            DecodeMode::Sequential => "sequential",
+            DecodeMode::Batched => "batched",
+        }
+    }
 }
 
 /// What the loaded model and context look like; fixed after start-up.
@@ -64,7 +90,7 @@ pub struct LoadedModel {
     /// Devices at start-up, with measured weight and compute bytes; live free memory is in
     /// [`EngineStats::devices`].
     pub devices: Vec<DeviceInfo>,
-    /// KV cells of the context, all sequences together.
+    /// KV cells of the running sequences, all together (cache-only streams not included).
     pub context_tokens: u32,
     /// KV cells one sequence may use: `context_tokens`, or its share with per-sequence streams.
     pub sequence_tokens: u32,
@@ -73,6 +99,10 @@ pub struct LoadedModel {
     pub sliding_window: u32,
     pub max_sequences: u32,
     pub has_accelerator: bool,
+    /// The decode mode in force: `Sequential` or `Batched` (`Auto` resolved at load).
+    pub decode_mode: DecodeMode,
+    /// KV streams beyond `max_sequences` that hold only idle cached sequences.
+    pub cache_sequences: u32,
     /// Whether the experts kept on the host live in pinned memory.
     pub host_experts_pinned: bool,
 }

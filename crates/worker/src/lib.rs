@@ -47,10 +47,11 @@ fn engine_config(c: &WorkerConfig) -> EngineConfig {
         gpu_layers: c.gpu_layers,
         ctx_size: c.ctx_size,
         parallel: c.parallel,
+        cache_sequences: c.cache_sequences,
         threads: c.threads,
         batch_size: c.batch_size,
         kv_unified: c.kv_unified,
-        sequential_decode: c.sequential_decode,
+        decode_mode: c.decode_mode(),
         max_queue: c.max_queue,
         queue_timeout: c.queue_timeout,
     }

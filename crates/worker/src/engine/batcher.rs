@@ -3,10 +3,15 @@
 //! step is planned as one batch holding the next token of every decoding sequence plus prompt
 //! chunks of newly admitted ones under a token budget. Interactive work is admitted and
 //! prefilled before batch work. A finished sequence leaves its KV cells in place as a prefix
-//! cache: a new request is put in the free slot whose cached tokens share the longest prefix
-//! with its prompt and skips recomputing that prefix; cached cells are evicted (least recently
-//! used first) only when an admission needs the room. No llama.cpp here: the engine thread
-//! executes the plans.
+//! cache, and a new request never destroys a longer cached history to reuse a shorter shared
+//! prefix: it takes the idle stream whose whole cached sequence begins its prompt, else an empty
+//! stream, else the least recently used one, and has the longest useful shared prefix (a system
+//! prompt) copied there from another stream. `cache_streams` streams more than decode slots keep
+//! more conversations cached. In the aligned mode (`--decode-mode sequential`) prompts are
+//! prefilled in chunks at fixed boundaries and only cells computed by whole chunks are reused,
+//! so a warm run computes the same shapes as a cold one. Cached cells are evicted (least
+//! recently used first) only when an admission needs the room. No llama.cpp here: the engine
+//! thread executes the plans.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -16,8 +21,12 @@ use moe_common::LatencyClass;
 
 #[derive(Clone, Debug)]
 pub struct BatcherConfig {
-    /// Sequence slots (llama `n_seq_max`, `--parallel`).
+    /// Sequences running at once (`--parallel`).
     pub max_sequences: u32,
+    /// KV streams beyond `max_sequences` (`--cache-sequences`; llama `n_seq_max` is the sum):
+    /// they hold idle cached sequences, so more conversations than decode slots keep their
+    /// history. Only with per-sequence streams (`slot_kv_tokens`).
+    pub cache_streams: u32,
     /// KV cells of the context, all slots together (llama `n_ctx`).
     pub kv_tokens: u32,
     /// KV cells each slot has to itself when every sequence has its own KV stream (llama
@@ -26,6 +35,11 @@ pub struct BatcherConfig {
     pub slot_kv_tokens: Option<u32>,
     /// Tokens one step may decode (llama `n_batch`): decodes plus prefill chunks.
     pub step_tokens: u32,
+    /// Sequential decode's exact mode: prompts are prefilled in chunks ending at multiples of
+    /// this many tokens (whatever the step budget and other traffic), and prefix reuse (in place
+    /// or copied) covers only cells computed by such whole chunks, rounded down to a multiple.
+    /// None: chunks fill the step budget and any cached prefix is reused.
+    pub aligned_prefill: Option<u32>,
     /// While interactive sequences are decoding, batch prefill takes at most this many tokens of
     /// a step, so a long batch prompt never slows an interactive stream by more than a small step.
     pub batch_prefill_tokens_under_interactive: u32,
@@ -68,6 +82,9 @@ pub struct Seq<T> {
     prompt: Arc<[u32]>,
     /// Prompt tokens whose KV cells were reused from the slot's prefix cache.
     pub reused: u32,
+    /// Leading tokens whose cells were computed by whole aligned prefill chunks (or reused from
+    /// such cells); see `BatcherConfig::aligned_prefill`.
+    aligned: u32,
     /// Tokens already in the KV cache.
     pub n_past: u32,
     /// Token sampled last and not yet fed back (None while prefilling).
@@ -117,6 +134,34 @@ pub struct Plan {
     pub admitted: Vec<(usize, u32)>,
     /// Idle slots whose cached KV cells the engine must drop to make room.
     pub evicted: Vec<usize>,
+    /// Shared prefixes to copy into admitted slots before their first decode (in admission
+    /// order, before that slot's entry of `admitted` is prepared).
+    pub copies: Vec<PrefixCopy>,
+}
+
+/// Copy the first `len` cells of stream `src` into stream `dst` (which drops everything else).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixCopy {
+    pub src: usize,
+    pub dst: usize,
+    pub len: u32,
+}
+
+/// A copy must save at least this many prompt tokens: a cross-stream copy moves the whole
+/// stream's KV buffer.
+pub const MIN_COPY_TOKENS: u32 = 16;
+
+/// Where an admission goes: its stream, the prompt tokens it reuses, and the copy that brings
+/// them there when they come from another stream.
+#[derive(Debug, PartialEq, Eq)]
+struct Choice {
+    slot: usize,
+    reused: u32,
+    copy: Option<PrefixCopy>,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl Plan {
@@ -131,6 +176,8 @@ struct Cached {
     tokens: Arc<[u32]>,
     /// Admission counter value when this cache was last used (for LRU eviction).
     used: u64,
+    /// Leading tokens computed by whole aligned prefill chunks (see `Seq::aligned`).
+    aligned: u32,
 }
 
 pub struct Batcher<T> {
@@ -147,8 +194,9 @@ pub struct Batcher<T> {
 
 impl<T> Batcher<T> {
     pub fn new(config: BatcherConfig) -> Self {
-        let slots = (0..config.max_sequences).map(|_| None).collect();
-        let cache = (0..config.max_sequences).map(|_| None).collect();
+        let streams = config.max_sequences + config.cache_streams;
+        let slots = (0..streams).map(|_| None).collect();
+        let cache = (0..streams).map(|_| None).collect();
         Batcher {
             config,
             slots,
@@ -318,7 +366,16 @@ impl<T> Batcher<T> {
             } else {
                 budget
             };
-            let take = remaining.min(cap);
+            let take = match self.config.aligned_prefill {
+                // The chunk ends at the next multiple of `c` whatever the budget: a step with
+                // any budget left runs it whole (sequential decode gives it its own call).
+                Some(c) if cap > 0 => {
+                    let c = c.max(1) as usize;
+                    remaining.min(c - seq.n_past as usize % c)
+                }
+                Some(_) => 0,
+                None => remaining.min(cap),
+            };
             if take == 0 {
                 continue;
             }
@@ -330,7 +387,7 @@ impl<T> Batcher<T> {
                 tokens: seq.tokens[start..start + take].to_vec(),
                 sample: take == remaining,
             });
-            budget -= take;
+            budget = budget.saturating_sub(take);
             if seq.class == LatencyClass::Batch {
                 batch_budget -= take.min(batch_budget);
             }
@@ -350,36 +407,70 @@ impl<T> Batcher<T> {
             .sum()
     }
 
-    /// The free slot for `tokens`: longest cached common prefix (at most all but the last prompt
-    /// token, whose logits must be computed), then an empty slot, then the least recently used.
-    fn choose_slot(&self, tokens: &[u32]) -> Option<(usize, u32)> {
-        let max_reuse = tokens.len().saturating_sub(1);
-        (0..self.slots.len())
-            .filter(|&i| self.slots[i].is_none())
-            .map(|i| {
-                let (lcp, used) = match &self.cache[i] {
-                    Some(c) => {
-                        let lcp = c
-                            .tokens
-                            .iter()
-                            .zip(tokens)
-                            .take_while(|(a, b)| a == b)
-                            .count();
-                        (lcp.min(max_reuse) as u32, Some(c.used))
-                    }
-                    None => (0, None),
-                };
-                (i, lcp, used)
+    /// Prompt tokens of `tokens` that cells holding `held` (of which the first `aligned` came
+    /// from whole aligned chunks) can stand for: their common prefix, at most all but the last
+    /// prompt token (whose logits must be computed), in the aligned mode only whole chunks.
+    fn reusable(&self, held: &[u32], aligned: u32, tokens: &[u32]) -> u32 {
+        let lcp = common_prefix(held, tokens).min(tokens.len().saturating_sub(1)) as u32;
+        match self.config.aligned_prefill {
+            Some(c) => {
+                let c = c.max(1);
+                lcp.min(aligned) / c * c
+            }
+            None => lcp,
+        }
+    }
+
+    /// What stream `i` could give `tokens` (cells of a running sequence or of an idle cache).
+    fn offer(&self, i: usize, tokens: &[u32]) -> u32 {
+        match (&self.slots[i], &self.cache[i]) {
+            (Some(s), _) => self.reusable(&s.tokens[..s.n_past as usize], s.aligned, tokens),
+            (None, Some(c)) => self.reusable(&c.tokens, c.aligned, tokens),
+            (None, None) => 0,
+        }
+    }
+
+    /// The stream for `tokens`, never destroying a longer cached history to reuse a shorter
+    /// shared prefix: (a) the idle stream whose cached sequence begins the prompt (longest
+    /// common prefix; fewer than `MIN_COPY_TOKENS` cached tokens past it may differ, e.g. the
+    /// end of a previous answer tokenized differently in the next turn's prompt), else (b) an empty stream, else (c) the least recently used idle stream
+    /// (smaller first on a tie). When another stream (running or idle) holds a longer reusable
+    /// prefix — by at least `MIN_COPY_TOKENS` — it is copied there.
+    fn choose_slot(&self, tokens: &[u32]) -> Option<Choice> {
+        let idle = || (0..self.slots.len()).filter(|&i| self.slots[i].is_none());
+        let whole = idle()
+            .filter_map(|i| {
+                let c = self.cache[i].as_ref()?;
+                let lcp = common_prefix(&c.tokens, tokens);
+                let lost = c.tokens.len() - lcp;
+                (lcp > 0 && lost < MIN_COPY_TOKENS as usize).then_some((i, lcp))
             })
-            .max_by_key(|&(i, lcp, used)| {
-                (
-                    lcp,
-                    used.is_none(),
-                    std::cmp::Reverse(used),
-                    std::cmp::Reverse(i),
-                )
+            .max_by_key(|&(i, lcp)| (lcp, std::cmp::Reverse(i)))
+            .map(|(i, _)| i);
+        let empty = || idle().find(|&i| self.cache[i].is_none());
+        let lru = || {
+            idle().min_by_key(|&i| {
+                let c = self.cache[i].as_ref();
+                (c.map(|c| c.used), c.map(|c| c.tokens.len()), i)
             })
-            .map(|(i, lcp, _)| (i, lcp))
+        };
+        let slot = whole.or_else(empty).or_else(lru)?;
+        let own = self.offer(slot, tokens);
+        let copy = (0..self.slots.len())
+            .filter(|&i| i != slot)
+            .map(|i| (i, self.offer(i, tokens)))
+            .max_by_key(|&(i, len)| (len, std::cmp::Reverse(i)))
+            .filter(|&(_, len)| len >= own + MIN_COPY_TOKENS)
+            .map(|(src, len)| PrefixCopy {
+                src,
+                dst: slot,
+                len,
+            });
+        Some(Choice {
+            slot,
+            reused: copy.map_or(own, |c| c.len),
+            copy,
+        })
     }
 
     fn admit(&mut self, now: Instant, plan: &mut Plan) {
@@ -393,7 +484,15 @@ impl<T> Batcher<T> {
             };
             let Some(head) = queue.front() else { break };
             let needed = self.claim(head);
-            let Some((slot, reused)) = self.choose_slot(&head.tokens) else {
+            if self.active() >= self.config.max_sequences as usize {
+                break;
+            }
+            let Some(Choice {
+                slot,
+                mut reused,
+                mut copy,
+            }) = self.choose_slot(&head.tokens)
+            else {
                 break;
             };
             // Unreserved cells are free or held by evictable caches: never over-commit.
@@ -407,10 +506,18 @@ impl<T> Batcher<T> {
             while self.config.slot_kv_tokens.is_none()
                 && needed > self.config.kv_tokens - self.reserved - self.cached_cells(Some(slot))
             {
+                // The copy's source goes last; evicting it cancels the copy.
+                let src = copy.map(|c| c.src);
                 let victim = (0..self.cache.len())
                     .filter(|&i| i != slot && self.cache[i].is_some())
-                    .min_by_key(|&i| self.cache[i].as_ref().map(|c| c.used))
+                    .min_by_key(|&i| (Some(i) == src, self.cache[i].as_ref().map(|c| c.used)))
                     .expect("cached cells exist while the sum is positive");
+                if Some(victim) == src {
+                    copy = None;
+                    reused = self.cache[slot]
+                        .as_ref()
+                        .map_or(0, |c| self.reusable(&c.tokens, c.aligned, &head.tokens));
+                }
                 self.cache[victim] = None;
                 self.version += 1;
                 plan.evicted.push(victim);
@@ -425,12 +532,20 @@ impl<T> Batcher<T> {
             self.reserved += needed;
             self.clock += 1;
             self.version += 1;
+            if let Some(copy) = copy {
+                // A copied prefix (a shared system prompt) counts as used: keep it longest.
+                if let Some(c) = self.cache[copy.src].as_mut() {
+                    c.used = self.clock;
+                }
+                plan.copies.push(copy);
+            }
             self.slots[slot] = Some(Seq {
                 seq_id: slot as i32,
                 class: p.class,
                 prompt: p.tokens.as_slice().into(),
                 tokens: p.tokens,
                 reused,
+                aligned: reused,
                 n_past: reused,
                 next: None,
                 generated: 0,
@@ -451,7 +566,7 @@ impl<T> Batcher<T> {
         if reserve == 0 {
             return true;
         }
-        let free_slots = self.slots.iter().filter(|s| s.is_none()).count() as u32;
+        let free_slots = self.config.max_sequences - self.active() as u32;
         let kv_share =
             reserve as u64 * self.config.kv_tokens as u64 / self.config.max_sequences.max(1) as u64;
         let kv_left = (self.config.kv_tokens - self.reserved) as u64 - needed as u64;
@@ -464,6 +579,7 @@ impl<T> Batcher<T> {
     pub fn drop_reuse(&mut self, slot: usize) {
         if let Some(seq) = self.slots[slot].as_mut() {
             seq.reused = 0;
+            seq.aligned = 0;
             seq.n_past = 0;
             seq.next = None;
         }
@@ -471,8 +587,17 @@ impl<T> Batcher<T> {
 
     /// Records that a planned step was decoded: its tokens are now in the KV cache.
     pub fn commit(&mut self, plan: &Plan) {
+        let chunk = self.config.aligned_prefill;
         for e in &plan.entries {
             if let Some(seq) = self.slots[e.slot].as_mut() {
+                // A whole aligned prefill chunk right after the aligned cells extends them;
+                // a partial chunk or a decoded token does not (see `aligned_prefill`).
+                let prefill = seq.next.is_none();
+                if chunk
+                    .is_some_and(|c| prefill && e.tokens.len() as u32 == c && e.pos == seq.aligned)
+                {
+                    seq.aligned += e.tokens.len() as u32;
+                }
                 seq.n_past += e.tokens.len() as u32;
                 seq.next = None;
             }
@@ -499,6 +624,7 @@ impl<T> Batcher<T> {
         self.cache[slot] = Some(Cached {
             tokens: seq.tokens[..seq.n_past as usize].into(),
             used: self.clock,
+            aligned: seq.aligned.min(seq.n_past),
         });
         self.version += 1;
         Some(seq)

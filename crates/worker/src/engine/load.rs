@@ -21,7 +21,32 @@ use moe_common::registry::{DeviceKind, ModelInfo};
 use super::devices::{
     accelerator_pins_host_weights, account, free_by_device, planned_devices, refresh_devices,
 };
-use super::{EngineConfig, EngineError, LoadedModel, Tokenizer};
+use super::{DecodeMode, EngineConfig, EngineError, LoadedModel, Tokenizer};
+
+/// KV streams of the context (llama `n_seq_max`): the running sequences' and the cache-only ones.
+fn streams(config: &EngineConfig) -> u32 {
+    config.parallel.max(1) + config.cache_sequences
+}
+
+/// KV cells of the whole context: `--ctx-size` for the running sequences, plus a running
+/// sequence's share for each cache-only stream.
+fn kv_cells(config: &EngineConfig) -> u32 {
+    let extra =
+        config.ctx_size as u64 * config.cache_sequences as u64 / config.parallel.max(1) as u64;
+    (config.ctx_size as u64 + extra).min(u32::MAX as u64) as u32
+}
+
+/// `auto` is sequential when any layer runs on an accelerator: GPU kernels depend on the batch
+/// shape, CPU ones do not (docs/benchmarks/batch-invariance.md).
+fn resolve_decode_mode(config: &EngineConfig, has_accelerator: bool) -> DecodeMode {
+    match config.decode_mode {
+        DecodeMode::Auto if has_accelerator && config.gpu_layers != Some(0) => {
+            DecodeMode::Sequential
+        }
+        DecodeMode::Auto => DecodeMode::Batched,
+        mode => mode,
+    }
+}
 
 pub(super) fn backend() -> Result<&'static LlamaBackend, EngineError> {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
@@ -78,14 +103,14 @@ fn plan_placement(config: &EngineConfig, shape: &ModelShape) -> Result<MemoryPla
                 .vram_budget
                 .ok_or_else(|| EngineError::Load("--offload auto needs --vram-budget".into()))?;
             shape
-                .fit(budget, ACCELERATOR_OVERHEAD_BYTES, config.ctx_size)
+                .fit(budget, ACCELERATOR_OVERHEAD_BYTES, kv_cells(config))
                 .ok_or_else(|| {
                     EngineError::Load(format!(
                         "model does not fit a VRAM budget of {budget} bytes even with every expert on the host"
                     ))
                 })
         }
-        profile => Ok(shape.plan(profile.n_cpu_moe(shape.n_layer), config.ctx_size)),
+        profile => Ok(shape.plan(profile.n_cpu_moe(shape.n_layer), kv_cells(config))),
     }
 }
 
@@ -137,6 +162,8 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
             .unwrap_or(0),
         max_sequences: config.parallel,
         has_accelerator,
+        decode_mode: resolve_decode_mode(config, has_accelerator),
+        cache_sequences: config.cache_sequences,
         host_experts_pinned,
     };
     Ok((model, info))
@@ -153,10 +180,10 @@ pub(super) fn threads(config: &EngineConfig) -> i32 {
 fn context_params(config: &EngineConfig) -> LlamaContextParams {
     let threads = threads(config);
     LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(config.ctx_size))
+        .with_n_ctx(NonZeroU32::new(kv_cells(config)))
         .with_n_batch(config.batch_size)
         .with_n_ubatch(config.batch_size.min(512))
-        .with_n_seq_max(config.parallel)
+        .with_n_seq_max(streams(config))
         .with_kv_unified(config.kv_unified)
         // Sliding-window layers keep only their window (as llama-server does), not full-size
         // KV; prefix reuse checks what they still hold (see `reuse_allowed`).
@@ -190,13 +217,16 @@ pub(super) fn open<R>(
         &free_by_device(),
     );
     refresh_devices(&mut info.devices);
-    info.context_tokens = ctx.n_ctx();
-    // llama.cpp rounds each sequence's share up to 256 cells and n_ctx to parallel shares.
-    info.sequence_tokens = if config.kv_unified {
-        info.context_tokens
+    // llama.cpp rounds each stream's share up to 256 cells and n_ctx to whole shares; the
+    // running sequences' cells are what the context advertises (cache-only streams hold idle
+    // prefixes, which a new request cannot claim).
+    if config.kv_unified {
+        info.context_tokens = ctx.n_ctx();
+        info.sequence_tokens = info.context_tokens;
     } else {
-        info.context_tokens / config.parallel.max(1)
-    };
+        info.sequence_tokens = ctx.n_ctx() / streams(config);
+        info.context_tokens = info.sequence_tokens * config.parallel.max(1);
+    }
     let tokenizer = Tokenizer::new(model.clone());
     Ok(with_context(&model, ctx, info, tokenizer))
 }

@@ -13,13 +13,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 mod sequential;
 
-use super::batcher::{Batcher, BatcherConfig, Pending, Plan, Refusal, reuse_allowed};
+use super::batcher::{Batcher, BatcherConfig, Pending, Plan, PrefixCopy, Refusal, reuse_allowed};
 use super::devices::refresh_devices;
 use super::load;
 use super::sampler::SeqSampler;
 use super::text::Detokenizer;
 use super::{
-    Command, EngineConfig, EngineError, EngineStats, Event, Finish, Job, LoadedModel,
+    Command, DecodeMode, EngineConfig, EngineError, EngineStats, Event, Finish, Job, LoadedModel,
     PrefixCacheView, PreparedPrompt, Summary, TokenLogprob, Tokenizer,
 };
 
@@ -38,19 +38,27 @@ pub(super) fn engine_thread(
     let opened = load::open(&config, |model, ctx, info, tokenizer| {
         let context_tokens = info.context_tokens;
         let sliding_window = info.sliding_window;
+        let sequential_decode = info.decode_mode == DecodeMode::Sequential;
         tracing::info!(
             model = %info.info.name, profile = %info.profile, n_cpu_moe = info.plan.n_cpu_moe,
-            ctx = context_tokens, parallel = config.parallel, threads = load::threads(&config),
+            ctx = context_tokens, parallel = config.parallel,
+            cache_sequences = info.cache_sequences, sequence_tokens = info.sequence_tokens,
+            decode_mode = info.decode_mode.as_str(), threads = load::threads(&config),
             "model loaded"
         );
         let batcher = Batcher::new(BatcherConfig {
             max_sequences: config.parallel,
+            cache_streams: info.cache_sequences,
             kv_tokens: context_tokens,
             slot_kv_tokens: (!config.kv_unified).then_some(info.sequence_tokens),
             step_tokens: config.batch_size,
+            // Sequential decode is exact: prompt chunks at fixed boundaries, reuse of whole
+            // chunks only (docs/benchmarks/batch-invariance.md).
+            aligned_prefill: sequential_decode.then_some(config.batch_size),
             batch_prefill_tokens_under_interactive: (config.batch_size / 4).max(config.parallel),
-            // One slot in 16 (4 of 64) stays free of batch work for interactive arrivals.
-            interactive_reserved_sequences: config.parallel / 16,
+            // One slot in 16 (4 of 64), at least one from --parallel 2, stays free of batch
+            // work for interactive arrivals (review M6).
+            interactive_reserved_sequences: interactive_reserve(config.parallel),
             max_queue: config.max_queue,
             queue_timeout: config.queue_timeout,
         });
@@ -78,7 +86,7 @@ pub(super) fn engine_thread(
             last_publish: Instant::now(),
             last_refresh: Instant::now(),
             sliding_window,
-            sequential_decode: config.sequential_decode,
+            sequential_decode,
             panic_after: cfg!(debug_assertions)
                 .then(|| std::env::var("MOE_TEST_ENGINE_PANIC_AFTER").ok())
                 .flatten()
@@ -257,7 +265,14 @@ impl<'m> Engine<'m> {
                 span: job.span,
             },
         };
-        if let Err((why, p)) = self.batcher.enqueue(pending) {
+        // BATCH fills the admission queue only up to its share: queued batch work never makes
+        // an INTERACTIVE arrival find the queue full (review M6).
+        let share = batch_queue_share(self.batcher.config());
+        if pending.class == moe_common::LatencyClass::Batch && self.batcher.queued() >= share {
+            let _ = pending.payload.events.send(Event::Failed(EngineError::ResourceExhausted(
+                format!("admission queue is full for BATCH requests ({share} waiting; the rest of --max-queue is kept for INTERACTIVE)"),
+            )));
+        } else if let Err((why, p)) = self.batcher.enqueue(pending) {
             let _ = p.payload.events.send(Event::Failed(refusal_error(why)));
         }
     }
@@ -389,7 +404,24 @@ impl<'m> Engine<'m> {
         }
         let mut stale = false;
         for &(slot, mut reused) in &plan.admitted {
-            if reused > 0 {
+            let copy = plan.copies.iter().find(|c| c.dst == slot);
+            if let Some(&PrefixCopy { src, len, .. }) = copy {
+                // The shared prefix comes from another stream: check what it still holds, then
+                // copy that stream (a cross-stream copy moves its whole buffer, at the next
+                // decode) and keep only the prefix.
+                let pos_min = self.ctx.kv_cache_seq_pos_min(src as i32);
+                let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+                if reuse_allowed(pos_min, len, self.sliding_window) {
+                    let _ = self
+                        .ctx
+                        .copy_kv_cache_seq(src as i32, slot as i32, None, None);
+                } else {
+                    tracing::debug!(src, slot, len, pos_min, "shared prefix no longer cached");
+                    self.batcher.drop_reuse(slot);
+                    reused = 0;
+                    stale = true;
+                }
+            } else if reused > 0 {
                 let pos_min = self.ctx.kv_cache_seq_pos_min(slot as i32);
                 if !reuse_allowed(pos_min, reused, self.sliding_window) {
                     tracing::debug!(
@@ -609,6 +641,25 @@ impl<'m> Engine<'m> {
     }
 }
 
+/// Sequence slots BATCH work may not take: one in 16, and at least one whenever there are two
+/// or more slots (with one slot, reserving it would shut BATCH out).
+pub(crate) fn interactive_reserve(parallel: u32) -> u32 {
+    if parallel >= 2 {
+        (parallel / 16).max(1)
+    } else {
+        0
+    }
+}
+
+/// Places of the admission queue BATCH requests may fill: all but an eighth (at least one) when
+/// slots are reserved for INTERACTIVE work, so an INTERACTIVE arrival always finds a place.
+pub(crate) fn batch_queue_share(c: &BatcherConfig) -> usize {
+    if c.interactive_reserved_sequences == 0 || c.max_queue < 2 {
+        return c.max_queue;
+    }
+    c.max_queue - (c.max_queue / 8).max(1)
+}
+
 fn refusal_error(why: Refusal) -> EngineError {
     match why {
         Refusal::TooLong { needed, capacity } => EngineError::TooLong(format!(
@@ -621,5 +672,19 @@ fn refusal_error(why: Refusal) -> EngineError {
             "not admitted after waiting {:.1}s: no free sequence slot or KV cache headroom",
             waited.as_secs_f64()
         )),
+    }
+}
+
+#[cfg(test)]
+mod admission_tests {
+    use super::interactive_reserve;
+
+    #[test]
+    fn at_least_one_interactive_slot_from_two_slots_on() {
+        assert_eq!(interactive_reserve(1), 0);
+        assert_eq!(interactive_reserve(2), 1);
+        assert_eq!(interactive_reserve(4), 1);
+        assert_eq!(interactive_reserve(16), 1);
+        assert_eq!(interactive_reserve(64), 4);
     }
 }

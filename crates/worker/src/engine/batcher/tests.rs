@@ -5,9 +5,11 @@ use super::*;
 fn config() -> BatcherConfig {
     BatcherConfig {
         max_sequences: 2,
+        cache_streams: 0,
         kv_tokens: 100,
         slot_kv_tokens: None,
         step_tokens: 16,
+        aligned_prefill: None,
         batch_prefill_tokens_under_interactive: 4,
         interactive_reserved_sequences: 0,
         max_queue: 3,
@@ -466,4 +468,236 @@ fn publishes_running_prompts_and_finished_sequences() {
     b.forget(0);
     assert_ne!(b.cache_version(), v2);
     assert!(b.cached_sequences().is_empty());
+}
+
+fn request(tokens: Vec<u32>, max_tokens: u32, tag: u32, at: Instant) -> Pending<u32> {
+    Pending {
+        tokens,
+        max_tokens,
+        class: LatencyClass::Interactive,
+        enqueued: at,
+        payload: tag,
+    }
+}
+
+fn run_to_idle(b: &mut Batcher<u32>, t: Instant) {
+    while !b.is_idle() {
+        step(b, t);
+    }
+}
+
+/// Two 100-cell streams.
+fn chat_config() -> BatcherConfig {
+    BatcherConfig {
+        kv_tokens: 200,
+        slot_kv_tokens: Some(100),
+        ..per_slot_config()
+    }
+}
+
+/// A 20-token system prompt followed by a conversation's own 20 tokens.
+fn chat(conversation: u32) -> Vec<u32> {
+    (0..20)
+        .chain((0..20).map(|i| 1000 * conversation + i))
+        .collect()
+}
+
+#[test]
+fn a_new_conversation_never_overwrites_a_longer_history_and_copies_the_shared_prefix() {
+    let t = Instant::now();
+    let mut b = Batcher::new(chat_config());
+    b.enqueue(request(chat(1), 2, 1, t)).unwrap();
+    run_to_idle(&mut b, t);
+    // Conversation B shares only the system prompt with A's history in slot 0: it takes the
+    // empty slot, with the system prompt copied there.
+    b.enqueue(request(chat(2), 2, 2, t)).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(plan.admitted, vec![(1, 20)], "{plan:?}");
+    assert_eq!(
+        plan.copies,
+        vec![PrefixCopy {
+            src: 0,
+            dst: 1,
+            len: 20
+        }]
+    );
+    assert_eq!(
+        plan.entries[0].pos, 20,
+        "the system prompt is not recomputed"
+    );
+    run_to_idle(&mut b, t);
+    // A's next turn finds its whole history where it left it.
+    let a_history = chat(1).into_iter().chain([7]).collect::<Vec<_>>();
+    let turn2: Vec<u32> = a_history.iter().copied().chain(500..520).collect();
+    b.enqueue(request(turn2, 2, 3, t)).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(plan.admitted, vec![(0, a_history.len() as u32)]);
+    assert!(plan.copies.is_empty());
+}
+
+#[test]
+fn without_an_empty_stream_the_least_recently_used_is_taken_and_the_shared_prefix_copied() {
+    let t = Instant::now();
+    let mut b = Batcher::new(per_slot_config());
+    b.enqueue(request(chat(1), 2, 1, t)).unwrap();
+    run_to_idle(&mut b, t);
+    // Slot 1 holds an unrelated sequence, used after slot 0's.
+    b.enqueue(request((5000..5030).collect(), 2, 2, t)).unwrap();
+    run_to_idle(&mut b, t);
+    b.enqueue(request(chat(3), 2, 3, t)).unwrap();
+    let plan = step(&mut b, t);
+    // Slot 0 is the least recently used and shares the system prompt itself: no copy.
+    assert_eq!(plan.admitted, vec![(0, 20)]);
+    assert!(plan.copies.is_empty());
+    run_to_idle(&mut b, t);
+    // Now slot 1 (the unrelated one) is least recently used: it is taken, and the system
+    // prompt copied from slot 0.
+    b.enqueue(request(chat(4), 2, 4, t)).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(plan.admitted, vec![(1, 20)]);
+    assert_eq!(
+        plan.copies,
+        vec![PrefixCopy {
+            src: 0,
+            dst: 1,
+            len: 20
+        }]
+    );
+}
+
+#[test]
+fn a_copy_below_the_minimum_is_not_worth_a_stream_copy() {
+    let t = Instant::now();
+    let mut b = Batcher::new(per_slot_config());
+    let short = |c: u32| -> Vec<u32> { (0..10).chain((0..20).map(|i| 1000 * c + i)).collect() };
+    b.enqueue(request(short(1), 2, 1, t)).unwrap();
+    run_to_idle(&mut b, t);
+    b.enqueue(request(short(2), 2, 2, t)).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(
+        plan.admitted,
+        vec![(1, 0)],
+        "10 shared tokens < MIN_COPY_TOKENS"
+    );
+    assert!(plan.copies.is_empty());
+}
+
+#[test]
+fn more_conversations_than_decode_slots_all_keep_their_history() {
+    let t = Instant::now();
+    let mut b = Batcher::new(BatcherConfig {
+        cache_streams: 2,
+        max_queue: 10,
+        ..chat_config()
+    });
+    for c in 1..=4 {
+        b.enqueue(request(chat(c), 2, c, t)).unwrap();
+    }
+    step(&mut b, t);
+    assert_eq!(b.active(), 2, "at most --parallel sequences run at once");
+    assert_eq!(b.free_kv_tokens(), 0, "cache-only streams are not capacity");
+    run_to_idle(&mut b, t);
+    // Every conversation's second turn reuses its whole first turn.
+    for c in 1..=4 {
+        let history: Vec<u32> = chat(c).into_iter().chain([7]).collect();
+        let turn2: Vec<u32> = history.iter().copied().chain(600..610).collect();
+        b.enqueue(request(turn2, 2, 10 + c, t)).unwrap();
+        let plan = step(&mut b, t);
+        assert_eq!(plan.admitted.len(), 1);
+        assert_eq!(
+            plan.admitted[0].1,
+            history.len() as u32,
+            "conversation {c}: {plan:?}"
+        );
+        assert!(plan.copies.is_empty());
+        run_to_idle(&mut b, t);
+    }
+}
+
+fn aligned_config() -> BatcherConfig {
+    BatcherConfig {
+        aligned_prefill: Some(8),
+        step_tokens: 16,
+        ..per_slot_config()
+    }
+}
+
+#[test]
+fn aligned_prefill_chunks_end_at_fixed_boundaries_whatever_the_budget() {
+    let t = Instant::now();
+    let mut b = Batcher::new(BatcherConfig {
+        step_tokens: 5,
+        ..aligned_config()
+    });
+    b.enqueue(request((0..21).collect(), 2, 1, t)).unwrap();
+    b.enqueue(request((100..119).collect(), 2, 2, t)).unwrap();
+    let mut chunks = [Vec::new(), Vec::new()];
+    for _ in 0..8 {
+        let plan = step(&mut b, t);
+        for e in plan
+            .entries
+            .iter()
+            .filter(|e| e.tokens.len() > 1 || !e.sample)
+        {
+            chunks[e.slot].push((e.pos, e.tokens.len()));
+        }
+    }
+    assert_eq!(chunks[0], vec![(0, 8), (8, 8), (16, 5)]);
+    assert_eq!(chunks[1], vec![(0, 8), (8, 8), (16, 3)]);
+}
+
+#[test]
+fn aligned_reuse_covers_only_cells_of_whole_chunks() {
+    let t = Instant::now();
+    let mut b = Batcher::new(aligned_config());
+    // 21 prompt tokens: chunks 0..8 and 8..16 are whole, 16..21 partial, then 2 decoded.
+    b.enqueue(request((0..21).collect(), 3, 1, t)).unwrap();
+    run_to_idle(&mut b, t);
+    assert_eq!(b.cached_tokens(), 23);
+    // The next turn extends the history: reuse stops at 16 (not 23).
+    let turn2: Vec<u32> = (0..21).chain([7, 7]).chain(200..210).collect();
+    b.enqueue(request(turn2, 2, 2, t)).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(plan.admitted, vec![(0, 16)]);
+    assert_eq!((plan.entries[0].pos, plan.entries[0].tokens.len()), (16, 8));
+    run_to_idle(&mut b, t);
+    // Sharing 12 tokens reuses one whole chunk, and the one prefill chunk that follows keeps
+    // the alignment.
+    let other: Vec<u32> = (0..12).chain(300..320).collect();
+    let mut c = Batcher::new(aligned_config());
+    c.enqueue(request((0..21).collect(), 3, 1, t)).unwrap();
+    run_to_idle(&mut c, t);
+    c.enqueue(request(other, 2, 3, t)).unwrap();
+    let plan = step(&mut c, t);
+    // Slot 0's cache would lose 11 tokens (< MIN_COPY_TOKENS): it is reused in place.
+    assert_eq!(plan.admitted, vec![(0, 8)]);
+    assert_eq!((plan.entries[0].pos, plan.entries[0].tokens.len()), (8, 8));
+}
+
+#[test]
+fn an_aligned_copy_takes_only_whole_chunks() {
+    let t = Instant::now();
+    let mut b = Batcher::new(BatcherConfig {
+        aligned_prefill: Some(16),
+        ..aligned_config()
+    });
+    // 40 prompt tokens: 0..16 and 16..32 whole chunks; the system prompt is 20 tokens, so
+    // only 16 of it can be copied.
+    b.enqueue(request(chat(1), 2, 1, t)).unwrap();
+    run_to_idle(&mut b, t);
+    b.enqueue(request(chat(2), 2, 2, t)).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(plan.admitted, vec![(1, 16)]);
+    assert_eq!(
+        plan.copies,
+        vec![PrefixCopy {
+            src: 0,
+            dst: 1,
+            len: 16
+        }]
+    );
+    assert_eq!(
+        (plan.entries[0].pos, plan.entries[0].tokens.len()),
+        (16, 16)
+    );
 }
