@@ -6,8 +6,9 @@
 //! flight to about `max_decoding × max_message_bytes`. Health and reflection sit outside that
 //! limit, so probes answer while it is saturated (M7), and a request whose body has not arrived
 //! within `read_timeout` is refused (DEADLINE_EXCEEDED), freeing its permit. HTTP/2 keepalive
-//! pings close half-open
-//! client connections (H6), and `max_concurrent_streams` bounds streams per connection.
+//! pings close half-open client connections (H6), and `max_concurrent_streams` bounds streams per
+//! connection. The `moe.v1.Inference` health status stays NOT_SERVING until the registry has been
+//! listed once ([`serve_once_synced`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,7 +17,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use moe_common::pb::v1::inference_server::InferenceServer;
-use tokio::sync::Semaphore;
+use moe_common::registry::ClusterSnapshot;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Service, http};
@@ -78,6 +81,32 @@ pub fn router(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .add_service(inference)
+}
+
+/// Keeps the gateway's `moe.v1.Inference` health NOT_SERVING until `snapshots` holds a listed
+/// registry (revision > 0: a gateway started while etcd is down knows no workers, review H7), then
+/// sets it SERVING, unless `stop` (drain) came first. Readiness probes ask for that service; the
+/// server's overall status ("") stays SERVING, so a liveness probe does not restart a gateway
+/// that waits for etcd.
+pub async fn serve_once_synced(
+    reporter: tonic_health::server::HealthReporter,
+    mut snapshots: watch::Receiver<Arc<ClusterSnapshot>>,
+    stop: CancellationToken,
+) {
+    reporter
+        .set_not_serving::<InferenceServer<GatewayService>>()
+        .await;
+    let synced = tokio::select! {
+        biased;
+        () = stop.cancelled() => false,
+        r = snapshots.wait_for(|s| s.revision > 0) => r.is_ok(),
+    };
+    if synced && !stop.is_cancelled() {
+        tracing::info!("registry listed: health SERVING");
+        reporter
+            .set_serving::<InferenceServer<GatewayService>>()
+            .await;
+    }
 }
 
 /// Admits at most as many calls as it has permits, each holding one until its response

@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod intake;
 pub mod openai;
 
 use std::convert::Infallible;
@@ -11,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::from_fn_with_state;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,8 +32,7 @@ use openai::{Body, Kind, Mapped, Shape};
 
 /// Header that picks the latency class (`interactive` or `batch`).
 pub const LATENCY_CLASS_HEADER: &str = "x-moe-latency-class";
-/// Largest request body accepted (the prompt limit applies after parsing).
-const MAX_BODY_BYTES: usize = 8 << 20;
+pub use intake::{Intake, IntakeLimits, MAX_BODY_BYTES};
 
 #[derive(Clone)]
 struct AppState {
@@ -40,10 +41,16 @@ struct AppState {
 }
 
 /// The HTTP routes over `service`. `/health` answers 503 once `shutdown` is cancelled.
-pub fn router(service: GatewayService, shutdown: CancellationToken) -> Router {
+/// Completion requests pass `intake` (API key on the head, body budget and read timeout) before
+/// their body is parsed; health and models do not.
+pub fn router(service: GatewayService, shutdown: CancellationToken, intake: Intake) -> Router {
+    let guard = from_fn_with_state(intake, intake::guard);
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
+        .route(
+            "/v1/chat/completions",
+            post(chat_completions).route_layer(guard.clone()),
+        )
+        .route("/v1/completions", post(completions).route_layer(guard))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(get_model))
         .route("/health", get(health))
@@ -59,9 +66,10 @@ pub async fn serve_http(
     service: GatewayService,
     listener: TcpListener,
     tls: Option<moe_common::tls::ServerTls>,
+    intake: Intake,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(service, shutdown.clone());
+    let app = router(service, shutdown.clone(), intake);
     let listener = moe_common::tls::ServerListener::new(listener, tls, "HTTP")?;
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -134,7 +142,7 @@ async fn respond(
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
     );
-    let mut rx = state.service.start(request, None, api_key)?;
+    let mut rx = state.service.start_sized(request, None, api_key).await?;
     // Waiting for the first message lets failures before any output (every worker refused,
     // the worker's own validation) keep their HTTP status instead of becoming an SSE event.
     let first = next_message(&mut rx).await?;

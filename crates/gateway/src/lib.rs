@@ -101,9 +101,15 @@ pub async fn run(
     .with_metrics(gateway_metrics)
     .with_api_keys(security.api_keys.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    // NOT_SERVING until the registry has been listed once (etcd may be down at start).
     health_reporter
-        .set_serving::<InferenceServer<GatewayService>>()
+        .set_not_serving::<InferenceServer<GatewayService>>()
         .await;
+    tokio::spawn(grpc::serve_once_synced(
+        health_reporter.clone(),
+        watcher.snapshots(),
+        shutdown.clone(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(moe_common::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -130,10 +136,14 @@ pub async fn run(
         .transpose()?;
     let http_server = {
         let service = service.clone();
+        let intake = http::Intake::new(
+            http::IntakeLimits::from_config(&config),
+            security.api_keys.clone(),
+        );
         let shutdown = shutdown.clone();
         async move {
             match http_listener {
-                Some(l) => http::serve_http(service, l, security.http_tls, shutdown).await,
+                Some(l) => http::serve_http(service, l, security.http_tls, intake, shutdown).await,
                 None => Ok(()),
             }
         }

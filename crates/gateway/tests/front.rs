@@ -1,7 +1,11 @@
 //! The gateway's gRPC front (`moe_gateway::grpc::router`) on 127.0.0.1: API keys are checked on
 //! the headers before any of the body is read (review H1), `Generate` requests being read at once
 //! are bounded and the excess is refused at once, and health answers while that bound is
-//! saturated (M7), and a request whose body does not arrive in time is refused. Raw gRPC calls whose bodies never finish stand in for slow or hostile clients.
+//! saturated (M7), and a request whose body does not arrive in time is refused. Raw gRPC calls
+//! whose bodies never finish stand in for slow or hostile clients. The same for the OpenAI HTTP
+//! API (raw HTTP/1.1 over TCP): 401 on the head, 408 for a slow upload, 429 when the body
+//! budget is spent, health answering throughout; and gRPC health NOT_SERVING until the registry
+//! has been listed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +15,7 @@ use moe_common::request::RequestLimits;
 use moe_gateway::RoutingState;
 use moe_gateway::auth::ApiKeys;
 use moe_gateway::grpc::{GrpcLimits, router};
+use moe_gateway::http::{Intake, IntakeLimits};
 use moe_gateway::proxy::{GatewayService, ProxyConfig};
 use moe_gateway::scheduler::Policy;
 use tokio_stream::StreamExt;
@@ -219,5 +224,290 @@ async fn a_request_whose_body_does_not_arrive_is_refused_and_frees_its_place() {
         let err = r.expect_err("refused");
         assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+}
+
+// ---- The HTTP API's intake (`moe_gateway::http::intake`) and the gRPC health gate. ----
+
+/// The OpenAI HTTP API of a gateway with an empty cluster on 127.0.0.1:0.
+async fn http_front(
+    limits: IntakeLimits,
+    keys: Option<Arc<ApiKeys>>,
+) -> (std::net::SocketAddr, tokio_util::sync::DropGuard) {
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterSnapshot::default()));
+    let routing = Arc::new(RoutingState::new(rx, Policy::default()));
+    let service = GatewayService::new(
+        routing,
+        ProxyConfig {
+            max_streams: 16,
+            request_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            stream_idle_timeout: Duration::from_secs(30),
+            first_message_timeout: Duration::from_secs(30),
+            limits: RequestLimits::default(),
+        },
+    )
+    .with_api_keys(keys.clone());
+    let app =
+        moe_gateway::http::router(service, CancellationToken::new(), Intake::new(limits, keys));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let _keep = tx;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(s.cancelled_owned())
+            .await
+            .unwrap();
+    });
+    (addr, stop.drop_guard())
+}
+
+/// Opens a connection and sends a request head (and `body`, which may be partial).
+async fn send(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(b"\r\n").await.unwrap();
+    s.write_all(body).await.unwrap();
+    s
+}
+
+/// `POST path` with `headers` (each `Name: value`) and a declared Content-Length.
+fn post_head(path: &str, content_length: Option<usize>, headers: &[&str]) -> String {
+    let mut h = format!("POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n");
+    match content_length {
+        Some(n) => h.push_str(&format!("Content-Length: {n}\r\n")),
+        None => h.push_str("Transfer-Encoding: chunked\r\n"),
+    }
+    for line in headers {
+        h.push_str(line);
+        h.push_str("\r\n");
+    }
+    h
+}
+
+/// Reads one response: its status code and body (`Content-Length` framed).
+async fn response(s: &mut tokio::net::TcpStream) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a response: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("a Content-Length");
+    while buf.len() < head_end + length {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed inside the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string();
+    (status, body)
+}
+
+/// `GET /health` on a new connection, answered within a second.
+async fn health_answers(addr: std::net::SocketAddr) -> String {
+    let t = Instant::now();
+    let mut s = send(addr, "GET /health HTTP/1.1\r\nHost: gw\r\n", b"").await;
+    let (_, body) = tokio::time::timeout(Duration::from_secs(1), response(&mut s))
+        .await
+        .expect("health answers within a second");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert!(body.contains("\"status\""), "{body}");
+    body
+}
+
+fn http_limits(max_body_bytes: usize, max_bytes_in_flight: usize, read: Duration) -> IntakeLimits {
+    IntakeLimits {
+        max_body_bytes,
+        max_bytes_in_flight,
+        read_timeout: read,
+    }
+}
+
+#[tokio::test]
+async fn http_unauthenticated_request_is_refused_before_its_body_is_read() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), format!("{KEY}\n")).unwrap();
+    let keys = Arc::new(ApiKeys::load(file.path()).unwrap());
+    // A minute to read a body: only a refusal on the head answers within two seconds.
+    let limits = http_limits(8 << 20, 8 << 20, Duration::from_secs(60));
+    let (addr, _stop) = http_front(limits, Some(keys)).await;
+    for auth in [
+        None,
+        Some("Authorization: Bearer not-a-key-of-this-gateway"),
+    ] {
+        for length in [Some(8 << 20), None] {
+            let t = Instant::now();
+            let head = post_head("/v1/chat/completions", length, auth.as_slice());
+            // The head only: the 8 MiB (or chunked) body never comes.
+            let mut s = send(addr, &head, b"").await;
+            let (status, body) = tokio::time::timeout(Duration::from_secs(5), response(&mut s))
+                .await
+                .expect("refused without waiting for the body");
+            assert_eq!(status, 401, "{body}");
+            assert!(body.contains("authentication_error"), "{body}");
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        }
+    }
+    // The right key passes the head check; then the body is read and parsed as before.
+    let auth = format!("Authorization: Bearer {KEY}");
+    let body = br#"{"messages":[{"role":"user","content":"hi"}],"junk":1}"#;
+    let head = post_head("/v1/chat/completions", Some(body.len()), &[&auth]);
+    let mut s = send(addr, &head, body).await;
+    let (status, text) = response(&mut s).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("junk"), "the unknown field is named: {text}");
+}
+
+#[tokio::test]
+async fn http_slow_upload_gets_408_after_the_read_timeout_while_health_answers() {
+    let limits = http_limits(1 << 20, 8 << 20, Duration::from_millis(800));
+    let (addr, _stop) = http_front(limits, None).await;
+    let t = Instant::now();
+    // 10 of 100 declared bytes, then nothing.
+    let head = post_head("/v1/completions", Some(100), &[]);
+    let mut slow = send(addr, &head, br#"{"prompt":"#).await;
+    let reply = tokio::spawn(async move { response(&mut slow).await });
+    for _ in 0..3 {
+        health_answers(addr).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!reply.is_finished(), "the upload is still being waited for");
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), reply)
+        .await
+        .expect("the slow upload is answered")
+        .unwrap();
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("request_timeout"), "{body}");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn http_request_bytes_in_flight_are_bounded_and_the_excess_is_refused_at_once() {
+    // Room for two bodies of the largest size; a chunked body reserves that size.
+    let limits = http_limits(64 << 10, 128 << 10, Duration::from_secs(2));
+    let (addr, _stop) = http_front(limits, None).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let head = post_head("/v1/completions", None, &[]);
+        let mut s = send(addr, &head, b"5\r\n{\"pro\r\n").await;
+        held.push(tokio::spawn(async move { response(&mut s).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let head = post_head("/v1/completions", Some(20), &[]);
+    let mut s = send(addr, &head, b"").await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(1), response(&mut s))
+        .await
+        .expect("refused at once");
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    health_answers(addr).await;
+    // A body larger than allowed is refused on its declared length, unread.
+    let head = post_head("/v1/completions", Some(65 << 10), &[]);
+    let mut s = send(addr, &head, b"").await;
+    assert_eq!(response(&mut s).await.0, 413);
+    // The held uploads time out and free their bytes: a whole request then gets through the
+    // intake to the service (no workers: 503).
+    for h in held {
+        let (status, _) = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .expect("held upload answered")
+            .unwrap();
+        assert_eq!(status, 408);
+    }
+    let body = br#"{"prompt":"hi","max_tokens":4}"#;
+    let head = post_head("/v1/completions", Some(body.len()), &[]);
+    let mut s = send(addr, &head, body).await;
+    let (status, text) = response(&mut s).await;
+    assert_eq!(status, 503, "{text}");
+}
+
+#[tokio::test]
+async fn grpc_health_is_not_serving_until_the_registry_is_listed() {
+    const SERVICE: &str = "moe.v1.Inference";
+    async fn status(addr: std::net::SocketAddr) -> i32 {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = HealthClient::new(channel);
+        c.check(HealthCheckRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+    }
+    for drained_first in [false, true] {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterSnapshot::default()));
+        let stop = CancellationToken::new();
+        let gate = tokio::spawn(moe_gateway::grpc::serve_once_synced(
+            reporter,
+            rx,
+            stop.clone(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_stop = CancellationToken::new();
+        let _guard = server_stop.clone().drop_guard();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    server_stop.cancelled_owned(),
+                ),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(status(addr).await, ServingStatus::NotServing as i32);
+        if drained_first {
+            stop.cancel();
+        }
+        tx.send_replace(Arc::new(ClusterSnapshot {
+            revision: 7,
+            ..ClusterSnapshot::default()
+        }));
+        tokio::time::timeout(Duration::from_secs(2), gate)
+            .await
+            .expect("the gate ends")
+            .unwrap();
+        let want = if drained_first {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        assert_eq!(
+            status(addr).await,
+            want as i32,
+            "drained first: {drained_first}"
+        );
     }
 }

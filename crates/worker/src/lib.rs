@@ -159,7 +159,11 @@ pub async fn run(
         .with_metrics(worker_metrics)
         .with_limits(config.limits.clone());
     let stop_server = CancellationToken::new();
+    // HTTP/2 pings (20 s, answered within 10 s) close a gateway connection that went half-open;
+    // `tls::incoming` sets TCP keepalive on every accepted socket.
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -1,5 +1,9 @@
 //! Accepting connections for the servers: plain TCP, or TLS with handshakes run concurrently off
 //! the accept loop (bounded in number and time), so one slow client cannot stall the others.
+//! Every accepted socket gets `TCP_NODELAY` and TCP keepalive ([`TCP_KEEPALIVE_IDLE`], then
+//! [`TCP_KEEPALIVE_RETRIES`] probes [`TCP_KEEPALIVE_INTERVAL`] apart), so a client whose host
+//! vanished (half-open connection) is closed within about a minute instead of the kernel's two
+//! hours, on every port (gRPC and HTTP) of the gateway and the worker (review H6).
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
 use super::ServerTls;
 
@@ -22,6 +26,12 @@ use super::ServerTls;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at most; further connections wait in the kernel's backlog.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Idle time of an accepted connection before the first TCP keepalive probe.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Time between unanswered TCP keepalive probes.
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes after which the kernel closes the connection (idle + 3 × 10 s = 60 s).
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
 /// One accepted connection, plaintext or TLS.
 pub enum Conn {
@@ -118,14 +128,7 @@ pub fn incoming(
     match tls {
         None => {
             warn_plaintext(&listener, what);
-            tokio_stream::wrappers::TcpListenerStream::new(listener)
-                .map(|r| {
-                    r.map(|tcp| {
-                        set_nodelay(&tcp);
-                        Conn::Plain(tcp)
-                    })
-                })
-                .left_stream()
+            accepted(listener).map(|r| r.map(Conn::Plain)).left_stream()
         }
         Some(tls) => {
             let rx = spawn_handshakes(listener, tls);
@@ -136,13 +139,17 @@ pub fn incoming(
     }
 }
 
-/// Streams send one small HTTP/2 DATA frame per token: Nagle's algorithm would hold each one back
-/// until the previous is acknowledged (up to the peer's delayed-ACK timer, 40 ms on Linux).
-/// tonic's own `tcp_nodelay` only covers the listeners it binds itself, not `serve_with_incoming`.
-fn set_nodelay(tcp: &TcpStream) {
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "TCP_NODELAY not set");
-    }
+/// The connections of `listener` with their socket options set. `TCP_NODELAY`: streams send one
+/// small HTTP/2 DATA frame per token, and Nagle's algorithm would hold each one back until the
+/// previous is acknowledged (up to the peer's delayed-ACK timer, 40 ms on Linux). tonic's own
+/// `tcp_nodelay` and `tcp_keepalive` only cover the listeners it binds itself, not
+/// `serve_with_incoming`.
+fn accepted(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE_IDLE))
+        .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+        .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES))
 }
 
 fn warn_plaintext(listener: &TcpListener, what: &str) {
@@ -159,16 +166,18 @@ fn warn_plaintext(listener: &TcpListener, what: &str) {
 fn spawn_handshakes(listener: TcpListener, tls: ServerTls) -> mpsc::Receiver<Conn> {
     let (tx, rx) = mpsc::channel(64);
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let mut conns = accepted(listener);
     tokio::spawn(async move {
         loop {
             let Ok(permit) = pending.clone().acquire_owned().await else {
                 return;
             };
-            let (tcp, peer) = tokio::select! {
+            let tcp = tokio::select! {
                 _ = tx.closed() => return,
-                r = listener.accept() => match r {
-                    Ok(v) => v,
-                    Err(e) => {
+                r = conns.next() => match r {
+                    Some(Ok(tcp)) => tcp,
+                    None => return,
+                    Some(Err(e)) => {
                         // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -176,7 +185,9 @@ fn spawn_handshakes(listener: TcpListener, tls: ServerTls) -> mpsc::Receiver<Con
                     }
                 },
             };
-            set_nodelay(&tcp);
+            let peer = tcp
+                .peer_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
             let acceptor = TlsAcceptor::from(tls.config());
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -240,5 +251,60 @@ impl axum::serve::Listener for ServerListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// The `tr` (timer kind) and `tm->when` (clock ticks) of the socket from `local` to `remote`
+    /// in /proc/net/tcp: kind 2 is the keepalive timer.
+    fn timer(local: SocketAddr, remote: SocketAddr) -> Option<(u32, u64)> {
+        let hex = |a: SocketAddr| match a {
+            SocketAddr::V4(a) => format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(a.ip().octets()),
+                a.port()
+            ),
+            SocketAddr::V6(_) => unreachable!("IPv4 only"),
+        };
+        let (local, remote) = (hex(local), hex(remote));
+        let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+        table.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(1) != Some(&local.as_str()) || f.get(2) != Some(&remote.as_str()) {
+                return None;
+            }
+            let (tr, when) = f.get(5)?.split_once(':')?;
+            Some((
+                u32::from_str_radix(tr, 16).ok()?,
+                u64::from_str_radix(when, 16).ok()?,
+            ))
+        })
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_have_tcp_keepalive_after_the_idle_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut conns = Box::pin(incoming(listener, None, "test"));
+        let client = TcpStream::connect(addr).await.unwrap();
+        let conn = conns.next().await.unwrap().unwrap();
+        assert!(conn.tcp().nodelay().unwrap());
+        let (local, remote) = (
+            conn.tcp().local_addr().unwrap(),
+            client.local_addr().unwrap(),
+        );
+        let (kind, when) = timer(local, remote).expect("the accepted socket in /proc/net/tcp");
+        assert_eq!(
+            kind, 2,
+            "the keepalive timer runs on the idle accepted socket"
+        );
+        // Clock ticks (100 a second) until the first probe: at most the idle time, not the
+        // kernel's default of two hours.
+        assert!(when <= TCP_KEEPALIVE_IDLE.as_secs() * 100, "{when}");
+        // The client's socket, not set up by us, has no keepalive.
+        assert_ne!(timer(remote, local).map(|t| t.0), Some(2));
     }
 }

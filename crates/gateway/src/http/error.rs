@@ -133,7 +133,9 @@ pub struct OpenAiJson<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OpenAiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(mut req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        // The body's share of the intake budget is held until it has been parsed.
+        let _permit = req.extensions_mut().remove::<super::intake::BodyPermit>();
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError {
