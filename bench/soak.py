@@ -55,7 +55,13 @@ GREEDY_PROMPTS = [
     "A healthy breakfast usually includes",
     "The quick brown fox",
 ]
-GREEDY_MAX_TOKENS = 32
+# Greedy prompt i generates greedy_max_tokens(i) tokens: even numbers, one per prompt, while sampled
+# requests ask for odd ones, so a gateway's "migrating stream" log line (which names the class
+# and max_tokens, not the request) can be matched to its request.
+
+
+def greedy_max_tokens(pi):
+    return 24 + 2 * pi
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 WORDS = (
@@ -168,7 +174,9 @@ class Cluster:
             [args.etcd, "--name", "soak", "--data-dir", os.path.join(args.outdir, "etcd-data"),
              "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
              "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-             "--initial-cluster", f"soak={peer_url}"],
+             "--initial-cluster", f"soak={peer_url}",
+             # as the chart's etcd (helm values etcd.autoCompactionRetention)
+             "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"],
             self.logdir,
         )
         env = {"RUST_LOG": args.rust_log, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -213,7 +221,9 @@ class Cluster:
         }).encode()
         req = urllib.request.Request(f"{self.etcd_url}/v3/kv/range", data=body, method="POST")
         with urllib.request.urlopen(req, timeout=2) as r:
-            kvs = json.load(r).get("kvs", [])
+            reply = json.load(r)
+        self.revision = int(reply.get("header", {}).get("revision", 0))
+        kvs = reply.get("kvs", [])
         out = {}
         for kv in kvs:
             adv = json.loads(base64.b64decode(kv["value"]))
@@ -409,12 +419,12 @@ class Load:
             cancel = rng.random() < a.cancel_fraction
             if greedy:
                 pi = rng.randrange(len(GREEDY_PROMPTS))
-                body = {"prompt": GREEDY_PROMPTS[pi], "max_tokens": GREEDY_MAX_TOKENS,
+                body = {"prompt": GREEDY_PROMPTS[pi], "max_tokens": greedy_max_tokens(pi),
                         "temperature": 0, "stream": True}
-                max_tokens = GREEDY_MAX_TOKENS
+                max_tokens = greedy_max_tokens(pi)
             else:
                 pi = None
-                max_tokens = rng.randint(a.min_tokens, a.max_tokens)
+                max_tokens = rng.randrange(a.min_tokens | 1, a.max_tokens + 1, 2)
                 body = {"prompt": rng.choice(TEMPLATES).format(a=rng.choice(WORDS), b=rng.choice(WORDS)),
                         "max_tokens": max_tokens, "temperature": 0.8,
                         "seed": rng.randrange(1 << 31), "stream": True}
@@ -473,7 +483,7 @@ def record_reference(cluster, args):
     for pi, prompt in enumerate(GREEDY_PROMPTS):
         texts = []
         for cls in ("interactive", "batch", "interactive", "batch"):
-            body = {"prompt": prompt, "max_tokens": GREEDY_MAX_TOKENS, "temperature": 0, "stream": True}
+            body = {"prompt": prompt, "max_tokens": greedy_max_tokens(pi), "temperature": 0, "stream": True}
             r = stream_completion(cluster.http_ports[0], body, cls, None, args.deadline, args.read_timeout)
             if r["outcome"] != "completed":
                 raise RuntimeError(f"reference request for prompt {pi} ({cls}) {r['outcome']}: {r}")
@@ -508,20 +518,24 @@ class Faults:
               "at_s": round(now() - self.load.t_measure, 1)}
         t0 = now()
         if kind == "worker-kill":
-            w = self.worker_targets[round_ % len(self.worker_targets)]
-            ev["target"] = w.role
-            ev["old_pid"] = w.pid
-            # Kill it mid-stream: wait (up to 30 s) until its /metrics shows a running sequence.
+            # Kill one mid-stream: wait (up to 30 s) until a faulted worker's /metrics shows a
+            # running sequence; the one whose turn it is when both do (or when none does).
+            k = len(self.worker_targets)
+            order = [self.worker_targets[(round_ + j) % k] for j in range(k)]
+            w, active, until = order[0], 0, now() + 30
+            while now() < until:
+                busy = [(c, self.cluster.worker_active(c) or 0) for c in order]
+                busy = [(c, a) for c, a in busy if a]
+                if busy:
+                    w, active = busy[0]
+                    break
+                time.sleep(0.05)
             try:
                 lease = self.cluster.etcd_adverts().get(w.role, {}).get("lease")
             except OSError:
                 lease = None
-            active, until = 0, now() + 30
-            while now() < until:
-                active = self.cluster.worker_active(w) or 0
-                if active:
-                    break
-                time.sleep(0.05)
+            ev["target"] = w.role
+            ev["old_pid"] = w.pid
             ev["active_at_kill"] = int(active)
             t0 = now()
             w.kill()
@@ -561,7 +575,7 @@ def match_migrations(cluster, records):
     """Marks the requests whose stream a gateway migrated, from its "migrating stream" log lines
     (they name the class and max_tokens, not the request): a line matches the request of that
     gateway, class and max_tokens that was in flight then. Returns the number of such lines."""
-    lines = 0
+    lines = ambiguous = 0
     for g in cluster.gateways:
         with open(os.path.join(cluster.logdir, f"{g.role}.log"), errors="replace") as f:
             for line in f:
@@ -575,11 +589,12 @@ def match_migrations(cluster, records):
                 if len(cands) == 1:
                     cands[0].setdefault("migrations", []).append({"to": m[4], "after_tokens": int(m[5])})
                 else:
+                    ambiguous += 1
                     cands_ids = [r["id"] for r in cands]
                     log(f"migration at {m[1]} on {g.role} matches requests {cands_ids}")
                     for r in cands:
                         r["migration_ambiguous"] = True
-    return lines
+    return lines, ambiguous
 
 
 def rss_snapshot(cluster):
@@ -673,7 +688,10 @@ def report(args, cluster, load, faults, ref_info, rss_start, rss_end, extra):
       f"{sum(1 for r in mig if r['outcome'] not in ('completed', 'cancelled'))} other), of which "
       f"{len(mig_greedy)} greedy ones were checked against the reference: "
       f"{sum(1 for r in mig_greedy if r['corrupted'])} corrupted; "
-      f"{sum(1 for r in recs if r.get('migration_ambiguous'))} requests matched a migration ambiguously.")
+      f"{extra['ambiguous_lines']} log lines matched more than one request; their "
+      f"{sum(1 for r in recs if r.get('migration_ambiguous'))} candidate requests include "
+      f"{sum(1 for r in recs if r.get('migration_ambiguous') and r['outcome'] == 'lost')} lost and "
+      f"{sum(1 for r in recs if r.get('migration_ambiguous') and r.get('corrupted'))} corrupted ones.")
     w("")
 
     w("### Faults")
@@ -733,11 +751,14 @@ def report(args, cluster, load, faults, ref_info, rss_start, rss_end, extra):
           f"{growth(a['rss_kib'], b['rss_kib'])} | {fmt_mib(a['anon_kib'])} | {fmt_mib(b['anon_kib'])} | "
           f"{growth(a['anon_kib'], b['anon_kib'])} |")
     w("")
-    w(f"RSS sampled every {args.rss_every} s in `rss.csv` of the output directory.")
+    w(f"RSS sampled every {args.rss_every} s in `rss.csv` of the output directory. etcd's revision went from "
+      f"{extra['etcd_rev'][0]} to {extra['etcd_rev'][1]} during the measured phase (every advert write is a "
+      "revision; etcd runs with the chart's periodic auto-compaction, 1 h retention, so it compacts nothing "
+      "during a 30-minute run: its history, and its memory, grow with the writes).")
     w("")
     w("### Reference")
     w("")
-    w(f"{len(GREEDY_PROMPTS)} fixed prompts, {GREEDY_MAX_TOKENS} greedy tokens each, recorded on the idle "
+    w(f"{len(GREEDY_PROMPTS)} fixed prompts, {greedy_max_tokens(0)}–{greedy_max_tokens(len(GREEDY_PROMPTS) - 1)} greedy tokens, recorded on the idle "
       "cluster before warm-up through g0, twice as interactive and twice as batch: "
       + ("all four runs agreed for every prompt." if not ref_info else
          f"runs DISAGREED for {len(ref_info)} prompts (the first run is the reference): "
@@ -764,10 +785,12 @@ def machine_md(args):
         f"- traffic: {args.interactive_clients} interactive + {args.batch_clients} batch client threads, each "
         f"sending one streamed `/v1/completions` at a time to a random gateway, {args.think_min}–{args.think_max} s "
         f"apart (1 s after a refusal); {args.greedy_fraction:.0%} greedy ({len(GREEDY_PROMPTS)} fixed prompts, "
-        f"{GREEDY_MAX_TOKENS} tokens), the rest temperature 0.8 with {args.min_tokens}–{args.max_tokens} tokens; "
+        f"{greedy_max_tokens(0)}–{greedy_max_tokens(len(GREEDY_PROMPTS) - 1)} tokens), the rest temperature 0.8 "
+        f"with an odd number of tokens in {args.min_tokens}–{args.max_tokens}; "
         f"{args.cancel_fraction:.0%} closed by the client mid-stream; client deadline {args.deadline:.0f} s, "
         f"longest silence {args.read_timeout:.0f} s",
-        f"- faults: every {args.fault_every} s in rotation worker-kill (SIGKILL w1/w2 alternately, restart at once), "
+        f"- faults: every {args.fault_every} s in rotation worker-kill (SIGKILL w1 or w2, whichever runs a stream, "
+        "alternating when both or neither do within 30 s; restarted at once), "
         f"gateway-restart (SIGTERM g1, wait for exit, start again), etcd-stall (SIGSTOP {args.stall:.0f} s); "
         "w0 and g0 are never faulted",
     ]
@@ -783,7 +806,7 @@ def main():
     ap.add_argument("--header", default="", help="file whose text opens the report (setup, command)")
     ap.add_argument("--duration", type=int, default=1800, help="measured seconds with faults")
     ap.add_argument("--warmup", type=int, default=60, help="seconds of traffic before RSS start and faults")
-    ap.add_argument("--fault-every", type=int, default=180)
+    ap.add_argument("--fault-every", type=int, default=120)
     ap.add_argument("--stall", type=float, default=10.0, help="seconds etcd stays SIGSTOPped")
     ap.add_argument("--window", type=int, default=300, help="TTFT window in seconds")
     ap.add_argument("--profiles", default="full,cpu-moe,full", help="offload profile of each worker")
@@ -827,6 +850,8 @@ def main():
         log(f"warm-up {args.warmup}s")
         time.sleep(args.warmup)
         rss_start = rss_snapshot(cluster)
+        cluster.etcd_adverts()
+        rev_start = cluster.revision
         load.phase = "measure"
         load.t_measure = now()
         t_measure_wall = time.time()
@@ -859,15 +884,18 @@ def main():
         log("measured phase over; waiting for the clients' last requests")
         hung_threads = load.join()
         rss_end = rss_snapshot(cluster)
+        cluster.etcd_adverts()
+        rev_end = cluster.revision
         sampler.join(5)
         rss_csv.close()
         migrations = cluster.metric_sum("moe_migrations_total") or 0.0
-        migrating_lines = match_migrations(cluster, load.records)
+        migrating_lines, ambiguous_lines = match_migrations(cluster, load.records)
         with open(os.path.join(args.outdir, "requests.jsonl"), "w") as f:
             for r in load.records:
                 f.write(json.dumps(r) + "\n")
         extra = {"migrations": migrations, "migrating_lines": migrating_lines, "t_measure_wall": t_measure_wall,
-                 "measured_s": measured_s}
+                 "measured_s": measured_s,
+                 "ambiguous_lines": ambiguous_lines, "etcd_rev": (rev_start, rev_end)}
         body, tot = report(args, cluster, load, faults, disagreements, rss_start, rss_end, extra)
         if hung_threads:
             body += f"\n{hung_threads} client threads were still inside a request at the end (counted nowhere above).\n"
