@@ -1,0 +1,288 @@
+//! Issue 16, faults caused by clients and the network, end to end (real etcd, real llama.cpp
+//! workers, a real gateway), each bounded by small timeouts and asserting a clear status, never a
+//! hang: a client that stops reading a long stream is let go after the stream idle timeout and
+//! the worker frees its slot (review H6); a slow HTTP upload is refused after the read timeout
+//! while health probes keep answering (M7); a gateway started while etcd is down is NOT_SERVING
+//! until it has listed the registry (H7); and a network partition between gateway and worker
+//! (network namespace, veth pair, packets dropped) moves the stream to another worker, where the
+//! machine permits building one.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use moe_common::pb::FinishReason;
+use moe_e2e::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const PROMPT: &str = "Once upon a time, in a small village by the sea,";
+
+/// The gateway's `moe.v1.Inference` health (what the chart's readiness probe asks), or None when
+/// the gateway does not answer.
+async fn gateway_health(url: &str) -> Option<i32> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()?;
+    let r = tokio::time::timeout(
+        Duration::from_secs(1),
+        HealthClient::new(ch).check(HealthCheckRequest {
+            service: "moe.v1.Inference".into(),
+        }),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(r.into_inner().status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_is_let_go_and_the_worker_frees_its_slot() {
+    let etcd = Etcd::start().await;
+    let prefix = "/f-client-stall";
+    // One sequence of 2048 cells: a 1500-token stream fits it and takes far longer than the
+    // timeouts below.
+    let mut spec = WorkerSpec::new("w", "full");
+    spec.parallel = 1;
+    let worker = Worker::start(spec, Some((&etcd, prefix))).await;
+    let gateway = Gateway::start(&etcd, prefix, &["--stream-idle-timeout", "1s"]).await;
+    // A client whose HTTP/2 stream window is 1 KiB: once it stops reading, the gateway can send
+    // it at most that much more before its relay has to wait.
+    let channel = tonic::transport::Endpoint::from_shared(gateway.url())
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .connect()
+        .await
+        .expect("connect to the gateway");
+    let mut c = moe_common::pb::v1::inference_client::InferenceClient::new(channel);
+    let mut stream = c
+        .generate(greedy(PROMPT, 1500))
+        .await
+        .expect("stream starts")
+        .into_inner();
+    let mut tokens = 0;
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .expect("first tokens")
+            .expect("stream runs")
+            .expect("stream continues");
+        tokens += m.token_ids.len();
+    }
+    eventually(
+        Duration::from_secs(5),
+        "the sequence to show as active",
+        || async {
+            etcd.advert(prefix, "w")
+                .await
+                .filter(|a| a.load.active == 1)
+        },
+    )
+    .await;
+    // The client stops reading but keeps its connection open.
+    let stopped = Instant::now();
+    let advert = eventually(
+        Duration::from_secs(30),
+        "the worker to free the slot of the stream nobody reads",
+        || async {
+            etcd.advert(prefix, "w")
+                .await
+                .filter(|a| a.load.active == 0 && a.capacity.free_kv_tokens == 2048)
+        },
+    )
+    .await;
+    let freed = stopped.elapsed();
+    assert_eq!(advert.load.queued, 0);
+    // What was queued for the client, then the gateway's verdict: not a finished stream.
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => {
+                    assert_eq!(
+                        m.finish_reason,
+                        FinishReason::Unspecified as i32,
+                        "the stream must not have run to its end"
+                    );
+                    tokens += m.token_ids.len();
+                }
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the rest of the stream and its status arrive at once");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("stream idle timeout"),
+        "{status:?}"
+    );
+    assert!(tokens < 1500, "{tokens} tokens: the stream was cut");
+    eprintln!("client stopped reading: slot freed after {freed:?}, {tokens} tokens delivered");
+    // The gateway still serves, and the worker's slot is usable again.
+    let done = generate(&gateway.url(), greedy(PROMPT, 4))
+        .await
+        .expect("a new request is served");
+    assert_eq!(done.finish(), FinishReason::Length);
+    gateway.stop().await;
+    worker.stop().await;
+}
+
+/// Sends a raw HTTP/1.1 request head (and `body`, which may be partial) on a new connection.
+async fn send(addr: SocketAddr, head: &str, body: &[u8]) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(b"\r\n").await.unwrap();
+    s.write_all(body).await.unwrap();
+    s
+}
+
+/// The status code and the text of one HTTP response (`Content-Length` framed).
+async fn response(s: &mut tokio::net::TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed inside the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (
+        status,
+        String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_http_upload_is_refused_after_the_read_timeout_while_health_probes_answer() {
+    let etcd = Etcd::start().await;
+    let prefix = "/f-client-upload";
+    let worker = Worker::start(WorkerSpec::new("w", "full"), Some((&etcd, prefix))).await;
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let http_arg = http.to_string();
+    let gateway = Gateway::start(
+        &etcd,
+        prefix,
+        &["--http-listen", &http_arg, "--request-read-timeout", "1s"],
+    )
+    .await;
+    let url = gateway.url();
+    eventually(Duration::from_secs(20), "the gateway to be ready", || {
+        let url = url.clone();
+        async move { (gateway_health(&url).await == Some(ServingStatus::Serving as i32)).then_some(()) }
+    })
+    .await;
+    eventually(Duration::from_secs(20), "the HTTP port to open", || async {
+        tokio::net::TcpStream::connect(http).await.ok()
+    })
+    .await;
+    // Ten uploads that declare 4 KiB and send 9 bytes of it.
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 4096\r\n";
+    let started = Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..10 {
+        let mut s = send(http, head, b"{\"message").await;
+        slow.push(tokio::spawn(async move { response(&mut s).await }));
+    }
+    // Health answers at once, on both ports, while the uploads trickle.
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut s = send(http, "GET /health HTTP/1.1\r\nHost: gw\r\n", b"").await;
+        let (status, body) = tokio::time::timeout(Duration::from_secs(1), response(&mut s))
+            .await
+            .expect("HTTP health answers within a second");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            gateway_health(&gateway.url()).await,
+            Some(ServingStatus::Serving as i32),
+            "gRPC health answers SERVING"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    for h in slow {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("the slow upload is answered, not held")
+            .unwrap();
+        assert_eq!(status, 408, "{body}");
+        assert!(body.contains("request_timeout"), "{body}");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "refused after {took:?}");
+    // A whole request is served as before.
+    let body = format!(
+        r#"{{"messages":[{{"role":"user","content":"{PROMPT}"}}],"max_tokens":4,"temperature":0}}"#
+    );
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    let mut s = send(http, &head, body.as_bytes()).await;
+    let (status, text) = tokio::time::timeout(Duration::from_secs(60), response(&mut s))
+        .await
+        .expect("served");
+    assert_eq!(status, 200, "{text}");
+    gateway.stop().await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_started_while_etcd_is_down_is_not_serving_until_it_has_listed_the_registry() {
+    let port = free_port();
+    let gateway = Gateway::start_at(&Etcd::endpoint_on(port), "/f-client-health", &[]).await;
+    let url = gateway.url();
+    let status = eventually(
+        Duration::from_secs(20),
+        "the gateway to answer health",
+        || {
+            let url = url.clone();
+            async move { gateway_health(&url).await }
+        },
+    )
+    .await;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    // Still NOT_SERVING a while later, and alive (a liveness probe asks for "").
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        gateway_health(&url).await,
+        Some(ServingStatus::NotServing as i32)
+    );
+    assert!(!gateway.exited());
+    let etcd = Etcd::start_on(port).await;
+    let t = Instant::now();
+    eventually(
+        Duration::from_secs(15),
+        "SERVING once etcd answers",
+        || {
+            let url = url.clone();
+            async move { (gateway_health(&url).await == Some(ServingStatus::Serving as i32)).then_some(()) }
+        },
+    )
+    .await;
+    eprintln!("SERVING {:?} after etcd started", t.elapsed());
+    gateway.stop().await;
+    drop(etcd);
+}
