@@ -29,6 +29,11 @@ pub struct GatewayConfig {
     /// Streams proxied at once; more get RESOURCE_EXHAUSTED at once (load shedding).
     #[arg(long, env = "MOE_MAX_CONCURRENCY", default_value_t = 1024)]
     pub max_concurrency: usize,
+    /// Of the --max-concurrency streams, how many only INTERACTIVE requests may take, so BATCH
+    /// work cannot fill the gateway (default: an eighth, at least 1; at most --max-concurrency
+    /// less 1).
+    #[arg(long, env = "MOE_INTERACTIVE_RESERVED_STREAMS")]
+    pub interactive_reserved_streams: Option<usize>,
     /// Longest a request may take (also caps client deadlines).
     #[arg(long, env = "MOE_REQUEST_TIMEOUT", default_value = "600s", value_parser = parse_duration_flag)]
     pub request_timeout: Duration,
@@ -94,6 +99,15 @@ impl GatewayConfig {
         if self.max_concurrency == 0 {
             return Err("--max-concurrency must be at least 1".into());
         }
+        if let Some(r) = self.interactive_reserved_streams
+            && r >= self.max_concurrency
+            && r > 0
+        {
+            return Err(format!(
+                "--interactive-reserved-streams ({r}) must be less than --max-concurrency ({})",
+                self.max_concurrency
+            ));
+        }
         if self.first_message_timeout.is_zero() {
             return Err("--first-message-timeout must be more than 0".into());
         }
@@ -116,6 +130,12 @@ impl GatewayConfig {
         self.limits.validate()?;
         self.security.validate()?;
         Ok(())
+    }
+
+    /// The INTERACTIVE-only share of --max-concurrency (flag, or the default).
+    pub fn interactive_reserved_streams(&self) -> usize {
+        self.interactive_reserved_streams
+            .unwrap_or_else(|| crate::admission::default_interactive_reserve(self.max_concurrency))
     }
 
     /// Defaults with the given etcd endpoints (tests, embedding).

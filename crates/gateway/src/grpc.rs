@@ -154,8 +154,8 @@ where
                 })
             }
             Err(_) => {
-                let status = Status::resource_exhausted(
-                    "gateway is reading as many requests as it may at once; retry later",
+                let status = crate::admission::exhausted(
+                    "gateway is reading as many requests as it may at once (--max-decoding-requests)",
                 );
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }

@@ -2,6 +2,7 @@
 //! snapshot; each `Generate` is placed by the policy in `scheduler`, proxied to a worker, retried
 //! or migrated by `proxy`. `http` serves the same service as an OpenAI-compatible HTTP API.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod grpc;
@@ -77,6 +78,7 @@ pub async fn run(
                     r = snapshots.changed() => if r.is_err() { return },
                 }
                 router.prune_channels();
+                router.adverts_received(&router.snapshot());
                 gateway_metrics.snapshot(&snapshots.borrow_and_update());
             }
         });
@@ -98,6 +100,7 @@ pub async fn run(
             limits: config.limits.clone(),
         },
     )
+    .with_interactive_reserve(config.interactive_reserved_streams())
     .with_metrics(gateway_metrics)
     .with_api_keys(security.api_keys.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

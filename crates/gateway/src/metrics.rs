@@ -84,6 +84,7 @@ fn schedule_error_label(e: &ScheduleError) -> &'static str {
         ScheduleError::Unavailable(_) => "unavailable",
         ScheduleError::TooLarge { .. } => "too_large",
         ScheduleError::NoHeadroom { .. } => "no_headroom",
+        ScheduleError::PromptTooLong { .. } => "prompt_too_long",
     }
 }
 

@@ -12,11 +12,12 @@ use moe_common::LatencyClass;
 use moe_common::pb::v1::inference_server::Inference;
 use moe_common::pb::{GenerateRequest, GenerateResponse};
 use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span};
 
+use crate::admission::{StreamLimit, default_interactive_reserve, exhausted};
 use crate::auth::ApiKeys;
 use crate::metrics::GatewayMetrics;
 use crate::router::RoutingState;
@@ -27,7 +28,9 @@ use drive::Drive;
 
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// Streams proxied at once; more are refused with RESOURCE_EXHAUSTED (load shedding).
+    /// Streams proxied at once; more are refused with RESOURCE_EXHAUSTED (load shedding). An
+    /// eighth of them (see [`GatewayService::with_interactive_reserve`]) only INTERACTIVE
+    /// requests may take.
     pub max_streams: usize,
     /// Deadline for requests that bring none (and the cap for those that do).
     pub request_timeout: Duration,
@@ -46,7 +49,7 @@ pub struct ProxyConfig {
 #[derive(Clone)]
 pub struct GatewayService {
     router: Arc<RoutingState>,
-    streams: Arc<Semaphore>,
+    streams: StreamLimit,
     config: ProxyConfig,
     metrics: Arc<GatewayMetrics>,
     /// API keys every request must present; None serves anyone.
@@ -57,11 +60,21 @@ impl GatewayService {
     pub fn new(router: Arc<RoutingState>, config: ProxyConfig) -> Self {
         GatewayService {
             router,
-            streams: Arc::new(Semaphore::new(config.max_streams)),
+            streams: StreamLimit::new(
+                config.max_streams,
+                default_interactive_reserve(config.max_streams),
+            ),
             config,
             metrics: Arc::new(GatewayMetrics::unregistered()),
             auth: None,
         }
+    }
+
+    /// Keeps `reserved` of the `max_streams` places for INTERACTIVE requests (default: an
+    /// eighth, at least one): BATCH streams cannot fill the gateway (review M6).
+    pub fn with_interactive_reserve(mut self, reserved: usize) -> Self {
+        self.streams = StreamLimit::new(self.config.max_streams, reserved);
+        self
     }
 
     /// Requires one of these API keys on every request (see `auth`).
@@ -82,7 +95,8 @@ pub fn schedule_status(e: ScheduleError) -> Status {
         ScheduleError::ModelNotFound(_) => Status::not_found(e.to_string()),
         ScheduleError::Unavailable(_) => Status::unavailable(e.to_string()),
         ScheduleError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
-        ScheduleError::NoHeadroom { .. } => Status::resource_exhausted(e.to_string()),
+        ScheduleError::NoHeadroom { .. } => exhausted(e),
+        ScheduleError::PromptTooLong { .. } => Status::out_of_range(e.to_string()),
     }
 }
 
@@ -134,12 +148,7 @@ impl GatewayService {
             Some(keys) => Some(keys.admit(api_key, &req)?),
             None => None,
         };
-        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "gateway is at its limit of {} concurrent streams; retry later",
-                self.config.max_streams
-            ))
-        })?;
+        let permit = self.streams.try_acquire(class_of(&req))?;
         let timeout = client_timeout.map_or(self.config.request_timeout, |t| {
             t.min(self.config.request_timeout)
         });
@@ -153,7 +162,8 @@ impl GatewayService {
             max_tokens: req.max_tokens,
         };
         // The first placement happens before the stream starts, so NOT_FOUND / UNAVAILABLE /
-        // RESOURCE_EXHAUSTED are the call's status.
+        // OUT_OF_RANGE are the call's status. A request no worker has headroom for now is
+        // placed where it should wait least (`scheduler::queue`), not refused.
         let ranking = tracing::info_span!("gateway.schedule", attempt = 0)
             .in_scope(|| self.router.rank(&demand, &HashSet::new()))
             .map_err(|e| {
@@ -161,10 +171,11 @@ impl GatewayService {
                 schedule_status(e)
             })?;
         if ranking.candidates.is_empty() {
-            // Only the other pool has room and this class may not spill there now.
-            return Err(Status::resource_exhausted(format!(
-                "no worker of the preferred pool has KV headroom and spill-over is not allowed \
-                 for this class now ({} worker(s) of the other pool could take it)",
+            // Only the other pool has room, this class may not spill there now, and no worker
+            // of its own pool could queue it.
+            return Err(exhausted(format!(
+                "no worker of the preferred pool can take or queue the request and spill-over \
+                 is not allowed for this class now ({} worker(s) of the other pool could take it)",
                 ranking.fallback.len()
             )));
         }

@@ -25,6 +25,8 @@ const WORKER_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 pub struct RoutingState {
     snapshots: watch::Receiver<Arc<ClusterSnapshot>>,
     reservations: Mutex<Reservations>,
+    /// The snapshot whose advert receipts were recorded last (see `adverts_received`).
+    receipts_of: Mutex<Option<Arc<ClusterSnapshot>>>,
     channels: Mutex<HashMap<String, Channel>>,
     policy: Policy,
     retry_budget: RetryBudget,
@@ -56,6 +58,7 @@ impl RoutingState {
         RoutingState {
             snapshots,
             reservations: Mutex::new(Reservations::default()),
+            receipts_of: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
             policy,
             retry_budget: RetryBudget::new(0.2, 10),
@@ -140,6 +143,27 @@ impl RoutingState {
         self.snapshots.borrow().clone()
     }
 
+    /// Records when this gateway first saw each worker's current advert, on its own clock, so
+    /// reservations are weighed against adverts without comparing two machines' clocks (M14).
+    /// Called on every snapshot change and before each decision; forgets workers that left.
+    pub fn adverts_received(&self, snapshot: &Arc<ClusterSnapshot>) {
+        {
+            let mut last = self.receipts_of.lock().expect("receipts lock");
+            if last.as_ref().is_some_and(|l| Arc::ptr_eq(l, snapshot)) {
+                return;
+            }
+            *last = Some(snapshot.clone());
+        }
+        let now = moe_common::unix_ms();
+        let mut res = self.reservations.lock().expect("reservations lock");
+        for w in snapshot.workers.values() {
+            res.advert_received(&w.id, w.updated_unix_ms, now);
+        }
+        if res.received.len() > snapshot.workers.len() {
+            res.retain_received(|id| snapshot.workers.contains_key(id));
+        }
+    }
+
     /// Ranks candidates for `demand` on the current snapshot, logging the decision. Ejected
     /// outliers are left out, unless no other worker could take the request.
     pub fn rank(
@@ -148,15 +172,25 @@ impl RoutingState {
         exclude: &HashSet<String>,
     ) -> Result<Ranking, ScheduleError> {
         let snapshot = self.snapshot();
+        self.adverts_received(&snapshot);
         let reservations = self.reservations.lock().expect("reservations lock").clone();
         let rank = |exclude: &HashSet<String>| {
-            scheduler::rank(
+            let ranked = scheduler::rank(
                 demand,
                 &snapshot,
                 &reservations,
                 exclude,
                 &self.policy,
                 &mut rand::rng(),
+            );
+            // No headroom anywhere: wait in a worker's admission queue rather than be refused.
+            scheduler::queue::or_wait(
+                ranked,
+                demand,
+                &snapshot,
+                &reservations,
+                exclude,
+                &self.policy,
             )
         };
         let ejected = self.ejected();
@@ -176,6 +210,7 @@ impl RoutingState {
             Ok(r) => tracing::debug!(
                 class = ?demand.class,
                 kv = demand.kv_tokens(),
+                queued = r.queued,
                 candidates = ?r.candidates.iter().map(|c| (c.worker.id.as_str(), c.worker.offload.profile.as_str(), c.score)).collect::<Vec<_>>(),
                 fallback = r.fallback.len(),
                 "placement"

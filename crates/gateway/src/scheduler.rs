@@ -21,6 +21,7 @@ use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
 use rand::Rng;
 
 pub mod affinity;
+pub mod queue;
 mod sampled;
 
 pub use sampled::{IndexCache, PoolIndex, Sampling};
@@ -118,26 +119,84 @@ impl Demand<'_> {
 
 /// KV tokens and streams this gateway has placed on one worker, with when it placed them, so
 /// only placements newer than the worker's advert are subtracted from its headroom.
+///
+/// "Newer" is decided on this gateway's clock alone (review M14): each advert's receipt is
+/// recorded ([`Reservations::advert_received`]) and a placement counts until an advert received
+/// [`ADVERT_LAG_MS`] after it. Only adverts with no recorded receipt (callers that record none,
+/// such as the simulator, whose clocks are one clock) fall back to the advert's own stamp.
 #[derive(Clone, Debug, Default)]
 pub struct Reservations {
     pub by_worker: HashMap<String, Vec<Reservation>>,
+    /// The last advert seen from each worker and when this gateway received it.
+    pub received: HashMap<String, AdvertReceipt>,
 }
 
 #[derive(Clone, Copy, Debug)]
 pub struct Reservation {
     pub kv_tokens: u32,
+    /// When this gateway placed it, on its own clock (the clock receipts are recorded with).
     pub placed_unix_ms: u64,
 }
 
+/// When this gateway received a worker's advert (identified by the worker's `updated_unix_ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdvertReceipt {
+    /// The advert's `updated_unix_ms` (the worker's clock; used only as an identity).
+    pub updated_unix_ms: u64,
+    /// This gateway's clock when it first saw that advert.
+    pub received_unix_ms: u64,
+}
+
+/// How much older than its receipt an advert's numbers may be: the worker's write interval
+/// (250 ms), the etcd round trip and the watch delivery. A placement counts against a worker
+/// until an advert received this long after it.
+pub const ADVERT_LAG_MS: u64 = 500;
+
 impl Reservations {
-    fn since(&self, worker: &str, advert_ms: u64) -> (u32, u32) {
+    /// Records that the advert of `worker` stamped `updated_unix_ms` was seen at `now_unix_ms`
+    /// (this gateway's clock); a repeat of the advert already recorded changes nothing.
+    pub fn advert_received(&mut self, worker: &str, updated_unix_ms: u64, now_unix_ms: u64) {
+        match self.received.get_mut(worker) {
+            Some(r) if r.updated_unix_ms == updated_unix_ms => {}
+            Some(r) => {
+                *r = AdvertReceipt {
+                    updated_unix_ms,
+                    received_unix_ms: now_unix_ms,
+                }
+            }
+            None => {
+                self.received.insert(
+                    worker.to_string(),
+                    AdvertReceipt {
+                        updated_unix_ms,
+                        received_unix_ms: now_unix_ms,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Forgets receipts of workers `keep` rejects (gone from the registry).
+    pub fn retain_received(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.received.retain(|id, _| keep(id));
+    }
+
+    /// Placements newer than the advert of `worker` stamped `advert_ms`: (KV tokens, streams).
+    pub fn since(&self, worker: &str, advert_ms: u64) -> (u32, u32) {
         let Some(list) = self.by_worker.get(worker) else {
             return (0, 0);
+        };
+        // On this gateway's clock when the advert's receipt is known; otherwise on the stamp.
+        let cutoff = match self.received.get(worker) {
+            Some(r) if r.updated_unix_ms == advert_ms => {
+                r.received_unix_ms.saturating_sub(ADVERT_LAG_MS)
+            }
+            _ => advert_ms,
         };
         let mut kv = 0u32;
         let mut streams = 0u32;
         for r in list {
-            if r.placed_unix_ms >= advert_ms {
+            if r.placed_unix_ms >= cutoff {
                 kv = kv.saturating_add(r.kv_tokens);
                 streams += 1;
             }
@@ -166,6 +225,8 @@ pub struct Candidate {
 pub struct Ranking {
     pub candidates: Vec<Candidate>,
     pub fallback: Vec<Candidate>,
+    /// No worker had headroom: the candidates are where the request waits least ([`queue`]).
+    pub queued: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -180,6 +241,10 @@ pub enum ScheduleError {
     TooLarge { max_tokens: u32, largest: u32 },
     #[error("no worker has KV headroom for {needed} tokens ({reason})")]
     NoHeadroom { needed: u32, reason: String },
+    #[error(
+        "prompt + max_tokens ({needed} tokens) exceed the context of every worker serving the model (largest: {largest} tokens)"
+    )]
+    PromptTooLong { needed: u32, largest: u32 },
 }
 
 fn load(w: &WorkerAdvert) -> f64 {
@@ -390,6 +455,9 @@ pub enum Decision {
     Spill,
     /// A retry onto a worker the spill rule would not allow (a slower answer beats none).
     Fallback,
+    /// No worker had headroom: sent to wait in the admission queue of the worker where it
+    /// should wait least ([`queue`]).
+    Queued,
 }
 
 impl Decision {
@@ -399,14 +467,18 @@ impl Decision {
             Decision::Preferred => "preferred",
             Decision::Spill => "spill",
             Decision::Fallback => "fallback",
+            Decision::Queued => "queued",
         }
     }
 }
 
 /// The first candidate; on retries, the fallback list too (a slower answer beats none).
 pub fn pick(r: Ranking, retry: bool) -> Option<(Candidate, Decision)> {
+    let queued = r.queued;
     let first = r.candidates.into_iter().next().map(|c| {
-        let d = if c.spill {
+        let d = if queued {
+            Decision::Queued
+        } else if c.spill {
             Decision::Spill
         } else {
             Decision::Preferred

@@ -247,6 +247,11 @@ impl Drive {
         let status = match last {
             // No worker with a larger context was left to try: the refusal is the answer.
             Some(s) if s.code() == Code::OutOfRange => s,
+            // Every worker tried had its admission queue full (or the wait timed out there):
+            // the client should come back later, and is told when.
+            Some(s) if s.code() == Code::ResourceExhausted => {
+                crate::admission::exhausted(format!("every worker tried refused: {}", s.message()))
+            }
             Some(s) => Status::unavailable(format!(
                 "all workers tried failed; last error: {:?} {}",
                 s.code(),

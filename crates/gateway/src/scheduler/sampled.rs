@@ -244,6 +244,7 @@ pub(super) fn rank_sampled(
     Ok(Ranking {
         candidates: found,
         fallback: Vec::new(),
+        queued: false,
     })
 }
 

@@ -488,3 +488,4 @@ fn several_gateways_spread_first_placements_over_equal_workers() {
 }
 
 mod affinity;
+mod queue;

@@ -186,6 +186,7 @@ mod tests {
                 candidate(worker("tiny2", "tiny", "f9", 4096)),
                 candidate(worker("c", "smollm2", "f1", 4096)),
             ],
+            queued: false,
         };
         c.filter(&mut r);
         let ids = |l: &[Candidate]| l.iter().map(|c| c.worker.id.clone()).collect::<Vec<_>>();
