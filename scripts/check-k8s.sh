@@ -280,6 +280,7 @@ import json, sys, yaml
 values, schema = yaml.safe_load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 doc = open(sys.argv[3]).read()
 opaque = {"podSecurityContext", "securityContext", "etcd.podSecurityContext", "etcd.resources",
+          "etcd.defrag.resources",
           "gateway.resources", "networkPolicy.metricsNamespaceSelector", "dashboard.labels"}
 keys = []
 def walk(d, prefix=""):
@@ -297,6 +298,109 @@ for src, spec in defs["modelSource"]["properties"].items():
     keys += [f"workerPools[].model.{src}.{k}" for k in spec["properties"]]
 missing = [k for k in keys if f"`{k}`" not in doc]
 sys.exit(f"not documented in docs/helm-values.md: {missing}" if missing else 0)
+EOF
+}
+
+# etcd_compaction_wired MODE RETENTION ARGS...: the bundled etcd compacts with MODE/RETENTION,
+# a CronJob defragments every member with etcdctl (root user and client TLS when the values turn
+# auth and TLS on), and the etcd NetworkPolicy admits its pods on the client port.
+etcd_compaction_wired() {
+  local mode=$1 retention=$2
+  shift 2
+  render --set networkPolicy.enabled=true "$@" >"$work/defrag.yaml" || return 1
+  "$py" - "$work/defrag.yaml" "$mode" "$retention" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+mode, retention = sys.argv[2], sys.argv[3]
+sts = next(d for d in docs if d["kind"] == "StatefulSet")
+senv = {e["name"]: e.get("value") for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+bad = []
+got = (senv.get("ETCD_AUTO_COMPACTION_MODE"), senv.get("ETCD_AUTO_COMPACTION_RETENTION"))
+if got != (mode, retention):
+    bad.append(f"compaction {got}, want {(mode, retention)}")
+jobs = [d for d in docs if d["kind"] == "CronJob"]
+if len(jobs) != 1:
+    sys.exit(f"{len(jobs)} CronJobs, want the defrag one")
+job = jobs[0]
+pod = job["spec"]["jobTemplate"]["spec"]["template"]
+c = pod["spec"]["containers"][0]
+if job["spec"]["concurrencyPolicy"] != "Forbid":
+    bad.append("defrag runs may overlap")
+if c["command"] != ["/usr/local/bin/etcdctl"] or c["args"][-1] != "defrag":
+    bad.append(f"command {c['command']} {c['args']}")
+eps = next((a.split("=", 1)[1].split(",") for a in c["args"] if a.startswith("--endpoints=")), [])
+if len(eps) != sts["spec"]["replicas"]:
+    bad.append(f"defrag endpoints {eps} for {sts['spec']['replicas']} members")
+cenv = {e["name"]: e for e in c.get("env", [])}
+if "ETCDCTL_USER" in cenv and cenv["ETCDCTL_USER"].get("value") != "root":
+    bad.append("defrag runs as a user other than root")
+if "ETCD_CERT_FILE" in senv and "ETCDCTL_CACERT" not in cenv:
+    bad.append("etcd serves TLS but defrag has no CA")
+if senv.get("ETCD_CLIENT_CERT_AUTH") == "true" and "ETCDCTL_CERT" not in cenv:
+    bad.append("etcd requires client certificates but defrag presents none")
+np = next(d for d in docs if d["kind"] == "NetworkPolicy"
+          and d["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "etcd")
+client = next(r for r in np["spec"]["ingress"] if r["ports"][0]["port"] == "client")
+peers = [p["podSelector"]["matchLabels"].get("app.kubernetes.io/component") for p in client["from"]]
+if pod["metadata"]["labels"].get("app.kubernetes.io/component") not in peers:
+    bad.append(f"NetworkPolicy admits {peers} to etcd clients, not the defrag pods")
+sys.exit("; ".join(bad) if bad else 0)
+EOF
+}
+
+# defrag_off: etcd.defrag.enabled=false renders no CronJob and no NetworkPolicy peer for it.
+defrag_off() {
+  render --set etcd.defrag.enabled=false --set networkPolicy.enabled=true >"$work/out.yaml" \
+    || return 1
+  lacks_kind CronJob && ! grep -q "component: etcd-defrag" "$work/out.yaml"
+}
+
+# defrag_runs_on_real_etcd: the rendered CronJob's etcdctl arguments defragment a real etcd
+# (one local member stands in for the release's members).
+defrag_runs_on_real_etcd() {
+  render >"$work/out.yaml" || return 1
+  local args dir port peer pid out rc
+  args=$("$py" - "$work/out.yaml" <<'EOF'
+import sys, yaml
+job = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "CronJob")
+c = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+print("\n".join(a for a in c["args"] if not a.startswith("--endpoints=")))
+EOF
+  ) || return 1
+  dir=$(mktemp -d "$work/etcd.XXXXXX")
+  port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  peer=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  etcd --data-dir "$dir/data" --listen-client-urls "http://127.0.0.1:$port" \
+    --advertise-client-urls "http://127.0.0.1:$port" --listen-peer-urls "http://127.0.0.1:$peer" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --initial-cluster "default=http://127.0.0.1:$peer" >"$dir/log" 2>&1 &
+  pid=$!
+  for _ in $(seq 50); do
+    etcdctl --endpoints "127.0.0.1:$port" endpoint health >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  # shellcheck disable=SC2086 # one argument per line
+  out=$(etcdctl --endpoints="http://127.0.0.1:$port" $args 2>&1)
+  rc=$?
+  kill "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  echo "$out"
+  [[ $rc -eq 0 ]] && grep -q "Finished defragmenting etcd member" <<<"$out"
+}
+
+# gateway_probes_wired: the gateway's readiness probe asks for moe.v1.Inference (NOT_SERVING
+# until the registry is listed and while draining), its liveness probe for the server as a whole
+# (SERVING while the gateway waits for etcd).
+gateway_probes_wired() {
+  render >"$work/out.yaml" || return 1
+  "$py" - "$work/out.yaml" <<'EOF'
+import sys, yaml
+d = next(d for d in yaml.safe_load_all(open(sys.argv[1]))
+         if d and d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-gateway"))
+c = d["spec"]["template"]["spec"]["containers"][0]
+r, l = c["readinessProbe"]["grpc"], c["livenessProbe"]["grpc"]
+if r.get("service") != "moe.v1.Inference" or l.get("service"):
+    sys.exit(f"readiness {r}, liveness {l}")
 EOF
 }
 
@@ -326,6 +430,13 @@ check "autoscaling (KEDA): defaults by profile (full: queue+ttft, cpu-moe: kv), 
   keda_defaults_by_profile
 check "autoscaling (HPA): HPAs and no ScaledObject" hpa_variant_has_no_scaledobject
 check "etcd member recovery wired into the StatefulSet" etcd_recovery_wired
+check "etcd compaction (periodic 5m) and defrag CronJob wired (defaults)" \
+  etcd_compaction_wired periodic 5m
+check "etcd compaction (revision) and defrag CronJob as root over mTLS (all-features)" \
+  etcd_compaction_wired revision 20000 -f "$all_features"
+check "etcd defrag off: no CronJob, no NetworkPolicy peer" defrag_off
+check "gateway probes: readiness asks for moe.v1.Inference, liveness for the server" \
+  gateway_probes_wired
 check "NOTES: SECURITY WARNING with defaults, none with every protection on" notes_warn
 check "gateway termination: preStop + drain grace < grace period (defaults)" gateway_termination_wired
 check "gateway termination: preStop + drain grace < grace period (all-features)" \
@@ -337,6 +448,11 @@ elif ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
 else
   check "etcd member recovery against a real 3-member etcd (about 90 s)" \
     "$chart/tests/etcd-member-recovery.sh"
+fi
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  echo "skip etcd defrag command against a real etcd (no etcd/etcdctl on PATH)"
+else
+  check "etcd defrag CronJob's etcdctl arguments defragment a real etcd" defrag_runs_on_real_etcd
 fi
 check "kubeVersion floor: renders for 1.27.0" "$helm" template moe "$chart" --kube-version 1.27.0
 check "kubeVersion floor: refuses 1.26.0" \

@@ -208,6 +208,9 @@ tcpSocket:
 {{- else }}
 grpc:
   port: {{ .port }}
+{{- with .service }}
+  service: {{ . }}
+{{- end }}
 {{- end }}
 {{- with .probe }}
 {{- toYaml . | nindent 0 }}
