@@ -2,6 +2,7 @@
 //! `<prefix>/workers/<id>`; gateways watch the prefix. See docs/registry.md.
 
 mod advert;
+mod features;
 mod registrar;
 mod watcher;
 mod write_policy;
@@ -10,6 +11,7 @@ pub use advert::{
     ADVERT_SCHEMA, AdvertError, Capacity, DeviceInfo, DeviceKind, Load, MemoryInfo, ModelInfo,
     OffloadInfo, Speed, WorkerAdvert, WorkerState,
 };
+pub use features::{Feature, Features};
 pub use registrar::{Registrar, RegistrarConfig, RegistrationStatus};
 pub use watcher::{ClusterSnapshot, Watcher};
 pub use write_policy::{Change, WritePolicy};

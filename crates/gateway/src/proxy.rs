@@ -160,6 +160,7 @@ impl GatewayService {
             class,
             prompt_tokens: estimate_prompt_tokens(&req),
             max_tokens: req.max_tokens,
+            needs: moe_common::registry::Features::needed_by(&req),
         };
         // The first placement happens before the stream starts, so NOT_FOUND / UNAVAILABLE /
         // OUT_OF_RANGE are the call's status. A request no worker has headroom for now is

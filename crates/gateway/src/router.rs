@@ -173,6 +173,7 @@ impl RoutingState {
     ) -> Result<Ranking, ScheduleError> {
         let snapshot = self.snapshot();
         self.adverts_received(&snapshot);
+        let snapshot = scheduler::features::capable(snapshot, demand)?;
         let reservations = self.reservations.lock().expect("reservations lock").clone();
         let rank = |exclude: &HashSet<String>| {
             let ranked = scheduler::rank(

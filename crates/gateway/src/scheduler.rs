@@ -21,6 +21,7 @@ use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
 use rand::Rng;
 
 pub mod affinity;
+pub mod features;
 pub mod queue;
 mod sampled;
 
@@ -109,6 +110,8 @@ pub struct Demand<'a> {
     pub prompt_tokens: u32,
     /// Tokens still to generate.
     pub max_tokens: u32,
+    /// Worker features the request needs ([`features`]).
+    pub needs: moe_common::registry::Features,
 }
 
 impl Demand<'_> {

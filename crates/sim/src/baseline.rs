@@ -95,6 +95,7 @@ mod tests {
                 state: WorkerState::Ready,
                 model: ModelInfo::default(),
                 model_fingerprint: String::new(),
+                features: moe_common::registry::Features::all(),
                 offload: OffloadInfo::default(),
                 devices: vec![],
                 memory: MemoryInfo::default(),

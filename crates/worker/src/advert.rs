@@ -1,7 +1,8 @@
 //! Keeps this worker's advert in step with the engine: state, load, KV headroom and memory.
 
 use moe_common::registry::{
-    ADVERT_SCHEMA, Capacity, Load, MemoryInfo, OffloadInfo, Speed, WorkerAdvert, WorkerState,
+    ADVERT_SCHEMA, Capacity, Features, Load, MemoryInfo, OffloadInfo, Speed, WorkerAdvert,
+    WorkerState,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,9 @@ pub fn build(
         state,
         model: model.info.clone(),
         model_fingerprint: model.fingerprint.clone(),
+        // Everything this version serves; gateways keep requests that need a feature off older
+        // workers, whose adverts lack it.
+        features: Features::all(),
         offload: OffloadInfo {
             mode: mode.to_string(),
             n_cpu_moe: plan.n_cpu_moe,

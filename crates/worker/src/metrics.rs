@@ -462,6 +462,7 @@ mod tests {
             state: WorkerState::Ready,
             model: Default::default(),
             model_fingerprint: String::new(),
+            features: moe_common::registry::Features::all(),
             offload: Default::default(),
             devices: vec![moe_common::registry::DeviceInfo {
                 name: "CUDA0".into(),

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Features;
+
 /// Version of the advert schema; bumped on incompatible changes.
 pub const ADVERT_SCHEMA: u32 = 1;
 
@@ -165,6 +167,11 @@ pub struct WorkerAdvert {
     #[serde(default)]
     pub model_fingerprint: String,
     pub offload: OffloadInfo,
+    /// What the worker can do beyond plain generation ([`Features`]); absent from older workers,
+    /// which have none of them. Gateways place a request only on workers with every feature it
+    /// needs.
+    #[serde(default)]
+    pub features: Features,
     pub devices: Vec<DeviceInfo>,
     pub memory: MemoryInfo,
     pub capacity: Capacity,
@@ -262,6 +269,7 @@ pub(crate) mod tests {
                 n_cpu_moe: 0,
                 profile: "full".into(),
             },
+            features: Features::all(),
             devices: vec![],
             memory: MemoryInfo::default(),
             capacity: Capacity {

@@ -303,6 +303,7 @@ impl Drive {
             class: class_of(&self.req),
             prompt_tokens: estimate_prompt_tokens(&self.req) + generated as u32,
             max_tokens: self.req.max_tokens.saturating_sub(generated as u32),
+            needs: moe_common::registry::Features::needed_by(&self.req),
         }
     }
 

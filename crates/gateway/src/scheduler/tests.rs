@@ -2,7 +2,8 @@
 
 use super::*;
 use moe_common::registry::{
-    ADVERT_SCHEMA, Capacity, Load, MemoryInfo, ModelInfo, OffloadInfo, Speed, WorkerState,
+    ADVERT_SCHEMA, Capacity, Feature, Features, Load, MemoryInfo, ModelInfo, OffloadInfo, Speed,
+    WorkerState,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -24,6 +25,7 @@ fn worker(id: &str, profile: &str, free_kv: u32) -> WorkerAdvert {
             ..Default::default()
         },
         model_fingerprint: String::new(),
+        features: Features::all(),
         offload: OffloadInfo {
             mode: profile.split(':').next().unwrap().into(),
             n_cpu_moe,
@@ -63,6 +65,7 @@ fn demand(class: LatencyClass) -> Demand<'static> {
         class,
         prompt_tokens: 100,
         max_tokens: 100,
+        needs: Features::NONE,
     }
 }
 
@@ -489,3 +492,79 @@ fn several_gateways_spread_first_placements_over_equal_workers() {
 
 mod affinity;
 mod queue;
+
+/// A worker from before the advert's `features` field: its JSON has no such key.
+fn old_worker(id: &str, profile: &str) -> WorkerAdvert {
+    let mut json = serde_json::to_value(worker(id, profile, 4000)).unwrap();
+    json.as_object_mut().unwrap().remove("features");
+    let key = format!("/moe/v1/workers/{id}");
+    WorkerAdvert::from_json(&key, json.to_string().as_bytes()).unwrap()
+}
+
+fn needing(needs: Features) -> Demand<'static> {
+    Demand {
+        needs,
+        ..demand(LatencyClass::Interactive)
+    }
+}
+
+#[test]
+fn adverts_without_features_have_none() {
+    assert_eq!(old_worker("old", "full").features, Features::NONE);
+}
+
+#[test]
+fn a_request_needing_a_feature_skips_workers_that_lack_it() {
+    // The old worker is the better interactive choice (full GPU) but cannot serve tools.
+    let s = Arc::new(snapshot(vec![
+        old_worker("old", "full"),
+        worker("new", "cpu-moe", 4000),
+    ]));
+    let tools = needing(Features::NONE.with(Feature::Tools));
+    let capable = features::capable(s.clone(), &tools).unwrap();
+    assert_eq!(ids(&rank_default(&tools, &capable).unwrap()), vec!["new"]);
+    // A plain request still uses every worker, and the snapshot is not copied.
+    let plain = needing(Features::NONE);
+    let same = features::capable(s.clone(), &plain).unwrap();
+    assert!(Arc::ptr_eq(&same, &s));
+    assert_eq!(ids(&rank_default(&plain, &same).unwrap())[0], "old");
+}
+
+#[test]
+fn no_worker_with_the_feature_is_unavailable_naming_it() {
+    let s = Arc::new(snapshot(vec![
+        old_worker("old-1", "full"),
+        old_worker("old-2", "cpu-moe"),
+    ]));
+    let d = needing(
+        Features::NONE
+            .with(Feature::ChatTemplate)
+            .with(Feature::Logprobs),
+    );
+    let err = features::capable(s, &d).unwrap_err();
+    let ScheduleError::Unavailable(msg) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(msg.contains("chat_template, logprobs"), "{msg}");
+    assert!(msg.contains("2 worker(s)"), "{msg}");
+    assert!(msg.contains("model \"m\""), "{msg}");
+}
+
+#[test]
+fn workers_of_other_models_do_not_hide_a_missing_feature() {
+    let mut other = worker("other", "full", 4000);
+    other.model.name = "other-model".into();
+    let s = Arc::new(snapshot(vec![old_worker("old", "full"), other]));
+    let d = needing(Features::NONE.with(Feature::JsonSchema));
+    assert!(matches!(
+        features::capable(s.clone(), &d),
+        Err(ScheduleError::Unavailable(m)) if m.contains("json_schema")
+    ));
+    // An unknown model is still reported as such by the ranking.
+    let unknown = Demand { model: "nope", ..d };
+    let capable = features::capable(s, &unknown).unwrap();
+    assert_eq!(
+        rank_default(&unknown, &capable).unwrap_err(),
+        ScheduleError::ModelNotFound("nope".into())
+    );
+}

@@ -222,6 +222,7 @@ impl FakeWorker {
                 ..Default::default()
             },
             model_fingerprint: String::new(),
+            features: moe_common::registry::Features::all(),
             offload: OffloadInfo {
                 mode: profile.into(),
                 n_cpu_moe,

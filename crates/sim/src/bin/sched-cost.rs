@@ -32,6 +32,7 @@ fn advert(i: usize, full: bool, free_kv: u32, rng: &mut StdRng) -> WorkerAdvert 
             ..Default::default()
         },
         model_fingerprint: String::new(),
+        features: moe_common::registry::Features::all(),
         offload: OffloadInfo {
             mode: if full { "full" } else { "cpu-moe" }.into(),
             n_cpu_moe: if full { 0 } else { 24 },
@@ -127,6 +128,7 @@ fn main() {
                     class,
                     prompt_tokens: 600,
                     max_tokens: 256,
+                    needs: Default::default(),
                 };
                 let mut cost = [0.0; 2];
                 for (slot, sampling) in [Sampling::FullScan, Sampling::default()]

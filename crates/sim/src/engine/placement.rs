@@ -98,6 +98,7 @@ impl Engine<'_> {
                     class: job.class,
                     prompt_tokens: job.prompt,
                     max_tokens: job.answer,
+                    needs: Default::default(),
                 };
                 let (snapshot, policy) = (&self.snapshot, &self.policy);
                 let ranking = if self.kind == PolicyKind::Prefix {

@@ -85,6 +85,7 @@ mod tests {
                 ..Default::default()
             },
             model_fingerprint: fingerprint.into(),
+            features: moe_common::registry::Features::all(),
             offload: OffloadInfo::default(),
             devices: vec![],
             memory: MemoryInfo::default(),

@@ -1,0 +1,54 @@
+//! Mixed-version fleets: a request goes only to workers whose advert lists every feature it
+//! needs ([`Features::needed_by`]); adverts from workers older than the `features` field list
+//! none. When some workers serve the model but none has the feature, the request is refused
+//! with UNAVAILABLE naming the feature (a rolling upgrade may bring one).
+
+use std::sync::Arc;
+
+use moe_common::registry::{ClusterSnapshot, Features};
+
+use super::{Demand, ScheduleError};
+
+/// The workers of `snapshot` that can serve `demand`'s features: the snapshot itself when every
+/// worker can (a fleet on one version: no copy), else a copy without the others. Workers of
+/// other models are left as they are (the ranking filters by model and reports on it).
+pub fn capable(
+    snapshot: Arc<ClusterSnapshot>,
+    demand: &Demand,
+) -> Result<Arc<ClusterSnapshot>, ScheduleError> {
+    let needs = demand.needs;
+    if needs.is_empty() || snapshot.workers.values().all(|w| w.features.covers(needs)) {
+        return Ok(snapshot);
+    }
+    let serves = |w: &moe_common::registry::WorkerAdvert| {
+        demand.model.is_empty() || w.model.name == demand.model
+    };
+    let mut filtered = ClusterSnapshot {
+        revision: snapshot.revision,
+        workers: Default::default(),
+        rejected: snapshot.rejected.clone(),
+    };
+    let mut lacking = 0;
+    let mut missing = Features::NONE;
+    for (id, w) in &snapshot.workers {
+        let lacks = w.features.lacking(needs);
+        if lacks.is_empty() {
+            filtered.workers.insert(id.clone(), w.clone());
+        } else if serves(w) {
+            lacking += 1;
+            missing = missing.union(lacks);
+        }
+    }
+    if lacking > 0 && !filtered.workers.values().any(|w| serves(w)) {
+        let model = if demand.model.is_empty() {
+            String::new()
+        } else {
+            format!(" serving model {:?}", demand.model)
+        };
+        return Err(ScheduleError::Unavailable(format!(
+            "no worker{model} has the feature(s) this request needs: {missing} \
+             ({lacking} worker(s){model} lack it; they run an older moe-worker)"
+        )));
+    }
+    Ok(Arc::new(filtered))
+}
