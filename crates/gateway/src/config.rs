@@ -83,6 +83,14 @@ pub struct GatewayConfig {
     /// May BATCH requests use full-GPU workers: on, off or below:LOAD.
     #[arg(long, env = "MOE_BATCH_SPILL", default_value = "below:0.5")]
     pub batch_spill: Spill,
+    /// Prefix-aware routing: follow every worker's prefix cache (WatchPrefixCache) and prefer
+    /// workers that hold the start of a prompt (see docs/api.md, "Prefix-aware routing").
+    #[arg(long, env = "MOE_PREFIX_ROUTING", value_enum, default_value = "on")]
+    pub prefix_routing: OnOff,
+    /// Longest wait for a worker to tokenize a request before placement (its real token count
+    /// and block hashes); on timeout or failure the bytes/3 estimate is used. 0 turns it off.
+    #[arg(long, env = "MOE_TOKENIZE_TIMEOUT", default_value = "250ms", value_parser = parse_duration_flag)]
+    pub tokenize_timeout: Duration,
     /// Limits on what clients send (--max-tokens-limit, --max-prompt-bytes, ...).
     #[command(flatten)]
     pub limits: moe_common::request::RequestLimits,
@@ -91,6 +99,13 @@ pub struct GatewayConfig {
     pub security: crate::security::SecurityArgs,
     #[command(flatten)]
     pub telemetry: moe_common::telemetry::TelemetryConfig,
+}
+
+/// A switch flag's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 impl GatewayConfig {

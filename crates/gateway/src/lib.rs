@@ -8,10 +8,12 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod prefix_index;
 pub mod proxy;
 pub mod router;
 pub mod scheduler;
 pub mod security;
+pub mod tokenize;
 
 use std::sync::Arc;
 
@@ -83,6 +85,23 @@ pub async fn run(
             }
         });
     }
+    // Prefix-aware routing: one WatchPrefixCache subscription per worker in the registry.
+    let prompt_sizing = {
+        let index = (config.prefix_routing == config::OnOff::On).then(|| {
+            let index = Arc::new(prefix_index::PrefixIndex::default());
+            prefix_index::spawn(
+                index.clone(),
+                router.clone(),
+                watcher.snapshots(),
+                watcher_stop.clone(),
+            );
+            index
+        });
+        tokenize::PromptSizing {
+            index,
+            timeout: config.tokenize_timeout,
+        }
+    };
     let metrics_server = moe_common::telemetry::metrics::spawn(
         config.metrics_listen,
         registry,
@@ -102,7 +121,8 @@ pub async fn run(
     )
     .with_interactive_reserve(config.interactive_reserved_streams())
     .with_metrics(gateway_metrics)
-    .with_api_keys(security.api_keys.clone());
+    .with_api_keys(security.api_keys.clone())
+    .with_prompt_sizing(prompt_sizing);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // NOT_SERVING until the registry has been listed once (etcd may be down at start).
     health_reporter

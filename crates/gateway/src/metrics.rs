@@ -55,6 +55,11 @@ pub struct ClassLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SizingLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerPoolLabels {
     pub profile: String,
     pub state: &'static str,
@@ -76,6 +81,9 @@ pub struct GatewayMetrics {
     worker_ejections: Counter,
     workers: Family<WorkerPoolLabels, Gauge>,
     rejected_adverts: Gauge,
+    prompt_sizing: Family<SizingLabels, Counter>,
+    prefix_hits: Family<ClassLabels, Counter>,
+    prefix_cached_tokens: Family<ClassLabels, Counter>,
 }
 
 fn schedule_error_label(e: &ScheduleError) -> &'static str {
@@ -157,6 +165,21 @@ impl GatewayMetrics {
             "Adverts in etcd this gateway ignores because they are invalid",
             m.rejected_adverts.clone(),
         );
+        registry.register(
+            "moe_prompt_sizing",
+            "Requests sized for placement by a worker's tokenizer (tokenizer) or by the bytes/3 estimate (estimate)",
+            m.prompt_sizing.clone(),
+        );
+        registry.register(
+            "moe_prefix_hits",
+            "First placements onto a worker whose prefix cache holds at least one block of the prompt",
+            m.prefix_hits.clone(),
+        );
+        registry.register(
+            "moe_prefix_cached_tokens_predicted",
+            "Prompt tokens the chosen workers held in their prefix caches at placement, per the gateway's prefix index",
+            m.prefix_cached_tokens.clone(),
+        );
         Arc::new(m)
     }
 
@@ -176,6 +199,9 @@ impl GatewayMetrics {
             worker_ejections: Counter::default(),
             workers: Family::default(),
             rejected_adverts: Gauge::default(),
+            prompt_sizing: Family::default(),
+            prefix_hits: Family::default(),
+            prefix_cached_tokens: Family::default(),
         }
     }
 
@@ -264,6 +290,27 @@ impl GatewayMetrics {
         self.worker_ejections.inc();
     }
 
+    /// A request was sized by `source`: "tokenizer" or "estimate".
+    pub fn prompt_sized(&self, source: &'static str) {
+        self.prompt_sizing
+            .get_or_create(&SizingLabels { source })
+            .inc();
+    }
+
+    /// A first placement onto a worker holding `cached` prompt tokens (0: no hit).
+    pub fn prefix_placement(&self, class: LatencyClass, cached: u32) {
+        if cached == 0 {
+            return;
+        }
+        let labels = ClassLabels {
+            class: class.as_str(),
+        };
+        self.prefix_hits.get_or_create(&labels).inc();
+        self.prefix_cached_tokens
+            .get_or_create(&labels)
+            .inc_by(u64::from(cached));
+    }
+
     /// Sets the registry gauges from a new snapshot.
     pub fn snapshot(&self, snapshot: &ClusterSnapshot) {
         let mut counts: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
@@ -314,6 +361,8 @@ mod tests {
         m.placed(LatencyClass::Batch, Decision::Spill, "full");
         m.retry(LatencyClass::Batch, tonic::Code::Unavailable);
         m.migration(LatencyClass::Batch);
+        m.prompt_sized("tokenizer");
+        m.prefix_placement(LatencyClass::Interactive, 64);
         m.snapshot(&ClusterSnapshot::default());
         let docs = include_str!("../../../docs/metrics.md");
         assert_catalogued(&encode(&registry), docs);

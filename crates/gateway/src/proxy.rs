@@ -21,7 +21,8 @@ use crate::admission::{StreamLimit, default_interactive_reserve, exhausted};
 use crate::auth::ApiKeys;
 use crate::metrics::GatewayMetrics;
 use crate::router::RoutingState;
-use crate::scheduler::{Demand, ScheduleError, estimate_prompt_tokens};
+use crate::scheduler::{Demand, PrefixHits, ScheduleError, estimate_prompt_tokens};
+use crate::tokenize::{PromptSizing, Sized};
 
 mod drive;
 use drive::Drive;
@@ -54,6 +55,8 @@ pub struct GatewayService {
     metrics: Arc<GatewayMetrics>,
     /// API keys every request must present; None serves anyone.
     auth: Option<Arc<ApiKeys>>,
+    /// Tokenize-before-placement and prefix hits (off unless set: the bytes/3 estimate).
+    sizing: Arc<PromptSizing>,
 }
 
 impl GatewayService {
@@ -67,7 +70,15 @@ impl GatewayService {
             config,
             metrics: Arc::new(GatewayMetrics::unregistered()),
             auth: None,
+            sizing: Arc::default(),
         }
+    }
+
+    /// Sizes prompts with a worker's tokenizer and ranks with the workers' prefix caches
+    /// (`--tokenize-timeout`, `--prefix-routing`) in [`Self::start_sized`].
+    pub fn with_prompt_sizing(mut self, sizing: PromptSizing) -> Self {
+        self.sizing = Arc::new(sizing);
+        self
     }
 
     /// Keeps `reserved` of the `max_streams` places for INTERACTIVE requests (default: an
@@ -121,6 +132,40 @@ impl GatewayService {
         client_timeout: Option<Duration>,
         api_key: Option<&str>,
     ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
+        self.start_with(req, client_timeout, api_key, None)
+    }
+
+    /// What the gRPC and HTTP front ends call: [`Self::start`], after sizing the prompt with a
+    /// worker's tokenizer and finding the workers' prefix hits ([`PromptSizing`], bounded by
+    /// `--tokenize-timeout`). A request that fails authentication or validation is not sent to
+    /// a worker to tokenize: `start` refuses it as before.
+    pub async fn start_sized(
+        &self,
+        req: GenerateRequest,
+        client_timeout: Option<Duration>,
+        api_key: Option<&str>,
+    ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
+        let admissible = self
+            .auth
+            .as_ref()
+            .is_none_or(|keys| keys.authenticate(api_key).is_ok())
+            && validate(&req, &self.config.limits, false).is_ok();
+        let sized = if admissible {
+            let span = tracing::info_span!("gateway.tokenize");
+            Some(self.sizing.size(&self.router, &req).instrument(span).await)
+        } else {
+            None
+        };
+        self.start_with(req, client_timeout, api_key, sized)
+    }
+
+    fn start_with(
+        &self,
+        req: GenerateRequest,
+        client_timeout: Option<Duration>,
+        api_key: Option<&str>,
+        sized: Option<Sized>,
+    ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
         let class = class_of(&req);
         let span = tracing::info_span!(
             "gateway.request",
@@ -128,7 +173,8 @@ impl GatewayService {
             max_tokens = req.max_tokens,
             otel.status_code = tracing::field::Empty,
         );
-        let result = span.in_scope(|| self.start_in(req, client_timeout, api_key, span.clone()));
+        let result =
+            span.in_scope(|| self.start_in(req, client_timeout, api_key, sized, span.clone()));
         if let Err(status) = &result {
             span.record("otel.status_code", "ERROR");
             self.metrics.request_finished("none", class, status.code());
@@ -141,6 +187,7 @@ impl GatewayService {
         req: GenerateRequest,
         client_timeout: Option<Duration>,
         api_key: Option<&str>,
+        sized: Option<Sized>,
         span: Span,
     ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
         let started = Instant::now();
@@ -155,10 +202,17 @@ impl GatewayService {
         validate(&req, &self.config.limits, false).map_err(|e| Status::invalid_argument(e.0))?;
         self.router.request_started();
         let class = class_of(&req);
+        let (prompt_tokens, hits) = match sized {
+            Some(s) => {
+                self.metrics.prompt_sized(s.source);
+                (s.prompt_tokens, s.hits)
+            }
+            None => (estimate_prompt_tokens(&req), PrefixHits::default()),
+        };
         let demand = Demand {
             model: &req.model,
             class,
-            prompt_tokens: estimate_prompt_tokens(&req),
+            prompt_tokens,
             max_tokens: req.max_tokens,
             needs: moe_common::registry::Features::needed_by(&req),
         };
@@ -166,7 +220,7 @@ impl GatewayService {
         // OUT_OF_RANGE are the call's status. A request no worker has headroom for now is
         // placed where it should wait least (`scheduler::queue`), not refused.
         let ranking = tracing::info_span!("gateway.schedule", attempt = 0)
-            .in_scope(|| self.router.rank(&demand, &HashSet::new()))
+            .in_scope(|| self.router.rank_with_hits(&demand, &hits, &HashSet::new()))
             .map_err(|e| {
                 self.metrics.placement_failed(class, &e);
                 schedule_status(e)
@@ -189,6 +243,8 @@ impl GatewayService {
             first_message_timeout: self.config.first_message_timeout,
             started,
             class,
+            prompt_tokens,
+            hits: Arc::new(hits),
             req,
             tx,
             metrics: self.metrics.clone(),
@@ -231,8 +287,10 @@ impl Inference for GatewayService {
         let server = tracing::info_span!("gateway.grpc", otel.kind = "server");
         moe_common::telemetry::propagation::adopt_remote_parent(&server, request.metadata());
         let api_key = crate::auth::grpc_bearer(request.metadata()).map(str::to_owned);
-        let stream =
-            server.in_scope(|| self.start(request.into_inner(), timeout, api_key.as_deref()))?;
+        let stream = self
+            .start_sized(request.into_inner(), timeout, api_key.as_deref())
+            .instrument(server)
+            .await?;
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -120,6 +120,29 @@ impl Demand<'_> {
     }
 }
 
+/// What the workers' prefix caches hold of one request (issue 17), from this gateway's prefix
+/// index (`crate::prefix_index`): every gateway sees the same cache events, so every gateway
+/// computes the same hits. Empty: no prefix term (`--prefix-routing off`, tokenizing failed).
+#[derive(Clone, Debug, Default)]
+pub struct PrefixHits {
+    /// Prompt tokens a worker holds in its KV cache (whole cached blocks × block size, at most
+    /// the prompt), for workers of the request's model file with at least one block.
+    pub cached_tokens: HashMap<String, u32>,
+    /// The request's [`affinity::prefix_key`]: ties go to its rendezvous choice, not to chance.
+    pub key: Option<u64>,
+}
+
+impl PrefixHits {
+    /// Cached prompt tokens on `worker` (0 without a hit).
+    pub fn cached(&self, worker: &str) -> u32 {
+        self.cached_tokens.get(worker).copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cached_tokens.is_empty() && self.key.is_none()
+    }
+}
+
 /// KV tokens and streams this gateway has placed on one worker, with when it placed them, so
 /// only placements newer than the worker's advert are subtracted from its headroom.
 ///
@@ -287,10 +310,25 @@ fn preferred_pool(class: LatencyClass) -> Pool {
     }
 }
 
-/// Lower is better: predicted TTFT seconds (interactive) or negative free KV (batch).
-fn score(w: &WorkerAdvert, d: &Demand, free: u32, local_streams: u32, policy: &Policy) -> f64 {
+/// Lower is better: predicted TTFT seconds (interactive; `cached` prompt tokens need no
+/// prefill) or negative free KV (batch; hits order batch work in `affinity::rank_with_hits`).
+fn score(
+    w: &WorkerAdvert,
+    d: &Demand,
+    free: u32,
+    local_streams: u32,
+    cached: u32,
+    policy: &Policy,
+) -> f64 {
     match d.class {
-        LatencyClass::Interactive => predicted_ttft(w, d, local_streams, policy),
+        LatencyClass::Interactive => {
+            // Only the tokens `w` does not hold are prefilled.
+            let uncached = Demand {
+                prompt_tokens: d.prompt_tokens.saturating_sub(cached),
+                ..d.clone()
+            };
+            predicted_ttft(w, &uncached, local_streams, policy)
+        }
         LatencyClass::Batch => -(free as f64),
     }
 }
@@ -305,17 +343,60 @@ pub fn rank(
     policy: &Policy,
     rng: &mut impl Rng,
 ) -> Result<Ranking, ScheduleError> {
+    rank_hits(
+        demand,
+        &PrefixHits::default(),
+        snapshot,
+        reservations,
+        exclude,
+        policy,
+        rng,
+    )
+}
+
+/// [`rank`], with interactive scores counting the prompt tokens each worker holds (`hits`).
+pub(crate) fn rank_hits(
+    demand: &Demand,
+    hits: &PrefixHits,
+    snapshot: &ClusterSnapshot,
+    reservations: &Reservations,
+    exclude: &HashSet<String>,
+    policy: &Policy,
+    rng: &mut impl Rng,
+) -> Result<Ranking, ScheduleError> {
     match policy.sampling {
         Sampling::PowerOfK { k, scan_below } if exclude.is_empty() && k > 0 => {
-            sampled::rank_sampled(demand, snapshot, reservations, policy, (k, scan_below), rng)
+            sampled::rank_sampled(
+                demand,
+                hits,
+                snapshot,
+                reservations,
+                policy,
+                (k, scan_below),
+                rng,
+            )
         }
-        _ => rank_full(demand, snapshot, reservations, exclude, policy, rng),
+        _ => rank_full_hits(demand, hits, snapshot, reservations, exclude, policy, rng),
     }
 }
 
 /// Scores every worker and sorts them: the candidates in order, and the fallback list.
 pub fn rank_full(
     demand: &Demand,
+    snapshot: &ClusterSnapshot,
+    reservations: &Reservations,
+    exclude: &HashSet<String>,
+    policy: &Policy,
+    rng: &mut impl Rng,
+) -> Result<Ranking, ScheduleError> {
+    let none = PrefixHits::default();
+    rank_full_hits(demand, &none, snapshot, reservations, exclude, policy, rng)
+}
+
+/// [`rank_full`] with prefix hits in the scores.
+pub(crate) fn rank_full_hits(
+    demand: &Demand,
+    hits: &PrefixHits,
     snapshot: &ClusterSnapshot,
     reservations: &Reservations,
     exclude: &HashSet<String>,
@@ -380,7 +461,7 @@ pub fn rank_full(
             continue;
         }
         let pool = Pool::of(w);
-        let score = score(w, demand, free, local_streams, policy);
+        let score = score(w, demand, free, local_streams, hits.cached(&w.id), policy);
         let candidate = Candidate {
             worker: w.clone(),
             pool,

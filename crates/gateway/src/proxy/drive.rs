@@ -34,7 +34,7 @@ use super::class_of;
 use crate::auth::Grant;
 use crate::metrics::{GatewayMetrics, InFlightGuard, StreamLabels};
 use crate::router::RoutingState;
-use crate::scheduler::{Candidate, Demand, Ranking, estimate_prompt_tokens, pick};
+use crate::scheduler::{Candidate, Demand, PrefixHits, Ranking, pick};
 
 /// One request's journey over one or more workers.
 pub(super) struct Drive {
@@ -47,6 +47,10 @@ pub(super) struct Drive {
     pub(super) first_message_timeout: Duration,
     pub(super) started: Instant,
     pub(super) class: LatencyClass,
+    /// The prompt's tokens (a worker's tokenizer, or the bytes/3 estimate).
+    pub(super) prompt_tokens: u32,
+    /// Prompt tokens each worker holds (prefix-aware routing; empty when off).
+    pub(super) hits: Arc<PrefixHits>,
     pub(super) req: GenerateRequest,
     pub(super) tx: mpsc::Sender<Result<GenerateResponse, Status>>,
     pub(super) metrics: Arc<GatewayMetrics>,
@@ -134,8 +138,10 @@ impl Drive {
         for attempt in 0..self.max_attempts {
             let r = match ranking.take() {
                 Some(r) => Ok(r),
-                None => tracing::info_span!("gateway.schedule", attempt)
-                    .in_scope(|| self.router.rank(&self.demand(generated.len()), &tried)),
+                None => tracing::info_span!("gateway.schedule", attempt).in_scope(|| {
+                    self.router
+                        .rank_with_hits(&self.demand(generated.len()), &self.hits, &tried)
+                }),
             };
             let candidate = match r {
                 Ok(mut r) => {
@@ -163,6 +169,10 @@ impl Drive {
             }
             self.metrics
                 .placed(self.class, decision, &candidate.worker.offload.profile);
+            if attempt == 0 {
+                let cached = self.hits.cached(&candidate.worker.id);
+                self.metrics.prefix_placement(self.class, cached);
+            }
             let migrating = attempt > 0 && !generated.is_empty();
             if let Some(failed) = last.as_ref().filter(|_| !migrating) {
                 self.metrics.retry(self.class, failed.code());
@@ -301,7 +311,7 @@ impl Drive {
         Demand {
             model: &self.req.model,
             class: class_of(&self.req),
-            prompt_tokens: estimate_prompt_tokens(&self.req) + generated as u32,
+            prompt_tokens: self.prompt_tokens + generated as u32,
             max_tokens: self.req.max_tokens.saturating_sub(generated as u32),
             needs: moe_common::registry::Features::needed_by(&self.req),
         }

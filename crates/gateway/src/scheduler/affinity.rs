@@ -9,8 +9,12 @@
 //! - [`rank_with_prefix`]: the first rendezvous choice that passes the policy's own checks
 //!   (ready, preferred pool, context, headroom) and whose load is at most (1 + ε) × the mean load
 //!   of the candidates the policy found, else the next of a few choices, else no affinity.
-//! - [`prefix_score`]: cached prefix length from block hashes, for when workers publish the
-//!   blocks they hold (issue 17); nothing calls it on the live path yet.
+//! - [`prefix_score`]: cached prefix length from block hashes.
+//! - [`rank_with_hits`]: the live prefix-aware ranking (issue 17): the workers' published cache
+//!   blocks ([`PrefixHits`]) are one more term of the policy's own scores, workers holding part
+//!   of the prompt are considered even when sampling missed them, a hit counts only on workers
+//!   within the load bound, and ties go to the rendezvous choice of the prefix key, so gateways
+//!   that see the same cache events make the same choice.
 
 use std::collections::HashSet;
 
@@ -18,8 +22,10 @@ use moe_common::pb::GenerateRequest;
 use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
 use rand::Rng;
 
-use super::sampled::{evaluate, lookup};
-use super::{Candidate, Demand, Policy, Ranking, Reservations, ScheduleError};
+use moe_common::LatencyClass;
+
+use super::sampled::{evaluate, evaluate_hits, lookup};
+use super::{Candidate, Demand, Policy, Pool, PrefixHits, Ranking, Reservations, ScheduleError};
 
 /// Bytes of the request start that make its key.
 pub const PREFIX_KEY_BYTES: usize = 4096;
@@ -175,5 +181,124 @@ pub fn rank_with_prefix(
     if stale {
         policy.index.invalidate();
     }
+    Ok(ranking)
+}
+
+/// Prefix-aware ranking (issue 17): [`super::rank`] with the prompt tokens each worker holds
+/// (`hits`, from the workers' cache events) as one more term:
+///
+/// - INTERACTIVE: predicted time to first token counts only the prompt tokens a worker does not
+///   hold (prompt − cached) as prefill.
+/// - BATCH: among the candidates of one pool (all with headroom for prompt + max_tokens), more
+///   cached tokens first, then more free KV.
+/// - Workers holding part of the prompt are candidates even when power-of-k sampling did not
+///   draw them (same readiness, pool, context and headroom checks as any other).
+/// - A hit counts only on a worker whose load (streams per slot, with this gateway's placements
+///   since its advert) is at most (1 + ε) × the mean load of its pool's candidates plus one slot
+///   ([`within_bound`]); beyond that it is ranked as if it held nothing, so a hot prefix spreads.
+/// - Ties among the best (same pool and cached tokens, score within 1 %) go to the highest
+///   rendezvous weight of the prefix key, not to chance, so gateways agree.
+///
+/// Spill rules, headroom checks and the fallback list are the policy's own, unchanged. With no
+/// hits and no key it is exactly [`super::rank`].
+#[allow(clippy::too_many_arguments)]
+pub fn rank_with_hits(
+    demand: &Demand,
+    hits: &PrefixHits,
+    snapshot: &ClusterSnapshot,
+    reservations: &Reservations,
+    exclude: &HashSet<String>,
+    (policy, affinity): (&Policy, Affinity),
+    rng: &mut impl Rng,
+) -> Result<Ranking, ScheduleError> {
+    let mut ranking = super::rank_hits(demand, hits, snapshot, reservations, exclude, policy, rng)?;
+    if hits.is_empty() {
+        return Ok(ranking);
+    }
+    let pool = super::preferred_pool(demand.class);
+    let mut ids: Vec<&String> = hits.cached_tokens.keys().collect();
+    ids.sort();
+    for id in ids {
+        let known = ranking
+            .candidates
+            .iter()
+            .chain(&ranking.fallback)
+            .any(|c| c.worker.id == *id);
+        let Some(w) = snapshot.workers.get(id) else {
+            continue;
+        };
+        if known
+            || exclude.contains(id)
+            || Pool::of(w) != pool
+            || !(demand.model.is_empty() || w.model.name == demand.model)
+        {
+            continue;
+        }
+        ranking
+            .candidates
+            .extend(evaluate_hits(w, demand, hits, reservations, policy, false));
+    }
+    // Mean load per pool over everything the policy may place on.
+    let mut sums = [(0.0f64, 0usize); 2];
+    let slot = |p: Pool| usize::from(p == Pool::Offload);
+    for c in ranking.candidates.iter().chain(&ranking.fallback) {
+        let s = &mut sums[slot(c.pool)];
+        s.0 += load_with_local(&c.worker, reservations);
+        s.1 += 1;
+    }
+    let order = |list: Vec<Candidate>| -> Vec<Candidate> {
+        let mut scored: Vec<(Candidate, u32)> = list
+            .into_iter()
+            .map(|mut c| {
+                let cached = hits.cached(&c.worker.id);
+                if cached == 0 {
+                    return (c, 0);
+                }
+                let (sum, n) = sums[slot(c.pool)];
+                let mean = sum / n.max(1) as f64;
+                let one_slot = 1.0 / c.worker.capacity.max_sequences.max(1) as f64;
+                let load = load_with_local(&c.worker, reservations);
+                if within_bound(load, mean, affinity.epsilon, one_slot) {
+                    return (c, cached);
+                }
+                // Over the bound: ranked as if it held nothing.
+                let (kv, local) = reservations.since(&c.worker.id, c.worker.updated_unix_ms);
+                let free = c.worker.capacity.free_kv_tokens.saturating_sub(kv);
+                c.score = super::score(&c.worker, demand, free, local, 0, policy);
+                (c, 0)
+            })
+            .collect();
+        let group = |cached: u32| match demand.class {
+            LatencyClass::Interactive => 0,
+            LatencyClass::Batch => cached,
+        };
+        scored.sort_by(|(a, ca), (b, cb)| {
+            a.spill
+                .cmp(&b.spill)
+                .then(group(*cb).cmp(&group(*ca)))
+                .then(a.score.total_cmp(&b.score))
+                .then_with(|| a.worker.id.cmp(&b.worker.id))
+        });
+        if let (Some(key), Some((best, best_cached))) = (hits.key, scored.first()) {
+            let tol = best.score.abs() * 0.01 + 1e-9;
+            let (spill, g, score) = (best.spill, group(*best_cached), best.score);
+            let tied = scored
+                .iter()
+                .take_while(|(c, cached)| {
+                    c.spill == spill && group(*cached) == g && (c.score - score).abs() <= tol
+                })
+                .count();
+            let pick = (0..tied)
+                .max_by_key(|&i| {
+                    let id = &scored[i].0.worker.id;
+                    rendezvous_weight(key, stable_hash(id.as_bytes()))
+                })
+                .unwrap_or(0);
+            scored.swap(0, pick);
+        }
+        scored.into_iter().map(|(c, _)| c).collect()
+    };
+    ranking.candidates = order(std::mem::take(&mut ranking.candidates));
+    ranking.fallback = order(std::mem::take(&mut ranking.fallback));
     Ok(ranking)
 }

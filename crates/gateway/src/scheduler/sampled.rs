@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
 use rand::Rng;
 
-use super::{Candidate, Demand, Policy, Pool, Ranking, Reservations, ScheduleError};
+use super::{Candidate, Demand, Policy, Pool, PrefixHits, Ranking, Reservations, ScheduleError};
 
 /// How decisions are made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +170,25 @@ pub(super) fn evaluate(
     policy: &Policy,
     spill: bool,
 ) -> Option<Candidate> {
+    evaluate_hits(
+        w,
+        demand,
+        &PrefixHits::default(),
+        reservations,
+        policy,
+        spill,
+    )
+}
+
+/// [`evaluate`], the score counting the prompt tokens `w` holds (`hits`).
+pub(super) fn evaluate_hits(
+    w: &Arc<WorkerAdvert>,
+    demand: &Demand,
+    hits: &PrefixHits,
+    reservations: &Reservations,
+    policy: &Policy,
+    spill: bool,
+) -> Option<Candidate> {
     if !w.is_ready() {
         return None;
     }
@@ -182,7 +201,7 @@ pub(super) fn evaluate(
     Some(Candidate {
         worker: w.clone(),
         pool: Pool::of(w),
-        score: super::score(w, demand, free, local_streams, policy),
+        score: super::score(w, demand, free, local_streams, hits.cached(&w.id), policy),
         spill,
     })
 }
@@ -191,6 +210,7 @@ pub(super) fn evaluate(
 /// small or no sampled worker fits.
 pub(super) fn rank_sampled(
     demand: &Demand,
+    hits: &PrefixHits,
     snapshot: &ClusterSnapshot,
     reservations: &Reservations,
     policy: &Policy,
@@ -198,7 +218,15 @@ pub(super) fn rank_sampled(
     rng: &mut impl Rng,
 ) -> Result<Ranking, ScheduleError> {
     let full = |rng: &mut _| {
-        super::rank_full(demand, snapshot, reservations, &HashSet::new(), policy, rng)
+        super::rank_full_hits(
+            demand,
+            hits,
+            snapshot,
+            reservations,
+            &HashSet::new(),
+            policy,
+            rng,
+        )
     };
     let index = policy.index.get(snapshot);
     let preferred = super::preferred_pool(demand.class);
@@ -218,7 +246,7 @@ pub(super) fn rank_sampled(
             let Some(w) = lookup(snapshot, id, demand, preferred, &mut stale) else {
                 continue;
             };
-            found.extend(evaluate(w, demand, reservations, policy, false));
+            found.extend(evaluate_hits(w, demand, hits, reservations, policy, false));
         }
         if !found.is_empty() {
             break;
@@ -228,7 +256,7 @@ pub(super) fn rank_sampled(
         policy.index.invalidate();
     }
     if found.is_empty() {
-        found = scan_preferred(demand, snapshot, reservations, policy, preferred);
+        found = scan_preferred(demand, hits, snapshot, reservations, policy, preferred);
         if found.is_empty() {
             return full(rng);
         }
@@ -251,6 +279,7 @@ pub(super) fn rank_sampled(
 /// Every preferred-pool worker with room, unsorted: one pass, cheap checks first.
 fn scan_preferred(
     demand: &Demand,
+    hits: &PrefixHits,
     snapshot: &ClusterSnapshot,
     reservations: &Reservations,
     policy: &Policy,
@@ -265,6 +294,6 @@ fn scan_preferred(
                 && Pool::of(w) == preferred
                 && (demand.model.is_empty() || w.model.name == demand.model)
         })
-        .filter_map(|w| evaluate(w, demand, reservations, policy, false))
+        .filter_map(|w| evaluate_hits(w, demand, hits, reservations, policy, false))
         .collect()
 }

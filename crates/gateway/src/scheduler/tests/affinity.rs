@@ -164,3 +164,142 @@ fn a_hot_prefix_does_not_push_a_worker_beyond_the_load_bound() {
     let most = res.by_worker.values().map(Vec::len).max().unwrap();
     assert!((7..48).contains(&most), "{most}");
 }
+
+fn prefix_hits(cached: &[(&str, u32)], key: u64) -> PrefixHits {
+    PrefixHits {
+        cached_tokens: cached.iter().map(|(w, t)| (w.to_string(), *t)).collect(),
+        key: Some(key),
+    }
+}
+
+fn with_hits(
+    s: &ClusterSnapshot,
+    res: &Reservations,
+    hits: &PrefixHits,
+    d: &Demand,
+    seed: u64,
+) -> Ranking {
+    crate::scheduler::affinity::rank_with_hits(
+        d,
+        hits,
+        s,
+        res,
+        &HashSet::new(),
+        (&Policy::default(), Affinity::default()),
+        &mut StdRng::seed_from_u64(seed),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_worker_holding_the_prompt_wins_even_when_sampling_misses_it() {
+    // 40 workers: first placements sample 4 of them.
+    let s = fleet(40, 0);
+    let d = Demand {
+        prompt_tokens: 2000,
+        ..demand(LatencyClass::Interactive)
+    };
+    let h = prefix_hits(&[("f0017", 1984)], 5);
+    for seed in 0..30 {
+        let r = with_hits(&s, &Reservations::default(), &h, &d, seed);
+        assert_eq!(r.candidates[0].worker.id, "f0017", "seed {seed}");
+    }
+}
+
+#[test]
+fn gateways_break_ties_alike_by_the_prefix_key() {
+    let s = fleet(8, 0);
+    let d = demand(LatencyClass::Interactive);
+    let mut firsts = HashSet::new();
+    for key in 0..40 {
+        let h = prefix_hits(&[], key);
+        // Two gateways: different random sources, same events.
+        let a = with_hits(&s, &Reservations::default(), &h, &d, 1);
+        let b = with_hits(&s, &Reservations::default(), &h, &d, 2);
+        assert_eq!(a.candidates[0].worker.id, b.candidates[0].worker.id);
+        firsts.insert(a.candidates[0].worker.id.clone());
+    }
+    assert!(firsts.len() >= 5, "keys spread over workers: {firsts:?}");
+}
+
+#[test]
+fn a_hot_cached_prefix_spreads_once_its_worker_passes_the_load_bound() {
+    let s = fleet(4, 0);
+    let d = Demand {
+        prompt_tokens: 2000,
+        ..demand(LatencyClass::Interactive)
+    };
+    let h = prefix_hits(&[("f0000", 1984)], 3);
+    let mut res = Reservations::default();
+    let eps = Affinity::default().epsilon;
+    for i in 0..12 {
+        let r = with_hits(&s, &res, &h, &d, i);
+        let id = r.candidates[0].worker.id.clone();
+        res.by_worker.entry(id).or_default().push(Reservation {
+            kv_tokens: 1,
+            placed_unix_ms: 2000,
+        });
+        let loads: Vec<f64> = s
+            .workers
+            .values()
+            .map(|w| crate::scheduler::affinity::load_with_local(w, &res))
+            .collect();
+        let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+        let hot = crate::scheduler::affinity::load_with_local(&s.workers["f0000"], &res);
+        assert!(within_bound(hot, mean, eps, 2.0 / 8.0), "{hot} vs {mean}");
+    }
+    let on_hot = res.by_worker.get("f0000").map_or(0, Vec::len);
+    assert!(
+        (2..12).contains(&on_hot),
+        "{on_hot} of 12 on the hot worker"
+    );
+}
+
+#[test]
+fn batch_prefers_a_hit_among_workers_with_headroom_only() {
+    let d = demand(LatencyClass::Batch);
+    let h = prefix_hits(&[("hit", 64)], 1);
+    let s = snapshot(vec![
+        worker("roomy", "cpu-moe", 8000),
+        worker("hit", "cpu-moe", 3000),
+    ]);
+    assert_eq!(
+        ids(&with_hits(&s, &Reservations::default(), &h, &d, 1)),
+        ["hit", "roomy"]
+    );
+    // No headroom for prompt + max_tokens (200): not a candidate, hit or not.
+    let s = snapshot(vec![
+        worker("roomy", "cpu-moe", 8000),
+        worker("hit", "cpu-moe", 150),
+    ]);
+    assert_eq!(
+        ids(&with_hits(&s, &Reservations::default(), &h, &d, 1)),
+        ["roomy"]
+    );
+}
+
+#[test]
+fn interactive_counts_only_uncached_tokens_as_prefill() {
+    // A slower worker holding most of a long prompt beats a faster one holding none.
+    let mut slow = worker("slow", "full", 8000);
+    slow.speed.prefill_tokens_per_second = 2500.0;
+    let s = snapshot(vec![worker("fast", "full", 8000), slow]);
+    let d = Demand {
+        prompt_tokens: 4000,
+        ..demand(LatencyClass::Interactive)
+    };
+    let none = prefix_hits(&[], 9);
+    assert_eq!(
+        with_hits(&s, &Reservations::default(), &none, &d, 1).candidates[0]
+            .worker
+            .id,
+        "fast"
+    );
+    let h = prefix_hits(&[("slow", 3968)], 9);
+    assert_eq!(
+        with_hits(&s, &Reservations::default(), &h, &d, 1).candidates[0]
+            .worker
+            .id,
+        "slow"
+    );
+}
