@@ -167,3 +167,47 @@ async fn every_offload_profile_gives_the_batched_output_of_full_alone() {
         worker.stop().await;
     }
 }
+
+/// Issue 14 on the GPU needs sequential decode to be exact also with the prefix cache: prompts
+/// are prefilled in `--batch-size` chunks at fixed boundaries and only whole chunks are reused
+/// or copied, so a warm request computes the cold run's shapes. Checked here on the CPU with a
+/// prompt of several 32-token chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sequential_mode_with_a_warm_prefix_cache_equals_the_solo_run() {
+    let _serial = SERIAL.lock().await;
+    // The long prompt (several 32-token chunks), continued as a story (its question gets an
+    // empty greedy answer from this model).
+    let prompt = prompts()
+        .pop()
+        .expect("the long prompt")
+        .replace("Tell me what a lighthouse keeper did each day.", STORY);
+    let worker = Worker::start(
+        spec("inv-sequential", "full")
+            .with("--batch-size", "32")
+            .with("--decode-mode", "sequential"),
+        None,
+    )
+    .await;
+    let url = worker.url();
+    let run = |url: String, p: String| async move {
+        generate(&url, greedy(&p, 64)).await.expect("sequential")
+    };
+    let cold = run(url.clone(), prompt.clone()).await;
+    assert_eq!(cold.token_ids.len(), 64, "{:?}", cold.text);
+    let warm = run(url.clone(), prompt.clone()).await;
+    let usage = warm.last.usage.unwrap();
+    assert!(
+        usage.cached_prompt_tokens >= 64 && usage.cached_prompt_tokens % 32 == 0,
+        "whole chunks reused: {usage:?}"
+    );
+    assert_same("warm", &cold, std::slice::from_ref(&warm));
+    let handles: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(run(url.clone(), prompt.clone())))
+        .collect();
+    let mut eight = Vec::new();
+    for h in handles {
+        eight.push(h.await.expect("task"));
+    }
+    assert_same("8 together, warm", &cold, &eight);
+    worker.stop().await;
+}
