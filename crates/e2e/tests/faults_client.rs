@@ -286,3 +286,371 @@ async fn a_gateway_started_while_etcd_is_down_is_not_serving_until_it_has_listed
     gateway.stop().await;
     drop(etcd);
 }
+
+/// Runs `ip ARGS...` (in network namespace `ns` when given); the error names the command.
+fn ip(ns: Option<&str>, args: &[&str]) -> Result<(), String> {
+    let mut cmd = std::process::Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["netns", "exec", ns, "ip"]);
+    }
+    let out = cmd
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program} {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A network namespace joined to this one by a veth pair (`host_ip` here, `ns_ip` there), and
+/// the means to drop every packet between them: iptables DROP on both ends where iptables
+/// exists, else static neighbour entries pointing at a MAC nobody has (the receiving end drops
+/// such frames silently, as DROP would). Dropping it deletes the namespace, its end of the pair
+/// and any rules it added.
+struct Partitionable {
+    ns: String,
+    host_dev: String,
+    ns_dev: String,
+    host_ip: String,
+    ns_ip: String,
+    iptables: bool,
+    dropping: bool,
+}
+
+impl Partitionable {
+    fn create() -> Result<Partitionable, String> {
+        let id = std::process::id();
+        let n = Partitionable {
+            ns: format!("moe-part-{id}"),
+            host_dev: format!("moeh{}", id % 100_000),
+            ns_dev: format!("moen{}", id % 100_000),
+            host_ip: format!("10.203.{}.1", id % 250),
+            ns_ip: format!("10.203.{}.2", id % 250),
+            iptables: std::process::Command::new("iptables")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            dropping: false,
+        };
+        ip(None, &["netns", "add", &n.ns])?;
+        // From here on Drop cleans up whatever was made.
+        ip(
+            None,
+            &[
+                "link",
+                "add",
+                &n.host_dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &n.ns_dev,
+            ],
+        )?;
+        ip(None, &["link", "set", &n.ns_dev, "netns", &n.ns])?;
+        ip(
+            None,
+            &[
+                "addr",
+                "add",
+                &format!("{}/30", n.host_ip),
+                "dev",
+                &n.host_dev,
+            ],
+        )?;
+        ip(None, &["link", "set", &n.host_dev, "up"])?;
+        let ns = Some(n.ns.as_str());
+        ip(
+            ns,
+            &["addr", "add", &format!("{}/30", n.ns_ip), "dev", &n.ns_dev],
+        )?;
+        ip(ns, &["link", "set", &n.ns_dev, "up"])?;
+        ip(ns, &["link", "set", "lo", "up"])?;
+        Ok(n)
+    }
+
+    fn method(&self) -> &'static str {
+        if self.iptables {
+            "iptables DROP on both ends"
+        } else {
+            "neighbour entries to an absent MAC on both ends (no iptables here)"
+        }
+    }
+
+    /// Drops (`on`) or passes again (`!on`) every packet between the two ends.
+    fn drop_packets(&mut self, on: bool) -> Result<(), String> {
+        if self.iptables {
+            let op = if on { "-A" } else { "-D" };
+            run(
+                "iptables",
+                &[op, "INPUT", "-i", &self.host_dev, "-j", "DROP"],
+            )?;
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &self.ns,
+                    "iptables",
+                    op,
+                    "INPUT",
+                    "-i",
+                    &self.ns_dev,
+                    "-j",
+                    "DROP",
+                ],
+            )?;
+        } else if on {
+            ip(
+                None,
+                &[
+                    "neigh",
+                    "replace",
+                    &self.ns_ip,
+                    "lladdr",
+                    "02:00:5e:00:53:01",
+                    "dev",
+                    &self.host_dev,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+            ip(
+                Some(&self.ns),
+                &[
+                    "neigh",
+                    "replace",
+                    &self.host_ip,
+                    "lladdr",
+                    "02:00:5e:00:53:02",
+                    "dev",
+                    &self.ns_dev,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+        } else {
+            ip(None, &["neigh", "del", &self.ns_ip, "dev", &self.host_dev])?;
+            ip(
+                Some(&self.ns),
+                &["neigh", "del", &self.host_ip, "dev", &self.ns_dev],
+            )?;
+        }
+        self.dropping = on;
+        Ok(())
+    }
+}
+
+impl Drop for Partitionable {
+    fn drop(&mut self) {
+        if self.dropping && self.iptables {
+            let _ = run(
+                "iptables",
+                &["-D", "INPUT", "-i", &self.host_dev, "-j", "DROP"],
+            );
+        }
+        // Deleting the namespace deletes its veth end, and with it the pair.
+        let _ = ip(None, &["netns", "del", &self.ns]);
+        let _ = ip(None, &["link", "del", &self.host_dev]);
+    }
+}
+
+/// Forwards TCP connections accepted on `listen` to `to` (the test's etcd, which listens on
+/// loopback only, for a worker inside the namespace). Packets dropped on the veth cut it too.
+async fn forward(listen: SocketAddr, to: SocketAddr) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .expect("bind the etcd forwarder");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    })
+}
+
+/// A `moe-worker` process inside network namespace `ns`; killed when dropped.
+struct NsWorker(std::process::Child);
+
+impl Drop for NsWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_network_partition_between_gateway_and_worker_moves_the_stream_and_the_worker_returns_when_healed()
+ {
+    let mut net = match Partitionable::create() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!(
+                "SKIP a_network_partition_between_gateway_and_worker...: this machine does not let the test build a network namespace with a veth pair (needs root / CAP_NET_ADMIN and iproute2): {e}"
+            );
+            return;
+        }
+    };
+    eprintln!("partition by {}", net.method());
+    let etcd = Etcd::start().await;
+    let prefix = "/f-client-partition";
+    let etcd_addr: SocketAddr = etcd.endpoint.trim_start_matches("http://").parse().unwrap();
+    let forward_addr: SocketAddr = format!("{}:{}", net.host_ip, free_port()).parse().unwrap();
+    let forwarder = forward(forward_addr, etcd_addr).await;
+
+    // Worker "a" (full) inside the namespace, reached over the veth pair.
+    let a_listen = format!("{}:{}", net.ns_ip, free_port());
+    let model = smollm2_moe();
+    let worker_bin = bin("moe-worker");
+    let args = [
+        "netns",
+        "exec",
+        &net.ns,
+        worker_bin.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--offload",
+        "full",
+        "--listen",
+        &a_listen,
+        "--id",
+        "a",
+        "--ctx-size",
+        "2048",
+        "--parallel",
+        "4",
+        "--threads",
+        "1",
+        "--lease-ttl",
+        "3s",
+        "--etcd",
+        &format!("http://{forward_addr}"),
+        "--etcd-prefix",
+        prefix,
+    ];
+    let _a = NsWorker(
+        std::process::Command::new("ip")
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env("OMP_WAIT_POLICY", "PASSIVE")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn moe-worker in the namespace"),
+    );
+    // Worker "b" (cpu-moe) on this side; interactive requests prefer "a" (full).
+    let b = Worker::start(WorkerSpec::new("b", "cpu-moe"), Some((&etcd, prefix))).await;
+    let reference = generate(&b.url(), greedy(PROMPT, 32))
+        .await
+        .expect("reference stream");
+    for id in ["a", "b"] {
+        eventually(
+            Duration::from_secs(180),
+            "both workers advertised ready with free KV",
+            || async {
+                let free = etcd.advert(prefix, id).await?.capacity.free_kv_tokens;
+                (free > 0).then_some(())
+            },
+        )
+        .await;
+    }
+    let gateway = Gateway::start(&etcd, prefix, &["--stream-idle-timeout", "1s"]).await;
+    let mut c = client(&gateway.url()).await;
+    let mut stream = c
+        .generate(greedy(PROMPT, 32))
+        .await
+        .expect("stream starts")
+        .into_inner();
+    let (mut text, mut ids) = (String::new(), Vec::<u32>::new());
+    while ids.len() < 4 {
+        let m = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .expect("first tokens")
+            .expect("stream runs")
+            .expect("stream continues");
+        text.push_str(&m.text);
+        ids.extend(&m.token_ids);
+    }
+    net.drop_packets(true).expect("partition");
+    let cut = Instant::now();
+    let last = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let m = stream
+                .message()
+                .await
+                .expect("one unbroken stream")
+                .expect("a final message");
+            text.push_str(&m.text);
+            ids.extend(&m.token_ids);
+            if m.finish_reason != FinishReason::Unspecified as i32 {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("the stream finished despite the partition");
+    let moved = cut.elapsed();
+    // It started on "a" across the veth pair (interactive prefers the full worker) and moved.
+    assert_eq!(last.migrations, 1, "the stream moved once");
+    assert_eq!(last.worker_id, "b");
+    assert_eq!(last.finish_reason, FinishReason::Length as i32);
+    assert_eq!(text, reference.text, "byte for byte");
+    assert_eq!(ids, reference.token_ids);
+    // Moved well before the gateway's HTTP/2 keepalive to workers (10 + 5 s) would notice.
+    assert!(moved < Duration::from_secs(10), "moved after {moved:?}");
+    // Cut off from etcd too, "a" loses its lease (3 s) and leaves every table.
+    eventually(
+        Duration::from_secs(15),
+        "the partitioned worker's advert to expire",
+        || async { etcd.advert(prefix, "a").await.is_none().then_some(()) },
+    )
+    .await;
+    let gone = cut.elapsed();
+    // New requests go to "b" meanwhile, without waiting on "a".
+    let t = Instant::now();
+    let during = generate(&gateway.url(), greedy(PROMPT, 4))
+        .await
+        .expect("served during the partition");
+    assert_eq!(during.last.worker_id, "b");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    eprintln!("partition: stream moved after {moved:?}, advert gone after {gone:?}");
+    net.drop_packets(false).expect("heal");
+    let healed = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "the worker to register again once healed",
+        || async { etcd.advert(prefix, "a").await.map(drop) },
+    )
+    .await;
+    eprintln!("partition healed: advert back after {:?}", healed.elapsed());
+    gateway.stop().await;
+    b.stop().await;
+    forwarder.abort();
+}
