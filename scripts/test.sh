@@ -23,7 +23,11 @@ cargo build --workspace --bins --locked
 echo "== GPU model generator: a 2-layer gpt-oss-shaped file plans (scripts/make_gptoss_like.py)"
 GEN=$(mktemp -d)
 python3 scripts/make_gptoss_like.py "$GEN/gptoss-2l.gguf" --layers 2 --sparse
-"$MOE_BIN_DIR/moectl" plan "$GEN/gptoss-2l.gguf" --ctx 4096 | grep -q '2 layers, 32 experts (4 used)'
+# Captured, not piped into grep -q: moectl must not meet a closed pipe under pipefail.
+PLAN=$("$MOE_BIN_DIR/moectl" plan "$GEN/gptoss-2l.gguf" --ctx 4096)
+grep -q '2 layers, 32 experts (4 used)' <<<"$PLAN"
+# Sliding-window layers (layer 0 of 2) keep 128 + 512 cells padded to 768 per stream.
+grep -q 'sliding window 128 on 1 of 2 layers: 4 KV stream(s) of 1024 cells, 768 on sliding layers' <<<"$PLAN"
 rm -rf "$GEN"
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads 2

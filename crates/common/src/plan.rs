@@ -26,7 +26,8 @@ pub struct MemoryPlan {
     /// needs no accelerator); a model whose output projection is tied to them also gets a copy
     /// on the accelerator, counted in `device_weight_bytes`.
     pub host_input_bytes: u64,
-    /// KV cache bytes (F16 K and V for every layer and context cell).
+    /// KV cache bytes (F16 K and V for every layer's cells; sliding-window layers hold only
+    /// their window, see [`KvLayout`]).
     pub kv_bytes: u64,
     /// Accelerator compute buffers llama.cpp reserves for one micro-batch (logits and
     /// activations), estimated.
@@ -39,6 +40,67 @@ impl MemoryPlan {
     /// Accelerator bytes of weights, KV and compute buffers (the process overhead comes on top).
     pub fn device_bytes(&self) -> u64 {
         self.device_weight_bytes + self.kv_bytes + self.compute_bytes
+    }
+}
+
+/// How a context lays out its KV cells: what the worker passes to llama.cpp (`n_ctx`,
+/// `n_seq_max`, `kv_unified`, `n_ubatch`, and `swa_full = false`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Cells asked for (`n_ctx`); llama.cpp rounds up to a multiple of 256.
+    pub cells: u32,
+    /// KV sequences (`n_seq_max`): each has its own stream of `cells / sequences` cells unless
+    /// `unified`.
+    pub sequences: u32,
+    /// One stream shared by all sequences.
+    pub unified: bool,
+    /// Tokens per micro-batch (`n_ubatch`); sliding-window layers keep room for one.
+    pub ubatch: u32,
+    /// Sliding-window layers get full-size KV too (llama.cpp's `swa_full`; the worker sets it
+    /// false, as llama-server does).
+    pub swa_full: bool,
+}
+
+/// llama.cpp pads context sizes and sliding-window caches to this many cells.
+const KV_PAD: u64 = 256;
+
+fn pad(n: u64) -> u64 {
+    n.div_ceil(KV_PAD) * KV_PAD
+}
+
+impl KvLayout {
+    /// `cells` with full-size KV on every layer, however they are split into streams: the upper
+    /// bound, what [`ModelShape::plan`] and [`ModelShape::fit`] assume.
+    pub fn full_size(cells: u32) -> Self {
+        KvLayout {
+            cells,
+            sequences: 1,
+            unified: true,
+            ubatch: UBATCH_TOKENS as u32,
+            swa_full: true,
+        }
+    }
+
+    /// (streams, cells per stream of a full-attention layer, cells per stream of a sliding-window
+    /// layer with window `n_swa`), as llama.cpp sizes them: `n_ctx` padded to 256; per stream
+    /// `n_ctx / n_seq_max` padded to 256 (one stream when unified); a sliding-window layer
+    /// `min(n_ctx_seq, n_swa × (n_seq_max when unified, else 1) + n_ubatch)` padded to 256, or
+    /// `n_ctx_seq` with `swa_full` (llama-context.cpp, llama-kv-cache-iswa.cpp).
+    pub fn cells_per_stream(&self, n_swa: u32) -> (u64, u64, u64) {
+        let n_ctx = pad(self.cells as u64);
+        let sequences = self.sequences.max(1) as u64;
+        let (streams, full) = if self.unified {
+            (1, n_ctx)
+        } else {
+            (sequences, pad(n_ctx / sequences))
+        };
+        let windows = if self.unified { sequences } else { 1 };
+        let swa = if self.swa_full {
+            full
+        } else {
+            pad(full.min(n_swa as u64 * windows + self.ubatch as u64))
+        };
+        (streams, full, swa)
     }
 }
 
@@ -59,6 +121,30 @@ pub struct ModelShape {
     pub tied_output: bool,
     pub n_vocab: u64,
     pub n_embd: u64,
+    /// Sliding-window attention: the window in tokens (GGUF `<arch>.attention.sliding_window`)
+    /// and how many layers use it (the architecture's layer pattern). 0 and 0 without it.
+    pub n_swa: u32,
+    pub swa_layers: u32,
+}
+
+/// Layers of `n_layer` that use the sliding window, for the architectures whose llama.cpp
+/// implementation has sliding-window layers that we model: gpt-oss alternates them with full
+/// layers (pattern 2: layers 0, 2, 4, … slide; `<arch>.attention.sliding_window_pattern` when the
+/// file sets it as a number). Others are planned with full-size KV on every layer, which can only
+/// overstate.
+fn sliding_window_layers(h: &GgufHeader, n_layer: u32) -> u32 {
+    let default_pattern = match h.architecture() {
+        Some("gpt-oss") => 2,
+        _ => return 0,
+    };
+    let pattern = h
+        .arch_u64("attention.sliding_window_pattern")
+        .unwrap_or(default_pattern) as u32;
+    // llama_hparams::set_swa_pattern (dense_first = false): layer il slides when
+    // il % pattern < pattern - 1; pattern 0 makes every layer slide.
+    (0..n_layer)
+        .filter(|il| pattern == 0 || il % pattern < pattern - 1)
+        .count() as u32
 }
 
 impl ModelShape {
@@ -93,6 +179,12 @@ impl ModelShape {
                 _ => {}
             }
         }
+        let n_swa = h.arch_u64("attention.sliding_window").unwrap_or(0) as u32;
+        let swa_layers = if n_swa == 0 {
+            0
+        } else {
+            sliding_window_layers(h, n_layer)
+        };
         ModelShape {
             n_layer,
             expert_count: h.arch_u64("expert_count").unwrap_or(0) as u32,
@@ -104,12 +196,24 @@ impl ModelShape {
             tied_output: !has_output,
             n_vocab,
             n_embd,
+            n_swa,
+            swa_layers,
         }
     }
 
-    /// KV bytes for `ctx` cells of F16 K and V.
+    /// KV bytes for `ctx` cells of F16 K and V on every layer ([`KvLayout::full_size`]).
     pub fn kv_bytes(&self, ctx: u32) -> u64 {
-        ctx as u64 * self.n_layer as u64 * self.kv_elements_per_token_layer * 2
+        self.kv_bytes_for(&KvLayout::full_size(ctx))
+    }
+
+    /// KV bytes of F16 K and V as llama.cpp allocates them for `kv`: full-attention layers hold
+    /// every cell, sliding-window layers a window and a micro-batch per stream.
+    pub fn kv_bytes_for(&self, kv: &KvLayout) -> u64 {
+        let swa_layers = self.swa_layers.min(self.n_layer) as u64;
+        let full_layers = self.n_layer as u64 - swa_layers;
+        let (streams, full, swa) = kv.cells_per_stream(self.n_swa);
+        let cells = streams * (full_layers * full + swa_layers * swa);
+        cells * self.kv_elements_per_token_layer * 2
     }
 
     /// Accelerator compute buffers for a micro-batch: F32 logits over the vocabulary plus
@@ -119,8 +223,15 @@ impl ModelShape {
         UBATCH_TOKENS * 4 * (self.n_vocab + 24 * self.n_embd)
     }
 
-    /// The plan with the routed experts of the first `n_cpu_moe` layers in host memory.
+    /// The plan with the routed experts of the first `n_cpu_moe` layers in host memory, with
+    /// full-size KV for `ctx` cells on every layer (an upper bound for sliding-window models;
+    /// [`Self::plan_for`] is exact).
     pub fn plan(&self, n_cpu_moe: u32, ctx: u32) -> MemoryPlan {
+        self.plan_for(n_cpu_moe, &KvLayout::full_size(ctx))
+    }
+
+    /// [`Self::plan`] for the KV layout `kv`.
+    pub fn plan_for(&self, n_cpu_moe: u32, kv: &KvLayout) -> MemoryPlan {
         let n = n_cpu_moe.min(self.n_layer);
         let host: u64 = self.expert_bytes_per_layer[..n as usize].iter().sum();
         let tied_copy = if self.tied_output {
@@ -135,7 +246,7 @@ impl ModelShape {
                 + tied_copy,
             host_expert_bytes: host,
             host_input_bytes: self.input_embedding_bytes,
-            kv_bytes: self.kv_bytes(ctx),
+            kv_bytes: self.kv_bytes_for(kv),
             compute_bytes: self.compute_bytes(),
             total_weight_bytes: self.total_weight_bytes,
         }
@@ -145,8 +256,13 @@ impl ModelShape {
     /// keeping `overhead` bytes for the process's CUDA context and pools on top of weights, KV
     /// and compute buffers. None if even `cpu-moe` does not fit.
     pub fn fit(&self, budget: u64, overhead: u64, ctx: u32) -> Option<MemoryPlan> {
+        self.fit_for(budget, overhead, &KvLayout::full_size(ctx))
+    }
+
+    /// [`Self::fit`] for the KV layout `kv`.
+    pub fn fit_for(&self, budget: u64, overhead: u64, kv: &KvLayout) -> Option<MemoryPlan> {
         (0..=self.n_layer)
-            .map(|n| self.plan(n, ctx))
+            .map(|n| self.plan_for(n, kv))
             .find(|p| p.device_bytes() + overhead <= budget)
     }
 }
@@ -167,37 +283,47 @@ mod tests {
             tied_output: false,
             n_vocab: 0,
             n_embd: 0,
+            n_swa: 0,
+            swa_layers: 0,
         }
     }
 
+    /// KV bytes of `shape()` for one stream of 256 cells (the smallest llama.cpp allocates).
+    const KV: u64 = 256 * 4 * 256 * 2;
+
     #[test]
     fn plans_host_experts_for_the_first_layers() {
-        let p = shape().plan(3, 10);
+        let p = shape().plan(3, 256);
         assert_eq!(p.host_expert_bytes, 300);
         assert_eq!(p.device_weight_bytes, 200);
-        assert_eq!(p.kv_bytes, 10 * 4 * 256 * 2);
+        assert_eq!(p.kv_bytes, KV);
+        assert_eq!(
+            shape().plan(3, 10).kv_bytes,
+            KV,
+            "llama.cpp pads n_ctx to 256"
+        );
     }
 
     #[test]
     fn fit_picks_the_fewest_host_layers_that_fit() {
         let s = shape();
-        // KV = 20480 for ctx 10; weights 500 with 0 offloaded; no compute buffers (n_vocab 0).
-        assert_eq!(s.fit(20480 + 500, 0, 10).unwrap().n_cpu_moe, 0);
-        assert_eq!(s.fit(20480 + 350, 0, 10).unwrap().n_cpu_moe, 2);
-        assert_eq!(s.fit(20480 + 100, 0, 10).unwrap().n_cpu_moe, 4);
-        assert!(s.fit(20480 + 99, 0, 10).is_none());
+        // Weights 500 with 0 offloaded; no compute buffers (n_vocab 0).
+        assert_eq!(s.fit(KV + 500, 0, 256).unwrap().n_cpu_moe, 0);
+        assert_eq!(s.fit(KV + 350, 0, 256).unwrap().n_cpu_moe, 2);
+        assert_eq!(s.fit(KV + 100, 0, 256).unwrap().n_cpu_moe, 4);
+        assert!(s.fit(KV + 99, 0, 256).is_none());
     }
 
     #[test]
     fn input_embeddings_stay_on_the_host_with_a_device_copy_when_tied() {
         let mut s = shape();
         s.input_embedding_bytes = 40;
-        let p = s.plan(0, 10);
+        let p = s.plan(0, 256);
         assert_eq!(p.host_input_bytes, 40);
         assert_eq!(p.device_weight_bytes, 460, "separate output projection");
         s.tied_output = true;
         assert_eq!(
-            s.plan(0, 10).device_weight_bytes,
+            s.plan(0, 256).device_weight_bytes,
             500,
             "tied: the output copy"
         );
@@ -209,12 +335,128 @@ mod tests {
         s.n_vocab = 10;
         s.n_embd = 1;
         let compute = UBATCH_TOKENS * 4 * 34;
-        assert_eq!(s.plan(0, 10).compute_bytes, compute);
-        assert_eq!(s.fit(20480 + 500 + compute, 0, 10).unwrap().n_cpu_moe, 0);
-        assert_eq!(s.fit(20480 + 499 + compute, 0, 10).unwrap().n_cpu_moe, 1);
+        assert_eq!(s.plan(0, 256).compute_bytes, compute);
+        assert_eq!(s.fit(KV + 500 + compute, 0, 256).unwrap().n_cpu_moe, 0);
+        assert_eq!(s.fit(KV + 499 + compute, 0, 256).unwrap().n_cpu_moe, 1);
+        assert_eq!(s.fit(KV + 500 + compute + 7, 7, 256).unwrap().n_cpu_moe, 0);
+    }
+
+    /// gpt-oss-20b's attention: 24 layers, 12 of them sliding (window 128), 8 KV heads of 64.
+    fn gpt_oss_20b() -> ModelShape {
+        ModelShape {
+            n_layer: 24,
+            kv_elements_per_token_layer: 8 * (64 + 64),
+            expert_bytes_per_layer: vec![0; 24],
+            n_swa: 128,
+            swa_layers: 12,
+            ..shape()
+        }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn sliding_window_layers_keep_a_window_and_a_micro_batch_per_sequence() {
+        let s = gpt_oss_20b();
+        // The worker's layout on the H200 run: 32768 cells, 16 sequences with a stream each.
+        let kv = KvLayout {
+            cells: 32768,
+            sequences: 16,
+            unified: false,
+            ubatch: 512,
+            swa_full: false,
+        };
+        // 2048 cells per stream for full layers; pad(128 + 512) = 768 for sliding ones.
+        assert_eq!(kv.cells_per_stream(128), (16, 2048, 768));
+        // 16 × (12 × 2048 + 12 × 768) cells × 1024 elements × 2 bytes: 1056 MiB, not 1536.
+        assert_eq!(s.kv_bytes_for(&kv), 1056 * MIB);
+        assert_eq!(s.plan_for(0, &kv).kv_bytes, 1056 * MIB);
+        let no_window = ModelShape {
+            swa_layers: 0,
+            ..gpt_oss_20b()
+        };
+        assert_eq!(no_window.kv_bytes_for(&kv), 1536 * MIB);
+        let swa_full = KvLayout {
+            swa_full: true,
+            ..kv
+        };
+        assert_eq!(s.kv_bytes_for(&swa_full), 1536 * MIB, "llama.cpp's default");
+        assert_eq!(s.kv_bytes(32768), 1536 * MIB, "plan() is the upper bound");
+    }
+
+    #[test]
+    fn a_unified_cache_keeps_a_window_for_every_sequence() {
+        // The benchmark's llama-server layout: 49152 cells shared by 64 sequences.
+        let kv = KvLayout {
+            cells: 49152,
+            sequences: 64,
+            unified: true,
+            ubatch: 512,
+            swa_full: false,
+        };
+        // 128 × 64 + 512 = 8704 cells (a multiple of 256) for the sliding layers.
+        assert_eq!(kv.cells_per_stream(128), (1, 49152, 8704));
         assert_eq!(
-            s.fit(20480 + 500 + compute + 7, 7, 10).unwrap().n_cpu_moe,
-            0
+            gpt_oss_20b().kv_bytes_for(&kv),
+            (12 * 49152 + 12 * 8704) * 1024 * 2
         );
+    }
+
+    #[test]
+    fn a_window_wider_than_the_context_is_the_context() {
+        let kv = KvLayout {
+            cells: 1000,
+            sequences: 4,
+            unified: false,
+            ubatch: 512,
+            swa_full: false,
+        };
+        // n_ctx 1024, 256 per stream; the window (128 + 512) is wider: 256.
+        assert_eq!(kv.cells_per_stream(128), (4, 256, 256));
+        let s = gpt_oss_20b();
+        assert_eq!(s.kv_bytes_for(&kv), 4 * 24 * 256 * 1024 * 2);
+        // An odd window is padded too: pad(100 + 7) = 256.
+        let small = KvLayout {
+            cells: 4096,
+            sequences: 1,
+            unified: true,
+            ubatch: 7,
+            swa_full: false,
+        };
+        assert_eq!(small.cells_per_stream(100), (1, 4096, 256));
+    }
+
+    fn header(arch: &str, layers: u64, meta: &[(&str, u64)]) -> GgufHeader {
+        use crate::gguf::Value;
+        let mut metadata = std::collections::BTreeMap::new();
+        metadata.insert("general.architecture".into(), Value::Str(arch.into()));
+        metadata.insert(format!("{arch}.block_count"), Value::U64(layers));
+        for (k, v) in meta {
+            metadata.insert(format!("{arch}.{k}"), Value::U64(*v));
+        }
+        GgufHeader {
+            version: 3,
+            metadata,
+            tensors: vec![],
+        }
+    }
+
+    #[test]
+    fn the_sliding_layers_come_from_the_window_and_the_layer_pattern() {
+        let window = [("attention.sliding_window", 128)];
+        let s = ModelShape::from_gguf(&header("gpt-oss", 24, &window));
+        assert_eq!((s.n_swa, s.swa_layers), (128, 12), "every other layer");
+        let s = ModelShape::from_gguf(&header("gpt-oss", 2, &window));
+        assert_eq!(s.swa_layers, 1, "the CI's 2-layer file: layer 0 slides");
+        let three = [
+            ("attention.sliding_window", 128),
+            ("attention.sliding_window_pattern", 3),
+        ];
+        let s = ModelShape::from_gguf(&header("gpt-oss", 24, &three));
+        assert_eq!(s.swa_layers, 16, "two of every three layers");
+        let s = ModelShape::from_gguf(&header("gpt-oss", 24, &[]));
+        assert_eq!(s.swa_layers, 0, "no window");
+        let s = ModelShape::from_gguf(&header("llama", 24, &window));
+        assert_eq!(s.swa_layers, 0, "not modelled: full size on every layer");
     }
 }

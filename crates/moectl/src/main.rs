@@ -14,7 +14,7 @@ use moe_common::gguf::GgufHeader;
 use moe_common::offload::OffloadProfile;
 use moe_common::pb::v1::inference_client::InferenceClient;
 use moe_common::pb::{ChatMessage, FinishReason, GenerateRequest, SamplingParams};
-use moe_common::plan::ModelShape;
+use moe_common::plan::{KvLayout, ModelShape};
 use moe_common::registry::{EtcdArgs, Watcher, WorkerAdvert};
 use moe_common::size::ByteSize;
 
@@ -97,9 +97,13 @@ struct PlanArgs {
     /// KV cache cells.
     #[arg(long, default_value_t = 4096)]
     ctx: u32,
-    /// Sequences (does not change KV size with a unified cache; shown for reference).
+    /// Sequences, as the worker's --parallel: each has its own KV stream of ctx / parallel
+    /// cells unless --kv-unified (sliding-window layers keep a window per stream).
     #[arg(long, default_value_t = 4)]
     parallel: u32,
+    /// One KV cache shared by all sequences, as the worker's --kv-unified.
+    #[arg(long)]
+    kv_unified: bool,
 }
 
 #[tokio::main]
@@ -256,8 +260,15 @@ fn table_row(w: &WorkerAdvert) -> String {
 fn plan(a: PlanArgs) -> anyhow::Result<()> {
     let header = GgufHeader::open(&a.model).with_context(|| a.model.display().to_string())?;
     let shape = ModelShape::from_gguf(&header);
+    let kv = KvLayout {
+        cells: a.ctx,
+        sequences: a.parallel.max(1),
+        unified: a.kv_unified,
+        ubatch: moe_common::plan::UBATCH_TOKENS as u32,
+        swa_full: false,
+    };
     println!(
-        "model {} ({}), {} layers, {} experts ({} used), weights {}, ctx {} (KV {}), parallel {}",
+        "model {} ({}), {} layers, {} experts ({} used), weights {}, ctx {} (KV {}), parallel {}{}",
         header.name().unwrap_or("?"),
         header.architecture().unwrap_or("?"),
         shape.n_layer,
@@ -265,9 +276,18 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         shape.expert_used_count,
         ByteSize(shape.total_weight_bytes),
         a.ctx,
-        ByteSize(shape.kv_bytes(a.ctx)),
-        a.parallel
+        ByteSize(shape.kv_bytes_for(&kv)),
+        a.parallel,
+        if a.kv_unified { ", unified KV" } else { "" }
     );
+    if shape.swa_layers > 0 {
+        let (streams, full, swa) = kv.cells_per_stream(shape.n_swa);
+        println!(
+            "sliding window {} on {} of {} layers: {streams} KV stream(s) of {full} cells, {swa} on \
+             sliding layers",
+            shape.n_swa, shape.swa_layers, shape.n_layer
+        );
+    }
     println!(
         "{:<16} {:>10} {:>16} {:>16} {:>16} {:>16} {:>16}",
         "PROFILE", "N_CPU_MOE", "GPU WEIGHTS", "GPU KV", "HOST EXPERTS", "GPU COMPUTE", "GPU TOTAL"
@@ -278,14 +298,15 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
     }
     let mut rows: Vec<(String, moe_common::plan::MemoryPlan)> = profiles
         .iter()
-        .map(|p| (p.to_string(), shape.plan(p.n_cpu_moe(shape.n_layer), a.ctx)))
+        .map(|p| {
+            (
+                p.to_string(),
+                shape.plan_for(p.n_cpu_moe(shape.n_layer), &kv),
+            )
+        })
         .collect();
     if let Some(budget) = a.vram_budget {
-        match shape.fit(
-            budget.0,
-            moe_common::plan::ACCELERATOR_OVERHEAD_BYTES,
-            a.ctx,
-        ) {
+        match shape.fit_for(budget.0, moe_common::plan::ACCELERATOR_OVERHEAD_BYTES, &kv) {
             Some(p) => rows.push((format!("auto@{budget}"), p)),
             None => eprintln!("auto: nothing fits {budget}"),
         }

@@ -15,7 +15,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use moe_common::gguf::GgufHeader;
 use moe_common::offload::OffloadProfile;
-use moe_common::plan::{ACCELERATOR_OVERHEAD_BYTES, MemoryPlan, ModelShape};
+use moe_common::plan::{ACCELERATOR_OVERHEAD_BYTES, KvLayout, MemoryPlan, ModelShape};
 use moe_common::registry::{DeviceKind, ModelInfo};
 
 use super::devices::{
@@ -34,6 +34,18 @@ fn kv_cells(config: &EngineConfig) -> u32 {
     let extra =
         config.ctx_size as u64 * config.cache_sequences as u64 / config.parallel.max(1) as u64;
     (config.ctx_size as u64 + extra).min(u32::MAX as u64) as u32
+}
+
+/// The KV layout `context_params` asks llama.cpp for, which the plan sizes the cache from
+/// (sliding-window layers keep only their window: `swa_full = false`).
+fn kv_layout(config: &EngineConfig) -> KvLayout {
+    KvLayout {
+        cells: kv_cells(config),
+        sequences: streams(config),
+        unified: config.kv_unified,
+        ubatch: config.batch_size.min(512),
+        swa_full: false,
+    }
 }
 
 /// `auto` is sequential when any layer runs on an accelerator: GPU kernels depend on the batch
@@ -103,14 +115,14 @@ fn plan_placement(config: &EngineConfig, shape: &ModelShape) -> Result<MemoryPla
                 .vram_budget
                 .ok_or_else(|| EngineError::Load("--offload auto needs --vram-budget".into()))?;
             shape
-                .fit(budget, ACCELERATOR_OVERHEAD_BYTES, kv_cells(config))
+                .fit_for(budget, ACCELERATOR_OVERHEAD_BYTES, &kv_layout(config))
                 .ok_or_else(|| {
                     EngineError::Load(format!(
                         "model does not fit a VRAM budget of {budget} bytes even with every expert on the host"
                     ))
                 })
         }
-        profile => Ok(shape.plan(profile.n_cpu_moe(shape.n_layer), kv_cells(config))),
+        profile => Ok(shape.plan_for(profile.n_cpu_moe(shape.n_layer), &kv_layout(config))),
     }
 }
 
