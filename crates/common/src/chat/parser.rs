@@ -37,6 +37,10 @@ enum Reasoning {
 pub struct ChatParser {
     reasoning: Reasoning,
     tools: Option<ToolCallParser>,
+    /// `parallel_tool_calls: false`: the reply ends after its first complete tool call.
+    single_call: bool,
+    /// The first call is complete and `single_call` is set: everything after it is dropped.
+    cut: bool,
 }
 
 impl ChatParser {
@@ -52,12 +56,31 @@ impl ChatParser {
             ReasoningFormat::Harmony => None,
             _ => format.tools.map(ToolCallParser::new),
         };
-        ChatParser { reasoning, tools }
+        ChatParser {
+            reasoning,
+            tools,
+            single_call: false,
+            cut: false,
+        }
     }
 
-    /// Whether the output format ended the answer (harmony `<|return|>` or `<|call|>`).
+    /// At most one tool call (`parallel_tool_calls: false` with `tool_choice` auto): the reply is
+    /// cut after its first complete call, dropping any text and calls that follow. Harmony needs
+    /// no cut: `<|call|>` ends the reply after one call.
+    pub fn single_call(mut self) -> Self {
+        self.single_call = true;
+        self
+    }
+
+    /// Whether the output format ended the answer (harmony `<|return|>` or `<|call|>`), or the
+    /// answer was cut after its one tool call.
     pub fn ended(&self) -> bool {
-        matches!(&self.reasoning, Reasoning::Harmony(h) if h.ended())
+        self.cut || matches!(&self.reasoning, Reasoning::Harmony(h) if h.ended())
+    }
+
+    /// Whether the reply was cut after its first tool call ([`Self::single_call`]).
+    pub fn cut(&self) -> bool {
+        self.cut
     }
 
     pub fn push(&mut self, text: &str) -> Vec<ChatDelta> {
@@ -92,7 +115,19 @@ impl ChatParser {
         if last {
             out.extend(tools.finish());
         }
-        out.into_iter().filter(|d| !is_empty(d)).collect()
+        let mut kept = Vec::with_capacity(out.len());
+        for d in out {
+            if self.cut {
+                break;
+            }
+            // Calls are emitted whole (name, then all of the arguments): the first call is
+            // complete with its arguments.
+            self.cut = self.single_call && matches!(d, ChatDelta::ToolCallArguments { .. });
+            if !is_empty(&d) {
+                kept.push(d);
+            }
+        }
+        kept
     }
 }
 
@@ -131,6 +166,78 @@ mod tests {
                 },
             ]
         );
+    }
+
+    fn hermes_single_call() -> ChatParser {
+        ChatParser::new(ChatFormat {
+            reasoning: ReasoningFormat::None,
+            tools: Some(ToolFormat::Hermes),
+        })
+        .single_call()
+    }
+
+    const TWO_CALLS: &str = "Checking.<tool_call>{\"name\":\"f\",\"arguments\":{\"a\":1}}</tool_call> and <tool_call>{\"name\":\"g\",\"arguments\":{}}</tool_call> done";
+
+    fn first_call_only() -> Vec<ChatDelta> {
+        vec![
+            Content("Checking.".into()),
+            ToolCallBegin {
+                index: 0,
+                name: "f".into(),
+            },
+            ToolCallArguments {
+                index: 0,
+                text: "{\"a\":1}".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn single_call_cuts_the_reply_after_the_first_complete_call() {
+        let mut p = hermes_single_call();
+        let mut out = p.push(TWO_CALLS);
+        assert!(p.cut() && p.ended());
+        out.extend(p.push("more text<tool_call>"));
+        out.extend(p.finish());
+        assert_eq!(out, first_call_only());
+        // Without the switch both calls and the text between them come through.
+        let mut p = ChatParser::new(ChatFormat {
+            reasoning: ReasoningFormat::None,
+            tools: Some(ToolFormat::Hermes),
+        });
+        let mut all = p.push(TWO_CALLS);
+        all.extend(p.finish());
+        assert_eq!(all.len(), 7, "{all:?}");
+        assert!(!p.cut());
+    }
+
+    #[test]
+    fn single_call_gives_the_same_result_however_the_stream_is_cut() {
+        for at in (1..TWO_CALLS.len()).filter(|&i| TWO_CALLS.is_char_boundary(i)) {
+            let mut p = hermes_single_call();
+            let (a, b) = TWO_CALLS.split_at(at);
+            let mut out = p.push(a);
+            out.extend(p.push(b));
+            out.extend(p.finish());
+            // Content pieces may come in several deltas: merge them to compare.
+            let mut merged: Vec<ChatDelta> = Vec::new();
+            for d in out {
+                match (merged.last_mut(), d) {
+                    (Some(Content(s)), Content(t)) => s.push_str(&t),
+                    (_, d) => merged.push(d),
+                }
+            }
+            assert_eq!(merged, first_call_only(), "cut at {at}");
+        }
+    }
+
+    #[test]
+    fn single_call_leaves_a_reply_without_calls_alone() {
+        let mut p = hermes_single_call();
+        let mut out = p.push("Just text.");
+        out.extend(p.finish());
+        assert_eq!(out, [Content("Just text.".into())]);
+        assert!(!p.cut());
     }
 
     #[test]

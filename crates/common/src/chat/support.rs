@@ -3,7 +3,6 @@
 //! so that no option is silently ignored. A field moves out of here when it is implemented.
 
 use crate::pb::GenerateRequest;
-use crate::pb::v1::tool_choice::Mode as ToolMode;
 
 /// The first field of `req` that is set to something this build does not implement.
 pub fn unimplemented_field(req: &GenerateRequest) -> Option<String> {
@@ -16,17 +15,7 @@ pub fn unimplemented_field(req: &GenerateRequest) -> Option<String> {
             return Some("sampling.frequency_penalty outside -2..2".into());
         }
     }
-    // One call per turn is enforced only where the call is forced (grammar).
-    let auto_tools = !req.tools_json.is_empty()
-        && req
-            .tool_choice
-            .as_ref()
-            .is_none_or(|c| c.mode() == ToolMode::Auto);
     let checks = [
-        (
-            auto_tools && req.parallel_tool_calls == Some(false),
-            "parallel_tool_calls",
-        ),
         (
             req.top_logprobs > 20 || (req.top_logprobs > 0 && !req.logprobs),
             "top_logprobs (0-20, with logprobs)",
@@ -76,15 +65,13 @@ mod tests {
                 .unwrap()
                 .starts_with("top_logprobs")
         );
+        // One call at most with `tool_choice` auto: implemented (the reply is cut after it).
         let req = GenerateRequest {
             tools_json: "[{}]".into(),
             parallel_tool_calls: Some(false),
             ..Default::default()
         };
-        assert_eq!(
-            unimplemented_field(&req).as_deref(),
-            Some("parallel_tool_calls")
-        );
+        assert_eq!(unimplemented_field(&req), None);
         let req = GenerateRequest {
             prompt: "x".into(),
             tools_json: "[{}]".into(),

@@ -22,6 +22,8 @@ pub struct ChatJob {
     pub reasoning_effort: Option<String>,
     /// Special tokens rendered, nothing parsed.
     pub raw_output: bool,
+    /// `parallel_tool_calls: false`: at most one tool call (see [`ChatReply::single_tool_call`]).
+    pub single_tool_call: bool,
 }
 
 /// How the engine tells the service to read a chat reply (sent before any text).
@@ -31,6 +33,9 @@ pub struct ChatReply {
     /// Prompt text after the generation prompt that the parser must read first.
     pub prefill: String,
     pub raw_output: bool,
+    /// At most one tool call: the reply is cut after its first complete call
+    /// ([`ChatParser::single_call`]). Forced calls are one call by grammar already.
+    pub single_tool_call: bool,
     /// After a migration: the text of the tokens the previous worker generated (its client
     /// already has what they meant). The parser reads it, emitting nothing, so that it resumes
     /// in the right state (inside reasoning, a tool call, …). The engine sets it.
@@ -78,6 +83,7 @@ pub fn engine_prompt(
             format: p.format,
             prefill: p.prefill,
             raw_output: chat.raw_output,
+            single_tool_call: chat.single_tool_call,
             resumed: String::new(),
         },
     })
@@ -156,6 +162,7 @@ pub fn chat_job(req: &GenerateRequest) -> Result<ChatJob, String> {
         output,
         reasoning_effort: Some(req.reasoning_effort.clone()).filter(|r| !r.is_empty()),
         raw_output: req.raw_output,
+        single_tool_call: req.parallel_tool_calls == Some(false),
     })
 }
 
@@ -195,6 +202,9 @@ impl ReplyShaper {
             };
         }
         let mut parser = ChatParser::new(reply.format);
+        if reply.single_tool_call {
+            parser = parser.single_call();
+        }
         let mut deltas = parser.push(&reply.prefill);
         deltas.extend(parser.push(&reply.resumed));
         self.parser = Some(parser);
@@ -230,9 +240,14 @@ impl ReplyShaper {
         (!empty).then_some(msg)
     }
 
-    /// A normal stop after tool calls is reported as TOOL_CALLS.
+    /// A normal stop after tool calls is reported as TOOL_CALLS; so is any end after the reply
+    /// was cut at its one tool call (what followed the call was dropped, so reaching max_tokens
+    /// there truncated nothing the client sees).
     pub fn finish_reason(&self, reason: FinishReason) -> FinishReason {
-        if reason == FinishReason::Stop && self.calls > 0 {
+        let cut = self.parser.as_ref().is_some_and(ChatParser::cut);
+        if (reason == FinishReason::Stop && self.calls > 0)
+            || (cut && reason == FinishReason::Length)
+        {
             FinishReason::ToolCalls
         } else {
             reason
@@ -327,6 +342,7 @@ mod tests {
             },
             prefill: String::new(),
             raw_output: false,
+            single_tool_call: false,
             resumed: String::new(),
         });
         assert!(first.text.is_empty());
@@ -355,6 +371,7 @@ mod tests {
             },
             prefill: "<tool_call>\n{\"name\": \"".into(),
             raw_output: false,
+            single_tool_call: false,
             resumed: String::new(),
         });
         assert!(first.tool_calls.is_empty(), "the name is not complete yet");
@@ -371,6 +388,44 @@ mod tests {
     }
 
     #[test]
+    fn parallel_tool_calls_false_returns_the_first_call_only() {
+        let req = GenerateRequest {
+            tools_json: "[]".into(),
+            parallel_tool_calls: Some(false),
+            ..Default::default()
+        };
+        assert!(chat_job(&req).unwrap().single_tool_call);
+        let mut s = ReplyShaper::new("r1");
+        s.start(ChatReply {
+            format: ChatFormat {
+                reasoning: ReasoningFormat::None,
+                tools: Some(ToolFormat::Hermes),
+            },
+            prefill: String::new(),
+            raw_output: false,
+            single_tool_call: true,
+            resumed: String::new(),
+        });
+        let m = s.delta(
+            "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>\n<tool_call>".into(),
+            vec![1],
+        );
+        assert_eq!(m.tool_calls.len(), 1);
+        assert_eq!(m.token_ids, [1], "token ids still flow (usage, migration)");
+        let m = s.delta(
+            "{\"name\": \"g\", \"arguments\": {}}</tool_call>".into(),
+            vec![2],
+        );
+        assert!(m.tool_calls.is_empty() && m.text.is_empty(), "{m:?}");
+        assert!(s.finish().is_none());
+        assert_eq!(
+            s.finish_reason(FinishReason::Length),
+            FinishReason::ToolCalls
+        );
+        assert_eq!(s.finish_reason(FinishReason::Stop), FinishReason::ToolCalls);
+    }
+
+    #[test]
     fn a_resumed_reply_continues_in_the_parser_state_of_the_previous_worker() {
         let mut s = ReplyShaper::new("r1");
         let first = s.start(ChatReply {
@@ -380,6 +435,7 @@ mod tests {
             },
             prefill: String::new(),
             raw_output: false,
+            single_tool_call: false,
             resumed: "<|channel|>analysis<|message|>The user asks".into(),
         });
         assert_eq!(first, GenerateResponse::default(), "nothing is sent twice");
