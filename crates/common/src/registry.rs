@@ -2,6 +2,7 @@
 //! `<prefix>/workers/<id>`; gateways watch the prefix. See docs/registry.md.
 
 mod advert;
+mod backoff;
 mod features;
 mod registrar;
 mod watcher;

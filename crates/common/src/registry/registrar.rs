@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::backoff::Backoff;
 use super::write_policy::WritePolicy;
 use super::{EtcdConfig, RegistryError, WorkerAdvert};
 use crate::unix_ms;
@@ -213,10 +214,9 @@ impl Session {
         mut adverts: watch::Receiver<WorkerAdvert>,
         stop: CancellationToken,
     ) {
-        const FIRST_BACKOFF: Duration = Duration::from_millis(250);
         let policy = self.config.write_policy();
         let mut lease = lease;
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::registrar();
         let mut keepalive = tokio::time::interval(self.config.lease_ttl / 3);
         let mut flush = tokio::time::interval(self.config.min_update_interval);
         loop {
@@ -229,15 +229,13 @@ impl Session {
                 match registered {
                     Ok(l) => {
                         lease = Some(l);
-                        backoff = FIRST_BACKOFF;
+                        backoff.reset();
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "registration in etcd failed; retrying");
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                        tracing::warn!(error = %e, retry_in = ?backoff.delay(), "registration in etcd failed; retrying");
+                        if !backoff.failed(&stop).await {
+                            return;
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 }

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::backoff::Backoff;
 use super::{EtcdConfig, RegistryError, WorkerAdvert};
 
 /// Every valid advert under the prefix at one etcd revision.
@@ -152,9 +152,8 @@ async fn run(
     tx: watch::Sender<Arc<ClusterSnapshot>>,
     stop: CancellationToken,
 ) {
-    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
     let prefix = config.workers_prefix();
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::watcher();
     loop {
         let (client, cluster_id) = match connected.take() {
             Some(c) => c,
@@ -173,16 +172,14 @@ async fn run(
                             );
                         }
                         tx.send_replace(Arc::new(listing.snapshot));
-                        backoff = FIRST_BACKOFF;
+                        backoff.reset();
                         (client, listing.cluster_id)
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "registry list failed; keeping the last snapshot");
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                        tracing::warn!(error = %e, retry_in = ?backoff.delay(), "registry list failed; keeping the last snapshot");
+                        if !backoff.failed(&stop).await {
+                            return;
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 }
@@ -199,9 +196,8 @@ async fn run(
                 }
             }
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        if !backoff.pause(&stop).await {
+            return;
         }
     }
 }
