@@ -193,9 +193,12 @@ pub fn rank_with_prefix(
 ///   cached tokens first, then more free KV.
 /// - Workers holding part of the prompt are candidates even when power-of-k sampling did not
 ///   draw them (same readiness, pool, context and headroom checks as any other).
-/// - A hit counts only on a worker whose load (streams per slot, with this gateway's placements
-///   since its advert) is at most (1 + ε) × the mean load of its pool's candidates plus one slot
-///   ([`within_bound`]); beyond that it is ranked as if it held nothing, so a hot prefix spreads.
+/// - A hit counts only on a worker that has a free sequence slot or whose load (streams per slot,
+///   with this gateway's placements since its advert) is at most (1 + ε) × the mean load of its
+///   pool's candidates plus one slot ([`within_bound`]); beyond both it is ranked as if it held
+///   nothing, so a hot prefix fills the slots of the worker holding it and then spreads.
+/// - A worker that has measured no speed yet (just started) is scored with the mean measured
+///   speeds of its pool rather than the policy's defaults.
 /// - Ties among the best (same pool and cached tokens, score within 1 %) go to the highest
 ///   rendezvous weight of the prefix key, not to chance, so gateways agree.
 ///
@@ -238,34 +241,39 @@ pub fn rank_with_hits(
             .candidates
             .extend(evaluate_hits(w, demand, hits, reservations, policy, false));
     }
-    // Mean load per pool over everything the policy may place on.
-    let mut sums = [(0.0f64, 0usize); 2];
+    // Per pool, over everything the policy may place on: the mean load, and the measured
+    // speeds a worker that has measured none yet (just started) is assumed to have.
     let slot = |p: Pool| usize::from(p == Pool::Offload);
+    let mut pools = [PoolStats::default(); 2];
     for c in ranking.candidates.iter().chain(&ranking.fallback) {
-        let s = &mut sums[slot(c.pool)];
-        s.0 += load_with_local(&c.worker, reservations);
-        s.1 += 1;
+        pools[slot(c.pool)].add(&c.worker, reservations);
     }
     let order = |list: Vec<Candidate>| -> Vec<Candidate> {
         let mut scored: Vec<(Candidate, u32)> = list
             .into_iter()
             .map(|mut c| {
-                let cached = hits.cached(&c.worker.id);
-                if cached == 0 {
-                    return (c, 0);
-                }
-                let (sum, n) = sums[slot(c.pool)];
-                let mean = sum / n.max(1) as f64;
+                let stats = &pools[slot(c.pool)];
+                let mut cached = hits.cached(&c.worker.id);
                 let one_slot = 1.0 / c.worker.capacity.max_sequences.max(1) as f64;
                 let load = load_with_local(&c.worker, reservations);
-                if within_bound(load, mean, affinity.epsilon, one_slot) {
-                    return (c, cached);
+                // A hit counts while the worker can start the request at once (a sequence slot
+                // is free) or its load is within the bound; beyond both it holds nothing here.
+                let free_slot = load + one_slot <= 1.0 + 1e-9;
+                if cached > 0
+                    && !free_slot
+                    && !within_bound(load, stats.mean_load(), affinity.epsilon, one_slot)
+                {
+                    cached = 0;
                 }
-                // Over the bound: ranked as if it held nothing.
-                let (kv, local) = reservations.since(&c.worker.id, c.worker.updated_unix_ms);
-                let free = c.worker.capacity.free_kv_tokens.saturating_sub(kv);
-                c.score = super::score(&c.worker, demand, free, local, 0, policy);
-                (c, 0)
+                let unmeasured = c.worker.speed.prefill_tokens_per_second <= 0.0
+                    || c.worker.speed.decode_tokens_per_second <= 0.0;
+                if cached != hits.cached(&c.worker.id) || (unmeasured && stats.measured > 0) {
+                    let (kv, local) = reservations.since(&c.worker.id, c.worker.updated_unix_ms);
+                    let free = c.worker.capacity.free_kv_tokens.saturating_sub(kv);
+                    let assumed = stats.assumed(policy);
+                    c.score = super::score(&c.worker, demand, free, local, cached, &assumed);
+                }
+                (c, cached)
             })
             .collect();
         let group = |cached: u32| match demand.class {
@@ -301,4 +309,44 @@ pub fn rank_with_hits(
     ranking.candidates = order(std::mem::take(&mut ranking.candidates));
     ranking.fallback = order(std::mem::take(&mut ranking.fallback));
     Ok(ranking)
+}
+
+/// One pool's candidates, for [`rank_with_hits`].
+#[derive(Clone, Copy, Debug, Default)]
+struct PoolStats {
+    load: f64,
+    n: usize,
+    prefill_tps: f64,
+    decode_tps: f64,
+    measured: usize,
+}
+
+impl PoolStats {
+    fn add(&mut self, w: &WorkerAdvert, reservations: &Reservations) {
+        self.load += load_with_local(w, reservations);
+        self.n += 1;
+        if w.speed.prefill_tokens_per_second > 0.0 && w.speed.decode_tokens_per_second > 0.0 {
+            self.prefill_tps += w.speed.prefill_tokens_per_second;
+            self.decode_tps += w.speed.decode_tokens_per_second;
+            self.measured += 1;
+        }
+    }
+
+    fn mean_load(&self) -> f64 {
+        self.load / self.n.max(1) as f64
+    }
+
+    /// The policy, with its assumed speeds for unmeasured workers replaced by the mean measured
+    /// speeds of the pool's workers (a restarted worker is not assumed faster than its peers:
+    /// that would draw conversations away from the workers holding them).
+    fn assumed(&self, policy: &Policy) -> Policy {
+        if self.measured == 0 {
+            return policy.clone();
+        }
+        Policy {
+            default_prefill_tps: self.prefill_tps / self.measured as f64,
+            default_decode_tps: self.decode_tps / self.measured as f64,
+            ..policy.clone()
+        }
+    }
 }
