@@ -147,8 +147,8 @@ pub struct PrefixCopy {
     pub len: u32,
 }
 
-/// A copy must save at least this many prompt tokens: a cross-stream copy moves the whole
-/// stream's KV buffer.
+/// A copy must save at least this many prompt tokens (unless it covers the whole prompt): a
+/// cross-stream copy moves the whole stream's KV buffer.
 pub const MIN_COPY_TOKENS: u32 = 16;
 
 /// Where an admission goes: its stream, the prompt tokens it reuses, and the copy that brings
@@ -435,7 +435,8 @@ impl<T> Batcher<T> {
     /// common prefix; fewer than `MIN_COPY_TOKENS` cached tokens past it may differ, e.g. the
     /// end of a previous answer tokenized differently in the next turn's prompt), else (b) an empty stream, else (c) the least recently used idle stream
     /// (smaller first on a tie). When another stream (running or idle) holds a longer reusable
-    /// prefix — by at least `MIN_COPY_TOKENS` — it is copied there.
+    /// prefix — by at least `MIN_COPY_TOKENS`, or all of the prompt but its last token (a
+    /// repeated prompt) — it is copied there.
     fn choose_slot(&self, tokens: &[u32]) -> Option<Choice> {
         let idle = || (0..self.slots.len()).filter(|&i| self.slots[i].is_none());
         let whole = idle()
@@ -460,7 +461,9 @@ impl<T> Batcher<T> {
             .filter(|&i| i != slot)
             .map(|i| (i, self.offer(i, tokens)))
             .max_by_key(|&(i, len)| (len, std::cmp::Reverse(i)))
-            .filter(|&(_, len)| len >= own + MIN_COPY_TOKENS)
+            .filter(|&(_, len)| {
+                len >= own + MIN_COPY_TOKENS || (len > own && len as usize + 1 >= tokens.len())
+            })
             .map(|(src, len)| PrefixCopy {
                 src,
                 dst: slot,

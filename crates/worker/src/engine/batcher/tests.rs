@@ -112,14 +112,14 @@ fn admits_new_requests_between_decode_steps() {
     assert_eq!(first.n_tokens(), 4);
     // A second request arrives while the first decodes: admitted at the very next step,
     // which carries the first one's decode token and the second one's prompt together.
-    b.enqueue(pending(3, 5, LatencyClass::Interactive, 2, t))
-        .unwrap();
+    // (Tokens unlike the first prompt's, which it would have copied from the running stream.)
+    b.enqueue(request(vec![100, 101, 102], 5, 2, t)).unwrap();
     let second = step(&mut b, t);
     assert_eq!(second.admitted, vec![(1, 0)]);
     assert_eq!(second.entries.len(), 2);
     assert_eq!(second.entries[0].tokens, vec![7]);
     assert_eq!(second.entries[0].pos, 4);
-    assert_eq!(second.entries[1].tokens, vec![0, 1, 2]);
+    assert_eq!(second.entries[1].tokens, vec![100, 101, 102]);
 }
 
 #[test]
@@ -699,5 +699,26 @@ fn an_aligned_copy_takes_only_whole_chunks() {
     assert_eq!(
         (plan.entries[0].pos, plan.entries[0].tokens.len()),
         (16, 16)
+    );
+}
+
+#[test]
+fn a_repeated_short_prompt_is_copied_whole_and_keeps_the_answer_it_cached() {
+    let t = Instant::now();
+    let mut b = Batcher::new(per_slot_config());
+    b.enqueue(request((0..10).collect(), 20, 1, t)).unwrap();
+    run_to_idle(&mut b, t);
+    // Slot 0 caches the prompt and a 19-token answer; the same prompt again gets its 9 tokens
+    // copied into the empty slot, and slot 0 keeps the answer.
+    b.enqueue(request((0..10).collect(), 20, 2, t)).unwrap();
+    let plan = step(&mut b, t);
+    assert_eq!(plan.admitted, vec![(1, 9)]);
+    assert_eq!(
+        plan.copies,
+        vec![PrefixCopy {
+            src: 0,
+            dst: 1,
+            len: 9
+        }]
     );
 }
