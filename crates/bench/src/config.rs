@@ -63,6 +63,16 @@ pub struct BenchConfig {
     /// Free-form label stored in the report (e.g. "worker", "llama-server", "gateway").
     #[arg(long, env = "MOE_BENCH_LABEL", default_value = "")]
     pub label: String,
+    /// Run the multi-turn chat workload instead of the levels: this many conversations at once
+    /// (gRPC only; see `chat.rs`). 0: off.
+    #[arg(long, env = "MOE_BENCH_CHAT_CONVERSATIONS", default_value_t = 0)]
+    pub chat_conversations: u32,
+    /// Turns per conversation of the chat workload.
+    #[arg(long, env = "MOE_BENCH_CHAT_TURNS", default_value_t = 4)]
+    pub chat_turns: u32,
+    /// Approximate tokens of the system prompt every conversation shares.
+    #[arg(long, env = "MOE_BENCH_CHAT_SYSTEM_TOKENS", default_value_t = 64)]
+    pub chat_system_tokens: u32,
 }
 
 /// Upper bounds that keep every run finite.
@@ -92,6 +102,16 @@ impl BenchConfig {
         }
         if self.background_batch > 0 && !matches!(self.target, Target::Grpc { .. }) {
             return Err("--background-batch needs a grpc:// target".into());
+        }
+        if self.chat_conversations > 0 {
+            if !matches!(self.target, Target::Grpc { .. }) {
+                return Err("--chat-conversations needs a grpc:// target".into());
+            }
+            if self.chat_conversations > MAX_CONCURRENCY || self.chat_turns == 0 {
+                return Err(format!(
+                    "--chat-conversations must be at most {MAX_CONCURRENCY} and --chat-turns at least 1"
+                ));
+            }
         }
         if self.background_batch > MAX_CONCURRENCY {
             return Err(format!(

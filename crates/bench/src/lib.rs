@@ -1,6 +1,7 @@
 //! moe-bench: a bounded load generator for moe.v1 gRPC endpoints (workers, gateways) and for
 //! upstream llama-server, used by the side-by-side scripts under `bench/`.
 
+pub mod chat;
 pub mod client;
 pub mod config;
 pub mod prompt;

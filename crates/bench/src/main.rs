@@ -15,6 +15,14 @@ async fn main() -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
         on_signal.cancel();
     });
+    if config.chat_conversations > 0 {
+        let report = moe_bench::chat::run(&config, cancel).await?;
+        print!("{}", report.table());
+        if let Some(path) = &config.json {
+            std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")?;
+        }
+        return Ok(());
+    }
     let report = moe_bench::run(&config, cancel).await?;
     print!("{}", report.table());
     if let Some(path) = &config.json {

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Issue 17: what prefix-aware routing buys multi-turn chats. Runs etcd (loopback, temporary data
+# dir), then twice — gateway with --prefix-routing off, then on — three fresh moe-workers and one
+# moe-gateway, and drives the same multi-turn chat workload through the gateway with moe-bench
+# (--chat-conversations: conversations at once, each turn after the previous one, a shared system
+# prompt and a first message of its own per conversation). Reports each turn's TTFT p50 and the
+# share of prompt tokens the workers reused from their prefix caches, and writes
+# docs/benchmarks/prefix-routing.md. Target: later turns' TTFT p50 with routing <= 0.3x without.
+#
+# usage: bench/prefix-routing.sh              (env overrides below; PROFILE=debug skips the
+#                                              release build and uses target/debug binaries)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+
+MODEL=${MODEL:-models/smollm2-moe-4x2.gguf}
+THREADS=${THREADS:-1}             # per worker: three workers share this machine
+CTX=${CTX:-2048}
+PARALLEL=${PARALLEL:-4}
+CACHE_SEQUENCES=${CACHE_SEQUENCES:-2}
+CONVERSATIONS=${CONVERSATIONS:-8}
+TURNS=${TURNS:-4}
+SYSTEM_TOKENS=${SYSTEM_TOKENS:-64}
+FIRST_TOKENS=${FIRST_TOKENS:-200}
+MAX_TOKENS=${MAX_TOKENS:-16}
+PROFILE=${PROFILE:-release}
+DOC=${DOC:-docs/benchmarks/prefix-routing.md}
+OUTDIR=${OUTDIR:-target/bench/prefix-routing}
+
+command -v etcd >/dev/null || { echo "etcd not found (Debian package etcd-server)" >&2; exit 1; }
+[ -f "$MODEL" ] || python3 scripts/make_test_models.py
+mkdir -p "$OUTDIR" "$(dirname "$DOC")"
+if [ "$PROFILE" = release ]; then
+  echo "== building (release) moe-worker, moe-gateway and moe-bench" >&2
+  nice -n 19 cargo build --release -q -p moe-worker -p moe-gateway -p moe-bench
+fi
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
+
+DATA=$(mktemp -d)
+ETCD_PID= GATEWAY_PID= WORKER_PIDS=()
+stop_cluster() {
+  stop_pid "$GATEWAY_PID"; GATEWAY_PID=
+  for p in "${WORKER_PIDS[@]}"; do stop_pid "$p"; done
+  WORKER_PIDS=()
+}
+cleanup() { stop_cluster; stop_pid "$ETCD_PID"; rm -rf "$DATA"; }
+trap cleanup EXIT
+
+ETCD_PORT=$(free_port) PEER_PORT=$(free_port)
+ETCD=http://127.0.0.1:$ETCD_PORT
+etcd --data-dir "$DATA/etcd" --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
+     --listen-peer-urls "http://127.0.0.1:$PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$PEER_PORT" \
+     --initial-cluster "default=http://127.0.0.1:$PEER_PORT" >"$OUTDIR/etcd.log" 2>&1 &
+ETCD_PID=$!
+wait_port "$ETCD_PORT" 30 "$ETCD_PID"
+
+BENCH_ARGS=(--chat-conversations "$CONVERSATIONS" --chat-turns "$TURNS" --chat-system-tokens "$SYSTEM_TOKENS"
+            --prompt-tokens "$FIRST_TOKENS" --max-tokens "$MAX_TOKENS" --wait-ready 180s --request-timeout 300s)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+STARTED=$(date +%s)
+for MODE in off on; do
+  # Fresh workers for each mode: no cache carried over from the other run.
+  PREFIX=/moe-bench-$$-$MODE/
+  for w in a b c; do
+    port=$(free_port)
+    RUST_LOG=warn OMP_WAIT_POLICY=PASSIVE "$BIN/moe-worker" --model "$MODEL" --id "$w" --listen "127.0.0.1:$port" \
+      --etcd "$ETCD" --etcd-prefix "$PREFIX" --ctx-size "$CTX" --parallel "$PARALLEL" \
+      --cache-sequences "$CACHE_SEQUENCES" --threads "$THREADS" >"$OUTDIR/worker-$MODE-$w.log" 2>&1 &
+    WORKER_PIDS+=($!)
+    wait_port "$port" 120 "$!"
+  done
+  GATEWAY_PORT=$(free_port)
+  GATEWAY_CMD=("$BIN/moe-gateway" --listen "127.0.0.1:$GATEWAY_PORT" --etcd "$ETCD" --etcd-prefix "$PREFIX"
+               --prefix-routing "$MODE")
+  RUST_LOG=warn "${GATEWAY_CMD[@]}" >"$OUTDIR/gateway-$MODE.log" 2>&1 &
+  GATEWAY_PID=$!
+  wait_port "$GATEWAY_PORT" 60 "$GATEWAY_PID"
+  sleep 2   # the gateway lists the registry and subscribes to the workers' caches
+  echo "== prefix routing $MODE" >&2
+  "$BIN/moe-bench" --target "grpc://127.0.0.1:$GATEWAY_PORT" "${BENCH_ARGS[@]}" --label "prefix-routing-$MODE" \
+    --json "$OUTDIR/$MODE.json"
+  stop_cluster
+done
+ELAPSED=$(( $(date +%s) - STARTED ))
+
+TABLE=$(python3 - "$OUTDIR/off.json" "$OUTDIR/on.json" <<'PY'
+import json, sys
+off, on = (json.load(open(p)) for p in sys.argv[1:3])
+def f(v): return "-" if v is None else f"{v:.2f}"
+print("| turns | requests (off / on) | TTFT p50 off (s) | TTFT p50 on (s) | on / off | cached/prompt off | cached/prompt on |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for a, b in list(zip(off["by_turn"], on["by_turn"])) + [(off["later_turns"], on["later_turns"])]:
+    x, y = a["ttft_p50_seconds"], b["ttft_p50_seconds"]
+    ratio = "-" if not x or y is None else f"{y / x:.2f}"
+    print(f"| {a['turns']} | {a['requests']} / {b['requests']} | {f(x)} | {f(y)} | {ratio} | {a['cached_ratio']:.2f} | {b['cached_ratio']:.2f} |")
+errs = off["errors"] + on["errors"]
+if errs:
+    print()
+    print("Errors: " + "; ".join(errs))
+PY
+)
+echo
+echo "$TABLE"
+{
+  echo "# Prefix-aware routing"
+  echo
+  echo "Issue 17: with prefix-aware routing (docs/api.md, \"Prefix-aware routing\"), a chat's later turns go to the worker that holds its earlier turns and prefill only the new tokens. Target: TTFT p50 of later turns with routing at most 0.3x without."
+  echo "Generated by \`bench/prefix-routing.sh\` (measurement took ${ELAPSED}s); re-running it rewrites this file."
+  echo
+  echo "## Setup"
+  echo
+  machine_md
+  echo "- commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates || echo ' (with uncommitted changes in the tree)'); binaries: $PROFILE profile"
+  echo "- etcd on loopback; for each mode three fresh moe-workers (\`$MODEL\`, $THREADS thread each, $CTX KV cells, --parallel $PARALLEL, --cache-sequences $CACHE_SEQUENCES) and one moe-gateway with \`--prefix-routing off\` or \`on\`; everything on 127.0.0.1; load average at start $LOAD_START"
+  echo "- workload: moe-bench chat, $CONVERSATIONS conversations at once x $TURNS turns, a shared system prompt of ~$SYSTEM_TOKENS tokens, a first user message of ~$FIRST_TOKENS tokens of its own per conversation, then a short question per turn; $MAX_TOKENS generated tokens per turn, greedy, INTERACTIVE"
+  echo "- TTFT is measured by the client; cached/prompt is the sum of \`usage.cached_prompt_tokens\` over the sum of \`usage.prompt_tokens\`"
+  echo "- this machine is shared (other builds and tests run at the same time): compare the two modes' ratios, not the absolute times"
+  echo
+  echo "## Results"
+  echo
+  echo "$TABLE"
+  echo
+  echo "## Commands"
+  echo
+  echo '```sh'
+  echo "PROFILE=$PROFILE bench/prefix-routing.sh"
+  echo "# per mode:"
+  echo "$BIN/moe-worker --model $MODEL --id a --listen 127.0.0.1:PORT --etcd $ETCD --etcd-prefix /moe-bench-MODE/ --ctx-size $CTX --parallel $PARALLEL --cache-sequences $CACHE_SEQUENCES --threads $THREADS   # and b, c"
+  echo "$BIN/moe-gateway --listen 127.0.0.1:PORT --etcd $ETCD --etcd-prefix /moe-bench-MODE/ --prefix-routing MODE"
+  echo "$BIN/moe-bench --target grpc://127.0.0.1:PORT ${BENCH_ARGS[*]} --label prefix-routing-MODE --json MODE.json"
+  echo '```'
+} >"$DOC"
+echo "wrote $DOC" >&2
