@@ -98,6 +98,90 @@ where
     }
 }
 
+/// The one worker of `ids` whose advert shows an active sequence: the worker serving a test's
+/// only stream, to kill or wedge it. Waits until exactly one does (the worker of an earlier
+/// reference run may still advertise its finished sequence for a moment), or panics after 5 s.
+pub async fn serving_worker<'a>(etcd: &Etcd, prefix: &str, ids: &[&'a str]) -> &'a str {
+    eventually(
+        Duration::from_secs(5),
+        "exactly one advert showing the stream",
+        || async {
+            let mut busy = Vec::new();
+            for &id in ids {
+                if etcd
+                    .advert(prefix, id)
+                    .await
+                    .is_some_and(|w| w.load.active == 1)
+                {
+                    busy.push(id);
+                }
+            }
+            (busy.len() == 1).then(|| busy[0])
+        },
+    )
+    .await
+}
+
+/// Waits until every worker of `ids` advertises free KV (a worker's first advert may show none
+/// until its engine has published its numbers), so that the gateway can place on it.
+pub async fn have_free_kv(etcd: &Etcd, prefix: &str, ids: &[&str]) {
+    for id in ids {
+        eventually(
+            Duration::from_secs(10),
+            "an advert with free KV",
+            || async {
+                let free = etcd.advert(prefix, id).await?.capacity.free_kv_tokens;
+                (free > 0).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// Reads `stream` into `text`/`ids` until the client's text is at least `until` bytes long.
+pub async fn read_until(
+    stream: &mut tonic::Streaming<GenerateResponse>,
+    text: &mut String,
+    ids: &mut Vec<u32>,
+    until: usize,
+) {
+    while text.len() < until {
+        let m = stream.message().await.unwrap().expect("stream continues");
+        assert_eq!(
+            m.finish_reason,
+            FinishReason::Unspecified as i32,
+            "{text:?}"
+        );
+        text.push_str(&m.text);
+        ids.extend(&m.token_ids);
+    }
+}
+
+/// Reads `stream` to its final message.
+pub async fn read_to_end(
+    stream: &mut tonic::Streaming<GenerateResponse>,
+    text: &mut String,
+    ids: &mut Vec<u32>,
+) -> GenerateResponse {
+    let fut = async {
+        loop {
+            let m = stream
+                .message()
+                .await
+                .expect("one unbroken stream")
+                .expect("a final message");
+            text.push_str(&m.text);
+            ids.extend(&m.token_ids);
+            if m.finish_reason != FinishReason::Unspecified as i32 {
+                return m;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), fut)
+        .await
+        .expect("stream finished within 120 s")
+}
+
 /// Options for a test worker.
 #[derive(Clone, Debug)]
 pub struct WorkerSpec {

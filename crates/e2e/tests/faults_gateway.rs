@@ -26,17 +26,7 @@ async fn a_worker_wedged_mid_stream_is_left_after_the_idle_timeout_and_the_strea
         "a long reference"
     );
     let b = WorkerProcess::start(WorkerSpec::new("b", "cpu-moe"), &etcd, prefix).await;
-    for id in ["a", "b"] {
-        eventually(
-            Duration::from_secs(10),
-            "an advert with free KV",
-            || async {
-                let free = etcd.advert(prefix, id).await?.capacity.free_kv_tokens;
-                (free > 0).then_some(())
-            },
-        )
-        .await;
-    }
+    have_free_kv(&etcd, prefix, &["a", "b"]).await;
     let gateway = Gateway::start(&etcd, prefix, &["--stream-idle-timeout", "1s"]).await;
 
     let mut c = client(&gateway.url()).await;
@@ -58,22 +48,7 @@ async fn a_worker_wedged_mid_stream_is_left_after_the_idle_timeout_and_the_strea
     }
     a.signal("STOP");
     let wedged = Instant::now();
-    let last = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let m = stream
-                .message()
-                .await
-                .expect("one unbroken stream")
-                .expect("a final message");
-            text.push_str(&m.text);
-            ids.extend(&m.token_ids);
-            if m.finish_reason != FinishReason::Unspecified as i32 {
-                return m;
-            }
-        }
-    })
-    .await
-    .expect("the stream finished");
+    let last = read_to_end(&mut stream, &mut text, &mut ids).await;
     let took = wedged.elapsed();
     a.signal("CONT");
     assert_eq!(last.migrations, 1, "the stream moved once");

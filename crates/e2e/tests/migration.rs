@@ -54,22 +54,6 @@ async fn draining_worker(spec: WorkerSpec, etcd: &Etcd, prefix: &str) -> WorkerP
     p
 }
 
-/// Waits until every worker of `ids` advertises free KV (a worker's first advert may show none
-/// until its engine has published its numbers), so that the gateway can place on it.
-async fn have_free_kv(etcd: &Etcd, prefix: &str, ids: &[&str]) {
-    for id in ids {
-        eventually(
-            Duration::from_secs(10),
-            "an advert with free KV",
-            || async {
-                let free = etcd.advert(prefix, id).await?.capacity.free_kv_tokens;
-                (free > 0).then_some(())
-            },
-        )
-        .await;
-    }
-}
-
 /// Every message of a stream, the final one included.
 async fn messages(url: &str, req: GenerateRequest) -> Vec<GenerateResponse> {
     let fut = async {
@@ -198,50 +182,6 @@ async fn resuming_where_the_client_text_ends_is_byte_exact_across_profiles() {
     assert_eq!(finish_of(&rest), FinishReason::Stop, "stop string {STOP:?}");
     full.stop().await;
     offload.stop().await;
-}
-
-/// Reads `stream` into `text`/`ids` until the client's text is at least `until` bytes long.
-async fn read_until(
-    stream: &mut tonic::Streaming<GenerateResponse>,
-    text: &mut String,
-    ids: &mut Vec<u32>,
-    until: usize,
-) {
-    while text.len() < until {
-        let m = stream.message().await.unwrap().expect("stream continues");
-        assert_eq!(
-            m.finish_reason,
-            FinishReason::Unspecified as i32,
-            "{text:?}"
-        );
-        text.push_str(&m.text);
-        ids.extend(&m.token_ids);
-    }
-}
-
-/// Reads `stream` to its final message.
-async fn read_to_end(
-    stream: &mut tonic::Streaming<GenerateResponse>,
-    text: &mut String,
-    ids: &mut Vec<u32>,
-) -> GenerateResponse {
-    let fut = async {
-        loop {
-            let m = stream
-                .message()
-                .await
-                .expect("one unbroken stream")
-                .expect("a final message");
-            text.push_str(&m.text);
-            ids.extend(&m.token_ids);
-            if m.finish_reason != FinishReason::Unspecified as i32 {
-                return m;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(120), fut)
-        .await
-        .expect("stream finished within 120 s")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

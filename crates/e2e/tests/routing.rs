@@ -112,26 +112,8 @@ async fn sigkill_mid_stream_migrates_to_another_worker_without_changing_the_text
         text.push_str(&m.text);
         tokens.extend(m.token_ids);
     }
-    // Find the worker serving the stream and kill it: wait until exactly one advert shows an
-    // active sequence (the reference run's worker may still advertise its finished one).
-    let serving = eventually(
-        Duration::from_secs(5),
-        "the serving worker's advert",
-        || async {
-            let mut busy = Vec::new();
-            for id in ["a", "b"] {
-                if etcd
-                    .advert(prefix, id)
-                    .await
-                    .is_some_and(|w| w.load.active == 1)
-                {
-                    busy.push(id);
-                }
-            }
-            (busy.len() == 1).then(|| busy[0])
-        },
-    )
-    .await;
+    // Find the worker serving the stream and kill it.
+    let serving = serving_worker(&etcd, prefix, &["a", "b"]).await;
     let (victim, survivor) = if serving == "a" { (a, b) } else { (b, a) };
     victim.signal("KILL");
     let mut last = None;
