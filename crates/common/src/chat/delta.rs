@@ -45,6 +45,66 @@ pub(crate) fn safe_len(text: &str, markers: &[&str]) -> usize {
         .unwrap_or(text.len())
 }
 
+/// Text that alternates between two sides, outside and inside, switched by an opening and a
+/// closing marker (`<think>`…`</think>`, `<tool_call>`…`</tool_call>`), fed in pieces cut
+/// anywhere, inside a marker too. The scanning loop of the think and tool-call parsers.
+#[derive(Debug)]
+pub(crate) struct Toggle {
+    open: &'static str,
+    close: &'static str,
+    /// Between the markers now.
+    pub inside: bool,
+    /// Text not taken yet.
+    pub held: String,
+}
+
+/// One step of [`Toggle::next`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// The text of one side up to its marker, which was consumed: the side has flipped.
+    Span { inside: bool, text: String },
+    /// No marker in view: what may be released now (nothing when the side holds its text), the
+    /// possible start of a marker stays held. The end of what can be taken for now.
+    Rest { inside: bool, text: String },
+}
+
+impl Toggle {
+    pub fn new(open: &'static str, close: &'static str, inside: bool) -> Self {
+        Toggle {
+            open,
+            close,
+            inside,
+            held: String::new(),
+        }
+    }
+
+    /// Takes the next span of held text. `release_inside`: whether text inside is released before
+    /// its closing marker shows (reasoning streams; a tool call is parsed whole).
+    pub fn next(&mut self, release_inside: bool) -> Step {
+        let inside = self.inside;
+        let marker = if inside { self.close } else { self.open };
+        match find_first(&self.held, &[marker]) {
+            Some((at, _)) => {
+                let text = self.held[..at].to_string();
+                self.held.drain(..at + marker.len());
+                self.inside = !inside;
+                Step::Span { inside, text }
+            }
+            None => {
+                let n = if inside && !release_inside {
+                    0
+                } else {
+                    safe_len(&self.held, &[marker])
+                };
+                Step::Rest {
+                    inside,
+                    text: self.held.drain(..n).collect(),
+                }
+            }
+        }
+    }
+}
+
 /// The first occurrence of any of `markers` in `text`: (position, marker).
 pub(crate) fn find_first<'m>(text: &str, markers: &[&'m str]) -> Option<(usize, &'m str)> {
     markers
@@ -74,6 +134,45 @@ mod tests {
             Some((2, "<|end|>"))
         );
         assert_eq!(find_first("x", &["<|end|>"]), None);
+    }
+
+    #[test]
+    fn toggle_takes_spans_up_to_each_marker_and_holds_a_cut_marker() {
+        let mut t = Toggle::new("<a>", "</a>", false);
+        t.held.push_str("x<a>y</a");
+        assert_eq!(
+            t.next(false),
+            Step::Span {
+                inside: false,
+                text: "x".into()
+            }
+        );
+        assert!(t.inside);
+        assert_eq!(
+            t.next(false),
+            Step::Rest {
+                inside: true,
+                text: String::new()
+            },
+            "inside text is held until its marker"
+        );
+        assert_eq!(
+            t.next(true),
+            Step::Rest {
+                inside: true,
+                text: "y".into()
+            },
+            "released, all but the cut marker"
+        );
+        t.held.push('>');
+        assert_eq!(
+            t.next(true),
+            Step::Span {
+                inside: true,
+                text: String::new()
+            }
+        );
+        assert!(!t.inside && t.held.is_empty());
     }
 
     #[test]

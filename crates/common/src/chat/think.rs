@@ -2,15 +2,15 @@
 //! reasoning, the rest content. Templates that open the think block in the generation prompt make
 //! the output start inside it: [`ThinkParser::new`] takes that as `starts_in_reasoning`.
 
-use super::delta::{ChatDelta, find_first, push_text, safe_len};
+use super::delta::{ChatDelta, Step, Toggle, push_text};
 
 pub const OPEN: &str = "<think>";
 pub const CLOSE: &str = "</think>";
 
 #[derive(Debug)]
 pub struct ThinkParser {
-    reasoning: bool,
-    held: String,
+    /// Inside the think block: reasoning.
+    text: Toggle,
     /// Leading whitespace after `</think>` is dropped (templates put "\n\n" there).
     trim_next: bool,
 }
@@ -18,36 +18,32 @@ pub struct ThinkParser {
 impl ThinkParser {
     pub fn new(starts_in_reasoning: bool) -> Self {
         ThinkParser {
-            reasoning: starts_in_reasoning,
-            held: String::new(),
+            text: Toggle::new(OPEN, CLOSE, starts_in_reasoning),
             trim_next: false,
         }
     }
 
     pub fn push(&mut self, text: &str) -> Vec<ChatDelta> {
         let mut out = Vec::new();
-        self.held.push_str(text);
+        self.text.held.push_str(text);
         loop {
             if self.trim_next {
-                let trimmed = self.held.trim_start().len();
-                self.held.drain(..self.held.len() - trimmed);
-                if self.held.is_empty() {
+                let held = &mut self.text.held;
+                let trimmed = held.trim_start().len();
+                held.drain(..held.len() - trimmed);
+                if held.is_empty() {
                     return out;
                 }
                 self.trim_next = false;
             }
-            let marker = if self.reasoning { CLOSE } else { OPEN };
-            match find_first(&self.held, &[marker]) {
-                Some((at, _)) => {
-                    push_text(&mut out, self.reasoning, &self.held[..at]);
-                    self.held.drain(..at + marker.len());
-                    self.reasoning = !self.reasoning;
-                    self.trim_next = !self.reasoning;
+            match self.text.next(true) {
+                Step::Span { inside, text } => {
+                    push_text(&mut out, inside, &text);
+                    // After `</think>`.
+                    self.trim_next = inside;
                 }
-                None => {
-                    let n = safe_len(&self.held, &[marker]);
-                    let text: String = self.held.drain(..n).collect();
-                    push_text(&mut out, self.reasoning, &text);
+                Step::Rest { inside, text } => {
+                    push_text(&mut out, inside, &text);
                     return out;
                 }
             }
@@ -56,7 +52,11 @@ impl ThinkParser {
 
     pub fn finish(&mut self) -> Vec<ChatDelta> {
         let mut out = Vec::new();
-        push_text(&mut out, self.reasoning, &std::mem::take(&mut self.held));
+        push_text(
+            &mut out,
+            self.text.inside,
+            &std::mem::take(&mut self.text.held),
+        );
         out
     }
 }

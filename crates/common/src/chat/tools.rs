@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use super::delta::{ChatDelta, find_first, push_text, safe_len};
+use super::delta::{ChatDelta, Step, Toggle, push_text};
 
 pub const HERMES_OPEN: &str = "<tool_call>";
 pub const HERMES_CLOSE: &str = "</tool_call>";
@@ -22,9 +22,8 @@ pub enum ToolFormat {
 #[derive(Debug)]
 pub struct ToolCallParser {
     format: ToolFormat,
-    held: String,
-    /// Hermes: inside `<tool_call>`; Llama-3: the answer is JSON.
-    inside: bool,
+    /// Hermes: `inside` is inside `<tool_call>`; Llama-3: the answer is JSON.
+    text: Toggle,
     /// Llama-3: whether the first non-blank text decided the mode yet.
     decided: bool,
     calls: u32,
@@ -34,15 +33,14 @@ impl ToolCallParser {
     pub fn new(format: ToolFormat) -> Self {
         ToolCallParser {
             format,
-            held: String::new(),
-            inside: false,
+            text: Toggle::new(HERMES_OPEN, HERMES_CLOSE, false),
             decided: false,
             calls: 0,
         }
     }
 
     pub fn push(&mut self, text: &str) -> Vec<ChatDelta> {
-        self.held.push_str(text);
+        self.text.held.push_str(text);
         let mut out = Vec::new();
         match self.format {
             ToolFormat::Hermes => self.hermes(&mut out),
@@ -53,8 +51,8 @@ impl ToolCallParser {
 
     pub fn finish(&mut self) -> Vec<ChatDelta> {
         let mut out = Vec::new();
-        let held = std::mem::take(&mut self.held);
-        if !self.inside {
+        let held = std::mem::take(&mut self.text.held);
+        if !self.text.inside {
             push_text(&mut out, false, &held);
         } else if !self.emit_calls(&mut out, &held) {
             // An unterminated or malformed call stays visible as text.
@@ -64,34 +62,24 @@ impl ToolCallParser {
             };
             push_text(&mut out, false, &format!("{open}{held}"));
         }
-        self.inside = false;
+        self.text.inside = false;
         out
     }
 
     fn hermes(&mut self, out: &mut Vec<ChatDelta>) {
         loop {
-            let marker = if self.inside {
-                HERMES_CLOSE
-            } else {
-                HERMES_OPEN
-            };
-            match find_first(&self.held, &[marker]) {
-                Some((at, _)) => {
-                    let before: String = self.held.drain(..at + marker.len()).collect();
-                    let body = &before[..at];
-                    if !self.inside {
-                        push_text(out, false, body);
-                    } else if !self.emit_calls(out, body) {
-                        push_text(out, false, &format!("{HERMES_OPEN}{body}{HERMES_CLOSE}"));
+            match self.text.next(false) {
+                Step::Span {
+                    inside: false,
+                    text,
+                } => push_text(out, false, &text),
+                Step::Span { inside: true, text } => {
+                    if !self.emit_calls(out, &text) {
+                        push_text(out, false, &format!("{HERMES_OPEN}{text}{HERMES_CLOSE}"));
                     }
-                    self.inside = !self.inside;
                 }
-                None => {
-                    if !self.inside {
-                        let n = safe_len(&self.held, &[marker]);
-                        let text: String = self.held.drain(..n).collect();
-                        push_text(out, false, &text);
-                    }
+                Step::Rest { text, .. } => {
+                    push_text(out, false, &text);
                     return;
                 }
             }
@@ -100,20 +88,20 @@ impl ToolCallParser {
 
     fn llama3(&mut self, out: &mut Vec<ChatDelta>) {
         if !self.decided {
-            let t = self.held.trim_start();
+            let t = self.text.held.trim_start();
             if t.is_empty() || PYTHON_TAG.starts_with(t) {
                 return;
             }
             self.decided = true;
             if let Some(rest) = t.strip_prefix(PYTHON_TAG) {
-                self.held = rest.to_string();
-                self.inside = true;
+                self.text.held = rest.to_string();
+                self.text.inside = true;
             } else {
-                self.inside = t.starts_with('{');
+                self.text.inside = t.starts_with('{');
             }
         }
-        if !self.inside {
-            push_text(out, false, &std::mem::take(&mut self.held));
+        if !self.text.inside {
+            push_text(out, false, &std::mem::take(&mut self.text.held));
         }
         // JSON answers are parsed whole at `finish`.
     }

@@ -42,6 +42,14 @@ pub struct ChatReply {
     pub resumed: String,
 }
 
+impl ChatReply {
+    /// Whether the reply's text is detokenized with special tokens rendered: raw output shows
+    /// them, and the harmony parser reads its channel markers.
+    pub fn renders_special(&self) -> bool {
+        self.raw_output || self.format.reasoning == moe_common::chat::ReasoningFormat::Harmony
+    }
+}
+
 /// What the engine needs to run a chat job.
 #[derive(Debug)]
 pub struct EnginePrompt {
@@ -74,18 +82,18 @@ pub fn engine_prompt(
             reasoning_effort: chat.reasoning_effort.as_deref(),
         },
     )?;
+    let reply = ChatReply {
+        format: p.format,
+        prefill: p.prefill,
+        raw_output: chat.raw_output,
+        single_tool_call: chat.single_tool_call,
+        resumed: String::new(),
+    };
     Ok(EnginePrompt {
         tokens: p.tokens,
         grammar: p.grammar,
-        render_special: chat.raw_output
-            || p.format.reasoning == moe_common::chat::ReasoningFormat::Harmony,
-        reply: ChatReply {
-            format: p.format,
-            prefill: p.prefill,
-            raw_output: chat.raw_output,
-            single_tool_call: chat.single_tool_call,
-            resumed: String::new(),
-        },
+        render_special: reply.renders_special(),
+        reply,
     })
 }
 
@@ -96,8 +104,7 @@ pub fn resumed_text(
     resume_ids: &[u32],
     token_bytes: impl Fn(u32, bool) -> Vec<u8>,
 ) -> String {
-    let special =
-        reply.raw_output || reply.format.reasoning == moe_common::chat::ReasoningFormat::Harmony;
+    let special = reply.renders_special();
     let bytes: Vec<u8> = resume_ids
         .iter()
         .flat_map(|&t| token_bytes(t, special))
@@ -332,19 +339,35 @@ mod tests {
     use moe_common::chat::ReasoningFormat;
     use moe_common::chat::ToolFormat;
 
+    /// A chat reply of `reasoning` and `tools` format (not raw output).
+    fn reply(
+        reasoning: ReasoningFormat,
+        tools: Option<ToolFormat>,
+        prefill: &str,
+        resumed: &str,
+    ) -> ChatReply {
+        ChatReply {
+            format: ChatFormat { reasoning, tools },
+            prefill: prefill.to_string(),
+            raw_output: false,
+            single_tool_call: false,
+            resumed: resumed.to_string(),
+        }
+    }
+
+    impl ChatReply {
+        fn one_call(self) -> Self {
+            ChatReply {
+                single_tool_call: true,
+                ..self
+            }
+        }
+    }
+
     #[test]
     fn harmony_reply_is_split_into_reasoning_content_and_calls() {
         let mut s = ReplyShaper::new("r1");
-        let first = s.start(ChatReply {
-            format: ChatFormat {
-                reasoning: ReasoningFormat::Harmony,
-                tools: None,
-            },
-            prefill: String::new(),
-            raw_output: false,
-            single_tool_call: false,
-            resumed: String::new(),
-        });
+        let first = s.start(reply(ReasoningFormat::Harmony, None, "", ""));
         assert!(first.text.is_empty());
         let m = s.delta(
             "<|channel|>analysis<|message|>think<|end|>".into(),
@@ -364,16 +387,12 @@ mod tests {
     #[test]
     fn a_forced_call_prefill_opens_the_call_and_stop_becomes_tool_calls() {
         let mut s = ReplyShaper::new("r1");
-        let first = s.start(ChatReply {
-            format: ChatFormat {
-                reasoning: ReasoningFormat::None,
-                tools: Some(ToolFormat::Hermes),
-            },
-            prefill: "<tool_call>\n{\"name\": \"".into(),
-            raw_output: false,
-            single_tool_call: false,
-            resumed: String::new(),
-        });
+        let first = s.start(reply(
+            ReasoningFormat::None,
+            Some(ToolFormat::Hermes),
+            "<tool_call>\n{\"name\": \"",
+            "",
+        ));
         assert!(first.tool_calls.is_empty(), "the name is not complete yet");
         let m = s.delta(
             "f\", \"arguments\": {\"a\": 1}}\n</tool_call>".into(),
@@ -396,16 +415,7 @@ mod tests {
         };
         assert!(chat_job(&req).unwrap().single_tool_call);
         let mut s = ReplyShaper::new("r1");
-        s.start(ChatReply {
-            format: ChatFormat {
-                reasoning: ReasoningFormat::None,
-                tools: Some(ToolFormat::Hermes),
-            },
-            prefill: String::new(),
-            raw_output: false,
-            single_tool_call: true,
-            resumed: String::new(),
-        });
+        s.start(reply(ReasoningFormat::None, Some(ToolFormat::Hermes), "", "").one_call());
         let m = s.delta(
             "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>\n<tool_call>".into(),
             vec![1],
@@ -428,16 +438,12 @@ mod tests {
     #[test]
     fn a_resumed_reply_continues_in_the_parser_state_of_the_previous_worker() {
         let mut s = ReplyShaper::new("r1");
-        let first = s.start(ChatReply {
-            format: ChatFormat {
-                reasoning: ReasoningFormat::Harmony,
-                tools: None,
-            },
-            prefill: String::new(),
-            raw_output: false,
-            single_tool_call: false,
-            resumed: "<|channel|>analysis<|message|>The user asks".into(),
-        });
+        let first = s.start(reply(
+            ReasoningFormat::Harmony,
+            None,
+            "",
+            "<|channel|>analysis<|message|>The user asks",
+        ));
         assert_eq!(first, GenerateResponse::default(), "nothing is sent twice");
         let m = s.delta(
             " about Paris.<|end|><|start|>assistant<|channel|>final<|message|>Paris".into(),
