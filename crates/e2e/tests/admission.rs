@@ -155,7 +155,7 @@ async fn n_and_2n_concurrent_requests_on_n_slots_are_all_served() {
                 "request {i}: {:?}",
                 done.finish()
             );
-            let usage = done.last.usage.clone().unwrap_or_default();
+            let usage = done.last.usage.unwrap_or_default();
             assert!(
                 usage.prompt_tokens + NEW_TOKENS <= 128,
                 "the request must fit its 128-cell slot ({} prompt tokens)",
