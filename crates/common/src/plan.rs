@@ -372,7 +372,7 @@ mod tests {
         // Against the H200 run of the synthetic gpt-oss-20b with this layout (nvidia-smi per
         // process): full 10949 MiB weights + 1056 KV + 528 compute + 640 overhead = 13173 MiB
         // planned vs 13120 measured (+0.4 %, was +4 % with full-size sliding layers); cpu-moe
-        // 1242 + 1056 + 528 + 640 = 3466 vs 3312–3424 (+1.2 to +4.6 %, was +16 to +19 %).
+        // 1242 + 1056 + 528 + 640 = 3466 vs 3312–3424 (+1.2 to +4.6 %, was +15 to +19 %).
         assert_eq!(s.kv_bytes_for(&kv), 1056 * MIB);
         assert_eq!(s.plan_for(0, &kv).kv_bytes, 1056 * MIB);
         let no_window = ModelShape {
