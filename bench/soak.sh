@@ -35,7 +35,7 @@ HEADER=$OUTDIR/header.md
   echo "## Command"
   echo
   echo '```sh'
-  echo "BIN=$BIN MODEL=$MODEL bench/soak.sh $*"
+  echo "BIN=$BIN MODEL=$MODEL DOC=$DOC OUTDIR=$OUTDIR bench/soak.sh $*"
   echo '```'
   echo
   echo "## Setup"
