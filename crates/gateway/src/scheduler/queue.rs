@@ -57,8 +57,8 @@ pub fn or_wait(
 /// Ready, untried workers of the model whose context holds prompt + max_tokens, ranked by
 /// predicted time to first token (which counts the sequences running and queued there and this
 /// gateway's placements since the advert). The class's preferred pool comes first; the other
-/// pool is a candidate when the spill rule allows it or the preferred pool has no such worker,
-/// and a retry fallback otherwise. The ranking is marked `queued`.
+/// pool is a candidate when the spill rule allows it, or when the preferred pool has no such
+/// worker and spill is not `off`; a retry fallback otherwise. The ranking is marked `queued`.
 pub fn rank_queued(
     demand: &Demand,
     snapshot: &ClusterSnapshot,
@@ -128,8 +128,13 @@ pub fn rank_queued(
         queued: true,
     };
     if ranking.candidates.is_empty() {
-        // Nowhere in the preferred pool: waiting in the other pool beats a refusal.
-        ranking.candidates = other;
+        // Nowhere in the preferred pool: waiting in the other pool beats a refusal, unless the
+        // class may never spill there (`Spill::Off`): then it is a retry fallback only.
+        if spill == Spill::Off {
+            ranking.fallback = other;
+        } else {
+            ranking.candidates = other;
+        }
     } else {
         let (allowed, rest): (Vec<_>, Vec<_>) = other.into_iter().partition(spill_allowed);
         ranking.candidates.extend(allowed);

@@ -62,10 +62,21 @@ fn batch_waits_in_its_own_pool_rather_than_spill_against_the_rule() {
     assert!(r.queued);
     assert_eq!(ids(&r), vec!["slow"]);
     assert_eq!(r.fallback[0].worker.id, "fast");
-    // With no worker of its own pool at all, batch waits on the other pool instead of failing.
+    // With no worker of its own pool at all, batch waits on the other pool instead of failing...
     let s = snapshot(vec![busy("fast", "full", 8, 3)]);
     let r = ranked(&demand(LatencyClass::Batch), &s).unwrap();
     assert_eq!(ids(&r), vec!["fast"]);
+    // ...unless its spill rule is off: then only a retry may go there.
+    let off = Policy {
+        batch_spill: Spill::Off,
+        ..Policy::default()
+    };
+    let d = demand(LatencyClass::Batch);
+    let r = rank_queued(&d, &s, &Reservations::default(), &HashSet::new(), &off).unwrap();
+    assert!(r.candidates.is_empty());
+    assert_eq!(r.fallback[0].worker.id, "fast");
+    assert!(pick(r.clone(), false).is_none());
+    assert_eq!(pick(r, true).unwrap().0.worker.id, "fast");
 }
 
 #[test]
