@@ -654,3 +654,104 @@ async fn a_network_partition_between_gateway_and_worker_moves_the_stream_and_the
     b.stop().await;
     forwarder.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http_client_that_stops_reading_its_event_stream_is_let_go_and_the_worker_frees_its_slot()
+ {
+    let etcd = Etcd::start().await;
+    let prefix = "/f-client-stall-http";
+    let mut spec = WorkerSpec::new("w", "full");
+    spec.parallel = 1;
+    let worker = Worker::start(spec, Some((&etcd, prefix))).await;
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let http_arg = http.to_string();
+    let gateway = Gateway::start(
+        &etcd,
+        prefix,
+        &["--http-listen", &http_arg, "--stream-idle-timeout", "1s"],
+    )
+    .await;
+    eventually(Duration::from_secs(20), "the HTTP port to open", || async {
+        tokio::net::TcpStream::connect(http).await.ok()
+    })
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "the gateway to see the worker",
+        || async {
+            let mut s = send(http, "GET /health HTTP/1.1\r\nHost: gw\r\n", b"").await;
+            (response(&mut s).await.0 == 200).then_some(())
+        },
+    )
+    .await;
+    // A client with a small receive buffer: once it stops reading, the gateway's socket and
+    // relay fill after a few hundred events.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(http).await.expect("connect");
+    let body =
+        format!(r#"{{"prompt":"{PROMPT}","max_tokens":1500,"temperature":0,"stream":true}}"#);
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while got.windows(5).filter(|w| w == b"data:").count() < 3 {
+        let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut chunk))
+            .await
+            .expect("first events")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the sequence to show as active",
+        || async {
+            etcd.advert(prefix, "w")
+                .await
+                .filter(|a| a.load.active == 1)
+        },
+    )
+    .await;
+    // The client stops reading, its connection open.
+    let stopped = Instant::now();
+    eventually(
+        Duration::from_secs(60),
+        "the worker to free the slot of the event stream nobody reads",
+        || async {
+            etcd.advert(prefix, "w")
+                .await
+                .filter(|a| a.load.active == 0 && a.capacity.free_kv_tokens == 2048)
+        },
+    )
+    .await;
+    let freed = stopped.elapsed();
+    // The rest, then the end: an error event, not a finished stream.
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+        .await
+        .expect("the response ends once read")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("stream idle timeout"),
+        "no idle-timeout error event: ...{}",
+        &text[text.len().saturating_sub(600)..]
+    );
+    assert!(
+        !text.contains("[DONE]"),
+        "the stream must not have run to its end"
+    );
+    let events = text.matches("data:").count();
+    eprintln!("HTTP client stopped reading: slot freed after {freed:?}, {events} events");
+    gateway.stop().await;
+    worker.stop().await;
+}

@@ -3,7 +3,10 @@
 //! Every accepted socket gets `TCP_NODELAY` and TCP keepalive ([`TCP_KEEPALIVE_IDLE`], then
 //! [`TCP_KEEPALIVE_RETRIES`] probes [`TCP_KEEPALIVE_INTERVAL`] apart), so a client whose host
 //! vanished (half-open connection) is closed within about a minute instead of the kernel's two
-//! hours, on every port (gRPC and HTTP) of the gateway and the worker (review H6).
+//! hours, on every port (gRPC and HTTP) of the gateway and the worker (review H6). Its send
+//! buffer is fixed at [`SEND_BUFFER_BYTES`] (the kernel would grow it to 4 MiB for a client that
+//! stops reading), so such a client stalls the sender after a bounded number of tokens and the
+//! gateway's stream idle timeout lets it go instead of generating for it to the end.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,7 +17,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -32,6 +35,9 @@ const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes after which the kernel closes the connection (idle + 3 × 10 s = 60 s).
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// `SO_SNDBUF` of accepted sockets (Linux doubles it): a few hundred token events, and still
+/// about 600 KiB/s per connection at 100 ms of round trip.
+const SEND_BUFFER_BYTES: u32 = 32 << 10;
 
 /// One accepted connection, plaintext or TLS.
 pub enum Conn {
@@ -128,7 +134,9 @@ pub fn incoming(
     match tls {
         None => {
             warn_plaintext(&listener, what);
-            accepted(listener).map(|r| r.map(Conn::Plain)).left_stream()
+            accepted(listener)
+                .map(|r| r.and_then(bound_send_buffer).map(Conn::Plain))
+                .left_stream()
         }
         Some(tls) => {
             let rx = spawn_handshakes(listener, tls);
@@ -137,6 +145,18 @@ pub fn incoming(
                 .right_stream()
         }
     }
+}
+
+/// `tcp` with its send buffer fixed at [`SEND_BUFFER_BYTES`] (set through a duplicate of its
+/// descriptor: tokio sets buffer sizes only on a `TcpSocket`).
+fn bound_send_buffer(tcp: TcpStream) -> io::Result<TcpStream> {
+    let std = tcp.into_std()?;
+    let dup = TcpSocket::from_std_stream(std.try_clone()?);
+    if let Err(e) = dup.set_send_buffer_size(SEND_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "SO_SNDBUF not set");
+    }
+    drop(dup);
+    TcpStream::from_std(std)
 }
 
 /// The connections of `listener` with their socket options set. `TCP_NODELAY`: streams send one
@@ -174,7 +194,7 @@ fn spawn_handshakes(listener: TcpListener, tls: ServerTls) -> mpsc::Receiver<Con
             };
             let tcp = tokio::select! {
                 _ = tx.closed() => return,
-                r = conns.next() => match r {
+                r = conns.next() => match r.map(|r| r.and_then(bound_send_buffer)) {
                     Some(Ok(tcp)) => tcp,
                     None => return,
                     Some(Err(e)) => {
@@ -285,7 +305,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn accepted_sockets_have_tcp_keepalive_after_the_idle_time() {
+    async fn accepted_sockets_have_tcp_keepalive_and_a_fixed_send_buffer() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut conns = Box::pin(incoming(listener, None, "test"));
@@ -306,5 +326,12 @@ mod tests {
         assert!(when <= TCP_KEEPALIVE_IDLE.as_secs() * 100, "{when}");
         // The client's socket, not set up by us, has no keepalive.
         assert_ne!(timer(remote, local).map(|t| t.0), Some(2));
+        let Conn::Plain(tcp) = conn else {
+            unreachable!("plaintext")
+        };
+        let std = tcp.into_std().unwrap();
+        let sent = TcpSocket::from_std_stream(std.try_clone().unwrap());
+        // Linux doubles SO_SNDBUF; left to autotuning it would start at 16 KiB and grow to MiBs.
+        assert_eq!(sent.send_buffer_size().unwrap(), 2 * SEND_BUFFER_BYTES);
     }
 }
