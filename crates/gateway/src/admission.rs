@@ -31,10 +31,19 @@ pub fn exhausted(message: impl std::fmt::Display) -> Status {
 }
 
 /// `status` with the retry hint added when it is RESOURCE_EXHAUSTED and has none yet (a worker's
-/// refusal, relayed); other statuses unchanged.
+/// refusal, relayed); one that has its own `retry-after-ms` (an API-key limit) gets the same
+/// value as `grpc-retry-pushback-ms`. Other statuses unchanged.
 pub fn with_retry_hint(status: Status) -> Status {
-    if status.code() != Code::ResourceExhausted || status.metadata().get(RETRY_AFTER_MS).is_some() {
+    if status.code() != Code::ResourceExhausted {
         return status;
+    }
+    if let Some(own) = status.metadata().get(RETRY_AFTER_MS).cloned() {
+        if status.metadata().get(GRPC_RETRY_PUSHBACK_MS).is_some() {
+            return status;
+        }
+        let mut md = status.metadata().clone();
+        md.insert(GRPC_RETRY_PUSHBACK_MS, own);
+        return Status::with_metadata(Code::ResourceExhausted, status.message(), md);
     }
     let ms = RETRY_HINT.as_millis() as u64;
     let mut md: MetadataMap = status.metadata().clone();
@@ -158,5 +167,19 @@ mod tests {
         assert_eq!(again.message(), s.message());
         let other = with_retry_hint(Status::unavailable("down"));
         assert!(other.metadata().get(RETRY_AFTER_MS).is_none());
+        // An API-key limit's own hint is kept and given as pushback too.
+        let mut md = MetadataMap::new();
+        md.insert(RETRY_AFTER_MS, MetadataValue::from(7500u64));
+        let quota = with_retry_hint(Status::with_metadata(
+            Code::ResourceExhausted,
+            "over the key's tokens per minute; retry-after 8 s",
+            md,
+        ));
+        assert_eq!(quota.metadata().get(RETRY_AFTER_MS).unwrap(), "7500");
+        assert_eq!(
+            quota.metadata().get(GRPC_RETRY_PUSHBACK_MS).unwrap(),
+            "7500"
+        );
+        assert!(quota.message().ends_with("retry-after 8 s"));
     }
 }

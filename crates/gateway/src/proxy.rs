@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span};
 
-use crate::admission::{StreamLimit, default_interactive_reserve, exhausted};
+use crate::admission::{StreamLimit, default_interactive_reserve, exhausted, with_retry_hint};
 use crate::auth::ApiKeys;
 use crate::metrics::GatewayMetrics;
 use crate::router::RoutingState;
@@ -192,7 +192,10 @@ impl GatewayService {
     ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
         let started = Instant::now();
         let grant = match &self.auth {
-            Some(keys) => Some(keys.admit(api_key, &req)?),
+            Some(keys) => Some(
+                keys.admit(api_key, &req)
+                    .map_err(|e| with_retry_hint(e.into()))?,
+            ),
             None => None,
         };
         let permit = self.streams.try_acquire(class_of(&req))?;
