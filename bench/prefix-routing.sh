@@ -110,7 +110,7 @@ echo "$TABLE"
   echo "## Setup"
   echo
   machine_md
-  echo "- commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates || echo ' (with uncommitted changes in the tree)'); binaries: $PROFILE profile"
+  echo "- binaries: $PROFILE profile"
   echo "- etcd on loopback; for each mode three fresh moe-workers (\`$MODEL\`, $THREADS thread each, $CTX KV cells, --parallel $PARALLEL, --cache-sequences $CACHE_SEQUENCES) and one moe-gateway with \`--prefix-routing off\` or \`on\`; everything on 127.0.0.1; load average at start $LOAD_START"
   echo "- workload: moe-bench chat, $CONVERSATIONS conversations at once x $TURNS turns, a shared system prompt of ~$SYSTEM_TOKENS tokens, a first user message of ~$FIRST_TOKENS tokens of its own per conversation, then a short question per turn; $MAX_TOKENS generated tokens per turn, greedy, INTERACTIVE"
   echo "- TTFT is measured by the client; cached/prompt is the sum of \`usage.cached_prompt_tokens\` over the sum of \`usage.prompt_tokens\`"
@@ -119,6 +119,8 @@ echo "$TABLE"
   echo "## Results"
   echo
   echo "$TABLE"
+  echo
+  echo "\"2+\" is turns 2 to $TURNS together; \"on / off\" is the ratio of the TTFT p50s."
   echo
   echo "## Commands"
   echo
