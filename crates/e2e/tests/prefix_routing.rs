@@ -252,7 +252,7 @@ async fn a_hot_prefix_spreads_once_its_worker_passes_the_load_bound() {
     }
     let on_holder = by_worker.get(&holder).copied().unwrap_or(0);
     assert!(
-        on_holder >= 1 && on_holder < 12 && by_worker.len() >= 2,
+        (1..12).contains(&on_holder) && by_worker.len() >= 2,
         "12 requests of one hot prefix held by {holder}: {by_worker:?}"
     );
     eprintln!("hot prefix held by {holder}: {by_worker:?}");
