@@ -183,9 +183,7 @@ async fn n_and_2n_concurrent_requests_on_n_slots_are_all_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn interactive_is_served_while_batch_fills_every_other_slot() {
     let _serial = SERIAL.lock().await;
-    // The queued BATCH stream waits for a running one to finish: a slow machine may take more
-    // than the default 30 s --queue-timeout for that.
-    let cluster = Cluster::start("/t-adm-mix", 2048, &[("--queue-timeout", "120s")], &[]).await;
+    let cluster = Cluster::start("/t-adm-mix", 2048, &[], &[]).await;
     let url = cluster.gateway.url();
     // Four long BATCH streams: three run, the fourth waits although a slot is free (that slot
     // is INTERACTIVE's).
@@ -196,7 +194,7 @@ async fn interactive_is_served_while_batch_fills_every_other_slot() {
             let mut c = c.clone();
             let started = started.clone();
             tokio::spawn(async move {
-                let req = request(&format!("{i}. {COUNT_PROMPT}"), 80, LatencyClass::Batch);
+                let req = request(&format!("{i}. {COUNT_PROMPT}"), 400, LatencyClass::Batch);
                 let mut s = c.generate(req).await?.into_inner();
                 let mut first = true;
                 while let Some(m) = s.message().await? {
@@ -260,18 +258,16 @@ async fn interactive_is_served_while_batch_fills_every_other_slot() {
         queue < 1.0,
         "admitted at once into the reserved slot, not after a BATCH stream ({queue:.2}s)"
     );
-    for h in batch {
-        let (t, finish) = h.await.unwrap().expect("every BATCH stream is served too");
-        // The premise: the BATCH streams held their slots all the while.
-        assert_eq!(
-            finish,
-            FinishReason::Length as i32,
-            "BATCH ran to max_tokens"
-        );
-        assert!(
-            t > done,
-            "the INTERACTIVE request finished before every BATCH stream"
-        );
+    // The premise: the BATCH streams held their slots (and the fourth its place in the queue)
+    // all the while; none has ended, with an error or otherwise.
+    let running = batch.iter().filter(|h| !h.is_finished()).count();
+    assert_eq!(
+        running, 4,
+        "every BATCH stream outlasted the INTERACTIVE request"
+    );
+    // Dropping them cancels them at the worker.
+    for h in &batch {
+        h.abort();
     }
     cluster.stop().await;
 }
