@@ -280,16 +280,17 @@ async fn overload_admits_interactive_and_refuses_batch_with_a_retry_hint() {
         "/t-adm-over",
         512,
         &[("--max-queue", "32"), ("--queue-timeout", "20s")],
-        &["--max-concurrency", "48"],
+        // Enough decoding places for the whole burst: the class-blind decoding limit (review
+        // M7) is not what this test is about.
+        &["--max-concurrency", "48", "--max-decoding-requests", "128"],
     )
     .await;
     let url = cluster.gateway.url();
     // 20 times the worker's four slots of BATCH requests at once, then, while they wait, four
-    // INTERACTIVE ones (a second later: the burst has been read by then, so the class-blind
-    // --max-decoding-requests limit is not what they meet).
+    // INTERACTIVE ones.
     let mut reqs: Vec<_> = (0..80)
         .map(|i| {
-            let r = request(&format!("{i}. {SHORT_PROMPT}"), 4, LatencyClass::Batch);
+            let r = request(&format!("{i}. {SHORT_PROMPT}"), 8, LatencyClass::Batch);
             (Duration::ZERO, r)
         })
         .collect();
@@ -299,7 +300,7 @@ async fn overload_admits_interactive_and_refuses_batch_with_a_retry_hint() {
             4,
             LatencyClass::Interactive,
         );
-        (Duration::from_secs(1), r)
+        (Duration::from_millis(300), r)
     }));
     let started = Instant::now();
     let results = tokio::time::timeout(Duration::from_secs(60), all_at_once(&url, reqs))
@@ -307,6 +308,11 @@ async fn overload_admits_interactive_and_refuses_batch_with_a_retry_hint() {
         .expect("no request hangs: all end within 60 s");
     let elapsed = started.elapsed();
     let (mut served, mut refused) = (0, 0);
+    // When each request ended, from the start of the burst.
+    let ended = |i: usize| {
+        let delay = if i >= 80 { 300 } else { 0 };
+        Duration::from_millis(delay) + results[i].1
+    };
     for (i, (r, _)) in results.iter().enumerate() {
         let interactive = i >= 80;
         match r {
@@ -341,6 +347,18 @@ async fn overload_admits_interactive_and_refuses_batch_with_a_retry_hint() {
     assert!(
         served >= 4 + 3,
         "served the INTERACTIVE ones and at least the running BATCH ones"
+    );
+    // The INTERACTIVE ones were served during the overload, not after it.
+    let last_interactive = (80..84).map(ended).max().unwrap();
+    let last_batch = (0..80)
+        .filter(|&i| results[i].0.is_ok())
+        .map(ended)
+        .max()
+        .unwrap();
+    eprintln!("last INTERACTIVE done at {last_interactive:?}, last BATCH at {last_batch:?}");
+    assert!(
+        last_interactive < last_batch,
+        "INTERACTIVE requests were admitted ahead of the queued BATCH work"
     );
     // Afterwards the cluster serves normally.
     let ok = generate(&url, request(COUNT_PROMPT, 4, LatencyClass::Batch))
