@@ -69,9 +69,9 @@ for MODE in off on; do
     WORKER_PIDS+=($!)
     wait_port "$port" 120 "$!"
   done
-  GATEWAY_PORT=$(free_port)
+  GATEWAY_PORT=$(free_port) METRICS_PORT=$(free_port)
   GATEWAY_CMD=("$BIN/moe-gateway" --listen "127.0.0.1:$GATEWAY_PORT" --etcd "$ETCD" --etcd-prefix "$PREFIX"
-               --prefix-routing "$MODE")
+               --prefix-routing "$MODE" --metrics-listen "127.0.0.1:$METRICS_PORT")
   RUST_LOG=warn "${GATEWAY_CMD[@]}" >"$OUTDIR/gateway-$MODE.log" 2>&1 &
   GATEWAY_PID=$!
   wait_port "$GATEWAY_PORT" 60 "$GATEWAY_PID"
@@ -79,6 +79,9 @@ for MODE in off on; do
   echo "== prefix routing $MODE" >&2
   "$BIN/moe-bench" --target "grpc://127.0.0.1:$GATEWAY_PORT" "${BENCH_ARGS[@]}" --label "prefix-routing-$MODE" \
     --json "$OUTDIR/$MODE.json"
+  # How requests were sized and placed, from the gateway's own counters.
+  curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^moe_(prompt_sizing|prefix_)' \
+    >"$OUTDIR/metrics-$MODE.txt" || true
   stop_cluster
 done
 ELAPSED=$(( $(date +%s) - STARTED ))
@@ -121,6 +124,12 @@ echo "$TABLE"
   echo "$TABLE"
   echo
   echo "\"2+\" is turns 2 to $TURNS together; \"on / off\" is the ratio of the TTFT p50s."
+  echo
+  echo "The gateways' counters at the end of each run (\`moe_prompt_sizing_total\`: sized by a worker's tokenizer or by the bytes/3 estimate; \`moe_prefix_*\`: first placements onto a worker holding part of the prompt):"
+  echo
+  echo '```'
+  for MODE in off on; do sed "s/^/$MODE: /" "$OUTDIR/metrics-$MODE.txt"; done
+  echo '```'
   echo
   echo "## Commands"
   echo
