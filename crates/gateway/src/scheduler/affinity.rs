@@ -193,10 +193,12 @@ pub fn rank_with_prefix(
 ///   cached tokens first, then more free KV.
 /// - Workers holding part of the prompt are candidates even when power-of-k sampling did not
 ///   draw them (same readiness, pool, context and headroom checks as any other).
-/// - A hit counts only on a worker that has a free sequence slot or whose load (streams per slot,
-///   with this gateway's placements since its advert) is at most (1 + ε) × the mean load of its
-///   pool's candidates plus one slot ([`within_bound`]); beyond both it is ranked as if it held
-///   nothing, so a hot prefix fills the slots of the worker holding it and then spreads.
+/// - A hit counts only on a worker whose load (streams per slot, with this gateway's placements
+///   since its advert) is at most (1 + ε) × the mean load of its pool's candidates plus one slot
+///   ([`within_bound`]), or, for a hit covering at least half the prompt, that still has a free
+///   sequence slot; otherwise it is ranked as if it held nothing. A hot prefix fills the slots of
+///   the worker holding it and then spreads; a shared system prompt alone does not draw new
+///   conversations past the bound.
 /// - A worker that has measured no speed yet (just started) is scored with the mean measured
 ///   speeds of its pool rather than the policy's defaults.
 /// - Ties among the best (same pool and cached tokens, score within 1 %) go to the highest
@@ -256,9 +258,11 @@ pub fn rank_with_hits(
                 let mut cached = hits.cached(&c.worker.id);
                 let one_slot = 1.0 / c.worker.capacity.max_sequences.max(1) as f64;
                 let load = load_with_local(&c.worker, reservations);
-                // A hit counts while the worker can start the request at once (a sequence slot
-                // is free) or its load is within the bound; beyond both it holds nothing here.
-                let free_slot = load + one_slot <= 1.0 + 1e-9;
+                // A hit counts within the load bound; one that covers at least half the prompt
+                // (the conversation's own history, not just a shared system prompt) also while
+                // the worker can start the request at once (a sequence slot is free).
+                let free_slot = load + one_slot <= 1.0 + 1e-9
+                    && u64::from(cached) * 2 >= u64::from(demand.prompt_tokens);
                 if cached > 0
                     && !free_slot
                     && !within_bound(load, stats.mean_load(), affinity.epsilon, one_slot)

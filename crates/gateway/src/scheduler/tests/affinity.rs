@@ -323,3 +323,29 @@ fn a_just_started_worker_is_assumed_as_fast_as_its_peers() {
     let r = with_hits(&s, &Reservations::default(), &h, &d, 1);
     assert_eq!(r.candidates[0].worker.id, "holder");
 }
+
+#[test]
+fn a_shared_system_prompt_alone_does_not_fill_one_worker() {
+    // Every request holds only a 64-token system prompt of a 300-token prompt on f0000: it
+    // counts within the load bound only, so new conversations spread.
+    let s = fleet(3, 0);
+    let d = Demand {
+        prompt_tokens: 300,
+        ..demand(LatencyClass::Interactive)
+    };
+    let h = prefix_hits(&[("f0000", 64)], 3);
+    let mut res = Reservations::default();
+    for i in 0..6 {
+        let r = with_hits(&s, &res, &h, &d, i);
+        let id = r.candidates[0].worker.id.clone();
+        res.by_worker.entry(id).or_default().push(Reservation {
+            kv_tokens: 1,
+            placed_unix_ms: 2000,
+        });
+    }
+    let on_hot = res.by_worker.get("f0000").map_or(0, Vec::len);
+    assert!(
+        on_hot < 6,
+        "{on_hot} of 6 on the worker with the system prompt"
+    );
+}
