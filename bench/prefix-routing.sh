@@ -75,6 +75,14 @@ for MODE in off on; do
   RUST_LOG=warn "${GATEWAY_CMD[@]}" >"$OUTDIR/gateway-$MODE.log" 2>&1 &
   GATEWAY_PID=$!
   wait_port "$GATEWAY_PORT" 60 "$GATEWAY_PID"
+  # Workers bind their port before loading the model and register after: wait for all three.
+  for ((i = 0; i < 240; i++)); do
+    n=$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD" get --prefix "${PREFIX%/}" --print-value-only \
+        | grep -c '"state": *"ready"' || true)
+    [ "$n" -ge 3 ] && break
+    sleep 0.5
+  done
+  [ "$n" -ge 3 ] || { echo "only $n of 3 workers registered ready" >&2; exit 1; }
   sleep 2   # the gateway lists the registry and subscribes to the workers' caches
   echo "== prefix routing $MODE" >&2
   "$BIN/moe-bench" --target "grpc://127.0.0.1:$GATEWAY_PORT" "${BENCH_ARGS[@]}" --label "prefix-routing-$MODE" \
