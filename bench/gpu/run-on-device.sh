@@ -202,7 +202,7 @@ run_server() {
   if [ -n "${BACKGROUND:-}" ]; then
     stage "$name $profile: $BACKGROUND BATCH streams vs INTERACTIVE requests"
     local bg=(./moe-bench --target "$target" --concurrency 1 --requests-per-level 8 --prompt-tokens "$PROMPT_TOKENS"
-              --max-tokens 32 --warmup 1 --background-batch "$BACKGROUND" --background-max-tokens 256 --request-timeout 200s
+              --max-tokens 32 --warmup 1 --background-batch "$BACKGROUND" --background-max-tokens 192 --request-timeout 200s
               --level-timeout 150s --label "$name $profile, $BACKGROUND batch in background" --json "$R/$tag-background.json")
     echo "${bg[*]}" >>"$R/commands.txt"
     "${bg[@]}" >"$WORK/bench-$tag-background.log" 2>&1; tail -3 "$WORK/bench-$tag-background.log"
