@@ -3,12 +3,13 @@
 //! `Generate`: validation, placement, retries, migration and limits are shared.
 
 pub mod chat;
+pub mod drain;
 pub mod error;
 pub mod intake;
 pub mod openai;
 
 use std::convert::Infallible;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
@@ -40,8 +41,8 @@ struct AppState {
     shutdown: CancellationToken,
 }
 
-/// The HTTP routes over `service`. `/health` answers 503 once `shutdown` is cancelled.
-/// Completion requests pass `intake` (API key on the head, body budget and read timeout) before
+/// The HTTP routes over `service`. Once `shutdown` is cancelled `/health` answers 503 and every
+/// other route 503 `draining` ([`drain::gate`]). Completion requests pass `intake` (API key on the head, body budget and read timeout) before
 /// their body is parsed; health and models do not.
 pub fn router(service: GatewayService, shutdown: CancellationToken, intake: Intake) -> Router {
     let guard = from_fn_with_state(intake, intake::guard);
@@ -57,22 +58,33 @@ pub fn router(service: GatewayService, shutdown: CancellationToken, intake: Inta
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(from_fn_with_state(shutdown.clone(), drain::gate))
         .with_state(AppState { service, shutdown })
 }
 
-/// Serves the HTTP API on `listener` (over TLS with `tls`) until `shutdown` is cancelled, then stops accepting
-/// connections and lets running requests (streams included) finish.
+/// Serves the HTTP API on `listener` (over TLS with `tls`). Once `shutdown` is cancelled it
+/// keeps accepting and reading for `accept_window` (see [`drain`]), answering new requests 503
+/// `draining` while running requests (streams included) go on; then it stops accepting, closes
+/// idle connections and returns when the running requests have finished.
 pub async fn serve_http(
     service: GatewayService,
     listener: TcpListener,
     tls: Option<moe_common::tls::ServerTls>,
     intake: Intake,
     shutdown: CancellationToken,
+    accept_window: Duration,
 ) -> std::io::Result<()> {
     let app = router(service, shutdown.clone(), intake);
     let listener = moe_common::tls::ServerListener::new(listener, tls, "HTTP")?;
     axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .with_graceful_shutdown(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(accept_window).await;
+            tracing::info!(
+                window = ?accept_window,
+                "HTTP: drain accept window over; closing the listener and idle connections"
+            );
+        })
         .await
 }
 

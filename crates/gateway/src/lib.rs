@@ -164,9 +164,13 @@ pub async fn run(
             security.api_keys.clone(),
         );
         let shutdown = shutdown.clone();
+        // New requests during the window get 503 `draining` instead of a reset (issue 16).
+        let window = config.drain_grace.min(http::drain::DRAIN_ACCEPT_WINDOW);
         async move {
             match http_listener {
-                Some(l) => http::serve_http(service, l, security.http_tls, intake, shutdown).await,
+                Some(l) => {
+                    http::serve_http(service, l, security.http_tls, intake, shutdown, window).await
+                }
                 None => Ok(()),
             }
         }

@@ -511,3 +511,168 @@ async fn grpc_health_is_not_serving_until_the_registry_is_listed() {
         );
     }
 }
+
+// ---- The HTTP API while the gateway drains (issue 16: a request that reached a gateway in the
+// same instant as its SIGTERM got a TCP reset and no status). ----
+
+/// `moe_gateway::http::serve_http` (as `run` starts it) with an empty cluster on 127.0.0.1:0;
+/// cancelling the token starts the drain, with `accept_window` before the listener closes.
+async fn http_serve(
+    accept_window: Duration,
+) -> (
+    std::net::SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterSnapshot::default()));
+    let routing = Arc::new(RoutingState::new(rx, Policy::default()));
+    let service = GatewayService::new(
+        routing,
+        ProxyConfig {
+            max_streams: 16,
+            request_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            stream_idle_timeout: Duration::from_secs(30),
+            first_message_timeout: Duration::from_secs(30),
+            limits: RequestLimits::default(),
+        },
+    );
+    let intake = Intake::new(http_limits(1 << 20, 8 << 20, Duration::from_secs(5)), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(moe_gateway::http::serve_http(
+        service,
+        listener,
+        None,
+        intake,
+        shutdown.clone(),
+        accept_window,
+    ));
+    tokio::spawn(async move {
+        let _keep = tx;
+        std::future::pending::<()>().await
+    });
+    (addr, shutdown, server)
+}
+
+/// Reads one response like [`response`], with its head (status line and headers) too. A reset
+/// or an end of the connection before a whole response fails the test.
+async fn response_with_head(s: &mut tokio::net::TcpStream) -> (u16, String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s
+            .read(&mut chunk)
+            .await
+            .expect("no reset before a response");
+        assert!(n > 0, "connection closed before a response: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k == "content-length").then(|| v.trim().parse().unwrap())
+        })
+        .expect("a Content-Length");
+    while buf.len() < head_end + length {
+        let n = s.read(&mut chunk).await.expect("no reset inside the body");
+        assert!(n > 0, "connection closed inside the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string();
+    (status, head, body)
+}
+
+/// A drain answer: 503 `draining`, `Retry-After`, and the connection closed after it, cleanly.
+async fn assert_draining(s: &mut tokio::net::TcpStream, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let (status, head, body) = tokio::time::timeout(Duration::from_secs(3), response_with_head(s))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: answered in time"));
+    assert_eq!(status, 503, "{what}: {head}{body}");
+    assert!(head.contains("\r\nretry-after: 1\r\n"), "{what}: {head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{what}: {head}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "draining", "{what}: {body}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("draining"),
+        "{body}"
+    );
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .expect("closed after the answer")
+        .expect("closed with a FIN, not a reset");
+    assert_eq!(n, 0, "{what}: nothing after the answer");
+}
+
+#[tokio::test]
+async fn http_requests_arriving_during_the_drain_get_503_draining_not_a_reset() {
+    use tokio::io::AsyncWriteExt;
+    let window = Duration::from_secs(3);
+    let (addr, shutdown, server) = http_serve(window).await;
+    let body = br#"{"prompt":"hi","max_tokens":4}"#;
+    let post = post_head("/v1/completions", Some(body.len()), &[]);
+    // A keep-alive connection that has served a request and is idle at the drain.
+    let mut idle = send(addr, "GET /v1/models HTTP/1.1\r\nHost: gw\r\n", b"").await;
+    let (status, head, _) = response_with_head(&mut idle).await;
+    assert_eq!(status, 200);
+    assert!(!head.contains("connection: close"), "{head}");
+    // A request in flight at the drain: its head is read, its body still coming.
+    let mut running = send(addr, &post, &body[..5]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Connections opened in the same instant as the drain, their requests sent right after.
+    let racing: Vec<_> = (0..16)
+        .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr)))
+        .collect();
+    let t = Instant::now();
+    shutdown.cancel();
+    for (i, c) in racing.into_iter().enumerate() {
+        let mut c = c.await.unwrap().expect("accepted during the window");
+        c.write_all(format!("{post}\r\n").as_bytes()).await.unwrap();
+        c.write_all(body).await.unwrap();
+        assert_draining(&mut c, &format!("racing connection {i}")).await;
+    }
+    // The idle keep-alive connection: answered, not closed under the request.
+    idle.write_all(format!("{post}\r\n").as_bytes())
+        .await
+        .unwrap();
+    idle.write_all(body).await.unwrap();
+    assert_draining(&mut idle, "keep-alive connection").await;
+    // A new connection during the window.
+    let mut fresh = send(addr, &post, body).await;
+    assert_draining(&mut fresh, "new connection").await;
+    // Health says so too.
+    let mut health = send(addr, "GET /health HTTP/1.1\r\nHost: gw\r\n", b"").await;
+    let (status, head, text) = response_with_head(&mut health).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("draining"), "{text}");
+    assert!(head.contains("connection: close"), "{head}");
+    // The request that was in flight is served to its end (no workers here: the service's own
+    // 503 `unavailable`, not the drain's refusal).
+    running.write_all(&body[5..]).await.unwrap();
+    let (status, head, text) = response_with_head(&mut running).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("\"unavailable\""),
+        "served, not refused: {text}"
+    );
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(t.elapsed() < window, "the checks ran inside the window");
+    // After the window the server stops accepting and returns.
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server ends after the window")
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() >= window, "{:?}", t.elapsed());
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
