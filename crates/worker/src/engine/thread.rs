@@ -1,6 +1,9 @@
 //! The engine thread: owns the model and context and runs the continuous-batching loop —
 //! intake, cancellation, plan, decode, sample, stream — publishing live stats (including
-//! device memory, refreshed here so that no FFI runs on the async runtime).
+//! device memory, refreshed here so that no FFI runs on the async runtime). The loop, decode,
+//! sampling and the INTERACTIVE reserve are here; submodules hold the intake and housekeeping
+//! (`intake`), the prefix cache's KV operations and publishing (`prefix`), stats (`stats`) and
+//! sequential decode (`sequential`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,16 +14,18 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod intake;
+mod prefix;
 mod sequential;
+mod stats;
 
-use super::batcher::{Batcher, BatcherConfig, Pending, Plan, PrefixCopy, Refusal, reuse_allowed};
-use super::devices::refresh_devices;
+use super::batcher::{Batcher, BatcherConfig};
 use super::load;
 use super::sampler::SeqSampler;
 use super::text::Detokenizer;
 use super::{
-    Command, DecodeMode, EngineConfig, EngineError, EngineStats, Event, Finish, Job, LoadedModel,
-    PrefixCacheView, PreparedPrompt, Summary, TokenLogprob, Tokenizer,
+    Command, DecodeMode, EngineConfig, EngineError, EngineStats, Event, Finish, LoadedModel,
+    PrefixCacheView, Summary, TokenLogprob, Tokenizer,
 };
 
 /// How often device memory (free bytes, this process's bytes per GPU) is refreshed.
@@ -211,104 +216,6 @@ impl<'m> Engine<'m> {
         }
     }
 
-    fn submit(&mut self, job: Job) {
-        let events = job.events.clone();
-        let PreparedPrompt {
-            mut tokens,
-            grammar,
-            render_special: special,
-        } = job.prompt;
-        let prompt_tokens = tokens.len() as u32;
-        let n_vocab = self.model.n_vocab() as u32;
-        if let Some(bad) = job.resume_tokens.iter().find(|&&t| t >= n_vocab) {
-            let _ = events.send(Event::Failed(EngineError::InvalidArgument(format!(
-                "resume token {bad} is outside the vocabulary ({n_vocab})"
-            ))));
-            return;
-        }
-        if job.resume_tokens.len() as u32 >= job.max_tokens {
-            let _ = events.send(Event::Failed(EngineError::InvalidArgument(
-                "resume_token_ids must be fewer than max_tokens".into(),
-            )));
-            return;
-        }
-        let mut sampler = SeqSampler::new(&job.sampling, self.model.n_vocab());
-        if let Some(g) = &grammar {
-            sampler = match sampler.with_grammar(self.model, g) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = events.send(Event::Failed(EngineError::InvalidArgument(e)));
-                    return;
-                }
-            };
-        }
-        sampler.accept(&job.resume_tokens);
-        tokens.extend_from_slice(&job.resume_tokens);
-        let pending = Pending {
-            tokens,
-            max_tokens: job.max_tokens - job.resume_tokens.len() as u32,
-            class: job.class,
-            enqueued: job.arrived,
-            payload: Live {
-                events: job.events,
-                sampler,
-                text: Detokenizer::new(job.stop),
-                special,
-                logprobs: Default::default(),
-                prompt_tokens,
-                deadline: job.deadline,
-                arrived: job.arrived,
-                admitted: None,
-                first_token: None,
-                last_token: job.arrived,
-                phase: tracing::info_span!(parent: &job.span, "worker.queue"),
-                span: job.span,
-            },
-        };
-        // BATCH fills the admission queue only up to its share: queued batch work never makes
-        // an INTERACTIVE arrival find the queue full (review M6).
-        let share = batch_queue_share(self.batcher.config());
-        if pending.class == moe_common::LatencyClass::Batch && self.batcher.queued() >= share {
-            let _ = pending.payload.events.send(Event::Failed(EngineError::ResourceExhausted(
-                format!("admission queue is full for BATCH requests ({share} waiting; the rest of --max-queue is kept for INTERACTIVE)"),
-            )));
-        } else if let Err((why, p)) = self.batcher.enqueue(pending) {
-            let _ = p.payload.events.send(Event::Failed(refusal_error(why)));
-        }
-    }
-
-    /// Drops work whose client went away or whose deadline passed; refuses requests that
-    /// waited too long for KV.
-    fn housekeeping(&mut self, now: Instant) {
-        let gone = |l: &Live| l.events.is_closed();
-        let late = |l: &Live| l.deadline.is_some_and(|d| d <= now);
-        for p in self
-            .batcher
-            .drain_queued(|p| gone(&p.payload) || late(&p.payload))
-        {
-            if gone(&p.payload) {
-                self.stats.cancelled_total += 1;
-            } else {
-                let _ = p
-                    .payload
-                    .events
-                    .send(Event::Failed(EngineError::DeadlineExceeded(
-                        "while queued".into(),
-                    )));
-            }
-        }
-        for (why, p) in self.batcher.expire(now) {
-            let _ = p.payload.events.send(Event::Failed(refusal_error(why)));
-        }
-        for slot in self.batcher.slots_where(|s| gone(&s.payload)) {
-            self.stats.cancelled_total += 1;
-            self.release(slot);
-        }
-        for slot in self.batcher.slots_where(|s| late(&s.payload)) {
-            self.end(slot, Finish::Cancelled);
-        }
-    }
-
     /// Plans and runs one decode step. Returns false when there was nothing to run.
     fn step(&mut self) -> bool {
         let now = Instant::now();
@@ -392,81 +299,6 @@ impl<'m> Engine<'m> {
                 .payload
                 .events
                 .send(Event::Failed(EngineError::Internal(why.to_string())));
-        }
-    }
-
-    /// Drops the KV cells the plan evicts and prepares admitted slots: keeps the reused
-    /// prefix's cells (when the cache still holds them all) and drops the rest of the slot's
-    /// old sequence. Returns true when some slot's reuse was dropped, so the plan is stale.
-    fn apply_admissions(&mut self, plan: &Plan, now: Instant) -> bool {
-        for &slot in &plan.evicted {
-            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
-        }
-        let mut stale = false;
-        for &(slot, mut reused) in &plan.admitted {
-            let copy = plan.copies.iter().find(|c| c.dst == slot);
-            if let Some(&PrefixCopy { src, len, .. }) = copy {
-                // The shared prefix comes from another stream: check what it still holds, then
-                // copy that stream (a cross-stream copy moves its whole buffer, at the next
-                // decode) and keep only the prefix.
-                let pos_min = self.ctx.kv_cache_seq_pos_min(src as i32);
-                let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
-                if reuse_allowed(pos_min, len, self.sliding_window) {
-                    let _ = self
-                        .ctx
-                        .copy_kv_cache_seq(src as i32, slot as i32, None, None);
-                } else {
-                    tracing::debug!(src, slot, len, pos_min, "shared prefix no longer cached");
-                    self.batcher.drop_reuse(slot);
-                    reused = 0;
-                    stale = true;
-                }
-            } else if reused > 0 {
-                let pos_min = self.ctx.kv_cache_seq_pos_min(slot as i32);
-                if !reuse_allowed(pos_min, reused, self.sliding_window) {
-                    tracing::debug!(
-                        slot,
-                        reused,
-                        pos_min,
-                        "prefix no longer cached; prefilling all"
-                    );
-                    self.batcher.drop_reuse(slot);
-                    reused = 0;
-                    stale = true;
-                }
-            }
-            let from = (reused > 0).then_some(reused);
-            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), from, None);
-            if let Some(seq) = self.batcher.seq_mut(slot) {
-                seq.payload.admitted = Some(now);
-                let live = &mut seq.payload;
-                live.phase = tracing::info_span!(
-                    parent: &live.span,
-                    "worker.prefill",
-                    cached_tokens = reused
-                );
-            }
-        }
-        stale
-    }
-
-    fn update_speed(&mut self, n_prefill: usize, elapsed: f64) {
-        const ALPHA: f64 = 0.2;
-        let ema = |old: f64, new: f64| {
-            if old == 0.0 {
-                new
-            } else {
-                old * (1.0 - ALPHA) + new * ALPHA
-            }
-        };
-        if n_prefill > 0 {
-            self.stats.prefill_tokens_per_second = ema(
-                self.stats.prefill_tokens_per_second,
-                n_prefill as f64 / elapsed,
-            );
-        } else {
-            self.stats.decode_tokens_per_second =
-                ema(self.stats.decode_tokens_per_second, 1.0 / elapsed);
         }
     }
 
@@ -594,51 +426,6 @@ impl<'m> Engine<'m> {
             self.end(slot, Finish::Cancelled);
         }
     }
-
-    /// Publishes the token sequences the KV streams hold, when they changed since last time.
-    fn publish_cache(&mut self) {
-        let version = self.batcher.cache_version();
-        if version == self.cache_version {
-            return;
-        }
-        self.cache_version = version;
-        let view = PrefixCacheView {
-            sequences: self.batcher.cached_sequences(),
-        };
-        self.cache_tx.send_if_modified(|v| {
-            if **v == view {
-                false
-            } else {
-                *v = Arc::new(view);
-                true
-            }
-        });
-    }
-
-    fn publish(&mut self, force: bool) {
-        if self.last_refresh.elapsed() >= DEVICE_REFRESH {
-            self.last_refresh = Instant::now();
-            refresh_devices(&mut self.stats.devices);
-        }
-        if !force && self.last_publish.elapsed() < Duration::from_millis(100) {
-            return;
-        }
-        self.last_publish = Instant::now();
-        self.stats.active = self.batcher.active() as u32;
-        self.stats.queued = self.batcher.queued() as u32;
-        // Queued requests' claims count too, so gateways stop placing here as soon as memory is
-        // spoken for, not only once it is admitted.
-        self.stats.free_kv_tokens = self.batcher.unclaimed_kv_tokens();
-        let stats = self.stats.clone();
-        self.stats_tx.send_if_modified(|s| {
-            if *s == stats {
-                false
-            } else {
-                *s = stats;
-                true
-            }
-        });
-    }
 }
 
 /// Sequence slots BATCH work may not take: one in 16, and at least one whenever there are two
@@ -658,21 +445,6 @@ pub(crate) fn batch_queue_share(c: &BatcherConfig) -> usize {
         return c.max_queue;
     }
     c.max_queue - (c.max_queue / 8).max(1)
-}
-
-fn refusal_error(why: Refusal) -> EngineError {
-    match why {
-        Refusal::TooLong { needed, capacity } => EngineError::TooLong(format!(
-            "prompt plus max_tokens needs {needed} tokens of context; a sequence on this worker has {capacity}"
-        )),
-        Refusal::QueueFull { limit } => {
-            EngineError::ResourceExhausted(format!("admission queue is full ({limit} waiting)"))
-        }
-        Refusal::QueueTimeout { waited } => EngineError::ResourceExhausted(format!(
-            "not admitted after waiting {:.1}s: no free sequence slot or KV cache headroom",
-            waited.as_secs_f64()
-        )),
-    }
 }
 
 #[cfg(test)]
