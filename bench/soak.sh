@@ -41,7 +41,7 @@ HEADER=$OUTDIR/header.md
   echo "## Setup"
   echo
   echo "- binaries: \`$BIN\` (moe-worker, moe-gateway), built from commit ${GIT_COMMIT:-$(git rev-parse HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (working tree had uncommitted changes)')}"
-  echo "- etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $NF}') on loopback with a temporary data dir, \`--auto-compaction-mode periodic --auto-compaction-retention 1h\` (the chart's); model \`$MODEL\`"
+  echo "- etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $NF}') on loopback with a temporary data dir, \`--auto-compaction-mode periodic --auto-compaction-retention 5m\` (the chart's default); model \`$MODEL\`"
   echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
 } >"$HEADER"
