@@ -197,17 +197,28 @@ async fn later_turns_find_their_history_through_either_gateway_a_new_gateway_and
         "chats the restart did not touch keep their cache: {log:#?}"
     );
     // The affected chats were served (their history is gone, wherever they went) and the next
-    // turn finds the history their fourth turn left.
-    let fifth = round([&g1.url(), &g2.url()], &mut chats, 4).await;
+    // turn finds the history their fourth turn left. One at a time: sent together, the worker
+    // holding their new histories may be at its slot limit (the fourth round may have put them
+    // all there), and then an idle worker's predicted time to first token rightly wins.
+    let mut fifth: Vec<Turn> = Vec::new();
+    for &i in &affected {
+        let turn = round(
+            [&g1.url(), &g2.url()],
+            std::slice::from_mut(&mut chats[i]),
+            4,
+        )
+        .await;
+        fifth.push(turn[0].clone());
+    }
     log.push(fifth.clone());
-    let recovered = ratio(affected.iter().map(|&i| &fifth[i]));
+    let recovered = ratio(&fifth);
     assert!(
         recovered >= 0.8,
         "chats of the restarted worker {victim} ({affected:?}) reuse {recovered:.2} one turn later: {log:#?}"
     );
-    for i in &affected {
+    for (turn, i) in fifth.iter().zip(&affected) {
         assert_eq!(
-            fifth[*i].worker, fourth[*i].worker,
+            turn.worker, fourth[*i].worker,
             "chat {i} follows its new history: {log:#?}"
         );
     }
