@@ -153,21 +153,8 @@ impl InferenceService {
             .and_then(parse_grpc_timeout)
             .map(|d| arrived + d);
         let req = request.into_inner();
-        validate(&req, &self.limits, true).map_err(|e| Status::invalid_argument(e.0))?;
+        let (prompt, reply) = prepare_request(&self.engine, &self.limits, &req).await?;
         let model = self.engine.model();
-        if !req.model.is_empty() && req.model != model.info.name {
-            return Err(Status::not_found(format!(
-                "model {:?} is not served here (this worker serves {:?})",
-                req.model, model.info.name
-            )));
-        }
-        let prompt = request_prompt(&req).map_err(Status::invalid_argument)?;
-        // Templating and tokenizing run here, on the blocking pool, not on the engine thread.
-        let tokenizer = self.engine.tokenizer().clone();
-        let (prompt, reply) = tokio::task::spawn_blocking(move || tokenizer.prepare(&prompt))
-            .await
-            .map_err(|e| Status::internal(format!("preparing the prompt: {e}")))?
-            .map_err(status)?;
         let (events, rx) = mpsc::unbounded_channel();
         if let Some(mut reply) = reply {
             // After a migration the reply parser resumes where the previous worker's stood.
@@ -256,6 +243,30 @@ struct FinalMeta {
 }
 
 /// The request's prompt: raw text, or a chat to render with the model's template.
+/// Generate's checks and prompt preparation, shared with `Worker/Tokenize` so that a request
+/// Tokenize accepts, Generate accepts with the same tokens: validation, the model name, then
+/// templating and tokenizing on the blocking pool (never on the engine thread).
+pub(crate) async fn prepare_request(
+    engine: &EngineHandle,
+    limits: &RequestLimits,
+    req: &GenerateRequest,
+) -> Result<(PreparedPrompt, Option<crate::chat::ChatReply>), Status> {
+    validate(req, limits, true).map_err(|e| Status::invalid_argument(e.0))?;
+    let model = engine.model();
+    if !req.model.is_empty() && req.model != model.info.name {
+        return Err(Status::not_found(format!(
+            "model {:?} is not served here (this worker serves {:?})",
+            req.model, model.info.name
+        )));
+    }
+    let prompt = request_prompt(req).map_err(Status::invalid_argument)?;
+    let tokenizer = engine.tokenizer().clone();
+    tokio::task::spawn_blocking(move || tokenizer.prepare(&prompt))
+        .await
+        .map_err(|e| Status::internal(format!("preparing the prompt: {e}")))?
+        .map_err(status)
+}
+
 pub(crate) fn request_prompt(req: &GenerateRequest) -> Result<Prompt, String> {
     Ok(if req.messages.is_empty() {
         Prompt::Text(req.prompt.clone())

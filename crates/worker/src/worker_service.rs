@@ -17,11 +17,11 @@ use moe_common::pb::{
     GenerateRequest, PrefixCacheEvent, TokenizeResponse, WatchPrefixCacheRequest,
 };
 use moe_common::prefix::{BLOCK_TOKENS, block_hashes};
-use moe_common::request::{RequestLimits, validate};
+use moe_common::request::RequestLimits;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{EngineHandle, PrefixCacheView};
-use crate::service::{request_prompt, status};
+use crate::service::prepare_request;
 
 pub struct WorkerService {
     engine: EngineHandle,
@@ -75,21 +75,9 @@ impl Worker for WorkerService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
         let req = request.into_inner();
-        // Generate's checks, in Generate's order: a request Tokenize accepts, Generate accepts.
-        validate(&req, &self.limits, true).map_err(|e| Status::invalid_argument(e.0))?;
+        // Generate's own checks and preparation: a request Tokenize accepts, Generate accepts.
+        let (prepared, _) = prepare_request(&self.engine, &self.limits, &req).await?;
         let model = self.engine.model();
-        if !req.model.is_empty() && req.model != model.info.name {
-            return Err(Status::not_found(format!(
-                "model {:?} is not served here (this worker serves {:?})",
-                req.model, model.info.name
-            )));
-        }
-        let prompt = request_prompt(&req).map_err(Status::invalid_argument)?;
-        let tokenizer = self.engine.tokenizer().clone();
-        let (prepared, _) = tokio::task::spawn_blocking(move || tokenizer.prepare(&prompt))
-            .await
-            .map_err(|e| Status::internal(format!("preparing the prompt: {e}")))?
-            .map_err(status)?;
         let mut tokens = prepared.tokens;
         tokens.extend_from_slice(&req.resume_token_ids);
         Ok(Response::new(TokenizeResponse {
