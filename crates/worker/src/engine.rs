@@ -4,6 +4,7 @@
 
 pub mod batcher;
 mod devices;
+pub mod events;
 mod fingerprint;
 mod load;
 mod sampler;
@@ -20,6 +21,7 @@ use moe_common::plan::MemoryPlan;
 use moe_common::registry::{DeviceInfo, ModelInfo};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use events::{EventReceiver, EventSender, job_channel};
 pub use tokenizer::{PreparedPrompt, SpecialTokens, Tokenizer};
 
 /// How to load the model and size the batch.
@@ -160,8 +162,9 @@ pub struct Job {
     pub class: LatencyClass,
     pub deadline: Option<Instant>,
     pub arrived: Instant,
-    /// Where the engine streams this job's events; closing it cancels the job.
-    pub events: mpsc::UnboundedSender<Event>,
+    /// Where the engine streams this job's events ([`job_channel`], sized for the job so a send
+    /// never waits); closing it cancels the job.
+    pub events: EventSender,
     /// The request's span on this worker: the engine's queue, prefill and decode spans are its
     /// children, and each engine step links to the spans of the sequences it served.
     pub span: tracing::Span,

@@ -11,12 +11,13 @@ use moe_common::LatencyClass;
 use moe_common::pb::v1::inference_server::Inference;
 use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, Timings, Usage};
 use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tonic::{Code, Request, Response, Status};
 use tracing::{Instrument, Span};
 
 use crate::engine::{
-    EngineError, EngineHandle, Event, Finish, Job, PreparedPrompt, Prompt, Sampling, Summary,
+    EngineError, EngineHandle, Event, EventReceiver, EventSender, Finish, Job, PreparedPrompt,
+    Prompt, Sampling, Summary, job_channel,
 };
 use crate::metrics::{WorkerMetrics, class_label};
 
@@ -155,7 +156,9 @@ impl InferenceService {
         let req = request.into_inner();
         let (prompt, reply) = prepare_request(&self.engine, &self.limits, &req).await?;
         let model = self.engine.model();
-        let (events, rx) = mpsc::unbounded_channel();
+        // Bounded by what the job can send, so the engine never waits on this stream's reader
+        // (`engine::events`, review H6).
+        let (events, rx) = job_channel(req.max_tokens);
         if let Some(mut reply) = reply {
             // After a migration the reply parser resumes where the previous worker's stood.
             let tokenizer = self.engine.tokenizer();
@@ -280,7 +283,7 @@ fn job(
     prompt: PreparedPrompt,
     arrived: Instant,
     deadline: Option<Instant>,
-    events: mpsc::UnboundedSender<Event>,
+    events: EventSender,
 ) -> Job {
     let sampling = req
         .sampling
@@ -318,7 +321,7 @@ fn job(
 }
 
 fn responses(
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut rx: EventReceiver,
     meta: FinalMeta,
     guard: InFlight,
     mut record: Record,
@@ -359,9 +362,22 @@ fn responses(
                 }
             }
         }
+        if rx.overflowed() {
+            record.end(Code::Internal);
+            yield Err(overflow_status(rx.capacity()));
+            return;
+        }
         record.end(Code::Unavailable);
         yield Err(Status::unavailable("engine stopped before the request finished"));
     }
+}
+
+/// The end of a stream whose job overflowed its event channel (see `engine::events`).
+fn overflow_status(capacity: usize) -> Status {
+    Status::internal(format!(
+        "the request's event channel ({capacity} events) was full; the engine stopped the \
+         request instead of waiting"
+    ))
 }
 
 fn final_message(s: &Summary, meta: &FinalMeta) -> GenerateResponse {
@@ -386,5 +402,98 @@ fn final_message(s: &Summary, meta: &FinalMeta) -> GenerateResponse {
         }),
         request_id: meta.request_id.clone(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::engine::events::{EventSendError, job_capacity};
+
+    fn delta(id: u32) -> Event {
+        Event::Delta {
+            text: format!("t{id}"),
+            token_ids: vec![id],
+            logprobs: Vec::new(),
+        }
+    }
+
+    fn done(completion_tokens: u32) -> Event {
+        Event::Done(Summary {
+            finish: Finish::Length,
+            prompt_tokens: 1,
+            completion_tokens,
+            cached_prompt_tokens: 0,
+            queue: Duration::ZERO,
+            time_to_first_token: Duration::ZERO,
+            decode_tokens_per_second: 0.0,
+        })
+    }
+
+    fn stream(rx: EventReceiver) -> GenerateStream {
+        let meta = FinalMeta {
+            worker_id: "w".into(),
+            profile: "full".into(),
+            request_id: "r".into(),
+        };
+        let intake = Arc::new(Intake::default());
+        intake.in_flight.fetch_add(1, Ordering::SeqCst);
+        let record = Record {
+            metrics: Arc::new(WorkerMetrics::unregistered()),
+            class: LatencyClass::Interactive,
+            span: Span::none(),
+            outcome: None,
+            last_token: None,
+        };
+        Box::pin(responses(rx, meta, InFlight(intake), record))
+    }
+
+    /// The engine sends without waiting: a job whose reader reads nothing until the end can
+    /// still queue every event it may send (a token each, the flush, the end), and the reader
+    /// then gets them all.
+    #[tokio::test]
+    async fn every_event_a_job_can_send_fits_while_nobody_reads() {
+        let max_tokens = 40;
+        let (tx, rx) = job_channel(max_tokens);
+        assert_eq!(rx.capacity(), job_capacity(max_tokens));
+        // One token each, a flush of held text, and two for the Chat event's place.
+        for id in 0..max_tokens + 2 {
+            tx.send(delta(id)).expect("queued without a reader");
+        }
+        tx.send(done(max_tokens)).expect("the end fits too");
+        assert!(!tx.is_closed());
+        drop(tx);
+        let got: Vec<_> = stream(rx).collect().await;
+        assert_eq!(got.len(), max_tokens as usize + 3);
+        let last = got.last().unwrap().as_ref().expect("a final message");
+        assert_eq!(last.finish_reason(), FinishReason::Length);
+        assert!(got.iter().all(Result::is_ok));
+    }
+
+    /// A send that finds the channel full does not wait: the job counts as gone (the engine
+    /// frees its slot) and its stream ends with INTERNAL naming the cause.
+    #[tokio::test]
+    async fn a_full_channel_fails_the_job_instead_of_blocking_the_engine() {
+        let (tx, rx) = job_channel(2);
+        for id in 0..job_capacity(2) as u32 {
+            tx.send(delta(id)).unwrap();
+        }
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            tx.send(delta(99)),
+            Err(EventSendError::Overflow(_))
+        ));
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(tx.is_closed(), "the engine must drop an overflowed job");
+        drop(tx);
+        let got: Vec<_> = stream(rx).collect().await;
+        assert_eq!(got.len(), job_capacity(2) + 1);
+        let end = got.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(end.code(), Code::Internal);
+        assert!(end.message().contains("event channel"), "{}", end.message());
     }
 }

@@ -111,7 +111,7 @@ pub(super) fn engine_thread(
 
 /// Per-sequence state that lives only on the engine thread.
 struct Live {
-    events: mpsc::UnboundedSender<Event>,
+    events: super::EventSender,
     sampler: SeqSampler,
     /// Token ids go out only together with their text (see `Detokenizer`).
     text: Detokenizer,
