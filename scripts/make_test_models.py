@@ -80,10 +80,18 @@ Outputs (in --out-dir, default ``models/``, which is git-ignored):
    ``tokenizer.*`` keys copied, vocab 49152) so tokenize/detokenize and the
    chat template work.  Matrices are F16, norms and routers F32.
 
+3. ``tiny-harmony.gguf`` -- the tiny MoE with gpt-oss's harmony control tokens appended to the
+   vocabulary and a harmony chat template (random weights: output constrained by grammars).
+
+4. ``tiny-harmony-scripted.gguf`` -- tiny-harmony's shapes, tokens (plus 4 normal tokens) and
+   template with bigram weights: its greedy reply is one fixed harmony analysis message and final
+   message ended by ``<|return|>`` (see SCRIPTED_PATH), for end-to-end tests of the reasoning split.
+
 Usage::
 
     pip install -r scripts/requirements.txt
-    python3 scripts/make_test_models.py [--out-dir models] [--only smollm2|tiny] [--check] [--force]
+    python3 scripts/make_test_models.py [--out-dir models]
+        [--only smollm2|tiny|tiny-harmony|tiny-harmony-scripted] [--check] [--force]
 
 Idempotent: beside each file a ``<file>.stamp`` JSON records a hash of the
 script version, the generation parameters and the source model; a file whose
@@ -519,8 +527,109 @@ def build_tiny_harmony(s: FastGGUF, out: Path) -> None:
     _write_tiny(s, out, TINY_HARMONY_PARAMS, harmony_tokenizer(s))
 
 
-def _write_tiny(s: FastGGUF, out: Path, p: dict, overrides: dict) -> None:
-    """The tiny random MoE with SmolLM2's tokenizer KVs, `overrides` replacing some of them."""
+# A "scripted" harmony model: the tiny-harmony shapes, tokenizer and template, with weights that
+# make its greedy output one fixed harmony reply, whatever the prompt: an analysis message
+# (reasoning) then a final message (the answer), ended by <|return|>. It is a bigram model:
+# every block's attention output and expert down projections are zero, so the residual stream
+# after the last layer is the current token's embedding; the embeddings of the path's tokens are
+# orthonormal directions (scaled), and the untied output row of each path token p[i+1] is
+# SCRIPTED_LOGIT / sqrt(n_embd) times p[i]'s direction, so after RMS norm (weight 1) p[i] gives
+# p[i+1] the logit SCRIPTED_LOGIT and every other path token 0; the other output rows are small
+# random (logit std ~0.1). Greedy decoding from the prompt's last token therefore follows the path
+# exactly (check_tiny_harmony_scripted recomputes every step's logits and margin), and even
+# sampling at temperature 1 leaves it with probability ~ n_vocab * e^-SCRIPTED_LOGIT per token.
+# A bigram model cannot branch, so every token id on the path is distinct: the second header
+# spells "assistant", <|channel|> and <|message|> with other ids than the first (the output parser
+# reads text, special tokens rendered), using normal tokens appended to the vocabulary.
+TINY_SCRIPTED_OUT = "tiny-harmony-scripted.gguf"
+SCRIPTED_PIECES = ["<|chan", "nel|>", "<|mess", "age|>"]  # normal tokens, after HARMONY_TOKENS
+SCRIPTED_REASONING = [b"The", b" user", b" says", b" hi", b";", b" reply", b" politely", b" in",
+                      b" French", b" with", b" a", b" caf\xc3\xa9", b" pun", b"."]
+# "\xc3" "\xa9" (one é) and " " "\xe2" "\x98" "\x95" (" ☕") are single bytes, one token each:
+# a character cut across tokens.
+SCRIPTED_ANSWER = [b"Bon", b"jour", b"!", b" Un", b" caf", b"\xc3", b"\xa9", b"?", b" ", b"\xe2",
+                   b"\x98", b"\x95"]
+# The chat prompt ends in "<|start|>assistant", tokenized <|start|> "ass" "istant" (SmolLM2 BPE).
+SCRIPTED_PROMPT_END = b"istant"
+SCRIPTED_PATH = (
+    [b"<|channel|>", b"analysis", b"<|message|>", *SCRIPTED_REASONING,
+     b"<|end|>", b"<|start|>", b"as", b"s", b"ist", b"ant",
+     b"<|chan", b"nel|>", b"final", b"<|mess", b"age|>", *SCRIPTED_ANSWER, b"<|return|>"]
+)
+SCRIPTED_LOGIT = 32.0
+SCRIPTED_PARAMS = dict(TINY_PARAMS, name="tiny-harmony-scripted", seed=4321,
+                       pieces=SCRIPTED_PIECES, prompt_end=SCRIPTED_PROMPT_END.hex(),
+                       path=[t.hex() for t in SCRIPTED_PATH], logit=SCRIPTED_LOGIT,
+                       noise_logit_std=0.1)
+
+
+def _gpt2_byte_text(raw: bytes) -> bytes:
+    """A byte string as GPT-2 byte-level BPE vocabularies spell it (space -> "Ġ", ...)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    enc = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in enc:
+            enc[b] = chr(256 + n)
+            n += 1
+    return "".join(enc[b] for b in raw).encode()
+
+
+def scripted_tokenizer(s: FastGGUF) -> dict:
+    kv = harmony_tokenizer(s)
+    tokens, vt, sub = kv["tokenizer.ggml.tokens"]
+    types, tvt, tsub = kv["tokenizer.ggml.token_type"]
+    dup = set(SCRIPTED_PIECES) & {t.decode(errors="replace") for t in tokens}
+    if dup:
+        raise ValueError(f"scripted pieces already in the vocabulary: {dup}")
+    kv["tokenizer.ggml.tokens"] = (tokens + [p.encode() for p in SCRIPTED_PIECES], vt, sub)
+    kv["tokenizer.ggml.token_type"] = (types + [1] * len(SCRIPTED_PIECES), tvt, tsub)
+    return kv
+
+
+def scripted_ids(tokens: list[bytes]) -> list[int]:
+    """Token ids of the prompt's last token followed by the scripted path; all distinct."""
+    index = {t: i for i, t in enumerate(tokens)}
+    want = [SCRIPTED_PROMPT_END, *SCRIPTED_PATH]
+    ids = [index.get(_gpt2_byte_text(t)) for t in want]
+    missing = [t for t, i in zip(want, ids) if i is None]
+    if missing:
+        raise ValueError(f"scripted path: not in the vocabulary: {missing}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"scripted path: a token repeats (a bigram model cannot branch): {want}")
+    return ids
+
+
+def build_tiny_harmony_scripted(s: FastGGUF, out: Path) -> None:
+    p = SCRIPTED_PARAMS
+    kv = scripted_tokenizer(s)
+    ids = scripted_ids(kv["tokenizer.ggml.tokens"][0])
+    E = p["n_embd"]
+    cond, nxt = ids[:-1], ids[1:]  # token i is fed, token i+1 must win
+    if len(cond) > E:
+        raise ValueError(f"scripted path of {len(cond)} steps needs n_embd >= {len(cond)}")
+    q, _ = np.linalg.qr(np.random.default_rng(p["seed"]).standard_normal((E, len(cond))))
+
+    def edit(name: str, a: np.ndarray) -> np.ndarray:
+        if name.endswith(".attn_output.weight") or name.endswith(".ffn_down_exps.weight"):
+            return np.zeros_like(a)
+        if name == "token_embd.weight":
+            a = a.copy()
+            a[cond] = (q.T * np.sqrt(E) * 0.5).astype(a.dtype)  # norm 4, like the random rows
+            return a
+        if name == "output.weight":
+            # Random rows had std E^-0.5 (logit std 1 on a normed state of norm sqrt(E)).
+            a = (a.astype(np.float32) * np.float32(p["noise_logit_std"])).astype(a.dtype)
+            a[nxt] = (q.T * (p["logit"] / np.sqrt(E))).astype(a.dtype)
+            return a
+        return a
+
+    _write_tiny(s, out, p, kv, edit)
+
+
+def _write_tiny(s: FastGGUF, out: Path, p: dict, overrides: dict, edit=None) -> None:
+    """The tiny random MoE with SmolLM2's tokenizer KVs, `overrides` replacing some of them;
+    `edit(name, array) -> array`, if given, rewrites tensors after their random init."""
     kvs = {k: overrides.get(k, v) for k, v in s.kvs.items()}
     n_vocab = len(kvs["tokenizer.ggml.tokens"][0])
     E, H = p["n_embd"], p["n_head"]
@@ -556,6 +665,8 @@ def _write_tiny(s: FastGGUF, out: Path, p: dict, overrides: dict) -> None:
             a = np.ones(np_shape, dtype=dt)
         else:
             a = (rng.standard_normal(np_shape, dtype=np.float32) * np.float32(std)).astype(dt)
+        if edit is not None:
+            a = edit(name, a)
         plan.add(name, a.shape, a.dtype, a.nbytes, gt, lambda a=a: a)
     plan.write(w)
     os.replace(tmp, out)
@@ -667,12 +778,41 @@ def check_tiny_harmony(s: FastGGUF, out: Path) -> None:
     print(f"check ok: {out} (vocab {n_vocab} with {len(HARMONY_TOKENS)} harmony control tokens)")
 
 
+def check_tiny_harmony_scripted(s: FastGGUF, out: Path) -> None:
+    p = SCRIPTED_PARAMS
+    m = GGUFReader(out)
+    want = scripted_tokenizer(s)
+    for key, v in want.items():
+        assert _kv(m, key) == v, f"KV {key} differs"
+    assert _kv(m, "general.name")[0] == p["name"].encode()
+    ids = scripted_ids(want["tokenizer.ggml.tokens"][0])
+    t = {x.name: x for x in m.tensors}
+    for i in range(p["n_layer"]):
+        for name in (f"blk.{i}.attn_output.weight", f"blk.{i}.ffn_down_exps.weight"):
+            assert not np.any(t[name].data), f"{name} is not zero"
+    assert np.all(t["output_norm.weight"].data == 1)
+    emb = np.asarray(t["token_embd.weight"].data, dtype=np.float32)
+    outw = np.asarray(t["output.weight"].data, dtype=np.float32)
+    margins = []
+    for cur, nxt in zip(ids[:-1], ids[1:]):  # the residual stream is the embedding: bigram logits
+        x = emb[cur]
+        h = x / np.sqrt(np.mean(x * x) + p["rms_eps"])
+        logits = outw @ h
+        top = int(np.argmax(logits))
+        assert top == nxt, f"after token {cur} the model picks {top}, not {nxt}"
+        margins.append(float(logits[nxt] - np.max(np.delete(logits, nxt))))
+    assert min(margins) > 0.75 * p["logit"], min(margins)
+    _check_alignment(m)
+    print(f"check ok: {out} (scripted path of {len(ids) - 1} tokens, greedy margin "
+          f">= {min(margins):.1f} logits)")
+
+
 # --------------------------------------------------------------------------
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", default="models", help="output directory (default: models/)")
-    ap.add_argument("--only", choices=["smollm2", "tiny", "tiny-harmony"],
+    ap.add_argument("--only", choices=["smollm2", "tiny", "tiny-harmony", "tiny-harmony-scripted"],
                     help="build only this model")
     ap.add_argument("--check", action="store_true",
                     help="read the files back with gguf.GGUFReader and verify them (slower: ~5 s per file)")
@@ -691,6 +831,8 @@ def main() -> int:
         ("tiny", TINY_OUT, TINY_PARAMS, build_tiny, check_tiny),
         ("tiny-harmony", TINY_HARMONY_OUT, TINY_HARMONY_PARAMS, build_tiny_harmony,
          check_tiny_harmony),
+        ("tiny-harmony-scripted", TINY_SCRIPTED_OUT, SCRIPTED_PARAMS, build_tiny_harmony_scripted,
+         check_tiny_harmony_scripted),
     ]
     parsed: FastGGUF | None = None
     for key, fname, params, build, check in targets:

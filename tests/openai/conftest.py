@@ -1,8 +1,9 @@
 """Shared fixtures of the API tests: a real cluster, and the official `openai` client for it.
 
 The session fixture starts a real cluster on free loopback ports: etcd (its own temp data dir),
-one `moe-worker` running llama.cpp on the CPU with the SmolLM2 test model, and `moe-gateway`
-with `--http-listen`. Every wait is bounded.
+one `moe-worker` running llama.cpp on the CPU with the SmolLM2 test model, two small ones with
+the harmony test models (`tiny-harmony`, `tiny-harmony-scripted`), and `moe-gateway` with
+`--http-listen`. Every wait is bounded.
 
 Environment: MOE_BIN_DIR (default target/debug), MOE_TEST_MODEL (default
 models/smollm2-moe-4x2.gguf; built with scripts/make_test_models.py when missing).
@@ -32,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "smollm2-moe-4x2"
 # Random weights, harmony tokens and template (scripts/make_test_models.py): output under grammars.
 HARMONY_MODEL = "tiny-harmony"
+# Same tokens and template, bigram weights whose greedy reply is one fixed harmony message pair
+# (analysis, then final): the reasoning/content separation end to end (test_chat_fidelity.py).
+SCRIPTED_MODEL = "tiny-harmony-scripted"
 WORKER_ID = "w1"
 STARTUP_TIMEOUT_S = 180
 RELEASE_TIMEOUT_S = 10
@@ -131,12 +135,14 @@ def cluster(request: pytest.FixtureRequest):
         subprocess.run([sys.executable, "scripts/make_test_models.py", "--only", "smollm2"],
                        cwd=ROOT, check=True, timeout=600)
     harmony = model.with_name(f"{HARMONY_MODEL}.gguf")
-    if not harmony.exists():
-        subprocess.run([sys.executable, "scripts/make_test_models.py", "--only", "tiny-harmony",
-                        "--out-dir", str(harmony.parent)], cwd=ROOT, check=True, timeout=600)
+    scripted = model.with_name(f"{SCRIPTED_MODEL}.gguf")
+    for path, only in ((harmony, HARMONY_MODEL), (scripted, SCRIPTED_MODEL)):
+        if not path.exists():
+            subprocess.run([sys.executable, "scripts/make_test_models.py", "--only", only,
+                            "--out-dir", str(path.parent)], cwd=ROOT, check=True, timeout=600)
 
     tmp = Path(tempfile.mkdtemp(prefix="moe-openai-"))
-    eport, pport, wport, gport, hport, w2port = (free_port() for _ in range(6))
+    eport, pport, wport, gport, hport, w2port, w3port = (free_port() for _ in range(7))
     etcd_url = f"http://127.0.0.1:{eport}"
     procs: dict[str, subprocess.Popen] = {}
     c = Cluster(http=f"http://127.0.0.1:{hport}", grpc=f"127.0.0.1:{gport}", etcd=etcd_url,
@@ -174,14 +180,19 @@ def cluster(request: pytest.FixtureRequest):
             "--listen", f"127.0.0.1:{w2port}", "--etcd", etcd_url, "--id", "w2",
             "--ctx-size", "2048", "--parallel", "2", "--threads", "1",
         ])
-        wait_until("gateway /health ready with both models",
-                   lambda: {MODEL_NAME, HARMONY_MODEL} <= set(http_get(f"{c.http}/health")[1]
-                                                               .get("models", [])),
+        spawn("scripted-worker", [
+            str(bin_dir / "moe-worker"), "--model", str(scripted), "--offload", "full",
+            "--listen", f"127.0.0.1:{w3port}", "--etcd", etcd_url, "--id", "w3",
+            "--ctx-size", "1024", "--parallel", "2", "--threads", "1",
+        ])
+        models = {MODEL_NAME, HARMONY_MODEL, SCRIPTED_MODEL}
+        wait_until("gateway /health ready with all models",
+                   lambda: models <= set(http_get(f"{c.http}/health")[1].get("models", [])),
                    STARTUP_TIMEOUT_S, interval_s=0.5, check=c.check_alive)
         yield c
         keep = request.session.testsfailed > 0 or "MOE_TEST_KEEP_LOGS" in os.environ
     finally:
-        for name in ("gateway", "worker", "harmony-worker", "etcd"):
+        for name in ("gateway", "worker", "harmony-worker", "scripted-worker", "etcd"):
             if name in procs:
                 stop(procs[name])
         if keep:

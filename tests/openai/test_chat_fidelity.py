@@ -1,7 +1,9 @@
 """Chat fidelity (issue 15): nothing silently ignored, gRPC reflection that every client speaks,
 structured output and tool calls (grammar-constrained), chat templates that keep message content
-apart from special tokens. Runs against the real cluster of conftest.py (SmolLM2 MoE, whose
-template knows no tools: tools reach it Hermes-style in the system message).
+apart from special tokens, harmony reasoning kept apart from the answer. Runs against the real
+cluster of conftest.py (SmolLM2 MoE, whose template knows no tools: tools reach it Hermes-style in
+the system message; `tiny-harmony` under grammars; `tiny-harmony-scripted`, whose greedy reply is
+one fixed harmony analysis + final message pair).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from conftest import HARMONY_MODEL, MODEL_NAME
+from conftest import HARMONY_MODEL, MODEL_NAME, SCRIPTED_MODEL
 
 
 @pytest.mark.parametrize(
@@ -314,3 +316,103 @@ def test_raw_output_returns_the_harmony_markup_unparsed(client):
     text = raw.choices[0].message.content
     assert text.startswith("<|channel|>final<|message|>"), text
     assert json.loads(text.removeprefix("<|channel|>final<|message|>")) == json.loads(parsed)
+
+
+# What tiny-harmony-scripted writes (scripts/make_test_models.py, SCRIPTED_PATH): an analysis
+# message of special-token markers, a final message whose header is spelled with ordinary tokens
+# (the parser reads text), "é" and "☕" cut across single-byte tokens: 40 tokens, then <|return|>
+# (end of generation, neither text nor counted).
+SCRIPTED_REASONING = "The user says hi; reply politely in French with a café pun."
+SCRIPTED_ANSWER = "Bonjour! Un café? ☕"
+SCRIPTED_RAW = (f"<|channel|>analysis<|message|>{SCRIPTED_REASONING}<|end|>"
+                f"<|start|>assistant<|channel|>final<|message|>{SCRIPTED_ANSWER}")
+SCRIPTED_TOKENS = 40
+HI = [{"role": "user", "content": "Salut !"}]
+
+
+def test_harmony_reasoning_content_and_content_are_separated(client):
+    r = client.chat.completions.create(model=SCRIPTED_MODEL, messages=HI, max_tokens=100,
+                                       temperature=0)
+    choice = r.choices[0]
+    assert getattr(choice.message, "reasoning_content", None) == SCRIPTED_REASONING, choice
+    assert choice.message.content == SCRIPTED_ANSWER, choice
+    # <|return|> ended generation, long before max_tokens.
+    assert choice.finish_reason == "stop", choice
+    assert r.usage.completion_tokens == SCRIPTED_TOKENS, r.usage
+
+
+def test_harmony_reasoning_content_streams_apart_from_content(client):
+    stream = client.chat.completions.create(model=SCRIPTED_MODEL, messages=HI, max_tokens=100,
+                                            temperature=0, stream=True)
+    reasoning, content, finish, kinds = [], [], None, []
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        r, c = getattr(delta, "reasoning_content", None), delta.content
+        assert not (r and c), delta  # no delta mixes the two
+        if r:
+            reasoning.append(r)
+            kinds.append("r")
+        if c:
+            content.append(c)
+            kinds.append("c")
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(reasoning) == SCRIPTED_REASONING, reasoning
+    assert "".join(content) == SCRIPTED_ANSWER, content
+    assert kinds == sorted(kinds, reverse=True), kinds  # all reasoning first, then the answer
+    assert len(reasoning) > 1 and len(content) > 1  # really streamed, token by token
+    assert finish == "stop"
+
+
+def test_harmony_reply_cut_by_max_tokens_inside_the_analysis(client):
+    # <|channel|> analysis <|message|> The " user": the reasoning so far, no content yet.
+    r = client.chat.completions.create(model=SCRIPTED_MODEL, messages=HI, max_tokens=5,
+                                       temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length", choice
+    assert getattr(choice.message, "reasoning_content", None) == "The user", choice
+    assert not choice.message.content, choice
+
+
+def test_harmony_raw_output_returns_the_whole_markup(client):
+    kw = dict(model=SCRIPTED_MODEL, messages=HI, max_tokens=100, temperature=0,
+              extra_body={"raw_output": True})
+    r = client.chat.completions.create(**kw)
+    m = r.choices[0].message
+    assert m.content == SCRIPTED_RAW, m
+    assert getattr(m, "reasoning_content", None) is None, m
+    assert r.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(**kw, stream=True)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert "".join(d.content or "" for d in deltas) == SCRIPTED_RAW
+    assert not any(getattr(d, "reasoning_content", None) for d in deltas)
+
+
+def test_harmony_reasoning_over_grpc(cluster):
+    with grpc.insecure_channel(cluster.grpc) as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        method = pool.FindServiceByName("moe.v1.Inference").FindMethodByName("Generate")
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        generate = channel.unary_stream(
+            "/moe.v1.Inference/Generate",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
+        request = request_cls(model=SCRIPTED_MODEL, max_tokens=100)  # greedy
+        request.messages.add(role="user", content="Salut !")
+        reply = list(generate(request, timeout=120))
+        assert "".join(m.reasoning for m in reply) == SCRIPTED_REASONING
+        assert "".join(m.text for m in reply) == SCRIPTED_ANSWER
+        assert not any(m.reasoning and m.text for m in reply)
+        assert reply[-1].finish_reason == 1  # STOP
+        assert reply[-1].usage.completion_tokens == SCRIPTED_TOKENS
+        # Every token id comes with its text: replaying them gives the raw reply.
+        ids = [t for m in reply for t in m.token_ids]
+        assert len(ids) == len(set(ids)) == SCRIPTED_TOKENS
+
+        request.raw_output = True
+        raw = list(generate(request, timeout=120))
+        assert "".join(m.text for m in raw) == SCRIPTED_RAW
+        assert not any(m.reasoning for m in raw)
