@@ -9,8 +9,8 @@ use crate::gguf::GgufHeader;
 /// docs/benchmarks/gpu.md). `--offload auto` and `moectl plan` keep it free when fitting a budget.
 pub const ACCELERATOR_OVERHEAD_BYTES: u64 = 640 << 20;
 
-/// Tokens per llama.cpp micro-batch the compute buffers are sized for (the worker's n_ubatch is
-/// min(--batch-size, 512)).
+/// Tokens per llama.cpp micro-batch by default (the worker's `--ubatch-size` defaults to
+/// min(--batch-size, 512)); compute buffers and sliding-window KV are sized for one micro-batch.
 pub const UBATCH_TOKENS: u64 = 512;
 
 /// Bytes per device class for one placement.
@@ -59,6 +59,10 @@ pub struct KvLayout {
     /// Sliding-window layers get full-size KV too (llama.cpp's `swa_full`; the worker sets it
     /// false, as llama-server does).
     pub swa_full: bool,
+    /// Most sampled positions per decode call (llama.cpp's `n_outputs_max`; 0: a whole
+    /// micro-batch, llama.cpp's default). The compute buffers hold logits for
+    /// min(ubatch, this) rows; the worker sets one per KV stream.
+    pub outputs_max: u32,
 }
 
 /// llama.cpp pads context sizes and sliding-window caches to this many cells.
@@ -78,6 +82,7 @@ impl KvLayout {
             unified: true,
             ubatch: UBATCH_TOKENS as u32,
             swa_full: true,
+            outputs_max: 0,
         }
     }
 
@@ -216,11 +221,24 @@ impl ModelShape {
         cells * self.kv_elements_per_token_layer * 2
     }
 
-    /// Accelerator compute buffers for a micro-batch: F32 logits over the vocabulary plus
-    /// activations (about 24 F32 vectors of the embedding width per token). Within 1 % of what
-    /// llama.cpp reserved for the synthetic gpt-oss-20b (532 MiB measured, 528 predicted).
+    /// Accelerator compute buffers for a micro-batch of [`UBATCH_TOKENS`] with logits for every
+    /// token ([`Self::compute_bytes_for`]).
     pub fn compute_bytes(&self) -> u64 {
-        UBATCH_TOKENS * 4 * (self.n_vocab + 24 * self.n_embd)
+        self.compute_bytes_for(&KvLayout::full_size(0))
+    }
+
+    /// Accelerator compute buffers for a micro-batch of `kv.ubatch` tokens: F32 logits over the
+    /// vocabulary for the rows that can be sampled (min(ubatch, `kv.outputs_max`), all of them
+    /// when 0) plus activations (about 24 F32 vectors of the embedding width per token). Within
+    /// 1 % of what llama.cpp reserved for the synthetic gpt-oss-20b at 512 tokens with logits
+    /// for all of them (532 MiB measured, 528 predicted).
+    pub fn compute_bytes_for(&self, kv: &KvLayout) -> u64 {
+        let ubatch = kv.ubatch.max(1) as u64;
+        let rows = match kv.outputs_max {
+            0 => ubatch,
+            n => ubatch.min(n as u64),
+        };
+        4 * (rows * self.n_vocab + ubatch * 24 * self.n_embd)
     }
 
     /// The plan with the routed experts of the first `n_cpu_moe` layers in host memory, with
@@ -247,7 +265,7 @@ impl ModelShape {
             host_expert_bytes: host,
             host_input_bytes: self.input_embedding_bytes,
             kv_bytes: self.kv_bytes_for(kv),
-            compute_bytes: self.compute_bytes(),
+            compute_bytes: self.compute_bytes_for(kv),
             total_weight_bytes: self.total_weight_bytes,
         }
     }
@@ -365,6 +383,7 @@ mod tests {
             unified: false,
             ubatch: 512,
             swa_full: false,
+            outputs_max: 0,
         };
         // 2048 cells per stream for full layers; pad(128 + 512) = 768 for sliding ones.
         assert_eq!(kv.cells_per_stream(128), (16, 2048, 768));
@@ -397,6 +416,7 @@ mod tests {
             unified: true,
             ubatch: 512,
             swa_full: false,
+            outputs_max: 0,
         };
         // 128 × 64 + 512 = 8704 cells (a multiple of 256) for the sliding layers.
         assert_eq!(kv.cells_per_stream(128), (1, 49152, 8704));
@@ -414,6 +434,7 @@ mod tests {
             unified: false,
             ubatch: 512,
             swa_full: false,
+            outputs_max: 0,
         };
         // n_ctx 1024, 256 per stream; the window (128 + 512) is wider: 256.
         assert_eq!(kv.cells_per_stream(128), (4, 256, 256));
@@ -426,8 +447,58 @@ mod tests {
             unified: true,
             ubatch: 7,
             swa_full: false,
+            outputs_max: 0,
         };
         assert_eq!(small.cells_per_stream(100), (1, 4096, 256));
+    }
+
+    #[test]
+    fn a_smaller_micro_batch_shrinks_sliding_window_kv_and_compute_buffers() {
+        let s = ModelShape {
+            n_vocab: 201_088,
+            n_embd: 2880,
+            ..gpt_oss_20b()
+        };
+        // The cpu-moe benchmark setting: 16384 cells, 16 sequences with a stream each (1024 cells).
+        let kv = |ubatch| KvLayout {
+            cells: 16384,
+            sequences: 16,
+            unified: false,
+            ubatch,
+            swa_full: false,
+            outputs_max: 0,
+        };
+        // pad(128 + ubatch) cells per stream on the sliding layers.
+        assert_eq!(kv(512).cells_per_stream(128), (16, 1024, 768));
+        assert_eq!(kv(256).cells_per_stream(128), (16, 1024, 512));
+        assert_eq!(kv(128).cells_per_stream(128), (16, 1024, 256));
+        // 16 × 12 × (1024 + swa) cells × 1024 elements × 2 bytes.
+        assert_eq!(s.kv_bytes_for(&kv(512)), 672 * MIB);
+        assert_eq!(s.kv_bytes_for(&kv(256)), 576 * MIB);
+        assert_eq!(s.kv_bytes_for(&kv(128)), 480 * MIB);
+        // Compute buffers scale with the micro-batch.
+        let c512 = s.plan_for(0, &kv(512)).compute_bytes;
+        assert_eq!(c512, s.compute_bytes());
+        assert_eq!(s.plan_for(0, &kv(256)).compute_bytes * 2, c512);
+        assert_eq!(s.plan_for(0, &kv(128)).compute_bytes * 4, c512);
+        // With one sampled row per stream (the worker's n_outputs_max), logits take 16 rows,
+        // not 512: 4 × (16 × 201088 + 512 × 24 × 2880) bytes ≈ 147 MiB instead of 528.
+        let worker = KvLayout {
+            outputs_max: 16,
+            ..kv(512)
+        };
+        assert_eq!(
+            s.plan_for(0, &worker).compute_bytes,
+            4 * (16 * 201_088 + 512 * 24 * 2880)
+        );
+        assert_eq!(s.compute_bytes(), 4 * 512 * (201_088 + 24 * 2880));
+        // Upstream's unified layout at 16 sequences: 128 × 16 + ubatch, padded.
+        let unified = |ubatch| KvLayout {
+            unified: true,
+            ..kv(ubatch)
+        };
+        assert_eq!(unified(512).cells_per_stream(128), (1, 16384, 2560));
+        assert_eq!(unified(128).cells_per_stream(128), (1, 16384, 2304));
     }
 
     fn header(arch: &str, layers: u64, meta: &[(&str, u64)]) -> GgufHeader {

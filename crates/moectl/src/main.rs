@@ -104,6 +104,10 @@ struct PlanArgs {
     /// One KV cache shared by all sequences, as the worker's --kv-unified.
     #[arg(long)]
     kv_unified: bool,
+    /// Tokens per micro-batch, as the worker's --ubatch-size (its default with the default
+    /// --batch-size: 512). Compute buffers and sliding-window KV scale with it.
+    #[arg(long, default_value_t = moe_common::plan::UBATCH_TOKENS as u32)]
+    ubatch_size: u32,
 }
 
 #[tokio::main]
@@ -264,11 +268,14 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         cells: a.ctx,
         sequences: a.parallel.max(1),
         unified: a.kv_unified,
-        ubatch: moe_common::plan::UBATCH_TOKENS as u32,
+        ubatch: a.ubatch_size.max(1),
         swa_full: false,
+        // The worker samples at most one position per sequence per decode call.
+        outputs_max: a.parallel.max(1),
     };
     println!(
-        "model {} ({}), {} layers, {} experts ({} used), weights {}, ctx {} (KV {}), parallel {}{}",
+        "model {} ({}), {} layers, {} experts ({} used), weights {}, ctx {} (KV {}), parallel {}, \
+         micro-batch {}{}",
         header.name().unwrap_or("?"),
         header.architecture().unwrap_or("?"),
         shape.n_layer,
@@ -278,6 +285,7 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         a.ctx,
         ByteSize(shape.kv_bytes_for(&kv)),
         a.parallel,
+        kv.ubatch,
         if a.kv_unified { ", unified KV" } else { "" }
     );
     if shape.swa_layers > 0 {

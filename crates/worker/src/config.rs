@@ -62,6 +62,12 @@ pub struct WorkerConfig {
     /// Tokens per engine step: decodes plus prompt chunks.
     #[arg(long, env = "MOE_BATCH_SIZE", default_value_t = 512)]
     pub batch_size: u32,
+    /// Tokens per llama.cpp micro-batch (`n_ubatch`; default min(--batch-size, 512)). Compute
+    /// buffers scale with it, and so do sliding-window layers' KV (per stream: window +
+    /// micro-batch, padded to 256 cells); smaller saves accelerator memory, prefill may be
+    /// slower. At most --batch-size.
+    #[arg(long, env = "MOE_UBATCH_SIZE")]
+    pub ubatch_size: Option<u32>,
     /// One KV cache shared by all sequences (llama.cpp `kv_unified`). Off by default: each
     /// sequence then has its own --ctx-size/--parallel cells, and greedy output does not depend
     /// on which other sequences share the batch (issue 14). On lets one request use the whole
@@ -137,6 +143,11 @@ impl WorkerConfig {
         if self.batch_size < self.parallel {
             return Err("--batch-size must be at least --parallel".into());
         }
+        if let Some(u) = self.ubatch_size
+            && (u == 0 || u > self.batch_size)
+        {
+            return Err("--ubatch-size must be 1..=--batch-size".into());
+        }
         if self.offload == OffloadProfile::Auto && self.vram_budget.is_none() {
             return Err("--offload auto needs --vram-budget".into());
         }
@@ -145,6 +156,12 @@ impl WorkerConfig {
         }
         self.etcd.validate()?;
         Ok(())
+    }
+
+    /// Tokens per llama.cpp micro-batch: `--ubatch-size`, else min(--batch-size, 512).
+    pub fn ubatch_size(&self) -> u32 {
+        self.ubatch_size
+            .unwrap_or(self.batch_size.min(moe_common::plan::UBATCH_TOKENS as u32))
     }
 
     /// The decode mode asked for: `--sequential-decode` is `--decode-mode sequential`.
@@ -175,5 +192,35 @@ impl WorkerConfig {
     /// A config with defaults for everything but the model (tests, embedding).
     pub fn for_model(model: impl Into<PathBuf>) -> Self {
         WorkerConfig::parse_from(["moe-worker", "--model", &model.into().to_string_lossy()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> WorkerConfig {
+        let mut all = vec!["moe-worker", "--model", "m.gguf"];
+        all.extend_from_slice(args);
+        WorkerConfig::try_parse_from(all).expect("parses")
+    }
+
+    #[test]
+    fn the_micro_batch_defaults_to_the_batch_up_to_512() {
+        assert_eq!(parse(&[]).ubatch_size(), 512);
+        assert_eq!(parse(&["--batch-size", "2048"]).ubatch_size(), 512);
+        assert_eq!(parse(&["--batch-size", "256"]).ubatch_size(), 256);
+        let c = parse(&["--batch-size", "2048", "--ubatch-size", "128"]);
+        assert_eq!(c.ubatch_size(), 128);
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_micro_batch_is_one_to_the_batch() {
+        let c = parse(&["--batch-size", "256", "--ubatch-size", "512"]);
+        assert!(c.validate().unwrap_err().contains("--ubatch-size"));
+        let c = parse(&["--ubatch-size", "0"]);
+        assert!(c.validate().unwrap_err().contains("--ubatch-size"));
+        assert_eq!(parse(&["--ubatch-size", "512"]).validate(), Ok(()));
     }
 }

@@ -45,6 +45,8 @@ pub struct EngineConfig {
     pub threads: Option<u32>,
     /// Tokens per engine step (llama `n_batch`).
     pub batch_size: u32,
+    /// Tokens per llama.cpp micro-batch (`n_ubatch`, at most `batch_size`; `--ubatch-size`).
+    pub ubatch_size: u32,
     /// One KV cache shared by all sequences. When false (the default), each sequence has its own
     /// KV stream of `ctx_size / parallel` cells, at the same positions as when it runs alone, so
     /// greedy output does not depend on the batch (see docs/benchmarks/batch-invariance.md).

@@ -50,6 +50,7 @@ fn engine_config(c: &WorkerConfig) -> EngineConfig {
         cache_sequences: c.cache_sequences,
         threads: c.threads,
         batch_size: c.batch_size,
+        ubatch_size: c.ubatch_size(),
         kv_unified: c.kv_unified,
         decode_mode: c.decode_mode(),
         max_queue: c.max_queue,

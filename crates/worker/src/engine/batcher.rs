@@ -44,7 +44,10 @@ pub struct BatcherConfig {
     /// Sequential decode's exact mode: prompts are prefilled in chunks ending at multiples of
     /// this many tokens (whatever the step budget and other traffic), and prefix reuse (in place
     /// or copied) covers only cells computed by such whole chunks, rounded down to a multiple.
-    /// None: chunks fill the step budget and any cached prefix is reused.
+    /// None: chunks fill the step budget and any cached prefix is reused. llama.cpp splits each
+    /// chunk into micro-batches of `--ubatch-size` from the chunk's start, so with chunks
+    /// starting at multiples of this size the micro-batch boundaries are fixed positions too,
+    /// whether or not the micro-batch divides the chunk.
     pub aligned_prefill: Option<u32>,
     /// While interactive sequences are decoding, batch prefill takes at most this many tokens of
     /// a step, so a long batch prompt never slows an interactive stream by more than a small step.

@@ -36,6 +36,12 @@ fn kv_cells(config: &EngineConfig) -> u32 {
     (config.ctx_size as u64 + extra).min(u32::MAX as u64) as u32
 }
 
+/// Tokens per micro-batch: `--ubatch-size`, never more than `--batch-size` (llama.cpp clamps
+/// it the same way, and the plan must match what it allocates).
+pub(super) fn ubatch(config: &EngineConfig) -> u32 {
+    config.ubatch_size.clamp(1, config.batch_size.max(1))
+}
+
 /// The KV layout `context_params` asks llama.cpp for, which the plan sizes the cache from
 /// (sliding-window layers keep only their window: `swa_full = false`).
 fn kv_layout(config: &EngineConfig) -> KvLayout {
@@ -43,8 +49,9 @@ fn kv_layout(config: &EngineConfig) -> KvLayout {
         cells: kv_cells(config),
         sequences: streams(config),
         unified: config.kv_unified,
-        ubatch: config.batch_size.min(512),
+        ubatch: ubatch(config),
         swa_full: false,
+        outputs_max: streams(config),
     }
 }
 
@@ -191,17 +198,50 @@ pub(super) fn threads(config: &EngineConfig) -> i32 {
 
 fn context_params(config: &EngineConfig) -> LlamaContextParams {
     let threads = threads(config);
-    LlamaContextParams::default()
+    let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(kv_cells(config)))
         .with_n_batch(config.batch_size)
-        .with_n_ubatch(config.batch_size.min(512))
+        .with_n_ubatch(ubatch(config))
         .with_n_seq_max(streams(config))
         .with_kv_unified(config.kv_unified)
         // Sliding-window layers keep only their window (as llama-server does), not full-size
         // KV; prefix reuse checks what they still hold (see `reuse_allowed`).
         .with_swa_full(false)
         .with_n_threads(threads)
-        .with_n_threads_batch(threads)
+        .with_n_threads_batch(threads);
+    // Each sequence samples at most one position per decode call (the last prompt token or the
+    // decoded one), so a call never has more outputs than KV streams: the compute buffers need
+    // logits for that many rows, not for a whole micro-batch (n_vocab × n_ubatch × 4 bytes,
+    // 393 MiB for gpt-oss at 512). llama.cpp asserts outputs per call <= n_outputs_max, and
+    // n_seq_max <= n_outputs_max.
+    with_n_outputs_max(params, streams(config))
+}
+
+/// Sets llama.cpp's `n_outputs_max`, which llama-cpp-2 0.1.160 has no setter for.
+fn with_n_outputs_max(mut params: LlamaContextParams, n: u32) -> LlamaContextParams {
+    use llama_cpp_sys_2::llama_context_params as Raw;
+    // `LlamaContextParams` is a struct whose one field is the raw `llama_context_params`: with
+    // equal size and alignment that field is at offset 0 (checked at compile time).
+    const _: () = assert!(
+        size_of::<LlamaContextParams>() == size_of::<Raw>()
+            && align_of::<LlamaContextParams>() == align_of::<Raw>()
+    );
+    // SAFETY: the wrapper is exactly the raw struct (see above), a plain C struct; writing one
+    // u32 field keeps it valid.
+    unsafe {
+        (*(&mut params as *mut LlamaContextParams).cast::<Raw>()).n_outputs_max = n;
+    }
+    params
+}
+
+/// What `with_n_outputs_max` wrote (tests).
+#[cfg(test)]
+fn n_outputs_max(params: &LlamaContextParams) -> u32 {
+    // SAFETY: as in `with_n_outputs_max`.
+    unsafe {
+        (*(params as *const LlamaContextParams).cast::<llama_cpp_sys_2::llama_context_params>())
+            .n_outputs_max
+    }
 }
 
 /// Loads the model and creates a warmed-up context on it, measuring what each took from the
@@ -254,4 +294,46 @@ fn warm_up(ctx: &mut LlamaContext<'_>, model: &LlamaModel) -> Result<(), String>
     ctx.decode(&mut batch).map_err(|e| e.to_string())?;
     ctx.clear_kv_cache();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(batch: u32, ubatch: u32) -> EngineConfig {
+        EngineConfig {
+            model_path: "m.gguf".into(),
+            model_name: None,
+            offload: OffloadProfile::Full,
+            vram_budget: None,
+            gpu_layers: None,
+            ctx_size: 16384,
+            parallel: 16,
+            cache_sequences: 2,
+            threads: Some(2),
+            batch_size: batch,
+            ubatch_size: ubatch,
+            kv_unified: false,
+            decode_mode: DecodeMode::Auto,
+            max_queue: 8,
+            queue_timeout: std::time::Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn context_params_carry_the_micro_batch_and_one_output_per_stream() {
+        let c = config(2048, 128);
+        let p = context_params(&c);
+        assert_eq!(p.n_batch(), 2048);
+        assert_eq!(p.n_ubatch(), 128);
+        assert_eq!(p.n_seq_max(), 18);
+        assert_eq!(n_outputs_max(&p), 18, "one sampled row per KV stream");
+        // The raw write left the wrapper's other fields alone.
+        assert_eq!(p.n_ctx(), NonZeroU32::new(kv_cells(&c)));
+        let kv = kv_layout(&c);
+        assert_eq!((kv.ubatch, kv.sequences, kv.swa_full), (128, 18, false));
+        // Never more than the batch, as llama.cpp clamps it.
+        assert_eq!(context_params(&config(256, 512)).n_ubatch(), 256);
+        assert_eq!(kv_layout(&config(256, 512)).ubatch, 256);
+    }
 }
