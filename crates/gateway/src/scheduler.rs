@@ -277,7 +277,20 @@ fn load(w: &WorkerAdvert) -> f64 {
     (w.load.active + w.load.queued) as f64 / w.capacity.max_sequences.max(1) as f64
 }
 
+/// Answer length assumed for streams a worker is running (tokens), at most: the gateway does not
+/// see how long they are.
+const TYPICAL_ANSWER_TOKENS: f64 = 128.0;
+
 /// Predicted seconds to the first token on `w` for `d`, counting this gateway's recent placements.
+///
+/// - Speeds are the worker's measured ones; one it has not measured yet (0) is the policy's
+///   assumed speed, which the rankings set to the mean measured speed of the worker's pool
+///   ([`assumed_speeds`]) rather than an optimistic constant.
+/// - Every running sequence adds a little to each step.
+/// - A worker with every sequence slot busy starts the request when a slot frees: the running
+///   streams are assumed to be as long as this request's answer (at most
+///   [`TYPICAL_ANSWER_TOKENS`]) and half done on average, so one slot frees every
+///   answer / 2 / slots steps; each request already waiting needs one more.
 fn predicted_ttft(w: &WorkerAdvert, d: &Demand, local_streams: u32, policy: &Policy) -> f64 {
     let prefill_tps = if w.speed.prefill_tokens_per_second > 0.0 {
         w.speed.prefill_tokens_per_second
@@ -291,15 +304,75 @@ fn predicted_ttft(w: &WorkerAdvert, d: &Demand, local_streams: u32, policy: &Pol
     };
     let busy = (w.load.active + w.load.queued + local_streams) as f64;
     let slots = w.capacity.max_sequences.max(1) as f64;
-    // Every running sequence adds a little to each step; beyond the slots, requests wait for a
-    // sequence to finish (assume half a typical answer of 128 tokens).
     let step = 1.0 / decode_tps;
+    let answer = f64::from(d.max_tokens.max(1)).min(TYPICAL_ANSWER_TOKENS);
     let wait = if busy >= slots {
-        (busy - slots + 1.0) / slots * 64.0 * step
+        (busy - slots + 1.0) / slots * (answer / 2.0) * step
     } else {
         0.0
     };
     d.prompt_tokens as f64 / prefill_tps + wait + busy / slots * step
+}
+
+/// Whether `w` has measured both its speeds (a worker that just started has measured neither;
+/// one that has served only a prompt, no decode yet, has measured prefill only).
+fn measured(w: &WorkerAdvert) -> bool {
+    w.speed.prefill_tokens_per_second > 0.0 && w.speed.decode_tokens_per_second > 0.0
+}
+
+/// Mean measured speeds of `workers` (each speed over the workers that measured it).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SpeedMeans {
+    prefill: f64,
+    prefill_n: u32,
+    decode: f64,
+    decode_n: u32,
+}
+
+impl SpeedMeans {
+    pub(crate) fn add(&mut self, w: &WorkerAdvert) {
+        if w.speed.prefill_tokens_per_second > 0.0 {
+            self.prefill += w.speed.prefill_tokens_per_second;
+            self.prefill_n += 1;
+        }
+        if w.speed.decode_tokens_per_second > 0.0 {
+            self.decode += w.speed.decode_tokens_per_second;
+            self.decode_n += 1;
+        }
+    }
+
+    /// `policy` with the speeds it assumes for unmeasured workers replaced by these means
+    /// (each where at least one worker measured it): a worker that has measured nothing yet is
+    /// not assumed faster than its peers of the same model and pool, which drew requests away
+    /// from workers whose measured speed is honest (issue 17: a worker that had served one
+    /// short prompt looked 10x slower than two that had served nothing).
+    pub(crate) fn assumed(&self, policy: &Policy) -> Policy {
+        let mut p = policy.clone();
+        if self.prefill_n > 0 {
+            p.default_prefill_tps = self.prefill / f64::from(self.prefill_n);
+        }
+        if self.decode_n > 0 {
+            p.default_decode_tps = self.decode / f64::from(self.decode_n);
+        }
+        p
+    }
+}
+
+/// [`SpeedMeans::assumed`] per pool (indexed by [`pool_slot`]) over `workers`.
+pub(crate) fn assumed_speeds<'a>(
+    workers: impl IntoIterator<Item = &'a WorkerAdvert>,
+    policy: &Policy,
+) -> [Policy; 2] {
+    let mut means = [SpeedMeans::default(); 2];
+    for w in workers {
+        means[pool_slot(Pool::of(w))].add(w);
+    }
+    [means[0].assumed(policy), means[1].assumed(policy)]
+}
+
+/// Index of a pool in per-pool arrays.
+pub(crate) fn pool_slot(pool: Pool) -> usize {
+    usize::from(pool == Pool::Offload)
 }
 
 /// The pool a class prefers.
@@ -448,6 +521,8 @@ pub(crate) fn rank_full_hits(
         LatencyClass::Interactive => policy.interactive_spill,
         LatencyClass::Batch => policy.batch_spill,
     };
+    // Unmeasured workers are scored with their pool's mean measured speeds.
+    let assumed = assumed_speeds(ready.iter().map(|w| w.as_ref()), policy);
     let mut ranking = Ranking::default();
     let mut too_small = 0;
     for w in ready {
@@ -461,7 +536,8 @@ pub(crate) fn rank_full_hits(
             continue;
         }
         let pool = Pool::of(w);
-        let score = score(w, demand, free, local_streams, hits.cached(&w.id), policy);
+        let assumed = &assumed[pool_slot(pool)];
+        let score = score(w, demand, free, local_streams, hits.cached(&w.id), assumed);
         let candidate = Candidate {
             worker: w.clone(),
             pool,

@@ -25,7 +25,10 @@ use rand::Rng;
 use moe_common::LatencyClass;
 
 use super::sampled::{evaluate, evaluate_hits, lookup};
-use super::{Candidate, Demand, Policy, Pool, PrefixHits, Ranking, Reservations, ScheduleError};
+use super::{
+    Candidate, Demand, Policy, Pool, PrefixHits, Ranking, Reservations, ScheduleError, SpeedMeans,
+    measured, pool_slot,
+};
 
 /// Bytes of the request start that make its key.
 pub const PREFIX_KEY_BYTES: usize = 4096;
@@ -199,8 +202,9 @@ pub fn rank_with_prefix(
 ///   sequence slot; otherwise it is ranked as if it held nothing. A hot prefix fills the slots of
 ///   the worker holding it and then spreads; a shared system prompt alone does not draw new
 ///   conversations past the bound.
-/// - A worker that has measured no speed yet (just started) is scored with the mean measured
-///   speeds of its pool rather than the policy's defaults.
+/// - A worker that has not measured a speed yet (just started, or served a prompt but no decode
+///   step) is scored with the mean measured speed of its pool's candidates rather than the
+///   policy's defaults, as in [`super::rank`].
 /// - Ties among the best (same pool and cached tokens, score within 1 %) go to the highest
 ///   rendezvous weight of the prefix key, not to chance, so gateways agree.
 ///
@@ -245,16 +249,19 @@ pub fn rank_with_hits(
     }
     // Per pool, over everything the policy may place on: the mean load, and the measured
     // speeds a worker that has measured none yet (just started) is assumed to have.
-    let slot = |p: Pool| usize::from(p == Pool::Offload);
     let mut pools = [PoolStats::default(); 2];
     for c in ranking.candidates.iter().chain(&ranking.fallback) {
-        pools[slot(c.pool)].add(&c.worker, reservations);
+        pools[pool_slot(c.pool)].add(&c.worker, reservations);
     }
+    let assumed = [
+        pools[0].speeds.assumed(policy),
+        pools[1].speeds.assumed(policy),
+    ];
     let order = |list: Vec<Candidate>| -> Vec<Candidate> {
         let mut scored: Vec<(Candidate, u32)> = list
             .into_iter()
             .map(|mut c| {
-                let stats = &pools[slot(c.pool)];
+                let stats = &pools[pool_slot(c.pool)];
                 let mut cached = hits.cached(&c.worker.id);
                 let one_slot = 1.0 / c.worker.capacity.max_sequences.max(1) as f64;
                 let load = load_with_local(&c.worker, reservations);
@@ -269,13 +276,11 @@ pub fn rank_with_hits(
                 {
                     cached = 0;
                 }
-                let unmeasured = c.worker.speed.prefill_tokens_per_second <= 0.0
-                    || c.worker.speed.decode_tokens_per_second <= 0.0;
-                if cached != hits.cached(&c.worker.id) || (unmeasured && stats.measured > 0) {
+                if cached != hits.cached(&c.worker.id) || !measured(&c.worker) {
                     let (kv, local) = reservations.since(&c.worker.id, c.worker.updated_unix_ms);
                     let free = c.worker.capacity.free_kv_tokens.saturating_sub(kv);
-                    let assumed = stats.assumed(policy);
-                    c.score = super::score(&c.worker, demand, free, local, cached, &assumed);
+                    let assumed = &assumed[pool_slot(c.pool)];
+                    c.score = super::score(&c.worker, demand, free, local, cached, assumed);
                 }
                 (c, cached)
             })
@@ -320,37 +325,17 @@ pub fn rank_with_hits(
 struct PoolStats {
     load: f64,
     n: usize,
-    prefill_tps: f64,
-    decode_tps: f64,
-    measured: usize,
+    speeds: SpeedMeans,
 }
 
 impl PoolStats {
     fn add(&mut self, w: &WorkerAdvert, reservations: &Reservations) {
         self.load += load_with_local(w, reservations);
         self.n += 1;
-        if w.speed.prefill_tokens_per_second > 0.0 && w.speed.decode_tokens_per_second > 0.0 {
-            self.prefill_tps += w.speed.prefill_tokens_per_second;
-            self.decode_tps += w.speed.decode_tokens_per_second;
-            self.measured += 1;
-        }
+        self.speeds.add(w);
     }
 
     fn mean_load(&self) -> f64 {
         self.load / self.n.max(1) as f64
-    }
-
-    /// The policy, with its assumed speeds for unmeasured workers replaced by the mean measured
-    /// speeds of the pool's workers (a restarted worker is not assumed faster than its peers:
-    /// that would draw conversations away from the workers holding them).
-    fn assumed(&self, policy: &Policy) -> Policy {
-        if self.measured == 0 {
-            return policy.clone();
-        }
-        Policy {
-            default_prefill_tps: self.prefill_tps / self.measured as f64,
-            default_decode_tps: self.decode_tps / self.measured as f64,
-            ..policy.clone()
-        }
     }
 }

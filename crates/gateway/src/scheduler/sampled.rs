@@ -261,6 +261,7 @@ pub(super) fn rank_sampled(
             return full(rng);
         }
     }
+    rescore_unmeasured(&mut found, demand, hits, reservations, policy);
     found.sort_by(|a, b| {
         a.score.total_cmp(&b.score).then_with(|| {
             reservations
@@ -274,6 +275,28 @@ pub(super) fn rank_sampled(
         fallback: Vec::new(),
         queued: false,
     })
+}
+
+/// Scores the candidates that have not measured both speeds again, with the mean measured speeds
+/// of the candidates' pools in place of the policy's defaults (see `super::assumed_speeds`);
+/// nothing to do when every candidate has measured both.
+pub(super) fn rescore_unmeasured(
+    found: &mut [Candidate],
+    demand: &Demand,
+    hits: &PrefixHits,
+    reservations: &Reservations,
+    policy: &Policy,
+) {
+    if found.iter().all(|c| super::measured(&c.worker)) {
+        return;
+    }
+    let assumed = super::assumed_speeds(found.iter().map(|c| c.worker.as_ref()), policy);
+    for c in found.iter_mut().filter(|c| !super::measured(&c.worker)) {
+        let (kv, local) = reservations.since(&c.worker.id, c.worker.updated_unix_ms);
+        let free = c.worker.capacity.free_kv_tokens.saturating_sub(kv);
+        let p = &assumed[super::pool_slot(c.pool)];
+        c.score = super::score(&c.worker, demand, free, local, hits.cached(&c.worker.id), p);
+    }
 }
 
 /// Every preferred-pool worker with room, unsorted: one pass, cheap checks first.

@@ -491,6 +491,7 @@ fn several_gateways_spread_first_placements_over_equal_workers() {
 }
 
 mod affinity;
+mod predictor;
 mod queue;
 
 /// A worker from before the advert's `features` field: its JSON has no such key.
