@@ -2,10 +2,13 @@
 //! registry, a subscription to its `moe.v1.Worker/WatchPrefixCache` stream keeps the set of
 //! block hashes its KV cache holds and its model fingerprint.
 //!
-//! - A subscription starts when a worker appears in the registry snapshot, stops when it
-//!   leaves (or its endpoint changes), and reconnects with backoff (100 ms doubling to 5 s) when
+//! - A subscription starts when a worker that advertises `prefix_cache_events` appears in the
+//!   registry snapshot, stops when it leaves (or its endpoint changes, or it stops advertising
+//!   the feature), and reconnects with backoff (100 ms doubling to 5 s) when
 //!   the stream ends; until the next snapshot arrives the worker counts as holding nothing, so a
 //!   restarted worker (cache lost) no longer attracts its old prefixes.
+//! - Workers without the feature (older versions: no `WatchPrefixCache` RPC) get no
+//!   subscription and count as holding nothing.
 //! - A snapshot message replaces a worker's set; later messages add `stored` and drop `removed`.
 //! - Every gateway subscribes to the same streams, so gateways see the same cache and make the
 //!   same choices without talking to each other.
@@ -23,6 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::router::RoutingState;
+use crate::scheduler::features::has_prefix_cache_events;
 
 /// The blocks one worker holds.
 #[derive(Debug, Default)]
@@ -121,28 +125,26 @@ pub fn spawn(
         let mut subscriptions: HashMap<String, (String, JoinHandle<()>)> = HashMap::new();
         loop {
             let snapshot = snapshots.borrow_and_update().clone();
+            let wanted = followed(&snapshot);
             subscriptions.retain(|id, (endpoint, task)| {
-                let keep = snapshot
-                    .workers
-                    .get(id)
-                    .is_some_and(|w| w.endpoint == *endpoint);
+                let keep = wanted.get(id.as_str()) == Some(&endpoint.as_str());
                 if !keep {
                     task.abort();
                     index.forget(id);
                 }
                 keep
             });
-            for w in snapshot.workers.values() {
-                if subscriptions.contains_key(&w.id) {
+            for (id, endpoint) in wanted {
+                if subscriptions.contains_key(id) {
                     continue;
                 }
                 let task = tokio::spawn(follow(
                     index.clone(),
                     router.clone(),
-                    w.id.clone(),
-                    w.endpoint.clone(),
+                    id.to_string(),
+                    endpoint.to_string(),
                 ));
-                subscriptions.insert(w.id.clone(), (w.endpoint.clone(), task));
+                subscriptions.insert(id.to_string(), (endpoint.to_string(), task));
             }
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -154,6 +156,17 @@ pub fn spawn(
             index.forget(&id);
         }
     });
+}
+
+/// The workers of `snapshot` to subscribe to, id → endpoint: those that advertise
+/// `prefix_cache_events` (older workers have no `WatchPrefixCache` RPC).
+fn followed(snapshot: &ClusterSnapshot) -> HashMap<&str, &str> {
+    snapshot
+        .workers
+        .values()
+        .filter(|w| has_prefix_cache_events(w))
+        .map(|w| (w.id.as_str(), w.endpoint.as_str()))
+        .collect()
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -214,6 +227,44 @@ mod tests {
             block_tokens: BLOCK_TOKENS,
             model_fingerprint: "fp".into(),
         }
+    }
+
+    #[test]
+    fn only_workers_advertising_prefix_cache_events_are_followed() {
+        use moe_common::registry::{Feature, Features, WorkerAdvert};
+        let advert = |id: &str, features: Features| {
+            let json = format!(
+                r#"{{"schema":1,"id":"{id}","endpoint":"http://127.0.0.1:5006{}","state":"ready",
+                "model":{{"name":"m","architecture":"llama","n_layer":1,"expert_count":0,
+                "expert_used_count":0,"weight_bytes":1}},
+                "offload":{{"mode":"full","n_cpu_moe":0,"profile":"full"}},
+                "devices":[],"memory":{{"weight_bytes":1,"kv_bytes":1,"host_expert_bytes":0}},
+                "capacity":{{"context_tokens":100,"free_kv_tokens":100,"max_sequences":1}},
+                "load":{{"active":0,"queued":0}},"version":"t","updated_unix_ms":1}}"#,
+                id.len()
+            );
+            let mut w = WorkerAdvert::from_json(&format!("/w/{id}"), json.as_bytes()).unwrap();
+            w.features = features;
+            (id.to_string(), Arc::new(w))
+        };
+        let old = Features::all()
+            .iter()
+            .filter(|f| *f != Feature::PrefixCacheEvents)
+            .collect();
+        let snapshot = ClusterSnapshot {
+            revision: 1,
+            workers: [
+                advert("new", Features::all()),
+                advert("older", old),
+                advert("oldest", Features::NONE),
+            ]
+            .into_iter()
+            .collect(),
+            rejected: Default::default(),
+        };
+        let wanted = followed(&snapshot);
+        assert_eq!(wanted.keys().copied().collect::<Vec<_>>(), ["new"]);
+        assert_eq!(wanted["new"], "http://127.0.0.1:50063");
     }
 
     #[test]

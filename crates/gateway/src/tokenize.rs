@@ -2,7 +2,8 @@
 //!
 //! Before ranking, the gateway asks one ready worker serving the request's model to tokenize
 //! it (`moe.v1.Worker/Tokenize`: the worker's own validation, chat template and tokenizer). The
-//! worker is the rendezvous choice of the request's prefix key over the ready workers, so the
+//! worker is the rendezvous choice of the request's prefix key over the ready workers that
+//! advertise `prefix_cache_events` (the ones with the `moe.v1.Worker` service), so the
 //! tokenizing load spreads over the fleet. The answer gives
 //!
 //! - the prompt's real token count, used for the KV demand and the reservation instead of the
@@ -24,6 +25,7 @@ use tonic::Code;
 use crate::prefix_index::PrefixIndex;
 use crate::router::RoutingState;
 use crate::scheduler::affinity::{prefix_key, rendezvous_top, stable_hash};
+use crate::scheduler::features::has_prefix_cache_events;
 use crate::scheduler::{PrefixHits, estimate_prompt_tokens};
 
 /// How a gateway sizes prompts and finds prefix hits.
@@ -112,6 +114,11 @@ impl PromptSizing {
                     && !ejected.contains(&w.id)
             })
             .collect();
+        // Only workers with the `moe.v1.Worker` service can tokenize (older ones answer
+        // UNIMPLEMENTED); in a fleet without any, the attempt fails into the estimate.
+        if ready.iter().any(|w| has_prefix_cache_events(w)) {
+            ready.retain(|w| has_prefix_cache_events(w));
+        }
         ready.sort_by(|a, b| a.id.cmp(&b.id));
         let hashes: Vec<u64> = ready.iter().map(|w| stable_hash(w.id.as_bytes())).collect();
         let i = *rendezvous_top(key.unwrap_or(0), &hashes, 1)

@@ -2,10 +2,14 @@
 //! needs ([`Features::needed_by`]); adverts from workers older than the `features` field list
 //! none. When some workers serve the model but none has the feature, the request is refused
 //! with UNAVAILABLE naming the feature (a rolling upgrade may bring one).
+//!
+//! Prefix-aware routing (issue 17) subscribes to a worker's `moe.v1.Worker/WatchPrefixCache`
+//! stream, and asks it to tokenize, only when it advertises `prefix_cache_events`
+//! ([`has_prefix_cache_events`]); other workers count as holding no cached prefix.
 
 use std::sync::Arc;
 
-use moe_common::registry::{ClusterSnapshot, Features};
+use moe_common::registry::{ClusterSnapshot, Feature, Features, WorkerAdvert};
 
 use super::{Demand, ScheduleError};
 
@@ -51,4 +55,11 @@ pub fn capable(
         )));
     }
     Ok(Arc::new(filtered))
+}
+
+/// Whether `w` serves the `moe.v1.Worker` service (`WatchPrefixCache`, `Tokenize`): it lists
+/// `prefix_cache_events`. Workers older than the service (or than the `features` field) do not,
+/// and gateways neither subscribe to them nor ask them to tokenize.
+pub fn has_prefix_cache_events(w: &WorkerAdvert) -> bool {
+    w.features.has(Feature::PrefixCacheEvents)
 }
