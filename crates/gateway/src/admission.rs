@@ -2,6 +2,12 @@
 //! cannot take the places INTERACTIVE needs) and the retry hint every RESOURCE_EXHAUSTED
 //! carries (issue 16).
 //!
+//! The retry hint is the admission queue's expected wait where the gateway knows the request
+//! (`scheduler::queue::expected_wait`, through [`retry_hint`]), [`RETRY_HINT`] where it does not
+//! (a request refused before its body was read). gRPC clients get it in milliseconds
+//! (`retry-after-ms`, `grpc-retry-pushback-ms`); the HTTP API answers the same value rounded up
+//! to whole seconds in `Retry-After` ([`retry_after_secs`]).
+//!
 //! Requests that find no worker with KV headroom are not refused here: they wait in a worker's
 //! admission queue (`scheduler::queue`). What is refused at once is a request over this
 //! gateway's `--max-concurrency` (load shedding), and what a worker refuses (its queue full, or
@@ -20,20 +26,59 @@ use crate::auth::RETRY_AFTER_MS;
 /// The standard gRPC retry pushback header: clients with a retry policy wait this long.
 pub const GRPC_RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 
-/// How long a refused client should wait before trying again: about the time a slot or a queue
-/// place takes to free on a busy worker. The HTTP API answers `Retry-After: 1` likewise.
+/// How long a refused client should wait before trying again when the gateway knows no better
+/// (the request was refused before it was read), and the least hint it ever gives.
 pub const RETRY_HINT: Duration = Duration::from_secs(1);
 
-/// RESOURCE_EXHAUSTED with the retry hint: trailing metadata `retry-after-ms` (as API-key
-/// limits use) and `grpc-retry-pushback-ms`, and the message ending `retry-after N s`.
+/// The longest hint given: beyond it an estimate says little (the workers' `--queue-timeout` is
+/// 30 s by default), and a client should rather look elsewhere.
+pub const MAX_RETRY_HINT: Duration = Duration::from_secs(60);
+
+/// The retry hint for a request that should expect to wait `expected_wait` for a worker to start
+/// it (`scheduler::queue::expected_wait`): that wait, at least [`RETRY_HINT`], at most
+/// [`MAX_RETRY_HINT`]; [`RETRY_HINT`] when there is no estimate.
+pub fn retry_hint(expected_wait: Option<Duration>) -> Duration {
+    expected_wait
+        .unwrap_or(RETRY_HINT)
+        .clamp(RETRY_HINT, MAX_RETRY_HINT)
+}
+
+/// The hint a status carries (`retry-after-ms`), rounded up to whole seconds and at least 1:
+/// the HTTP API's `Retry-After` for the same refusal.
+pub fn retry_after_secs(status: &Status) -> Option<u64> {
+    let ms: u64 = status
+        .metadata()
+        .get(RETRY_AFTER_MS)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(ms.div_ceil(1000).max(1))
+}
+
+/// RESOURCE_EXHAUSTED with the default retry hint ([`RETRY_HINT`]): trailing metadata
+/// `retry-after-ms` (as API-key limits use) and `grpc-retry-pushback-ms`, and the message
+/// ending `retry-after N s`.
 pub fn exhausted(message: impl std::fmt::Display) -> Status {
     with_retry_hint(Status::resource_exhausted(message.to_string()))
 }
 
-/// `status` with the retry hint added when it is RESOURCE_EXHAUSTED and has none yet (a worker's
-/// refusal, relayed); one that has its own `retry-after-ms` (an API-key limit) gets the same
-/// value as `grpc-retry-pushback-ms`. Other statuses unchanged.
+/// [`exhausted`] with the hint `hint` (see [`retry_hint`]).
+pub fn exhausted_after(message: impl std::fmt::Display, hint: Duration) -> Status {
+    with_retry_hint_after(Status::resource_exhausted(message.to_string()), hint)
+}
+
+/// `status` with the default retry hint added when it is RESOURCE_EXHAUSTED and has none yet;
+/// see [`with_retry_hint_after`].
 pub fn with_retry_hint(status: Status) -> Status {
+    with_retry_hint_after(status, RETRY_HINT)
+}
+
+/// `status` with the retry hint `hint` added when it is RESOURCE_EXHAUSTED and has none yet (a
+/// worker's refusal, relayed); one that has its own `retry-after-ms` (an API-key limit) gets the
+/// same value as `grpc-retry-pushback-ms`. Other statuses unchanged.
+pub fn with_retry_hint_after(status: Status, hint: Duration) -> Status {
     if status.code() != Code::ResourceExhausted {
         return status;
     }
@@ -45,7 +90,7 @@ pub fn with_retry_hint(status: Status) -> Status {
         md.insert(GRPC_RETRY_PUSHBACK_MS, own);
         return Status::with_metadata(Code::ResourceExhausted, status.message(), md);
     }
-    let ms = RETRY_HINT.as_millis() as u64;
+    let ms = hint.as_millis().max(1) as u64;
     let mut md: MetadataMap = status.metadata().clone();
     md.insert(RETRY_AFTER_MS, MetadataValue::from(ms));
     md.insert(GRPC_RETRY_PUSHBACK_MS, MetadataValue::from(ms));
@@ -90,28 +135,44 @@ impl StreamLimit {
         self.reserved
     }
 
-    /// A place for one stream of `class`, or RESOURCE_EXHAUSTED (with the retry hint) at once.
+    /// A place for one stream of `class`, or RESOURCE_EXHAUSTED (with the default retry hint)
+    /// at once.
     pub fn try_acquire(&self, class: LatencyClass) -> Result<OwnedSemaphorePermit, Status> {
+        self.try_acquire_or(class, || RETRY_HINT)
+    }
+
+    /// [`Self::try_acquire`], the refusal's retry hint from `hint` (called only on refusal).
+    pub fn try_acquire_or(
+        &self,
+        class: LatencyClass,
+        hint: impl FnOnce() -> Duration,
+    ) -> Result<OwnedSemaphorePermit, Status> {
         if let Ok(p) = self.shared.clone().try_acquire_owned() {
             return Ok(p);
         }
         match class {
             LatencyClass::Interactive => {
                 self.interactive.clone().try_acquire_owned().map_err(|_| {
-                    exhausted(format!(
-                        "gateway is at its limit of {} concurrent streams (--max-concurrency)",
-                        self.max
-                    ))
+                    exhausted_after(
+                        format!(
+                            "gateway is at its limit of {} concurrent streams (--max-concurrency)",
+                            self.max
+                        ),
+                        hint(),
+                    )
                 })
             }
-            LatencyClass::Batch => Err(exhausted(format!(
-                "gateway is at its limit of {} concurrent BATCH streams ({} of \
+            LatencyClass::Batch => Err(exhausted_after(
+                format!(
+                    "gateway is at its limit of {} concurrent BATCH streams ({} of \
                  --max-concurrency {} are kept for INTERACTIVE requests, \
                  --interactive-reserved-streams)",
-                self.max - self.reserved,
-                self.reserved,
-                self.max
-            ))),
+                    self.max - self.reserved,
+                    self.reserved,
+                    self.max
+                ),
+                hint(),
+            )),
         }
     }
 }

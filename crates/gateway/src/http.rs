@@ -303,5 +303,6 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
         message: format!("{method} is not allowed on {}", uri.path()),
         param: None,
         code: Some("method_not_allowed"),
+        retry_after: None,
     }
 }

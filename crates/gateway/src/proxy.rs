@@ -17,7 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span};
 
-use crate::admission::{StreamLimit, default_interactive_reserve, exhausted, with_retry_hint};
+use crate::admission::{
+    StreamLimit, default_interactive_reserve, exhausted, exhausted_after, retry_hint,
+    with_retry_hint,
+};
 use crate::auth::ApiKeys;
 use crate::metrics::GatewayMetrics;
 use crate::router::RoutingState;
@@ -111,6 +114,17 @@ pub fn schedule_status(e: ScheduleError) -> Status {
     }
 }
 
+/// The placement may have to wait for a sequence slot: no worker had KV headroom (queued), or
+/// the chosen worker advertised every slot taken. Only then is the expected wait worth its
+/// full scan of the workers.
+fn may_wait(r: &crate::scheduler::Ranking) -> bool {
+    r.queued
+        || r.candidates.first().is_some_and(|c| {
+            let w = &c.worker;
+            w.load.active + w.load.queued >= w.capacity.max_sequences
+        })
+}
+
 fn class_of(req: &GenerateRequest) -> LatencyClass {
     LatencyClass::try_from(req.latency_class).unwrap_or_default()
 }
@@ -198,12 +212,10 @@ impl GatewayService {
             ),
             None => None,
         };
-        let permit = self.streams.try_acquire(class_of(&req))?;
         let timeout = client_timeout.map_or(self.config.request_timeout, |t| {
             t.min(self.config.request_timeout)
         });
         validate(&req, &self.config.limits, false).map_err(|e| Status::invalid_argument(e.0))?;
-        self.router.request_started();
         let class = class_of(&req);
         let (prompt_tokens, hits) = match sized {
             Some(s) => {
@@ -219,6 +231,10 @@ impl GatewayService {
             max_tokens: req.max_tokens,
             needs: moe_common::registry::Features::needed_by(&req),
         };
+        // Refusals say when to come back: after the wait the admission queues predict.
+        let hint = || retry_hint(self.router.expected_wait(&demand));
+        let permit = self.streams.try_acquire_or(class, hint)?;
+        self.router.request_started();
         // The first placement happens before the stream starts, so NOT_FOUND / UNAVAILABLE /
         // OUT_OF_RANGE are the call's status. A request no worker has headroom for now is
         // placed where it should wait least (`scheduler::queue`), not refused.
@@ -226,16 +242,39 @@ impl GatewayService {
             .in_scope(|| self.router.rank_with_hits(&demand, &hits, &HashSet::new()))
             .map_err(|e| {
                 self.metrics.placement_failed(class, &e);
-                schedule_status(e)
+                match e {
+                    ScheduleError::NoHeadroom { .. } => exhausted_after(e, hint()),
+                    e => schedule_status(e),
+                }
             })?;
         if ranking.candidates.is_empty() {
             // Only the other pool has room, this class may not spill there now, and no worker
             // of its own pool could queue it.
-            return Err(exhausted(format!(
-                "no worker of the preferred pool can take or queue the request and spill-over \
-                 is not allowed for this class now ({} worker(s) of the other pool could take it)",
-                ranking.fallback.len()
-            )));
+            return Err(exhausted_after(
+                format!(
+                    "no worker of the preferred pool can take or queue the request and \
+                     spill-over is not allowed for this class now ({} worker(s) of the other \
+                     pool could take it)",
+                    ranking.fallback.len()
+                ),
+                hint(),
+            ));
+        }
+        // A request that must wait for a slot and whose deadline would pass before it could
+        // start is refused now, with the wait as its retry hint, instead of timing out queued.
+        if may_wait(&ranking)
+            && let Some(wait) = self.router.expected_wait(&demand)
+            && wait >= timeout.saturating_sub(started.elapsed())
+        {
+            return Err(exhausted_after(
+                format!(
+                    "the request's deadline ({:.1} s) would pass before a worker could start \
+                     it: the admission queues predict a wait of {:.1} s",
+                    timeout.as_secs_f64(),
+                    wait.as_secs_f64()
+                ),
+                retry_hint(Some(wait)),
+            ));
         }
         let (tx, rx) = mpsc::channel(64);
         let drive = Drive {

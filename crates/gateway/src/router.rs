@@ -176,6 +176,15 @@ impl RoutingState {
         self.rank_with_hits(demand, &PrefixHits::default(), exclude)
     }
 
+    /// How long `demand` should expect to wait before a worker could start it
+    /// (`scheduler::queue::expected_wait` on the current snapshot and this gateway's
+    /// reservations): the retry hint of its refusals and what its deadline is checked against.
+    pub fn expected_wait(&self, demand: &Demand) -> Option<std::time::Duration> {
+        let snapshot = scheduler::features::capable(self.snapshot(), demand).ok()?;
+        let reservations = self.reservations.lock().expect("reservations lock");
+        scheduler::queue::expected_wait(demand, &snapshot, &reservations, &self.policy)
+    }
+
     /// [`Self::rank`] with the prompt tokens each worker holds as a term of the scores
     /// (`scheduler::affinity::rank_with_hits`); empty hits rank exactly as `rank`.
     pub fn rank_with_hits(

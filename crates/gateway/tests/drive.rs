@@ -314,3 +314,92 @@ async fn drive_cancels_the_worker_stream_when_the_client_leaves() {
     }
     panic!("the worker stream was not cancelled after the client left");
 }
+
+/// `worker`'s advert with every one of its 8 slots busy and `queued` requests waiting: at the
+/// fake advert's 100 tokens/s the admission queue predicts about (queued + 1) / 8 × 0.5 s for a
+/// 100-token answer (a sequence frees after about half a typical answer).
+fn busy(tx: &watch::Sender<Arc<ClusterSnapshot>>, worker: &FakeWorker, queued: u32) {
+    let mut advert = worker.advert("full");
+    advert.load = moe_common::registry::Load { active: 8, queued };
+    let snapshot = ClusterSnapshot {
+        revision: 2,
+        workers: [(worker.id.clone(), Arc::new(advert))].into(),
+        rejected: Default::default(),
+    };
+    tx.send(Arc::new(snapshot)).unwrap();
+}
+
+fn retry_after_ms(s: &Status) -> u64 {
+    s.metadata()
+        .get("retry-after-ms")
+        .expect("retry-after-ms")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Issue 16: a request that would wait in a worker's queue past its deadline is refused at once
+/// (RESOURCE_EXHAUSTED, the predicted wait as its hint), never sent to wait there; one whose
+/// deadline leaves room is placed and served.
+#[tokio::test]
+async fn a_request_whose_deadline_would_pass_while_queued_is_refused_at_once() {
+    let a = FakeWorker::start("a", FAST).await;
+    let (svc, _, snap) = gateway(&[(&a, "full")], Duration::from_secs(10));
+    busy(&snap, &a, 40); // about 2.6 s to wait
+    let t = Instant::now();
+    let refused = svc
+        .start(request(100), Some(Duration::from_secs(1)), None)
+        .expect_err("refused at once");
+    assert!(t.elapsed() < Duration::from_millis(200));
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("deadline"),
+        "{}",
+        refused.message()
+    );
+    let hint = retry_after_ms(&refused);
+    assert!((2000..4000).contains(&hint), "hint {hint} ms");
+    assert_eq!(a.calls(), 0, "never sent to wait at the worker");
+    // A deadline beyond the predicted wait: placed (queued there) and served.
+    let stream = svc
+        .start(request(100), Some(Duration::from_secs(8)), None)
+        .expect("placed");
+    let msgs = tokio::time::timeout(Duration::from_secs(10), stream.collect::<Vec<_>>())
+        .await
+        .expect("the stream ended");
+    assert_eq!(token_ids(&msgs), (0..100).collect::<Vec<u32>>());
+    assert_eq!(a.calls(), 1);
+}
+
+/// Issue 16: a refusal's retry hint is the admission queue's expected wait, the same value over
+/// gRPC (`retry-after-ms`, `grpc-retry-pushback-ms`) and HTTP (`Retry-After`, whole seconds
+/// rounded up), not a constant.
+#[tokio::test]
+async fn refusals_carry_the_expected_queue_wait_as_their_retry_hint() {
+    let a = FakeWorker::start("a", Script::FailBefore(Code::ResourceExhausted)).await;
+    let (svc, _, snap) = gateway(&[(&a, "full")], Duration::from_secs(30));
+    let mut hints = Vec::new();
+    for queued in [0, 40] {
+        busy(&snap, &a, queued);
+        let msgs = collect(&svc, request(100)).await;
+        let status = msgs.last().unwrap().as_ref().unwrap_err().clone();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let ms = retry_after_ms(&status);
+        assert_eq!(
+            status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            ms.to_string().as_str()
+        );
+        let http =
+            axum::response::IntoResponse::into_response(moe_gateway::http::ApiError::from(status));
+        assert_eq!(http.status(), 429);
+        assert_eq!(
+            http.headers()["retry-after"],
+            ms.div_ceil(1000).to_string().as_str()
+        );
+        hints.push(ms);
+    }
+    // A short queue: the least hint; a long one: its predicted wait (about 2.6 s).
+    assert_eq!(hints[0], 1000);
+    assert!((2000..4000).contains(&hints[1]), "{hints:?}");
+}

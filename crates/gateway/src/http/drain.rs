@@ -56,6 +56,7 @@ pub fn draining() -> ApiError {
             .into(),
         param: None,
         code: Some("draining"),
+        retry_after: None,
     }
 }
 

@@ -20,6 +20,9 @@ pub struct ApiError {
     /// The request field at fault, where known.
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// `Retry-After` seconds of a 429 or 503 (1 when None): the gRPC status's `retry-after-ms`
+    /// rounded up (`admission::retry_after_secs`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -31,6 +34,7 @@ impl ApiError {
             message: message.into(),
             param: Some(param.into()),
             code: None,
+            retry_after: None,
         }
     }
 
@@ -41,6 +45,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: Some(code),
+            retry_after: None,
         }
     }
 
@@ -106,6 +111,7 @@ impl From<Status> for ApiError {
             message: s.message().to_string(),
             param: None,
             code,
+            retry_after: crate::admission::retry_after_secs(&s),
         }
     }
 }
@@ -118,9 +124,10 @@ impl IntoResponse for ApiError {
         );
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if retry_later {
+            let secs = self.retry_after.unwrap_or(1).max(1);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -144,6 +151,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OpenAiJson<T> {
                 message: e.body_text(),
                 param: None,
                 code: None,
+                retry_after: None,
             })?;
         match moe_common::chat::strict::from_slice(&bytes) {
             Ok(v) => Ok(OpenAiJson(v)),
@@ -164,6 +172,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OpenAiJson<T> {
                 message: format!("the request body is not valid JSON for this endpoint: {e}"),
                 param: None,
                 code: None,
+                retry_after: None,
             }),
         }
     }
@@ -283,5 +292,42 @@ mod tests {
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         let r = ApiError::from(Status::invalid_argument("bad")).into_response();
         assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    /// `Retry-After` is the gRPC hint of the same refusal, rounded up to whole seconds.
+    #[test]
+    fn retry_after_is_the_grpc_hint_rounded_up() {
+        use crate::admission::{exhausted_after, retry_hint};
+        use std::time::Duration;
+        let wait = |ms: u64| {
+            let s = exhausted_after("queue", retry_hint(Some(Duration::from_millis(ms))));
+            let grpc = s
+                .metadata()
+                .get("retry-after-ms")
+                .unwrap()
+                .to_str()
+                .unwrap();
+            let grpc: u64 = grpc.parse().unwrap();
+            let r = ApiError::from(s).into_response();
+            let http: u64 = r.headers()[header::RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            (grpc, http)
+        };
+        assert_eq!(wait(200), (1000, 1));
+        assert_eq!(wait(4200), (4200, 5));
+        assert_eq!(wait(7000), (7000, 7));
+        assert_eq!(wait(3_600_000), (60_000, 60));
+        // An API-key limit's own hint too (it was answered 1 before).
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert(
+            "retry-after-ms",
+            tonic::metadata::MetadataValue::from(7500u64),
+        );
+        let quota = Status::with_metadata(Code::ResourceExhausted, "tokens per minute", md);
+        let r = ApiError::from(quota).into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "8");
     }
 }

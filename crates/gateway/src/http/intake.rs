@@ -111,8 +111,8 @@ impl Intake {
             .clone()
             .try_acquire_many_owned(permits)
             .map_err(|_| {
-                ApiError::from(Status::resource_exhausted(
-                    "gateway is reading as many request bytes as it may at once; retry later",
+                ApiError::from(crate::admission::exhausted(
+                    "gateway is reading as many request bytes as it may at once",
                 ))
             })?;
         let (parts, body) = req.into_parts();
@@ -125,6 +125,7 @@ impl Intake {
                 message: format!("the request body did not arrive within {read_timeout:?}"),
                 param: None,
                 code: Some("request_timeout"),
+                retry_after: None,
             })??;
         let mut req = Request::from_parts(parts, Body::from(bytes));
         req.extensions_mut().insert(BodyPermit(Arc::new(permit)));
@@ -154,6 +155,7 @@ fn content_length(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
             message: "Content-Length is not a number".into(),
             param: None,
             code: None,
+            retry_after: None,
         })
 }
 
@@ -164,6 +166,7 @@ fn too_large(max: usize) -> ApiError {
         message: format!("the request body is larger than {max} bytes"),
         param: None,
         code: Some("request_too_large"),
+        retry_after: None,
     }
 }
 
@@ -178,6 +181,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
             message: format!("reading the request body: {e}"),
             param: None,
             code: None,
+            retry_after: None,
         })?;
         if buf.len() + chunk.len() > limit {
             return Err(too_large(limit));

@@ -260,7 +260,11 @@ impl Drive {
             // Every worker tried had its admission queue full (or the wait timed out there):
             // the client should come back later, and is told when.
             Some(s) if s.code() == Code::ResourceExhausted => {
-                crate::admission::exhausted(format!("every worker tried refused: {}", s.message()))
+                let wait = self.router.expected_wait(&self.demand(generated.len()));
+                crate::admission::exhausted_after(
+                    format!("every worker tried refused: {}", s.message()),
+                    crate::admission::retry_hint(wait),
+                )
             }
             Some(s) => Status::unavailable(format!(
                 "all workers tried failed; last error: {:?} {}",

@@ -8,9 +8,14 @@
 //! gateway sees it one advert later, up to a few hundred milliseconds), every gateway's requests
 //! meet in one queue that already orders the classes, and a gateway holds no queued state that
 //! a restart would lose.
+//!
+//! [`expected_wait`] is what the gateway tells clients about that wait: the retry hint of its
+//! refusals (`crate::admission::retry_hint`) and the check that refuses at once a request whose
+//! deadline would pass before a worker could start it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use moe_common::LatencyClass;
 use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
@@ -52,6 +57,39 @@ pub fn or_wait(
         }
         Err(e) => Err(e),
     }
+}
+
+/// How long `demand` should expect to wait before a worker could start it (admit it and begin
+/// its prefill): the least over ready workers of its model whose context holds it of the
+/// predicted time to first token less the request's own prefill, i.e. the wait for a sequence
+/// to finish where every slot is taken (counting this gateway's placements since each advert).
+/// None when no worker could take it at all. A worker short of KV headroom but with a free slot
+/// predicts no wait: this errs towards admitting, never towards refusing.
+pub fn expected_wait(
+    demand: &Demand,
+    snapshot: &ClusterSnapshot,
+    reservations: &Reservations,
+    policy: &Policy,
+) -> Option<Duration> {
+    let needed = demand.kv_tokens();
+    let start_only = Demand {
+        prompt_tokens: 0,
+        ..demand.clone()
+    };
+    snapshot
+        .workers
+        .values()
+        .filter(|w| {
+            (demand.model.is_empty() || w.model.name == demand.model)
+                && w.is_ready()
+                && needed <= w.capacity.context_tokens
+        })
+        .map(|w| {
+            let (_, local_streams) = reservations.since(&w.id, w.updated_unix_ms);
+            predicted_ttft(w, &start_only, local_streams, policy)
+        })
+        .min_by(f64::total_cmp)
+        .map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0)))
 }
 
 /// Ready, untried workers of the model whose context holds prompt + max_tokens, ranked by

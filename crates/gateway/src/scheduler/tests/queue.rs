@@ -163,3 +163,54 @@ fn a_new_advert_moves_the_receipt_and_an_unseen_one_counts_from_its_stamp() {
     res.retain_received(|_| false);
     assert!(res.received.is_empty());
 }
+
+#[test]
+fn expected_wait_is_the_shortest_queue_and_grows_with_it() {
+    use crate::scheduler::queue::expected_wait;
+    use std::time::Duration;
+    let d = demand(LatencyClass::Interactive);
+    let wait = |workers: Vec<WorkerAdvert>| {
+        expected_wait(
+            &d,
+            &snapshot(workers),
+            &Reservations::default(),
+            &Policy::default(),
+        )
+    };
+    // 8 slots all busy at 250 tokens/s: a sequence frees after ~64 tokens; 8 more waiting.
+    let short = wait(vec![busy("a", "full", 8, 0)]).unwrap();
+    let long = wait(vec![busy("a", "full", 8, 8)]).unwrap();
+    assert!(short < Duration::from_millis(300), "{short:?}");
+    assert!(long > short * 4, "{long:?} vs {short:?}");
+    // The request would go where it waits least; an idle worker means no wait.
+    let idle = wait(vec![busy("a", "full", 8, 8), worker("b", "cpu-moe", 4000)]).unwrap();
+    assert!(idle < Duration::from_millis(50), "{idle:?}");
+    // Its own prefill is not waiting: a longer prompt does not change the wait.
+    let big = Demand {
+        prompt_tokens: 4000,
+        ..d.clone()
+    };
+    let s = snapshot(vec![busy("a", "full", 8, 8)]);
+    let policy = Policy::default();
+    assert_eq!(
+        expected_wait(&big, &s, &Reservations::default(), &policy),
+        Some(long)
+    );
+    // This gateway's own placements since the advert queue ahead of it too.
+    let mut res = Reservations::default();
+    res.by_worker.insert(
+        "a".into(),
+        vec![
+            Reservation {
+                kv_tokens: 10,
+                placed_unix_ms: 2000,
+            };
+            8
+        ],
+    );
+    assert!(expected_wait(&d, &s, &res, &policy).unwrap() > long);
+    // Nobody could take it: no estimate.
+    let mut draining = busy("a", "full", 0, 0);
+    draining.state = WorkerState::Draining;
+    assert_eq!(wait(vec![draining]), None);
+}
