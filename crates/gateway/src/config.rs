@@ -60,6 +60,12 @@ pub struct GatewayConfig {
     /// --max-message-bytes (times the decoding expansion).
     #[arg(long, env = "MOE_MAX_DECODING_REQUESTS", default_value_t = 64)]
     pub max_decoding_requests: usize,
+    /// Of the --max-decoding-requests places, how many only INTERACTIVE requests may keep, so a
+    /// burst of BATCH requests cannot make INTERACTIVE ones be refused at once (default: an
+    /// eighth, at least 1; at most --max-decoding-requests less 1). On the HTTP API, the same
+    /// share of the request-body byte budget.
+    #[arg(long, env = "MOE_INTERACTIVE_RESERVED_DECODING")]
+    pub interactive_reserved_decoding: Option<usize>,
     /// Longest a gRPC request may take to arrive (its body read and decoded); a slower upload
     /// is refused with DEADLINE_EXCEEDED and frees its place under --max-decoding-requests.
     #[arg(long, env = "MOE_REQUEST_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration_flag)]
@@ -135,6 +141,15 @@ impl GatewayConfig {
         if self.max_decoding_requests == 0 {
             return Err("--max-decoding-requests must be at least 1".into());
         }
+        if let Some(r) = self.interactive_reserved_decoding
+            && r >= self.max_decoding_requests
+            && r > 0
+        {
+            return Err(format!(
+                "--interactive-reserved-decoding ({r}) must be less than --max-decoding-requests ({})",
+                self.max_decoding_requests
+            ));
+        }
         if self.max_concurrent_streams == 0 {
             return Err("--max-concurrent-streams must be at least 1".into());
         }
@@ -151,6 +166,13 @@ impl GatewayConfig {
     pub fn interactive_reserved_streams(&self) -> usize {
         self.interactive_reserved_streams
             .unwrap_or_else(|| crate::admission::default_interactive_reserve(self.max_concurrency))
+    }
+
+    /// The INTERACTIVE-only share of --max-decoding-requests (flag, or the default).
+    pub fn interactive_reserved_decoding(&self) -> usize {
+        self.interactive_reserved_decoding.unwrap_or_else(|| {
+            crate::admission::default_interactive_reserve(self.max_decoding_requests)
+        })
     }
 
     /// Defaults with the given etcd endpoints (tests, embedding).

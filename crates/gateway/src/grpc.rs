@@ -9,6 +9,13 @@
 //! pings close half-open client connections (H6), and `max_concurrent_streams` bounds streams per
 //! connection. The `moe.v1.Inference` health status stays NOT_SERVING until the registry has been
 //! listed once ([`serve_once_synced`]).
+//!
+//! Part of the decoding limit is INTERACTIVE's (`--interactive-reserved-decoding`, issue 16): the
+//! class is in the body, which is not read yet when a permit is taken, so a request that finds
+//! the shared permits gone is read under the reserve and marked [`InteractiveReserve`]; once
+//! decoded, the service refuses it at once (RESOURCE_EXHAUSTED) unless it is INTERACTIVE. BATCH
+//! requests can therefore hold the reserve only for as long as their bodies take to arrive, and
+//! the bytes in flight stay bounded by the whole limit.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -35,6 +42,8 @@ use crate::proxy::GatewayService;
 pub struct GrpcLimits {
     /// `Generate` requests read and decoded at once; more are refused (RESOURCE_EXHAUSTED).
     pub max_decoding: usize,
+    /// Of `max_decoding`, how many only INTERACTIVE requests may keep (at most `max_decoding - 1`).
+    pub interactive_reserved_decoding: usize,
     /// Largest request message accepted (bytes, before decoding).
     pub max_message_bytes: usize,
     /// Longest a `Generate` request may take to arrive (body read, decoded and placed).
@@ -49,6 +58,7 @@ impl GrpcLimits {
     pub fn from_config(config: &crate::GatewayConfig) -> Self {
         GrpcLimits {
             max_decoding: config.max_decoding_requests,
+            interactive_reserved_decoding: config.interactive_reserved_decoding(),
             max_message_bytes: config.limits.max_message_bytes,
             read_timeout: config.request_read_timeout,
             max_concurrent_streams: config.max_concurrent_streams,
@@ -65,9 +75,13 @@ pub fn router(
     service: GatewayService,
     api_keys: Option<Arc<ApiKeys>>,
 ) -> Router {
+    let reserved = limits
+        .interactive_reserved_decoding
+        .min(limits.max_decoding.saturating_sub(1));
     let inference = DecodeLimit {
         inner: InferenceServer::new(service).max_decoding_message_size(limits.max_message_bytes),
-        permits: Arc::new(Semaphore::new(limits.max_decoding)),
+        shared: Arc::new(Semaphore::new(limits.max_decoding - reserved)),
+        reserve: Arc::new(Semaphore::new(reserved)),
         read_timeout: limits.read_timeout,
     };
     let inference = InterceptedService::new(inference, move |req: tonic::Request<()>| {
@@ -109,13 +123,28 @@ pub async fn serve_once_synced(
     }
 }
 
+/// Marks a `Generate` call read under the INTERACTIVE reserve of the decoding limit: the
+/// service refuses it once decoded unless it is INTERACTIVE (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub struct InteractiveReserve;
+
+/// The refusal of a decoded BATCH request that was read under the INTERACTIVE reserve.
+pub fn batch_over_its_decoding_share() -> Status {
+    crate::admission::exhausted(
+        "gateway is reading as many requests as BATCH may at once (--max-decoding-requests less \
+         --interactive-reserved-decoding)",
+    )
+}
+
 /// Admits at most as many calls as it has permits, each holding one until its response
 /// headers are ready (the request has been read, decoded and placed); refuses the rest with
 /// RESOURCE_EXHAUSTED, and a call not ready within `read_timeout` with DEADLINE_EXCEEDED.
+/// Calls take `shared` permits first, then `reserve` ones (marked [`InteractiveReserve`]).
 #[derive(Clone)]
 pub struct DecodeLimit<S> {
     inner: S,
-    permits: Arc<Semaphore>,
+    shared: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
     read_timeout: Duration,
 }
 
@@ -136,8 +165,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        match self.permits.clone().try_acquire_owned() {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let permit = self.shared.clone().try_acquire_owned().or_else(|_| {
+            let p = self.reserve.clone().try_acquire_owned()?;
+            req.extensions_mut().insert(InteractiveReserve);
+            Ok::<_, tokio::sync::TryAcquireError>(p)
+        });
+        match permit {
             Ok(permit) => {
                 let call = self.inner.call(req);
                 let read_timeout = self.read_timeout;

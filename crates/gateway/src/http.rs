@@ -17,7 +17,7 @@ use axum::middleware::from_fn_with_state;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures::{Stream, StreamExt};
 use moe_common::pb::{GenerateResponse, LatencyClass, Usage};
 use serde_json::{Value, json};
@@ -90,22 +90,35 @@ pub async fn serve_http(
 
 async fn chat_completions(
     State(state): State<AppState>,
+    reserve: Option<Extension<intake::InteractiveReserve>>,
     headers: HeaderMap,
     OpenAiJson(body): OpenAiJson<Body>,
 ) -> Result<Response, ApiError> {
     let class = class_of(&headers, body.metadata.as_ref())?;
+    keeps_its_share(reserve.is_some(), class)?;
     let mapped = openai::chat_request(body, class)?;
     respond(&state, Kind::Chat, mapped, &headers).await
 }
 
 async fn completions(
     State(state): State<AppState>,
+    reserve: Option<Extension<intake::InteractiveReserve>>,
     headers: HeaderMap,
     OpenAiJson(body): OpenAiJson<Body>,
 ) -> Result<Response, ApiError> {
     let class = class_of(&headers, body.metadata.as_ref())?;
+    keeps_its_share(reserve.is_some(), class)?;
     let mapped = openai::completion_request(body, class)?;
     respond(&state, Kind::Completion, mapped, &headers).await
+}
+
+/// A request read under the INTERACTIVE reserve of the body budget is refused unless it is
+/// INTERACTIVE (see [`intake`]).
+fn keeps_its_share(read_under_reserve: bool, class: LatencyClass) -> Result<(), ApiError> {
+    if read_under_reserve && class != LatencyClass::Interactive {
+        return Err(intake::batch_over_its_share());
+    }
+    Ok(())
 }
 
 fn class_of(

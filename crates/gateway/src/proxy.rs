@@ -328,6 +328,15 @@ impl Inference for GatewayService {
             .and_then(parse_grpc_timeout);
         let server = tracing::info_span!("gateway.grpc", otel.kind = "server");
         moe_common::telemetry::propagation::adopt_remote_parent(&server, request.metadata());
+        // Read under the INTERACTIVE share of the decoding limit: only INTERACTIVE may keep it.
+        if request
+            .extensions()
+            .get::<crate::grpc::InteractiveReserve>()
+            .is_some()
+            && class_of(request.get_ref()) != LatencyClass::Interactive
+        {
+            return Err(crate::grpc::batch_over_its_decoding_share());
+        }
         let api_key = crate::auth::grpc_bearer(request.metadata()).map(str::to_owned);
         let stream = self
             .start_sized(request.into_inner(), timeout, api_key.as_deref())

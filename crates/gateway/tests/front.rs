@@ -114,6 +114,7 @@ async fn front(
 fn limits(max_decoding: usize) -> GrpcLimits {
     GrpcLimits {
         max_decoding,
+        interactive_reserved_decoding: 0,
         read_timeout: Duration::from_secs(30),
         max_message_bytes: 4 << 20,
         max_concurrent_streams: 64,
@@ -336,6 +337,7 @@ fn http_limits(max_body_bytes: usize, max_bytes_in_flight: usize, read: Duration
     IntakeLimits {
         max_body_bytes,
         max_bytes_in_flight,
+        interactive_reserved_bytes: 0,
         read_timeout: read,
     }
 }
@@ -675,4 +677,93 @@ async fn http_requests_arriving_during_the_drain_get_503_draining_not_a_reset() 
         .unwrap();
     assert!(t.elapsed() >= window, "{:?}", t.elapsed());
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+// ---- The INTERACTIVE share of the decoding limit (issue 16). ----
+
+/// Calls Generate with a real request of `class` (the front has no workers: a request that
+/// gets through the decoding limit ends UNAVAILABLE).
+async fn generate(channel: Channel, class: moe_common::LatencyClass) -> Status {
+    let mut client = moe_common::pb::v1::inference_client::InferenceClient::new(channel);
+    let req = moe_common::pb::GenerateRequest {
+        prompt: "hello".into(),
+        max_tokens: 4,
+        latency_class: class.to_proto() as i32,
+        ..Default::default()
+    };
+    tokio::time::timeout(Duration::from_secs(5), client.generate(req))
+        .await
+        .expect("answered at once")
+        .expect_err("no workers: refused")
+}
+
+#[tokio::test]
+async fn batch_requests_cannot_take_the_interactive_share_of_the_decoding_limit() {
+    use moe_common::LatencyClass::{Batch, Interactive};
+    let limits = GrpcLimits {
+        interactive_reserved_decoding: 1,
+        ..limits(3)
+    };
+    let (channel, _stop) = front(limits, None).await;
+    // Two requests whose bodies never come hold the two shared places.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = Box::pin(call(channel.clone(), None, endless(0)));
+        let r = tokio::time::timeout(Duration::from_millis(300), &mut c).await;
+        assert!(r.is_err(), "a shared place: held, not refused ({r:?})");
+        held.push(tokio::spawn(c));
+    }
+    // BATCH is read under the reserve and refused once decoded, with the retry hint; the
+    // reserve is then free again, so this holds for every BATCH request.
+    for _ in 0..2 {
+        let batch = generate(channel.clone(), Batch).await;
+        assert_eq!(batch.code(), Code::ResourceExhausted, "{batch:?}");
+        assert!(batch.message().contains("BATCH"), "{}", batch.message());
+        assert!(batch.metadata().get("retry-after-ms").is_some());
+    }
+    // INTERACTIVE gets through to the service (no workers: UNAVAILABLE, not refused here).
+    let interactive = generate(channel.clone(), Interactive).await;
+    assert_eq!(interactive.code(), Code::Unavailable, "{interactive:?}");
+    for h in &held {
+        assert!(!h.is_finished(), "the held requests are still being read");
+    }
+}
+
+#[tokio::test]
+async fn http_batch_requests_cannot_take_the_interactive_share_of_the_body_budget() {
+    // 3 KiB in flight, 1 KiB of it INTERACTIVE's; two 1 KiB uploads that never finish hold
+    // the shared 2 KiB.
+    let limits = IntakeLimits {
+        interactive_reserved_bytes: 1 << 10,
+        ..http_limits(1 << 10, 3 << 10, Duration::from_secs(10))
+    };
+    let (addr, _stop) = http_front(limits, None).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let head = post_head("/v1/completions", Some(1 << 10), &[]);
+        held.push(send(addr, &head, b"{").await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = br#"{"prompt":"hi","max_tokens":4}"#;
+    let batch_in_body = br#"{"prompt":"hi","max_tokens":4,"metadata":{"latency_class":"batch"}}"#;
+    // Declared BATCH in the header: refused on the head; BATCH in the body: refused once
+    // parsed; either way 429 with Retry-After, and the reserve stays free.
+    for (headers, body) in [
+        (&["x-moe-latency-class: batch"][..], &body[..]),
+        (&[][..], &batch_in_body[..]),
+    ] {
+        let head = post_head("/v1/completions", Some(body.len()), headers);
+        let mut s = send(addr, &head, body).await;
+        let (status, text) = tokio::time::timeout(Duration::from_secs(2), response(&mut s))
+            .await
+            .expect("refused at once");
+        assert_eq!(status, 429, "{text}");
+        assert!(text.contains("BATCH"), "{text}");
+    }
+    // INTERACTIVE is read under the reserve and reaches the service (no workers: 503).
+    let head = post_head("/v1/completions", Some(body.len()), &[]);
+    let mut s = send(addr, &head, body).await;
+    let (status, text) = response(&mut s).await;
+    assert_eq!(status, 503, "{text}");
+    drop(held);
 }

@@ -7,6 +7,11 @@
 //! holds its reservation for a bounded time. The reservation is released once the body has been
 //! parsed ([`BodyPermit`], taken by `OpenAiJson`). Health and model listing do not pass through
 //! here, so they answer while the budget is spent.
+//!
+//! Part of the budget is INTERACTIVE's (`--interactive-reserved-decoding` places' worth of
+//! bytes, issue 16). A request that finds the shared bytes gone is read under the reserve unless
+//! its `x-moe-latency-class` header says `batch`, and is marked [`InteractiveReserve`]; the
+//! handler refuses it with 429 once parsed unless its class is INTERACTIVE.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +38,9 @@ pub struct IntakeLimits {
     pub max_body_bytes: usize,
     /// Body bytes being read and parsed at once, over all requests (429 beyond).
     pub max_bytes_in_flight: usize,
+    /// Of `max_bytes_in_flight`, the bytes only INTERACTIVE requests may keep (see the module
+    /// docs); capped so that any class can still read one largest body.
+    pub interactive_reserved_bytes: usize,
     /// Longest a body may take to arrive (408 beyond).
     pub read_timeout: Duration,
 }
@@ -46,6 +54,9 @@ impl IntakeLimits {
             max_bytes_in_flight: config
                 .max_decoding_requests
                 .saturating_mul(config.limits.max_message_bytes),
+            interactive_reserved_bytes: config
+                .interactive_reserved_decoding()
+                .saturating_mul(config.limits.max_message_bytes),
             read_timeout: config.request_read_timeout,
         }
     }
@@ -56,6 +67,7 @@ impl Default for IntakeLimits {
         IntakeLimits {
             max_body_bytes: MAX_BODY_BYTES,
             max_bytes_in_flight: 64 * (4 << 20),
+            interactive_reserved_bytes: 8 * (4 << 20),
             read_timeout: Duration::from_secs(10),
         }
     }
@@ -65,8 +77,24 @@ impl Default for IntakeLimits {
 #[derive(Clone)]
 pub struct Intake {
     keys: Option<Arc<ApiKeys>>,
+    /// Bytes any request may take.
     budget: Arc<Semaphore>,
+    /// Bytes taken once `budget` is spent; kept by INTERACTIVE requests only.
+    reserve: Arc<Semaphore>,
     limits: IntakeLimits,
+}
+
+/// Marks a request whose body was read under the INTERACTIVE reserve of the byte budget: its
+/// handler refuses it once parsed unless it is INTERACTIVE ([`batch_over_its_share`]).
+#[derive(Clone, Copy, Debug)]
+pub struct InteractiveReserve;
+
+/// The 429 for a parsed BATCH request that was read under the INTERACTIVE reserve.
+pub fn batch_over_its_share() -> ApiError {
+    ApiError::from(crate::admission::exhausted(
+        "gateway is reading as many request bytes as BATCH requests may at once \
+         (--interactive-reserved-decoding keeps the rest for INTERACTIVE)",
+    ))
 }
 
 /// The bytes a request's body holds of the budget; released when dropped (after parsing).
@@ -80,9 +108,13 @@ impl Intake {
             .max_bytes_in_flight
             .max(limits.max_body_bytes)
             .min(Semaphore::MAX_PERMITS);
+        let reserve = limits
+            .interactive_reserved_bytes
+            .min(budget.saturating_sub(limits.max_body_bytes));
         Intake {
             keys,
-            budget: Arc::new(Semaphore::new(budget)),
+            budget: Arc::new(Semaphore::new(budget - reserve)),
+            reserve: Arc::new(Semaphore::new(reserve)),
             limits,
         }
     }
@@ -106,15 +138,28 @@ impl Intake {
             None => max,
         };
         let permits = u32::try_from(reserve).map_err(|_| too_large(max))?;
-        let permit = self
-            .budget
-            .clone()
-            .try_acquire_many_owned(permits)
-            .map_err(|_| {
-                ApiError::from(crate::admission::exhausted(
-                    "gateway is reading as many request bytes as it may at once",
-                ))
-            })?;
+        let declared_batch = req
+            .headers()
+            .get(super::LATENCY_CLASS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("batch"));
+        let spent = || {
+            ApiError::from(crate::admission::exhausted(
+                "gateway is reading as many request bytes as it may at once",
+            ))
+        };
+        let (permit, reserved) = match self.budget.clone().try_acquire_many_owned(permits) {
+            Ok(p) => (p, false),
+            Err(_) if declared_batch => return Err(batch_over_its_share()),
+            Err(_) => {
+                let p = self
+                    .reserve
+                    .clone()
+                    .try_acquire_many_owned(permits)
+                    .map_err(|_| spent())?;
+                (p, true)
+            }
+        };
         let (parts, body) = req.into_parts();
         let read_timeout = self.limits.read_timeout;
         let bytes = tokio::time::timeout(read_timeout, read_body(body, reserve))
@@ -129,6 +174,9 @@ impl Intake {
             })??;
         let mut req = Request::from_parts(parts, Body::from(bytes));
         req.extensions_mut().insert(BodyPermit(Arc::new(permit)));
+        if reserved {
+            req.extensions_mut().insert(InteractiveReserve);
+        }
         Ok(req)
     }
 }
