@@ -100,10 +100,11 @@ where
 
 /// The one worker of `ids` whose advert shows an active sequence: the worker serving a test's
 /// only stream, to kill or wedge it. Waits until exactly one does (the worker of an earlier
-/// reference run may still advertise its finished sequence for a moment), or panics after 5 s.
+/// reference run may still advertise its finished sequence until its next write, within the
+/// lease TTL, since one stream of several slots is drift for the advert), or panics after 10 s.
 pub async fn serving_worker<'a>(etcd: &Etcd, prefix: &str, ids: &[&'a str]) -> &'a str {
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         "exactly one advert showing the stream",
         || async {
             let mut busy = Vec::new();

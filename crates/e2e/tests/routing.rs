@@ -89,8 +89,16 @@ async fn interactive_lands_on_full_batch_on_cpu_moe_and_spills_when_saturated() 
 async fn sigkill_mid_stream_migrates_to_another_worker_without_changing_the_text() {
     let etcd = Etcd::start().await;
     let prefix = "/t-migrate";
-    let a = WorkerProcess::start(WorkerSpec::new("a", "full"), &etcd, prefix).await;
-    let b = WorkerProcess::start(WorkerSpec::new("b", "full"), &etcd, prefix).await;
+    // One slot each: a stream starting or ending fills or frees the worker, which its advert
+    // shows within 250 ms (with more slots it is drift, written only within the lease TTL), so
+    // `serving_worker` finds the stream's worker while it runs.
+    let one_slot = |id: &str| {
+        let mut spec = WorkerSpec::new(id, "full");
+        spec.parallel = 1;
+        spec
+    };
+    let a = WorkerProcess::start(one_slot("a"), &etcd, prefix).await;
+    let b = WorkerProcess::start(one_slot("b"), &etcd, prefix).await;
     let reference = generate(
         &format!("http://{}", a.addr),
         greedy(PROMPT, MIGRATED_TOKENS),
