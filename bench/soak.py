@@ -176,7 +176,8 @@ class Cluster:
              "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
              "--initial-cluster", f"soak={peer_url}",
              # as the chart's etcd (helm values etcd.autoCompactionRetention)
-             "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m"],
+             "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m"]
+            + (["--snapshot-count", str(args.etcd_snapshot_count)] if args.etcd_snapshot_count else []),
             self.logdir,
         )
         env = {"RUST_LOG": args.rust_log, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -228,7 +229,9 @@ class Cluster:
         for kv in kvs:
             adv = json.loads(base64.b64decode(kv["value"]))
             out[adv.get("id")] = {"state": adv.get("state"), "lease": kv.get("lease"),
-                                  "active": adv.get("load", {}).get("active", 0)}
+                                  "active": adv.get("load", {}).get("active", 0),
+                                  "version": int(kv.get("version", 0)),
+                                  "create_revision": int(kv.get("create_revision", 0))}
         return out
 
     def wait_ready(self, ids, limit, not_lease=None):
@@ -597,6 +600,58 @@ def match_migrations(cluster, records):
     return lines, ambiguous
 
 
+ETCD_METRICS = [
+    "etcd_mvcc_put_total",
+    "etcd_server_proposals_committed_total",
+    "etcd_debugging_mvcc_db_total_size_in_bytes",
+    "etcd_mvcc_db_total_size_in_use_in_bytes",
+    "etcd_debugging_mvcc_keys_total",
+    "go_memstats_heap_inuse_bytes",
+    "go_memstats_heap_alloc_bytes",
+    "go_memstats_heap_sys_bytes",
+    "go_memstats_heap_released_bytes",
+    "go_memstats_sys_bytes",
+    "go_goroutines",
+    "process_resident_memory_bytes",
+]
+
+
+def etcd_metrics(cluster):
+    """The ETCD_METRICS values from etcd's /metrics (None each when it does not answer)."""
+    vals = dict.fromkeys(ETCD_METRICS)
+    try:
+        with urllib.request.urlopen(f"{cluster.etcd_url}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return vals
+    for line in text.splitlines():
+        name, _, v = line.partition(" ")
+        if name in vals:
+            try:
+                vals[name] = float(v)
+            except ValueError:
+                pass
+    return vals
+
+
+def advert_writes(cluster, seen):
+    """Advert puts per worker since the last call: a key's version counts its puts since it was
+    created (a new lease after a kill re-creates it). `seen` holds (create_revision, version)."""
+    out = {}
+    try:
+        adv = cluster.etcd_adverts()
+    except OSError:
+        return out
+    for wid, a in adv.items():
+        prev = seen.get(wid)
+        if prev and prev[0] == a["create_revision"]:
+            out[wid] = a["version"] - prev[1]
+        else:
+            out[wid] = a["version"]
+        seen[wid] = (a["create_revision"], a["version"])
+    return out
+
+
 def rss_snapshot(cluster):
     snap = {}
     for p in cluster.procs():
@@ -736,11 +791,22 @@ def report(args, cluster, load, faults, ref_info, rss_start, rss_end, extra):
       "is a new process: its end value is not comparable with its start value (growth shown only "
       "for processes that ran the whole time).")
     w("")
-    w("| process | pid start → end | starts | RSS start | RSS end | growth | anon start | anon end | anon growth |")
-    w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    late = 300
+    w(f"The last three columns: the process's largest sampled RSS, and its RSS {late // 60} minutes into the "
+      "measured phase (after its first 5-minute compaction for etcd) with the growth from there to the end.")
+    w("")
+    w("| process | pid start → end | starts | RSS start | RSS end | growth | anon start | anon end | anon growth "
+      f"| RSS max | RSS at {late // 60} min | growth from there |")
+    w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    samples = extra.get("rss_samples", [])
     for role in rss_start:
         a, b = rss_start[role], rss_end[role]
         same = a["pid"] == b["pid"]
+        mine = [x for x in samples if x[1] == role and x[2] == b["pid"] and x[3] is not None]
+        peak = max([x[3] for x in mine] + [b["rss_kib"] or 0]) if same else None
+        at_late = next((x[3] for x in mine if x[0] >= late), None) if same else None
+        late_growth = ("n/a (restarted)" if not same else "–" if at_late is None or b["rss_kib"] is None
+                       else f"{(b['rss_kib'] - at_late) / at_late * 100:+.1f} %")
 
         def growth(x, y):
             if not same or x is None or y is None:
@@ -749,12 +815,43 @@ def report(args, cluster, load, faults, ref_info, rss_start, rss_end, extra):
 
         w(f"| {role} | {a['pid']} → {b['pid']} | {b['starts']} | {fmt_mib(a['rss_kib'])} | {fmt_mib(b['rss_kib'])} | "
           f"{growth(a['rss_kib'], b['rss_kib'])} | {fmt_mib(a['anon_kib'])} | {fmt_mib(b['anon_kib'])} | "
-          f"{growth(a['anon_kib'], b['anon_kib'])} |")
+          f"{growth(a['anon_kib'], b['anon_kib'])} | {fmt_mib(peak)} | {fmt_mib(at_late)} | {late_growth} |")
     w("")
     w(f"RSS sampled every {args.rss_every} s in `rss.csv` of the output directory. etcd's revision went from "
       f"{extra['etcd_rev'][0]} to {extra['etcd_rev'][1]} during the measured phase (every advert write is a "
       "revision; etcd runs with the chart's periodic auto-compaction, 5 min retention, so its history "
       "is compacted every 5 minutes of a 30-minute run).")
+    w("")
+    m0, m1 = extra["etcd_metrics"]
+    writes = extra["advert_writes"]
+    secs = max(1, measured)
+    w("etcd during the measured phase (its `/metrics` at start and end, sampled every "
+      f"{args.rss_every} s into `etcd_metrics.csv`; advert writes per worker from each key's etcd "
+      "`version`, counted across re-registrations):")
+    w("")
+    w("| measure | start | end | change |")
+    w("| --- | ---: | ---: | ---: |")
+    for k, label, scale, unit in (
+        ("etcd_mvcc_put_total", "puts", 1, ""),
+        ("etcd_server_proposals_committed_total", "raft proposals committed", 1, ""),
+        ("go_memstats_heap_inuse_bytes", "Go heap in use", 1 / 1048576, " MiB"),
+        ("go_memstats_heap_sys_bytes", "Go heap reserved", 1 / 1048576, " MiB"),
+        ("go_memstats_heap_released_bytes", "Go heap returned to the OS", 1 / 1048576, " MiB"),
+        ("go_memstats_sys_bytes", "all memory the Go runtime took from the OS", 1 / 1048576, " MiB"),
+        ("etcd_debugging_mvcc_db_total_size_in_bytes", "bbolt file", 1 / 1048576, " MiB"),
+        ("etcd_mvcc_db_total_size_in_use_in_bytes", "bbolt in use", 1 / 1048576, " MiB"),
+        ("go_goroutines", "goroutines", 1, ""),
+    ):
+        a, b = m0.get(k), m1.get(k)
+        if a is None or b is None:
+            w(f"| {label} | – | – | – |")
+            continue
+        f = (lambda x: f"{x * scale:.1f}{unit}") if scale != 1 else (lambda x: f"{x:.0f}")
+        w(f"| {label} | {f(a)} | {f(b)} | {f(b - a)} |")
+    w("")
+    total = sum(writes.values())
+    w(f"Advert writes: {total} in {secs} s = {total / secs:.2f}/s for {len(writes)} workers ("
+      + ", ".join(f"{i} {n} = {n / secs:.2f}/s" for i, n in writes.items()) + ").")
     w("")
     w("### Reference")
     w("")
@@ -826,6 +923,8 @@ def main():
     ap.add_argument("--read-timeout", type=float, default=60.0, help="longest silence on a stream (s)")
     ap.add_argument("--start-timeout", type=float, default=240.0, help="for a worker to become ready")
     ap.add_argument("--rss-every", type=int, default=30)
+    ap.add_argument("--etcd-snapshot-count", type=int, default=0,
+                    help="etcd --snapshot-count (0: etcd's default); bench/soak.sh passes the chart's")
     ap.add_argument("--rust-log", default="info")
     args = ap.parse_args()
     os.makedirs(args.outdir, exist_ok=True)
@@ -859,13 +958,29 @@ def main():
 
         rss_csv = open(os.path.join(args.outdir, "rss.csv"), "w")
         rss_csv.write("t_s,process,pid,rss_kib,anon_kib\n")
+        etcd_csv = open(os.path.join(args.outdir, "etcd_metrics.csv"), "w")
+        wids = [w.role for w in cluster.workers]
+        etcd_csv.write("t_s," + ",".join(ETCD_METRICS) + "," + ",".join(f"puts_{i}" for i in wids) + "\n")
+        rss_samples = []
+        etcd_start = etcd_metrics(cluster)
+        seen = {}
+        advert_writes(cluster, seen)
+        writes = {i: 0 for i in wids}
 
         def rss_sampler():
             while not load.stop_flag.is_set():
                 t = round(now() - load.t_measure, 1)
                 for role, s in rss_snapshot(cluster).items():
                     rss_csv.write(f"{t},{role},{s['pid']},{s['rss_kib']},{s['anon_kib']}\n")
+                    rss_samples.append((t, role, s["pid"], s["rss_kib"]))
                 rss_csv.flush()
+                m = etcd_metrics(cluster)
+                d = advert_writes(cluster, seen)
+                for i, n in d.items():
+                    writes[i] = writes.get(i, 0) + n
+                etcd_csv.write(f"{t}," + ",".join("" if m[k] is None else f"{m[k]:.0f}" for k in ETCD_METRICS)
+                               + "," + ",".join(str(d.get(i, "")) for i in wids) + "\n")
+                etcd_csv.flush()
                 load.stop_flag.wait(args.rss_every)
 
         sampler = threading.Thread(target=rss_sampler, daemon=True)
@@ -888,6 +1003,10 @@ def main():
         rev_end = cluster.revision
         sampler.join(5)
         rss_csv.close()
+        for i, n in advert_writes(cluster, seen).items():
+            writes[i] = writes.get(i, 0) + n
+        etcd_end = etcd_metrics(cluster)
+        etcd_csv.close()
         migrations = cluster.metric_sum("moe_migrations_total") or 0.0
         migrating_lines, ambiguous_lines = match_migrations(cluster, load.records)
         with open(os.path.join(args.outdir, "requests.jsonl"), "w") as f:
@@ -895,7 +1014,9 @@ def main():
                 f.write(json.dumps(r) + "\n")
         extra = {"migrations": migrations, "migrating_lines": migrating_lines, "t_measure_wall": t_measure_wall,
                  "measured_s": measured_s,
-                 "ambiguous_lines": ambiguous_lines, "etcd_rev": (rev_start, rev_end)}
+                 "ambiguous_lines": ambiguous_lines, "etcd_rev": (rev_start, rev_end),
+                 "etcd_metrics": (etcd_start, etcd_end), "advert_writes": writes,
+                 "rss_samples": rss_samples}
         body, tot = report(args, cluster, load, faults, disagreements, rss_start, rss_end, extra)
         if hung_threads:
             body += f"\n{hung_threads} client threads were still inside a request at the end (counted nowhere above).\n"
@@ -904,6 +1025,7 @@ def main():
             f.write(header + "\n".join(machine_md(args)) + "\n\n" + body)
         with open(os.path.join(args.outdir, "summary.json"), "w") as f:
             json.dump({"totals": tot, "faults": faults.events, "rss_start": rss_start, "rss_end": rss_end,
+                       "etcd_metrics": extra["etcd_metrics"], "advert_writes": writes,
                        "migrations": migrations, "hung_threads": hung_threads}, f, indent=1)
         log(f"totals {tot}; wrote {args.doc}")
         rc = 0 if tot["lost"] == 0 and tot["corrupted"] == 0 and not hung_threads else 2

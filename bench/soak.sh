@@ -24,6 +24,9 @@ fi
 command -v etcd >/dev/null || { echo "etcd not found (Debian package etcd-server)" >&2; exit 1; }
 [ -f "$MODEL" ] || python3 scripts/make_test_models.py
 mkdir -p "$OUTDIR" "$(dirname "$DOC")"
+# etcd as the chart runs it: its snapshot count (helm value etcd.snapshotCount; compaction is set
+# in soak.py).
+SNAPSHOT_COUNT=$(awk '/^etcd:/ {e = 1} e && /^  snapshotCount:/ {print $2; exit}' helm/moe-cluster/values.yaml)
 
 HEADER=$OUTDIR/header.md
 {
@@ -41,9 +44,10 @@ HEADER=$OUTDIR/header.md
   echo "## Setup"
   echo
   echo "- binaries: \`$BIN\` (moe-worker, moe-gateway), built from commit ${GIT_COMMIT:-$(git rev-parse HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (working tree had uncommitted changes)')}"
-  echo "- etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $NF}') on loopback with a temporary data dir, \`--auto-compaction-mode periodic --auto-compaction-retention 5m\` (the chart's default); model \`$MODEL\`"
+  echo "- etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $NF}') on loopback with a temporary data dir, \`--auto-compaction-mode periodic --auto-compaction-retention 5m --snapshot-count ${SNAPSHOT_COUNT:-default}\` (the chart's defaults); model \`$MODEL\`"
   echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
 } >"$HEADER"
 
-python3 bench/soak.py --bin "$BIN" --model "$MODEL" --outdir "$OUTDIR" --doc "$DOC" --header "$HEADER" "$@"
+python3 bench/soak.py --bin "$BIN" --model "$MODEL" --outdir "$OUTDIR" --doc "$DOC" --header "$HEADER" \
+  --etcd-snapshot-count "${SNAPSHOT_COUNT:-0}" "$@"
