@@ -16,6 +16,12 @@
 //! decoded, the service refuses it at once (RESOURCE_EXHAUSTED) unless it is INTERACTIVE. BATCH
 //! requests can therefore hold the reserve only for as long as their bodies take to arrive, and
 //! the bytes in flight stay bounded by the whole limit.
+//!
+//! Draining (issue 16): once `drain` is cancelled, `Generate` calls are answered at once with
+//! UNAVAILABLE and the retry hint ([`draining`]) instead of being started. `crate::run` keeps
+//! the listener accepting for a short window ([`DRAIN_ACCEPT_WINDOW`]) before tonic's graceful
+//! shutdown (GOAWAY, listener closed), so a connection that was in the accept backlog when
+//! SIGTERM came gets that answer rather than a reset.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -68,12 +74,43 @@ impl GrpcLimits {
     }
 }
 
+/// How long the gRPC listener keeps accepting once the drain began (capped by `--drain-grace`),
+/// answering new `Generate` calls [`draining`]; the HTTP API's window is the same
+/// (`crate::http::drain::DRAIN_ACCEPT_WINDOW`).
+pub const DRAIN_ACCEPT_WINDOW: Duration = crate::http::drain::DRAIN_ACCEPT_WINDOW;
+
+/// UNAVAILABLE for a `Generate` call that arrives while the gateway drains: nothing was started
+/// for it, so the client may retry it on another gateway at once; `retry-after-ms` and
+/// `grpc-retry-pushback-ms` say so ([`crate::admission::RETRY_HINT`]).
+pub fn draining() -> Status {
+    let ms = tonic::metadata::MetadataValue::from(crate::admission::RETRY_HINT.as_millis() as u64);
+    let mut md = tonic::metadata::MetadataMap::new();
+    md.insert(crate::auth::RETRY_AFTER_MS, ms.clone());
+    md.insert(crate::admission::GRPC_RETRY_PUSHBACK_MS, ms);
+    Status::with_metadata(
+        tonic::Code::Unavailable,
+        "the gateway is draining (shutting down) and takes no new requests; retry on another \
+         gateway",
+        md,
+    )
+}
+
 /// The gRPC router of a gateway: `Generate` behind the API-key interceptor and the decoding
 /// limit; `extra` services (health, reflection) beside them, unlimited.
 pub fn router(
     limits: &GrpcLimits,
     service: GatewayService,
     api_keys: Option<Arc<ApiKeys>>,
+) -> Router {
+    router_draining(limits, service, api_keys, CancellationToken::new())
+}
+
+/// [`router`], answering `Generate` calls [`draining`] once `drain` is cancelled.
+pub fn router_draining(
+    limits: &GrpcLimits,
+    service: GatewayService,
+    api_keys: Option<Arc<ApiKeys>>,
+    drain: CancellationToken,
 ) -> Router {
     let reserved = limits
         .interactive_reserved_decoding
@@ -83,6 +120,7 @@ pub fn router(
         shared: Arc::new(Semaphore::new(limits.max_decoding - reserved)),
         reserve: Arc::new(Semaphore::new(reserved)),
         read_timeout: limits.read_timeout,
+        drain,
     };
     let inference = InterceptedService::new(inference, move |req: tonic::Request<()>| {
         if let Some(keys) = &api_keys {
@@ -146,6 +184,8 @@ pub struct DecodeLimit<S> {
     shared: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
     read_timeout: Duration,
+    /// Cancelled when the gateway drains: calls are answered [`draining`].
+    drain: CancellationToken,
 }
 
 impl<S: NamedService> NamedService for DecodeLimit<S> {
@@ -166,6 +206,9 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        if self.drain.is_cancelled() {
+            return Box::pin(std::future::ready(Ok(draining().into_http())));
+        }
         let permit = self.shared.clone().try_acquire_owned().or_else(|_| {
             let p = self.reserve.clone().try_acquire_owned()?;
             req.extensions_mut().insert(InteractiveReserve);

@@ -180,10 +180,15 @@ pub async fn run(
     let stop_server = shutdown.clone();
     let reporter = health_reporter.clone();
     // Health and reflection are outside the decoding limit: probes answer while it is full.
-    let server = grpc::router(
+    // Calls arriving once the drain began are answered UNAVAILABLE with the retry hint; the
+    // listener keeps accepting for the window so that connections in its backlog get that
+    // answer instead of a reset (issue 16), then tonic's graceful shutdown closes it.
+    let grpc_window = config.drain_grace.min(grpc::DRAIN_ACCEPT_WINDOW);
+    let server = grpc::router_draining(
         &grpc::GrpcLimits::from_config(&config),
         service,
         security.api_keys,
+        shutdown.clone(),
     )
     .add_service(health_service)
     .add_service(reflection)
@@ -196,6 +201,8 @@ pub async fn run(
             reporter
                 .set_not_serving::<InferenceServer<GatewayService>>()
                 .await;
+            tokio::time::sleep(grpc_window).await;
+            tracing::info!(window = ?grpc_window, "gRPC: drain accept window over; closing the listener");
         },
     );
     let grpc_server = async { server.await.map_err(GatewayError::from) };

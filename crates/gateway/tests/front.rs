@@ -767,3 +767,65 @@ async fn http_batch_requests_cannot_take_the_interactive_share_of_the_body_budge
     assert_eq!(status, 503, "{text}");
     drop(held);
 }
+
+// ---- The gRPC front while the gateway drains (issue 16). ----
+
+async fn connect(url: String) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(url).unwrap().connect().await
+}
+
+/// The drain's answer: UNAVAILABLE `draining` with a one-second retry hint.
+fn assert_drained(s: Status) {
+    assert!(s.message().contains("draining"), "{s:?}");
+    assert_eq!(s.metadata().get("retry-after-ms").unwrap(), "1000");
+    assert_eq!(s.metadata().get("grpc-retry-pushback-ms").unwrap(), "1000");
+}
+
+/// A `Generate` call on `channel` (no workers: UNAVAILABLE either way).
+async fn unavailable(channel: Channel) -> Status {
+    let s = generate(channel, moe_common::LatencyClass::Interactive).await;
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    s
+}
+
+#[tokio::test]
+async fn grpc_calls_arriving_during_the_drain_get_unavailable_with_a_retry_hint_not_a_reset() {
+    // The whole gateway (`run`), started while etcd is down (nothing listens on port 1).
+    let config = moe_gateway::GatewayConfig::for_etcd(&["http://127.0.0.1:1".to_string()]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let gateway = tokio::spawn(moe_gateway::run(config, shutdown.clone(), listener));
+    let url = format!("http://{addr}");
+    let established = connect(url.clone()).await.expect("serving");
+    let before = unavailable(established.clone()).await;
+    assert!(!before.message().contains("draining"), "{before:?}");
+    // Connections opened as the drain starts: in the accept backlog, or accepted just after.
+    let racing: Vec<_> = (0..8)
+        .map(|_| {
+            let c = connect(url.clone());
+            tokio::spawn(async move { unavailable(c.await.expect("accepted")).await })
+        })
+        .collect();
+    shutdown.cancel();
+    for r in racing {
+        let s = r.await.unwrap();
+        // A call that won the race with the signal was started (no workers, not draining).
+        if s.message().contains("draining") {
+            assert_drained(s);
+        }
+    }
+    // After the signal: a new connection and a new stream on an established one.
+    assert_drained(unavailable(connect(url.clone()).await.expect("still accepting")).await);
+    assert_drained(unavailable(established.clone()).await);
+    // After the window the listener is closed and the gateway stops.
+    tokio::time::timeout(Duration::from_secs(5), gateway)
+        .await
+        .expect("the gateway stops after the window")
+        .unwrap()
+        .expect("clean stop");
+    assert!(
+        connect(url).await.is_err(),
+        "listener closed after the window"
+    );
+}
