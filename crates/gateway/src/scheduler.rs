@@ -286,6 +286,7 @@ const TYPICAL_ANSWER_TOKENS: f64 = 128.0;
 /// - Speeds are the worker's measured ones; one it has not measured yet (0) is the policy's
 ///   assumed speed, which the rankings set to the mean measured speed of the worker's pool
 ///   ([`assumed_speeds`]) rather than an optimistic constant.
+/// - This gateway's placements on `w` newer than its advert are prefilling alongside.
 /// - Every running sequence adds a little to each step.
 /// - A worker with every sequence slot busy starts the request when a slot frees: the running
 ///   streams are assumed to be as long as this request's answer (at most
@@ -311,7 +312,12 @@ fn predicted_ttft(w: &WorkerAdvert, d: &Demand, local_streams: u32, policy: &Pol
     } else {
         0.0
     };
-    d.prompt_tokens as f64 / prefill_tps + wait + busy / slots * step
+    // Prompts this gateway placed on `w` since its advert are most likely still being
+    // prefilled, and share the worker's prefill with this one: each is assumed as long as this
+    // one's (uncached) prompt. Without this, a burst of first placements saw every worker at
+    // the same prefill time and a 1 % tie went to the prefix key, four of eight onto one.
+    let prefill = d.prompt_tokens as f64 / prefill_tps * (1.0 + f64::from(local_streams));
+    prefill + wait + busy / slots * step
 }
 
 /// Whether `w` has measured both its speeds (a worker that just started has measured neither;

@@ -165,3 +165,44 @@ fn with_no_measurement_anywhere_the_policy_defaults_hold() {
     let expected = 290.0 / p.default_prefill_tps;
     assert!((r.candidates[0].score - expected).abs() < 1e-9);
 }
+
+#[test]
+fn a_burst_of_first_turns_spreads_over_the_workers() {
+    // The benchmark's eight first turns arrive at once, before any advert shows them: each
+    // placement is this gateway's own reservation. Prefill dominates the prediction, so a
+    // worker's queued prompts must count, or 1 % ties go to the prefix key and pile up.
+    let s = snapshot(vec![
+        cpu_worker("a", 50.0, 0.0, 0),
+        cpu_worker("b", 0.0, 0.0, 0),
+        cpu_worker("c", 0.0, 0.0, 0),
+    ]);
+    let mut res = Reservations::default();
+    for conversation in 0..8u64 {
+        let hits = PrefixHits {
+            key: Some(crate::scheduler::affinity::stable_hash(
+                &conversation.to_le_bytes(),
+            )),
+            ..Default::default()
+        };
+        let r = rank_with_hits(
+            &turn(),
+            &hits,
+            &s,
+            &res,
+            &HashSet::new(),
+            (&Policy::default(), Affinity::default()),
+            &mut StdRng::seed_from_u64(conversation),
+        )
+        .unwrap();
+        res.by_worker
+            .entry(first(&r).to_string())
+            .or_default()
+            .push(Reservation {
+                kv_tokens: turn().kv_tokens(),
+                placed_unix_ms: 2000,
+            });
+    }
+    let mut counts: Vec<usize> = res.by_worker.values().map(Vec::len).collect();
+    counts.sort();
+    assert_eq!(counts, [2, 3, 3], "{:?}", res.by_worker.keys());
+}
