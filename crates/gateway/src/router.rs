@@ -340,6 +340,9 @@ impl Drop for ReservationGuard {
                 res.by_worker.remove(&self.worker);
             }
         }
+        // Until the worker's next advert, credit the stream back (issue 17: a chat's next turn).
+        let now = moe_common::unix_ms();
+        res.finished(&self.worker, self.kv_tokens, self.placed_unix_ms, now);
     }
 }
 

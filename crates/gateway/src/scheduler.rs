@@ -150,11 +150,40 @@ impl PrefixHits {
 /// recorded ([`Reservations::advert_received`]) and a placement counts until an advert received
 /// [`ADVERT_LAG_MS`] after it. Only adverts with no recorded receipt (callers that record none,
 /// such as the simulator, whose clocks are one clock) fall back to the advert's own stamp.
+///
+/// Streams of this gateway that ended after the worker's advert was received, but were placed
+/// early enough for that advert to count them, are credited back ([`Reservations::finished`]):
+/// a chat's next turn, sent as soon as the previous one ends, would otherwise find the worker
+/// holding its history still busy with that previous turn and its KV still claimed.
 #[derive(Clone, Debug, Default)]
 pub struct Reservations {
     pub by_worker: HashMap<String, Vec<Reservation>>,
     /// The last advert seen from each worker and when this gateway received it.
     pub received: HashMap<String, AdvertReceipt>,
+    /// Recently ended streams of this gateway, by worker.
+    pub ended: HashMap<String, Vec<Ended>>,
+}
+
+/// A stream of this gateway that ended, for [`Reservations::finished_since`].
+#[derive(Clone, Copy, Debug)]
+pub struct Ended {
+    pub kv_tokens: u32,
+    pub placed_unix_ms: u64,
+    pub ended_unix_ms: u64,
+}
+
+/// Ended streams are remembered this long (adverts arrive every 250 ms or so).
+const ENDED_KEEP_MS: u64 = 10_000;
+
+/// What this gateway knows of a worker beyond its advert ([`Reservations::local`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Local {
+    /// Advertised free KV, less this gateway's placements since, plus its streams ended since.
+    pub free_kv: u32,
+    /// This gateway's placements the advert does not count yet.
+    pub placed: u32,
+    /// This gateway's streams the advert still counts that have ended.
+    pub ended: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -233,6 +262,73 @@ impl Reservations {
     fn streams(&self, worker: &str) -> usize {
         self.by_worker.get(worker).map_or(0, Vec::len)
     }
+
+    /// Records that a stream placed on `worker` at `placed_unix_ms` with `kv_tokens` ended at
+    /// `now_unix_ms` (this gateway's clock); forgets ends older than a few adverts.
+    pub fn finished(
+        &mut self,
+        worker: &str,
+        kv_tokens: u32,
+        placed_unix_ms: u64,
+        now_unix_ms: u64,
+    ) {
+        let list = self.ended.entry(worker.to_string()).or_default();
+        list.retain(|e| e.ended_unix_ms + ENDED_KEEP_MS >= now_unix_ms);
+        list.push(Ended {
+            kv_tokens,
+            placed_unix_ms,
+            ended_unix_ms: now_unix_ms,
+        });
+        if self.ended.len() > 4 * self.received.len().max(16) {
+            self.ended.retain(|_, l| {
+                l.retain(|e| e.ended_unix_ms + ENDED_KEEP_MS >= now_unix_ms);
+                !l.is_empty()
+            });
+        }
+    }
+
+    /// Streams of this gateway on `worker` that its advert stamped `advert_ms` still counts but
+    /// that have ended: (KV tokens, streams). Counted only when the advert was received before
+    /// the stream ended (so it cannot reflect the end) and the stream was placed long enough
+    /// before the advert for [`Reservations::since`] to assume the advert counts it.
+    pub fn finished_since(&self, worker: &str, advert_ms: u64) -> (u32, u32) {
+        let Some(list) = self.ended.get(worker) else {
+            return (0, 0);
+        };
+        let (cutoff, received) = match self.received.get(worker) {
+            Some(r) if r.updated_unix_ms == advert_ms => (
+                r.received_unix_ms.saturating_sub(ADVERT_LAG_MS),
+                r.received_unix_ms,
+            ),
+            _ => (advert_ms, advert_ms),
+        };
+        let mut kv = 0u32;
+        let mut streams = 0u32;
+        for e in list {
+            if e.placed_unix_ms < cutoff && e.ended_unix_ms > received {
+                kv = kv.saturating_add(e.kv_tokens);
+                streams += 1;
+            }
+        }
+        (kv, streams)
+    }
+
+    /// Free KV and stream counts of `w` as this gateway knows them ([`Local`]).
+    pub fn local(&self, w: &WorkerAdvert) -> Local {
+        let (kv, placed) = self.since(&w.id, w.updated_unix_ms);
+        let (ended_kv, ended) = self.finished_since(&w.id, w.updated_unix_ms);
+        let free_kv = w
+            .capacity
+            .free_kv_tokens
+            .saturating_sub(kv)
+            .saturating_add(ended_kv)
+            .min(w.capacity.context_tokens);
+        Local {
+            free_kv,
+            placed,
+            ended,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -293,6 +389,16 @@ const TYPICAL_ANSWER_TOKENS: f64 = 128.0;
 ///   [`TYPICAL_ANSWER_TOKENS`]) and half done on average, so one slot frees every
 ///   answer / 2 / slots steps; each request already waiting needs one more.
 fn predicted_ttft(w: &WorkerAdvert, d: &Demand, local_streams: u32, policy: &Policy) -> f64 {
+    let local = Local {
+        placed: local_streams,
+        ..Local::default()
+    };
+    predicted_ttft_local(w, d, &local, policy)
+}
+
+/// [`predicted_ttft`] with this gateway's streams on `w` that ended since its advert taken off.
+fn predicted_ttft_local(w: &WorkerAdvert, d: &Demand, local: &Local, policy: &Policy) -> f64 {
+    let local_streams = local.placed;
     let prefill_tps = if w.speed.prefill_tokens_per_second > 0.0 {
         w.speed.prefill_tokens_per_second
     } else {
@@ -303,7 +409,7 @@ fn predicted_ttft(w: &WorkerAdvert, d: &Demand, local_streams: u32, policy: &Pol
     } else {
         policy.default_decode_tps
     };
-    let busy = (w.load.active + w.load.queued + local_streams) as f64;
+    let busy = (w.load.active + w.load.queued + local_streams).saturating_sub(local.ended) as f64;
     let slots = w.capacity.max_sequences.max(1) as f64;
     let step = 1.0 / decode_tps;
     let answer = f64::from(d.max_tokens.max(1)).min(TYPICAL_ANSWER_TOKENS);
@@ -391,14 +497,7 @@ fn preferred_pool(class: LatencyClass) -> Pool {
 
 /// Lower is better: predicted TTFT seconds (interactive; `cached` prompt tokens need no
 /// prefill) or negative free KV (batch; hits order batch work in `affinity::rank_with_hits`).
-fn score(
-    w: &WorkerAdvert,
-    d: &Demand,
-    free: u32,
-    local_streams: u32,
-    cached: u32,
-    policy: &Policy,
-) -> f64 {
+fn score(w: &WorkerAdvert, d: &Demand, local: &Local, cached: u32, policy: &Policy) -> f64 {
     match d.class {
         LatencyClass::Interactive => {
             // Only the tokens `w` does not hold are prefilled.
@@ -406,9 +505,9 @@ fn score(
                 prompt_tokens: d.prompt_tokens.saturating_sub(cached),
                 ..d.clone()
             };
-            predicted_ttft(w, &uncached, local_streams, policy)
+            predicted_ttft_local(w, &uncached, local, policy)
         }
-        LatencyClass::Batch => -(free as f64),
+        LatencyClass::Batch => -(local.free_kv as f64),
     }
 }
 
@@ -532,8 +631,8 @@ pub(crate) fn rank_full_hits(
     let mut ranking = Ranking::default();
     let mut too_small = 0;
     for w in ready {
-        let (kv_reserved, local_streams) = reservations.since(&w.id, w.updated_unix_ms);
-        let free = w.capacity.free_kv_tokens.saturating_sub(kv_reserved);
+        let local = reservations.local(w);
+        let free = local.free_kv;
         if needed > w.capacity.context_tokens {
             too_small += 1;
             continue;
@@ -543,7 +642,7 @@ pub(crate) fn rank_full_hits(
         }
         let pool = Pool::of(w);
         let assumed = &assumed[pool_slot(pool)];
-        let score = score(w, demand, free, local_streams, hits.cached(&w.id), assumed);
+        let score = score(w, demand, &local, hits.cached(&w.id), assumed);
         let candidate = Candidate {
             worker: w.clone(),
             pool,

@@ -117,10 +117,12 @@ impl Default for Affinity {
     }
 }
 
-/// Streams on `w` (advert plus this gateway's placements since) per sequence slot.
+/// Streams on `w` (advert plus this gateway's placements since, less its streams ended since)
+/// per sequence slot.
 pub fn load_with_local(w: &WorkerAdvert, reservations: &Reservations) -> f64 {
-    let (_, local) = reservations.since(&w.id, w.updated_unix_ms);
-    (w.load.active + w.load.queued + local) as f64 / w.capacity.max_sequences.max(1) as f64
+    let local = reservations.local(w);
+    (w.load.active + w.load.queued + local.placed).saturating_sub(local.ended) as f64
+        / w.capacity.max_sequences.max(1) as f64
 }
 
 /// Whether a worker with load `preferred` may take a request by affinity when the candidates'
@@ -277,10 +279,9 @@ pub fn rank_with_hits(
                     cached = 0;
                 }
                 if cached != hits.cached(&c.worker.id) || !measured(&c.worker) {
-                    let (kv, local) = reservations.since(&c.worker.id, c.worker.updated_unix_ms);
-                    let free = c.worker.capacity.free_kv_tokens.saturating_sub(kv);
+                    let local = reservations.local(&c.worker);
                     let assumed = &assumed[pool_slot(c.pool)];
-                    c.score = super::score(&c.worker, demand, free, local, cached, assumed);
+                    c.score = super::score(&c.worker, demand, &local, cached, assumed);
                 }
                 (c, cached)
             })

@@ -193,15 +193,14 @@ pub(super) fn evaluate_hits(
         return None;
     }
     let needed = demand.kv_tokens();
-    let (kv_reserved, local_streams) = reservations.since(&w.id, w.updated_unix_ms);
-    let free = w.capacity.free_kv_tokens.saturating_sub(kv_reserved);
-    if needed > w.capacity.context_tokens || free < needed {
+    let local = reservations.local(w);
+    if needed > w.capacity.context_tokens || local.free_kv < needed {
         return None;
     }
     Some(Candidate {
         worker: w.clone(),
         pool: Pool::of(w),
-        score: super::score(w, demand, free, local_streams, hits.cached(&w.id), policy),
+        score: super::score(w, demand, &local, hits.cached(&w.id), policy),
         spill,
     })
 }
@@ -292,10 +291,9 @@ pub(super) fn rescore_unmeasured(
     }
     let assumed = super::assumed_speeds(found.iter().map(|c| c.worker.as_ref()), policy);
     for c in found.iter_mut().filter(|c| !super::measured(&c.worker)) {
-        let (kv, local) = reservations.since(&c.worker.id, c.worker.updated_unix_ms);
-        let free = c.worker.capacity.free_kv_tokens.saturating_sub(kv);
+        let local = reservations.local(&c.worker);
         let p = &assumed[super::pool_slot(c.pool)];
-        c.score = super::score(&c.worker, demand, free, local, hits.cached(&c.worker.id), p);
+        c.score = super::score(&c.worker, demand, &local, hits.cached(&c.worker.id), p);
     }
 }
 

@@ -206,3 +206,52 @@ fn a_burst_of_first_turns_spreads_over_the_workers() {
     counts.sort();
     assert_eq!(counts, [2, 3, 3], "{:?}", res.by_worker.keys());
 }
+
+#[test]
+fn a_turn_sent_as_the_previous_one_ends_finds_its_worker_free_again() {
+    // "holder" ran this conversation's previous turn; its advert, received before that turn
+    // ended, still counts it (all four slots, no free KV). This gateway placed it long before
+    // the advert and saw it end after: it is credited back, so the next turn goes where its
+    // history is instead of prefilling it again elsewhere.
+    let mut holder = cpu_worker("holder", 50.0, 2.5, 4);
+    holder.capacity.free_kv_tokens = 0;
+    let s = snapshot(vec![holder, cpu_worker("idle", 50.0, 2.5, 1)]);
+    let hits = PrefixHits {
+        cached_tokens: [("holder".to_string(), 270)].into_iter().collect(),
+        key: Some(3),
+    };
+    let mut res = Reservations::default();
+    res.advert_received("holder", 1000, 10_000);
+    res.advert_received("idle", 1000, 10_000);
+    let rank_now = |res: &Reservations| {
+        rank_with_hits(
+            &turn(),
+            &hits,
+            &s,
+            res,
+            &HashSet::new(),
+            (&Policy::default(), Affinity::default()),
+            &mut StdRng::seed_from_u64(1),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        ids(&rank_now(&res)),
+        ["idle"],
+        "no headroom on the holder yet"
+    );
+    // Placed at 5,000 (the advert counts it), ended at 10,100 (after the advert's receipt).
+    res.finished("holder", 512, 5_000, 10_100);
+    assert_eq!(res.local(&s.workers["holder"]).free_kv, 512);
+    assert_eq!(first(&rank_now(&res)), "holder");
+    // An end the advert may already show (it was received after) is not credited.
+    let mut late = Reservations::default();
+    late.advert_received("holder", 1000, 10_000);
+    late.finished("holder", 512, 5_000, 9_900);
+    assert_eq!(late.local(&s.workers["holder"]).free_kv, 0);
+    // Nor is a placement the advert does not count yet (placed within the lag before it).
+    let mut fresh = Reservations::default();
+    fresh.advert_received("holder", 1000, 10_000);
+    fresh.finished("holder", 512, 9_800, 10_100);
+    assert_eq!(fresh.local(&s.workers["holder"]).ended, 0);
+}
