@@ -9,6 +9,17 @@
 #
 # usage: bench/prefix-routing.sh              (env overrides below; PROFILE=debug skips the
 #                                              release build and uses target/debug binaries)
+#
+# On a machine without cargo or network (the GPU host), point it at prebuilt binaries:
+#   BIN_DIR=/path/to/bin        moe-worker, moe-gateway, moe-bench there; nothing is built
+#   ETCD_BIN=/path/to/etcd      (default: etcd on PATH); ETCDCTL_BIN likewise (default: etcdctl
+#                               next to ETCD_BIN, else on PATH)
+#   MODEL=/path/to/model.gguf   must exist when BIN_DIR is set (no test model is generated)
+#   WORKER_ARGS="--offload full --gpu-layers 99"   extra flags for every moe-worker
+#   DOC=/path/report.md OUTDIR=/path/dir           where the report and logs/JSON go
+#   GIT_COMMIT=<sha>            recorded instead of `git rev-parse HEAD` (no git checkout there)
+#   RECORD_ADVERTS=1            also keeps every worker advert the registry saw (diagnosis)
+#   REPORT_ONLY=1               rewrites $DOC from the results already in $OUTDIR (no run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -23,22 +34,47 @@ TURNS=${TURNS:-4}
 SYSTEM_TOKENS=${SYSTEM_TOKENS:-64}
 FIRST_TOKENS=${FIRST_TOKENS:-200}
 MAX_TOKENS=${MAX_TOKENS:-16}
+THINK_MS=${THINK_MS:-0}           # longest pause before a later turn (moe-bench --chat-think-ms)
 PROFILE=${PROFILE:-release}
 DOC=${DOC:-docs/benchmarks/prefix-routing.md}
 OUTDIR=${OUTDIR:-target/bench/prefix-routing}
+BIN_DIR=${BIN_DIR:-}
+ETCD_BIN=${ETCD_BIN:-etcd}
+WORKER_ARGS=${WORKER_ARGS:-}
+RECORD_ADVERTS=${RECORD_ADVERTS:-0}
+read -r -a WORKER_EXTRA <<<"$WORKER_ARGS"
 
-command -v etcd >/dev/null || { echo "etcd not found (Debian package etcd-server)" >&2; exit 1; }
-[ -f "$MODEL" ] || python3 scripts/make_test_models.py
-mkdir -p "$OUTDIR" "$(dirname "$DOC")"
-if [ "$PROFILE" = release ]; then
-  echo "== building (release) moe-worker, moe-gateway and moe-bench" >&2
-  nice -n 19 cargo build --release -q -p moe-worker -p moe-gateway -p moe-bench
+command -v "$ETCD_BIN" >/dev/null || { echo "etcd not found: $ETCD_BIN (Debian package etcd-server; or set ETCD_BIN)" >&2; exit 1; }
+if [ -z "${ETCDCTL_BIN:-}" ]; then
+  ETCDCTL_BIN=$(dirname "$(command -v "$ETCD_BIN")")/etcdctl
+  [ -x "$ETCDCTL_BIN" ] || ETCDCTL_BIN=etcdctl
 fi
-BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
+command -v "$ETCDCTL_BIN" >/dev/null || { echo "etcdctl not found: $ETCDCTL_BIN (set ETCDCTL_BIN)" >&2; exit 1; }
+if [ -n "$BIN_DIR" ]; then
+  # Prebuilt binaries: no cargo, no test-model generation.
+  [ -f "$MODEL" ] || { echo "model not found: $MODEL" >&2; exit 1; }
+  BIN=$BIN_DIR
+else
+  [ -f "$MODEL" ] || python3 scripts/make_test_models.py
+  if [ "$PROFILE" = release ] && [ "${REPORT_ONLY:-0}" != 1 ]; then
+    echo "== building (release) moe-worker, moe-gateway and moe-bench" >&2
+    nice -n 19 cargo build --release -q -p moe-worker -p moe-gateway -p moe-bench
+  fi
+  BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
+fi
+for b in moe-worker moe-gateway moe-bench; do
+  [ -x "$BIN/$b" ] || [ "${REPORT_ONLY:-0}" = 1 ] || { echo "missing $BIN/$b" >&2; exit 1; }
+done
+mkdir -p "$OUTDIR" "$(dirname "$DOC")"
 
+BENCH_ARGS=(--chat-conversations "$CONVERSATIONS" --chat-turns "$TURNS" --chat-system-tokens "$SYSTEM_TOKENS"
+            --prompt-tokens "$FIRST_TOKENS" --max-tokens "$MAX_TOKENS" --wait-ready 180s --request-timeout 300s)
+[ "$THINK_MS" -gt 0 ] && BENCH_ARGS+=(--chat-think-ms "$THINK_MS")
+if [ "${REPORT_ONLY:-0}" != 1 ]; then
 DATA=$(mktemp -d)
-ETCD_PID= GATEWAY_PID= WORKER_PIDS=()
+ETCD_PID= GATEWAY_PID= WATCH_PID= WORKER_PIDS=()
 stop_cluster() {
+  stop_pid "$WATCH_PID"; WATCH_PID=
   stop_pid "$GATEWAY_PID"; GATEWAY_PID=
   for p in "${WORKER_PIDS[@]}"; do stop_pid "$p"; done
   WORKER_PIDS=()
@@ -48,14 +84,12 @@ trap cleanup EXIT
 
 ETCD_PORT=$(free_port) PEER_PORT=$(free_port)
 ETCD=http://127.0.0.1:$ETCD_PORT
-etcd --data-dir "$DATA/etcd" --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
+"$ETCD_BIN" --data-dir "$DATA/etcd" --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
      --listen-peer-urls "http://127.0.0.1:$PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$PEER_PORT" \
      --initial-cluster "default=http://127.0.0.1:$PEER_PORT" >"$OUTDIR/etcd.log" 2>&1 &
 ETCD_PID=$!
 wait_port "$ETCD_PORT" 30 "$ETCD_PID"
 
-BENCH_ARGS=(--chat-conversations "$CONVERSATIONS" --chat-turns "$TURNS" --chat-system-tokens "$SYSTEM_TOKENS"
-            --prompt-tokens "$FIRST_TOKENS" --max-tokens "$MAX_TOKENS" --wait-ready 180s --request-timeout 300s)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 STARTED=$(date +%s)
 for MODE in off on; do
@@ -65,7 +99,7 @@ for MODE in off on; do
     port=$(free_port)
     RUST_LOG=warn OMP_WAIT_POLICY=PASSIVE "$BIN/moe-worker" --model "$MODEL" --id "$w" --listen "127.0.0.1:$port" \
       --etcd "$ETCD" --etcd-prefix "$PREFIX" --ctx-size "$CTX" --parallel "$PARALLEL" \
-      --cache-sequences "$CACHE_SEQUENCES" --threads "$THREADS" >"$OUTDIR/worker-$MODE-$w.log" 2>&1 &
+      --cache-sequences "$CACHE_SEQUENCES" --threads "$THREADS" "${WORKER_EXTRA[@]}" >"$OUTDIR/worker-$MODE-$w.log" 2>&1 &
     WORKER_PIDS+=($!)
     wait_port "$port" 120 "$!"
   done
@@ -77,13 +111,17 @@ for MODE in off on; do
   wait_port "$GATEWAY_PORT" 60 "$GATEWAY_PID"
   # Workers bind their port before loading the model and register after: wait for all three.
   for ((i = 0; i < 240; i++)); do
-    n=$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD" get --prefix "${PREFIX%/}" --print-value-only \
+    n=$(ETCDCTL_API=3 "$ETCDCTL_BIN" --endpoints "$ETCD" get --prefix "${PREFIX%/}" --print-value-only \
         | grep -c '"state": *"ready"' || true)
     [ "$n" -ge 3 ] && break
     sleep 0.5
   done
   [ "$n" -ge 3 ] || { echo "only $n of 3 workers registered ready" >&2; exit 1; }
   sleep 2   # the gateway lists the registry and subscribes to the workers' caches
+  if [ "$RECORD_ADVERTS" = 1 ]; then
+    ETCDCTL_API=3 "$ETCDCTL_BIN" --endpoints "$ETCD" watch --prefix "${PREFIX%/}" >"$OUTDIR/adverts-$MODE.log" 2>&1 &
+    WATCH_PID=$!
+  fi
   echo "== prefix routing $MODE" >&2
   "$BIN/moe-bench" --target "grpc://127.0.0.1:$GATEWAY_PORT" "${BENCH_ARGS[@]}" --label "prefix-routing-$MODE" \
     --json "$OUTDIR/$MODE.json"
@@ -93,6 +131,10 @@ for MODE in off on; do
   stop_cluster
 done
 ELAPSED=$(( $(date +%s) - STARTED ))
+printf 'ELAPSED=%q\nLOAD_START=%q\nRUN_DATE=%q\nTHINK_MS=%q\n' "$ELAPSED" "$LOAD_START" "$(date -u +%Y-%m-%dT%H:%MZ)" "$THINK_MS" >"$OUTDIR/run.env"
+fi
+# shellcheck source=/dev/null
+source "$OUTDIR/run.env"
 
 TABLE=$(python3 - "$OUTDIR/off.json" "$OUTDIR/on.json" <<'PY'
 import json, sys
@@ -112,18 +154,39 @@ PY
 )
 echo
 echo "$TABLE"
+# One row per run in the report's "Every run" table: the rows already there are kept.
+COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+if [ -n "$BIN_DIR" ]; then BINARIES="prebuilt"; else BINARIES=$PROFILE; fi
+ROW=$(python3 - "$OUTDIR/off.json" "$OUTDIR/on.json" "$RUN_DATE" "$COMMIT" "$BINARIES" "$LOAD_START" "$THINK_MS" <<'PY'
+import json, sys
+off, on = (json.load(open(p)) for p in sys.argv[1:3])
+date, commit, binaries, load, think = sys.argv[3:8]
+def p50(t): return t["ttft_p50_seconds"]
+def ratio(a, b): return "-" if not p50(a) or p50(b) is None else f"{p50(b) / p50(a):.2f}"
+def f(v): return "-" if v is None else f"{v:.2f}"
+t2 = (off["by_turn"][1], on["by_turn"][1]) if len(off["by_turn"]) > 1 else None
+lo, ln = off["later_turns"], on["later_turns"]
+print(f"| {date} | `{commit}` | {binaries} | {think} | {load} | {f(p50(lo))} | {f(p50(ln))} | **{ratio(lo, ln)}** | "
+      f"{ratio(*t2) if t2 else '-'} | {lo['cached_ratio']:.2f} / {ln['cached_ratio']:.2f} | "
+      f"{t2[1]['cached_ratio']:.2f} |" if t2 else "")
+PY
+)
+PREVIOUS=
+if [ -f "$DOC" ]; then
+  PREVIOUS=$(sed -n '/^<!-- runs:start -->$/,/^<!-- runs:end -->$/p' "$DOC" | grep '^| 20' || true)
+fi
 {
   echo "# Prefix-aware routing"
   echo
   echo "Issue 17: with prefix-aware routing (docs/api.md, \"Prefix-aware routing\"), a chat's later turns go to the worker that holds its earlier turns and prefill only the new tokens. Target: TTFT p50 of later turns with routing at most 0.3x without."
-  echo "Generated by \`bench/prefix-routing.sh\` (measurement took ${ELAPSED}s); re-running it rewrites this file."
+  echo "Generated by \`bench/prefix-routing.sh\` (measurement took ${ELAPSED}s); re-running it rewrites this file but keeps the rows of \"Every run\"."
   echo
   echo "## Setup"
   echo
   machine_md
-  echo "- binaries: $PROFILE profile"
-  echo "- etcd on loopback; for each mode three fresh moe-workers (\`$MODEL\`, $THREADS thread each, $CTX KV cells, --parallel $PARALLEL, --cache-sequences $CACHE_SEQUENCES) and one moe-gateway with \`--prefix-routing off\` or \`on\`; everything on 127.0.0.1; load average at start $LOAD_START"
-  echo "- workload: moe-bench chat, $CONVERSATIONS conversations at once x $TURNS turns, a shared system prompt of ~$SYSTEM_TOKENS tokens, a first user message of ~$FIRST_TOKENS tokens of its own per conversation, then a short question per turn; $MAX_TOKENS generated tokens per turn, greedy, INTERACTIVE"
+  if [ -n "$BIN_DIR" ]; then echo "- binaries: prebuilt, from \`$BIN_DIR\`"; else echo "- binaries: $PROFILE profile"; fi
+  echo "- etcd on loopback; for each mode three fresh moe-workers (\`$MODEL\`, $THREADS thread each, $CTX KV cells, --parallel $PARALLEL, --cache-sequences $CACHE_SEQUENCES${WORKER_ARGS:+, $WORKER_ARGS}) and one moe-gateway with \`--prefix-routing off\` or \`on\`; everything on 127.0.0.1; load average at start $LOAD_START"
+  echo "- workload: moe-bench chat, $CONVERSATIONS conversations at once x $TURNS turns, a shared system prompt of ~$SYSTEM_TOKENS tokens, a first user message of ~$FIRST_TOKENS tokens of its own per conversation, then a short question per turn; $MAX_TOKENS generated tokens per turn, greedy, INTERACTIVE; $( [ "$THINK_MS" -gt 0 ] && echo "a pause of 0-$THINK_MS ms before each later turn (fixed per conversation and turn)" || echo "each later turn sent as soon as the previous one ended")"
   echo "- TTFT is measured by the client; cached/prompt is the sum of \`usage.cached_prompt_tokens\` over the sum of \`usage.prompt_tokens\`"
   echo "- this machine is shared (other builds and tests run at the same time): compare the two modes' ratios, not the absolute times"
   echo
@@ -132,6 +195,17 @@ echo "$TABLE"
   echo "$TABLE"
   echo
   echo "\"2+\" is turns 2 to $TURNS together; \"on / off\" is the ratio of the TTFT p50s."
+  echo
+  echo "## Every run"
+  echo
+  echo "Each run of this script adds a row (the table above is the last row's detail). Later turns (2+): TTFT p50 off and on, their ratio (target ≤ 0.3); turn 2's ratio; cached/prompt of later turns off / on; cached/prompt of turn 2 with routing."
+  echo
+  echo "<!-- runs:start -->"
+  echo "| date | commit | binaries | think ms | load at start | 2+ p50 off (s) | 2+ p50 on (s) | 2+ on / off | turn 2 on / off | 2+ cached off / on | turn 2 cached on |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  [ -n "$PREVIOUS" ] && echo "$PREVIOUS"
+  echo "$ROW"
+  echo "<!-- runs:end -->"
   echo
   echo "The gateways' counters at the end of each run (\`moe_prompt_sizing_total\`: sized by a worker's tokenizer or by the bytes/3 estimate; \`moe_prefix_*\`: first placements onto a worker holding part of the prompt):"
   echo
@@ -142,10 +216,14 @@ echo "$TABLE"
   echo "## Commands"
   echo
   echo '```sh'
-  echo "PROFILE=$PROFILE bench/prefix-routing.sh"
+  if [ -n "$BIN_DIR" ]; then
+    echo "BIN_DIR=$BIN_DIR MODEL=$MODEL${WORKER_ARGS:+ WORKER_ARGS=\"$WORKER_ARGS\"} bench/prefix-routing.sh"
+  else
+    echo "PROFILE=$PROFILE bench/prefix-routing.sh"
+  fi
   echo "# per mode:"
-  echo "$BIN/moe-worker --model $MODEL --id a --listen 127.0.0.1:PORT --etcd $ETCD --etcd-prefix /moe-bench-MODE/ --ctx-size $CTX --parallel $PARALLEL --cache-sequences $CACHE_SEQUENCES --threads $THREADS   # and b, c"
-  echo "$BIN/moe-gateway --listen 127.0.0.1:PORT --etcd $ETCD --etcd-prefix /moe-bench-MODE/ --prefix-routing MODE"
+  echo "$BIN/moe-worker --model $MODEL --id a --listen 127.0.0.1:PORT --etcd ${ETCD:-http://127.0.0.1:PORT} --etcd-prefix /moe-bench-MODE/ --ctx-size $CTX --parallel $PARALLEL --cache-sequences $CACHE_SEQUENCES --threads $THREADS${WORKER_ARGS:+ $WORKER_ARGS}   # and b, c"
+  echo "$BIN/moe-gateway --listen 127.0.0.1:PORT --etcd ${ETCD:-http://127.0.0.1:PORT} --etcd-prefix /moe-bench-MODE/ --prefix-routing MODE"
   echo "$BIN/moe-bench --target grpc://127.0.0.1:PORT ${BENCH_ARGS[*]} --label prefix-routing-MODE --json MODE.json"
   echo '```'
 } >"$DOC"

@@ -4,7 +4,8 @@
 //! (`--prompt-tokens`); later turns add the assistant's reply and a short question, so each
 //! turn's prompt begins with the whole previous turn. Reported per turn: client-measured time to
 //! first token and the share of prompt tokens the serving worker reused from its prefix cache
-//! (`usage.cached_prompt_tokens / usage.prompt_tokens`).
+//! (`usage.cached_prompt_tokens / usage.prompt_tokens`). `--chat-think-ms` pauses before each
+//! later turn (a user reading the answer); without it the next turn follows at once.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -124,6 +125,10 @@ pub async fn run(
                     break;
                 }
                 if t > 1 {
+                    let pause = think_ms(config.chat_think_ms, c, t);
+                    if pause > 0 {
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
                     history.push(msg("user", format!("Now tell me more about part {t}.")));
                 }
                 let req = GenerateRequest {
@@ -185,6 +190,19 @@ pub async fn run(
         later_turns,
         all,
     })
+}
+
+/// The pause before turn `t` of conversation `c`: uniform in 0..=`max` ms, the same every run
+/// (splitmix64 of conversation and turn).
+fn think_ms(max: u64, c: u32, t: u32) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    let mut x = (u64::from(c) << 32 | u64::from(t)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    x % (max + 1)
 }
 
 /// A stable small number from the run label (FNV-1a), for prompt indexes.

@@ -73,6 +73,11 @@ pub struct BenchConfig {
     /// Approximate tokens of the system prompt every conversation shares.
     #[arg(long, env = "MOE_BENCH_CHAT_SYSTEM_TOKENS", default_value_t = 64)]
     pub chat_system_tokens: u32,
+    /// Longest pause before each later turn of the chat workload, in milliseconds (a user
+    /// reading the answer): each pause is drawn uniformly from 0..=this, the same for every run
+    /// and label (a hash of conversation and turn). 0: the next turn follows at once.
+    #[arg(long, env = "MOE_BENCH_CHAT_THINK_MS", default_value_t = 0)]
+    pub chat_think_ms: u64,
 }
 
 /// Upper bounds that keep every run finite.
