@@ -236,6 +236,12 @@ def main():
     w.add_eos_token_id(200002)
     w.add_pad_token_id(199999)
     w.add_add_bos_token(False)
+    # A plain chat template (the real model's harmony template is not needed for random weights):
+    # chat requests, e.g. bench/prefix-routing.sh's multi-turn workload, need one.
+    w.add_chat_template(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
 
     plan = tensor_plan(args.layers)
     total = 0

@@ -3,7 +3,8 @@
 # - moe-worker built here against *shared* llama.cpp libraries (LLAMA_BUILD_SHARED_LIBS=1; the
 #   device builds those libraries with CUDA from ours-llama.cpp-src.tar.xz, the exact source
 #   llama-cpp-sys-2 vendors, in minutes on its 16 cores instead of an hour here), and the gateway,
-#   moectl and moe-bench (release), etcd — each stripped and xz-compressed;
+#   moectl and moe-bench (release), etcd and etcdctl — each stripped and xz-compressed; the git
+#   commit they were built from (git-commit);
 # - ours-llama.cpp-src.tar.xz: llama-cpp-sys-2's llama.cpp/ without models, docs, examples, tests,
 #   tools;
 # - upstream-llama.cpp-src.tar.xz: llama-server's source (the llama-cpp-python sdist's vendored
@@ -31,6 +32,8 @@ xz_into() { # SRC NAME: stripped and xz-compressed
 T=$CARGO_TARGET_DIR/release
 for b in moe-worker moe-gateway moectl moe-bench; do xz_into "$T/$b" "$b"; done
 [ -f "$CARRY/etcd.xz" ] || xz_into "$(command -v etcd)" etcd
+[ -f "$CARRY/etcdctl.xz" ] || xz_into "$(command -v etcdctl)" etcdctl   # bench/prefix-routing.sh
+echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- crates || echo ' (crates/ had uncommitted changes)')" >"$CARRY/git-commit"
 VER=$(awk '/^name = "llama-cpp-sys-2"/ {getline; gsub(/[^0-9.]/, "", $0); print; exit}' Cargo.lock)
 SYS=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/llama-cpp-sys-2-"$VER" | head -1)
 [ -f "$CARRY/ours-llama.cpp-src.tar.xz" ] || tar -C "$SYS" --exclude=llama.cpp/models --exclude=llama.cpp/docs \

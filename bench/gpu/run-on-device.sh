@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Side-by-side GPU benchmark of moe-worker (CUDA) and upstream llama-server on the lent device
-# machine, synthetic gpt-oss-20b: VRAM peaks, speed at 1/4/16/64 streams per offload profile,
-# host-expert decode against the measured host read bandwidth (AVX-512 vs AVX2 CPU code, thread
-# counts), INTERACTIVE TTFT under BATCH load, N-on-N admission and the gateway's overhead, and the
-# batch-invariance check (bench/gpu/invariance.sh). Issues 14, 16 and 18; results in
-# docs/benchmarks/gpu.md.
+# machine, synthetic gpt-oss-20b: VRAM peaks at equal settings and micro-batch sizes, speed per
+# offload profile, host-expert decode against the measured host read bandwidth (AVX-512 vs AVX2 CPU
+# code, thread counts), INTERACTIVE TTFT under 64 BATCH streams, the chat-turn prefix-routing
+# benchmark (bench/prefix-routing.sh), the product on two GPUs, N-on-N admission and the gateway's
+# overhead, and the batch-invariance check (bench/gpu/invariance.sh). Issues 14, 16, 17 and 18;
+# results in docs/benchmarks/gpu.md.
 #
 # The device has no Rust toolchain and no network. The carry folder (bench/gpu/prepare-carry.sh)
 # holds a worker built here against *shared* llama.cpp libraries (`LLAMA_BUILD_SHARED_LIBS=1`) and
@@ -16,11 +17,40 @@
 #
 #   bench/gpu/run-on-device.sh start CARRY_DIR     launch the pipeline, return at once
 #   bench/gpu/run-on-device.sh wait SECONDS        follow it until it ends or SECONDS pass; results to $OUT
+#   bench/gpu/run-on-device.sh dry-run CARRY_DIR   the pipeline in the foreground on a machine without
+#                                                  a GPU (a stub nvidia-smi; see DRY RUN below)
 #   bench/gpu/run-on-device.sh pipeline            (internal)
+# Stages run in STAGES order, except that while upstream llama-server still builds, the first
+# stage that does not need it runs (ours-only: invariance gateway interactive64 prefix two-gpu);
+# every stage is skipped when the budget no longer fits it (results/skipped.txt).
+#   vram          cpu-moe 16384 cells / 16 seqs, ours vs upstream at each micro-batch of VRAM_UBS
+#                 (--ubatch-size / -ub "512 256 128"), ours --kv-unified at 512; then full 49152/64
+#                 ours vs upstream at the best micro-batch (BEST_UB, else the smallest whose decode
+#                 and TTFT stay within 5 % / 25 % of 512's): VRAM peak, single-stream decode, TTFT
+#   interactive64 one full worker (--parallel 64 --ctx-size 49152) behind the gateway: INTERACTIVE
+#                 TTFT idle vs under I64_BG BATCH streams (60: the worker keeps 4 of 64 slots for
+#                 INTERACTIVE), then at --parallel 68 --ctx-size 52224 (same 768-cell share) under 64
+#   threads       cpu-moe single-stream decode at --threads THREAD_COUNTS ("8 12 16"), upstream at the best
+#   prefix        bench/prefix-routing.sh (issue 17) with three full workers on the GPU
+#   two-gpu       with 2+ GPUs: a gateway, a full worker on GPU 0 and a cpu-moe worker on GPU 1, the
+#                 product check (moectl generate per class) and a mixed-class moe-bench run
+#   gateway cpu-moe full n-cpu-moe invariance   the earlier stages (2026-12-01 has their results)
+# On a machine with 2+ GPUs every stage but two-gpu runs on GPU 0 only (CUDA_VISIBLE_DEVICES=0,
+# nvidia-smi -i 0), so numbers compare with single-GPU runs.
 # env: WORK (/root/moe-gpu), BUDGET_S (deadline from start, 1500), RPL (requests per level, 16),
-#      STAGES ("invariance gateway cpu-moe full n-cpu-moe threads"), OURS_FLAGS (extra worker
-#      flags for every run), BATCHED_FLAG (the worker flag for batched decode, "--decode-mode batched";
-#      empty: skip the batched rows), INV_MODES (invariance.sh MODES, "full cpu-moe"), LAYERS (24)
+#      STAGES ("vram interactive64 threads prefix two-gpu gateway cpu-moe full n-cpu-moe"),
+#      OURS_FLAGS (extra worker flags for every run), BATCHED_FLAG (the worker flag for batched
+#      decode, "--decode-mode batched"; empty: skip the batched rows), INV_MODES (invariance.sh
+#      MODES, "full cpu-moe"), LAYERS (24), VRAM_UBS, VRAM_RPL (8), BEST_UB, I64_BG (60),
+#      I64_RPL (16), THREAD_COUNTS, THREADS_RPL (8), PREFIX_WORKER_ARGS ("--offload full --batch-size 128": sequential
+#      decode reuses whole --batch-size chunks only, and the workload's prompts are < 512 tokens),
+#      WAIT_READY (240s)
+# DRY RUN (CPU, checks the stage logic): `dry-run CARRY_DIR` with CARRY_DIR holding the binaries
+#      unpacked (moe-worker ... etcd, etcdctl; .xz not needed), MODEL set to a small GGUF (e.g.
+#      scripts/make_gptoss_like.py OUT --layers 2 --sparse), SERVER a CPU llama-server (optional:
+#      without one the upstream rows fail fast); FAKE_GPUS (1) GPUs the stub reports. It sets small
+#      sizes (I64_PARALLEL, I64_CTX, I64_BG, PROMPT_TOKENS, ...) unless given; DRY_UPSTREAM_DELAY
+#      (seconds) plays a llama-server build that long, to check which stages run meanwhile.
 set -uo pipefail
 WORK=${WORK:-/root/moe-gpu}
 R=$WORK/results
@@ -34,11 +64,44 @@ start)
   mkdir -p "$WORK" "$R"
   cp -f "$0" "$WORK/run.sh"
   cp -f bench/build-llama-server.sh bench/tables.py bench/lib.sh bench/gpu/memory.py bench/gpu/membw.c \
-    bench/gpu/build-llama-shared.sh bench/gpu/invariance.sh "$WORK/"
-  cp -f "$CARRY"/* "$WORK/"
+    bench/gpu/build-llama-shared.sh bench/gpu/invariance.sh bench/gpu/stages.py "$WORK/"
+  # bench/prefix-routing.sh runs from a bench/ folder of its own (it sources ../bench/lib.sh).
+  mkdir -p "$WORK/repo/bench" && cp -f bench/prefix-routing.sh bench/lib.sh "$WORK/repo/bench/"
+  cp -fL "$CARRY"/* "$WORK/"
   echo "$(date +%s)" >"$WORK/t0"
   setsid nohup bash "$WORK/run.sh" pipeline >"$LOG" 2>&1 </dev/null &
   echo "pipeline started (pid $!), log $LOG"
+  ;;
+dry-run)
+  # The pipeline on this machine, in the foreground, with a stub nvidia-smi and small sizes.
+  CARRY=${2:?carry dir}
+  : "${MODEL:?set MODEL to a small GGUF}"
+  export WORK=${WORK:-/tmp/moe-gpu-dry} DRY_RUN=1 FAKE_GPUS=${FAKE_GPUS:-1}
+  rm -rf "$WORK"; mkdir -p "$WORK/stub"
+  cat >"$WORK/stub/nvidia-smi" <<'STUB'
+#!/usr/bin/env bash
+# Stub for dry runs: FAKE_GPUS GPUs, no memory in use.
+case " $* " in
+  *" -L "*) for ((i = 0; i < ${FAKE_GPUS:-1}; i++)); do echo "GPU $i: Stub GPU (UUID: GPU-stub-$i)"; done ;;
+  *"-lms"*) while :; do echo 0; sleep 0.25; done ;;
+  *"--query-gpu=name"*) echo "Stub GPU, 1000 MiB, 0.0" ;;
+  *"--query-gpu="*) echo 0 ;;
+  *) ;;
+esac
+STUB
+  chmod +x "$WORK/stub/nvidia-smi"
+  export PATH=$WORK/stub:$PATH
+  export PREBUILT_LIBS=${PREBUILT_LIBS:-$WORK/stub} SERVER=${SERVER:-/bin/false} MEMBW_GIB=${MEMBW_GIB:-1}
+  export RPL=${RPL:-2} VRAM_RPL=${VRAM_RPL:-2} I64_RPL=${I64_RPL:-2} PROMPT_TOKENS=${PROMPT_TOKENS:-48}
+  export I64_PARALLEL=${I64_PARALLEL:-4} I64_CTX=${I64_CTX:-2048} I64_BG=${I64_BG:-3} I64_PARALLEL2=${I64_PARALLEL2:-5}
+  export I64_CTX2=${I64_CTX2:-2560} I64_BG2=${I64_BG2:-4} I64_MAX_TOKENS=${I64_MAX_TOKENS:-4} BG_MAX_TOKENS=${BG_MAX_TOKENS:-8}
+  export VRAM_CTX=${VRAM_CTX:-2048} VRAM_PAR=${VRAM_PAR:-4} FULL_CTX=${FULL_CTX:-2048} FULL_PAR=${FULL_PAR:-4}
+  export CPU_MOE_MAX_TOKENS=${CPU_MOE_MAX_TOKENS:-8} FULL_MAX_TOKENS=${FULL_MAX_TOKENS:-8} WAIT_READY=${WAIT_READY:-120s}
+  export THREAD_COUNTS=${THREAD_COUNTS:-1 2} THREADS_RPL=${THREADS_RPL:-2} MIX_RPL=${MIX_RPL:-2} MIX_BG=${MIX_BG:-2}
+  export PREFIX_ENV=${PREFIX_ENV:-CONVERSATIONS=2 TURNS=2 FIRST_TOKENS=40 MAX_TOKENS=4 THREADS=1}
+  bash "$0" start "$CARRY" || exit 1
+  bash "$0" wait "${DRY_WAIT_S:-3000}"
+  exit $?
   ;;
 wait)
   LIMIT=${2:?seconds}
@@ -61,7 +124,7 @@ wait)
   [ -f "$WORK/DONE" ] || exit 3
   ;;
 pipeline) ;;
-*) sed -n 2,24p "$0"; exit 64 ;;
+*) sed -n 2,60p "$0"; exit 64 ;;
 esac
 [ "${1:-}" = pipeline ] || exit 0
 
@@ -73,7 +136,7 @@ BUDGET_S=${BUDGET_S:-1500}
 END_AT=$(( T0 + BUDGET_S ))
 RPL=${RPL:-16}
 PROMPT_TOKENS=${PROMPT_TOKENS:-512}
-STAGES=${STAGES:-invariance gateway cpu-moe full n-cpu-moe threads}
+STAGES=${STAGES:-vram interactive64 threads prefix two-gpu gateway cpu-moe full n-cpu-moe}
 OURS_FLAGS=${OURS_FLAGS:-}
 BATCHED_FLAG=${BATCHED_FLAG---decode-mode batched}
 LAYERS=${LAYERS:-24}
@@ -89,16 +152,23 @@ CUDA_LIB=$(ls -d /usr/local/cuda-13*/targets/x86_64-linux/lib /usr/local/cuda/ta
 command -v nvcc >/dev/null || export PATH=$(dirname "$(ls /usr/local/cuda*/bin/nvcc | head -1)"):$PATH
 unxz_to() { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' "$1" "$2"; }
 
-stage "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+stage "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | paste -sd';')"
 stage "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), nproc $NPROC, flags: $(grep -o 'avx512[a-z_0-9]*\|amx[a-z_0-9]*' /proc/cpuinfo | sort -u | paste -sd' ')"
-for b in moe-worker moe-gateway moectl moe-bench etcd; do
-  [ -f "$b.xz" ] || fail "carry lacks $b.xz"
-  unxz_to "$b.xz" "$b" && chmod +x "$b" || fail "unpacking $b"
+for b in moe-worker moe-gateway moectl moe-bench etcd etcdctl; do
+  if [ -f "$b.xz" ]; then unxz_to "$b.xz" "$b" && chmod +x "$b" || fail "unpacking $b"
+  elif [ -x "$b" ]; then :   # a dry run carries them unpacked
+  elif [ "$b" = etcdctl ]; then stage "carry lacks etcdctl: the prefix stage will not run"
+  else fail "carry lacks $b.xz"; fi
 done
+# On a machine with several GPUs every stage but two-gpu runs on GPU 0 alone (comparable numbers).
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if [ "$NGPU" -ge 2 ]; then export CUDA_VISIBLE_DEVICES=0; stage "$NGPU GPUs: stages pinned to GPU 0 (two-gpu uses 0 and 1)"; fi
+SMI=(nvidia-smi -i 0)
+WAIT_READY=${WAIT_READY:-240s}
 
 # 1. Host read bandwidth, first, while nothing else runs.
 stage "host memory read bandwidth"
-gcc -O3 -march=native -fopenmp membw.c -o membw && ./membw "${MEMBW_GIB:-8}" 5 | tee "$R/membw.txt"
+gcc -O3 -march=native -fopenmp membw.c -o membw && ./membw "${MEMBW_GIB:-8}" "${MEMBW_RUNS:-5}" | tee "$R/membw.txt"
 
 # 2. Both llama.cpp builds, on separate halves of the cores, while the model is generated.
 stage "building ours (shared libs, CUDA, native CPU + an AVX2 CPU backend) on cores 0-$(( HALF - 1 )) and upstream llama-server (CUDA, native CPU) on cores $HALF-$(( NPROC - 1 ))"
@@ -107,12 +177,12 @@ if [ -n "${PREBUILT_LIBS:-}" ]; then echo 0 >ours.rc; else
 ( JOBS=$HALF AVX2_CPU=1 taskset -c "0-$(( HALF - 1 ))" bash build-llama-shared.sh ours-llama.cpp-src.tar.xz "$WORK/ll" \
     >build-ours.log 2>&1; echo $? >ours.rc ) &
 fi
-if [ -n "${SERVER:-}" ]; then echo 0 >upstream.rc; else
+if [ -n "${SERVER:-}" ]; then ( sleep "${DRY_UPSTREAM_DELAY:-0}"; echo 0 >upstream.rc ) & else
 ( JOBS=$HALF CMAKE_CUDA_ARCHITECTURES=90 taskset -c "$HALF-$(( NPROC - 1 ))" bash build-llama-server.sh --cuda --cache "$WORK" \
     --src-tarball upstream-llama.cpp-src.tar.xz >build-upstream.log 2>&1; echo $? >upstream.rc ) &
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" gguf-*.whl || fail "installing gguf"
 if [ ! -f "$MODEL" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" gguf-*.whl || fail "installing gguf"
   stage "generating the synthetic gpt-oss-20b ($LAYERS layers)"
   PYTHONPATH=$WORK/site nice -n 5 python3 make_gptoss_like.py "$MODEL.tmp" --vocab-gguf ggml-vocab-gpt-2.gguf --layers "$LAYERS" \
     >make-model.log 2>&1 || { tail -5 make-model.log; fail "making the model"; }
@@ -132,23 +202,26 @@ wait_port "$ETCD_PORT" 20 "$ETCD_PID" || fail "starting etcd"
 while [ ! -f ours.rc ]; do sleep 2; done
 [ "$(cat ours.rc)" = 0 ] || { tail -30 build-ours.log; fail "building ours"; }
 LIBS=${PREBUILT_LIBS:-$WORK/ll/build/bin}
-mkdir -p "$WORK/cpu-avx2" && cp -a "${PREBUILT_AVX2:-$WORK/ll/build-avx2/bin}"/libggml-cpu.so* "$WORK/cpu-avx2/" || fail "no AVX2 CPU backend"
-export LD_LIBRARY_PATH=$LIBS:$CUDA_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+mkdir -p "$WORK/cpu-avx2" && cp -a "${PREBUILT_AVX2:-$WORK/ll/build-avx2/bin}"/libggml-cpu.so* "$WORK/cpu-avx2/" \
+  || stage "no AVX2 CPU backend: ours-avx2 rows will measure the native one"
+export LD_LIBRARY_PATH=$LIBS${CUDA_LIB:+:$CUDA_LIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 stage "ours built: $(ldd ./moe-worker | grep -E 'libllama|libggml' | awk '{print $3}' | paste -sd' ')"
 
 VRAM_PID=
-vram_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 >"$1" 2>/dev/null & VRAM_PID=$!; }
+vram_start() { "${SMI[@]}" --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 >"$1" 2>/dev/null & VRAM_PID=$!; }
 vram_stop() { kill "$VRAM_PID" 2>/dev/null; wait "$VRAM_PID" 2>/dev/null; VRAM_PID=; sort -n "$1" | tail -1; }
 PIDS=()
 cleanup() { local p; for p in "${PIDS[@]}"; do stop_pid "$p"; done; PIDS=(); }
 trap 'cleanup; [ -n "$VRAM_PID" ] && kill "$VRAM_PID"; kill "$ETCD_PID" 2>/dev/null' EXIT
 
-worker_cmd() { # PROFILE PORT PARALLEL CTX ID [extra...]   (env WTHREADS: llama threads, default all cores)
+worker_cmd() { # PROFILE PORT PARALLEL CTX ID [extra...]
+  # env WTHREADS: llama threads (default all cores); UB: --ubatch-size (default the worker's, 512)
   local p=$1 port=$2 par=$3 ctx=$4 id=$5; shift 5
   echo ./moe-worker --model "$MODEL" --offload "$p" --listen "127.0.0.1:$port" --ctx-size "$ctx" --parallel "$par" \
-       --threads "${WTHREADS:-$NPROC}" --batch-size 2048 --max-queue 1024 --etcd "$ETCD" --id "$id" --lease-ttl 5s $OURS_FLAGS "$@"
+       --threads "${WTHREADS:-$NPROC}" --batch-size 2048 ${UB:+--ubatch-size $UB} --max-queue 1024 --etcd "$ETCD" --id "$id" \
+       --lease-ttl 5s $OURS_FLAGS "$@"
 }
-upstream_cmd() { # PROFILE PORT PARALLEL CTX
+upstream_cmd() { # PROFILE PORT PARALLEL CTX   (env WTHREADS, UB as for worker_cmd)
   local extra=()
   case $1 in
     full) ;;
@@ -156,53 +229,60 @@ upstream_cmd() { # PROFILE PORT PARALLEL CTX
     n-cpu-moe:*) extra=(--n-cpu-moe "${1#n-cpu-moe:}" -lm none) ;;
   esac
   echo "$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$2" -c "$4" -np "$3" \
-       --cont-batching --kv-unified -t "$NPROC" -tb "$NPROC" -b 2048 -ub 512 -ngl 999 -fit off --no-webui "${extra[@]}"
+       --cont-batching --kv-unified -t "${WTHREADS:-$NPROC}" -tb "${WTHREADS:-$NPROC}" -b 2048 -ub "${UB:-512}" -ngl 999 \
+       -fit off --no-webui "${extra[@]}"
 }
 memory_snapshot() { # LABEL
   sleep 6   # adverts refresh device memory every 5 s
   ./moectl workers --etcd "$ETCD" --json >"$R/advert-$1.jsonl" 2>>"$WORK/moectl.log"
-  nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits >"$R/smi-$1.txt"
+  "${SMI[@]}" --query-compute-apps=pid,used_memory --format=csv,noheader,nounits >"$R/smi-$1.txt"
   python3 memory.py row "$1" "$R/smi-$1.txt" <"$R/advert-$1.jsonl" >>"$R/memory.md" || echo "| $1 | (no advert) |" >>"$R/memory.md"
 }
 
+# Memory lines llama.cpp logs at context creation (KV, compute and output buffers, SWA cells).
+buffer_lines() { sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -E "n_ubatch|n_outputs_max|flash_attn|n_seq_max|KV cache, size|KV buffer size|compute buffer size|output buffer size|model buffer size|llama_kv_cache: +size" | head -60; }
+
 # run_server NAME PROFILE CTX PARALLEL LEVELS MAX_TOKENS [worker flags...]
-#   NAME: ours, ours-batched, ours-avx2, ours-tN (threads N) or upstream. Writes $R/TAG.json and a
-#   VRAM peak row; ours also an advert/nvidia-smi memory row.
+#   NAME: ours..., or upstream... (llama-server), e.g. ours-ub256, upstream-ub256, ours-t8. Env UB
+#   and WTHREADS reach both. Writes $R/TAG.json (TAG = profile-ctx-NAME), a VRAM peak row
+#   ($R/vram.tsv), llama.cpp's buffer sizes ($R/TAG-buffers.txt); ours also an advert/nvidia-smi
+#   memory row.
 run_server() {
   local name=$1 profile=$2 ctx=$3 par=$4 levels=$5 maxt=$6; shift 6
   local port cmd target tag pid base t peak
   port=$(free_port); tag=${profile//:/-}-$ctx-$name
-  if [ "$name" = upstream ]; then
+  if [[ $name == upstream* ]]; then
+    [ "$UPSTREAM_OK" = 1 ] || { echo "$tag: not run (no llama-server)" >>"$R/skipped.txt"; return 0; }
     cmd=$(upstream_cmd "$profile" "$port" "$par" "$ctx"); target=llama-server://127.0.0.1:$port
   else
     cmd=$(worker_cmd "$profile" "$port" "$par" "$ctx" "bench-$tag" "$@"); target=grpc://127.0.0.1:$port
   fi
   echo "$cmd" >>"$R/commands.txt"
-  base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits)
+  base=$("${SMI[@]}" --query-gpu=memory.used --format=csv,noheader,nounits)
   vram_start "$WORK/vram-$tag.txt"
   t=$(date +%s)
-  if [ "$name" = ours-avx2 ]; then
-    LD_LIBRARY_PATH=$WORK/cpu-avx2:$LD_LIBRARY_PATH RUST_LOG=warn,moe_worker::engine=info $cmd >"$WORK/server-$tag.log" 2>&1 &
+  # llama.cpp's own log lines (buffer sizes) come through the worker's tracing as llama-cpp-2.
+  if [[ $name == ours-avx2* ]]; then
+    LD_LIBRARY_PATH=$WORK/cpu-avx2:$LD_LIBRARY_PATH RUST_LOG=warn,moe_worker::engine=info,llama-cpp-2=info $cmd >"$WORK/server-$tag.log" 2>&1 &
   else
-    RUST_LOG=warn,moe_worker::engine=info $cmd >"$WORK/server-$tag.log" 2>&1 &
+    RUST_LOG=warn,moe_worker::engine=info,llama-cpp-2=info $cmd >"$WORK/server-$tag.log" 2>&1 &
   fi
   pid=$!; PIDS=("$pid")
   local bench=(./moe-bench --target "$target" --concurrency "$levels" --requests-per-level "$RPL" --prompt-tokens "$PROMPT_TOKENS"
-               --max-tokens "$maxt" --warmup 1 --wait-ready 240s --request-timeout 200s --level-timeout 200s
+               --max-tokens "$maxt" --warmup 1 --wait-ready "$WAIT_READY" --request-timeout 200s --level-timeout 200s
                --label "$name $profile" --json "$R/$tag.json")
   echo "${bench[*]}" >>"$R/commands.txt"
   "${bench[@]}" >"$WORK/bench-$tag.log" 2>&1 || { stage "$name $profile: moe-bench failed"; tail -5 "$WORK/bench-$tag.log"; }
   tail -4 "$WORK/bench-$tag.log"
-  if [ "$name" = upstream ]; then
-    grep -i "n_cpu_moe\|model buffer size\|KV buffer size\|compute buffer size\|CPU_REPACK\|system_info" "$WORK/server-$tag.log" | head -40 >"$R/upstream-$tag-memory.txt"
-  else
+  buffer_lines "$WORK/server-$tag.log" >"$R/$tag-buffers.txt"
+  if [[ $name != upstream* ]]; then
     memory_snapshot "$profile $ctx $name"
     grep -m3 -i "decode mode\|decode_mode\|sequential" "$WORK/server-$tag.log" >"$R/$tag-mode.txt"
   fi
   if [ -n "${BACKGROUND:-}" ]; then
     stage "$name $profile: $BACKGROUND BATCH streams vs INTERACTIVE requests"
     local bg=(./moe-bench --target "$target" --concurrency 1 --requests-per-level 8 --prompt-tokens "$PROMPT_TOKENS"
-              --max-tokens 32 --warmup 1 --background-batch "$BACKGROUND" --background-max-tokens 192 --request-timeout 200s
+              --max-tokens 32 --warmup 1 --background-batch "$BACKGROUND" --background-max-tokens "${BG_MAX_TOKENS:-192}" --request-timeout 200s
               --level-timeout 150s --label "$name $profile, $BACKGROUND batch in background" --json "$R/$tag-background.json")
     echo "${bg[*]}" >>"$R/commands.txt"
     "${bg[@]}" >"$WORK/bench-$tag-background.log" 2>&1; tail -3 "$WORK/bench-$tag-background.log"
@@ -260,58 +340,284 @@ tail -3 smoke-bench.log; grep -m5 -i "cuda\|decode mode\|sequential\|error" smok
 stop_pid "$SMOKE"
 [ "$RC" = 0 ] || { tail -20 smoke-worker.log; fail "smoke test of the CUDA worker (moe-bench rc $RC)"; }
 
-# Ours-only stages while upstream still builds on the other half of the cores.
-if [[ " $STAGES " == *" invariance "* ]] && has_time 300 invariance; then
+UPSTREAM_OK=0 UPSTREAM_WAITED=0
+# Waits for the llama-server build once; without it the upstream rows are skipped, ours still run.
+wait_upstream() {
+  [ "$UPSTREAM_WAITED" = 1 ] && return 0
+  UPSTREAM_WAITED=1
+  stage "waiting for llama-server"
+  while [ ! -f upstream.rc ]; do sleep 2; done
+  if [ "$(cat upstream.rc)" != 0 ]; then
+    tail -20 build-upstream.log; stage "llama-server did not build: upstream rows skipped"
+    echo "upstream: build failed" >>"$R/skipped.txt"; return 0
+  fi
+  SERVER=${SERVER:-$WORK/llama-server-cuda/bin/llama-server}
+  "$SERVER" --version >"$R/llama-server-version.txt" 2>&1 || true
+  [ -n "${DRY_RUN:-}" ] && [ "$SERVER" = /bin/false ] && { stage "dry run without llama-server: upstream rows skipped"; return 0; }
+  UPSTREAM_OK=1
+  stage "llama-server: $(grep -m1 version "$R/llama-server-version.txt")"
+}
+
+# vram: cpu-moe at 16384 cells / 16 sequences, ours vs upstream at each micro-batch, ours with
+# unified KV for reference; then full at 49152/64 at the best micro-batch.
+stage_vram() {
+  local ub best ctx=${VRAM_CTX:-16384} par=${VRAM_PAR:-16} mt=${CPU_MOE_MAX_TOKENS:-64}
+  for ub in ${VRAM_UBS:-512 256 128}; do
+    has_time 150 "vram cpu-moe ub $ub" || return 0
+    stage "vram: cpu-moe $ctx/$par, micro-batch $ub, ours and upstream"
+    RPL=${VRAM_RPL:-8} UB=$ub run_server "ours-ub$ub" cpu-moe "$ctx" "$par" 1 "$mt"
+    RPL=${VRAM_RPL:-8} UB=$ub run_server "upstream-ub$ub" cpu-moe "$ctx" "$par" 1 "$mt"
+  done
+  if has_time 90 "vram cpu-moe unified"; then
+    stage "vram: cpu-moe $ctx/$par, ours with --kv-unified (reference; not batch-invariant on a GPU)"
+    RPL=${VRAM_RPL:-8} UB=512 run_server ours-unified-ub512 cpu-moe "$ctx" "$par" 1 "$mt" --kv-unified
+  fi
+  best=${BEST_UB:-$(python3 stages.py best-ub "$R" "cpu-moe-$ctx" "${VRAM_UBS:-512 256 128}")}
+  echo "$best" >"$R/best-ub.txt"
+  has_time 150 "vram full ub $best" || return 0
+  stage "vram: full ${FULL_CTX:-49152}/${FULL_PAR:-64} at the best micro-batch, $best"
+  RPL=${VRAM_RPL:-8} UB=$best run_server "ours-ub$best" full "${FULL_CTX:-49152}" "${FULL_PAR:-64}" 1 "${FULL_MAX_TOKENS:-128}"
+  RPL=${VRAM_RPL:-8} UB=$best run_server "upstream-ub$best" full "${FULL_CTX:-49152}" "${FULL_PAR:-64}" 1 "${FULL_MAX_TOKENS:-128}"
+}
+
+# run_interactive PARALLEL CTX BACKGROUND LABEL: one full worker behind a gateway; INTERACTIVE TTFT
+# idle, then under BACKGROUND BATCH streams whose prompt + max tokens fit a sequence's share.
+run_interactive() {
+  local par=$1 ctx=$2 bg=$3 label=$4 pw pg cmd
+  pw=$(free_port); pg=$(free_port)
+  cmd=$(worker_cmd full "$pw" "$par" "$ctx" "i64-$label")
+  echo "$cmd" >>"$R/commands.txt"
+  RUST_LOG=warn $cmd >"$WORK/i64-$label-worker.log" 2>&1 &
+  PIDS=("$!")
+  RUST_LOG=warn ./moe-gateway --listen "127.0.0.1:$pg" --etcd "$ETCD" >"$WORK/i64-$label-gateway.log" 2>&1 &
+  PIDS+=("$!")
+  wait_port "$pg" 20 "${PIDS[1]}" || { cleanup; echo "interactive64 $label: gateway did not listen" >>"$R/skipped.txt"; return 1; }
+  local b=(./moe-bench --target "grpc://127.0.0.1:$pg" --concurrency 1 --requests-per-level "${I64_RPL:-16}"
+           --prompt-tokens "$PROMPT_TOKENS" --max-tokens "${I64_MAX_TOKENS:-8}" --warmup 1 --wait-ready "$WAIT_READY"
+           --background-batch "$bg" --background-max-tokens "${BG_MAX_TOKENS:-192}" --request-timeout 150s
+           --level-timeout 200s --label "INTERACTIVE under $bg BATCH, --parallel $par --ctx-size $ctx via gateway"
+           --json "$R/i64-$label.json")
+  echo "${b[*]}" >>"$R/commands.txt"
+  "${b[@]}" >"$WORK/i64-$label-bench.log" 2>&1 || { stage "interactive64 $label: moe-bench failed"; tail -5 "$WORK/i64-$label-bench.log"; }
+  memory_snapshot "interactive full $ctx x$par"
+  cleanup
+  python3 stages.py background-check "$R/i64-$label.json" "$bg" "$label" | tee -a "$R/interactive64.txt"
+}
+
+# interactive64: INTERACTIVE TTFT idle vs under BATCH load on one full worker (--parallel 64, 768
+# cells each). The worker keeps parallel/16 slots for INTERACTIVE, so 60 BATCH streams run at
+# --parallel 64; 64 running BATCH streams need --parallel 68 (same share: --ctx-size 52224).
+stage_interactive64() {
+  has_time 200 "interactive64 p64" || return 0
+  stage "interactive64: --parallel ${I64_PARALLEL:-64} --ctx-size ${I64_CTX:-49152}, ${I64_BG:-60} BATCH in the background"
+  run_interactive "${I64_PARALLEL:-64}" "${I64_CTX:-49152}" "${I64_BG:-60}" p64
+  has_time 200 "interactive64 p68" || return 0
+  stage "interactive64: --parallel ${I64_PARALLEL2:-68} --ctx-size ${I64_CTX2:-52224}, ${I64_BG2:-64} BATCH in the background"
+  run_interactive "${I64_PARALLEL2:-68}" "${I64_CTX2:-52224}" "${I64_BG2:-64}" p68
+}
+
+# threads: cpu-moe single-stream decode at several thread counts (ours), upstream at the best.
+stage_threads() {
+  local n best counts=""
+  for n in ${THREAD_COUNTS:-8 12 16}; do
+    [ "$n" -le "$NPROC" ] || continue
+    has_time 75 "threads $n" || break
+    RPL=${THREADS_RPL:-8} WTHREADS=$n run_server "ours-t$n" cpu-moe "${VRAM_CTX:-16384}" "${VRAM_PAR:-16}" 1 "${CPU_MOE_MAX_TOKENS:-64}"
+    counts="$counts $n"
+  done
+  [ -n "$counts" ] || return 0
+  best=$(python3 stages.py best-threads "$R" "cpu-moe-${VRAM_CTX:-16384}" "$counts")
+  echo "$best" >"$R/best-threads.txt"
+  has_time 75 "threads upstream $best" || return 0
+  RPL=${THREADS_RPL:-8} WTHREADS=$best run_server "upstream-t$best" cpu-moe "${VRAM_CTX:-16384}" "${VRAM_PAR:-16}" 1 "${CPU_MOE_MAX_TOKENS:-64}"
+}
+
+# prefix: issue 17's chat-turn benchmark (bench/prefix-routing.sh, its own etcd, three workers on
+# GPU 0), configured through that script's documented env only.
+stage_prefix() {
+  [ -x ./etcdctl ] || { echo "prefix: not run (no etcdctl in the carry)" >>"$R/skipped.txt"; return 0; }
+  [ -f "$WORK/repo/bench/prefix-routing.sh" ] || { echo "prefix: not run (no bench/prefix-routing.sh)" >>"$R/skipped.txt"; return 0; }
+  has_time 240 prefix || return 0
+  stage "prefix: bench/prefix-routing.sh, three full workers (${PREFIX_WORKER_ARGS:---offload full --batch-size 128})"
+  ( cd "$WORK/repo" && env THREADS=4 ${PREFIX_ENV:-} BIN_DIR="$WORK" ETCD_BIN="$WORK/etcd" ETCDCTL_BIN="$WORK/etcdctl" MODEL="$MODEL" \
+      WORKER_ARGS="${PREFIX_WORKER_ARGS:---offload full --batch-size 128}" DOC="$R/prefix-routing.md" OUTDIR="$R/prefix" \
+      GIT_COMMIT="$(cat "$WORK/git-commit" 2>/dev/null || echo unknown)" \
+      timeout "$(( $(left) - 20 ))" bash bench/prefix-routing.sh ) >"$WORK/prefix.log" 2>&1 \
+    || { stage "prefix: failed (rc $?)"; tail -15 "$WORK/prefix.log"; echo "prefix: failed, see prefix.log" >>"$R/skipped.txt"; }
+  grep -A12 -m1 "^| turn" "$R/prefix-routing.md" 2>/dev/null | head -14
+}
+
+# two-gpu: the product on two GPUs: one gateway, a full worker on GPU 0, a cpu-moe worker on GPU 1.
+stage_two_gpu() {
+  [ "$NGPU" -ge 2 ] || { echo "two-gpu: not run ($NGPU GPU)" >>"$R/skipped.txt"; return 0; }
+  has_time 240 two-gpu || return 0
+  stage "two-gpu: gateway, full worker on GPU 0, cpu-moe worker on GPU 1"
+  local pf pc pg cf cc class line ok=1
+  pf=$(free_port); pc=$(free_port); pg=$(free_port)
+  cf=$(worker_cmd full "$pf" 16 16384 gpu0-full); cc=$(worker_cmd cpu-moe "$pc" 16 16384 gpu1-cpu-moe)
+  echo "CUDA_VISIBLE_DEVICES=0 $cf" >>"$R/commands.txt"; echo "CUDA_VISIBLE_DEVICES=1 $cc" >>"$R/commands.txt"
+  CUDA_VISIBLE_DEVICES=0 RUST_LOG=warn $cf >"$WORK/two-gpu-full.log" 2>&1 &
+  PIDS=("$!")
+  CUDA_VISIBLE_DEVICES=1 RUST_LOG=warn $cc >"$WORK/two-gpu-cpu-moe.log" 2>&1 &
+  PIDS+=("$!")
+  RUST_LOG=warn ./moe-gateway --listen "127.0.0.1:$pg" --etcd "$ETCD" >"$WORK/two-gpu-gateway.log" 2>&1 &
+  PIDS+=("$!")
+  local p
+  for p in "$pf" "$pc"; do   # each worker ready (a tiny request straight to it)
+    ./moe-bench --target "grpc://127.0.0.1:$p" --concurrency 1 --requests-per-level 1 --prompt-tokens 16 --max-tokens 4 \
+      --warmup 0 --wait-ready "$WAIT_READY" --label ready >>"$WORK/two-gpu-ready.log" 2>&1 || stage "two-gpu: worker on port $p not ready"
+  done
+  sleep 6   # adverts
+  ./moectl workers --etcd "$ETCD" --json >"$R/two-gpu-adverts.jsonl" 2>>"$WORK/moectl.log"
+  ./moectl workers --etcd "$ETCD" >"$R/two-gpu-workers.txt" 2>>"$WORK/moectl.log"
+  nvidia-smi --query-compute-apps=pid,gpu_uuid,used_memory --format=csv,noheader >"$R/two-gpu-smi.txt" 2>&1
+  nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv,noheader >>"$R/two-gpu-smi.txt" 2>&1
+  : >"$R/two-gpu-product.txt"
+  for class in interactive batch interactive batch; do
+    line=$(./moectl generate --gateway "127.0.0.1:$pg" --class "$class" --max-tokens 16 "The product check on two GPUs" 2>&1 | tail -1)
+    echo "$class -> $line" | tee -a "$R/two-gpu-product.txt"
+    case $class in
+      interactive) [[ $line == *"profile=full"* ]] || ok=0 ;;
+      batch) [[ $line == *"profile=cpu-moe"* ]] || ok=0 ;;
+    esac
+  done
+  [ "$ok" = 1 ] && echo "PASS: INTERACTIVE on full (GPU 0), BATCH on cpu-moe (GPU 1)" | tee -a "$R/two-gpu-product.txt" \
+    || echo "FAIL: a request landed on the other profile" | tee -a "$R/two-gpu-product.txt"
+  # Mixed classes: INTERACTIVE at 1 and 4 streams measured while BATCH streams run in the background.
+  local b=(./moe-bench --target "grpc://127.0.0.1:$pg" --concurrency 1,4 --requests-per-level "${MIX_RPL:-16}" --prompt-tokens "$PROMPT_TOKENS"
+           --max-tokens 32 --warmup 1 --wait-ready "$WAIT_READY" --background-batch "${MIX_BG:-15}" --background-max-tokens 64
+           --request-timeout 200s --level-timeout 200s --label "two GPUs: INTERACTIVE under ${MIX_BG:-15} BATCH via gateway"
+           --json "$R/two-gpu-mixed.json")
+  echo "${b[*]}" >>"$R/commands.txt"
+  ( sleep 40; ./moectl workers --etcd "$ETCD" --json >"$R/two-gpu-adverts-under-load.jsonl" 2>>"$WORK/moectl.log" ) &
+  local snap=$!
+  "${b[@]}" >"$WORK/two-gpu-mixed.log" 2>&1 || { stage "two-gpu: mixed run failed"; tail -5 "$WORK/two-gpu-mixed.log"; }
+  wait "$snap" 2>/dev/null
+  tail -4 "$WORK/two-gpu-mixed.log"
+  python3 stages.py background-check "$R/two-gpu-mixed.json" "${MIX_BG:-15}" two-gpu-mixed | tee -a "$R/two-gpu-product.txt"
+  cleanup
+}
+
+stage_invariance() {
+  has_time 300 invariance || return 0
   stage "batch invariance (modes: ${INV_MODES:-full cpu-moe})"
   MAX_TOKENS=${INV_MAX_TOKENS:-64} MODES=${INV_MODES:-full cpu-moe} MODEL=$MODEL WORK=$WORK WORKER_BIN=$WORK/moe-worker LLAMA_LIB_DIR=$LIBS LAYERS=$LAYERS \
     bash invariance.sh "$WORK" "$R/invariance" >invariance-run.log 2>&1
   tail -8 "$R/invariance/invariance.md" 2>/dev/null || tail -20 invariance-run.log
-fi
-if [[ " $STAGES " == *" gateway "* ]] && has_time 240 gateway; then
-  stage "gateway: 16/32 on 16 slots, interactive under 14 batch, overhead at 16 streams"
-  run_gateway
-fi
+}
 
-stage "waiting for llama-server"
-while [ ! -f upstream.rc ]; do sleep 2; done
-[ "$(cat upstream.rc)" = 0 ] || { tail -20 build-upstream.log; fail "building llama-server"; }
-SERVER=${SERVER:-$WORK/llama-server-cuda/bin/llama-server}
-"$SERVER" --version >"$R/llama-server-version.txt" 2>&1 || true
-stage "llama-server: $(grep -m1 version "$R/llama-server-version.txt")"
-
-if [[ " $STAGES " == *" cpu-moe "* ]] && has_time 330 cpu-moe; then
+stage_cpu_moe() {
+  has_time 330 cpu-moe || return 0
   stage "cpu-moe at 16384 cells / 16 sequences: ours, ours with AVX2 CPU code, upstream"
   run_server ours cpu-moe 16384 16 1,4,16 64
   RPL=8 run_server ours-avx2 cpu-moe 16384 16 1 64
   run_server upstream cpu-moe 16384 16 1,4,16 64
-fi
-if [[ " $STAGES " == *" full "* ]] && has_time 300 full; then
-  stage "full at 49152 cells / 64 sequences"
-  BACKGROUND=64 run_server ours full 49152 64 1,4,16,64 128
-  run_server upstream full 49152 64 1,4,16,64 128
-fi
-if [[ " $STAGES " == *" n-cpu-moe "* ]] && has_time 240 n-cpu-moe; then
+}
+
+stage_full() {
+  if has_time 300 full; then
+    stage "full at 49152 cells / 64 sequences"
+    run_server ours full 49152 64 1,4,16,64 128
+    run_server upstream full 49152 64 1,4,16,64 128
+  fi
+  if [ -n "$BATCHED_FLAG" ] && has_time 120 full-batched; then
+    stage "full, ours with batched decode (not batch-invariant on the GPU), for the invariance trade-off"
+    run_server ours-batched full 49152 64 16,64 128 $BATCHED_FLAG
+  fi
+}
+
+stage_n_cpu_moe() {
+  has_time 240 n-cpu-moe || return 0
   stage "n-cpu-moe:12 at 64 streams"
   RPL=64 run_server ours n-cpu-moe:12 49152 64 64 64
   RPL=64 run_server upstream n-cpu-moe:12 49152 64 64 64
-fi
-if [[ " $STAGES " == *" full "* ]] && [ -n "$BATCHED_FLAG" ] && has_time 120 full-batched; then
-  stage "full, ours with batched decode (not batch-invariant on the GPU), for the invariance trade-off"
-  run_server ours-batched full 49152 64 16,64 128 $BATCHED_FLAG
-fi
-if [[ " $STAGES " == *" threads "* ]]; then
-  for n in $(( NPROC / 4 )) $HALF; do
-    [ "$n" -ge 1 ] || continue
-    has_time 80 "threads $n" || break
-    RPL=8 WTHREADS=$n run_server "ours-t$n" cpu-moe 16384 16 1 64
-  done
-fi
+}
+
+run_stage() {
+  case $1 in
+    vram) stage_vram ;;
+    interactive64) stage_interactive64 ;;
+    threads) stage_threads ;;
+    prefix) stage_prefix ;;
+    two-gpu) stage_two_gpu ;;
+    gateway) has_time 240 gateway && { stage "gateway: 16/32 on 16 slots, interactive under 14 batch, overhead at 16 streams"; run_gateway; } ;;
+    invariance) stage_invariance ;;
+    cpu-moe) stage_cpu_moe ;;
+    full) stage_full ;;
+    n-cpu-moe) stage_n_cpu_moe ;;
+    *) stage "unknown stage $1"; echo "$1: unknown stage" >>"$R/skipped.txt" ;;
+  esac
+}
+
+# Stages in STAGES order; while llama-server still builds (on the other half of the cores), the
+# first stage that does not need it. Stages that measure host CPU speed or compare with upstream
+# wait for the build, so it takes no cores from them.
+OURS_ONLY=" invariance gateway interactive64 prefix two-gpu "
+read -r -a REMAINING <<<"$STAGES"
+while [ "${#REMAINING[@]}" -gt 0 ]; do
+  PICK=
+  if [ "$UPSTREAM_WAITED" = 1 ] || [ -f upstream.rc ]; then
+    PICK=${REMAINING[0]}
+  else
+    for s in "${REMAINING[@]}"; do [[ $OURS_ONLY == *" $s "* ]] && { PICK=$s; break; }; done
+  fi
+  if [ -z "$PICK" ]; then wait_upstream; continue; fi
+  NEXT=(); for s in "${REMAINING[@]}"; do [ "$s" = "$PICK" ] || NEXT+=("$s"); done; REMAINING=("${NEXT[@]}")
+  [[ $OURS_ONLY == *" $PICK "* ]] || wait_upstream
+  stage "stage $PICK"
+  echo "$PICK at +$(( $(date +%s) - T0 ))s, $([ -f upstream.rc ] && echo after || echo during) the llama-server build" >>"$R/stages.txt"
+  run_stage "$PICK"
+done
 
 {
   echo "Device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader); CPU:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), nproc $NPROC"
   echo "Host read bandwidth: $(cat "$R/membw.txt" 2>/dev/null)"
   echo "llama-server: $(grep -m2 -i 'version\|built' "$R/llama-server-version.txt" | paste -sd' ')"
+  echo "Stages: $(paste -sd';' "$R/stages.txt" 2>/dev/null)"
   echo
+  if grep -q 'ub[0-9]' "$R/vram.tsv" 2>/dev/null; then
+    echo "### vram: ours vs upstream at equal settings per micro-batch (best: $(cat "$R/best-ub.txt" 2>/dev/null))"
+    echo
+    python3 stages.py vram-table "$R"
+    echo
+  fi
+  for pair in $(for u in ${VRAM_UBS:-512 256 128}; do echo "cpu-moe-${VRAM_CTX:-16384}:ours-ub$u:upstream-ub$u"; done) \
+              "cpu-moe-${VRAM_CTX:-16384}:ours-unified-ub512:ours-ub512" \
+              "full-${FULL_CTX:-49152}:ours-ub$(cat "$R/best-ub.txt" 2>/dev/null):upstream-ub$(cat "$R/best-ub.txt" 2>/dev/null)" \
+              "cpu-moe-${VRAM_CTX:-16384}:ours-t$(cat "$R/best-threads.txt" 2>/dev/null):upstream-t$(cat "$R/best-threads.txt" 2>/dev/null)"; do
+    IFS=: read -r p a b <<<"$pair"
+    [ -f "$R/$p-$a.json" ] && [ -f "$R/$p-$b.json" ] || continue
+    echo "### $p: $a vs $b"
+    echo
+    python3 tables.py side-by-side "$R/$p-$a.json" "$R/$p-$b.json"
+    echo
+  done
+  if ls "$R"/cpu-moe-*-ours-t*.json >/dev/null 2>&1; then
+    echo "### threads: cpu-moe single-stream decode (best: $(cat "$R/best-threads.txt" 2>/dev/null))"
+    echo
+    python3 stages.py runs "$R"/cpu-moe-*-ours-t*.json "$R"/cpu-moe-*-upstream-t*.json
+    echo
+  fi
+  if [ -f "$R/interactive64.txt" ]; then
+    echo "### interactive64: INTERACTIVE TTFT idle vs under BATCH load, one full worker via the gateway"
+    echo
+    cat "$R/interactive64.txt"
+    echo
+    for f in "$R"/i64-p64.json "$R"/i64-p68.json; do [ -f "$f" ] && { echo "$(basename "$f"):"; echo; python3 tables.py background "$f"; echo; }; done
+  fi
+  if [ -f "$R/two-gpu-product.txt" ]; then
+    echo "### two-gpu: gateway, full worker on GPU 0, cpu-moe worker on GPU 1"
+    echo
+    echo '```'; cat "$R/two-gpu-product.txt" "$R/two-gpu-workers.txt" "$R/two-gpu-smi.txt" 2>/dev/null; echo '```'
+    echo
+    [ -f "$R/two-gpu-mixed.json" ] && { python3 tables.py background "$R/two-gpu-mixed.json"; echo; }
+  fi
+  if [ -f "$R/prefix-routing.md" ]; then
+    echo "### prefix: bench/prefix-routing.sh on the GPU (its report follows)"
+    echo
+    sed 's/^#/###/' "$R/prefix-routing.md"
+    echo
+  fi
   for pair in "cpu-moe-16384 ours upstream" "cpu-moe-16384 ours-avx2 ours" "cpu-moe-16384 ours-t$(( NPROC / 4 )) ours" \
               "cpu-moe-16384 ours-t$HALF ours" "full-49152 ours upstream" "full-49152 ours-batched upstream" \
               "full-49152 ours ours-batched" "n-cpu-moe-12-49152 ours upstream"; do
