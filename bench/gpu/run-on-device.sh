@@ -230,7 +230,7 @@ upstream_cmd() { # PROFILE PORT PARALLEL CTX   (env WTHREADS, UB as for worker_c
   esac
   echo "$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$2" -c "$4" -np "$3" \
        --cont-batching --kv-unified -t "${WTHREADS:-$NPROC}" -tb "${WTHREADS:-$NPROC}" -b 2048 -ub "${UB:-512}" -ngl 999 \
-       -fit off --no-webui "${extra[@]}"
+       -fit off --no-webui -lv 4 "${extra[@]}"   # -lv 4: its context and buffer-size lines (≈26 lines a request)
 }
 memory_snapshot() { # LABEL
   sleep 6   # adverts refresh device memory every 5 s

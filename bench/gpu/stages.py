@@ -69,7 +69,8 @@ def buffers(path):
         return out
     for m in re.finditer(r"(\S+)\s+(KV|compute|output|model) buffer size =\s+([\d.]+) MiB", text):
         dev, kind, mib = m.group(1), m.group(2), float(m.group(3))
-        where = "gpu" if dev.startswith("CUDA") else "host"
+        # CUDA0, CUDA1: device memory; CUDA_Host: pinned host memory; CPU*: host memory.
+        where = "gpu" if re.fullmatch(r"CUDA\d+", dev) else "host"
         out[(where, kind)] = out.get((where, kind), 0.0) + mib
     cells = re.findall(r"creating\s+(\S+) KV cache, size = (\d+) cells", text)
     if cells:
