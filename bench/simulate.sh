@@ -19,7 +19,7 @@ cargo build --release -p moe-sim --bin moe-sim
 # title|moe-sim arguments; the default scenario first.
 SCENARIOS=()
 [ -z "${SIM_ONLY_PREFIX:-}" ] && SCENARIOS+=("Default scenario|")
-PREFIX="--conversations 5000 --policies ours-scan,ours,prefix,round-robin"
+PREFIX="--conversations 5000 --policies ours-scan,ours,prefix,hits,round-robin"
 SCENARIOS+=(
   "Prefix caches, 5000 conversations, one gateway (issue 17)|$PREFIX --gateways 1"
   "Prefix caches, 5000 conversations, four gateways (issue 17)|$PREFIX --gateways 4"
@@ -69,8 +69,10 @@ virtual time, next to round-robin and least-loaded, on one request trace, worker
 (deterministic for a seed). Policies: *ours* is the live default (first placements sample k = 4
 workers of the preferred pool, full scan as fallback), *ours-scan* the full scan and sort of every
 worker (the policy before issue 17), *prefix* the default plus rendezvous prefix affinity keyed by
-conversation, bounded by load (\`scheduler::affinity::rank_with_prefix\`; simulation only: the
-proxy does not pass a prefix key yet).
+conversation, bounded by load (\`scheduler::affinity::rank_with_prefix\`; simulation only, never
+on the live path), *hits* the live prefix-aware policy (\`--prefix-routing on\`:
+\`scheduler::affinity::rank_with_hits\` with the cached tokens of every worker holding the
+conversation, as the gateway's prefix index reports them).
 
 ## The model
 

@@ -38,8 +38,13 @@ pub enum PolicyKind {
     /// before issue 17).
     OursScan,
     /// `scheduler::affinity::rank_with_prefix` keyed by the request's conversation: the default
-    /// policy plus rendezvous prefix affinity bounded by load (not on the live path yet).
+    /// policy plus rendezvous prefix affinity bounded by load (never on the live path).
     Prefix,
+    /// `scheduler::affinity::rank_with_hits`, the live prefix-aware policy (`--prefix-routing
+    /// on`): every worker holding the conversation in its prefix cache is a hit of
+    /// `prompt × prefix_share` tokens (what the gateway's prefix index reports from the
+    /// workers' cache events; every gateway sees the same), ties by the conversation's key.
+    Hits,
     /// Next ready worker in turn; ignores class and headroom.
     RoundRobin,
     /// Fewest active + queued streams (advert plus this gateway's placements since); ignores
@@ -48,10 +53,11 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 5] = [
+    pub const ALL: [PolicyKind; 6] = [
         PolicyKind::Ours,
         PolicyKind::OursScan,
         PolicyKind::Prefix,
+        PolicyKind::Hits,
         PolicyKind::RoundRobin,
         PolicyKind::LeastLoaded,
     ];
@@ -61,6 +67,7 @@ impl PolicyKind {
             PolicyKind::Ours => "ours",
             PolicyKind::OursScan => "ours-scan",
             PolicyKind::Prefix => "prefix",
+            PolicyKind::Hits => "hits",
             PolicyKind::RoundRobin => "round-robin",
             PolicyKind::LeastLoaded => "least-loaded",
         }
@@ -75,7 +82,7 @@ impl std::str::FromStr for PolicyKind {
             .find(|p| p.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "policy must be ours, ours-scan, prefix, round-robin or least-loaded, not {s:?}"
+                    "policy must be ours, ours-scan, prefix, hits, round-robin or least-loaded, not {s:?}"
                 )
             })
     }

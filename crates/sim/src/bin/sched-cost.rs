@@ -1,7 +1,9 @@
 //! `moe-sched-cost`: wall-clock cost of one placement decision (`scheduler::rank`) at 100, 1,000
 //! and 10,000 workers, the full scan (the policy before issue 17) next to sampled power-of-k, in
-//! one run. Also times an index rebuild and a clone of the reservations (what the router does
-//! per decision). A few seconds in all; prints a markdown table.
+//! one run, and the live prefix-aware decision (`scheduler::affinity::rank_with_hits`, sampled,
+//! with three workers holding part of the prompt). Also times an index rebuild and a clone of
+//! the reservations (what the router did per decision). A few seconds in all; prints a markdown
+//! table.
 
 use std::collections::HashSet;
 use std::hint::black_box;
@@ -13,8 +15,9 @@ use moe_common::registry::{
     ADVERT_SCHEMA, Capacity, ClusterSnapshot, Load, MemoryInfo, ModelInfo, OffloadInfo, Speed,
     WorkerAdvert, WorkerState,
 };
+use moe_gateway::scheduler::affinity::{self, Affinity};
 use moe_gateway::scheduler::{
-    self, Demand, Policy, PoolIndex, Reservation, Reservations, Sampling,
+    self, Demand, Policy, PoolIndex, PrefixHits, Reservation, Reservations, Sampling,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -110,9 +113,9 @@ fn main() {
             .unwrap_or(300),
     );
     println!(
-        "| workers | preferred pool | class | full scan µs | sampled (k=4) µs | index rebuild µs | reservations clone µs |"
+        "| workers | preferred pool | class | full scan µs | sampled (k=4) µs | prefix-aware (k=4, 3 hits) µs | index rebuild µs | reservations clone µs |"
     );
-    println!("|---:|---|---|---:|---:|---:|---:|");
+    println!("|---:|---|---|---:|---:|---:|---:|---:|");
     for n in [100, 1_000, 10_000] {
         for saturated in [false, true] {
             let (snapshot, reservations) = cluster(n, saturated);
@@ -153,8 +156,36 @@ fn main() {
                         black_box(r.expect("a placement"));
                     });
                 }
+                // The live path: three workers of the preferred pool hold 512 of the 600
+                // prompt tokens (some of them usually unsampled), ties by the prefix key.
+                let pool_of = |i: usize| i % 10 < 3;
+                let want_full = class == LatencyClass::Interactive;
+                let hits = PrefixHits {
+                    cached_tokens: (0..n)
+                        .filter(|&i| pool_of(i) == want_full)
+                        .step_by(7)
+                        .take(3)
+                        .map(|i| (format!("worker-{i:05}"), 512))
+                        .collect(),
+                    key: Some(42),
+                };
+                let policy = Policy::default();
+                let mut rng = StdRng::seed_from_u64(7);
+                let exclude = HashSet::new();
+                let prefix = time(budget, || {
+                    let r = affinity::rank_with_hits(
+                        &demand,
+                        &hits,
+                        &snapshot,
+                        &reservations,
+                        &exclude,
+                        (&policy, Affinity::default()),
+                        &mut rng,
+                    );
+                    black_box(r.expect("a placement"));
+                });
                 println!(
-                    "| {n} | {} | {} | {:.1} | {:.2} | {rebuild:.0} | {clone:.0} |",
+                    "| {n} | {} | {} | {:.1} | {:.2} | {prefix:.2} | {rebuild:.0} | {clone:.0} |",
                     if saturated {
                         "1 full worker in 50 has room"
                     } else {

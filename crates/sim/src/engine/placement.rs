@@ -11,7 +11,12 @@ use super::{Engine, Event, Placement};
 use crate::PolicyKind;
 use moe_common::LatencyClass;
 use moe_gateway::scheduler::affinity::{self, Affinity};
-use moe_gateway::scheduler::{self, Demand, Reservation};
+use moe_gateway::scheduler::{self, Demand, PrefixHits, Reservation};
+
+/// Stands for the prefix key of a conversation (a hash of its start).
+fn conversation_key(conversation: u64) -> u64 {
+    affinity::stable_hash(&conversation.to_le_bytes())
+}
 
 impl Engine<'_> {
     /// Places request `r`, or counts a refusal and lets its client send it again later.
@@ -46,9 +51,18 @@ impl Engine<'_> {
         let job = self.jobs[r];
         let gateway = r % self.reservations.len();
         let mut tried = HashSet::new();
+        // The live gateway learns these from its prefix index before ranking (not timed here,
+        // as the tokenizing round trip that comes with it is not).
+        let hits = (self.kind == PolicyKind::Hits).then(|| self.hits(job));
         for attempt in 0..self.config.front.max_attempts {
             let started = Instant::now();
-            let chosen = self.choose(job, gateway, &tried, migrating || attempt > 0);
+            let chosen = self.choose(
+                job,
+                gateway,
+                &tried,
+                migrating || attempt > 0,
+                hits.as_ref(),
+            );
             self.decisions += 1;
             self.decision_time += started.elapsed();
             let Some(w) = chosen else {
@@ -83,16 +97,33 @@ impl Engine<'_> {
         false
     }
 
+    /// What the workers' prefix caches hold of `job`'s prompt: `prompt × prefix_share` tokens on
+    /// every worker holding its conversation, and the conversation's key.
+    fn hits(&self, job: Job) -> PrefixHits {
+        let conversation = self.trace.requests[job.req].conversation;
+        let cached = (job.prompt as f64 * self.config.workload.prefix_share) as u32;
+        PrefixHits {
+            cached_tokens: self
+                .nodes
+                .iter()
+                .filter(|n| cached > 0 && n.prefix.contains(&conversation))
+                .map(|n| (n.template.id.clone(), cached))
+                .collect(),
+            key: Some(conversation_key(conversation)),
+        }
+    }
+
     fn choose(
         &mut self,
         job: Job,
         gateway: usize,
         tried: &HashSet<String>,
         retry: bool,
+        hits: Option<&PrefixHits>,
     ) -> Option<usize> {
         let reservations = &self.reservations[gateway];
         let id = match self.kind {
-            PolicyKind::Ours | PolicyKind::OursScan | PolicyKind::Prefix => {
+            PolicyKind::Ours | PolicyKind::OursScan | PolicyKind::Prefix | PolicyKind::Hits => {
                 let demand = Demand {
                     model: "",
                     class: job.class,
@@ -101,11 +132,18 @@ impl Engine<'_> {
                     needs: Default::default(),
                 };
                 let (snapshot, policy) = (&self.snapshot, &self.policy);
-                let ranking = if self.kind == PolicyKind::Prefix {
-                    // Stands for a hash of the conversation's first prompt block.
-                    let key = affinity::stable_hash(
-                        &self.trace.requests[job.req].conversation.to_le_bytes(),
-                    );
+                let ranking = if let Some(hits) = hits {
+                    affinity::rank_with_hits(
+                        &demand,
+                        hits,
+                        snapshot,
+                        reservations,
+                        tried,
+                        (policy, Affinity::default()),
+                        &mut self.rng,
+                    )
+                } else if self.kind == PolicyKind::Prefix {
+                    let key = conversation_key(self.trace.requests[job.req].conversation);
                     affinity::rank_with_prefix(
                         &demand,
                         Some(key),
