@@ -111,9 +111,12 @@ async fn worker(id: &str, etcd: &Etcd, prefix: &str) -> WorkerProcess {
     WorkerProcess::start(spec, etcd, prefix).await
 }
 
-/// Waits until the gateways have had time to subscribe to every worker's cache stream.
+/// Waits until the gateways have had time to subscribe to every worker's cache stream, and the
+/// workers to advertise the load of the round before as gone: below their last free slot a load
+/// change is drift, written within the lease TTL (3 s here), and a stale load could make a
+/// preferred worker look busier than the affinity bound allows.
 async fn settle() {
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
