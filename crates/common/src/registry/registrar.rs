@@ -24,7 +24,8 @@ pub struct RegistrarConfig {
     pub etcd: EtcdConfig,
     /// Lease time to live: a worker that stops keeping it alive vanishes after this long.
     pub lease_ttl: Duration,
-    /// Load changes are written at most this often; state changes are written at once.
+    /// Changes that move routing (saturation, queueing, low KV headroom) are written at most this
+    /// often; state changes at once, drift once a lease TTL ([`WritePolicy`]).
     pub min_update_interval: Duration,
 }
 
@@ -35,8 +36,8 @@ impl RegistrarConfig {
         (self.lease_ttl / 4).clamp(Duration::from_millis(200), Duration::from_secs(3))
     }
 
-    /// The write rule: drift (speed, device memory, small KV moves) is written at most once a
-    /// lease TTL.
+    /// The write rule: drift (load below saturation, KV headroom away from low, speed jitter,
+    /// device memory) is written once a lease TTL, so no advert is staler than that.
     pub fn write_policy(&self) -> WritePolicy {
         WritePolicy {
             min_interval: self.min_update_interval,
