@@ -166,7 +166,8 @@ def ratio(a, b): return "-" if not p50(a) or p50(b) is None else f"{p50(b) / p50
 def f(v): return "-" if v is None else f"{v:.2f}"
 t2 = (off["by_turn"][1], on["by_turn"][1]) if len(off["by_turn"]) > 1 else None
 lo, ln = off["later_turns"], on["later_turns"]
-print(f"| {date} | `{commit}` | {binaries} | {think} | {load} | {f(p50(lo))} | {f(p50(ln))} | **{ratio(lo, ln)}** | "
+p90 = "-" if not lo["ttft_p90_seconds"] or ln["ttft_p90_seconds"] is None else f"{ln['ttft_p90_seconds'] / lo['ttft_p90_seconds']:.2f}"
+print(f"| {date} | `{commit}` | {binaries} | {think} | {load} | {f(p50(lo))} | {f(p50(ln))} | **{ratio(lo, ln)}** | {p90} | "
       f"{ratio(*t2) if t2 else '-'} | {lo['cached_ratio']:.2f} / {ln['cached_ratio']:.2f} | "
       f"{t2[1]['cached_ratio']:.2f} |" if t2 else "")
 PY
@@ -198,11 +199,11 @@ fi
   echo
   echo "## Every run"
   echo
-  echo "Each run of this script adds a row (the table above is the last row's detail). Later turns (2+): TTFT p50 off and on, their ratio (target ≤ 0.3); turn 2's ratio; cached/prompt of later turns off / on; cached/prompt of turn 2 with routing."
+  echo "Each run of this script adds a row (the table above is the last row's detail). Later turns (2+): TTFT p50 off and on, their ratio (target ≤ 0.3), the ratio of their p90s; turn 2's p50 ratio; cached/prompt of later turns off / on; cached/prompt of turn 2 with routing."
   echo
   echo "<!-- runs:start -->"
-  echo "| date | commit | binaries | think ms | load at start | 2+ p50 off (s) | 2+ p50 on (s) | 2+ on / off | turn 2 on / off | 2+ cached off / on | turn 2 cached on |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| date | commit | binaries | think ms | load at start | 2+ p50 off (s) | 2+ p50 on (s) | 2+ on / off | 2+ p90 on / off | turn 2 on / off | 2+ cached off / on | turn 2 cached on |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   [ -n "$PREVIOUS" ] && echo "$PREVIOUS"
   echo "$ROW"
   echo "<!-- runs:end -->"
@@ -217,14 +218,14 @@ fi
   echo
   echo '```sh'
   if [ -n "$BIN_DIR" ]; then
-    echo "BIN_DIR=$BIN_DIR MODEL=$MODEL${WORKER_ARGS:+ WORKER_ARGS=\"$WORKER_ARGS\"} bench/prefix-routing.sh"
+    echo "BIN_DIR=$BIN_DIR MODEL=$MODEL${WORKER_ARGS:+ WORKER_ARGS=\"$WORKER_ARGS\"}$( [ "$THINK_MS" -gt 0 ] && echo " THINK_MS=$THINK_MS") bench/prefix-routing.sh"
   else
-    echo "PROFILE=$PROFILE bench/prefix-routing.sh"
+    echo "PROFILE=$PROFILE$( [ "$THINK_MS" -gt 0 ] && echo " THINK_MS=$THINK_MS") bench/prefix-routing.sh"
   fi
   echo "# per mode:"
   echo "$BIN/moe-worker --model $MODEL --id a --listen 127.0.0.1:PORT --etcd ${ETCD:-http://127.0.0.1:PORT} --etcd-prefix /moe-bench-MODE/ --ctx-size $CTX --parallel $PARALLEL --cache-sequences $CACHE_SEQUENCES --threads $THREADS${WORKER_ARGS:+ $WORKER_ARGS}   # and b, c"
   echo "$BIN/moe-gateway --listen 127.0.0.1:PORT --etcd ${ETCD:-http://127.0.0.1:PORT} --etcd-prefix /moe-bench-MODE/ --prefix-routing MODE"
-  echo "$BIN/moe-bench --target grpc://127.0.0.1:PORT ${BENCH_ARGS[*]} --label prefix-routing-MODE --json MODE.json"
+  echo "$BIN/moe-bench --target grpc://127.0.0.1:PORT ${BENCH_ARGS[*]}$( [ "$THINK_MS" -gt 0 ] && [[ " ${BENCH_ARGS[*]} " != *" --chat-think-ms "* ]] && echo " --chat-think-ms $THINK_MS") --label prefix-routing-MODE --json MODE.json"
   echo '```'
 } >"$DOC"
 echo "wrote $DOC" >&2
