@@ -314,14 +314,23 @@ impl Reservations {
     }
 
     /// Free KV and stream counts of `w` as this gateway knows them ([`Local`]).
+    ///
+    /// Ended streams are credited only when the advert shows no request waiting for admission:
+    /// a waiting request takes the freed slot and KV first, and the advert's free KV, clamped at
+    /// zero, does not show how much the waiting requests claim beyond it (the simulator counted
+    /// thousands of headroom violations before this rule).
     pub fn local(&self, w: &WorkerAdvert) -> Local {
         let (kv, placed) = self.since(&w.id, w.updated_unix_ms);
-        let (ended_kv, ended) = self.finished_since(&w.id, w.updated_unix_ms);
+        let (ended_kv, ended) = if w.load.queued == 0 {
+            self.finished_since(&w.id, w.updated_unix_ms)
+        } else {
+            (0, 0)
+        };
         let free_kv = w
             .capacity
             .free_kv_tokens
-            .saturating_sub(kv)
             .saturating_add(ended_kv)
+            .saturating_sub(kv)
             .min(w.capacity.context_tokens);
         Local {
             free_kv,

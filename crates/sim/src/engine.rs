@@ -314,7 +314,7 @@ impl Engine<'_> {
         }
         for r in done {
             self.outcomes[r].done = Some(self.now);
-            self.release(r);
+            self.release_ended(r);
             self.open -= 1;
         }
         self.kick(w);

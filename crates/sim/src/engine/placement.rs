@@ -209,6 +209,16 @@ impl Engine<'_> {
         self.kick(w);
     }
 
+    /// Drops the reservation of request `r` whose stream ended at its worker, and records the
+    /// end as the gateway does (`Reservations::finished`: credited back until the next advert).
+    pub(super) fn release_ended(&mut self, r: usize) {
+        if let Some(p) = self.at[r] {
+            let id = self.nodes[p.worker].template.id.clone();
+            self.reservations[p.gateway].finished(&id, p.kv, p.placed_ms, self.now / 1000);
+        }
+        self.release(r);
+    }
+
     /// Drops the reservation of request `r` (its stream ended or its worker left).
     pub(super) fn release(&mut self, r: usize) {
         let Some(p) = self.at[r].take() else { return };

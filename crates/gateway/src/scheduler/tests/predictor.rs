@@ -244,6 +244,20 @@ fn a_turn_sent_as_the_previous_one_ends_finds_its_worker_free_again() {
     res.finished("holder", 512, 5_000, 10_100);
     assert_eq!(res.local(&s.workers["holder"]).free_kv, 512);
     assert_eq!(first(&rank_now(&res)), "holder");
+    // Not while requests wait for admission there: they take the freed slot and KV first.
+    let mut waiting = s.workers["holder"].as_ref().clone();
+    waiting.load.queued = 1;
+    assert_eq!(res.local(&waiting).free_kv, 0);
+    assert_eq!(res.local(&waiting).ended, 0);
+    // Placements since the advert are taken from the credited KV, not from a clamped zero.
+    res.by_worker
+        .entry("holder".into())
+        .or_default()
+        .push(Reservation {
+            kv_tokens: 400,
+            placed_unix_ms: 10_050,
+        });
+    assert_eq!(res.local(&s.workers["holder"]).free_kv, 112);
     // An end the advert may already show (it was received after) is not credited.
     let mut late = Reservations::default();
     late.advert_received("holder", 1000, 10_000);
