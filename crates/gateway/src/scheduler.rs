@@ -172,8 +172,10 @@ pub struct Ended {
     pub ended_unix_ms: u64,
 }
 
-/// Ended streams are remembered this long (adverts arrive every 250 ms or so).
-const ENDED_KEEP_MS: u64 = 10_000;
+/// Ended streams are remembered this long: a worker rewrites its advert on a meaningful change
+/// or once a lease TTL (39cdb7d), so an advert can be several seconds old; only ends after its
+/// receipt are credited, so keeping more is only memory.
+const ENDED_KEEP_MS: u64 = 60_000;
 
 /// What this gateway knows of a worker beyond its advert ([`Reservations::local`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
