@@ -433,13 +433,15 @@ stage_threads() {
 }
 
 # prefix: issue 17's chat-turn benchmark (bench/prefix-routing.sh, its own etcd, three workers on
-# GPU 0), configured through that script's documented env only.
+# GPU 0), configured through that script's documented env only. CTX=8192: with the script's
+# default 2048 / PARALLEL 4 a sequence has 512 tokens, and turn 4 (548-606 tokens with gpt-oss's
+# tokenizer) was refused OUT_OF_RANGE in the 2026-12-01 second run; 8192 gives 2048 a sequence.
 stage_prefix() {
   [ -x ./etcdctl ] || { echo "prefix: not run (no etcdctl in the carry)" >>"$R/skipped.txt"; return 0; }
   [ -f "$WORK/repo/bench/prefix-routing.sh" ] || { echo "prefix: not run (no bench/prefix-routing.sh)" >>"$R/skipped.txt"; return 0; }
   has_time 240 prefix || return 0
   stage "prefix: bench/prefix-routing.sh, three full workers (${PREFIX_WORKER_ARGS:---offload full --batch-size 128})"
-  ( cd "$WORK/repo" && env THREADS=4 ${PREFIX_ENV:-} BIN_DIR="$WORK" ETCD_BIN="$WORK/etcd" ETCDCTL_BIN="$WORK/etcdctl" MODEL="$MODEL" \
+  ( cd "$WORK/repo" && env THREADS=4 CTX=8192 ${PREFIX_ENV:-} BIN_DIR="$WORK" ETCD_BIN="$WORK/etcd" ETCDCTL_BIN="$WORK/etcdctl" MODEL="$MODEL" \
       WORKER_ARGS="${PREFIX_WORKER_ARGS:---offload full --batch-size 128}" DOC="$R/prefix-routing.md" OUTDIR="$R/prefix" \
       GIT_COMMIT="$(cat "$WORK/git-commit" 2>/dev/null || echo unknown)" \
       timeout "$(( $(left) - 20 ))" bash bench/prefix-routing.sh ) >"$WORK/prefix.log" 2>&1 \
