@@ -231,6 +231,11 @@ impl<T> Batcher<T> {
         self.interactive.len() + self.batch.len()
     }
 
+    /// INTERACTIVE requests waiting for admission.
+    pub fn interactive_queued(&self) -> usize {
+        self.interactive.len()
+    }
+
     pub fn active(&self) -> usize {
         self.slots.iter().filter(|s| s.is_some()).count()
     }
@@ -341,14 +346,20 @@ impl<T> Batcher<T> {
         } else {
             usize::MAX
         };
+        // Sequential decode runs the step's entries one after another, so an INTERACTIVE
+        // prompt's chunks go first, all of them in one step: its first token then waits for
+        // its own prefill only, not for a round of every other sequence's decode per chunk.
+        let mut first = Vec::new();
         for seq in prefill {
             let remaining = seq.tokens.len() - seq.n_past as usize;
-            let cap = if seq.class == LatencyClass::Batch {
-                budget.min(batch_budget)
-            } else {
+            let interactive = seq.class == LatencyClass::Interactive;
+            let cap = if interactive {
                 budget
+            } else {
+                budget.min(batch_budget)
             };
             let take = match self.config.aligned_prefill {
+                Some(_) if interactive => remaining,
                 // The chunk ends at the next multiple of `c` whatever the budget: a step with
                 // any budget left runs it whole (sequential decode gives it its own call).
                 Some(c) if cap > 0 => {
@@ -361,20 +372,35 @@ impl<T> Batcher<T> {
             if take == 0 {
                 continue;
             }
-            let start = seq.n_past as usize;
-            entries.push(Entry {
-                slot: seq.seq_id as usize,
-                seq_id: seq.seq_id,
-                pos: seq.n_past,
-                tokens: seq.tokens[start..start + take].to_vec(),
-                sample: take == remaining,
-            });
+            let target = if interactive && self.config.aligned_prefill.is_some() {
+                &mut first
+            } else {
+                &mut entries
+            };
+            // Aligned chunks end at multiples of `c`, one entry each; otherwise one entry.
+            let mut pos = seq.n_past as usize;
+            let end = pos + take;
+            while pos < end {
+                let stop = match self.config.aligned_prefill {
+                    Some(c) => end.min((pos / c.max(1) as usize + 1) * c.max(1) as usize),
+                    None => end,
+                };
+                target.push(Entry {
+                    slot: seq.seq_id as usize,
+                    seq_id: seq.seq_id,
+                    pos: pos as u32,
+                    tokens: seq.tokens[pos..stop].to_vec(),
+                    sample: stop == seq.tokens.len(),
+                });
+                pos = stop;
+            }
             budget = budget.saturating_sub(take);
-            if seq.class == LatencyClass::Batch {
+            if !interactive {
                 batch_budget -= take.min(batch_budget);
             }
         }
-        plan.entries = entries;
+        first.append(&mut entries);
+        plan.entries = first;
         plan
     }
 

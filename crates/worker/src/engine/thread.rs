@@ -92,6 +92,9 @@ pub(super) fn engine_thread(
             last_refresh: Instant::now(),
             sliding_window,
             sequential_decode,
+            rotation: 0,
+            deferred: None,
+            disconnected: false,
             panic_after: cfg!(debug_assertions)
                 .then(|| std::env::var("MOE_TEST_ENGINE_PANIC_AFTER").ok())
                 .flatten()
@@ -148,6 +151,13 @@ struct Engine<'m> {
     /// The model's sliding window (0: none), for prefix reuse.
     sliding_window: u32,
     sequential_decode: bool,
+    /// Sequential decode: where this step's round of decodes starts, advanced every step, so a
+    /// step cut short for an INTERACTIVE arrival does not always postpone the same sequences.
+    rotation: usize,
+    /// A shutdown read from the command channel in the middle of a step, handled after it.
+    deferred: Option<Command>,
+    /// The command channel closed in the middle of a step.
+    disconnected: bool,
     /// Test-only hook (debug builds): panic after this many generated tokens
     /// (`MOE_TEST_ENGINE_PANIC_AFTER`), for the supervision test (review H3).
     panic_after: Option<u64>,
@@ -176,6 +186,15 @@ impl<'m> Engine<'m> {
                     Err(_) => continue,
                 }
             }
+            if let Some(cmd) = self.deferred.take()
+                && !self.handle(cmd)
+            {
+                return;
+            }
+            if self.disconnected {
+                self.cancel_all();
+                return;
+            }
             loop {
                 match cmd_rx.try_recv() {
                     Ok(cmd) => {
@@ -191,7 +210,7 @@ impl<'m> Engine<'m> {
                 }
             }
             self.housekeeping(Instant::now());
-            let stepped = self.step();
+            let stepped = self.step(&mut cmd_rx);
             self.publish_cache();
             if !stepped {
                 // Nothing runnable (requests wait for KV): wait briefly for completions/intake.
@@ -217,7 +236,7 @@ impl<'m> Engine<'m> {
     }
 
     /// Plans and runs one decode step. Returns false when there was nothing to run.
-    fn step(&mut self) -> bool {
+    fn step(&mut self, cmd_rx: &mut mpsc::Receiver<Command>) -> bool {
         let now = Instant::now();
         // Planning again after a slot lost its prefix reuse: that slot then prefills from 0.
         let plan = loop {
@@ -243,7 +262,7 @@ impl<'m> Engine<'m> {
         }
         let _step = step.enter();
         if self.sequential_decode {
-            return self.step_sequential(&plan);
+            return self.step_sequential(&plan, cmd_rx);
         }
         self.batch.clear();
         let mut sample_at = Vec::new();

@@ -309,3 +309,53 @@ fn with_per_slot_streams_a_slot_is_reserved_and_claimed_whole() {
         .unwrap();
     assert_eq!(b.unclaimed_kv_tokens(), 0);
 }
+
+#[test]
+fn sequential_mode_prefills_an_interactive_prompt_first_and_whole_in_one_step() {
+    let t = Instant::now();
+    let mut b = Batcher::new(BatcherConfig {
+        max_sequences: 3,
+        kv_tokens: 200,
+        aligned_prefill: Some(8),
+        step_tokens: 8,
+        max_queue: 10,
+        ..config()
+    });
+    // A BATCH request decoding, another BATCH one prefilling one aligned chunk per step.
+    b.enqueue(pending(3, 50, LatencyClass::Batch, 1, t))
+        .unwrap();
+    step(&mut b, t);
+    b.enqueue(pending(30, 5, LatencyClass::Batch, 2, t))
+        .unwrap();
+    let plan = step(&mut b, t);
+    let batch_chunks: Vec<_> = plan.entries.iter().filter(|e| e.tokens.len() > 1).collect();
+    assert_eq!(batch_chunks.len(), 1, "BATCH prefills one chunk per step");
+    // An INTERACTIVE prompt of 21 tokens: its three aligned chunks come first, in order, in
+    // the step that admits it, the last one sampled; the decode and the BATCH chunk follow.
+    b.enqueue(pending(21, 5, LatencyClass::Interactive, 3, t))
+        .unwrap();
+    let plan = step(&mut b, t);
+    let (slot, _) = plan.admitted[0];
+    let head: Vec<_> = plan.entries[..3]
+        .iter()
+        .map(|e| (e.slot, e.pos, e.tokens.len(), e.sample))
+        .collect();
+    assert_eq!(
+        head,
+        vec![
+            (slot, 0, 8, false),
+            (slot, 8, 8, false),
+            (slot, 16, 5, true)
+        ]
+    );
+    assert!(plan.entries[3..].iter().all(|e| e.slot != slot));
+    // The BATCH decode still runs; its prompt's next chunk waits for the step's budget.
+    assert_eq!(plan.entries.len(), 4);
+    assert_eq!(b.seq(slot).map(|s| s.n_past), Some(21));
+    let plan = step(&mut b, t);
+    assert!(
+        plan.entries
+            .iter()
+            .any(|e| e.tokens.len() == 8 && e.pos == 8)
+    );
+}
