@@ -307,6 +307,12 @@ impl Worker {
         eventually(Duration::from_secs(180), "worker to serve", || {
             let url = url.clone();
             let tls = self.tls.clone();
+            // A worker that stopped (bad flags, load failure) will never serve: say so now.
+            assert!(
+                !self.task.is_finished(),
+                "worker {} stopped before serving",
+                self.id
+            );
             async move {
                 let mut ep = tonic::transport::Endpoint::from_shared(url).ok()?;
                 if let Some(tls) = tls {
