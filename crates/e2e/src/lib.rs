@@ -79,6 +79,30 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until the worker at `url` answers its health check SERVING (180 s at most).
+async fn wait_serving(url: String, tls: Option<ClientTlsConfig>) {
+    eventually(Duration::from_secs(180), "worker to serve", || {
+        let url = url.clone();
+        let tls = tls.clone();
+        async move {
+            let mut ep = tonic::transport::Endpoint::from_shared(url).ok()?;
+            if let Some(tls) = tls {
+                ep = ep.tls_config(tls).ok()?;
+            }
+            let ch = ep.connect().await.ok()?;
+            let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .ok()?;
+            (r.into_inner().status == 1).then_some(())
+        }
+    })
+    .await;
+}
+
 /// Polls `check` until it returns Some, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
@@ -279,8 +303,13 @@ pub struct Worker {
 
 impl Worker {
     pub async fn start(spec: WorkerSpec, etcd: Option<(&Etcd, &str)>) -> Worker {
-        let worker = Worker::spawn(spec, etcd).await;
-        worker.wait_serving().await;
+        let mut worker = Worker::spawn(spec, etcd).await;
+        // A worker that stopped (bad flags, load failure) will never serve: say why now.
+        let serving = wait_serving(worker.url(), worker.tls.clone());
+        tokio::select! {
+            () = serving => {}
+            r = &mut worker.task => panic!("worker {} stopped before serving: {r:?}", worker.id),
+        }
         worker
     }
 
@@ -300,36 +329,6 @@ impl Worker {
             shutdown,
             task,
         }
-    }
-
-    async fn wait_serving(&self) {
-        let url = self.url();
-        eventually(Duration::from_secs(180), "worker to serve", || {
-            let url = url.clone();
-            let tls = self.tls.clone();
-            // A worker that stopped (bad flags, load failure) will never serve: say so now.
-            assert!(
-                !self.task.is_finished(),
-                "worker {} stopped before serving",
-                self.id
-            );
-            async move {
-                let mut ep = tonic::transport::Endpoint::from_shared(url).ok()?;
-                if let Some(tls) = tls {
-                    ep = ep.tls_config(tls).ok()?;
-                }
-                let ch = ep.connect().await.ok()?;
-                let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-                let r = health
-                    .check(tonic_health::pb::HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .ok()?;
-                (r.into_inner().status == 1).then_some(())
-            }
-        })
-        .await;
     }
 
     pub fn url(&self) -> String {
