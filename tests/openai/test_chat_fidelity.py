@@ -22,6 +22,20 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from conftest import HARMONY_MODEL, MODEL_NAME, SCRIPTED_MODEL
 
 
+def reflected_generate(channel):
+    """moe.v1.Inference/Generate discovered through gRPC reflection alone (no generated code):
+    the request message class and a server-streaming callable."""
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+    method = pool.FindServiceByName("moe.v1.Inference").FindMethodByName("Generate")
+    request_cls = message_factory.GetMessageClass(method.input_type)
+    response_cls = message_factory.GetMessageClass(method.output_type)
+    return request_cls, channel.unary_stream(
+        "/moe.v1.Inference/Generate",
+        request_serializer=request_cls.SerializeToString,
+        response_deserializer=response_cls.FromString,
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
@@ -57,18 +71,9 @@ def test_explicit_default_values_are_accepted(client):
 
 def test_grpcio_reflection_lists_the_api_and_calls_generate(cluster):
     with grpc.insecure_channel(cluster.grpc) as channel:
-        db = ProtoReflectionDescriptorDatabase(channel)
-        services = db.get_services()
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
         assert "moe.v1.Inference" in services, services
-        pool = descriptor_pool.DescriptorPool(db)
-        method = pool.FindServiceByName("moe.v1.Inference").FindMethodByName("Generate")
-        request_cls = message_factory.GetMessageClass(method.input_type)
-        response_cls = message_factory.GetMessageClass(method.output_type)
-        generate = channel.unary_stream(
-            "/moe.v1.Inference/Generate",
-            request_serializer=request_cls.SerializeToString,
-            response_deserializer=response_cls.FromString,
-        )
+        request_cls, generate = reflected_generate(channel)
         request = request_cls(prompt="The capital of France is", max_tokens=4, model=MODEL_NAME)
         messages = list(generate(request, timeout=120))
         text = "".join(m.text for m in messages)
@@ -391,15 +396,7 @@ def test_harmony_raw_output_returns_the_whole_markup(client):
 
 def test_harmony_reasoning_over_grpc(cluster):
     with grpc.insecure_channel(cluster.grpc) as channel:
-        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-        method = pool.FindServiceByName("moe.v1.Inference").FindMethodByName("Generate")
-        request_cls = message_factory.GetMessageClass(method.input_type)
-        response_cls = message_factory.GetMessageClass(method.output_type)
-        generate = channel.unary_stream(
-            "/moe.v1.Inference/Generate",
-            request_serializer=request_cls.SerializeToString,
-            response_deserializer=response_cls.FromString,
-        )
+        request_cls, generate = reflected_generate(channel)
         request = request_cls(model=SCRIPTED_MODEL, max_tokens=100)  # greedy
         request.messages.add(role="user", content="Salut !")
         reply = list(generate(request, timeout=120))

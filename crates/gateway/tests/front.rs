@@ -66,11 +66,13 @@ impl Codec for Raw {
 }
 
 /// A gateway front on 127.0.0.1:0 with health; stops when the token is dropped.
-async fn front(
-    limits: GrpcLimits,
-    keys: Option<Arc<ApiKeys>>,
-) -> (Channel, tokio_util::sync::DropGuard) {
-    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterSnapshot::default()));
+/// A gateway service over an empty cluster (no workers), and the sender that keeps its
+/// snapshot channel open.
+fn empty_service() -> (
+    tokio::sync::watch::Sender<Arc<ClusterSnapshot>>,
+    GatewayService,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterSnapshot::default()));
     let routing = Arc::new(RoutingState::new(rx, Policy::default()));
     let service = GatewayService::new(
         routing,
@@ -82,8 +84,16 @@ async fn front(
             first_message_timeout: Duration::from_secs(30),
             limits: RequestLimits::default(),
         },
-    )
-    .with_api_keys(keys.clone());
+    );
+    (tx, service)
+}
+
+async fn front(
+    limits: GrpcLimits,
+    keys: Option<Arc<ApiKeys>>,
+) -> (Channel, tokio_util::sync::DropGuard) {
+    let (_tx, service) = empty_service();
+    let service = service.with_api_keys(keys.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -235,20 +245,8 @@ async fn http_front(
     limits: IntakeLimits,
     keys: Option<Arc<ApiKeys>>,
 ) -> (std::net::SocketAddr, tokio_util::sync::DropGuard) {
-    let (tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterSnapshot::default()));
-    let routing = Arc::new(RoutingState::new(rx, Policy::default()));
-    let service = GatewayService::new(
-        routing,
-        ProxyConfig {
-            max_streams: 16,
-            request_timeout: Duration::from_secs(10),
-            max_attempts: 3,
-            stream_idle_timeout: Duration::from_secs(30),
-            first_message_timeout: Duration::from_secs(30),
-            limits: RequestLimits::default(),
-        },
-    )
-    .with_api_keys(keys.clone());
+    let (tx, service) = empty_service();
+    let service = service.with_api_keys(keys.clone());
     let app =
         moe_gateway::http::router(service, CancellationToken::new(), Intake::new(limits, keys));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -526,19 +524,7 @@ async fn http_serve(
     CancellationToken,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
-    let (tx, rx) = tokio::sync::watch::channel(Arc::new(ClusterSnapshot::default()));
-    let routing = Arc::new(RoutingState::new(rx, Policy::default()));
-    let service = GatewayService::new(
-        routing,
-        ProxyConfig {
-            max_streams: 16,
-            request_timeout: Duration::from_secs(10),
-            max_attempts: 3,
-            stream_idle_timeout: Duration::from_secs(30),
-            first_message_timeout: Duration::from_secs(30),
-            limits: RequestLimits::default(),
-        },
-    );
+    let (tx, service) = empty_service();
     let intake = Intake::new(http_limits(1 << 20, 8 << 20, Duration::from_secs(5)), None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
