@@ -25,7 +25,7 @@ pub mod features;
 pub mod queue;
 mod sampled;
 
-pub use sampled::{IndexCache, PoolIndex, Sampling};
+pub use sampled::{IndexCache, PoolIndex, RoomIndex, Sampling};
 
 /// Which pool a worker belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

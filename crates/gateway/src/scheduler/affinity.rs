@@ -26,8 +26,8 @@ use moe_common::LatencyClass;
 
 use super::sampled::{evaluate, evaluate_hits, lookup};
 use super::{
-    Candidate, Demand, Policy, Pool, PrefixHits, Ranking, Reservations, ScheduleError, SpeedMeans,
-    measured, pool_slot,
+    Candidate, Demand, Local, Policy, Pool, PrefixHits, Ranking, Reservations, ScheduleError,
+    SpeedMeans, measured, pool_slot,
 };
 
 /// Bytes of the request start that make its key.
@@ -120,7 +120,11 @@ impl Default for Affinity {
 /// Streams on `w` (advert plus this gateway's placements since, less its streams ended since)
 /// per sequence slot.
 pub fn load_with_local(w: &WorkerAdvert, reservations: &Reservations) -> f64 {
-    let local = reservations.local(w);
+    local_load(w, &reservations.local(w))
+}
+
+/// [`load_with_local`] from `w`'s [`Local`] already read.
+fn local_load(w: &WorkerAdvert, local: &Local) -> f64 {
     (w.load.active + w.load.queued + local.placed).saturating_sub(local.ended) as f64
         / w.capacity.max_sequences.max(1) as f64
 }
@@ -250,23 +254,35 @@ pub fn rank_with_hits(
             .extend(evaluate_hits(w, demand, hits, reservations, policy, false));
     }
     // Per pool, over everything the policy may place on: the mean load, and the measured
-    // speeds a worker that has measured none yet (just started) is assumed to have.
+    // speeds a worker that has measured none yet (just started) is assumed to have. Each
+    // candidate's local view (this gateway's placements and ends since its advert) is read once.
+    let local_of = |list: Vec<Candidate>| -> Vec<(Candidate, Local)> {
+        list.into_iter()
+            .map(|c| {
+                let local = reservations.local(&c.worker);
+                (c, local)
+            })
+            .collect()
+    };
+    let candidates = local_of(std::mem::take(&mut ranking.candidates));
+    let fallback = local_of(std::mem::take(&mut ranking.fallback));
     let mut pools = [PoolStats::default(); 2];
-    for c in ranking.candidates.iter().chain(&ranking.fallback) {
-        pools[pool_slot(c.pool)].add(&c.worker, reservations);
+    for (c, local) in candidates.iter().chain(&fallback) {
+        pools[pool_slot(c.pool)].add(&c.worker, local);
     }
     let assumed = [
         pools[0].speeds.assumed(policy),
         pools[1].speeds.assumed(policy),
     ];
-    let order = |list: Vec<Candidate>| -> Vec<Candidate> {
+    let order = |list: Vec<(Candidate, Local)>| -> Vec<Candidate> {
         let mut scored: Vec<(Candidate, u32)> = list
             .into_iter()
-            .map(|mut c| {
+            .map(|(mut c, local)| {
                 let stats = &pools[pool_slot(c.pool)];
-                let mut cached = hits.cached(&c.worker.id);
+                let held = hits.cached(&c.worker.id);
+                let mut cached = held;
                 let one_slot = 1.0 / c.worker.capacity.max_sequences.max(1) as f64;
-                let load = load_with_local(&c.worker, reservations);
+                let load = local_load(&c.worker, &local);
                 // A hit counts within the load bound; one that covers at least half the prompt
                 // (the conversation's own history, not just a shared system prompt) also while
                 // the worker can start the request at once (a sequence slot is free).
@@ -278,8 +294,7 @@ pub fn rank_with_hits(
                 {
                     cached = 0;
                 }
-                if cached != hits.cached(&c.worker.id) || !measured(&c.worker) {
-                    let local = reservations.local(&c.worker);
+                if cached != held || !measured(&c.worker) {
                     let assumed = &assumed[pool_slot(c.pool)];
                     c.score = super::score(&c.worker, demand, &local, cached, assumed);
                 }
@@ -316,8 +331,8 @@ pub fn rank_with_hits(
         }
         scored.into_iter().map(|(c, _)| c).collect()
     };
-    ranking.candidates = order(std::mem::take(&mut ranking.candidates));
-    ranking.fallback = order(std::mem::take(&mut ranking.fallback));
+    ranking.candidates = order(candidates);
+    ranking.fallback = order(fallback);
     Ok(ranking)
 }
 
@@ -330,8 +345,8 @@ struct PoolStats {
 }
 
 impl PoolStats {
-    fn add(&mut self, w: &WorkerAdvert, reservations: &Reservations) {
-        self.load += load_with_local(w, reservations);
+    fn add(&mut self, w: &WorkerAdvert, local: &Local) {
+        self.load += local_load(w, local);
         self.n += 1;
         self.speeds.add(w);
     }

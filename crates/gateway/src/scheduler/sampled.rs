@@ -7,18 +7,28 @@
 //!   changes and after as many decisions as it has workers (O(1) amortised per decision), so a
 //!   worker that joined while another left is sampled within that many decisions.
 //! - Safety is the full scan's: every sampled worker passes the same readiness, context and
-//!   headroom checks, only preferred-pool workers are sampled, and when no sampled worker fits
-//!   (after a second, larger sample) one pass over the snapshot looks for preferred-pool workers
-//!   with room (advertised free KV checked before anything costlier); only when there is none
-//!   does the decision fall back to the full scan, which applies spill-over, builds the fallback
-//!   list and returns the precise error.
+//!   headroom checks, and only preferred-pool workers are sampled.
+//! - A nearly saturated pool (issue 17): when no sampled worker fits (after a second, larger
+//!   sample), the samples are drawn again, the same way (k, then 4k), from the preferred-pool
+//!   workers whose *advertised* free KV is enough, listed by the snapshot's [`RoomIndex`] (one
+//!   pass over the snapshot, as before, for the first such decision on a snapshot; later ones
+//!   on the same snapshot read the list). When none of those draws fits either (this gateway's own
+//!   placements since the adverts took the room), every one of those workers is evaluated, and
+//!   only when none fits does the decision fall back to the full scan, which applies
+//!   spill-over, builds the fallback list and returns the precise error. (Before, every worker
+//!   with room was evaluated as soon as the samples missed: 200 at 10,000 workers with 1 full
+//!   worker in 50 free, which cost more than the pass over the snapshot.)
+//! - The [`RoomIndex`] is derived from one snapshot and cached ([`IndexCache::rooms`]) until the
+//!   snapshot changes (another revision, worker count, first or last advert, or feature filter);
+//!   it is built lazily by the first decision on that snapshot that needs it, and again only for
+//!   a demand needing less than half of what it was built for.
 //! - Several gateways draw different samples, so they do not all pick the same worker.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use moe_common::registry::{ClusterSnapshot, WorkerAdvert};
+use moe_common::registry::{ClusterSnapshot, Features, WorkerAdvert};
 use rand::Rng;
 
 use super::{Candidate, Demand, Policy, Pool, PrefixHits, Ranking, Reservations, ScheduleError};
@@ -114,10 +124,129 @@ impl PoolIndex {
     }
 }
 
+/// The workers of one model and pool whose advertised free KV is at least a floor, as of one
+/// snapshot, with that free KV in a compact array of its own: the workers whose advert has room
+/// for a demand needing at least the floor are read from a few kilobytes instead of every advert
+/// of the snapshot. Built by one pass over the snapshot, cheap checks first (what the sampled
+/// path's fallback did on every decision before), so a snapshot used once costs no more.
+#[derive(Debug, Default)]
+pub struct RoomIndex {
+    pool: Option<Pool>,
+    floor: u32,
+    /// In snapshot order (the order a pass over the snapshot meets them).
+    free_kv: Vec<u32>,
+    workers: Vec<Arc<WorkerAdvert>>,
+}
+
+impl RoomIndex {
+    /// The workers of `model` (every model when empty) in `pool` advertising at least `floor`
+    /// free KV tokens in `snapshot`.
+    pub fn build(snapshot: &ClusterSnapshot, model: &str, pool: Pool, floor: u32) -> RoomIndex {
+        let mut index = RoomIndex {
+            pool: Some(pool),
+            floor,
+            ..RoomIndex::default()
+        };
+        for w in snapshot.workers.values() {
+            if w.capacity.free_kv_tokens >= floor
+                && Pool::of(w) == pool
+                && (model.is_empty() || w.model.name == model)
+            {
+                index.free_kv.push(w.capacity.free_kv_tokens);
+                index.workers.push(w.clone());
+            }
+        }
+        index
+    }
+
+    /// Whether it lists every worker of its pool with room for `needed` tokens.
+    pub fn covers(&self, pool: Pool, needed: u32) -> bool {
+        self.pool == Some(pool) && needed >= self.floor
+    }
+
+    /// The listed workers advertising at least `needed` free KV tokens, in snapshot order:
+    /// every worker of the pool that does when [`RoomIndex::covers`] `needed`.
+    pub fn with_room(&self, needed: u32) -> impl Iterator<Item = &Arc<WorkerAdvert>> {
+        self.free_kv
+            .iter()
+            .zip(&self.workers)
+            .filter(move |(free, _)| **free >= needed)
+            .map(|(_, w)| w)
+    }
+
+    /// Workers listed.
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+}
+
+/// What a [`RoomIndex`] was built from. The first and last adverts are held (not just their
+/// addresses), so a later snapshot cannot reuse their allocations: a snapshot whose revision,
+/// worker count and first and last adverts are the same is the same snapshot, as long as a
+/// snapshot changed in place also changes its revision (the registry watcher publishes a new
+/// snapshot per revision; the simulator bumps the revision on every change).
+#[derive(Debug)]
+struct RoomKey {
+    revision: i64,
+    workers: usize,
+    first: Option<Arc<WorkerAdvert>>,
+    last: Option<Arc<WorkerAdvert>>,
+    /// The features the snapshot was filtered by (`features::capable`): two filters of one
+    /// revision differ.
+    needs: Features,
+    model: String,
+    pool: Pool,
+}
+
+impl RoomKey {
+    fn of(snapshot: &ClusterSnapshot, model: &str, needs: Features, pool: Pool) -> RoomKey {
+        RoomKey {
+            revision: snapshot.revision,
+            workers: snapshot.workers.len(),
+            first: snapshot.workers.values().next().cloned(),
+            last: snapshot.workers.values().next_back().cloned(),
+            needs,
+            model: model.to_string(),
+            pool,
+        }
+    }
+
+    /// Built from the same snapshot (whatever the model and filter).
+    fn same_snapshot(&self, other: &RoomKey) -> bool {
+        let ptr = |a: &Option<Arc<WorkerAdvert>>, b: &Option<Arc<WorkerAdvert>>| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        self.revision == other.revision
+            && self.workers == other.workers
+            && ptr(&self.first, &other.first)
+            && ptr(&self.last, &other.last)
+    }
+
+    fn same(&self, other: &RoomKey) -> bool {
+        self.same_snapshot(other)
+            && self.needs == other.needs
+            && self.model == other.model
+            && self.pool == other.pool
+    }
+}
+
+/// Room indexes kept at once (one per model and pool asked for on the current snapshot).
+const ROOM_INDEXES: usize = 4;
+
+/// The room indexes of the current snapshot, oldest first.
+type RoomIndexes = Vec<(RoomKey, Arc<RoomIndex>)>;
+
 /// The index shared by one gateway's decisions (clones share it).
 #[derive(Clone, Debug, Default)]
 pub struct IndexCache {
     current: Arc<Mutex<Option<Arc<PoolIndex>>>>,
+    rooms: Arc<Mutex<RoomIndexes>>,
 }
 
 impl IndexCache {
@@ -136,6 +265,38 @@ impl IndexCache {
     /// Forces a rebuild at the next decision (a sampled id was stale).
     pub fn invalidate(&self) {
         *self.current.lock().expect("index lock") = None;
+    }
+
+    /// A [`RoomIndex`] of `model`'s workers in `pool` for `snapshot` (filtered by `needs`) that
+    /// covers `needed`: the one built for an earlier decision on the same snapshot, or a new one
+    /// with a floor of half of `needed` (so that later, smaller demands mostly find it too).
+    /// Built outside the lock: two decisions may both build one.
+    pub fn rooms(
+        &self,
+        snapshot: &ClusterSnapshot,
+        (model, needs): (&str, Features),
+        pool: Pool,
+        needed: u32,
+    ) -> Arc<RoomIndex> {
+        let key = RoomKey::of(snapshot, model, needs, pool);
+        {
+            let rooms = self.rooms.lock().expect("room index lock");
+            if let Some((_, index)) = rooms
+                .iter()
+                .find(|(k, i)| k.same(&key) && i.covers(pool, needed))
+            {
+                return index.clone();
+            }
+        }
+        let index = Arc::new(RoomIndex::build(snapshot, model, pool, needed / 2));
+        let mut rooms = self.rooms.lock().expect("room index lock");
+        // Another snapshot: the indexes of the one before are of no more use.
+        rooms.retain(|(k, _)| k.same_snapshot(&key) && !k.same(&key));
+        if rooms.len() >= ROOM_INDEXES {
+            rooms.remove(0);
+        }
+        rooms.push((key, index.clone()));
+        index
     }
 }
 
@@ -255,7 +416,15 @@ pub(super) fn rank_sampled(
         policy.index.invalidate();
     }
     if found.is_empty() {
-        found = scan_preferred(demand, hits, snapshot, reservations, policy, preferred);
+        found = with_room(
+            demand,
+            hits,
+            snapshot,
+            reservations,
+            policy,
+            (preferred, k),
+            rng,
+        );
         if found.is_empty() {
             return full(rng);
         }
@@ -297,24 +466,40 @@ pub(super) fn rescore_unmeasured(
     }
 }
 
-/// Every preferred-pool worker with room, unsorted: one pass, cheap checks first.
-fn scan_preferred(
+/// Preferred-pool workers with room, unsorted, from those whose advertised free KV is enough
+/// (the snapshot's [`RoomIndex`]): a sample of `k`, then one of `4k`, then all of them, until one
+/// passes the full checks (this gateway's placements since the advert may have taken its room).
+fn with_room(
     demand: &Demand,
     hits: &PrefixHits,
     snapshot: &ClusterSnapshot,
     reservations: &Reservations,
     policy: &Policy,
-    preferred: Pool,
+    (preferred, k): (Pool, usize),
+    rng: &mut impl Rng,
 ) -> Vec<Candidate> {
     let needed = demand.kv_tokens();
-    snapshot
-        .workers
-        .values()
-        .filter(|w| {
-            w.capacity.free_kv_tokens >= needed
-                && Pool::of(w) == preferred
-                && (demand.model.is_empty() || w.model.name == demand.model)
-        })
-        .filter_map(|w| evaluate_hits(w, demand, hits, reservations, policy, false))
-        .collect()
+    let rooms = policy
+        .index
+        .rooms(snapshot, (demand.model, demand.needs), preferred, needed);
+    let roomy: Vec<&Arc<WorkerAdvert>> = rooms.with_room(needed).collect();
+    let evaluate =
+        |w: &Arc<WorkerAdvert>| evaluate_hits(w, demand, hits, reservations, policy, false);
+    let mut found: Vec<Candidate> = Vec::with_capacity(k);
+    for draws in [k, 4 * k] {
+        if roomy.len() <= draws {
+            break;
+        }
+        for _ in 0..draws {
+            let w = roomy[rng.random_range(0..roomy.len())];
+            if found.iter().any(|c| c.worker.id == w.id) {
+                continue;
+            }
+            found.extend(evaluate(w));
+        }
+        if !found.is_empty() {
+            return found;
+        }
+    }
+    roomy.into_iter().filter_map(evaluate).collect()
 }

@@ -493,6 +493,7 @@ fn several_gateways_spread_first_placements_over_equal_workers() {
 mod affinity;
 mod predictor;
 mod queue;
+mod rooms;
 
 /// A worker from before the advert's `features` field: its JSON has no such key.
 fn old_worker(id: &str, profile: &str) -> WorkerAdvert {
