@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use moe_common::pb::v1::worker_client::WorkerClient;
 use moe_common::pb::{PrefixCacheEvent, WatchPrefixCacheRequest};
-use moe_common::prefix::{BLOCK_TOKENS, cached_blocks};
+use moe_common::prefix::BLOCK_TOKENS;
 use moe_common::registry::ClusterSnapshot;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -29,66 +29,213 @@ use crate::router::RoutingState;
 use crate::scheduler::features::has_prefix_cache_events;
 
 /// The blocks one worker holds.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Held {
-    fingerprint: String,
+    id: String,
+    /// Index into [`Inner::fingerprints`].
+    fingerprint: u32,
     blocks: HashSet<u64>,
 }
 
-/// Block hashes held by each worker, by worker id.
+/// A model fingerprint in use, with how many workers hold blocks under it.
+#[derive(Debug)]
+struct Fingerprint {
+    name: String,
+    workers: usize,
+}
+
+/// The index proper, behind [`PrefixIndex`]'s lock.
+///
+/// Two views of the same facts, kept in step by every change: each worker's blocks (by slot,
+/// for diffs, removal and restarts) and, inverted, the workers holding each block of each model
+/// file (for lookups, which then cost the prompt's blocks, not the workers).
+#[derive(Debug, Default)]
+struct Inner {
+    /// Worker id → slot in `held`.
+    slots: HashMap<String, u32>,
+    /// By slot; `None` for a free slot.
+    held: Vec<Option<Held>>,
+    free: Vec<u32>,
+    /// By index; `None` when no worker uses it any more.
+    fingerprints: Vec<Option<Fingerprint>>,
+    fingerprint_ids: HashMap<String, u32>,
+    /// (fingerprint, block hash) → the slots of the workers holding it.
+    holders: HashMap<(u32, u64), Vec<u32>>,
+}
+
+impl Inner {
+    fn fingerprint_id(&mut self, name: String) -> u32 {
+        if let Some(&id) = self.fingerprint_ids.get(&name) {
+            if let Some(f) = self.fingerprints[id as usize].as_mut() {
+                f.workers += 1;
+            }
+            return id;
+        }
+        let entry = Fingerprint {
+            name: name.clone(),
+            workers: 1,
+        };
+        let id = match self.fingerprints.iter().position(Option::is_none) {
+            Some(i) => {
+                self.fingerprints[i] = Some(entry);
+                i as u32
+            }
+            None => {
+                self.fingerprints.push(Some(entry));
+                (self.fingerprints.len() - 1) as u32
+            }
+        };
+        self.fingerprint_ids.insert(name, id);
+        id
+    }
+
+    fn release_fingerprint(&mut self, id: u32) {
+        let Some(slot) = self.fingerprints.get_mut(id as usize) else {
+            return;
+        };
+        let done = slot.as_mut().is_some_and(|f| {
+            f.workers = f.workers.saturating_sub(1);
+            f.workers == 0
+        });
+        if done && let Some(f) = slot.take() {
+            self.fingerprint_ids.remove(&f.name);
+        }
+    }
+
+    fn add_holder(&mut self, fingerprint: u32, block: u64, slot: u32) {
+        self.holders
+            .entry((fingerprint, block))
+            .or_default()
+            .push(slot);
+    }
+
+    fn remove_holder(&mut self, fingerprint: u32, block: u64, slot: u32) {
+        let key = (fingerprint, block);
+        let Some(list) = self.holders.get_mut(&key) else {
+            return;
+        };
+        if let Some(i) = list.iter().position(|&s| s == slot) {
+            list.swap_remove(i);
+        }
+        if list.is_empty() {
+            self.holders.remove(&key);
+        }
+    }
+
+    /// Drops `worker`'s blocks from both views and frees its slot.
+    fn forget(&mut self, worker: &str) {
+        let Some(slot) = self.slots.remove(worker) else {
+            return;
+        };
+        let Some(held) = self.held.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        for &b in &held.blocks {
+            self.remove_holder(held.fingerprint, b, slot);
+        }
+        self.release_fingerprint(held.fingerprint);
+        self.free.push(slot);
+    }
+
+    /// `worker` holds exactly `blocks` of model file `fingerprint` (a stream's snapshot).
+    fn replace(&mut self, worker: &str, fingerprint: String, blocks: Vec<u64>) {
+        self.forget(worker);
+        let fingerprint = self.fingerprint_id(fingerprint);
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.held.push(None);
+                (self.held.len() - 1) as u32
+            }
+        };
+        let blocks: HashSet<u64> = blocks.into_iter().collect();
+        for &b in &blocks {
+            self.add_holder(fingerprint, b, slot);
+        }
+        self.held[slot as usize] = Some(Held {
+            id: worker.to_string(),
+            fingerprint,
+            blocks,
+        });
+        self.slots.insert(worker.to_string(), slot);
+    }
+
+    /// A diff of `worker`'s stream: `removed` dropped, then `stored` added.
+    fn diff(&mut self, worker: &str, stored: Vec<u64>, removed: Vec<u64>) {
+        let Some(&slot) = self.slots.get(worker) else {
+            return;
+        };
+        let Some(held) = self.held.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fingerprint = held.fingerprint;
+        let gone: Vec<u64> = removed
+            .into_iter()
+            .filter(|h| held.blocks.remove(h))
+            .collect();
+        let new: Vec<u64> = stored
+            .into_iter()
+            .filter(|h| held.blocks.insert(*h))
+            .collect();
+        for b in gone {
+            self.remove_holder(fingerprint, b, slot);
+        }
+        for b in new {
+            self.add_holder(fingerprint, b, slot);
+        }
+    }
+}
+
+/// Block hashes held by each worker, by worker id, with the inverse (block → workers) that
+/// [`PrefixIndex::hits`] reads.
 #[derive(Debug, Default)]
 pub struct PrefixIndex {
-    workers: RwLock<HashMap<String, Held>>,
+    inner: RwLock<Inner>,
 }
 
 impl PrefixIndex {
     /// Applies one event of `worker`'s stream.
     pub fn apply(&self, worker: &str, event: PrefixCacheEvent) {
-        let mut workers = self.workers.write().expect("prefix index lock");
+        let mut inner = self.inner.write().expect("prefix index lock");
         if event.block_tokens != BLOCK_TOKENS {
             // Another block size: its hashes never match ours.
-            workers.remove(worker);
+            inner.forget(worker);
             return;
         }
         if event.snapshot {
-            workers.insert(
-                worker.to_string(),
-                Held {
-                    fingerprint: event.model_fingerprint,
-                    blocks: event.stored.into_iter().collect(),
-                },
-            );
+            inner.replace(worker, event.model_fingerprint, event.stored);
             return;
         }
         // A diff without a snapshot before it (cannot happen on one stream) is ignored.
-        if let Some(held) = workers.get_mut(worker) {
-            for h in event.removed {
-                held.blocks.remove(&h);
-            }
-            held.blocks.extend(event.stored);
-        }
+        inner.diff(worker, event.stored, event.removed);
     }
 
     /// Forgets `worker` (stream ended, worker left): it holds nothing until its next snapshot.
     pub fn forget(&self, worker: &str) {
-        self.workers
+        self.inner
             .write()
             .expect("prefix index lock")
-            .remove(worker);
+            .forget(worker);
     }
 
     /// Blocks `worker` holds now (tests, debugging).
     pub fn held_blocks(&self, worker: &str) -> usize {
-        self.workers
-            .read()
-            .expect("prefix index lock")
+        let inner = self.inner.read().expect("prefix index lock");
+        inner
+            .slots
             .get(worker)
+            .and_then(|&s| inner.held.get(s as usize))
+            .and_then(Option::as_ref)
             .map_or(0, |h| h.blocks.len())
     }
 
     /// Prompt tokens each worker of model file `fingerprint` holds of a prompt of
     /// `prompt_tokens` tokens whose block hashes are `blocks` (whole leading blocks ×
     /// [`BLOCK_TOKENS`], at most the prompt); workers without a hit are left out.
+    ///
+    /// Reads the holders of the prompt's blocks in order, stopping at the first block that no
+    /// worker holds after all the blocks before it: O(blocks + the holders of the blocks
+    /// shared), whatever the number of workers holding none of the prompt.
     pub fn hits(
         &self,
         fingerprint: &str,
@@ -99,15 +246,38 @@ impl PrefixIndex {
         if blocks.is_empty() {
             return out;
         }
-        let workers = self.workers.read().expect("prefix index lock");
-        for (id, held) in workers.iter() {
-            if held.fingerprint != fingerprint {
-                continue;
+        let inner = self.inner.read().expect("prefix index lock");
+        let Some(&fp) = inner.fingerprint_ids.get(fingerprint) else {
+            return out;
+        };
+        // Slot → leading blocks held so far; a slot whose run ended keeps its count.
+        let mut run: HashMap<u32, u32> = HashMap::new();
+        for (i, b) in blocks.iter().enumerate() {
+            let Some(slots) = inner.holders.get(&(fp, *b)) else {
+                break;
+            };
+            let i = i as u32;
+            let mut going = false;
+            for &s in slots {
+                if i == 0 {
+                    run.insert(s, 1);
+                    going = true;
+                } else if let Some(n) = run.get_mut(&s)
+                    && *n == i
+                {
+                    *n += 1;
+                    going = true;
+                }
             }
-            let n = cached_blocks(blocks, |h| held.blocks.contains(&h));
-            if n > 0 {
-                let tokens = (n as u32).saturating_mul(BLOCK_TOKENS).min(prompt_tokens);
-                out.insert(id.clone(), tokens);
+            if !going {
+                break;
+            }
+        }
+        out.reserve(run.len());
+        for (s, n) in run {
+            if let Some(Some(held)) = inner.held.get(s as usize) {
+                let tokens = n.saturating_mul(BLOCK_TOKENS).min(prompt_tokens);
+                out.insert(held.id.clone(), tokens);
             }
         }
         out
@@ -293,5 +463,180 @@ mod tests {
         );
         index.forget("b");
         assert!(index.hits("fp", &[1], 100).is_empty());
+    }
+
+    fn event_fp(snapshot: bool, fp: &str, stored: &[u64], removed: &[u64]) -> PrefixCacheEvent {
+        PrefixCacheEvent {
+            model_fingerprint: fp.into(),
+            ..event(snapshot, stored, removed)
+        }
+    }
+
+    impl PrefixIndex {
+        /// The inverted view is exactly the per-worker view inverted, and slots and
+        /// fingerprints are accounted for.
+        fn check(&self) {
+            let inner = self.inner.read().unwrap();
+            let mut expected: HashMap<(u32, u64), Vec<u32>> = HashMap::new();
+            let mut users: HashMap<u32, usize> = HashMap::new();
+            for (slot, held) in inner.held.iter().enumerate() {
+                let Some(held) = held else {
+                    assert!(inner.free.contains(&(slot as u32)), "slot {slot} lost");
+                    continue;
+                };
+                assert_eq!(inner.slots.get(&held.id), Some(&(slot as u32)));
+                *users.entry(held.fingerprint).or_default() += 1;
+                for &b in &held.blocks {
+                    expected
+                        .entry((held.fingerprint, b))
+                        .or_default()
+                        .push(slot as u32);
+                }
+            }
+            assert_eq!(inner.slots.len(), inner.held.iter().flatten().count());
+            let mut actual = inner.holders.clone();
+            for v in expected.values_mut().chain(actual.values_mut()) {
+                v.sort_unstable();
+            }
+            assert_eq!(
+                actual, expected,
+                "holders out of step with the workers' blocks"
+            );
+            for (i, f) in inner.fingerprints.iter().enumerate() {
+                let n = users.get(&(i as u32)).copied().unwrap_or(0);
+                match f {
+                    Some(f) => {
+                        assert_eq!(f.workers, n, "fingerprint {} users", f.name);
+                        assert_eq!(inner.fingerprint_ids.get(&f.name), Some(&(i as u32)));
+                    }
+                    None => assert_eq!(n, 0),
+                }
+            }
+            assert_eq!(
+                inner.fingerprint_ids.len(),
+                inner.fingerprints.iter().flatten().count()
+            );
+        }
+    }
+
+    #[test]
+    fn a_restarted_worker_stops_attracting_its_old_prefixes() {
+        let index = PrefixIndex::default();
+        index.apply("a", event(true, &[1, 2, 3], &[]));
+        index.apply("b", event(true, &[1, 2], &[]));
+        assert_eq!(index.hits("fp", &[1, 2, 3], 200).get("a"), Some(&96));
+        // The stream ends (the worker restarts): nothing until its next snapshot.
+        index.forget("a");
+        index.check();
+        assert_eq!(index.hits("fp", &[1, 2, 3], 200).get("a"), None);
+        assert_eq!(index.hits("fp", &[1, 2, 3], 200).get("b"), Some(&64));
+        // Back with an empty cache, then a new prefix: the old one does not come back.
+        index.apply("a", event(true, &[], &[]));
+        index.apply("a", event(false, &[7], &[]));
+        index.check();
+        assert_eq!(index.hits("fp", &[1, 2, 3], 200).get("a"), None);
+        assert_eq!(index.hits("fp", &[7], 200).get("a"), Some(&32));
+        // A snapshot of a restarted stream replaces everything without a forget first.
+        index.apply("b", event(true, &[9], &[]));
+        index.check();
+        assert!(index.hits("fp", &[1], 200).is_empty());
+        assert_eq!(index.held_blocks("b"), 1);
+        // Another block size: forgotten.
+        index.apply(
+            "b",
+            PrefixCacheEvent {
+                block_tokens: BLOCK_TOKENS * 2,
+                ..event(true, &[9], &[])
+            },
+        );
+        index.check();
+        assert!(index.hits("fp", &[9], 200).is_empty());
+        assert_eq!(index.held_blocks("b"), 0);
+        index.forget("a");
+        index.check();
+        let inner = index.inner.read().unwrap();
+        assert!(inner.holders.is_empty() && inner.fingerprint_ids.is_empty());
+    }
+
+    #[test]
+    fn one_workers_change_leaves_the_others_blocks_alone() {
+        let index = PrefixIndex::default();
+        index.apply("a", event(true, &[1, 2], &[]));
+        index.apply("b", event(true, &[1, 2], &[]));
+        index.apply("c", event_fp(true, "other", &[1, 2], &[]));
+        index.apply("a", event(false, &[], &[2]));
+        index.check();
+        let hits = index.hits("fp", &[1, 2], 100);
+        assert_eq!((hits.get("a"), hits.get("b")), (Some(&32), Some(&64)));
+        assert_eq!(hits.get("c"), None, "another model file");
+        assert_eq!(index.hits("other", &[1, 2], 100).get("c"), Some(&64));
+        // Removing a block it does not hold, or storing one it holds, changes nothing.
+        index.apply("b", event(false, &[1], &[5]));
+        index.check();
+        assert_eq!(index.hits("fp", &[1, 2], 100).get("b"), Some(&64));
+        // A worker holding a later block but not an earlier one has no run past the miss.
+        index.apply("d", event(true, &[2, 3], &[]));
+        assert_eq!(index.hits("fp", &[1, 2, 3], 100).get("d"), None);
+        index.check();
+    }
+
+    #[test]
+    fn hits_match_a_scan_of_every_worker_through_random_changes() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(17);
+        let index = PrefixIndex::default();
+        // The model: worker → (fingerprint, blocks), what the old scan read.
+        let mut model: HashMap<String, (String, HashSet<u64>)> = HashMap::new();
+        let ids: Vec<String> = (0..12).map(|i| format!("w{i}")).collect();
+        let fps = ["fp", "other"];
+        for round in 0..3000 {
+            let id = &ids[rng.random_range(0..ids.len())];
+            let some = |rng: &mut StdRng| -> Vec<u64> {
+                (0..rng.random_range(0..6))
+                    .map(|_| rng.random_range(0..10))
+                    .collect()
+            };
+            match rng.random_range(0..10) {
+                0 => {
+                    index.forget(id);
+                    model.remove(id);
+                }
+                1 | 2 => {
+                    let fp = fps[rng.random_range(0..2)];
+                    let stored = some(&mut rng);
+                    index.apply(id, event_fp(true, fp, &stored, &[]));
+                    model.insert(id.clone(), (fp.into(), stored.into_iter().collect()));
+                }
+                _ => {
+                    let (stored, removed) = (some(&mut rng), some(&mut rng));
+                    let fp = model.get(id).map_or("fp".into(), |m| m.0.clone());
+                    index.apply(id, event_fp(false, &fp, &stored, &removed));
+                    if let Some((_, blocks)) = model.get_mut(id) {
+                        for h in &removed {
+                            blocks.remove(h);
+                        }
+                        blocks.extend(stored);
+                    }
+                }
+            }
+            if round % 50 == 0 {
+                index.check();
+            }
+            let prompt: Vec<u64> = (0..rng.random_range(1..6))
+                .map(|_| rng.random_range(0..10))
+                .collect();
+            let fp = fps[rng.random_range(0..2)];
+            let expected: HashMap<String, u32> = model
+                .iter()
+                .filter(|(_, (f, _))| f == fp)
+                .filter_map(|(id, (_, blocks))| {
+                    let n = prompt.iter().take_while(|b| blocks.contains(b)).count() as u32;
+                    (n > 0).then(|| (id.clone(), (n * BLOCK_TOKENS).min(100)))
+                })
+                .collect();
+            assert_eq!(index.hits(fp, &prompt, 100), expected, "round {round}");
+        }
+        index.check();
     }
 }
