@@ -1,23 +1,29 @@
 //! `moe-sched-cost`: wall-clock cost of one placement decision (`scheduler::rank`) at 100, 1,000
 //! and 10,000 workers, the full scan (the policy before issue 17) next to sampled power-of-k, in
 //! one run, and the live prefix-aware decision (`scheduler::affinity::rank_with_hits`, sampled,
-//! with three workers holding part of the prompt). Also times an index rebuild and a clone of
-//! the reservations (what the router did per decision). A few seconds in all; prints a markdown
-//! table.
+//! with three workers holding part of the prompt). Also times an index rebuild, a room index
+//! build (the per-snapshot list a saturated pool's decisions read), a clone of the reservations
+//! (what the router did per decision) and the prefix index lookup that comes before a
+//! prefix-aware decision (`PrefixIndex::hits`), next to the scan of every worker it replaced.
+//! A few seconds in all; prints two markdown tables.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moe_common::LatencyClass;
+use moe_common::pb::PrefixCacheEvent;
+use moe_common::prefix::{BLOCK_TOKENS, cached_blocks};
 use moe_common::registry::{
     ADVERT_SCHEMA, Capacity, ClusterSnapshot, Load, MemoryInfo, ModelInfo, OffloadInfo, Speed,
     WorkerAdvert, WorkerState,
 };
+use moe_gateway::prefix_index::PrefixIndex;
 use moe_gateway::scheduler::affinity::{self, Affinity};
 use moe_gateway::scheduler::{
-    self, Demand, Policy, PoolIndex, PrefixHits, Reservation, Reservations, Sampling,
+    self, Demand, Policy, Pool, PoolIndex, PrefixHits, Reservation, Reservations, RoomIndex,
+    Sampling,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -94,6 +100,85 @@ fn cluster(n: usize, saturated: bool) -> (ClusterSnapshot, Reservations) {
     (snapshot, reservations)
 }
 
+/// Conversations each worker's prefix cache holds, and their length in blocks.
+const CONVERSATIONS: u64 = 4;
+const CONVERSATION_BLOCKS: u64 = 24;
+/// Blocks of a system prompt every worker holds.
+const SYSTEM_BLOCKS: u64 = 4;
+
+/// Block hash `b` of conversation `c` (distinct for every (c, b); the system prompt is c = 0).
+fn block(c: u64, b: u64) -> u64 {
+    affinity::stable_hash(&[c.to_le_bytes(), b.to_le_bytes()].concat())
+}
+
+/// The prefix caches of `n` workers: each holds the system prompt and 4 conversations of its
+/// own of 24 blocks; the request's conversation (1) is held whole by one worker, half by
+/// another and a quarter by a third. Returns the index and the same caches as the scan of
+/// every worker (what `PrefixIndex::hits` did before) read them.
+fn caches(n: usize, max_blocks: u64) -> (PrefixIndex, HashMap<String, (String, HashSet<u64>)>) {
+    let index = PrefixIndex::default();
+    let mut scan = HashMap::new();
+    for i in 0..n {
+        let id = format!("worker-{i:05}");
+        let mut blocks: Vec<u64> = (0..SYSTEM_BLOCKS).map(|b| block(0, b)).collect();
+        for c in 0..CONVERSATIONS {
+            let c = 2 + i as u64 * CONVERSATIONS + c;
+            blocks.extend((0..CONVERSATION_BLOCKS).map(|b| block(c, b)));
+        }
+        let held = match i {
+            0 => max_blocks,
+            7 => max_blocks / 2,
+            14 => max_blocks / 4,
+            _ => 0,
+        };
+        blocks.extend((0..held).map(|b| block(1, b)));
+        scan.insert(
+            id.clone(),
+            ("fp".to_string(), blocks.iter().copied().collect()),
+        );
+        index.apply(
+            &id,
+            PrefixCacheEvent {
+                snapshot: true,
+                stored: blocks,
+                removed: vec![],
+                block_tokens: BLOCK_TOKENS,
+                model_fingerprint: "fp".into(),
+            },
+        );
+    }
+    (index, scan)
+}
+
+/// The lookup before issue 17's inverted index: one probe per block per worker.
+fn scan_hits(
+    workers: &HashMap<String, (String, HashSet<u64>)>,
+    fingerprint: &str,
+    blocks: &[u64],
+    prompt_tokens: u32,
+) -> HashMap<String, u32> {
+    let mut out = HashMap::new();
+    for (id, (fp, held)) in workers {
+        if fp != fingerprint {
+            continue;
+        }
+        let n = cached_blocks(blocks, |h| held.contains(&h));
+        if n > 0 {
+            out.insert(id.clone(), (n as u32 * BLOCK_TOKENS).min(prompt_tokens));
+        }
+    }
+    out
+}
+
+/// A prompt of `blocks` blocks of conversation 1, after the system prompt when `system`.
+fn prompt(blocks: u64, system: bool) -> Vec<u64> {
+    let system = if system { SYSTEM_BLOCKS } else { 0 };
+    (0..system)
+        .map(|b| block(0, b))
+        .chain((0..blocks - system).map(|b| block(1, b)))
+        .collect()
+}
+
 /// Mean microseconds per call of `f`, run for about `budget`.
 fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
     let started = Instant::now();
@@ -112,15 +197,48 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(300),
     );
+    // The prefix index lookup: a 20-block prompt held by three workers.
+    let mut lookup_20 = HashMap::new();
+    let mut lookups = Vec::new();
+    for n in [100, 1_000, 10_000] {
+        let (index, scan) = caches(n, 40);
+        for blocks in [10, 20, 40] {
+            for system in [false, true] {
+                let p = prompt(blocks, system);
+                let tokens = blocks as u32 * BLOCK_TOKENS;
+                let new = index.hits("fp", &p, tokens);
+                let old = scan_hits(&scan, "fp", &p, tokens);
+                assert_eq!(new, old, "the inverted index and the scan disagree");
+                let inverted = time(budget / 4, || {
+                    black_box(index.hits("fp", &p, tokens));
+                });
+                if blocks == 20 && !system {
+                    lookup_20.insert(n, inverted);
+                }
+                if n == 100 || blocks == 20 {
+                    continue;
+                }
+                let scanned = time(budget / 4, || {
+                    black_box(scan_hits(&scan, "fp", &p, tokens));
+                });
+                lookups.push((n, blocks, system, new.len(), scanned, inverted));
+            }
+        }
+    }
     println!(
-        "| workers | preferred pool | class | full scan µs | sampled (k=4) µs | prefix-aware (k=4, 3 hits) µs | index rebuild µs | reservations clone µs |"
+        "| workers | preferred pool | class | full scan µs | sampled (k=4) µs | prefix-aware (k=4, 3 hits) µs | prefix lookup (20 blocks) µs | index rebuild µs | room index build µs | reservations clone µs |"
     );
-    println!("|---:|---|---|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for n in [100, 1_000, 10_000] {
         for saturated in [false, true] {
             let (snapshot, reservations) = cluster(n, saturated);
             let rebuild = time(budget / 4, || {
                 black_box(PoolIndex::build(&snapshot));
+            });
+            let rooms = time(budget / 4, || {
+                // What an interactive decision whose samples missed builds (856 tokens).
+                let r = RoomIndex::build(&snapshot, "gpt-oss-20b", Pool::Fast, 856 / 2);
+                black_box(r.len());
             });
             let clone = time(budget / 4, || {
                 black_box(reservations.clone());
@@ -185,7 +303,7 @@ fn main() {
                     black_box(r.expect("a placement"));
                 });
                 println!(
-                    "| {n} | {} | {} | {:.1} | {:.2} | {prefix:.2} | {rebuild:.0} | {clone:.0} |",
+                    "| {n} | {} | {} | {:.1} | {:.2} | {prefix:.2} | {:.2} | {rebuild:.0} | {rooms:.0} | {clone:.0} |",
                     if saturated {
                         "1 full worker in 50 has room"
                     } else {
@@ -194,8 +312,24 @@ fn main() {
                     class.as_str(),
                     cost[0],
                     cost[1],
+                    lookup_20[&n],
                 );
             }
         }
+    }
+    println!();
+    println!(
+        "| workers | prompt blocks | shared | workers with a hit | scan of every worker µs | inverted index µs |"
+    );
+    println!("|---:|---:|---|---:|---:|---:|");
+    for (n, blocks, system, with_hit, scanned, inverted) in lookups {
+        println!(
+            "| {n} | {blocks} | {} | {with_hit} | {scanned:.1} | {inverted:.2} |",
+            if system {
+                "4-block system prompt on every worker + conversation on 3"
+            } else {
+                "conversation on 3 workers"
+            },
+        );
     }
 }
