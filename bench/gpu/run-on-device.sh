@@ -27,6 +27,8 @@
 #                 (--ubatch-size / -ub "512 256 128"), ours --kv-unified at 512; then full 49152/64
 #                 ours vs upstream at the best micro-batch (BEST_UB, else the smallest whose decode
 #                 and TTFT stay within 5 % / 25 % of 512's): VRAM peak, single-stream decode, TTFT
+#   kvq           cpu-moe 16384/16 with q8_0 K and V caches (--cache-type-k/-v; upstream -ctk/-ctv), ours
+#                 vs upstream at each micro-batch of KVQ_UBS ("512 256"): VRAM peak, decode, TTFT
 #   interactive64 one full worker (--parallel 64 --ctx-size 49152) behind the gateway: INTERACTIVE
 #                 TTFT idle vs under I64_BG BATCH streams (60: the worker keeps 4 of 64 slots for
 #                 INTERACTIVE), then at --parallel 68 --ctx-size 52224 (same 768-cell share) under 64
@@ -228,9 +230,10 @@ upstream_cmd() { # PROFILE PORT PARALLEL CTX   (env WTHREADS, UB as for worker_c
     cpu-moe) extra=(--cpu-moe -lm none) ;;                 # our worker loads host experts without mmap too
     n-cpu-moe:*) extra=(--n-cpu-moe "${1#n-cpu-moe:}" -lm none) ;;
   esac
+  # UPSTREAM_EXTRA: more llama-server flags (the kvq stage's -ctk/-ctv).
   echo "$SERVER" -m "$MODEL" --host 127.0.0.1 --port "$2" -c "$4" -np "$3" \
        --cont-batching --kv-unified -t "${WTHREADS:-$NPROC}" -tb "${WTHREADS:-$NPROC}" -b 2048 -ub "${UB:-512}" -ngl 999 \
-       -fit off --no-webui -lv 4 "${extra[@]}"   # -lv 4: its context and buffer-size lines (≈26 lines a request)
+       -fit off --no-webui -lv 4 "${extra[@]}" ${UPSTREAM_EXTRA:-}   # -lv 4: its context and buffer-size lines (≈26 lines a request)
 }
 memory_snapshot() { # LABEL
   sleep 6   # adverts refresh device memory every 5 s
@@ -378,6 +381,19 @@ stage_vram() {
   stage "vram: full ${FULL_CTX:-49152}/${FULL_PAR:-64} at the best micro-batch, $best"
   RPL=${VRAM_RPL:-8} UB=$best run_server "ours-ub$best" full "${FULL_CTX:-49152}" "${FULL_PAR:-64}" 1 "${FULL_MAX_TOKENS:-128}"
   RPL=${VRAM_RPL:-8} UB=$best run_server "upstream-ub$best" full "${FULL_CTX:-49152}" "${FULL_PAR:-64}" 1 "${FULL_MAX_TOKENS:-128}"
+}
+
+# kvq: cpu-moe at 16384 cells / 16 sequences with q8_0 K and V caches (--cache-type-k/-v, upstream's
+# -ctk/-ctv), ours and upstream at each micro-batch of KVQ_UBS: the 2.5 GiB target with a
+# quantized cache, VRAM at equal settings, and what q8_0 costs in speed.
+stage_kvq() {
+  local ub ctx=${VRAM_CTX:-16384} par=${VRAM_PAR:-16} mt=${CPU_MOE_MAX_TOKENS:-64}
+  for ub in ${KVQ_UBS:-512 256}; do
+    has_time 120 "kvq cpu-moe ub $ub" || return 0
+    stage "kvq: cpu-moe $ctx/$par, q8_0 K and V caches, micro-batch $ub, ours and upstream"
+    RPL=${VRAM_RPL:-8} UB=$ub run_server "ours-q8-ub$ub" cpu-moe "$ctx" "$par" 1 "$mt" --cache-type-k q8_0 --cache-type-v q8_0
+    RPL=${VRAM_RPL:-8} UB=$ub UPSTREAM_EXTRA="-ctk q8_0 -ctv q8_0" run_server "upstream-q8-ub$ub" cpu-moe "$ctx" "$par" 1 "$mt"
+  done
 }
 
 # run_interactive PARALLEL CTX BACKGROUND LABEL: one full worker behind a gateway; INTERACTIVE TTFT
@@ -538,6 +554,7 @@ stage_n_cpu_moe() {
 run_stage() {
   case $1 in
     vram) stage_vram ;;
+    kvq) stage_kvq ;;
     interactive64) stage_interactive64 ;;
     threads) stage_threads ;;
     prefix) stage_prefix ;;

@@ -13,6 +13,103 @@ pub const ACCELERATOR_OVERHEAD_BYTES: u64 = 640 << 20;
 /// min(--batch-size, 512)); compute buffers and sliding-window KV are sized for one micro-batch.
 pub const UBATCH_TOKENS: u64 = 512;
 
+/// Element type of the KV cache (llama.cpp's `type_k` / `type_v`; llama-server's
+/// `--cache-type-k` / `--cache-type-v`, with the same names). F16 is llama.cpp's default; the
+/// 8-bit and 4-bit block types roughly halve or quarter KV memory at some cost in fidelity, and
+/// a quantized V cache needs flash attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvCacheType {
+    F32,
+    #[default]
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Iq4Nl,
+    Q5_0,
+    Q5_1,
+}
+
+/// A KV cache type name that is not one of [`KvCacheType::ALL`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "unknown KV cache type {0:?} (one of f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1)"
+)]
+pub struct UnknownKvCacheType(String);
+
+impl KvCacheType {
+    pub const ALL: [KvCacheType; 9] = [
+        KvCacheType::F32,
+        KvCacheType::F16,
+        KvCacheType::Bf16,
+        KvCacheType::Q8_0,
+        KvCacheType::Q4_0,
+        KvCacheType::Q4_1,
+        KvCacheType::Iq4Nl,
+        KvCacheType::Q5_0,
+        KvCacheType::Q5_1,
+    ];
+
+    /// The name on the command line, in the advert and in llama-server's flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheType::F32 => "f32",
+            KvCacheType::F16 => "f16",
+            KvCacheType::Bf16 => "bf16",
+            KvCacheType::Q8_0 => "q8_0",
+            KvCacheType::Q4_0 => "q4_0",
+            KvCacheType::Q4_1 => "q4_1",
+            KvCacheType::Iq4Nl => "iq4_nl",
+            KvCacheType::Q5_0 => "q5_0",
+            KvCacheType::Q5_1 => "q5_1",
+        }
+    }
+
+    /// (elements per block, bytes per block), as ggml lays the type out.
+    fn block(self) -> (u64, u64) {
+        match self {
+            KvCacheType::F32 => (1, 4),
+            KvCacheType::F16 | KvCacheType::Bf16 => (1, 2),
+            KvCacheType::Q8_0 => (32, 34),
+            KvCacheType::Q4_0 | KvCacheType::Iq4Nl => (32, 18),
+            KvCacheType::Q4_1 => (32, 20),
+            KvCacheType::Q5_0 => (32, 22),
+            KvCacheType::Q5_1 => (32, 24),
+        }
+    }
+
+    /// Bytes of one row of `elements` values (ggml's `ggml_row_size`).
+    pub fn row_bytes(self, elements: u64) -> u64 {
+        let (per_block, bytes) = self.block();
+        elements.div_ceil(per_block) * bytes
+    }
+
+    /// Whether values are stored exactly as the model computes them (F32, F16, BF16), not
+    /// quantized to blocks.
+    pub fn is_float(self) -> bool {
+        self.block().0 == 1
+    }
+}
+
+impl std::fmt::Display for KvCacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KvCacheType {
+    type Err = UnknownKvCacheType;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        KvCacheType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == lower)
+            .ok_or_else(|| UnknownKvCacheType(s.to_string()))
+    }
+}
+
 /// Bytes per device class for one placement.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryPlan {
@@ -26,8 +123,8 @@ pub struct MemoryPlan {
     /// needs no accelerator); a model whose output projection is tied to them also gets a copy
     /// on the accelerator, counted in `device_weight_bytes`.
     pub host_input_bytes: u64,
-    /// KV cache bytes (F16 K and V for every layer's cells; sliding-window layers hold only
-    /// their window, see [`KvLayout`]).
+    /// KV cache bytes (K and V of the layout's cache types for every layer's cells;
+    /// sliding-window layers hold only their window, see [`KvLayout`]).
     pub kv_bytes: u64,
     /// Accelerator compute buffers llama.cpp reserves for one micro-batch (logits and
     /// activations), estimated.
@@ -63,6 +160,9 @@ pub struct KvLayout {
     /// micro-batch, llama.cpp's default). The compute buffers hold logits for
     /// min(ubatch, this) rows; the worker sets one per KV stream.
     pub outputs_max: u32,
+    /// Element types of the K and V caches (`--cache-type-k`, `--cache-type-v`).
+    pub type_k: KvCacheType,
+    pub type_v: KvCacheType,
 }
 
 /// llama.cpp pads context sizes and sliding-window caches to this many cells.
@@ -83,6 +183,8 @@ impl KvLayout {
             ubatch: UBATCH_TOKENS as u32,
             swa_full: true,
             outputs_max: 0,
+            type_k: KvCacheType::F16,
+            type_v: KvCacheType::F16,
         }
     }
 
@@ -115,8 +217,10 @@ pub struct ModelShape {
     pub n_layer: u32,
     pub expert_count: u32,
     pub expert_used_count: u32,
-    /// K plus V elements per token and layer.
-    pub kv_elements_per_token_layer: u64,
+    /// K elements per token and layer (`n_head_kv × key_length`): one row of the K cache.
+    pub k_elements_per_token_layer: u64,
+    /// V elements per token and layer (`n_head_kv × value_length`).
+    pub v_elements_per_token_layer: u64,
     /// Bytes of routed experts per layer.
     pub expert_bytes_per_layer: Vec<u64>,
     pub total_weight_bytes: u64,
@@ -194,7 +298,8 @@ impl ModelShape {
             n_layer,
             expert_count: h.arch_u64("expert_count").unwrap_or(0) as u32,
             expert_used_count: h.arch_u64("expert_used_count").unwrap_or(0) as u32,
-            kv_elements_per_token_layer: n_head_kv * (k_len + v_len),
+            k_elements_per_token_layer: n_head_kv * k_len,
+            v_elements_per_token_layer: n_head_kv * v_len,
             expert_bytes_per_layer,
             total_weight_bytes: total,
             input_embedding_bytes: input,
@@ -211,14 +316,17 @@ impl ModelShape {
         self.kv_bytes_for(&KvLayout::full_size(ctx))
     }
 
-    /// KV bytes of F16 K and V as llama.cpp allocates them for `kv`: full-attention layers hold
-    /// every cell, sliding-window layers a window and a micro-batch per stream.
+    /// KV bytes as llama.cpp allocates them for `kv`: full-attention layers hold every cell,
+    /// sliding-window layers a window and a micro-batch per stream; each cell is one K row and
+    /// one V row of the layout's cache types.
     pub fn kv_bytes_for(&self, kv: &KvLayout) -> u64 {
         let swa_layers = self.swa_layers.min(self.n_layer) as u64;
         let full_layers = self.n_layer as u64 - swa_layers;
         let (streams, full, swa) = kv.cells_per_stream(self.n_swa);
         let cells = streams * (full_layers * full + swa_layers * swa);
-        cells * self.kv_elements_per_token_layer * 2
+        cells
+            * (kv.type_k.row_bytes(self.k_elements_per_token_layer)
+                + kv.type_v.row_bytes(self.v_elements_per_token_layer))
     }
 
     /// Accelerator compute buffers for a micro-batch of [`UBATCH_TOKENS`] with logits for every
@@ -294,7 +402,8 @@ mod tests {
             n_layer: 4,
             expert_count: 8,
             expert_used_count: 2,
-            kv_elements_per_token_layer: 256,
+            k_elements_per_token_layer: 128,
+            v_elements_per_token_layer: 128,
             expert_bytes_per_layer: vec![100, 100, 100, 100],
             total_weight_bytes: 500,
             input_embedding_bytes: 0,
@@ -363,7 +472,8 @@ mod tests {
     fn gpt_oss_20b() -> ModelShape {
         ModelShape {
             n_layer: 24,
-            kv_elements_per_token_layer: 8 * (64 + 64),
+            k_elements_per_token_layer: 8 * 64,
+            v_elements_per_token_layer: 8 * 64,
             expert_bytes_per_layer: vec![0; 24],
             n_swa: 128,
             swa_layers: 12,
@@ -384,6 +494,8 @@ mod tests {
             ubatch: 512,
             swa_full: false,
             outputs_max: 0,
+            type_k: KvCacheType::F16,
+            type_v: KvCacheType::F16,
         };
         // 2048 cells per stream for full layers; pad(128 + 512) = 768 for sliding ones.
         assert_eq!(kv.cells_per_stream(128), (16, 2048, 768));
@@ -417,6 +529,8 @@ mod tests {
             ubatch: 512,
             swa_full: false,
             outputs_max: 0,
+            type_k: KvCacheType::F16,
+            type_v: KvCacheType::F16,
         };
         // 128 × 64 + 512 = 8704 cells (a multiple of 256) for the sliding layers.
         assert_eq!(kv.cells_per_stream(128), (1, 49152, 8704));
@@ -435,6 +549,8 @@ mod tests {
             ubatch: 512,
             swa_full: false,
             outputs_max: 0,
+            type_k: KvCacheType::F16,
+            type_v: KvCacheType::F16,
         };
         // n_ctx 1024, 256 per stream; the window (128 + 512) is wider: 256.
         assert_eq!(kv.cells_per_stream(128), (4, 256, 256));
@@ -448,6 +564,8 @@ mod tests {
             ubatch: 7,
             swa_full: false,
             outputs_max: 0,
+            type_k: KvCacheType::F16,
+            type_v: KvCacheType::F16,
         };
         assert_eq!(small.cells_per_stream(100), (1, 4096, 256));
     }
@@ -467,6 +585,8 @@ mod tests {
             ubatch,
             swa_full: false,
             outputs_max: 0,
+            type_k: KvCacheType::F16,
+            type_v: KvCacheType::F16,
         };
         // pad(128 + ubatch) cells per stream on the sliding layers.
         assert_eq!(kv(512).cells_per_stream(128), (16, 1024, 768));
@@ -499,6 +619,54 @@ mod tests {
         };
         assert_eq!(unified(512).cells_per_stream(128), (1, 16384, 2560));
         assert_eq!(unified(128).cells_per_stream(128), (1, 16384, 2304));
+    }
+
+    #[test]
+    fn quantized_kv_cache_types_shrink_each_row_as_ggml_lays_them_out() {
+        assert_eq!(KvCacheType::F16.row_bytes(512), 1024);
+        assert_eq!(KvCacheType::F32.row_bytes(512), 2048);
+        // 16 blocks of 32: 34 bytes each (f16 scale + 32 × i8), 18 for 4-bit (f16 + 16 bytes).
+        assert_eq!(KvCacheType::Q8_0.row_bytes(512), 16 * 34);
+        assert_eq!(KvCacheType::Q4_0.row_bytes(512), 16 * 18);
+        assert_eq!(KvCacheType::Q5_1.row_bytes(512), 16 * 24);
+        let s = gpt_oss_20b();
+        let f16 = KvLayout {
+            cells: 16384,
+            sequences: 16,
+            unified: false,
+            ubatch: 512,
+            swa_full: false,
+            outputs_max: 16,
+            type_k: KvCacheType::F16,
+            type_v: KvCacheType::F16,
+        };
+        assert_eq!(s.kv_bytes_for(&f16), 672 * MIB);
+        let q8 = KvLayout {
+            type_k: KvCacheType::Q8_0,
+            type_v: KvCacheType::Q8_0,
+            ..f16
+        };
+        // 16 × 12 × (1024 + 768) cells × 2 rows × 544 bytes = 357 MiB, 34/64 of F16's.
+        assert_eq!(s.kv_bytes_for(&q8), 16 * 12 * (1024 + 768) * 2 * 544);
+        assert_eq!(s.kv_bytes_for(&q8) * 64, 672 * MIB * 34);
+        // K and V are sized separately.
+        let q8_k = KvLayout {
+            type_k: KvCacheType::Q8_0,
+            ..f16
+        };
+        assert_eq!(s.kv_bytes_for(&q8_k), 16 * 12 * (1024 + 768) * (544 + 1024));
+    }
+
+    #[test]
+    fn kv_cache_type_names_are_llama_servers() {
+        for t in KvCacheType::ALL {
+            assert_eq!(t.as_str().parse::<KvCacheType>().unwrap(), t);
+        }
+        assert_eq!("Q8_0".parse::<KvCacheType>().unwrap(), KvCacheType::Q8_0);
+        assert_eq!("iq4_nl".parse::<KvCacheType>().unwrap(), KvCacheType::Iq4Nl);
+        let e = "q3_k".parse::<KvCacheType>().unwrap_err().to_string();
+        assert!(e.contains("q3_k") && e.contains("q8_0"), "{e}");
+        assert!(KvCacheType::Bf16.is_float() && !KvCacheType::Q4_1.is_float());
     }
 
     fn header(arch: &str, layers: u64, meta: &[(&str, u64)]) -> GgufHeader {

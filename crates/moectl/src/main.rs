@@ -14,7 +14,7 @@ use moe_common::gguf::GgufHeader;
 use moe_common::offload::OffloadProfile;
 use moe_common::pb::v1::inference_client::InferenceClient;
 use moe_common::pb::{ChatMessage, FinishReason, GenerateRequest, SamplingParams};
-use moe_common::plan::{KvLayout, ModelShape};
+use moe_common::plan::{KvCacheType, KvLayout, ModelShape};
 use moe_common::registry::{EtcdArgs, Watcher, WorkerAdvert};
 use moe_common::size::ByteSize;
 
@@ -108,6 +108,12 @@ struct PlanArgs {
     /// --batch-size: 512). Compute buffers and sliding-window KV scale with it.
     #[arg(long, default_value_t = moe_common::plan::UBATCH_TOKENS as u32)]
     ubatch_size: u32,
+    /// Element type of the K cache, as the worker's --cache-type-k (f16, q8_0, q4_0, ...).
+    #[arg(long, default_value_t = KvCacheType::F16)]
+    cache_type_k: KvCacheType,
+    /// Element type of the V cache, as the worker's --cache-type-v.
+    #[arg(long, default_value_t = KvCacheType::F16)]
+    cache_type_v: KvCacheType,
 }
 
 #[tokio::main]
@@ -272,10 +278,12 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         swa_full: false,
         // The worker samples at most one position per sequence per decode call.
         outputs_max: a.parallel.max(1),
+        type_k: a.cache_type_k,
+        type_v: a.cache_type_v,
     };
     println!(
         "model {} ({}), {} layers, {} experts ({} used), weights {}, ctx {} (KV {}), parallel {}, \
-         micro-batch {}{}",
+         micro-batch {}{}{}",
         header.name().unwrap_or("?"),
         header.architecture().unwrap_or("?"),
         shape.n_layer,
@@ -286,7 +294,12 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         ByteSize(shape.kv_bytes_for(&kv)),
         a.parallel,
         kv.ubatch,
-        if a.kv_unified { ", unified KV" } else { "" }
+        if a.kv_unified { ", unified KV" } else { "" },
+        if (kv.type_k, kv.type_v) == (KvCacheType::F16, KvCacheType::F16) {
+            String::new()
+        } else {
+            format!(", KV cache {}/{}", kv.type_k, kv.type_v)
+        }
     );
     if shape.swa_layers > 0 {
         let (streams, full, swa) = kv.cells_per_stream(shape.n_swa);

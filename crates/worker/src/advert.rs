@@ -54,6 +54,8 @@ pub fn build(
             host_expert_bytes: plan.host_expert_bytes,
             host_experts_pinned: model.host_experts_pinned,
             compute_bytes: devices.iter().map(|d| d.compute_bytes).sum(),
+            cache_type_k: model.cache_type_k.to_string(),
+            cache_type_v: model.cache_type_v.to_string(),
         },
         capacity: Capacity {
             context_tokens: model.context_tokens,

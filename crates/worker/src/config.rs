@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use moe_common::flags::parse_duration_flag;
 use moe_common::offload::OffloadProfile;
+use moe_common::plan::KvCacheType;
 use moe_common::size::ByteSize;
 
 use crate::engine::DecodeMode;
@@ -74,6 +75,16 @@ pub struct WorkerConfig {
     /// cache, but concurrent sequences' cells interleave and change rounding.
     #[arg(long, env = "MOE_KV_UNIFIED")]
     pub kv_unified: bool,
+    /// Element type of the K cache, as llama-server's --cache-type-k: f16 (default), f32, bf16,
+    /// q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1. q8_0 takes 34/64 of f16's memory. Not f16 changes
+    /// the numbers the model computes: the worker then advertises another model fingerprint,
+    /// so streams never move between it and f16 workers.
+    #[arg(long, env = "MOE_CACHE_TYPE_K", default_value_t = KvCacheType::F16)]
+    pub cache_type_k: KvCacheType,
+    /// Element type of the V cache (as --cache-type-k); a quantized V cache needs llama.cpp's
+    /// flash attention, which the worker leaves on auto.
+    #[arg(long, env = "MOE_CACHE_TYPE_V", default_value_t = KvCacheType::F16)]
+    pub cache_type_v: KvCacheType,
     /// Decode each sequence in its own llama.cpp call instead of one batch per step. GPU kernels
     /// choose their algorithm by batch shape (measured on an H200: with batched steps no greedy
     /// text equalled its solo run), so with this on a sequence sees the same kernel shapes as
@@ -222,5 +233,22 @@ mod tests {
         let c = parse(&["--ubatch-size", "0"]);
         assert!(c.validate().unwrap_err().contains("--ubatch-size"));
         assert_eq!(parse(&["--ubatch-size", "512"]).validate(), Ok(()));
+    }
+
+    #[test]
+    fn kv_cache_types_take_llama_servers_names() {
+        let c = parse(&[]);
+        assert_eq!(
+            (c.cache_type_k, c.cache_type_v),
+            (KvCacheType::F16, KvCacheType::F16)
+        );
+        let c = parse(&["--cache-type-k", "q8_0", "--cache-type-v", "q4_0"]);
+        assert_eq!(
+            (c.cache_type_k, c.cache_type_v),
+            (KvCacheType::Q8_0, KvCacheType::Q4_0)
+        );
+        let all = ["moe-worker", "--model", "m.gguf", "--cache-type-k", "q3_k"];
+        let e = WorkerConfig::try_parse_from(all).unwrap_err().to_string();
+        assert!(e.contains("q3_k") && e.contains("q8_0"), "{e}");
     }
 }

@@ -51,6 +51,9 @@ pub struct EngineConfig {
     /// KV stream of `ctx_size / parallel` cells, at the same positions as when it runs alone, so
     /// greedy output does not depend on the batch (see docs/benchmarks/batch-invariance.md).
     pub kv_unified: bool,
+    /// Element types of the K and V caches (`--cache-type-k`, `--cache-type-v`).
+    pub cache_type_k: moe_common::plan::KvCacheType,
+    pub cache_type_v: moe_common::plan::KvCacheType,
     /// Whether each sequence is decoded in its own llama.cpp call (batch-invariant on GPU
     /// backends, whose kernels depend on the batch shape) or all in one batch per step.
     pub decode_mode: DecodeMode,
@@ -109,6 +112,9 @@ pub struct LoadedModel {
     pub cache_sequences: u32,
     /// Whether the experts kept on the host live in pinned memory.
     pub host_experts_pinned: bool,
+    /// Element types of the K and V caches.
+    pub cache_type_k: moe_common::plan::KvCacheType,
+    pub cache_type_v: moe_common::plan::KvCacheType,
 }
 
 /// Scheduling class of a job: interactive work is admitted and prefilled first.

@@ -52,6 +52,8 @@ fn engine_config(c: &WorkerConfig) -> EngineConfig {
         batch_size: c.batch_size,
         ubatch_size: c.ubatch_size(),
         kv_unified: c.kv_unified,
+        cache_type_k: c.cache_type_k,
+        cache_type_v: c.cache_type_v,
         decode_mode: c.decode_mode(),
         max_queue: c.max_queue,
         queue_timeout: c.queue_timeout,

@@ -124,6 +124,16 @@ pub struct MemoryInfo {
     /// Compute buffer bytes on all devices together (measured ones).
     #[serde(default)]
     pub compute_bytes: u64,
+    /// Element types of the K and V caches (`--cache-type-k`, `--cache-type-v`: `f16`, `q8_0`,
+    /// ...); `kv_bytes` is sized for them. Workers before this field: `f16`.
+    #[serde(default = "f16")]
+    pub cache_type_k: String,
+    #[serde(default = "f16")]
+    pub cache_type_v: String,
+}
+
+fn f16() -> String {
+    "f16".into()
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -8,14 +8,14 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType as LlamaKvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use moe_common::gguf::GgufHeader;
 use moe_common::offload::OffloadProfile;
-use moe_common::plan::{ACCELERATOR_OVERHEAD_BYTES, KvLayout, MemoryPlan, ModelShape};
+use moe_common::plan::{ACCELERATOR_OVERHEAD_BYTES, KvCacheType, KvLayout, MemoryPlan, ModelShape};
 use moe_common::registry::{DeviceKind, ModelInfo};
 
 use super::devices::{
@@ -52,6 +52,33 @@ fn kv_layout(config: &EngineConfig) -> KvLayout {
         ubatch: ubatch(config),
         swa_full: false,
         outputs_max: streams(config),
+        type_k: config.cache_type_k,
+        type_v: config.cache_type_v,
+    }
+}
+
+/// llama-cpp-2's name for a KV cache element type.
+fn llama_kv_type(t: KvCacheType) -> LlamaKvCacheType {
+    match t {
+        KvCacheType::F32 => LlamaKvCacheType::F32,
+        KvCacheType::F16 => LlamaKvCacheType::F16,
+        KvCacheType::Bf16 => LlamaKvCacheType::BF16,
+        KvCacheType::Q8_0 => LlamaKvCacheType::Q8_0,
+        KvCacheType::Q4_0 => LlamaKvCacheType::Q4_0,
+        KvCacheType::Q4_1 => LlamaKvCacheType::Q4_1,
+        KvCacheType::Iq4Nl => LlamaKvCacheType::IQ4_NL,
+        KvCacheType::Q5_0 => LlamaKvCacheType::Q5_0,
+        KvCacheType::Q5_1 => LlamaKvCacheType::Q5_1,
+    }
+}
+
+/// The fingerprint streams may move between workers by: the model file's, plus the KV cache
+/// types when they are not F16. A quantized cache changes the numbers the model computes, so a
+/// stream must not continue on a worker with another cache type (nor reuse its prefix blocks).
+fn advertised_fingerprint(file: String, config: &EngineConfig) -> String {
+    match (config.cache_type_k, config.cache_type_v) {
+        (KvCacheType::F16, KvCacheType::F16) => file,
+        (k, v) => format!("{file}+kv-{k}-{v}"),
     }
 }
 
@@ -160,6 +187,7 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
         plan.host_expert_bytes > 0 && has_accelerator && accelerator_pins_host_weights();
     let fingerprint = super::fingerprint::fingerprint(&config.model_path, &header, &model)
         .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
+    let fingerprint = advertised_fingerprint(fingerprint, config);
     let info = LoadedModel {
         fingerprint,
         info: ModelInfo {
@@ -184,6 +212,8 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
         decode_mode: resolve_decode_mode(config, has_accelerator),
         cache_sequences: config.cache_sequences,
         host_experts_pinned,
+        cache_type_k: config.cache_type_k,
+        cache_type_v: config.cache_type_v,
     };
     Ok((model, info))
 }
@@ -207,6 +237,8 @@ fn context_params(config: &EngineConfig) -> LlamaContextParams {
         // Sliding-window layers keep only their window (as llama-server does), not full-size
         // KV; prefix reuse checks what they still hold (see `reuse_allowed`).
         .with_swa_full(false)
+        .with_type_k(llama_kv_type(config.cache_type_k))
+        .with_type_v(llama_kv_type(config.cache_type_v))
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
     // Each sequence samples at most one position per decode call (the last prompt token or the
@@ -314,6 +346,8 @@ mod tests {
             batch_size: batch,
             ubatch_size: ubatch,
             kv_unified: false,
+            cache_type_k: KvCacheType::F16,
+            cache_type_v: KvCacheType::F16,
             decode_mode: DecodeMode::Auto,
             max_queue: 8,
             queue_timeout: std::time::Duration::from_secs(1),
@@ -335,5 +369,25 @@ mod tests {
         // Never more than the batch, as llama.cpp clamps it.
         assert_eq!(context_params(&config(256, 512)).n_ubatch(), 256);
         assert_eq!(kv_layout(&config(256, 512)).ubatch, 256);
+    }
+
+    #[test]
+    fn kv_cache_types_reach_llama_cpp_the_plan_and_the_fingerprint() {
+        let mut c = config(2048, 512);
+        assert_eq!(advertised_fingerprint("v1-ab".into(), &c), "v1-ab");
+        c.cache_type_k = KvCacheType::Q8_0;
+        c.cache_type_v = KvCacheType::Q4_0;
+        let p = context_params(&c);
+        assert_eq!(p.type_k(), LlamaKvCacheType::Q8_0);
+        assert_eq!(p.type_v(), LlamaKvCacheType::Q4_0);
+        let kv = kv_layout(&c);
+        assert_eq!(
+            (kv.type_k, kv.type_v),
+            (KvCacheType::Q8_0, KvCacheType::Q4_0)
+        );
+        assert_eq!(
+            advertised_fingerprint("v1-ab".into(), &c),
+            "v1-ab+kv-q8_0-q4_0"
+        );
     }
 }
