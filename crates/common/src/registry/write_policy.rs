@@ -5,9 +5,8 @@
 //! is written promptly:
 //!
 //! - identity or state (draining, endpoint, model, profile, capacity limits): at once;
-//! - routing (at most every `min_interval`): the worker reaching or leaving its last free slot,
-//!   going from idle to busy or back (and its KV headroom while idle), or starting or emptying its
-//!   queue (below that a gateway's choice between workers moves by less
+//! - routing (at most every `min_interval`): the worker reaching or leaving its last free slot or
+//!   starting or emptying its queue (below that a gateway's choice between workers moves by less
 //!   than one decode step, and it counts its own placements anyway), KV headroom moving by a
 //!   [`KV_STEP`] while the lower value is under [`KV_LOW`] of the context (where a request may not
 //!   fit), a speed becoming known or unknown;
@@ -69,16 +68,13 @@ pub fn classify(written: &WorkerAdvert, next: &WorkerAdvert) -> Change {
     let slots = next.capacity.max_sequences;
     let (was, is) = (busy(written), busy(next));
     let near_full = |b: u32| slots.saturating_sub(b) <= 1;
-    // An idle worker starting work, or a busy one going idle, is routing too: it is the best
-    // target for an INTERACTIVE request, and operators and tests watch for it. At most two writes
-    // a request on a lightly loaded worker; a busy worker rarely reaches 0.
+    // Going from idle to busy or back is drift, not routing: written as routing (51f6984) it
+    // cost two puts a request on a lightly loaded worker, 1.34 puts/s for the soak's 3 workers
+    // against 0.22, and etcd's RSS grew 16 % in 25 minutes instead of 7 % in 30 (docs/benchmarks/
+    // soak.md). A gateway counts its own placements, saturation is routing above, and the lease
+    // TTL bounds how stale the idle view gets (tests that wait for idle run a 3 s TTL).
     let load_moved = was != is
-        && (near_full(was)
-            || near_full(is)
-            || (was == 0) != (is == 0)
-            || (written.load.queued > 0) != (next.load.queued > 0));
-    // Idle with a different KV headroom: the last stream's cells came back (or a cache moved).
-    let idle_kv = is == 0 && written.capacity.free_kv_tokens != next.capacity.free_kv_tokens;
+        && (near_full(was) || near_full(is) || (written.load.queued > 0) != (next.load.queued > 0));
     // KV headroom: a step's move counts while headroom is low.
     let context = f64::from(next.capacity.context_tokens);
     let (kv_was, kv_is) = (
@@ -94,7 +90,7 @@ pub fn classify(written: &WorkerAdvert, next: &WorkerAdvert) -> Change {
         != known(next.speed.decode_tokens_per_second)
         || known(written.speed.prefill_tokens_per_second)
             != known(next.speed.prefill_tokens_per_second);
-    if load_moved || kv_moved || idle_kv || speed_known {
+    if load_moved || kv_moved || speed_known {
         Change::Routing
     } else {
         Change::Drift
@@ -198,8 +194,6 @@ mod tests {
             (with(4, 0), with(3, 0)),
             (with(4, 0), with(4, 1)),
             (with(4, 2), with(4, 1)),
-            (with(0, 0), with(1, 0)),
-            (with(1, 0), with(0, 0)),
         ] {
             assert_eq!(
                 classify(&from, &to),
@@ -212,7 +206,7 @@ mod tests {
             assert!(POLICY.due(&from, Duration::from_millis(250), &to));
         }
         // Well below saturation a load move is drift, written within max_interval.
-        for (from, to) in [(with(1, 0), with(2, 0)), (with(2, 0), with(1, 0))] {
+        for (from, to) in [(with(0, 0), with(1, 0)), (with(2, 0), with(1, 0))] {
             assert_eq!(
                 classify(&from, &to),
                 Change::Drift,
@@ -227,7 +221,6 @@ mod tests {
         // KV headroom: a 6 % move is routing only when headroom is low.
         let kv = |free: u32| {
             let mut x = a.clone();
-            x.load.active = 1;
             x.capacity.free_kv_tokens = free;
             x
         };
@@ -236,13 +229,6 @@ mod tests {
         assert_eq!(classify(&kv(800 - step), &kv(800)), Change::Routing);
         assert_eq!(classify(&kv(3000), &kv(3000 - step)), Change::Drift);
         assert_eq!(classify(&kv(800), &kv(790)), Change::Drift);
-        // While idle any KV move is routing: the last stream's cells came back.
-        let idle_kv = |free: u32| {
-            let mut x = kv(free);
-            x.load.active = 0;
-            x
-        };
-        assert_eq!(classify(&idle_kv(3000), &idle_kv(3100)), Change::Routing);
 
         // Speed: becoming known is routing, jitter of any size is drift.
         let speed = |tps: f64| {
@@ -260,7 +246,7 @@ mod tests {
     }
 
     #[test]
-    fn worker_between_idle_and_half_load_writes_its_idle_moves_and_drift_rarely() {
+    fn worker_between_idle_and_half_load_writes_once_per_max_interval() {
         // The soak's busy worker (4 slots, 2048 cells of 512 per sequence): 0–2 streams change
         // every ~300 ms, KV headroom moves 512 cells with each, decode speed swings 13–57 tok/s.
         // The old rule wrote ~2/s (120 writes a minute); now only drift, every max_interval.
@@ -278,26 +264,11 @@ mod tests {
             })
             .collect();
         let writes = replay(POLICY, Duration::from_millis(300), &adverts);
-        // Going idle and leaving idle are written (4 per 3 s cycle of this trace); the moves
-        // between 1 and 2 streams, the KV that follows them and the speed jitter are not.
-        let idle_moves = adverts
-            .windows(2)
-            .filter(|w| (w[0].load.active == 0) != (w[1].load.active == 0))
-            .count();
-        assert_eq!(idle_moves, 80);
+        // 60 s at one write per 5 s, plus the first.
+        assert!(writes.len() <= 13, "{} writes in 60 s", writes.len());
         assert!(
-            writes.len() <= idle_moves + 1 + 12,
-            "{} writes in 60 s",
-            writes.len()
+            writes.len() >= 11,
+            "drift must still be written every max_interval"
         );
-        assert!(writes.len() > idle_moves, "every idle move is written");
-        for w in writes.windows(2) {
-            assert!(
-                (w[0].load.active == 0) != (w[1].load.active == 0) || w[1].load.active > 0,
-                "no write for a move between busy loads alone: {:?} → {:?}",
-                w[0].load,
-                w[1].load
-            );
-        }
     }
 }
