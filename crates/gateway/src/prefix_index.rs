@@ -26,6 +26,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::router::RoutingState;
+use crate::scheduler::PrefixHits;
+use crate::scheduler::affinity::{rendezvous_weight, stable_hash};
 use crate::scheduler::features::has_prefix_cache_events;
 
 /// The blocks one worker holds.
@@ -59,7 +61,8 @@ struct Inner {
     /// By index; `None` when no worker uses it any more.
     fingerprints: Vec<Option<Fingerprint>>,
     fingerprint_ids: HashMap<String, u32>,
-    /// (fingerprint, block hash) → the slots of the workers holding it.
+    /// (fingerprint, block hash) → the slots of the workers holding it, in ascending order (a
+    /// worker's hit is then a binary search per block: [`SharedPrefix::cached`]).
     holders: HashMap<(u32, u64), Vec<u32>>,
 }
 
@@ -103,10 +106,10 @@ impl Inner {
     }
 
     fn add_holder(&mut self, fingerprint: u32, block: u64, slot: u32) {
-        self.holders
-            .entry((fingerprint, block))
-            .or_default()
-            .push(slot);
+        let list = self.holders.entry((fingerprint, block)).or_default();
+        if let Err(i) = list.binary_search(&slot) {
+            list.insert(i, slot);
+        }
     }
 
     fn remove_holder(&mut self, fingerprint: u32, block: u64, slot: u32) {
@@ -114,8 +117,8 @@ impl Inner {
         let Some(list) = self.holders.get_mut(&key) else {
             return;
         };
-        if let Some(i) = list.iter().position(|&s| s == slot) {
-            list.swap_remove(i);
+        if let Ok(i) = list.binary_search(&slot) {
+            list.remove(i);
         }
         if list.is_empty() {
             self.holders.remove(&key);
@@ -186,14 +189,35 @@ impl Inner {
     }
 }
 
+/// Workers listed by [`PrefixIndex::hits`] at most (those holding more of a prompt than the
+/// run of blocks (nearly) every worker holds). 32: a conversation is held by one to a few
+/// workers; a prefix held by more than 32 but at most half of the workers lists its 32 longest.
+pub const LIST_BOUND: usize = 32;
+
 /// Block hashes held by each worker, by worker id, with the inverse (block → workers) that
 /// [`PrefixIndex::hits`] reads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PrefixIndex {
-    inner: RwLock<Inner>,
+    inner: Arc<RwLock<Inner>>,
+    /// Workers [`PrefixIndex::hits`] lists at most ([`LIST_BOUND`]).
+    list_bound: usize,
+}
+
+impl Default for PrefixIndex {
+    fn default() -> Self {
+        PrefixIndex::with_list_bound(LIST_BOUND)
+    }
 }
 
 impl PrefixIndex {
+    /// An empty index whose [`PrefixIndex::hits`] lists at most `bound` workers (at least 1).
+    pub fn with_list_bound(bound: usize) -> Self {
+        PrefixIndex {
+            inner: Arc::default(),
+            list_bound: bound.max(1),
+        }
+    }
+
     /// Applies one event of `worker`'s stream.
     pub fn apply(&self, worker: &str, event: PrefixCacheEvent) {
         let mut inner = self.inner.write().expect("prefix index lock");
@@ -229,20 +253,36 @@ impl PrefixIndex {
             .map_or(0, |h| h.blocks.len())
     }
 
-    /// Prompt tokens each worker of model file `fingerprint` holds of a prompt of
+    /// The prompt tokens the workers of model file `fingerprint` hold of a prompt of
     /// `prompt_tokens` tokens whose block hashes are `blocks` (whole leading blocks ×
-    /// [`BLOCK_TOKENS`], at most the prompt); workers without a hit are left out.
+    /// [`BLOCK_TOKENS`], at most the prompt), for the request with prefix key `key`.
     ///
-    /// Reads the holders of the prompt's blocks in order, stopping at the first block that no
-    /// worker holds after all the blocks before it: O(blocks + the holders of the blocks
-    /// shared), whatever the number of workers holding none of the prompt.
+    /// - The *shared run*: the leading blocks each held by more than half of the model file's
+    ///   workers and by more than the list bound ([`LIST_BOUND`]); a system prompt every worker
+    ///   holds, say. It does not tell workers apart, so its holders are not listed: what a worker
+    ///   not listed holds is read from the index when it is scored ([`SharedPrefix::cached`],
+    ///   exact: a worker that lacks part of the shared run, such as a restarted one, or serves
+    ///   another model file, counts what it holds).
+    /// - Listed (`cached_tokens`): the workers holding more than the shared run (every one of
+    ///   them holds the block after it), with what they hold; at most the bound of them: the
+    ///   longest runs, ties to the highest rendezvous weight of `key` (the ranking's own
+    ///   tie-break), then the smaller id: the same on every gateway with the same events. A
+    ///   worker left out by the bound still counts what it holds when sampling draws it.
+    ///
+    /// Cost: one probe per block of the shared run, plus the holders of the block after it (at
+    /// most the bound, unless it is held by more than the bound but at most half of the
+    /// workers) times the prompt's blocks: not the number of workers holding the shared run.
     pub fn hits(
         &self,
         fingerprint: &str,
         blocks: &[u64],
         prompt_tokens: u32,
-    ) -> HashMap<String, u32> {
-        let mut out = HashMap::new();
+        key: Option<u64>,
+    ) -> PrefixHits {
+        let mut out = PrefixHits {
+            key,
+            ..PrefixHits::default()
+        };
         if blocks.is_empty() {
             return out;
         }
@@ -250,37 +290,120 @@ impl PrefixIndex {
         let Some(&fp) = inner.fingerprint_ids.get(fingerprint) else {
             return out;
         };
-        // Slot → leading blocks held so far; a slot whose run ended keeps its count.
-        let mut run: HashMap<u32, u32> = HashMap::new();
-        for (i, b) in blocks.iter().enumerate() {
-            let Some(slots) = inner.holders.get(&(fp, *b)) else {
-                break;
-            };
-            let i = i as u32;
-            let mut going = false;
-            for &s in slots {
-                if i == 0 {
-                    run.insert(s, 1);
-                    going = true;
-                } else if let Some(n) = run.get_mut(&s)
-                    && *n == i
-                {
-                    *n += 1;
-                    going = true;
+        let members = inner
+            .fingerprints
+            .get(fp as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, |f| f.workers);
+        let bound = self.list_bound;
+        let holders = |b: u64| inner.holders.get(&(fp, b)).map_or(&[][..], Vec::as_slice);
+        let dense = |n: usize| n > bound && n * 2 > members;
+        let mut shared = 0;
+        while shared < blocks.len() && dense(holders(blocks[shared]).len()) {
+            shared += 1;
+        }
+        // Workers holding more than the shared run: holders of the block after it that hold
+        // every block before it, with their leading run.
+        let mut beyond: Vec<(u32, &str)> = Vec::new();
+        if let Some(&next) = blocks.get(shared) {
+            for &slot in holders(next) {
+                let Some(Some(held)) = inner.held.get(slot as usize) else {
+                    continue;
+                };
+                if !blocks[..shared].iter().all(|b| held.blocks.contains(b)) {
+                    continue;
                 }
-            }
-            if !going {
-                break;
+                let more = blocks[shared + 1..]
+                    .iter()
+                    .take_while(|b| held.blocks.contains(b))
+                    .count();
+                beyond.push(((shared + 1 + more) as u32, held.id.as_str()));
             }
         }
-        out.reserve(run.len());
-        for (s, n) in run {
-            if let Some(Some(held)) = inner.held.get(s as usize) {
-                let tokens = n.saturating_mul(BLOCK_TOKENS).min(prompt_tokens);
-                out.insert(held.id.clone(), tokens);
-            }
+        let capped = beyond.len() > bound;
+        if capped {
+            let weight = |id: &str| rendezvous_weight(key.unwrap_or(0), stable_hash(id.as_bytes()));
+            let mut ranked: Vec<(u32, u64, &str)> = beyond
+                .into_iter()
+                .map(|(run, id)| (run, weight(id), id))
+                .collect();
+            ranked.select_nth_unstable_by(bound - 1, |a, b| {
+                b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then_with(|| a.2.cmp(b.2))
+            });
+            ranked.truncate(bound);
+            beyond = ranked.into_iter().map(|(run, _, id)| (run, id)).collect();
+        }
+        let tokens = |run: u32| run.saturating_mul(BLOCK_TOKENS).min(prompt_tokens);
+        out.cached_tokens = beyond
+            .into_iter()
+            .map(|(run, id)| (id.to_string(), tokens(run)))
+            .collect();
+        if shared > 0 || capped {
+            out.shared = Some(SharedPrefix {
+                inner: self.inner.clone(),
+                fingerprint: fingerprint.into(),
+                blocks: blocks.into(),
+                prompt_tokens,
+                shared_tokens: tokens(shared as u32),
+            });
         }
         out
+    }
+}
+
+/// What the workers [`PrefixIndex::hits`] did not list hold of a prompt, read from the index
+/// when a worker is scored: a worker's leading run of the prompt's blocks as the index holds it
+/// then (exact, like a listed worker's): its slot, then a binary search of each block's holders
+/// (the shared run's lists are read by every request, so they stay in cache) until one lacks
+/// it.
+#[derive(Clone)]
+pub struct SharedPrefix {
+    inner: Arc<RwLock<Inner>>,
+    fingerprint: Arc<str>,
+    blocks: Arc<[u64]>,
+    prompt_tokens: u32,
+    shared_tokens: u32,
+}
+
+impl std::fmt::Debug for SharedPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedPrefix")
+            .field("fingerprint", &self.fingerprint)
+            .field("blocks", &self.blocks.len())
+            .field("prompt_tokens", &self.prompt_tokens)
+            .field("shared_tokens", &self.shared_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedPrefix {
+    /// Prompt tokens `worker` holds (0 when it holds none, or serves another model file).
+    pub fn cached(&self, worker: &str) -> u32 {
+        let inner = self.inner.read().expect("prefix index lock");
+        let (Some(&slot), Some(&fp)) = (
+            inner.slots.get(worker),
+            inner.fingerprint_ids.get(&*self.fingerprint),
+        ) else {
+            return 0;
+        };
+        // The holders are listed by model file: a worker of another one holds none of them.
+        let run = self
+            .blocks
+            .iter()
+            .take_while(|&&b| {
+                inner
+                    .holders
+                    .get(&(fp, b))
+                    .is_some_and(|list| list.binary_search(&slot).is_ok())
+            })
+            .count() as u32;
+        run.saturating_mul(BLOCK_TOKENS).min(self.prompt_tokens)
+    }
+
+    /// The tokens of the shared run: the leading blocks each held by more than half of the
+    /// workers (and more than the list bound) when the hits were looked up.
+    pub fn shared_tokens(&self) -> u32 {
+        self.shared_tokens
     }
 }
 
@@ -443,26 +566,26 @@ mod tests {
         index.apply("a", event(true, &[1, 2, 3], &[]));
         index.apply("b", event(true, &[1], &[]));
         index.apply("a", event(false, &[4], &[3]));
-        let hits = index.hits("fp", &[1, 2, 4], 100);
-        assert_eq!(hits.get("a"), Some(&96), "1, 2 and 4 held: three blocks");
-        assert_eq!(hits.get("b"), Some(&32));
+        let hits = index.hits("fp", &[1, 2, 4], 100, None);
+        assert_eq!(hits.cached("a"), 96, "1, 2 and 4 held: three blocks");
+        assert_eq!(hits.cached("b"), 32);
         assert_eq!(
-            index.hits("fp", &[1, 2, 4], 40).get("a"),
-            Some(&40),
+            index.hits("fp", &[1, 2, 4], 40, None).cached("a"),
+            40,
             "at most the prompt"
         );
         assert!(
-            index.hits("other", &[1], 100).is_empty(),
+            index.hits("other", &[1], 100, None).is_empty(),
             "another model file"
         );
         index.apply("a", event(true, &[], &[]));
         assert_eq!(
-            index.hits("fp", &[1], 100).get("a"),
-            None,
+            index.hits("fp", &[1], 100, None).cached("a"),
+            0,
             "a new snapshot replaces"
         );
         index.forget("b");
-        assert!(index.hits("fp", &[1], 100).is_empty());
+        assert!(index.hits("fp", &[1], 100, None).is_empty());
     }
 
     fn event_fp(snapshot: bool, fp: &str, stored: &[u64], removed: &[u64]) -> PrefixCacheEvent {
@@ -494,6 +617,9 @@ mod tests {
                 }
             }
             assert_eq!(inner.slots.len(), inner.held.iter().flatten().count());
+            for list in inner.holders.values() {
+                assert!(list.windows(2).all(|w| w[0] < w[1]), "holders not in order");
+            }
             let mut actual = inner.holders.clone();
             for v in expected.values_mut().chain(actual.values_mut()) {
                 v.sort_unstable();
@@ -524,22 +650,22 @@ mod tests {
         let index = PrefixIndex::default();
         index.apply("a", event(true, &[1, 2, 3], &[]));
         index.apply("b", event(true, &[1, 2], &[]));
-        assert_eq!(index.hits("fp", &[1, 2, 3], 200).get("a"), Some(&96));
+        assert_eq!(index.hits("fp", &[1, 2, 3], 200, None).cached("a"), 96);
         // The stream ends (the worker restarts): nothing until its next snapshot.
         index.forget("a");
         index.check();
-        assert_eq!(index.hits("fp", &[1, 2, 3], 200).get("a"), None);
-        assert_eq!(index.hits("fp", &[1, 2, 3], 200).get("b"), Some(&64));
+        assert_eq!(index.hits("fp", &[1, 2, 3], 200, None).cached("a"), 0);
+        assert_eq!(index.hits("fp", &[1, 2, 3], 200, None).cached("b"), 64);
         // Back with an empty cache, then a new prefix: the old one does not come back.
         index.apply("a", event(true, &[], &[]));
         index.apply("a", event(false, &[7], &[]));
         index.check();
-        assert_eq!(index.hits("fp", &[1, 2, 3], 200).get("a"), None);
-        assert_eq!(index.hits("fp", &[7], 200).get("a"), Some(&32));
+        assert_eq!(index.hits("fp", &[1, 2, 3], 200, None).cached("a"), 0);
+        assert_eq!(index.hits("fp", &[7], 200, None).cached("a"), 32);
         // A snapshot of a restarted stream replaces everything without a forget first.
         index.apply("b", event(true, &[9], &[]));
         index.check();
-        assert!(index.hits("fp", &[1], 200).is_empty());
+        assert!(index.hits("fp", &[1], 200, None).is_empty());
         assert_eq!(index.held_blocks("b"), 1);
         // Another block size: forgotten.
         index.apply(
@@ -550,7 +676,7 @@ mod tests {
             },
         );
         index.check();
-        assert!(index.hits("fp", &[9], 200).is_empty());
+        assert!(index.hits("fp", &[9], 200, None).is_empty());
         assert_eq!(index.held_blocks("b"), 0);
         index.forget("a");
         index.check();
@@ -566,77 +692,329 @@ mod tests {
         index.apply("c", event_fp(true, "other", &[1, 2], &[]));
         index.apply("a", event(false, &[], &[2]));
         index.check();
-        let hits = index.hits("fp", &[1, 2], 100);
-        assert_eq!((hits.get("a"), hits.get("b")), (Some(&32), Some(&64)));
-        assert_eq!(hits.get("c"), None, "another model file");
-        assert_eq!(index.hits("other", &[1, 2], 100).get("c"), Some(&64));
+        let hits = index.hits("fp", &[1, 2], 100, None);
+        assert_eq!((hits.cached("a"), hits.cached("b")), (32, 64));
+        assert_eq!(hits.cached("c"), 0, "another model file");
+        assert_eq!(index.hits("other", &[1, 2], 100, None).cached("c"), 64);
         // Removing a block it does not hold, or storing one it holds, changes nothing.
         index.apply("b", event(false, &[1], &[5]));
         index.check();
-        assert_eq!(index.hits("fp", &[1, 2], 100).get("b"), Some(&64));
+        assert_eq!(index.hits("fp", &[1, 2], 100, None).cached("b"), 64);
         // A worker holding a later block but not an earlier one has no run past the miss.
         index.apply("d", event(true, &[2, 3], &[]));
-        assert_eq!(index.hits("fp", &[1, 2, 3], 100).get("d"), None);
+        assert_eq!(index.hits("fp", &[1, 2, 3], 100, None).cached("d"), 0);
         index.check();
+    }
+
+    /// `hits` checked against `expected` (every worker's prompt tokens, the old scan of every
+    /// worker): each worker's cached tokens exact; with at most `bound` workers listed, each
+    /// holding more than the shared run; unlisted workers holding more only when the list is
+    /// full, and then no longer than any listed one (ties by the key's rendezvous weight).
+    fn check_hits(hits: &PrefixHits, expected: &HashMap<String, u32>, bound: usize, what: &str) {
+        let shared = hits.shared.as_ref().map_or(0, SharedPrefix::shared_tokens);
+        for (id, &tokens) in expected {
+            assert_eq!(hits.cached(id), tokens, "{what}: {id}");
+        }
+        for (id, &tokens) in &hits.cached_tokens {
+            assert_eq!(expected.get(id), Some(&tokens), "{what}: listed {id}");
+            assert!(
+                tokens > shared,
+                "{what}: {id} listed with the shared run only"
+            );
+        }
+        assert!(
+            hits.cached_tokens.len() <= bound,
+            "{what}: more than {bound} listed"
+        );
+        let weight =
+            |id: &str| rendezvous_weight(hits.key.unwrap_or(0), stable_hash(id.as_bytes()));
+        let last = hits
+            .cached_tokens
+            .iter()
+            .map(|(id, &t)| (t, weight(id), std::cmp::Reverse(id.clone())))
+            .min();
+        for (id, &tokens) in expected {
+            if tokens > shared && !hits.cached_tokens.contains_key(id) {
+                assert!(
+                    hits.shared.is_some(),
+                    "{what}: {id} neither listed nor shared"
+                );
+                assert_eq!(hits.cached_tokens.len(), bound, "{what}: {id} left out");
+                let this = (tokens, weight(id), std::cmp::Reverse(id.clone()));
+                assert!(Some(this) < last, "{what}: {id} left out for a shorter run");
+            }
+        }
+        if hits.shared.is_none() {
+            let with_hit = expected.values().filter(|&&t| t > 0).count();
+            assert_eq!(
+                hits.cached_tokens.len(),
+                with_hit,
+                "{what}: every hit listed"
+            );
+        }
     }
 
     #[test]
     fn hits_match_a_scan_of_every_worker_through_random_changes() {
         use rand::rngs::StdRng;
         use rand::{Rng, SeedableRng};
-        let mut rng = StdRng::seed_from_u64(17);
-        let index = PrefixIndex::default();
-        // The model: worker → (fingerprint, blocks), what the old scan read.
-        let mut model: HashMap<String, (String, HashSet<u64>)> = HashMap::new();
-        let ids: Vec<String> = (0..12).map(|i| format!("w{i}")).collect();
-        let fps = ["fp", "other"];
-        for round in 0..3000 {
-            let id = &ids[rng.random_range(0..ids.len())];
-            let some = |rng: &mut StdRng| -> Vec<u64> {
-                (0..rng.random_range(0..6))
-                    .map(|_| rng.random_range(0..10))
-                    .collect()
-            };
-            match rng.random_range(0..10) {
-                0 => {
-                    index.forget(id);
-                    model.remove(id);
-                }
-                1 | 2 => {
-                    let fp = fps[rng.random_range(0..2)];
-                    let stored = some(&mut rng);
-                    index.apply(id, event_fp(true, fp, &stored, &[]));
-                    model.insert(id.clone(), (fp.into(), stored.into_iter().collect()));
-                }
-                _ => {
-                    let (stored, removed) = (some(&mut rng), some(&mut rng));
-                    let fp = model.get(id).map_or("fp".into(), |m| m.0.clone());
-                    index.apply(id, event_fp(false, &fp, &stored, &removed));
-                    if let Some((_, blocks)) = model.get_mut(id) {
-                        for h in &removed {
-                            blocks.remove(h);
+        // The default bound lists every hit of 12 workers; bounds of 1 and 3 make the blocks
+        // most workers hold a shared run and cut the list.
+        for bound in [LIST_BOUND, 3, 1] {
+            let mut rng = StdRng::seed_from_u64(17 + bound as u64);
+            let index = PrefixIndex::with_list_bound(bound);
+            // The model: worker → (fingerprint, blocks), what the old scan read.
+            let mut model: HashMap<String, (String, HashSet<u64>)> = HashMap::new();
+            let ids: Vec<String> = (0..12).map(|i| format!("w{i}")).collect();
+            let fps = ["fp", "other"];
+            let mut shared_runs = 0;
+            let mut cut = 0;
+            for round in 0..3000 {
+                let id = &ids[rng.random_range(0..ids.len())];
+                // Blocks 0..3 are held by most workers (a system prompt), 3..10 less often.
+                let some = |rng: &mut StdRng| -> Vec<u64> {
+                    let mut v: Vec<u64> = (0..rng.random_range(0..6))
+                        .map(|_| rng.random_range(0..10))
+                        .collect();
+                    if rng.random_bool(0.6) {
+                        v.extend(0..3);
+                    }
+                    v
+                };
+                match rng.random_range(0..10) {
+                    0 => {
+                        index.forget(id);
+                        model.remove(id);
+                    }
+                    1 | 2 => {
+                        let fp = fps[usize::from(rng.random_bool(0.2))];
+                        let stored = some(&mut rng);
+                        index.apply(id, event_fp(true, fp, &stored, &[]));
+                        model.insert(id.clone(), (fp.into(), stored.into_iter().collect()));
+                    }
+                    _ => {
+                        let stored = some(&mut rng);
+                        let removed: Vec<u64> = (0..rng.random_range(0..3))
+                            .map(|_| rng.random_range(0..10))
+                            .collect();
+                        let fp = model.get(id).map_or("fp".into(), |m| m.0.clone());
+                        index.apply(id, event_fp(false, &fp, &stored, &removed));
+                        if let Some((_, blocks)) = model.get_mut(id) {
+                            for h in &removed {
+                                blocks.remove(h);
+                            }
+                            blocks.extend(stored);
                         }
-                        blocks.extend(stored);
                     }
                 }
+                if round % 50 == 0 {
+                    index.check();
+                }
+                let mut prompt: Vec<u64> = if rng.random_bool(0.5) {
+                    vec![0, 1, 2]
+                } else {
+                    vec![]
+                };
+                prompt.extend((0..rng.random_range(1..6)).map(|_| rng.random_range(0..10)));
+                let fp = fps[usize::from(rng.random_bool(0.2))];
+                let tokens = 1000;
+                let expected: HashMap<String, u32> = ids
+                    .iter()
+                    .map(|id| {
+                        let n = model
+                            .get(id)
+                            .filter(|(f, _)| f == fp)
+                            .map_or(0, |(_, blocks)| {
+                                prompt.iter().take_while(|b| blocks.contains(b)).count() as u32
+                            });
+                        (id.clone(), (n * BLOCK_TOKENS).min(tokens))
+                    })
+                    .collect();
+                let key = rng.random_bool(0.5).then(|| rng.random());
+                let hits = index.hits(fp, &prompt, tokens, key);
+                check_hits(
+                    &hits,
+                    &expected,
+                    bound,
+                    &format!("bound {bound} round {round}"),
+                );
+                if let Some(s) = &hits.shared {
+                    shared_runs += usize::from(s.shared_tokens() > 0);
+                    cut += usize::from(hits.cached_tokens.len() == bound);
+                }
+                if bound == LIST_BOUND {
+                    let listed: HashMap<String, u32> =
+                        expected.into_iter().filter(|(_, t)| *t > 0).collect();
+                    assert_eq!(
+                        hits.cached_tokens, listed,
+                        "round {round}: every hit listed"
+                    );
+                }
             }
-            if round % 50 == 0 {
-                index.check();
+            index.check();
+            if bound < 12 {
+                assert!(shared_runs > 100 && cut > 100, "{shared_runs} {cut}");
             }
-            let prompt: Vec<u64> = (0..rng.random_range(1..6))
-                .map(|_| rng.random_range(0..10))
-                .collect();
-            let fp = fps[rng.random_range(0..2)];
-            let expected: HashMap<String, u32> = model
+        }
+    }
+
+    /// `n` workers holding a 4-block system prompt (blocks 100..104), and a conversation after
+    /// it (blocks 0..) of the given lengths on the first workers.
+    fn shared_system_prompt(n: usize, bound: usize, conversations: &[u64]) -> PrefixIndex {
+        let index = PrefixIndex::with_list_bound(bound);
+        for i in 0..n {
+            let mut blocks: Vec<u64> = (100..104).collect();
+            blocks.extend(0..conversations.get(i).copied().unwrap_or(0));
+            // Another conversation of its own.
+            blocks.extend([1000 + i as u64]);
+            index.apply(&format!("w{i:03}"), event(true, &blocks, &[]));
+        }
+        index
+    }
+
+    fn system_prompt_and(conversation: u64) -> Vec<u64> {
+        (100..104).chain(0..conversation).collect()
+    }
+
+    #[test]
+    fn a_system_prompt_every_worker_holds_is_shared_not_listed() {
+        let index = shared_system_prompt(100, 8, &[6, 0, 3]);
+        let hits = index.hits("fp", &system_prompt_and(6), 400, Some(1));
+        let shared = hits.shared.as_ref().expect("a shared run");
+        assert_eq!(shared.shared_tokens(), 4 * 32, "the system prompt");
+        let listed: Vec<(&str, u32)> = {
+            let mut v: Vec<_> = hits
+                .cached_tokens
                 .iter()
-                .filter(|(_, (f, _))| f == fp)
-                .filter_map(|(id, (_, blocks))| {
-                    let n = prompt.iter().take_while(|b| blocks.contains(b)).count() as u32;
-                    (n > 0).then(|| (id.clone(), (n * BLOCK_TOKENS).min(100)))
+                .map(|(k, v)| (k.as_str(), *v))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            listed,
+            [("w000", 320), ("w002", 224)],
+            "only the conversation's holders"
+        );
+        assert_eq!(
+            hits.cached("w001"),
+            128,
+            "the others hold the system prompt"
+        );
+        assert_eq!(hits.cached("w099"), 128);
+        assert_eq!(hits.cached("nobody"), 0);
+        // The prompt is the system prompt alone: nobody is listed, everybody holds all of it.
+        let hits = index.hits("fp", &system_prompt_and(0), 128, None);
+        assert!(hits.cached_tokens.is_empty());
+        assert_eq!(hits.cached("w050"), 128);
+        // Another model file holds nothing of it.
+        index.apply(
+            "q8",
+            event_fp(true, "fp+kv-q8_0-q8_0", &[100, 101, 102, 103], &[]),
+        );
+        let hits = index.hits("fp", &system_prompt_and(6), 400, None);
+        assert_eq!(hits.cached("q8"), 0);
+        // Held by at most half the workers: not a shared run, every holder listed (bound 8).
+        let index = shared_system_prompt(100, 8, &[]);
+        for i in 50..100 {
+            index.apply(&format!("w{i:03}"), event(true, &[1000 + i], &[]));
+        }
+        let hits = index.hits("fp", &system_prompt_and(0), 128, Some(1));
+        assert_eq!(
+            hits.shared.as_ref().map(SharedPrefix::shared_tokens),
+            Some(0)
+        );
+        assert_eq!(hits.cached_tokens.len(), 8, "the bound");
+        assert_eq!(
+            hits.cached("w010"),
+            128,
+            "an unlisted holder, drawn, counts its hit"
+        );
+        assert_eq!(hits.cached("w060"), 0);
+        index.check();
+    }
+
+    #[test]
+    fn a_restarted_worker_does_not_count_the_shared_run() {
+        let index = shared_system_prompt(50, 4, &[5]);
+        let prompt = system_prompt_and(5);
+        assert_eq!(index.hits("fp", &prompt, 500, None).cached("w000"), 9 * 32);
+        // w000 and w001 restart: forgotten, then back with an empty cache.
+        index.forget("w000");
+        index.forget("w001");
+        index.apply("w001", event(true, &[], &[]));
+        let hits = index.hits("fp", &prompt, 500, None);
+        assert_eq!(
+            hits.shared.as_ref().map(SharedPrefix::shared_tokens),
+            Some(128)
+        );
+        assert!(
+            hits.cached_tokens.is_empty(),
+            "nobody holds the conversation now"
+        );
+        assert_eq!((hits.cached("w000"), hits.cached("w001")), (0, 0));
+        assert_eq!(hits.cached("w002"), 128);
+        // Read when scored: w001 storing the system prompt counts at once.
+        index.apply("w001", event(false, &[100, 101], &[]));
+        assert_eq!(hits.cached("w001"), 64);
+        // A worker that lost the middle of the shared run holds only its start.
+        index.apply("w003", event(false, &[], &[102]));
+        assert_eq!(index.hits("fp", &prompt, 500, None).cached("w003"), 64);
+        index.check();
+    }
+
+    #[test]
+    fn a_cut_list_keeps_the_longest_runs_the_same_way_on_every_gateway() {
+        // 40 workers hold the system prompt; 12 hold conversation blocks 0..k for k = 1..=12;
+        // a bound of 5 lists the five longest (w011..w007), whatever the order events came in.
+        let conversations: Vec<u64> = (1..=12).collect();
+        let a = shared_system_prompt(40, 5, &conversations);
+        let b = PrefixIndex::with_list_bound(5);
+        for i in (0..40).rev() {
+            let mut blocks: Vec<u64> = (0..conversations.get(i).copied().unwrap_or(0)).collect();
+            blocks.extend([1000 + i as u64]);
+            blocks.extend((100..104).rev());
+            b.apply(&format!("w{i:03}"), event(true, &blocks, &[]));
+        }
+        let prompt = system_prompt_and(12);
+        for key in [None, Some(1), Some(99)] {
+            let (ha, hb) = (
+                a.hits("fp", &prompt, 1000, key),
+                b.hits("fp", &prompt, 1000, key),
+            );
+            assert_eq!(ha.cached_tokens, hb.cached_tokens, "key {key:?}");
+            let mut listed: Vec<&str> = ha.cached_tokens.keys().map(String::as_str).collect();
+            listed.sort();
+            assert_eq!(listed, ["w007", "w008", "w009", "w010", "w011"]);
+            assert_eq!(ha.cached("w000"), 5 * 32, "left out: counted when drawn");
+        }
+        // Equal runs: the highest rendezvous weights of the key, the same on both.
+        let a = shared_system_prompt(40, 5, &[3; 20]);
+        let b = shared_system_prompt(40, 5, &[3; 20]);
+        for key in [Some(1), Some(2)] {
+            let ha = a.hits("fp", &system_prompt_and(3), 1000, key);
+            let hb = b.hits("fp", &system_prompt_and(3), 1000, key);
+            assert_eq!(ha.cached_tokens, hb.cached_tokens);
+            let mut by_weight: Vec<(u64, String)> = (0..20)
+                .map(|i| format!("w{i:03}"))
+                .map(|id| {
+                    (
+                        rendezvous_weight(key.unwrap(), stable_hash(id.as_bytes())),
+                        id,
+                    )
                 })
                 .collect();
-            assert_eq!(index.hits(fp, &prompt, 100), expected, "round {round}");
+            by_weight.sort();
+            let mut best: Vec<String> = by_weight
+                .into_iter()
+                .rev()
+                .take(5)
+                .map(|(_, id)| id)
+                .collect();
+            let mut listed: Vec<String> = ha.cached_tokens.keys().cloned().collect();
+            best.sort();
+            listed.sort();
+            assert_eq!(listed, best, "key {key:?}");
         }
-        index.check();
     }
 }

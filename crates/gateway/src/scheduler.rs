@@ -123,11 +123,22 @@ impl Demand<'_> {
 /// What the workers' prefix caches hold of one request (issue 17), from this gateway's prefix
 /// index (`crate::prefix_index`): every gateway sees the same cache events, so every gateway
 /// computes the same hits. Empty: no prefix term (`--prefix-routing off`, tokenizing failed).
+///
+/// The workers holding more of the prompt than (nearly) every worker are listed
+/// (`cached_tokens`, at most a bound of them: [`crate::prefix_index::PrefixIndex::hits`]); what
+/// the others hold (a system prompt every worker has, say) is read from the index when a worker
+/// is scored (`shared`), so a prefix every worker holds costs neither a list of every worker
+/// nor an evaluation of every worker.
 #[derive(Clone, Debug, Default)]
 pub struct PrefixHits {
     /// Prompt tokens a worker holds in its KV cache (whole cached blocks × block size, at most
-    /// the prompt), for workers of the request's model file with at least one block.
+    /// the prompt), for the listed workers of the request's model file: those holding more than
+    /// the run of blocks (nearly) every worker holds. These are considered even when sampling
+    /// does not draw them.
     pub cached_tokens: HashMap<String, u32>,
+    /// The prompt tokens of the workers not listed, when some may hold part of the prompt:
+    /// None when every worker holding part of it is listed.
+    pub shared: Option<crate::prefix_index::SharedPrefix>,
     /// The request's [`affinity::prefix_key`]: ties go to its rendezvous choice, not to chance.
     pub key: Option<u64>,
 }
@@ -135,11 +146,14 @@ pub struct PrefixHits {
 impl PrefixHits {
     /// Cached prompt tokens on `worker` (0 without a hit).
     pub fn cached(&self, worker: &str) -> u32 {
-        self.cached_tokens.get(worker).copied().unwrap_or(0)
+        match self.cached_tokens.get(worker) {
+            Some(&tokens) => tokens,
+            None => self.shared.as_ref().map_or(0, |s| s.cached(worker)),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cached_tokens.is_empty() && self.key.is_none()
+        self.cached_tokens.is_empty() && self.shared.is_none() && self.key.is_none()
     }
 }
 

@@ -82,11 +82,9 @@ impl PromptSizing {
         match self.tokenize(router, req, key).await {
             Ok(t) => Sized {
                 prompt_tokens: t.prompt_tokens,
-                hits: PrefixHits {
-                    cached_tokens: self.index.as_ref().map_or_else(Default::default, |index| {
-                        index.hits(&t.fingerprint, &t.blocks, t.prompt_tokens)
-                    }),
-                    key: key.filter(|_| self.index.is_some()),
+                hits: match &self.index {
+                    Some(index) => index.hits(&t.fingerprint, &t.blocks, t.prompt_tokens, key),
+                    None => PrefixHits::default(),
                 },
                 source: "tokenizer",
             },

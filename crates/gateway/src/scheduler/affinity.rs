@@ -201,7 +201,11 @@ pub fn rank_with_prefix(
 /// - BATCH: among the candidates of one pool (all with headroom for prompt + max_tokens), more
 ///   cached tokens first, then more free KV.
 /// - Workers holding part of the prompt are candidates even when power-of-k sampling did not
-///   draw them (same readiness, pool, context and headroom checks as any other).
+///   draw them (same readiness, pool, context and headroom checks as any other): those `hits`
+///   lists, i.e. those holding more than the run of blocks (nearly) every worker holds, at most
+///   [`crate::prefix_index::LIST_BOUND`] of them. A run every worker holds (a shared system
+///   prompt) does not tell workers apart: each candidate, drawn or listed, is scored with what
+///   it holds ([`PrefixHits::cached`]), so it costs no evaluation of every worker.
 /// - A hit counts only on a worker whose load (streams per slot, with this gateway's placements
 ///   since its advert) is at most (1 + ε) × the mean load of its pool's candidates plus one slot
 ///   ([`within_bound`]), or, for a hit covering at least half the prompt, that still has a free

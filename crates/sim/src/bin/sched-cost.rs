@@ -5,7 +5,10 @@
 //! build (the per-snapshot list a saturated pool's decisions read), a clone of the reservations
 //! (what the router did per decision) and the prefix index lookup that comes before a
 //! prefix-aware decision (`PrefixIndex::hits`), next to the scan of every worker it replaced.
-//! A few seconds in all; prints two markdown tables.
+//! A third table times the lookup and the decision for a prompt starting with a system prompt
+//! every worker holds, next to the decision on what the index returned for it before (every
+//! worker listed). About 40 seconds in all; prints three markdown tables
+//! (`SCHED_COST_ONLY=system-prompt`: the third alone).
 
 use std::collections::{HashMap, HashSet};
 use std::hint::black_box;
@@ -197,6 +200,10 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(300),
     );
+    if std::env::var("SCHED_COST_ONLY").is_ok_and(|v| v == "system-prompt") {
+        system_prompt_decisions(budget);
+        return;
+    }
     // The prefix index lookup: a 20-block prompt held by three workers.
     let mut lookup_20 = HashMap::new();
     let mut lookups = Vec::new();
@@ -206,11 +213,17 @@ fn main() {
             for system in [false, true] {
                 let p = prompt(blocks, system);
                 let tokens = blocks as u32 * BLOCK_TOKENS;
-                let new = index.hits("fp", &p, tokens);
+                let new = index.hits("fp", &p, tokens, Some(42));
                 let old = scan_hits(&scan, "fp", &p, tokens);
-                assert_eq!(new, old, "the inverted index and the scan disagree");
+                for id in scan.keys() {
+                    assert_eq!(
+                        new.cached(id),
+                        old.get(id).copied().unwrap_or(0),
+                        "the inverted index and the scan disagree on {id}"
+                    );
+                }
                 let inverted = time(budget / 4, || {
-                    black_box(index.hits("fp", &p, tokens));
+                    black_box(index.hits("fp", &p, tokens, Some(42)));
                 });
                 if blocks == 20 && !system {
                     lookup_20.insert(n, inverted);
@@ -221,7 +234,18 @@ fn main() {
                 let scanned = time(budget / 4, || {
                     black_box(scan_hits(&scan, "fp", &p, tokens));
                 });
-                lookups.push((n, blocks, system, new.len(), scanned, inverted));
+                let shared = new.shared.as_ref().map_or(0, |s| s.shared_tokens());
+                let listed = new.cached_tokens.len();
+                lookups.push((
+                    n,
+                    blocks,
+                    system,
+                    old.len(),
+                    listed,
+                    shared,
+                    scanned,
+                    inverted,
+                ));
             }
         }
     }
@@ -286,6 +310,7 @@ fn main() {
                         .map(|i| (format!("worker-{i:05}"), 512))
                         .collect(),
                     key: Some(42),
+                    shared: None,
                 };
                 let policy = Policy::default();
                 let mut rng = StdRng::seed_from_u64(7);
@@ -319,17 +344,110 @@ fn main() {
     }
     println!();
     println!(
-        "| workers | prompt blocks | shared | workers with a hit | scan of every worker µs | inverted index µs |"
+        "| workers | prompt blocks | shared | workers with a hit | listed by the index | shared run tokens | scan of every worker µs | inverted index µs |"
     );
-    println!("|---:|---:|---|---:|---:|---:|");
-    for (n, blocks, system, with_hit, scanned, inverted) in lookups {
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|");
+    for (n, blocks, system, with_hit, listed, shared, scanned, inverted) in lookups {
         println!(
-            "| {n} | {blocks} | {} | {with_hit} | {scanned:.1} | {inverted:.2} |",
+            "| {n} | {blocks} | {} | {with_hit} | {listed} | {shared} | {scanned:.1} | {inverted:.2} |",
             if system {
                 "4-block system prompt on every worker + conversation on 3"
             } else {
                 "conversation on 3 workers"
             },
         );
+    }
+    println!();
+    system_prompt_decisions(budget);
+}
+
+/// The live prefix-aware decision for a prompt starting with the 4-block system prompt every
+/// worker holds (18 blocks, 576 of 600 prompt tokens; the conversation after it held by workers
+/// 0, 7 and 14): the lookup, the lookup and the decision on its answer, and the decision on the
+/// answer the index gave before (every worker listed, each evaluated).
+fn system_prompt_decisions(budget: Duration) {
+    println!(
+        "| workers | preferred pool | class | workers with a hit | listed | lookup µs | unlisted worker read µs | decision µs | lookup + decision µs | decision, every worker listed (before) µs |"
+    );
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for n in [1_000, 10_000] {
+        let (index, scan) = caches(n, 40);
+        let p = prompt(18, true);
+        let lookup = time(budget / 4, || {
+            black_box(index.hits("fp", &p, 600, Some(42)));
+        });
+        let every = PrefixHits {
+            cached_tokens: scan_hits(&scan, "fp", &p, 600),
+            key: Some(42),
+            shared: None,
+        };
+        let listed = index.hits("fp", &p, 600, Some(42)).cached_tokens.len();
+        // What scoring a worker the index did not list costs (its hit read from the index).
+        let hits = index.hits("fp", &p, 600, Some(42));
+        let ids: Vec<String> = (0..n).map(|i| format!("worker-{i:05}")).collect();
+        let mut next = 0;
+        let read = time(budget / 4, || {
+            next = (next + 7919) % n;
+            assert_eq!(
+                black_box(hits.cached(&ids[next])),
+                if next == 0 || next == 7 {
+                    576
+                } else if next == 14 {
+                    448
+                } else {
+                    128
+                }
+            );
+        });
+        for saturated in [false, true] {
+            let (snapshot, reservations) = cluster(n, saturated);
+            for class in [LatencyClass::Interactive, LatencyClass::Batch] {
+                let demand = Demand {
+                    model: "gpt-oss-20b",
+                    class,
+                    prompt_tokens: 600,
+                    max_tokens: 256,
+                    needs: Default::default(),
+                };
+                let policy = Policy::default();
+                let exclude = HashSet::new();
+                let decide = |hits: &PrefixHits, rng: &mut StdRng| {
+                    affinity::rank_with_hits(
+                        &demand,
+                        hits,
+                        &snapshot,
+                        &reservations,
+                        &exclude,
+                        (&policy, Affinity::default()),
+                        rng,
+                    )
+                    .expect("a placement")
+                };
+                let hits = index.hits("fp", &p, 600, Some(42));
+                let mut rng = StdRng::seed_from_u64(7);
+                let decision = time(budget, || {
+                    black_box(decide(&hits, &mut rng));
+                });
+                let mut rng = StdRng::seed_from_u64(7);
+                let after = time(budget, || {
+                    let hits = index.hits("fp", &p, 600, Some(42));
+                    black_box(decide(&hits, &mut rng));
+                });
+                let mut rng = StdRng::seed_from_u64(7);
+                let before = time(budget, || {
+                    black_box(decide(&every, &mut rng));
+                });
+                println!(
+                    "| {n} | {} | {} | {} | {listed} | {lookup:.2} | {read:.3} | {decision:.2} | {after:.2} | {before:.1} |",
+                    if saturated {
+                        "1 full worker in 50 has room"
+                    } else {
+                        "room everywhere"
+                    },
+                    class.as_str(),
+                    every.cached_tokens.len(),
+                );
+            }
+        }
     }
 }

@@ -110,6 +110,7 @@ impl Engine<'_> {
                 .map(|n| (n.template.id.clone(), cached))
                 .collect(),
             key: Some(conversation_key(conversation)),
+            shared: None,
         }
     }
 

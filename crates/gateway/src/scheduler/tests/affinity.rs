@@ -169,6 +169,7 @@ fn prefix_hits(cached: &[(&str, u32)], key: u64) -> PrefixHits {
     PrefixHits {
         cached_tokens: cached.iter().map(|(w, t)| (w.to_string(), *t)).collect(),
         key: Some(key),
+        ..PrefixHits::default()
     }
 }
 
@@ -348,4 +349,76 @@ fn a_shared_system_prompt_alone_does_not_fill_one_worker() {
         on_hot < 6,
         "{on_hot} of 6 on the worker with the system prompt"
     );
+}
+
+#[test]
+fn a_system_prompt_every_worker_holds_is_not_a_reason_to_evaluate_every_worker() {
+    use crate::prefix_index::PrefixIndex;
+    use moe_common::pb::PrefixCacheEvent;
+    // 200 workers hold a 4-block system prompt (blocks 100..104); f0017 also holds the
+    // conversation after it (blocks 0..12); f0003 restarted and holds nothing.
+    let s = fleet(200, 0);
+    let index = PrefixIndex::default();
+    for i in 0..200u64 {
+        let mut stored: Vec<u64> = (100..104).collect();
+        if i == 17 {
+            stored.extend(0..12);
+        }
+        if i == 3 {
+            stored.clear();
+        }
+        index.apply(
+            &format!("f{i:04}"),
+            PrefixCacheEvent {
+                snapshot: true,
+                stored,
+                removed: vec![],
+                block_tokens: moe_common::prefix::BLOCK_TOKENS,
+                model_fingerprint: "fp".into(),
+            },
+        );
+    }
+    let prompt: Vec<u64> = (100..104).chain(0..12).collect();
+    let d = Demand {
+        prompt_tokens: 520,
+        ..demand(LatencyClass::Interactive)
+    };
+    let hits = index.hits("fp", &prompt, 520, Some(11));
+    assert_eq!(
+        hits.cached_tokens,
+        [("f0017".to_string(), 512)].into_iter().collect(),
+        "only the worker holding more than the system prompt is listed"
+    );
+    assert_eq!((hits.cached("f0005"), hits.cached("f0003")), (128, 0));
+    // What the index answered before: every worker holding part of the prompt, listed.
+    let every = PrefixHits {
+        cached_tokens: (0..200)
+            .filter(|&i| i != 3)
+            .map(|i| (format!("f{i:04}"), if i == 17 { 512 } else { 128 }))
+            .collect(),
+        key: Some(11),
+        ..PrefixHits::default()
+    };
+    for seed in 0..20 {
+        let r = with_hits(&s, &Reservations::default(), &hits, &d, seed);
+        let before = with_hits(&s, &Reservations::default(), &every, &d, seed);
+        assert_eq!(r.candidates[0].worker.id, "f0017", "seed {seed}");
+        assert_eq!(before.candidates[0].worker.id, "f0017");
+        assert!(
+            before.candidates.len() >= 199,
+            "every hit worker evaluated before"
+        );
+        assert!(r.candidates.len() <= 1 + 4 * 5, "{}", r.candidates.len());
+        // The sampled workers are scored with the system prompt they hold, as before.
+        for c in &r.candidates {
+            let was = before
+                .candidates
+                .iter()
+                .find(|b| b.worker.id == c.worker.id);
+            match was {
+                Some(b) => assert!((b.score - c.score).abs() < 1e-9, "{}", c.worker.id),
+                None => assert_eq!(c.worker.id, "f0003"),
+            }
+        }
+    }
 }

@@ -119,6 +119,7 @@ fn the_full_worker_holding_a_conversation_beats_an_idle_one_for_short_answers() 
     let hits = PrefixHits {
         cached_tokens: [("holder".to_string(), 270)].into_iter().collect(),
         key: Some(3),
+        ..PrefixHits::default()
     };
     let r = rank_with_hits(
         &turn(),
@@ -219,6 +220,7 @@ fn a_turn_sent_as_the_previous_one_ends_finds_its_worker_free_again() {
     let hits = PrefixHits {
         cached_tokens: [("holder".to_string(), 270)].into_iter().collect(),
         key: Some(3),
+        ..PrefixHits::default()
     };
     let mut res = Reservations::default();
     res.advert_received("holder", 1000, 10_000);
