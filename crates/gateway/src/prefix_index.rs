@@ -61,9 +61,74 @@ struct Inner {
     /// By index; `None` when no worker uses it any more.
     fingerprints: Vec<Option<Fingerprint>>,
     fingerprint_ids: HashMap<String, u32>,
-    /// (fingerprint, block hash) → the slots of the workers holding it, in ascending order (a
-    /// worker's hit is then a binary search per block: [`SharedPrefix::cached`]).
-    holders: HashMap<(u32, u64), Vec<u32>>,
+    /// (fingerprint, block hash) → the slots of the workers holding it.
+    holders: HashMap<(u32, u64), Holders>,
+}
+
+/// The workers holding one block: their slots in ascending order, and for a block held by
+/// many workers the same as a bitset by slot, so that whether one worker holds it
+/// ([`SharedPrefix::cached`]) is one bit, not a binary search of thousands of slots.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Holders {
+    slots: Vec<u32>,
+    /// Empty unless the block has at least [`BITSET_MIN`] holders and one per 32 slots in use
+    /// (so the bitset is no larger than the list); dropped below half of that.
+    bits: Vec<u64>,
+}
+
+/// Holders of a block from which it also keeps a bitset.
+const BITSET_MIN: usize = 64;
+
+impl Holders {
+    fn holds(&self, slot: u32) -> bool {
+        if self.bits.is_empty() {
+            return self.slots.binary_search(&slot).is_ok();
+        }
+        self.bits
+            .get(slot as usize / 64)
+            .is_some_and(|w| w & (1 << (slot % 64)) != 0)
+    }
+
+    fn set_bit(&mut self, slot: u32, on: bool) {
+        let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
+        if self.bits.len() <= word {
+            self.bits.resize(word + 1, 0);
+        }
+        if on {
+            self.bits[word] |= bit;
+        } else {
+            self.bits[word] &= !bit;
+        }
+    }
+
+    /// Adds `slot`; `slots_in_use`: the index's slots, for the bitset's size rule.
+    fn add(&mut self, slot: u32, slots_in_use: usize) {
+        let Err(i) = self.slots.binary_search(&slot) else {
+            return;
+        };
+        self.slots.insert(i, slot);
+        if !self.bits.is_empty() {
+            self.set_bit(slot, true);
+        } else if self.slots.len() >= BITSET_MIN && self.slots.len() * 32 >= slots_in_use {
+            for s in self.slots.clone() {
+                self.set_bit(s, true);
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: u32, slots_in_use: usize) {
+        let Ok(i) = self.slots.binary_search(&slot) else {
+            return;
+        };
+        self.slots.remove(i);
+        if !self.bits.is_empty() {
+            if self.slots.len() * 2 < BITSET_MIN || self.slots.len() * 64 < slots_in_use {
+                self.bits = Vec::new();
+            } else {
+                self.set_bit(slot, false);
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -106,10 +171,11 @@ impl Inner {
     }
 
     fn add_holder(&mut self, fingerprint: u32, block: u64, slot: u32) {
-        let list = self.holders.entry((fingerprint, block)).or_default();
-        if let Err(i) = list.binary_search(&slot) {
-            list.insert(i, slot);
-        }
+        let in_use = self.held.len();
+        self.holders
+            .entry((fingerprint, block))
+            .or_default()
+            .add(slot, in_use);
     }
 
     fn remove_holder(&mut self, fingerprint: u32, block: u64, slot: u32) {
@@ -117,10 +183,8 @@ impl Inner {
         let Some(list) = self.holders.get_mut(&key) else {
             return;
         };
-        if let Ok(i) = list.binary_search(&slot) {
-            list.remove(i);
-        }
-        if list.is_empty() {
+        list.remove(slot, self.held.len());
+        if list.slots.is_empty() {
             self.holders.remove(&key);
         }
     }
@@ -296,7 +360,12 @@ impl PrefixIndex {
             .and_then(Option::as_ref)
             .map_or(0, |f| f.workers);
         let bound = self.list_bound;
-        let holders = |b: u64| inner.holders.get(&(fp, b)).map_or(&[][..], Vec::as_slice);
+        let holders = |b: u64| {
+            inner
+                .holders
+                .get(&(fp, b))
+                .map_or(&[][..], |h| h.slots.as_slice())
+        };
         let dense = |n: usize| n > bound && n * 2 > members;
         let mut shared = 0;
         while shared < blocks.len() && dense(holders(blocks[shared]).len()) {
@@ -342,6 +411,7 @@ impl PrefixIndex {
             out.shared = Some(SharedPrefix {
                 inner: self.inner.clone(),
                 fingerprint: fingerprint.into(),
+                fingerprint_id: fp,
                 blocks: blocks.into(),
                 prompt_tokens,
                 shared_tokens: tokens(shared as u32),
@@ -353,13 +423,16 @@ impl PrefixIndex {
 
 /// What the workers [`PrefixIndex::hits`] did not list hold of a prompt, read from the index
 /// when a worker is scored: a worker's leading run of the prompt's blocks as the index holds it
-/// then (exact, like a listed worker's): its slot, then a binary search of each block's holders
-/// (the shared run's lists are read by every request, so they stay in cache) until one lacks
-/// it.
+/// then (exact, like a listed worker's): its slot, then one bit of each block's holders (a
+/// bitset for a block held by many; the shared run's are read by every request, so they stay
+/// in cache), until a block it lacks.
 #[derive(Clone)]
 pub struct SharedPrefix {
     inner: Arc<RwLock<Inner>>,
     fingerprint: Arc<str>,
+    /// `fingerprint`'s index when looked up (checked by name: an index is reused once no worker
+    /// holds blocks of its model file).
+    fingerprint_id: u32,
     blocks: Arc<[u64]>,
     prompt_tokens: u32,
     shared_tokens: u32,
@@ -380,22 +453,25 @@ impl SharedPrefix {
     /// Prompt tokens `worker` holds (0 when it holds none, or serves another model file).
     pub fn cached(&self, worker: &str) -> u32 {
         let inner = self.inner.read().expect("prefix index lock");
-        let (Some(&slot), Some(&fp)) = (
-            inner.slots.get(worker),
-            inner.fingerprint_ids.get(&*self.fingerprint),
-        ) else {
+        let fp = self.fingerprint_id;
+        let same_file = inner
+            .fingerprints
+            .get(fp as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|f| *f.name == *self.fingerprint);
+        let fp = match (same_file, inner.fingerprint_ids.get(&*self.fingerprint)) {
+            (true, _) => fp,
+            (false, Some(&fp)) => fp,
+            (false, None) => return 0,
+        };
+        let Some(&slot) = inner.slots.get(worker) else {
             return 0;
         };
         // The holders are listed by model file: a worker of another one holds none of them.
         let run = self
             .blocks
             .iter()
-            .take_while(|&&b| {
-                inner
-                    .holders
-                    .get(&(fp, b))
-                    .is_some_and(|list| list.binary_search(&slot).is_ok())
-            })
+            .take_while(|&&b| inner.holders.get(&(fp, b)).is_some_and(|h| h.holds(slot)))
             .count() as u32;
         run.saturating_mul(BLOCK_TOKENS).min(self.prompt_tokens)
     }
@@ -617,10 +693,23 @@ mod tests {
                 }
             }
             assert_eq!(inner.slots.len(), inner.held.iter().flatten().count());
-            for list in inner.holders.values() {
-                assert!(list.windows(2).all(|w| w[0] < w[1]), "holders not in order");
+            for h in inner.holders.values() {
+                assert!(
+                    h.slots.windows(2).all(|w| w[0] < w[1]),
+                    "holders not in order"
+                );
+                if !h.bits.is_empty() {
+                    for slot in 0..h.bits.len() as u32 * 64 {
+                        let listed = h.slots.binary_search(&slot).is_ok();
+                        assert_eq!(h.holds(slot), listed, "bitset out of step at {slot}");
+                    }
+                }
             }
-            let mut actual = inner.holders.clone();
+            let mut actual: HashMap<(u32, u64), Vec<u32>> = inner
+                .holders
+                .iter()
+                .map(|(k, h)| (*k, h.slots.clone()))
+                .collect();
             for v in expected.values_mut().chain(actual.values_mut()) {
                 v.sort_unstable();
             }
@@ -1016,5 +1105,65 @@ mod tests {
             listed.sort();
             assert_eq!(listed, best, "key {key:?}");
         }
+    }
+
+    #[test]
+    fn a_block_held_by_many_keeps_a_bitset_in_step_with_its_holders() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(5);
+        let index = PrefixIndex::default();
+        let mut holding: HashSet<String> = HashSet::new();
+        let (mut bitsets, mut shared) = (0, 0);
+        for round in 0..4000 {
+            let id = format!("w{}", rng.random_range(0..300));
+            match rng.random_range(0..4) {
+                0 => {
+                    index.forget(&id);
+                    holding.remove(&id);
+                }
+                1 => {
+                    index.apply(&id, event(true, &[], &[]));
+                    holding.remove(&id);
+                }
+                // Stores block 1 more often than it drops it, then drops it more often: the
+                // holders go from a few to most of 300 workers and back.
+                _ if (round / 1000) % 2 == 0 => {
+                    index.apply(&id, event(true, &[1, 2], &[]));
+                    holding.insert(id.clone());
+                }
+                _ => {
+                    index.apply(&id, event(false, &[], &[1]));
+                    holding.remove(&id);
+                }
+            }
+            if round % 100 == 0 {
+                index.check();
+                let hits = index.hits("fp", &[1, 2], 100, None);
+                shared += usize::from(hits.shared.is_some());
+                bitsets += usize::from(
+                    index
+                        .inner
+                        .read()
+                        .unwrap()
+                        .holders
+                        .values()
+                        .any(|h| !h.bits.is_empty()),
+                );
+                for i in 0..300 {
+                    let id = format!("w{i}");
+                    let expected = if holding.contains(&id) { 64 } else { 0 };
+                    assert_eq!(hits.cached(&id), expected, "round {round} {id}");
+                }
+            }
+        }
+        assert!(bitsets > 10 && shared > 10, "{bitsets} {shared}");
+        let inner = index.inner.read().unwrap();
+        assert!(
+            inner
+                .holders
+                .values()
+                .all(|h| h.bits.is_empty() || h.slots.len() >= 32)
+        );
     }
 }
