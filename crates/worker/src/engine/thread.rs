@@ -245,6 +245,8 @@ impl<'m> Engine<'m> {
                 break plan;
             }
         };
+        // After admission: what is still queued did not fit (see `expire_queued`).
+        self.expire_queued(now);
         if plan.entries.is_empty() {
             return false;
         }

@@ -235,6 +235,20 @@ fn refuses_what_can_never_fit_and_waits_for_what_does_not_fit_now() {
 }
 
 #[test]
+fn a_request_older_than_the_queue_timeout_that_fits_is_admitted_before_expiry() {
+    // The engine takes requests between steps: one that arrived during a step longer than the
+    // queue timeout is first offered admission (plan), then what is still queued expires.
+    let t = Instant::now();
+    let mut b = Batcher::new(config());
+    b.enqueue(pending(10, 4, LatencyClass::Interactive, 1, t))
+        .unwrap();
+    let later = t + Duration::from_secs(6);
+    let plan = b.plan(later);
+    assert_eq!(plan.admitted.len(), 1, "a free slot takes it");
+    assert!(b.expire(later).is_empty());
+}
+
+#[test]
 fn a_full_queue_refuses_at_once() {
     let t = Instant::now();
     let mut b = Batcher::new(config());

@@ -78,8 +78,8 @@ impl Engine<'_> {
         }
     }
 
-    /// Drops work whose client went away or whose deadline passed; refuses requests that
-    /// waited too long for KV.
+    /// Drops work whose client went away or whose deadline passed. Requests that waited too
+    /// long are refused after the next admission attempt instead ([`Self::expire_queued`]).
     pub(super) fn housekeeping(&mut self, now: Instant) {
         let gone = |l: &Live| l.events.is_closed();
         let late = |l: &Live| l.deadline.is_some_and(|d| d <= now);
@@ -98,15 +98,24 @@ impl Engine<'_> {
                     )));
             }
         }
-        for (why, p) in self.batcher.expire(now) {
-            let _ = p.payload.events.send(Event::Failed(refusal_error(why)));
-        }
         for slot in self.batcher.slots_where(|s| gone(&s.payload)) {
             self.stats.cancelled_total += 1;
             self.release(slot);
         }
         for slot in self.batcher.slots_where(|s| late(&s.payload)) {
             self.end(slot, Finish::Cancelled);
+        }
+    }
+
+    /// Refuses queued requests that waited the queue timeout; called after a step's admissions,
+    /// so only requests that did not fit are refused. A request that arrived while the engine
+    /// was inside a long step (a long prompt's prefill on a slow CPU took 18-50 s on a shared
+    /// 2-core machine, issue 17) has waited the timeout without ever being considered: it was
+    /// refused "no free sequence slot" with slots free, and the gateway retried it on a worker
+    /// without its prefix cache.
+    pub(super) fn expire_queued(&mut self, now: Instant) {
+        for (why, p) in self.batcher.expire(now) {
+            let _ = p.payload.events.send(Event::Failed(refusal_error(why)));
         }
     }
 }
