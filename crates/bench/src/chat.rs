@@ -29,9 +29,20 @@ pub struct ChatTurn {
     /// 1-based.
     pub turn: u32,
     pub ttft_seconds: f64,
+    /// When the turn was sent, seconds after the first turns were (which turns overlapped).
+    pub started_seconds: f64,
+    /// The worker's own view (`Timings` of the final message): arrival to admission, and
+    /// arrival to first token. The client's TTFT less the worker's is the gateway's share
+    /// (tokenizing for placement, ranking, proxying) and the network.
+    pub worker_queue_seconds: f64,
+    pub worker_ttft_seconds: f64,
     pub prompt_tokens: u32,
     pub cached_prompt_tokens: u32,
+    pub completion_tokens: u32,
     pub worker_id: String,
+    /// Whether the previous turn of the conversation was served by the same worker (later
+    /// turns only; false for turn 1).
+    pub same_worker: bool,
 }
 
 /// Turns summarised together (one turn number, or all later turns).
@@ -41,6 +52,12 @@ pub struct TurnSummary {
     pub requests: usize,
     pub ttft_p50_seconds: Option<f64>,
     pub ttft_p90_seconds: Option<f64>,
+    /// p50 of the worker-measured TTFT (arrival at the worker to first token) and of the
+    /// worker's admission queue: where the client's TTFT went.
+    pub worker_ttft_p50_seconds: Option<f64>,
+    pub worker_queue_p50_seconds: Option<f64>,
+    /// Turns served by the worker that served the conversation's previous turn.
+    pub same_worker: usize,
     pub prompt_tokens: u64,
     pub cached_prompt_tokens: u64,
     pub cached_ratio: f64,
@@ -55,6 +72,9 @@ pub struct ChatReport {
     pub system_tokens: u32,
     pub first_message_tokens: u32,
     pub max_tokens: u32,
+    pub think_ms: u64,
+    /// Seed of the conversations' first messages (`--chat-seed`, else from the label).
+    pub seed: u64,
     pub errors: Vec<String>,
     pub by_turn: Vec<TurnSummary>,
     /// Turns 2 and later together.
@@ -105,7 +125,10 @@ pub async fn run(
     let system = crate::prompt::build(config.chat_system_tokens, 7_777_777);
     // A separate range of prompt indexes per run label, so two runs against the same workers
     // do not share their conversations' documents.
-    let seed = u64::from(label_hash(&config.label)) * 1_000;
+    let seed = config
+        .chat_seed
+        .unwrap_or_else(|| u64::from(label_hash(&config.label)) * 1_000);
+    let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..config.chat_conversations {
         let (mut client, cancel) = (client.clone(), cancel.clone());
@@ -120,6 +143,7 @@ pub async fn run(
                 ),
             ];
             let mut turns = Vec::new();
+            let mut previous: Option<String> = None;
             for t in 1..=config.chat_turns {
                 if cancel.is_cancelled() {
                     break;
@@ -138,11 +162,15 @@ pub async fn run(
                     latency_class: config.class.to_proto() as i32,
                     ..Default::default()
                 };
+                let started = t0.elapsed().as_secs_f64();
                 let r = tokio::time::timeout(config.request_timeout, turn(&mut client, req)).await;
                 match r {
                     Ok(Ok((text, mut record))) => {
                         record.conversation = c;
                         record.turn = t;
+                        record.started_seconds = started;
+                        record.same_worker = previous.as_deref() == Some(record.worker_id.as_str());
+                        previous = Some(record.worker_id.clone());
                         history.push(msg("assistant", text));
                         turns.push(Ok(record));
                     }
@@ -185,6 +213,8 @@ pub async fn run(
         system_tokens: config.chat_system_tokens,
         first_message_tokens: config.prompt_tokens,
         max_tokens: config.max_tokens,
+        think_ms: config.chat_think_ms,
+        seed,
         errors,
         by_turn,
         later_turns,
@@ -234,6 +264,7 @@ async fn turn(
         text.push_str(&m.text);
         if m.finish_reason != FinishReason::Unspecified as i32 {
             let usage = m.usage.unwrap_or_default();
+            let timings = m.timings.unwrap_or_default();
             let ttft = first.ok_or(BenchError::NoTokens)?;
             return Ok((
                 text,
@@ -241,9 +272,14 @@ async fn turn(
                     conversation: 0,
                     turn: 0,
                     ttft_seconds: ttft.as_secs_f64(),
+                    started_seconds: 0.0,
+                    worker_queue_seconds: timings.queue_seconds,
+                    worker_ttft_seconds: timings.time_to_first_token_seconds,
                     prompt_tokens: usage.prompt_tokens,
                     cached_prompt_tokens: usage.cached_prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
                     worker_id: m.worker_id,
+                    same_worker: false,
                 },
             ));
         }
@@ -255,8 +291,14 @@ async fn turn(
 
 fn summarise<'a>(label: &str, turns: impl Iterator<Item = &'a ChatTurn>) -> TurnSummary {
     let turns: Vec<&ChatTurn> = turns.collect();
-    let mut ttft: Vec<f64> = turns.iter().map(|t| t.ttft_seconds).collect();
-    ttft.sort_by(f64::total_cmp);
+    let sorted = |f: fn(&ChatTurn) -> f64| {
+        let mut v: Vec<f64> = turns.iter().map(|t| f(t)).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let ttft = sorted(|t| t.ttft_seconds);
+    let worker_ttft = sorted(|t| t.worker_ttft_seconds);
+    let worker_queue = sorted(|t| t.worker_queue_seconds);
     let prompt: u64 = turns.iter().map(|t| u64::from(t.prompt_tokens)).sum();
     let cached: u64 = turns
         .iter()
@@ -267,6 +309,9 @@ fn summarise<'a>(label: &str, turns: impl Iterator<Item = &'a ChatTurn>) -> Turn
         requests: turns.len(),
         ttft_p50_seconds: percentile(&ttft, 50.0),
         ttft_p90_seconds: percentile(&ttft, 90.0),
+        worker_ttft_p50_seconds: percentile(&worker_ttft, 50.0),
+        worker_queue_p50_seconds: percentile(&worker_queue, 50.0),
+        same_worker: turns.iter().filter(|t| t.same_worker).count(),
         prompt_tokens: prompt,
         cached_prompt_tokens: cached,
         cached_ratio: cached as f64 / prompt.max(1) as f64,
@@ -290,8 +335,15 @@ impl ChatReport {
         );
         let _ = writeln!(
             out,
-            "{:>6} {:>8} {:>12} {:>12} {:>14}",
-            "turn", "requests", "ttft p50 s", "ttft p90 s", "cached/prompt"
+            "{:>6} {:>8} {:>12} {:>12} {:>14} {:>16} {:>14} {:>12}",
+            "turn",
+            "requests",
+            "ttft p50 s",
+            "ttft p90 s",
+            "cached/prompt",
+            "worker ttft p50",
+            "queue p50 s",
+            "same worker"
         );
         for s in self
             .by_turn
@@ -301,12 +353,15 @@ impl ChatReport {
             let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
             let _ = writeln!(
                 out,
-                "{:>6} {:>8} {:>12} {:>12} {:>14.3}",
+                "{:>6} {:>8} {:>12} {:>12} {:>14.3} {:>16} {:>14} {:>12}",
                 s.turns,
                 s.requests,
                 f(s.ttft_p50_seconds),
                 f(s.ttft_p90_seconds),
-                s.cached_ratio
+                s.cached_ratio,
+                f(s.worker_ttft_p50_seconds),
+                f(s.worker_queue_p50_seconds),
+                s.same_worker
             );
         }
         for e in &self.errors {

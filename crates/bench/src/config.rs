@@ -78,6 +78,11 @@ pub struct BenchConfig {
     /// and label (a hash of conversation and turn). 0: the next turn follows at once.
     #[arg(long, env = "MOE_BENCH_CHAT_THINK_MS", default_value_t = 0)]
     pub chat_think_ms: u64,
+    /// Seed of the chat workload's first messages: runs given the same seed send the same
+    /// conversations (e.g. the two modes of an A/B comparison). Default: from `--label`, so two
+    /// runs against the same workers do not share documents.
+    #[arg(long, env = "MOE_BENCH_CHAT_SEED")]
+    pub chat_seed: Option<u64>,
 }
 
 /// Upper bounds that keep every run finite.
