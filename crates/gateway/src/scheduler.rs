@@ -200,6 +200,12 @@ pub struct Local {
     pub placed: u32,
     /// This gateway's streams the advert still counts that have ended.
     pub ended: u32,
+    /// Those, and also this gateway's streams that ended up to [`ADVERT_LAG_MS`] before the
+    /// advert's receipt, placed before that: streams the advert counts if its numbers are as
+    /// old as [`Reservations::since`] assumes them to be ([`Reservations::finished_within_lag`]).
+    /// Read only by the free-slot test of a hit on a conversation's own history
+    /// (`affinity::rank_with_hits`); headroom and scores use `ended`.
+    pub ended_within_lag: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -329,6 +335,29 @@ impl Reservations {
         (kv, streams)
     }
 
+    /// [`Reservations::finished_since`] with the advert's numbers read as [`ADVERT_LAG_MS`]
+    /// older than its receipt, as [`Reservations::since`] reads them for placements: streams
+    /// placed before that moment and ended after it. An advert received just after streams
+    /// ended (four turns ending in one decode step, the worker's stats and advert written a
+    /// moment before) still counts them, and [`Reservations::finished_since`], which credits
+    /// only ends after the receipt, does not take them off: the worker looked full to the
+    /// conversations' next turns (the chat benchmark). Streams only; the KV stays with the
+    /// cautious reading.
+    pub fn finished_within_lag(&self, worker: &str, advert_ms: u64) -> u32 {
+        let Some(list) = self.ended.get(worker) else {
+            return 0;
+        };
+        let cutoff = match self.received.get(worker) {
+            Some(r) if r.updated_unix_ms == advert_ms => {
+                r.received_unix_ms.saturating_sub(ADVERT_LAG_MS)
+            }
+            _ => advert_ms,
+        };
+        list.iter()
+            .filter(|e| e.placed_unix_ms < cutoff && e.ended_unix_ms > cutoff)
+            .count() as u32
+    }
+
     /// Free KV and stream counts of `w` as this gateway knows them ([`Local`]).
     ///
     /// Ended streams are credited only when the advert shows no request waiting for admission:
@@ -337,10 +366,13 @@ impl Reservations {
     /// thousands of headroom violations before this rule).
     pub fn local(&self, w: &WorkerAdvert) -> Local {
         let (kv, placed) = self.since(&w.id, w.updated_unix_ms);
-        let (ended_kv, ended) = if w.load.queued == 0 {
-            self.finished_since(&w.id, w.updated_unix_ms)
+        let ((ended_kv, ended), ended_within_lag) = if w.load.queued == 0 {
+            (
+                self.finished_since(&w.id, w.updated_unix_ms),
+                self.finished_within_lag(&w.id, w.updated_unix_ms),
+            )
         } else {
-            (0, 0)
+            ((0, 0), 0)
         };
         let free_kv = w
             .capacity
@@ -352,6 +384,7 @@ impl Reservations {
             free_kv,
             placed,
             ended,
+            ended_within_lag: ended_within_lag.max(ended),
         }
     }
 }

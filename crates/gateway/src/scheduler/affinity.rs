@@ -129,6 +129,14 @@ fn local_load(w: &WorkerAdvert, local: &Local) -> f64 {
         / w.capacity.max_sequences.max(1) as f64
 }
 
+/// Streams per slot on `w` for the free-slot test of a hit on a conversation's own history:
+/// [`local_load`] with this gateway's streams ended shortly before the advert's receipt also
+/// taken off ([`Local::ended_within_lag`]).
+fn slot_load(w: &WorkerAdvert, local: &Local) -> f64 {
+    (w.load.active + w.load.queued + local.placed).saturating_sub(local.ended_within_lag) as f64
+        / w.capacity.max_sequences.max(1) as f64
+}
+
 /// Whether a worker with load `preferred` may take a request by affinity when the candidates'
 /// mean load is `mean`: at most (1 + ε) × mean, plus one slot's worth so idle pools work.
 pub fn within_bound(preferred: f64, mean: f64, epsilon: f64, one_slot: f64) -> bool {
@@ -209,14 +217,16 @@ pub fn rank_with_prefix(
 /// - A hit counts only on a worker whose load (streams per slot, with this gateway's placements
 ///   since its advert) is at most (1 + ε) × the mean load of its pool's candidates plus one slot
 ///   ([`within_bound`]), or, for a hit covering at least half the prompt, that still has a free
-///   sequence slot; otherwise it is ranked as if it held nothing. A hot prefix fills the slots of
-///   the worker holding it and then spreads; a shared system prompt alone does not draw new
-///   conversations past the bound.
+///   sequence slot (counting this gateway's streams that ended shortly before the worker's
+///   advert was received as ended: [`Local::ended_within_lag`]); otherwise it is ranked as if it
+///   held nothing. A hot prefix fills the slots of the worker holding it and then spreads; a
+///   shared system prompt alone does not draw new conversations past the bound.
 /// - A worker that has not measured a speed yet (just started, or served a prompt but no decode
 ///   step) is scored with the mean measured speed of its pool's candidates rather than the
 ///   policy's defaults, as in [`super::rank`].
-/// - Ties among the best (same pool and cached tokens, score within 1 %) go to the highest
-///   rendezvous weight of the prefix key, not to chance, so gateways agree.
+/// - Ties among the best (same pool and cached tokens, score within 1 %) go to the least loaded
+///   (streams per slot, as in the load bound), then to the highest rendezvous weight of the
+///   prefix key, not to chance, so gateways that see the same loads agree.
 ///
 /// Spill rules, headroom checks and the fallback list are the policy's own, unchanged. With no
 /// hits and no key it is exactly [`super::rank`].
@@ -279,7 +289,7 @@ pub fn rank_with_hits(
         pools[1].speeds.assumed(policy),
     ];
     let order = |list: Vec<(Candidate, Local)>| -> Vec<Candidate> {
-        let mut scored: Vec<(Candidate, u32)> = list
+        let mut scored: Vec<(Candidate, u32, f64)> = list
             .into_iter()
             .map(|(mut c, local)| {
                 let stats = &pools[pool_slot(c.pool)];
@@ -290,7 +300,7 @@ pub fn rank_with_hits(
                 // A hit counts within the load bound; one that covers at least half the prompt
                 // (the conversation's own history, not just a shared system prompt) also while
                 // the worker can start the request at once (a sequence slot is free).
-                let free_slot = load + one_slot <= 1.0 + 1e-9
+                let free_slot = slot_load(&c.worker, &local) + one_slot <= 1.0 + 1e-9
                     && u64::from(cached) * 2 >= u64::from(demand.prompt_tokens);
                 if cached > 0
                     && !free_slot
@@ -302,38 +312,52 @@ pub fn rank_with_hits(
                     let assumed = &assumed[pool_slot(c.pool)];
                     c.score = super::score(&c.worker, demand, &local, cached, assumed);
                 }
-                (c, cached)
+                (c, cached, load)
             })
             .collect();
         let group = |cached: u32| match demand.class {
             LatencyClass::Interactive => 0,
             LatencyClass::Batch => cached,
         };
-        scored.sort_by(|(a, ca), (b, cb)| {
+        scored.sort_by(|(a, ca, _), (b, cb, _)| {
             a.spill
                 .cmp(&b.spill)
                 .then(group(*cb).cmp(&group(*ca)))
                 .then(a.score.total_cmp(&b.score))
                 .then_with(|| a.worker.id.cmp(&b.worker.id))
         });
-        if let (Some(key), Some((best, best_cached))) = (hits.key, scored.first()) {
+        if let (Some(key), Some((best, best_cached, _))) = (hits.key, scored.first()) {
             let tol = best.score.abs() * 0.01 + 1e-9;
             let (spill, g, score) = (best.spill, group(*best_cached), best.score);
             let tied = scored
                 .iter()
-                .take_while(|(c, cached)| {
+                .take_while(|(c, cached, _)| {
                     c.spill == spill && group(*cached) == g && (c.score - score).abs() <= tol
                 })
                 .count();
+            // Among the tied, the least loaded first (streams per slot, this gateway's
+            // placements and ends since the adverts counted), then the key's rendezvous choice.
+            // Streams an advert already shows add only a fraction of a decode step each to the
+            // predicted TTFT, well inside the tie: by the key alone, a burst of first turns put
+            // four of eight on one of three equal workers (the chat benchmark, 4 of 10 runs).
+            let weight = |i: usize| {
+                let id = &scored[i].0.worker.id;
+                rendezvous_weight(key, stable_hash(id.as_bytes()))
+            };
             let pick = (0..tied)
-                .max_by_key(|&i| {
-                    let id = &scored[i].0.worker.id;
-                    rendezvous_weight(key, stable_hash(id.as_bytes()))
+                .max_by(|&i, &j| {
+                    let (li, lj) = (scored[i].2, scored[j].2);
+                    let fewer = if (li - lj).abs() <= 1e-9 {
+                        std::cmp::Ordering::Equal
+                    } else {
+                        lj.total_cmp(&li)
+                    };
+                    fewer.then_with(|| weight(i).cmp(&weight(j)))
                 })
                 .unwrap_or(0);
             scored.swap(0, pick);
         }
-        scored.into_iter().map(|(c, _)| c).collect()
+        scored.into_iter().map(|(c, _, _)| c).collect()
     };
     ranking.candidates = order(candidates);
     ranking.fallback = order(fallback);

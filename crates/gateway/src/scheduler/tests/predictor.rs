@@ -209,6 +209,67 @@ fn a_burst_of_first_turns_spreads_over_the_workers() {
 }
 
 #[test]
+fn a_burst_of_first_turns_spreads_when_adverts_count_the_earlier_ones() {
+    // The same burst, but each worker's advert catches up between placements (the second
+    // request on a worker waits for the first one's prefill step: the queue starting is
+    // written at once). This gateway's placements then no longer count as prompts prefilling
+    // alongside, and the streams the advert shows add only a fraction of a decode step each to
+    // the prediction: inside the 1 % tie, which went to the prefix key's rendezvous choice
+    // whatever the workers' loads, four of eight first turns onto one worker in 4 of 10 runs.
+    let ids = ["a", "b", "c"];
+    let mut busy = [0u32; 3];
+    let mut res = Reservations::default();
+    for conversation in 0..8u64 {
+        let now = 10_000 + conversation * 1_000;
+        let workers = ids
+            .iter()
+            .zip(busy)
+            .map(|(id, n)| {
+                let prefill = if *id == "a" { 50.0 } else { 0.0 };
+                let decode = if *id == "a" { 10.0 } else { 0.0 };
+                let mut w = cpu_worker(id, prefill, decode, n.min(1));
+                w.load.queued = n.saturating_sub(1);
+                w.updated_unix_ms = now;
+                w
+            })
+            .collect();
+        for id in ids {
+            res.advert_received(id, now, now);
+        }
+        let s = snapshot(workers);
+        let hits = PrefixHits {
+            key: Some(crate::scheduler::affinity::stable_hash(
+                &conversation.to_le_bytes(),
+            )),
+            ..Default::default()
+        };
+        let r = rank_with_hits(
+            &turn(),
+            &hits,
+            &s,
+            &res,
+            &HashSet::new(),
+            (&Policy::default(), Affinity::default()),
+            &mut StdRng::seed_from_u64(conversation),
+        )
+        .unwrap();
+        let pick = ids.iter().position(|id| *id == first(&r)).unwrap();
+        busy[pick] += 1;
+        // Placed well before the next advert, which counts it.
+        res.by_worker
+            .entry(first(&r).to_string())
+            .or_default()
+            .push(Reservation {
+                kv_tokens: turn().kv_tokens(),
+                placed_unix_ms: now,
+            });
+    }
+    let mut counts = busy.to_vec();
+    counts.sort();
+    assert_eq!(counts, [2, 3, 3], "a, b, c: {busy:?}");
+}
+
+#[test]
 fn a_turn_sent_as_the_previous_one_ends_finds_its_worker_free_again() {
     // "holder" ran this conversation's previous turn; its advert, received before that turn
     // ended, still counts it (all four slots, no free KV). This gateway placed it long before
@@ -270,4 +331,67 @@ fn a_turn_sent_as_the_previous_one_ends_finds_its_worker_free_again() {
     fresh.advert_received("holder", 1000, 10_000);
     fresh.finished("holder", 512, 9_800, 10_100);
     assert_eq!(fresh.local(&s.workers["holder"]).ended, 0);
+}
+
+#[test]
+fn turns_that_ended_just_before_a_stale_advert_still_find_their_worker() {
+    // The chat benchmark without pauses: "holder" ran three conversations' turns, which ended
+    // in one decode step at 9,700; their next turns arrive together. The advert received at
+    // 10,000 was written a moment before that step and still counts all three (stats and
+    // advert writes are throttled, and etcd is slow on a loaded machine). The first next turn
+    // is placed at 10,010; the second must still find a free slot where its history is.
+    let mut holder = cpu_worker("holder", 50.0, 10.0, 3);
+    holder.updated_unix_ms = 9_500;
+    let s = snapshot(vec![
+        holder,
+        cpu_worker("idle", 50.0, 10.0, 0),
+        cpu_worker("other", 50.0, 10.0, 0),
+    ]);
+    let mut res = Reservations::default();
+    res.advert_received("holder", 9_500, 10_000);
+    res.advert_received("idle", 1000, 2_000);
+    res.advert_received("other", 1000, 2_000);
+    for _ in 0..3 {
+        res.finished("holder", turn().kv_tokens(), 5_000, 9_700);
+    }
+    res.by_worker
+        .entry("holder".into())
+        .or_default()
+        .push(Reservation {
+            kv_tokens: turn().kv_tokens(),
+            placed_unix_ms: 10_010,
+        });
+    let hits = PrefixHits {
+        cached_tokens: [("holder".to_string(), 270)].into_iter().collect(),
+        key: Some(5),
+        ..PrefixHits::default()
+    };
+    let r = rank_with_hits(
+        &turn(),
+        &hits,
+        &s,
+        &res,
+        &HashSet::new(),
+        (&Policy::default(), Affinity::default()),
+        &mut StdRng::seed_from_u64(1),
+    )
+    .unwrap();
+    assert_eq!(first(&r), "holder", "{:?}", ids(&r));
+    // KV stays with the cautious reading: those ends are not credited as free KV or in the
+    // predicted TTFT's load.
+    let local = res.local(&s.workers["holder"]);
+    assert_eq!(
+        (local.ended, local.ended_within_lag, local.placed),
+        (0, 3, 1)
+    );
+    assert_eq!(local.free_kv, 2000 - turn().kv_tokens());
+    // An end before the lag window: the advert counts it no more than the cautious reading says.
+    let mut early = Reservations::default();
+    early.advert_received("holder", 9_500, 10_000);
+    early.finished("holder", 512, 5_000, 9_400);
+    assert_eq!(early.local(&s.workers["holder"]).ended_within_lag, 0);
+    // Nor while requests wait for admission there.
+    let mut waiting = s.workers["holder"].as_ref().clone();
+    waiting.load.queued = 1;
+    assert_eq!(res.local(&waiting).ended_within_lag, 0);
 }
