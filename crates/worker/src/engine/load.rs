@@ -5,7 +5,7 @@
 use std::ffi::CString;
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::{KvCacheType as LlamaKvCacheType, LlamaContextParams};
@@ -94,8 +94,17 @@ fn resolve_decode_mode(config: &EngineConfig, has_accelerator: bool) -> DecodeMo
     }
 }
 
+/// The process's llama.cpp backend, initialised once. llama-cpp-2 refuses a second
+/// `LlamaBackend::init` (`BackendAlreadyInitialized`), so concurrent first calls (several
+/// in-process workers starting at once, as the e2e tests do) must not both try: the
+/// initialisation runs under a lock, and a caller that waited finds the backend made.
 pub(super) fn backend() -> Result<&'static LlamaBackend, EngineError> {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    static INIT: Mutex<()> = Mutex::new(());
+    if let Some(b) = BACKEND.get() {
+        return Ok(b);
+    }
+    let _init = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(b) = BACKEND.get() {
         return Ok(b);
     }
@@ -369,6 +378,21 @@ mod tests {
         // Never more than the batch, as llama.cpp clamps it.
         assert_eq!(context_params(&config(256, 512)).n_ubatch(), 256);
         assert_eq!(kv_layout(&config(256, 512)).ubatch, 256);
+    }
+
+    #[test]
+    fn concurrent_first_calls_share_one_backend() {
+        // Before the lock, two workers starting at once could both call LlamaBackend::init and
+        // one failed with BackendAlreadyInitialized (seen in CI: an e2e worker "stopped before
+        // serving").
+        let threads: Vec<_> = (0..8)
+            .map(|_| std::thread::spawn(|| backend().map(|b| b as *const LlamaBackend as usize)))
+            .collect();
+        let got: Vec<_> = threads
+            .into_iter()
+            .map(|t| t.join().expect("no panic").expect("backend"))
+            .collect();
+        assert!(got.windows(2).all(|w| w[0] == w[1]), "{got:?}");
     }
 
     #[test]
