@@ -167,6 +167,26 @@ fn with_no_measurement_anywhere_the_policy_defaults_hold() {
     assert!((r.candidates[0].score - expected).abs() < 1e-9);
 }
 
+/// A conversation's first turn (no cached prefix, its own prefix key), ranked prefix-aware.
+fn first_turn(conversation: u64, s: &ClusterSnapshot, res: &Reservations) -> Ranking {
+    let hits = PrefixHits {
+        key: Some(crate::scheduler::affinity::stable_hash(
+            &conversation.to_le_bytes(),
+        )),
+        ..Default::default()
+    };
+    rank_with_hits(
+        &turn(),
+        &hits,
+        s,
+        res,
+        &HashSet::new(),
+        (&Policy::default(), Affinity::default()),
+        &mut StdRng::seed_from_u64(conversation),
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_burst_of_first_turns_spreads_over_the_workers() {
     // The benchmark's eight first turns arrive at once, before any advert shows them: each
@@ -179,22 +199,7 @@ fn a_burst_of_first_turns_spreads_over_the_workers() {
     ]);
     let mut res = Reservations::default();
     for conversation in 0..8u64 {
-        let hits = PrefixHits {
-            key: Some(crate::scheduler::affinity::stable_hash(
-                &conversation.to_le_bytes(),
-            )),
-            ..Default::default()
-        };
-        let r = rank_with_hits(
-            &turn(),
-            &hits,
-            &s,
-            &res,
-            &HashSet::new(),
-            (&Policy::default(), Affinity::default()),
-            &mut StdRng::seed_from_u64(conversation),
-        )
-        .unwrap();
+        let r = first_turn(conversation, &s, &res);
         res.by_worker
             .entry(first(&r).to_string())
             .or_default()
@@ -237,22 +242,7 @@ fn a_burst_of_first_turns_spreads_when_adverts_count_the_earlier_ones() {
             res.advert_received(id, now, now);
         }
         let s = snapshot(workers);
-        let hits = PrefixHits {
-            key: Some(crate::scheduler::affinity::stable_hash(
-                &conversation.to_le_bytes(),
-            )),
-            ..Default::default()
-        };
-        let r = rank_with_hits(
-            &turn(),
-            &hits,
-            &s,
-            &res,
-            &HashSet::new(),
-            (&Policy::default(), Affinity::default()),
-            &mut StdRng::seed_from_u64(conversation),
-        )
-        .unwrap();
+        let r = first_turn(conversation, &s, &res);
         let pick = ids.iter().position(|id| *id == first(&r)).unwrap();
         busy[pick] += 1;
         // Placed well before the next advert, which counts it.

@@ -18,16 +18,36 @@ fn saturated(n: usize, roomy: impl Fn(usize) -> bool) -> ClusterSnapshot {
     snapshot(ws)
 }
 
-fn first(policy: &Policy, s: &ClusterSnapshot, seed: u64) -> String {
-    let r = rank(
+/// An INTERACTIVE decision with the default policy.
+fn interactive(s: &ClusterSnapshot, reservations: &Reservations, seed: u64) -> Ranking {
+    rank(
         &demand(LatencyClass::Interactive),
         s,
-        &Reservations::default(),
+        reservations,
         &HashSet::new(),
-        policy,
+        &Policy::default(),
         &mut StdRng::seed_from_u64(seed),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// This gateway's placements since the adverts: 7900 KV tokens on each of `ids`.
+fn filled(ids: impl IntoIterator<Item = String>) -> Reservations {
+    let mut reservations = Reservations::default();
+    for id in ids {
+        reservations.by_worker.insert(
+            id,
+            vec![Reservation {
+                kv_tokens: 7900,
+                placed_unix_ms: 2000,
+            }],
+        );
+    }
+    reservations
+}
+
+fn first(s: &ClusterSnapshot, seed: u64) -> String {
+    let r = interactive(s, &Reservations::default(), seed);
     assert!(!r.candidates[0].spill, "a full worker has room");
     r.candidates[0].worker.id.clone()
 }
@@ -102,22 +122,13 @@ fn a_saturated_pool_samples_the_workers_with_room_and_only_those() {
     // 1 full worker in 50 has room: samples of the pool mostly miss, and the decision samples
     // the workers with room instead.
     let s = saturated(2000, |i| i % 50 == 7);
-    let policy = Policy::default();
     let roomy: HashSet<String> = (0..2000)
         .filter(|i| i % 50 == 7)
         .map(|i| format!("f{i:04}"))
         .collect();
     let mut chosen = HashSet::new();
     for seed in 0..200 {
-        let r = rank(
-            &demand(LatencyClass::Interactive),
-            &s,
-            &Reservations::default(),
-            &HashSet::new(),
-            &policy,
-            &mut StdRng::seed_from_u64(seed),
-        )
-        .unwrap();
+        let r = interactive(&s, &Reservations::default(), seed);
         let got: HashSet<String> = r.candidates.iter().map(|c| c.worker.id.clone()).collect();
         assert!(
             got.is_subset(&roomy),
@@ -141,27 +152,13 @@ fn when_this_gateways_placements_took_the_advertised_room_every_listed_worker_is
     // 40 full workers advertise room, but this gateway has since filled all of them but one:
     // the samples of the workers with room miss, and the one left is still found, not a spill.
     let s = saturated(2000, |i| i % 50 == 7);
-    let mut reservations = Reservations::default();
-    for i in (0..2000).filter(|i| i % 50 == 7 && *i != 1007) {
-        reservations.by_worker.insert(
-            format!("f{i:04}"),
-            vec![Reservation {
-                kv_tokens: 7900,
-                placed_unix_ms: 2000,
-            }],
-        );
-    }
-    let policy = Policy::default();
+    let reservations = filled(
+        (0..2000)
+            .filter(|i| i % 50 == 7 && *i != 1007)
+            .map(|i| format!("f{i:04}")),
+    );
     for seed in 0..20 {
-        let r = rank(
-            &demand(LatencyClass::Interactive),
-            &s,
-            &reservations,
-            &HashSet::new(),
-            &policy,
-            &mut StdRng::seed_from_u64(seed),
-        )
-        .unwrap();
+        let r = interactive(&s, &reservations, seed);
         assert_eq!(ids(&r)[0], "f1007", "seed {seed}");
         assert!(!r.candidates[0].spill);
     }
@@ -169,13 +166,12 @@ fn when_this_gateways_placements_took_the_advertised_room_every_listed_worker_is
 
 #[test]
 fn the_room_index_follows_a_new_snapshot() {
-    let policy = Policy::default();
     let s1 = saturated(500, |i| i == 137);
-    assert_eq!(first(&policy, &s1, 1), "f0137");
+    assert_eq!(first(&s1, 1), "f0137");
     // A new snapshot (same revision and size, other adverts): f0137 full, f0042 has room.
     let s2 = saturated(500, |i| i == 42);
     for seed in 0..10 {
-        assert_eq!(first(&policy, &s2, seed), "f0042");
+        assert_eq!(first(&s2, seed), "f0042");
     }
     // Changed in place, as the simulator does, with the revision bumped: f0042 full again.
     let mut s3 = s2.clone();
@@ -185,7 +181,7 @@ fn the_room_index_follows_a_new_snapshot() {
         .insert("f0300".into(), Arc::new(worker("f0300", "full", 8000)));
     s3.revision += 1;
     for seed in 0..10 {
-        assert_eq!(first(&policy, &s3, seed), "f0300");
+        assert_eq!(first(&s3, seed), "f0300");
     }
     // The worker with room leaves: nothing in the pool fits, the full scan spills.
     let mut s4 = s3.clone();
@@ -193,19 +189,11 @@ fn the_room_index_follows_a_new_snapshot() {
     s4.revision += 1;
     let r = rank_default(&demand(LatencyClass::Interactive), &s4).unwrap();
     assert!(r.candidates[0].spill);
-    let r = rank(
-        &demand(LatencyClass::Interactive),
-        &s4,
-        &Reservations::default(),
-        &HashSet::new(),
-        &policy,
-        &mut StdRng::seed_from_u64(3),
-    )
-    .unwrap();
+    let r = interactive(&s4, &Reservations::default(), 3);
     assert!(r.candidates.iter().all(|c| c.worker.id != "f0300"));
     assert!(r.candidates[0].spill);
     // Back to the first snapshot: its index is rebuilt, not mixed up with the others.
-    assert_eq!(first(&policy, &s1, 2), "f0137");
+    assert_eq!(first(&s1, 2), "f0137");
 }
 
 #[test]
@@ -213,25 +201,9 @@ fn reservations_since_the_advert_still_count_against_the_room_index() {
     // The advert says f0137 has room, but this gateway has since placed enough to fill it:
     // the index lists it, the headroom check on the decision's reservations refuses it.
     let s = saturated(500, |i| i == 137 || i == 300);
-    let mut reservations = Reservations::default();
-    reservations.by_worker.insert(
-        "f0137".into(),
-        vec![Reservation {
-            kv_tokens: 7900,
-            placed_unix_ms: 2000,
-        }],
-    );
-    let policy = Policy::default();
+    let reservations = filled(["f0137".to_string()]);
     for seed in 0..20 {
-        let r = rank(
-            &demand(LatencyClass::Interactive),
-            &s,
-            &reservations,
-            &HashSet::new(),
-            &policy,
-            &mut StdRng::seed_from_u64(seed),
-        )
-        .unwrap();
+        let r = interactive(&s, &reservations, seed);
         assert_eq!(ids(&r), ["f0300"], "seed {seed}");
     }
 }
