@@ -183,6 +183,17 @@ fn prompt(blocks: u64, system: bool) -> Vec<u64> {
 }
 
 /// Mean microseconds per call of `f`, run for about `budget`.
+/// What every decision here places: 600 prompt + 256 generated tokens of one model.
+fn demand(class: LatencyClass) -> Demand<'static> {
+    Demand {
+        model: "gpt-oss-20b",
+        class,
+        prompt_tokens: 600,
+        max_tokens: 256,
+        needs: Default::default(),
+    }
+}
+
 fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
     let started = Instant::now();
     let mut calls = 0u64;
@@ -268,13 +279,7 @@ fn main() {
                 black_box(reservations.clone());
             });
             for class in [LatencyClass::Interactive, LatencyClass::Batch] {
-                let demand = Demand {
-                    model: "gpt-oss-20b",
-                    class,
-                    prompt_tokens: 600,
-                    max_tokens: 256,
-                    needs: Default::default(),
-                };
+                let demand = demand(class);
                 let mut cost = [0.0; 2];
                 for (slot, sampling) in [Sampling::FullScan, Sampling::default()]
                     .into_iter()
@@ -402,13 +407,7 @@ fn system_prompt_decisions(budget: Duration) {
         for saturated in [false, true] {
             let (snapshot, reservations) = cluster(n, saturated);
             for class in [LatencyClass::Interactive, LatencyClass::Batch] {
-                let demand = Demand {
-                    model: "gpt-oss-20b",
-                    class,
-                    prompt_tokens: 600,
-                    max_tokens: 256,
-                    needs: Default::default(),
-                };
+                let demand = demand(class);
                 let policy = Policy::default();
                 let exclude = HashSet::new();
                 let decide = |hits: &PrefixHits, rng: &mut StdRng| {
