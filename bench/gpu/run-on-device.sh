@@ -48,7 +48,8 @@
 #      MODES, "full cpu-moe"), LAYERS (24), VRAM_UBS, VRAM_RPL (8), BEST_UB, I64_BG (60),
 #      I64_RPL (16), THREAD_COUNTS, THREADS_RPL (8), PREFIX_WORKER_ARGS ("--offload full --batch-size 128": sequential
 #      decode reuses whole --batch-size chunks only, and the workload's prompts are < 512 tokens),
-#      WAIT_READY (240s)
+#      WAIT_READY (240s), AVX2_CPU (1: also build the AVX2 CPU backend for the ours-avx2 rows; 0 saves
+#      build time and skips them)
 # DRY RUN (CPU, checks the stage logic): `dry-run CARRY_DIR` with CARRY_DIR holding the binaries
 #      unpacked (moe-worker ... etcd, etcdctl; .xz not needed), MODEL set to a small GGUF (e.g.
 #      scripts/make_gptoss_like.py OUT --layers 2 --sparse), SERVER a CPU llama-server (optional:
@@ -178,7 +179,7 @@ gcc -O3 -march=native -fopenmp membw.c -o membw && ./membw "${MEMBW_GIB:-8}" "${
 stage "building ours (shared libs, CUDA, native CPU + an AVX2 CPU backend) on cores 0-$(( HALF - 1 )) and upstream llama-server (CUDA, native CPU) on cores $HALF-$(( NPROC - 1 ))"
 # (A dry run elsewhere can pass PREBUILT_LIBS / PREBUILT_AVX2 / SERVER instead.)
 if [ -n "${PREBUILT_LIBS:-}" ]; then echo 0 >ours.rc; else
-( JOBS=$HALF AVX2_CPU=1 taskset -c "0-$(( HALF - 1 ))" bash build-llama-shared.sh ours-llama.cpp-src.tar.xz "$WORK/ll" \
+( JOBS=$HALF AVX2_CPU=${AVX2_CPU:-1} taskset -c "0-$(( HALF - 1 ))" bash build-llama-shared.sh ours-llama.cpp-src.tar.xz "$WORK/ll" \
     >build-ours.log 2>&1; echo $? >ours.rc ) &
 fi
 if [ -n "${SERVER:-}" ]; then ( sleep "${DRY_UPSTREAM_DELAY:-0}"; echo 0 >upstream.rc ) & else
@@ -534,7 +535,8 @@ stage_cpu_moe() {
   has_time 330 cpu-moe || return 0
   stage "cpu-moe at 16384 cells / 16 sequences: ours, ours with AVX2 CPU code, upstream"
   run_server ours cpu-moe 16384 16 1,4,16 64
-  RPL=8 run_server ours-avx2 cpu-moe 16384 16 1 64
+  if ls "$WORK"/cpu-avx2/libggml-cpu.so* >/dev/null 2>&1; then RPL=8 run_server ours-avx2 cpu-moe 16384 16 1 64
+  else echo "cpu-moe ours-avx2: not run (no AVX2 CPU backend built: AVX2_CPU=0)" >>"$R/skipped.txt"; fi
   run_server upstream cpu-moe 16384 16 1,4,16 64
 }
 
