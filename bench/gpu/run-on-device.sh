@@ -36,9 +36,7 @@
 #   prefix        bench/prefix-routing.sh (issue 17) with three full workers on the GPU
 #   two-gpu       with 2+ GPUs: a gateway, a full worker on GPU 0 and a cpu-moe worker on GPU 1, the
 #                 product check (moectl generate per class) and a mixed-class moe-bench run
-#   gateway cpu-moe full n-cpu-moe invariance   the earlier stages (2026-12-01 has their results);
-#                 full also runs ours-onegraph (GGML_CUDA_GRAPH_VARIANTS=0: patches/llama.cpp/0001
-#                 off) unless FULL_ONEGRAPH=0
+#   gateway cpu-moe full n-cpu-moe invariance   the earlier stages (2026-12-01 has their results)
 # On a machine with 2+ GPUs every stage but two-gpu runs on GPU 0 only (CUDA_VISIBLE_DEVICES=0,
 # nvidia-smi -i 0), so numbers compare with single-GPU runs.
 # env: WORK (/root/moe-gpu), BUDGET_S (deadline from start, 1500), RPL (requests per level, 16),
@@ -210,7 +208,6 @@ LIBS=${PREBUILT_LIBS:-$WORK/ll/build/bin}
 mkdir -p "$WORK/cpu-avx2" && cp -a "${PREBUILT_AVX2:-$WORK/ll/build-avx2/bin}"/libggml-cpu.so* "$WORK/cpu-avx2/" \
   || stage "no AVX2 CPU backend: ours-avx2 rows will measure the native one"
 export LD_LIBRARY_PATH=$LIBS${CUDA_LIB:+:$CUDA_LIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-stage "llama.cpp patches in ours: $(awk '{print $2}' llama-patches 2>/dev/null | paste -sd' ' || echo none)"
 stage "ours built: $(ldd ./moe-worker | grep -E 'libllama|libggml' | awk '{print $3}' | paste -sd' ')"
 
 VRAM_PID=
@@ -271,9 +268,6 @@ run_server() {
   # llama.cpp's own log lines (buffer sizes) come through the worker's tracing as llama-cpp-2.
   if [[ $name == ours-avx2* ]]; then
     LD_LIBRARY_PATH=$WORK/cpu-avx2:$LD_LIBRARY_PATH RUST_LOG=warn,moe_worker::engine=info,llama-cpp-2=info $cmd >"$WORK/server-$tag.log" 2>&1 &
-  elif [[ $name == ours-onegraph* ]]; then
-    # patches/llama.cpp/0001 switched off: the CUDA graph cache keyed by the first node alone
-    GGML_CUDA_GRAPH_VARIANTS=0 RUST_LOG=warn,moe_worker::engine=info,llama-cpp-2=info $cmd >"$WORK/server-$tag.log" 2>&1 &
   else
     RUST_LOG=warn,moe_worker::engine=info,llama-cpp-2=info $cmd >"$WORK/server-$tag.log" 2>&1 &
   fi
@@ -546,10 +540,6 @@ stage_full() {
     run_server ours full 49152 64 1,4,16,64 128
     run_server upstream full 49152 64 1,4,16,64 128
   fi
-  if [ "${FULL_ONEGRAPH:-1}" = 1 ] && [ -f llama-patches ] && has_time 150 full-onegraph; then
-    stage "full, ours with GGML_CUDA_GRAPH_VARIANTS=0 (llama.cpp's own CUDA graph key), for patch 0001"
-    run_server ours-onegraph full 49152 64 1,4,16,64 128
-  fi
   if [ -n "$BATCHED_FLAG" ] && has_time 120 full-batched; then
     stage "full, ours with batched decode (not batch-invariant on the GPU), for the invariance trade-off"
     run_server ours-batched full 49152 64 16,64 128 $BATCHED_FLAG
@@ -651,7 +641,7 @@ done
   fi
   for pair in "cpu-moe-16384 ours upstream" "cpu-moe-16384 ours-avx2 ours" "cpu-moe-16384 ours-t$(( NPROC / 4 )) ours" \
               "cpu-moe-16384 ours-t$HALF ours" "full-49152 ours upstream" "full-49152 ours-batched upstream" \
-              "full-49152 ours ours-batched" "full-49152 ours ours-onegraph" "n-cpu-moe-12-49152 ours upstream"; do
+              "full-49152 ours ours-batched" "n-cpu-moe-12-49152 ours upstream"; do
     set -- $pair
     [ -f "$R/$1-$2.json" ] && [ -f "$R/$1-$3.json" ] || continue
     echo "### $1: $2 vs $3"
