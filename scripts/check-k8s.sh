@@ -249,22 +249,24 @@ rejects() {
 
 has_kind() { grep -q "^kind: $1\$" "$work/out.yaml"; }
 
-# kv_cache_types_wired: all-features sets cacheTypeK/V on the ncm pool only; its Deployment gets
-# MOE_CACHE_TYPE_K/V, the other pools keep the worker's default (no variable).
-kv_cache_types_wired() {
+# pool_env_wired POOL NAME=VALUE...: in tests/all-features.yaml only pool POOL sets these worker
+# settings; its Deployment gets each variable with that value, the other pools keep the worker's
+# default (no variable).
+pool_env_wired() {
   render -f "$all_features" >"$work/out.yaml" || return 1
-  "$py" - "$work/out.yaml" <<'EOF2'
+  "$py" - "$work/out.yaml" "$@" <<'EOF2'
 import sys, yaml
+pool, want = sys.argv[2], dict(a.split("=", 1) for a in sys.argv[3:])
 envs = {}
 for d in yaml.safe_load_all(open(sys.argv[1])):
     if d and d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker":
         c = d["spec"]["template"]["spec"]["containers"][0]
         envs[d["metadata"]["name"]] = {e["name"]: e.get("value") for e in c.get("env", [])}
-ncm = [e for n, e in envs.items() if n.endswith("-ncm")]
-others = [e for n, e in envs.items() if not n.endswith("-ncm")]
-ok = (len(ncm) == 1 and ncm[0].get("MOE_CACHE_TYPE_K") == "q8_0" and ncm[0].get("MOE_CACHE_TYPE_V") == "q4_0"
-      and others and all("MOE_CACHE_TYPE_K" not in e and "MOE_CACHE_TYPE_V" not in e for e in others))
-sys.exit(0 if ok else f"KV cache types not wired: {sorted(envs)} {ncm}")
+mine = [e for n, e in envs.items() if n.endswith("-" + pool)]
+others = [e for n, e in envs.items() if not n.endswith("-" + pool)]
+ok = (len(mine) == 1 and all(mine[0].get(k) == v for k, v in want.items())
+      and others and all(k not in e for e in others for k in want))
+sys.exit(0 if ok else f"{want} not wired to pool {pool} only: {sorted(envs)} {mine}")
 EOF2
 }
 lacks_kind() { ! has_kind "$1"; }
@@ -448,7 +450,10 @@ check "autoscaling (KEDA): tests/all-features.yaml ScaledObject wired" keda_all_
 check "autoscaling (KEDA): defaults by profile (full: queue+ttft, cpu-moe: kv), no worker HPA" \
   keda_defaults_by_profile
 check "autoscaling (HPA): HPAs and no ScaledObject" hpa_variant_has_no_scaledobject
-check "KV cache types: cacheTypeK/V reach the pool's MOE_CACHE_TYPE_K/V (all-features)" kv_cache_types_wired
+check "KV cache types: cacheTypeK/V reach the pool's MOE_CACHE_TYPE_K/V (all-features)" \
+  pool_env_wired ncm MOE_CACHE_TYPE_K=q8_0 MOE_CACHE_TYPE_V=q4_0
+check "decode mode: decodeMode reaches the pool's MOE_DECODE_MODE (all-features)" \
+  pool_env_wired ncm MOE_DECODE_MODE=batched
 check "etcd member recovery wired into the StatefulSet" etcd_recovery_wired
 check "etcd compaction (periodic 5m) and defrag CronJob wired (defaults)" \
   etcd_compaction_wired periodic 5m

@@ -233,8 +233,16 @@ async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
 
 fn table_header() -> String {
     format!(
-        "{:<24} {:<10} {:<14} {:<16} {:>22} {:>14} {:>8} {:>8}",
-        "ID", "STATE", "PROFILE", "MODEL", "GPU USED/TOTAL", "KV FREE", "ACTIVE", "QUEUED"
+        "{:<24} {:<10} {:<14} {:<10} {:<16} {:>22} {:>14} {:>8} {:>8}",
+        "ID",
+        "STATE",
+        "PROFILE",
+        "DECODE",
+        "MODEL",
+        "GPU USED/TOTAL",
+        "KV FREE",
+        "ACTIVE",
+        "QUEUED"
     )
 }
 
@@ -252,10 +260,12 @@ fn table_row(w: &WorkerAdvert) -> String {
         format!("{}/{}", ByteSize(total - free), ByteSize(total))
     };
     format!(
-        "{:<24} {:<10} {:<14} {:<16} {:>22} {:>14} {:>8} {:>8}",
+        "{:<24} {:<10} {:<14} {:<10} {:<16} {:>22} {:>14} {:>8} {:>8}",
         w.id,
         format!("{:?}", w.state).to_lowercase(),
         w.offload.profile,
+        // Workers older than the advert's decode_mode do not say.
+        w.decode_mode.as_deref().unwrap_or("-"),
         w.model.name,
         vram,
         format!(
@@ -351,4 +361,37 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
         ByteSize(moe_common::plan::ACCELERATOR_OVERHEAD_BYTES)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workers_table_shows_the_decode_mode() {
+        let mut json = serde_json::json!({
+            "schema": moe_common::registry::ADVERT_SCHEMA,
+            "id": "w1",
+            "endpoint": "http://127.0.0.1:50061",
+            "state": "ready",
+            "model": {"name": "m", "architecture": "llama", "n_layer": 2, "expert_count": 4,
+                      "expert_used_count": 2, "weight_bytes": 1},
+            "offload": {"mode": "full", "n_cpu_moe": 0, "profile": "full"},
+            "devices": [],
+            "memory": {"weight_bytes": 1, "kv_bytes": 1, "host_expert_bytes": 0},
+            "capacity": {"context_tokens": 4096, "free_kv_tokens": 1024, "max_sequences": 4},
+            "load": {"active": 3, "queued": 2},
+            "version": "0",
+            "updated_unix_ms": 0
+        });
+        // A worker older than the field says nothing about its mode.
+        let old: WorkerAdvert = serde_json::from_value(json.clone()).unwrap();
+        let row = table_row(&old);
+        assert_eq!(row.split_whitespace().nth(3), Some("-"), "{row}");
+        json["decode_mode"] = "sequential".into();
+        let new: WorkerAdvert = serde_json::from_value(json).unwrap();
+        let row = table_row(&new);
+        assert_eq!(row.split_whitespace().nth(3), Some("sequential"), "{row}");
+        assert_eq!(table_header().split_whitespace().nth(3), Some("DECODE"));
+    }
 }

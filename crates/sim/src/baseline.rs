@@ -95,6 +95,7 @@ mod tests {
                 state: WorkerState::Ready,
                 model: ModelInfo::default(),
                 model_fingerprint: String::new(),
+                decode_mode: None,
                 features: moe_common::registry::Features::all(),
                 offload: OffloadInfo::default(),
                 devices: vec![],

@@ -241,6 +241,7 @@ impl Engine<'_> {
                 ..Default::default()
             },
             model_fingerprint: String::new(),
+            decode_mode: None,
             features: moe_common::registry::Features::all(),
             offload: OffloadInfo {
                 mode: profile.name().into(),

@@ -38,6 +38,8 @@ pub fn build(
         state,
         model: model.info.clone(),
         model_fingerprint: model.fingerprint.clone(),
+        // The mode resolved at load (`auto` is never advertised).
+        decode_mode: Some(model.decode_mode.as_str().to_string()),
         // Everything this version serves; gateways keep requests that need a feature off older
         // workers, whose adverts lack it.
         features: Features::all(),

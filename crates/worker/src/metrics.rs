@@ -462,6 +462,7 @@ mod tests {
             state: WorkerState::Ready,
             model: Default::default(),
             model_fingerprint: String::new(),
+            decode_mode: None,
             features: moe_common::registry::Features::all(),
             offload: Default::default(),
             devices: vec![moe_common::registry::DeviceInfo {

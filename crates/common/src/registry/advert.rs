@@ -177,6 +177,12 @@ pub struct WorkerAdvert {
     #[serde(default)]
     pub model_fingerprint: String,
     pub offload: OffloadInfo,
+    /// How the worker's engine decodes (`--decode-mode`, as resolved at load): `sequential` (one
+    /// llama.cpp call per sequence: greedy output does not depend on other traffic) or `batched`
+    /// (one call per step for all sequences: faster, batch-invariant on the CPU only). Never
+    /// `auto`. Absent (`None`) from workers older than the field: unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_mode: Option<String>,
     /// What the worker can do beyond plain generation ([`Features`]); absent from older workers,
     /// which have none of them. Gateways place a request only on workers with every feature it
     /// needs.
@@ -279,6 +285,7 @@ pub(crate) mod tests {
                 n_cpu_moe: 0,
                 profile: "full".into(),
             },
+            decode_mode: Some("sequential".into()),
             features: Features::all(),
             devices: vec![],
             memory: MemoryInfo::default(),
@@ -299,6 +306,31 @@ pub(crate) mod tests {
         let a = sample("w1");
         let json = a.to_json().unwrap();
         assert_eq!(WorkerAdvert::from_json("/moe/v1/workers/w1", &json), Ok(a));
+    }
+
+    #[test]
+    fn decode_mode_round_trips_and_is_optional() {
+        let mut a = sample("w1");
+        a.decode_mode = Some("batched".into());
+        let json = a.to_json().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["decode_mode"], "batched");
+        assert_eq!(WorkerAdvert::from_json("/p/workers/w1", &json), Ok(a));
+
+        // A worker older than the field: the advert still parses, the mode is unknown.
+        let mut old = v;
+        old.as_object_mut().unwrap().remove("decode_mode");
+        let parsed = WorkerAdvert::from_json("/p/workers/w1", old.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.decode_mode, None);
+        let mut unknown = sample("w1");
+        unknown.decode_mode = None;
+        let json = unknown.to_json().unwrap();
+        assert!(
+            !String::from_utf8(json.clone())
+                .unwrap()
+                .contains("decode_mode")
+        );
+        assert_eq!(WorkerAdvert::from_json("/p/workers/w1", &json), Ok(unknown));
     }
 
     #[test]

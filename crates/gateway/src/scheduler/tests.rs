@@ -25,6 +25,7 @@ fn worker(id: &str, profile: &str, free_kv: u32) -> WorkerAdvert {
             ..Default::default()
         },
         model_fingerprint: String::new(),
+        decode_mode: None,
         features: Features::all(),
         offload: OffloadInfo {
             mode: profile.split(':').next().unwrap().into(),

@@ -222,6 +222,7 @@ impl FakeWorker {
                 ..Default::default()
             },
             model_fingerprint: String::new(),
+            decode_mode: None,
             features: moe_common::registry::Features::all(),
             offload: OffloadInfo {
                 mode: profile.into(),

@@ -44,6 +44,7 @@ fn advert(i: usize, full: bool, free_kv: u32, rng: &mut StdRng) -> WorkerAdvert 
             ..Default::default()
         },
         model_fingerprint: String::new(),
+        decode_mode: None,
         features: moe_common::registry::Features::all(),
         offload: OffloadInfo {
             mode: if full { "full" } else { "cpu-moe" }.into(),

@@ -396,6 +396,22 @@ mod tests {
     }
 
     #[test]
+    fn the_resolved_decode_mode_is_never_auto() {
+        // What the advert's `decode_mode` carries: `auto` resolved by where the layers run.
+        let mut c = config(2048, 512);
+        assert_eq!(resolve_decode_mode(&c, true), DecodeMode::Sequential);
+        assert_eq!(resolve_decode_mode(&c, false), DecodeMode::Batched);
+        c.gpu_layers = Some(0);
+        assert_eq!(resolve_decode_mode(&c, true), DecodeMode::Batched);
+        for mode in [DecodeMode::Sequential, DecodeMode::Batched] {
+            c.decode_mode = mode;
+            for accelerator in [false, true] {
+                assert_eq!(resolve_decode_mode(&c, accelerator), mode);
+            }
+        }
+    }
+
+    #[test]
     fn kv_cache_types_reach_llama_cpp_the_plan_and_the_fingerprint() {
         let mut c = config(2048, 512);
         assert_eq!(advertised_fingerprint("v1-ab".into(), &c), "v1-ab");

@@ -85,6 +85,7 @@ mod tests {
                 ..Default::default()
             },
             model_fingerprint: fingerprint.into(),
+            decode_mode: None,
             features: moe_common::registry::Features::all(),
             offload: OffloadInfo::default(),
             devices: vec![],
