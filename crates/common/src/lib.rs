@@ -6,6 +6,7 @@ pub mod class;
 pub mod codec;
 pub mod flags;
 pub mod gguf;
+pub mod grpc;
 pub mod offload;
 pub mod pb;
 pub mod plan;

@@ -36,6 +36,8 @@ pub enum GatewayError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Security(#[from] security::SecurityError),
+    #[error(transparent)]
+    Reflection(#[from] moe_common::grpc::ReflectionError),
 }
 
 /// Serves until `shutdown` is cancelled, then stops intake (health NOT_SERVING) and lets
@@ -133,17 +135,7 @@ pub async fn run(
         watcher.snapshots(),
         shutdown.clone(),
     ));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(moe_common::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    // v1alpha too: grpcio-reflection and older grpcurl speak only that version.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(moe_common::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (reflection, reflection_v1alpha) = moe_common::grpc::reflection_services()?;
     let http_listener = match config.http_listen {
         Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
             std::io::Error::new(

@@ -36,6 +36,8 @@ pub enum WorkerError {
     Tls(#[from] moe_common::tls::TlsError),
     #[error("engine failed, worker left the cluster: {0}")]
     EngineFault(#[from] supervise::EngineFault),
+    #[error(transparent)]
+    Reflection(#[from] moe_common::grpc::ReflectionError),
 }
 
 fn engine_config(c: &WorkerConfig) -> EngineConfig {
@@ -147,17 +149,7 @@ pub async fn run(
     health_reporter
         .set_serving::<InferenceServer<InferenceService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(moe_common::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    // v1alpha too: grpcio-reflection and older grpcurl speak only that version.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(moe_common::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (reflection, reflection_v1alpha) = moe_common::grpc::reflection_services()?;
     let service = InferenceService::new(engine.clone(), id.clone(), intake.clone())
         .with_metrics(worker_metrics)
         .with_limits(config.limits.clone());

@@ -1,6 +1,7 @@
 //! Behaviour tests of the placement policy.
 
 use super::*;
+use crate::scheduler::affinity::{Affinity, rank_with_hits};
 use moe_common::registry::{
     ADVERT_SCHEMA, Capacity, Feature, Features, Load, MemoryInfo, ModelInfo, OffloadInfo, Speed,
     WorkerState,
@@ -74,15 +75,73 @@ fn ids(r: &Ranking) -> Vec<&str> {
     r.candidates.iter().map(|c| c.worker.id.as_str()).collect()
 }
 
+/// [`rank`] with no reservations and no worker excluded.
+fn rank_with(
+    d: &Demand,
+    s: &ClusterSnapshot,
+    policy: &Policy,
+    rng: &mut StdRng,
+) -> Result<Ranking, ScheduleError> {
+    rank(d, s, &Reservations::default(), &HashSet::new(), policy, rng)
+}
+
 fn rank_default(d: &Demand, s: &ClusterSnapshot) -> Result<Ranking, ScheduleError> {
+    rank_with(d, s, &Policy::default(), &mut StdRng::seed_from_u64(7))
+}
+
+/// [`rank`] under the default policy with this gateway's reservations `res` and the random
+/// source seeded with `seed`, nothing excluded.
+fn rank_reserved(d: &Demand, s: &ClusterSnapshot, res: &Reservations, seed: u64) -> Ranking {
     rank(
         d,
         s,
-        &Reservations::default(),
+        res,
         &HashSet::new(),
         &Policy::default(),
-        &mut StdRng::seed_from_u64(7),
+        &mut StdRng::seed_from_u64(seed),
     )
+    .unwrap()
+}
+
+/// What a prefix index answers: `cached` tokens of the prompt on each listed worker, for the
+/// prefix `key`.
+fn prefix_hits(cached: &[(&str, u32)], key: u64) -> PrefixHits {
+    PrefixHits {
+        cached_tokens: cached.iter().map(|(w, t)| (w.to_string(), *t)).collect(),
+        key: Some(key),
+        ..PrefixHits::default()
+    }
+}
+
+/// [`rank_with_hits`] under the default policy and affinity, nothing excluded.
+fn with_hits(
+    s: &ClusterSnapshot,
+    res: &Reservations,
+    hits: &PrefixHits,
+    d: &Demand,
+    seed: u64,
+) -> Ranking {
+    rank_with_hits(
+        d,
+        hits,
+        s,
+        res,
+        &HashSet::new(),
+        (&Policy::default(), Affinity::default()),
+        &mut StdRng::seed_from_u64(seed),
+    )
+    .unwrap()
+}
+
+/// Records this gateway's placement of `kv_tokens` on `id` at `placed_unix_ms` (its clock).
+fn place(res: &mut Reservations, id: &str, kv_tokens: u32, placed_unix_ms: u64) {
+    res.by_worker
+        .entry(id.into())
+        .or_default()
+        .push(Reservation {
+            kv_tokens,
+            placed_unix_ms,
+        });
 }
 
 #[test]
@@ -137,30 +196,10 @@ fn subtracts_reservations_made_since_the_advert() {
     let s = snapshot(vec![worker("a", "full", 500), worker("b", "full", 400)]);
     let mut res = Reservations::default();
     // A placement newer than a's advert: a has 500 - 350 = 150 left, below the 200 needed.
-    res.by_worker.insert(
-        "a".into(),
-        vec![Reservation {
-            kv_tokens: 350,
-            placed_unix_ms: 2000,
-        }],
-    );
+    place(&mut res, "a", 350, 2000);
     // An old placement on b, already reflected in b's advert: not subtracted again.
-    res.by_worker.insert(
-        "b".into(),
-        vec![Reservation {
-            kv_tokens: 350,
-            placed_unix_ms: 10,
-        }],
-    );
-    let r = rank(
-        &demand(LatencyClass::Interactive),
-        &s,
-        &res,
-        &HashSet::new(),
-        &Policy::default(),
-        &mut StdRng::seed_from_u64(1),
-    )
-    .unwrap();
+    place(&mut res, "b", 350, 10);
+    let r = rank_reserved(&demand(LatencyClass::Interactive), &s, &res, 1);
     assert_eq!(ids(&r), vec!["b"]);
 }
 
@@ -174,11 +213,9 @@ fn spill_off_keeps_batch_out_of_the_fast_pool_but_offers_it_as_fallback() {
         batch_spill: Spill::Off,
         ..Policy::default()
     };
-    let r = rank(
+    let r = rank_with(
         &demand(LatencyClass::Batch),
         &s,
-        &Reservations::default(),
-        &HashSet::new(),
         &policy,
         &mut StdRng::seed_from_u64(1),
     )
@@ -302,26 +339,11 @@ fn ties_are_broken_by_two_choices_on_local_in_flight_streams() {
     let s = snapshot(vec![worker("a", "full", 8000), worker("b", "full", 8000)]);
     let mut res = Reservations::default();
     // Old placements (not subtracted from headroom) but still in flight locally on a.
-    res.by_worker.insert(
-        "a".into(),
-        vec![
-            Reservation {
-                kv_tokens: 1,
-                placed_unix_ms: 0,
-            };
-            3
-        ],
-    );
+    for _ in 0..3 {
+        place(&mut res, "a", 1, 0);
+    }
     for seed in 0..20 {
-        let r = rank(
-            &demand(LatencyClass::Interactive),
-            &s,
-            &res,
-            &HashSet::new(),
-            &Policy::default(),
-            &mut StdRng::seed_from_u64(seed),
-        )
-        .unwrap();
+        let r = rank_reserved(&demand(LatencyClass::Interactive), &s, &res, seed);
         assert_eq!(ids(&r)[0], "b", "seed {seed}");
     }
 }
@@ -367,15 +389,7 @@ fn sampled_placement_stays_in_the_preferred_pool_with_headroom() {
     let policy = Policy::default();
     let mut rng = StdRng::seed_from_u64(3);
     for _ in 0..200 {
-        let r = rank(
-            &demand(LatencyClass::Interactive),
-            &s,
-            &Reservations::default(),
-            &HashSet::new(),
-            &policy,
-            &mut rng,
-        )
-        .unwrap();
+        let r = rank_with(&demand(LatencyClass::Interactive), &s, &policy, &mut rng).unwrap();
         let first = &r.candidates[0];
         assert!(!first.spill, "a full worker with room exists");
         assert!(first.worker.capacity.free_kv_tokens >= 200);
@@ -396,15 +410,12 @@ fn sampled_placement_falls_back_to_the_full_scan_when_nothing_sampled_fits() {
         .collect();
     ws.push(worker("o", "cpu-moe", 8000));
     let s = snapshot(ws);
-    let r = rank(
+    let r = rank_reserved(
         &demand(LatencyClass::Interactive),
         &s,
         &Reservations::default(),
-        &HashSet::new(),
-        &Policy::default(),
-        &mut StdRng::seed_from_u64(5),
-    )
-    .unwrap();
+        5,
+    );
     assert_eq!(ids(&r)[0], "f0137");
     // Nothing in the preferred pool: the scan's spill-over and its errors, as before.
     let none = fleet(0, 0);
@@ -420,11 +431,9 @@ fn sampled_and_full_scan_agree_on_errors_and_spill() {
             .collect(),
     );
     for policy in [Policy::default(), full_scan()] {
-        let r = rank(
+        let r = rank_with(
             &demand(LatencyClass::Interactive),
             &s,
-            &Reservations::default(),
-            &HashSet::new(),
             &policy,
             &mut StdRng::seed_from_u64(1),
         )
@@ -439,15 +448,7 @@ fn sampled_index_notices_a_worker_that_changed() {
     let policy = Policy::default();
     let mut rng = StdRng::seed_from_u64(9);
     let d = demand(LatencyClass::Interactive);
-    rank(
-        &d,
-        &s1,
-        &Reservations::default(),
-        &HashSet::new(),
-        &policy,
-        &mut rng,
-    )
-    .unwrap();
+    rank_with(&d, &s1, &policy, &mut rng).unwrap();
     // Same size, every full worker replaced by a draining one and one new ready worker.
     let mut ws: Vec<WorkerAdvert> = (0..39)
         .map(|i| {
@@ -459,15 +460,7 @@ fn sampled_index_notices_a_worker_that_changed() {
     ws.push(worker("new", "full", 8000));
     let s2 = snapshot(ws);
     for _ in 0..20 {
-        let r = rank(
-            &d,
-            &s2,
-            &Reservations::default(),
-            &HashSet::new(),
-            &policy,
-            &mut rng,
-        )
-        .unwrap();
+        let r = rank_with(&d, &s2, &policy, &mut rng).unwrap();
         assert_eq!(ids(&r)[0], "new");
     }
 }
@@ -477,15 +470,12 @@ fn several_gateways_spread_first_placements_over_equal_workers() {
     let s = fleet(100, 0);
     let mut firsts = HashSet::new();
     for gateway in 0..4 {
-        let r = rank(
+        let r = rank_reserved(
             &demand(LatencyClass::Interactive),
             &s,
             &Reservations::default(),
-            &HashSet::new(),
-            &Policy::default(),
-            &mut StdRng::seed_from_u64(gateway),
-        )
-        .unwrap();
+            gateway,
+        );
         firsts.insert(r.candidates[0].worker.id.clone());
     }
     assert!(firsts.len() >= 3, "4 gateways chose {firsts:?}");

@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::scheduler::affinity::{
-    Affinity, prefix_key, prefix_score, rank_with_prefix, rendezvous_top, within_bound,
+    Affinity, load_with_local, prefix_key, prefix_score, rank_with_prefix, rendezvous_top,
+    within_bound,
 };
 
 #[test]
@@ -74,6 +75,17 @@ fn affine(s: &ClusterSnapshot, res: &Reservations, key: u64, d: &Demand) -> Rank
     .unwrap()
 }
 
+/// Each worker's load counting this gateway's reservations, and their mean.
+fn loads_and_mean(s: &ClusterSnapshot, res: &Reservations) -> (Vec<f64>, f64) {
+    let loads: Vec<f64> = s
+        .workers
+        .values()
+        .map(|w| load_with_local(w, res))
+        .collect();
+    let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+    (loads, mean)
+}
+
 #[test]
 fn two_gateways_pick_the_same_worker_for_a_prefix() {
     let s = fleet(8, 8);
@@ -142,17 +154,8 @@ fn a_hot_prefix_does_not_push_a_worker_beyond_the_load_bound() {
     let eps = Affinity::default().epsilon;
     for _ in 0..48 {
         let r = affine(&s, &res, 7, &d);
-        let id = r.candidates[0].worker.id.clone();
-        res.by_worker.entry(id).or_default().push(Reservation {
-            kv_tokens: 1,
-            placed_unix_ms: 2000,
-        });
-        let loads: Vec<f64> = s
-            .workers
-            .values()
-            .map(|w| crate::scheduler::affinity::load_with_local(w, &res))
-            .collect();
-        let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+        place(&mut res, &r.candidates[0].worker.id, 1, 2000);
+        let (loads, mean) = loads_and_mean(&s, &res);
         let max = loads.iter().cloned().fold(0.0, f64::max);
         // One placement past the bound at most (the check precedes the placement).
         assert!(
@@ -163,33 +166,6 @@ fn a_hot_prefix_does_not_push_a_worker_beyond_the_load_bound() {
     // The key's first choice got more than its share, but not all of it.
     let most = res.by_worker.values().map(Vec::len).max().unwrap();
     assert!((7..48).contains(&most), "{most}");
-}
-
-fn prefix_hits(cached: &[(&str, u32)], key: u64) -> PrefixHits {
-    PrefixHits {
-        cached_tokens: cached.iter().map(|(w, t)| (w.to_string(), *t)).collect(),
-        key: Some(key),
-        ..PrefixHits::default()
-    }
-}
-
-fn with_hits(
-    s: &ClusterSnapshot,
-    res: &Reservations,
-    hits: &PrefixHits,
-    d: &Demand,
-    seed: u64,
-) -> Ranking {
-    crate::scheduler::affinity::rank_with_hits(
-        d,
-        hits,
-        s,
-        res,
-        &HashSet::new(),
-        (&Policy::default(), Affinity::default()),
-        &mut StdRng::seed_from_u64(seed),
-    )
-    .unwrap()
 }
 
 #[test]
@@ -235,18 +211,9 @@ fn a_hot_cached_prefix_fills_its_workers_slots_then_spreads_within_the_load_boun
     let eps = Affinity::default().epsilon;
     for i in 0..12 {
         let r = with_hits(&s, &res, &h, &d, i);
-        let id = r.candidates[0].worker.id.clone();
-        res.by_worker.entry(id).or_default().push(Reservation {
-            kv_tokens: 1,
-            placed_unix_ms: 2000,
-        });
-        let loads: Vec<f64> = s
-            .workers
-            .values()
-            .map(|w| crate::scheduler::affinity::load_with_local(w, &res))
-            .collect();
-        let mean = loads.iter().sum::<f64>() / loads.len() as f64;
-        let hot = crate::scheduler::affinity::load_with_local(&s.workers["f0000"], &res);
+        place(&mut res, &r.candidates[0].worker.id, 1, 2000);
+        let (_, mean) = loads_and_mean(&s, &res);
+        let hot = load_with_local(&s.workers["f0000"], &res);
         // Its 8 slots, then no further than the bound (the check precedes the placement).
         assert!(
             hot <= 1.0 || within_bound(hot, mean, eps, 2.0 / 8.0),
@@ -338,11 +305,7 @@ fn a_shared_system_prompt_alone_does_not_fill_one_worker() {
     let mut res = Reservations::default();
     for i in 0..6 {
         let r = with_hits(&s, &res, &h, &d, i);
-        let id = r.candidates[0].worker.id.clone();
-        res.by_worker.entry(id).or_default().push(Reservation {
-            kv_tokens: 1,
-            placed_unix_ms: 2000,
-        });
+        place(&mut res, &r.candidates[0].worker.id, 1, 2000);
     }
     let on_hot = res.by_worker.get("f0000").map_or(0, Vec::len);
     assert!(

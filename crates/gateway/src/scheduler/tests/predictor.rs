@@ -4,7 +4,6 @@
 //! request's length, not half of a fixed 128 tokens.
 
 use super::*;
-use crate::scheduler::affinity::{Affinity, rank_with_hits};
 
 /// A CPU worker of the chat benchmark: 4 slots, `prefill` and `decode` measured (0: not yet).
 fn cpu_worker(id: &str, prefill: f64, decode: f64, active: u32) -> WorkerAdvert {
@@ -39,17 +38,8 @@ fn a_worker_that_measured_only_a_short_prompt_is_not_ranked_behind_unmeasured_on
         cpu_worker("x", 0.0, 0.0, 2),
         cpu_worker("y", 0.0, 0.0, 2),
     ]);
-    let rank_seeded = |s: &ClusterSnapshot, seed| {
-        rank(
-            &turn(),
-            s,
-            &Reservations::default(),
-            &HashSet::new(),
-            &Policy::default(),
-            &mut StdRng::seed_from_u64(seed),
-        )
-        .unwrap()
-    };
+    let rank_seeded =
+        |s: &ClusterSnapshot, seed| rank_reserved(&turn(), s, &Reservations::default(), seed);
     for seed in 0..10 {
         let r = rank_seeded(&s, seed);
         assert_eq!(first(&r), "probe", "seed {seed}: {:?}", ids(&r));
@@ -65,19 +55,8 @@ fn a_worker_that_measured_only_a_short_prompt_is_not_ranked_behind_unmeasured_on
         assert_eq!(first(&r), "probe", "seed {seed}: {:?}", ids(&r));
     }
     // The same through the prefix-aware ranking, with nothing cached anywhere.
-    let r = rank_with_hits(
-        &turn(),
-        &PrefixHits {
-            key: Some(7),
-            ..Default::default()
-        },
-        &s,
-        &Reservations::default(),
-        &HashSet::new(),
-        (&Policy::default(), Affinity::default()),
-        &mut StdRng::seed_from_u64(1),
-    )
-    .unwrap();
+    let nothing_cached = prefix_hits(&[], 7);
+    let r = with_hits(&s, &Reservations::default(), &nothing_cached, &turn(), 1);
     assert_eq!(first(&r), "probe", "{:?}", ids(&r));
 }
 
@@ -91,15 +70,7 @@ fn unmeasured_workers_borrow_their_pools_speeds_in_sampled_decisions() {
     ws.push(cpu_worker("fresh", 0.0, 0.0, 2));
     let s = snapshot(ws);
     for seed in 0..200 {
-        let r = rank(
-            &turn(),
-            &s,
-            &Reservations::default(),
-            &HashSet::new(),
-            &Policy::default(),
-            &mut StdRng::seed_from_u64(seed),
-        )
-        .unwrap();
+        let r = rank_reserved(&turn(), &s, &Reservations::default(), seed);
         assert_ne!(first(&r), "fresh", "seed {seed}");
     }
 }
@@ -116,21 +87,8 @@ fn the_full_worker_holding_a_conversation_beats_an_idle_one_for_short_answers() 
         cpu_worker("busy", 50.0, 2.5, 4),
         cpu_worker("idle", 50.0, 2.5, 3),
     ]);
-    let hits = PrefixHits {
-        cached_tokens: [("holder".to_string(), 270)].into_iter().collect(),
-        key: Some(3),
-        ..PrefixHits::default()
-    };
-    let r = rank_with_hits(
-        &turn(),
-        &hits,
-        &s,
-        &Reservations::default(),
-        &HashSet::new(),
-        (&Policy::default(), Affinity::default()),
-        &mut StdRng::seed_from_u64(1),
-    )
-    .unwrap();
+    let hits = prefix_hits(&[("holder", 270)], 3);
+    let r = with_hits(&s, &Reservations::default(), &hits, &turn(), 1);
     assert_eq!(first(&r), "holder", "{:?}", ids(&r));
     // Long answers: a slot frees as late as before (half of 128 tokens over 4 slots).
     let long = Demand {
@@ -152,15 +110,7 @@ fn with_no_measurement_anywhere_the_policy_defaults_hold() {
         cpu_worker("a", 0.0, 0.0, 0),
         cpu_worker("b", 0.0, 0.0, 1),
     ]);
-    let r = rank(
-        &turn(),
-        &s,
-        &Reservations::default(),
-        &HashSet::new(),
-        &Policy::default(),
-        &mut StdRng::seed_from_u64(1),
-    )
-    .unwrap();
+    let r = rank_reserved(&turn(), &s, &Reservations::default(), 1);
     assert_eq!(ids(&r), ["a", "b"]);
     let p = Policy::default();
     let expected = 290.0 / p.default_prefill_tps;
@@ -175,16 +125,7 @@ fn first_turn(conversation: u64, s: &ClusterSnapshot, res: &Reservations) -> Ran
         )),
         ..Default::default()
     };
-    rank_with_hits(
-        &turn(),
-        &hits,
-        s,
-        res,
-        &HashSet::new(),
-        (&Policy::default(), Affinity::default()),
-        &mut StdRng::seed_from_u64(conversation),
-    )
-    .unwrap()
+    with_hits(s, res, &hits, &turn(), conversation)
 }
 
 #[test]
@@ -200,13 +141,7 @@ fn a_burst_of_first_turns_spreads_over_the_workers() {
     let mut res = Reservations::default();
     for conversation in 0..8u64 {
         let r = first_turn(conversation, &s, &res);
-        res.by_worker
-            .entry(first(&r).to_string())
-            .or_default()
-            .push(Reservation {
-                kv_tokens: turn().kv_tokens(),
-                placed_unix_ms: 2000,
-            });
+        place(&mut res, first(&r), turn().kv_tokens(), 2000);
     }
     let mut counts: Vec<usize> = res.by_worker.values().map(Vec::len).collect();
     counts.sort();
@@ -246,13 +181,7 @@ fn a_burst_of_first_turns_spreads_when_adverts_count_the_earlier_ones() {
         let pick = ids.iter().position(|id| *id == first(&r)).unwrap();
         busy[pick] += 1;
         // Placed well before the next advert, which counts it.
-        res.by_worker
-            .entry(first(&r).to_string())
-            .or_default()
-            .push(Reservation {
-                kv_tokens: turn().kv_tokens(),
-                placed_unix_ms: now,
-            });
+        place(&mut res, first(&r), turn().kv_tokens(), now);
     }
     let mut counts = busy.to_vec();
     counts.sort();
@@ -268,26 +197,11 @@ fn a_turn_sent_as_the_previous_one_ends_finds_its_worker_free_again() {
     let mut holder = cpu_worker("holder", 50.0, 2.5, 4);
     holder.capacity.free_kv_tokens = 0;
     let s = snapshot(vec![holder, cpu_worker("idle", 50.0, 2.5, 1)]);
-    let hits = PrefixHits {
-        cached_tokens: [("holder".to_string(), 270)].into_iter().collect(),
-        key: Some(3),
-        ..PrefixHits::default()
-    };
+    let hits = prefix_hits(&[("holder", 270)], 3);
     let mut res = Reservations::default();
     res.advert_received("holder", 1000, 10_000);
     res.advert_received("idle", 1000, 10_000);
-    let rank_now = |res: &Reservations| {
-        rank_with_hits(
-            &turn(),
-            &hits,
-            &s,
-            res,
-            &HashSet::new(),
-            (&Policy::default(), Affinity::default()),
-            &mut StdRng::seed_from_u64(1),
-        )
-        .unwrap()
-    };
+    let rank_now = |res: &Reservations| with_hits(&s, res, &hits, &turn(), 1);
     assert_eq!(
         ids(&rank_now(&res)),
         ["idle"],
@@ -303,13 +217,7 @@ fn a_turn_sent_as_the_previous_one_ends_finds_its_worker_free_again() {
     assert_eq!(res.local(&waiting).free_kv, 0);
     assert_eq!(res.local(&waiting).ended, 0);
     // Placements since the advert are taken from the credited KV, not from a clamped zero.
-    res.by_worker
-        .entry("holder".into())
-        .or_default()
-        .push(Reservation {
-            kv_tokens: 400,
-            placed_unix_ms: 10_050,
-        });
+    place(&mut res, "holder", 400, 10_050);
     assert_eq!(res.local(&s.workers["holder"]).free_kv, 112);
     // An end the advert may already show (it was received after) is not credited.
     let mut late = Reservations::default();
@@ -344,28 +252,9 @@ fn turns_that_ended_just_before_a_stale_advert_still_find_their_worker() {
     for _ in 0..3 {
         res.finished("holder", turn().kv_tokens(), 5_000, 9_700);
     }
-    res.by_worker
-        .entry("holder".into())
-        .or_default()
-        .push(Reservation {
-            kv_tokens: turn().kv_tokens(),
-            placed_unix_ms: 10_010,
-        });
-    let hits = PrefixHits {
-        cached_tokens: [("holder".to_string(), 270)].into_iter().collect(),
-        key: Some(5),
-        ..PrefixHits::default()
-    };
-    let r = rank_with_hits(
-        &turn(),
-        &hits,
-        &s,
-        &res,
-        &HashSet::new(),
-        (&Policy::default(), Affinity::default()),
-        &mut StdRng::seed_from_u64(1),
-    )
-    .unwrap();
+    place(&mut res, "holder", turn().kv_tokens(), 10_010);
+    let hits = prefix_hits(&[("holder", 270)], 5);
+    let r = with_hits(&s, &res, &hits, &turn(), 1);
     assert_eq!(first(&r), "holder", "{:?}", ids(&r));
     // KV stays with the cautious reading: those ends are not credited as free KV or in the
     // predicted TTFT's load.

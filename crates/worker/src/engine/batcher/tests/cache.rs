@@ -4,6 +4,26 @@
 
 use super::*;
 
+fn run_to_idle(b: &mut Batcher<u32>, t: Instant) {
+    while !b.is_idle() {
+        step(b, t);
+    }
+}
+
+/// A batcher with `config` that has run `first` to the end: its cache holds `first`'s prompt
+/// and what it generated.
+fn after_serving(config: BatcherConfig, first: Pending<u32>, t: Instant) -> Batcher<u32> {
+    let mut b = Batcher::new(config);
+    b.enqueue(first).unwrap();
+    run_to_idle(&mut b, t);
+    b
+}
+
+/// A copy of the first `len` cells of stream `src` into stream `dst`.
+fn copy(src: usize, dst: usize, len: u32) -> PrefixCopy {
+    PrefixCopy { src, dst, len }
+}
+
 #[test]
 fn reuses_the_longest_cached_prefix_and_skips_recomputing_it() {
     let t = Instant::now();
@@ -12,9 +32,7 @@ fn reuses_the_longest_cached_prefix_and_skips_recomputing_it() {
         .unwrap();
     b.enqueue(pending(3, 2, LatencyClass::Interactive, 2, t))
         .unwrap();
-    while !b.is_idle() {
-        step(&mut b, t);
-    }
+    run_to_idle(&mut b, t);
     // Slot 0 holds 0..10 plus one decoded token; slot 1 holds 0..3 plus one.
     assert_eq!(b.cached_tokens(), 11 + 4);
     let mut long = pending(12, 2, LatencyClass::Interactive, 3, t);
@@ -38,12 +56,7 @@ fn reuses_the_longest_cached_prefix_and_skips_recomputing_it() {
 #[test]
 fn a_fully_cached_prompt_still_computes_its_last_token() {
     let t = Instant::now();
-    let mut b = Batcher::new(config());
-    b.enqueue(pending(6, 2, LatencyClass::Interactive, 1, t))
-        .unwrap();
-    while !b.is_idle() {
-        step(&mut b, t);
-    }
+    let mut b = after_serving(config(), pending(6, 2, LatencyClass::Interactive, 1, t), t);
     b.enqueue(pending(6, 2, LatencyClass::Interactive, 2, t))
         .unwrap();
     let plan = step(&mut b, t);
@@ -63,9 +76,7 @@ fn evicts_least_recently_used_caches_only_when_an_admission_needs_the_room() {
         let mut p = pending(30, 2, LatencyClass::Interactive, tag, t);
         p.tokens[0] = 100 + tag; // distinct prompts
         b.enqueue(p).unwrap();
-        while !b.is_idle() {
-            step(&mut b, t);
-        }
+        run_to_idle(&mut b, t);
     }
     assert_eq!(b.cached_tokens(), 62);
     assert_eq!(
@@ -87,12 +98,11 @@ fn evicts_least_recently_used_caches_only_when_an_admission_needs_the_room() {
 #[test]
 fn with_per_slot_streams_admission_never_evicts_another_slots_cache() {
     let t = Instant::now();
-    let mut b = Batcher::new(per_slot_config());
-    b.enqueue(pending(30, 1, LatencyClass::Interactive, 1, t))
-        .unwrap();
-    while b.active() > 0 || b.queued() > 0 {
-        step(&mut b, t);
-    }
+    let mut b = after_serving(
+        per_slot_config(),
+        pending(30, 1, LatencyClass::Interactive, 1, t),
+        t,
+    );
     assert_eq!(b.cached_tokens(), 30);
     // A request as large as a slot: in one shared pool of 100 cells with 30 cached it would
     // evict; here it takes the other slot and leaves the cache alone.
@@ -114,12 +124,7 @@ fn with_per_slot_streams_admission_never_evicts_another_slots_cache() {
 #[test]
 fn a_dropped_reuse_prefills_the_whole_prompt_on_the_next_plan() {
     let t = Instant::now();
-    let mut b = Batcher::new(config());
-    b.enqueue(pending(10, 2, LatencyClass::Interactive, 1, t))
-        .unwrap();
-    while !b.is_idle() {
-        step(&mut b, t);
-    }
+    let mut b = after_serving(config(), pending(10, 2, LatencyClass::Interactive, 1, t), t);
     b.enqueue(pending(12, 2, LatencyClass::Interactive, 2, t))
         .unwrap();
     let first = b.plan(t);
@@ -177,12 +182,6 @@ fn publishes_running_prompts_and_finished_sequences() {
     assert!(b.cached_sequences().is_empty());
 }
 
-fn run_to_idle(b: &mut Batcher<u32>, t: Instant) {
-    while !b.is_idle() {
-        step(b, t);
-    }
-}
-
 /// Two 100-cell streams.
 fn chat_config() -> BatcherConfig {
     BatcherConfig {
@@ -202,22 +201,13 @@ fn chat(conversation: u32) -> Vec<u32> {
 #[test]
 fn a_new_conversation_never_overwrites_a_longer_history_and_copies_the_shared_prefix() {
     let t = Instant::now();
-    let mut b = Batcher::new(chat_config());
-    b.enqueue(request(chat(1), 2, 1, t)).unwrap();
-    run_to_idle(&mut b, t);
+    let mut b = after_serving(chat_config(), request(chat(1), 2, 1, t), t);
     // Conversation B shares only the system prompt with A's history in slot 0: it takes the
     // empty slot, with the system prompt copied there.
     b.enqueue(request(chat(2), 2, 2, t)).unwrap();
     let plan = step(&mut b, t);
     assert_eq!(plan.admitted, vec![(1, 20)], "{plan:?}");
-    assert_eq!(
-        plan.copies,
-        vec![PrefixCopy {
-            src: 0,
-            dst: 1,
-            len: 20
-        }]
-    );
+    assert_eq!(plan.copies, vec![copy(0, 1, 20)]);
     assert_eq!(
         plan.entries[0].pos, 20,
         "the system prompt is not recomputed"
@@ -235,9 +225,7 @@ fn a_new_conversation_never_overwrites_a_longer_history_and_copies_the_shared_pr
 #[test]
 fn without_an_empty_stream_the_least_recently_used_is_taken_and_the_shared_prefix_copied() {
     let t = Instant::now();
-    let mut b = Batcher::new(per_slot_config());
-    b.enqueue(request(chat(1), 2, 1, t)).unwrap();
-    run_to_idle(&mut b, t);
+    let mut b = after_serving(per_slot_config(), request(chat(1), 2, 1, t), t);
     // Slot 1 holds an unrelated sequence, used after slot 0's.
     b.enqueue(request((5000..5030).collect(), 2, 2, t)).unwrap();
     run_to_idle(&mut b, t);
@@ -252,23 +240,14 @@ fn without_an_empty_stream_the_least_recently_used_is_taken_and_the_shared_prefi
     b.enqueue(request(chat(4), 2, 4, t)).unwrap();
     let plan = step(&mut b, t);
     assert_eq!(plan.admitted, vec![(1, 20)]);
-    assert_eq!(
-        plan.copies,
-        vec![PrefixCopy {
-            src: 0,
-            dst: 1,
-            len: 20
-        }]
-    );
+    assert_eq!(plan.copies, vec![copy(0, 1, 20)]);
 }
 
 #[test]
 fn a_copy_below_the_minimum_is_not_worth_a_stream_copy() {
     let t = Instant::now();
-    let mut b = Batcher::new(per_slot_config());
     let short = |c: u32| -> Vec<u32> { (0..10).chain((0..20).map(|i| 1000 * c + i)).collect() };
-    b.enqueue(request(short(1), 2, 1, t)).unwrap();
-    run_to_idle(&mut b, t);
+    let mut b = after_serving(per_slot_config(), request(short(1), 2, 1, t), t);
     b.enqueue(request(short(2), 2, 2, t)).unwrap();
     let plan = step(&mut b, t);
     assert_eq!(
@@ -346,10 +325,8 @@ fn aligned_prefill_chunks_end_at_fixed_boundaries_whatever_the_budget() {
 #[test]
 fn aligned_reuse_covers_only_cells_of_whole_chunks() {
     let t = Instant::now();
-    let mut b = Batcher::new(aligned_config());
     // 21 prompt tokens: chunks 0..8 and 8..16 are whole, 16..21 partial, then 2 decoded.
-    b.enqueue(request((0..21).collect(), 3, 1, t)).unwrap();
-    run_to_idle(&mut b, t);
+    let mut b = after_serving(aligned_config(), request((0..21).collect(), 3, 1, t), t);
     assert_eq!(b.cached_tokens(), 23);
     // The next turn extends the history: reuse stops at 16 (not 23).
     let turn2: Vec<u32> = (0..21).chain([7, 7]).chain(200..210).collect();
@@ -361,9 +338,7 @@ fn aligned_reuse_covers_only_cells_of_whole_chunks() {
     // Sharing 12 tokens reuses one whole chunk, and the one prefill chunk that follows keeps
     // the alignment.
     let other: Vec<u32> = (0..12).chain(300..320).collect();
-    let mut c = Batcher::new(aligned_config());
-    c.enqueue(request((0..21).collect(), 3, 1, t)).unwrap();
-    run_to_idle(&mut c, t);
+    let mut c = after_serving(aligned_config(), request((0..21).collect(), 3, 1, t), t);
     c.enqueue(request(other, 2, 3, t)).unwrap();
     let plan = step(&mut c, t);
     // Slot 0's cache would lose 11 tokens (< MIN_COPY_TOKENS): it is reused in place.
@@ -374,25 +349,17 @@ fn aligned_reuse_covers_only_cells_of_whole_chunks() {
 #[test]
 fn an_aligned_copy_takes_only_whole_chunks() {
     let t = Instant::now();
-    let mut b = Batcher::new(BatcherConfig {
+    let chunks_of_16 = BatcherConfig {
         aligned_prefill: Some(16),
         ..aligned_config()
-    });
+    };
     // 40 prompt tokens: 0..16 and 16..32 whole chunks; the system prompt is 20 tokens, so
     // only 16 of it can be copied.
-    b.enqueue(request(chat(1), 2, 1, t)).unwrap();
-    run_to_idle(&mut b, t);
+    let mut b = after_serving(chunks_of_16, request(chat(1), 2, 1, t), t);
     b.enqueue(request(chat(2), 2, 2, t)).unwrap();
     let plan = step(&mut b, t);
     assert_eq!(plan.admitted, vec![(1, 16)]);
-    assert_eq!(
-        plan.copies,
-        vec![PrefixCopy {
-            src: 0,
-            dst: 1,
-            len: 16
-        }]
-    );
+    assert_eq!(plan.copies, vec![copy(0, 1, 16)]);
     assert_eq!(
         (plan.entries[0].pos, plan.entries[0].tokens.len()),
         (16, 16)
@@ -402,20 +369,11 @@ fn an_aligned_copy_takes_only_whole_chunks() {
 #[test]
 fn a_repeated_short_prompt_is_copied_whole_and_keeps_the_answer_it_cached() {
     let t = Instant::now();
-    let mut b = Batcher::new(per_slot_config());
-    b.enqueue(request((0..10).collect(), 20, 1, t)).unwrap();
-    run_to_idle(&mut b, t);
+    let mut b = after_serving(per_slot_config(), request((0..10).collect(), 20, 1, t), t);
     // Slot 0 caches the prompt and a 19-token answer; the same prompt again gets its 9 tokens
     // copied into the empty slot, and slot 0 keeps the answer.
     b.enqueue(request((0..10).collect(), 20, 2, t)).unwrap();
     let plan = step(&mut b, t);
     assert_eq!(plan.admitted, vec![(1, 9)]);
-    assert_eq!(
-        plan.copies,
-        vec![PrefixCopy {
-            src: 0,
-            dst: 1,
-            len: 9
-        }]
-    );
+    assert_eq!(plan.copies, vec![copy(0, 1, 9)]);
 }
