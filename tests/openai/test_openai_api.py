@@ -157,6 +157,42 @@ def test_batch_latency_class_header_is_accepted(client):
     assert e.value.body["param"] == "x-moe-latency-class"
 
 
+def test_batch_invariant_is_accepted_and_the_system_fingerprint_returned(cluster, client):
+    # The CPU worker decodes batched with a KV stream per sequence: batch-invariant.
+    assert cluster.advert()["batch_invariant"] is True
+    raw = client.completions.with_raw_response.create(
+        model=MODEL_NAME, prompt="The capital of France is", max_tokens=4, temperature=0,
+        extra_body={"batch_invariant": True},
+    )
+    assert raw.headers["x-moe-batch-invariant"] == "true"
+    r = raw.parse()
+    fingerprint = r.system_fingerprint
+    assert fingerprint and fingerprint.startswith("fp_"), fingerprint
+    assert r.usage.completion_tokens >= 1
+    # The same worker, the same configuration: the same fingerprint, on chat too.
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, seed=7,
+        temperature=0.7, extra_body={"batch_invariant": True},
+    )
+    assert chat.system_fingerprint == fingerprint
+    # Streaming: on the chunk with the finish reason and on the usage chunk.
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"batch_invariant": True},
+    )
+    chunks = list(stream)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.system_fingerprint for c in finals] == [fingerprint]
+    assert chunks[-1].usage is not None and chunks[-1].system_fingerprint == fingerprint
+    # Not a boolean: refused, naming the field.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(
+            model=MODEL_NAME, prompt="hi", max_tokens=2, extra_body={"batch_invariant": "yes"},
+        )
+    assert e.value.body["type"] == "invalid_request_error"
+
+
 def test_abandoned_stream_frees_the_worker_slot(cluster, client):
     def idle(a: dict) -> bool:
         return (a["load"]["active"] == 0

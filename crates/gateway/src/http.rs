@@ -218,7 +218,8 @@ fn sse(
             }
             if done {
                 if include_usage {
-                    yield Ok(data(&shape.usage_chunk(&msg.usage.unwrap_or_default())));
+                    let usage = msg.usage.unwrap_or_default();
+                    yield Ok(data(&shape.usage_chunk(&usage, &msg.system_fingerprint)));
                 }
                 yield Ok(Event::default().data("[DONE]"));
                 break;
@@ -232,7 +233,8 @@ fn data(v: &Value) -> Event {
     Event::default().data(v.to_string())
 }
 
-/// Gathers the whole text; the answer carries the serving worker in `x-moe-*` headers.
+/// Gathers the whole text; the answer carries the serving worker in `x-moe-*` headers
+/// (`x-moe-batch-invariant`: the final message's `batch_invariant`).
 async fn collect(
     shape: Shape,
     first: GenerateResponse,
@@ -244,12 +246,14 @@ async fn collect(
         reply.push(&msg);
         if let Some(finish) = openai::finish_reason(msg.finish_reason) {
             let usage: Usage = msg.usage.unwrap_or_default();
-            let mut response = Json(shape.complete(&reply, finish, &usage)).into_response();
+            let body = shape.complete(&reply, finish, &usage, &msg.system_fingerprint);
+            let mut response = Json(body).into_response();
             let h = response.headers_mut();
             for (name, value) in [
                 ("x-moe-worker-id", msg.worker_id),
                 ("x-moe-offload-profile", msg.offload_profile),
                 ("x-moe-migrations", msg.migrations.to_string()),
+                ("x-moe-batch-invariant", msg.batch_invariant.to_string()),
             ] {
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     h.insert(HeaderName::from_static(name), v);

@@ -93,6 +93,7 @@ fn schedule_error_label(e: &ScheduleError) -> &'static str {
         ScheduleError::TooLarge { .. } => "too_large",
         ScheduleError::NoHeadroom { .. } => "no_headroom",
         ScheduleError::PromptTooLong { .. } => "prompt_too_long",
+        ScheduleError::NotBatchInvariant { .. } => "not_batch_invariant",
     }
 }
 

@@ -111,6 +111,7 @@ pub fn schedule_status(e: ScheduleError) -> Status {
         ScheduleError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
         ScheduleError::NoHeadroom { .. } => exhausted(e),
         ScheduleError::PromptTooLong { .. } => Status::out_of_range(e.to_string()),
+        ScheduleError::NotBatchInvariant { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 
@@ -230,13 +231,14 @@ impl GatewayService {
             prompt_tokens,
             max_tokens: req.max_tokens,
             needs: moe_common::registry::Features::needed_by(&req),
+            batch_invariant: req.batch_invariant,
         };
         // Refusals say when to come back: after the wait the admission queues predict.
         let hint = || retry_hint(self.router.expected_wait(&demand));
         let permit = self.streams.try_acquire_or(class, hint)?;
         self.router.request_started();
         // The first placement happens before the stream starts, so NOT_FOUND / UNAVAILABLE /
-        // OUT_OF_RANGE are the call's status. A request no worker has headroom for now is
+        // OUT_OF_RANGE / FAILED_PRECONDITION are the call's status. A request no worker has headroom for now is
         // placed where it should wait least (`scheduler::queue`), not refused.
         let ranking = tracing::info_span!("gateway.schedule", attempt = 0)
             .in_scope(|| self.router.rank_with_hits(&demand, &hits, &HashSet::new()))

@@ -112,6 +112,9 @@ pub struct Demand<'a> {
     pub max_tokens: u32,
     /// Worker features the request needs ([`features`]).
     pub needs: moe_common::registry::Features,
+    /// The request's `batch_invariant`: only workers advertising `batch_invariant: true` may
+    /// take it ([`features::capable`]).
+    pub batch_invariant: bool,
 }
 
 impl Demand<'_> {
@@ -425,6 +428,19 @@ pub enum ScheduleError {
         "prompt + max_tokens ({needed} tokens) exceed the context of every worker serving the model (largest: {largest} tokens)"
     )]
     PromptTooLong { needed: u32, largest: u32 },
+    /// The request has `batch_invariant` set and no worker serving its model advertises
+    /// `batch_invariant: true`. The message starts with the field's name.
+    #[error(
+        "batch_invariant: no worker{model} guarantees batch-invariant output ({workers} worker(s){model} \
+         do not: they batch decode steps with layers on a GPU, share one KV cache (--kv-unified), \
+         or run a moe-worker older than the advert's batch_invariant); the request is not served \
+         elsewhere"
+    )]
+    NotBatchInvariant {
+        /// ` serving model "name"`, or empty for any model.
+        model: String,
+        workers: usize,
+    },
 }
 
 fn load(w: &WorkerAdvert) -> f64 {

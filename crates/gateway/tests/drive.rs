@@ -2,7 +2,8 @@
 //! llama.cpp, no etcd: the routing state is built straight from adverts). One test per path:
 //! retry before the first token, migration after N tokens, drain hand-over, retry-budget
 //! exhaustion, deadline, client drop, a silent worker (idle timeout), a client that stops
-//! reading, drain migrations on their own budget, outlier ejection.
+//! reading, drain migrations on their own budget, outlier ejection; requests with
+//! `batch_invariant` placed, migrated and refused by the workers' advertised invariance.
 
 mod fake_worker;
 
@@ -142,6 +143,114 @@ async fn drive_migrates_the_stream_after_n_tokens() {
     assert_eq!(last.migrations, 1);
     assert_eq!(last.usage.unwrap().completion_tokens, 6);
     assert_eq!(*b.seen.resumed_from.lock().unwrap(), vec![3]);
+}
+
+fn requiring_invariance(max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        batch_invariant: true,
+        ..request(max_tokens)
+    }
+}
+
+#[tokio::test]
+async fn drive_migrates_a_batch_invariant_stream_only_to_a_batch_invariant_worker() {
+    // `b` is the better interactive choice after `a` (full GPU) but is not batch-invariant.
+    let a = FakeWorker::start_with(
+        "a",
+        Script::FailAfter {
+            tokens: 3,
+            code: Code::Unavailable,
+        },
+        Some(true),
+    )
+    .await;
+    let b = FakeWorker::start_with("b", FAST, Some(false)).await;
+    let c = FakeWorker::start_with("c", FAST, Some(true)).await;
+    let (svc, _, _snap) = gateway(
+        &[(&a, "full"), (&b, "full"), (&c, "cpu-moe")],
+        Duration::from_secs(10),
+    );
+    let msgs = collect(&svc, requiring_invariance(6)).await;
+    assert_eq!(token_ids(&msgs), vec![0, 1, 2, 3, 4, 5]);
+    let last = final_message(&msgs);
+    assert_eq!(last.migrations, 1);
+    assert!(last.batch_invariant);
+    assert_eq!((a.calls(), b.calls(), c.calls()), (1, 0, 1));
+    assert_eq!(*c.seen.resumed_from.lock().unwrap(), vec![3]);
+}
+
+#[tokio::test]
+async fn drive_fails_a_batch_invariant_stream_rather_than_move_it_to_another_worker() {
+    let failing = || Script::FailAfter {
+        tokens: 3,
+        code: Code::Unavailable,
+    };
+    let a = FakeWorker::start_with("a", failing(), Some(true)).await;
+    let b = FakeWorker::start_with("b", FAST, Some(false)).await;
+    let old = FakeWorker::start_with("old", FAST, None).await;
+    let (svc, _, _snap) = gateway(
+        &[(&a, "full"), (&b, "cpu-moe"), (&old, "cpu-moe")],
+        Duration::from_secs(10),
+    );
+    let msgs = collect(&svc, requiring_invariance(6)).await;
+    assert_eq!(
+        token_ids(&msgs),
+        vec![0, 1, 2],
+        "what a produced, then the error"
+    );
+    let err = msgs.last().unwrap().as_ref().expect_err("the stream fails");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!((a.calls(), b.calls(), old.calls()), (1, 0, 0));
+
+    // Without the field the stream moves on, and the final message says the output is not
+    // (all) from batch-invariant workers, although `a` was one.
+    let a = FakeWorker::start_with("a", failing(), Some(true)).await;
+    let (svc, _, _snap) = gateway(&[(&a, "full"), (&b, "cpu-moe")], Duration::from_secs(10));
+    let msgs = collect(&svc, request(6)).await;
+    assert_eq!(token_ids(&msgs), vec![0, 1, 2, 3, 4, 5]);
+    assert!(!final_message(&msgs).batch_invariant);
+}
+
+#[tokio::test]
+async fn drive_reports_batch_invariance_only_when_every_producing_worker_had_it() {
+    // `a` (not invariant) produces the start, `c` (invariant) the end.
+    let a = FakeWorker::start_with(
+        "a",
+        Script::FailAfter {
+            tokens: 2,
+            code: Code::Unavailable,
+        },
+        Some(false),
+    )
+    .await;
+    let c = FakeWorker::start_with("c", FAST, Some(true)).await;
+    let (svc, _, _snap) = gateway(&[(&a, "full"), (&c, "cpu-moe")], Duration::from_secs(10));
+    let msgs = collect(&svc, request(5)).await;
+    assert_eq!(token_ids(&msgs), vec![0, 1, 2, 3, 4]);
+    let last = final_message(&msgs);
+    assert_eq!(last.migrations, 1);
+    assert!(!last.batch_invariant, "c alone would say true");
+    // A stream c produces alone says what c says.
+    let (svc, _, _snap) = gateway(&[(&c, "cpu-moe")], Duration::from_secs(10));
+    assert!(final_message(&collect(&svc, request(3)).await).batch_invariant);
+}
+
+#[tokio::test]
+async fn a_batch_invariant_request_with_no_batch_invariant_worker_is_refused_naming_the_field() {
+    let b = FakeWorker::start_with("b", FAST, Some(false)).await;
+    let old = FakeWorker::start_with("old", FAST, None).await;
+    let (svc, _, _snap) = gateway(&[(&b, "full"), (&old, "cpu-moe")], Duration::from_secs(10));
+    let err = svc
+        .start(requiring_invariance(4), None, None)
+        .expect_err("refused before any worker is called");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().starts_with("batch_invariant: "), "{err:?}");
+    assert!(
+        err.message()
+            .contains("no worker guarantees batch-invariant output"),
+        "{err:?}"
+    );
+    assert_eq!((b.calls(), old.calls()), (0, 0));
 }
 
 #[tokio::test]

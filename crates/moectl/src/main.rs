@@ -54,6 +54,10 @@ struct GenerateArgs {
     temperature: f32,
     #[arg(long)]
     seed: Option<u64>,
+    /// Require a batch-invariant worker (`batch_invariant`): output that does not depend on
+    /// other traffic, or FAILED_PRECONDITION when no worker serving the model is one.
+    #[arg(long)]
+    batch_invariant: bool,
     #[arg(long, value_enum, default_value_t = LatencyClass::Interactive)]
     class: LatencyClass,
     #[arg(long, default_value = "")]
@@ -163,6 +167,7 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         stop: a.stop,
         latency_class: a.class.to_proto() as i32,
         model: a.model,
+        batch_invariant: a.batch_invariant,
         ..Default::default()
     };
     if a.chat {
@@ -194,14 +199,20 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             let usage = msg.usage.unwrap_or_default();
             let t = msg.timings.unwrap_or_default();
             eprintln!(
-                "\n[{finish}] worker={} profile={} prompt={} completion={} ttft={:.0}ms decode={:.1} tok/s migrations={}",
+                "\n[{finish}] worker={} profile={} prompt={} completion={} ttft={:.0}ms decode={:.1} tok/s migrations={} batch_invariant={} system_fingerprint={}",
                 msg.worker_id,
                 msg.offload_profile,
                 usage.prompt_tokens,
                 usage.completion_tokens,
                 t.time_to_first_token_seconds * 1e3,
                 t.decode_tokens_per_second,
-                msg.migrations
+                msg.migrations,
+                msg.batch_invariant,
+                if msg.system_fingerprint.is_empty() {
+                    "-"
+                } else {
+                    &msg.system_fingerprint
+                }
             );
         }
     }
@@ -233,11 +244,12 @@ async fn workers(a: WorkersArgs) -> anyhow::Result<()> {
 
 fn table_header() -> String {
     format!(
-        "{:<24} {:<10} {:<14} {:<10} {:<16} {:>22} {:>14} {:>8} {:>8}",
+        "{:<24} {:<10} {:<14} {:<10} {:<15} {:<16} {:>22} {:>14} {:>8} {:>8}",
         "ID",
         "STATE",
         "PROFILE",
         "DECODE",
+        "BATCH_INVARIANT",
         "MODEL",
         "GPU USED/TOTAL",
         "KV FREE",
@@ -260,12 +272,18 @@ fn table_row(w: &WorkerAdvert) -> String {
         format!("{}/{}", ByteSize(total - free), ByteSize(total))
     };
     format!(
-        "{:<24} {:<10} {:<14} {:<10} {:<16} {:>22} {:>14} {:>8} {:>8}",
+        "{:<24} {:<10} {:<14} {:<10} {:<15} {:<16} {:>22} {:>14} {:>8} {:>8}",
         w.id,
         format!("{:?}", w.state).to_lowercase(),
         w.offload.profile,
         // Workers older than the advert's decode_mode do not say.
         w.decode_mode.as_deref().unwrap_or("-"),
+        // Nor do workers older than its batch_invariant.
+        match w.batch_invariant {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        },
         w.model.name,
         vram,
         format!(
@@ -393,5 +411,42 @@ mod tests {
         let row = table_row(&new);
         assert_eq!(row.split_whitespace().nth(3), Some("sequential"), "{row}");
         assert_eq!(table_header().split_whitespace().nth(3), Some("DECODE"));
+    }
+
+    #[test]
+    fn the_workers_table_shows_batch_invariance_next_to_the_decode_mode() {
+        let header = table_header();
+        let columns: Vec<&str> = header.split_whitespace().collect();
+        assert_eq!(columns[3..5], ["DECODE", "BATCH_INVARIANT"], "{header}");
+        let mut json = serde_json::json!({
+            "schema": moe_common::registry::ADVERT_SCHEMA,
+            "id": "w1",
+            "endpoint": "http://127.0.0.1:50061",
+            "state": "ready",
+            "model": {"name": "m", "architecture": "llama", "n_layer": 2, "expert_count": 4,
+                      "expert_used_count": 2, "weight_bytes": 1},
+            "offload": {"mode": "full", "n_cpu_moe": 0, "profile": "full"},
+            "decode_mode": "batched",
+            "devices": [],
+            "memory": {"weight_bytes": 1, "kv_bytes": 1, "host_expert_bytes": 0},
+            "capacity": {"context_tokens": 4096, "free_kv_tokens": 1024, "max_sequences": 4},
+            "load": {"active": 3, "queued": 2},
+            "version": "0",
+            "updated_unix_ms": 0
+        });
+        let cell = |json: &serde_json::Value| {
+            let w: WorkerAdvert = serde_json::from_value(json.clone()).unwrap();
+            let row = table_row(&w);
+            // The column lines up under its header.
+            let at = header.find("BATCH_INVARIANT").unwrap();
+            assert_eq!(row.len(), header.len(), "{row}\n{header}");
+            row[at..at + 15].trim().to_string()
+        };
+        // A worker older than the field says nothing.
+        assert_eq!(cell(&json), "-");
+        json["batch_invariant"] = true.into();
+        assert_eq!(cell(&json), "yes");
+        json["batch_invariant"] = false.into();
+        assert_eq!(cell(&json), "no");
     }
 }

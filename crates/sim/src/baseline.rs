@@ -96,6 +96,7 @@ mod tests {
                 model: ModelInfo::default(),
                 model_fingerprint: String::new(),
                 decode_mode: None,
+                batch_invariant: None,
                 features: moe_common::registry::Features::all(),
                 offload: OffloadInfo::default(),
                 devices: vec![],

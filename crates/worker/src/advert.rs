@@ -40,6 +40,8 @@ pub fn build(
         model_fingerprint: model.fingerprint.clone(),
         // The mode resolved at load (`auto` is never advertised).
         decode_mode: Some(model.decode_mode.as_str().to_string()),
+        // From what the worker runs (KV layout, decode mode, devices): see `engine::load`.
+        batch_invariant: Some(model.batch_invariant),
         // Everything this version serves; gateways keep requests that need a feature off older
         // workers, whose adverts lack it.
         features: Features::all(),

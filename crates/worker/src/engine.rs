@@ -108,6 +108,13 @@ pub struct LoadedModel {
     pub has_accelerator: bool,
     /// The decode mode in force: `Sequential` or `Batched` (`Auto` resolved at load).
     pub decode_mode: DecodeMode,
+    /// Whether greedy or seeded output does not depend on what else runs (per-sequence KV
+    /// streams, and sequential decode or no layer on an accelerator): the advert's
+    /// `batch_invariant`, and what requests with `batch_invariant` set need.
+    pub batch_invariant: bool,
+    /// The final message's `system_fingerprint`: a hash of what determines the output (model
+    /// fingerprint, decode mode, batch invariance, placement, devices, version).
+    pub system_fingerprint: String,
     /// KV streams beyond `max_sequences` that hold only idle cached sequences.
     pub cache_sequences: u32,
     /// Whether the experts kept on the host live in pinned memory.

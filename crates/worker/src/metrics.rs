@@ -463,6 +463,7 @@ mod tests {
             model: Default::default(),
             model_fingerprint: String::new(),
             decode_mode: None,
+            batch_invariant: None,
             features: moe_common::registry::Features::all(),
             offload: Default::default(),
             devices: vec![moe_common::registry::DeviceInfo {

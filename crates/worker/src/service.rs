@@ -156,6 +156,9 @@ impl InferenceService {
         let req = request.into_inner();
         let (prompt, reply) = prepare_request(&self.engine, &self.limits, &req).await?;
         let model = self.engine.model();
+        if req.batch_invariant && !model.batch_invariant {
+            return Err(not_batch_invariant(model));
+        }
         // Bounded by what the job can send, so the engine never waits on this stream's reader
         // (`engine::events`, review H6).
         let (events, rx) = job_channel(req.max_tokens);
@@ -185,6 +188,8 @@ impl InferenceService {
             worker_id: self.worker_id.clone(),
             profile: model.profile.to_string(),
             request_id: req.request_id.clone(),
+            batch_invariant: model.batch_invariant,
+            system_fingerprint: model.system_fingerprint.clone(),
         };
         Ok(Response::new(Box::pin(responses(rx, meta, guard, record))))
     }
@@ -243,6 +248,21 @@ struct FinalMeta {
     worker_id: String,
     profile: String,
     request_id: String,
+    batch_invariant: bool,
+    system_fingerprint: String,
+}
+
+/// The refusal of a request with `batch_invariant` set by a worker that is not batch-invariant:
+/// FAILED_PRECONDITION, never a silent fallback. The message starts with the field's name (the
+/// gateway's HTTP API reports it as the error's `param`).
+fn not_batch_invariant(model: &crate::engine::LoadedModel) -> Status {
+    Status::failed_precondition(format!(
+        "batch_invariant: this worker does not guarantee batch-invariant output (decode mode {}): \
+         its sequences share one KV cache (--kv-unified), or it batches decode steps with layers \
+         on an accelerator (--decode-mode batched); send the request to a batch-invariant worker \
+         (advert batch_invariant: true) or through a gateway",
+        model.decode_mode.as_str()
+    ))
 }
 
 /// The request's prompt: raw text, or a chat to render with the model's template.
@@ -401,6 +421,8 @@ fn final_message(s: &Summary, meta: &FinalMeta) -> GenerateResponse {
             decode_tokens_per_second: s.decode_tokens_per_second,
         }),
         request_id: meta.request_id.clone(),
+        batch_invariant: meta.batch_invariant,
+        system_fingerprint: meta.system_fingerprint.clone(),
         ..Default::default()
     }
 }
@@ -439,6 +461,8 @@ mod tests {
             worker_id: "w".into(),
             profile: "full".into(),
             request_id: "r".into(),
+            batch_invariant: true,
+            system_fingerprint: "fp_0123456789abcdef".into(),
         };
         let intake = Arc::new(Intake::default());
         intake.in_flight.fetch_add(1, Ordering::SeqCst);

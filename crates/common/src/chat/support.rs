@@ -55,6 +55,32 @@ mod tests {
     }
 
     #[test]
+    fn batch_invariant_is_implemented_not_refused() {
+        // Served by placement (gateways) and by the worker's own check, never refused as unknown.
+        for prompt in ["x", ""] {
+            let req = GenerateRequest {
+                prompt: prompt.into(),
+                batch_invariant: true,
+                ..Default::default()
+            };
+            assert_eq!(unimplemented_field(&req), None);
+        }
+        let req = GenerateRequest {
+            prompt: "x".into(),
+            max_tokens: 4,
+            batch_invariant: true,
+            ..Default::default()
+        };
+        let limits = crate::request::RequestLimits::default();
+        for allow_resume in [false, true] {
+            assert_eq!(
+                crate::request::validate(&req, &limits, allow_resume),
+                Ok(())
+            );
+        }
+    }
+
+    #[test]
     fn unimplemented_fields_are_named() {
         let req = GenerateRequest {
             top_logprobs: 2,

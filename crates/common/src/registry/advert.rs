@@ -183,6 +183,13 @@ pub struct WorkerAdvert {
     /// `auto`. Absent (`None`) from workers older than the field: unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_mode: Option<String>,
+    /// Whether the worker's greedy or seeded output does not depend on what else it runs:
+    /// per-sequence KV streams (not `--kv-unified`) and either `sequential` decode or no model
+    /// layer on an accelerator (CPU kernels are row-independent; GPU ones pick kernels by batch
+    /// shape). Requests with `batch_invariant` set go only to workers where this is `Some(true)`.
+    /// Absent (`None`) from workers older than the field: unknown, never treated as invariant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_invariant: Option<bool>,
     /// What the worker can do beyond plain generation ([`Features`]); absent from older workers,
     /// which have none of them. Gateways place a request only on workers with every feature it
     /// needs.
@@ -286,6 +293,7 @@ pub(crate) mod tests {
                 profile: "full".into(),
             },
             decode_mode: Some("sequential".into()),
+            batch_invariant: Some(true),
             features: Features::all(),
             devices: vec![],
             memory: MemoryInfo::default(),
@@ -331,6 +339,27 @@ pub(crate) mod tests {
                 .contains("decode_mode")
         );
         assert_eq!(WorkerAdvert::from_json("/p/workers/w1", &json), Ok(unknown));
+    }
+
+    #[test]
+    fn batch_invariant_round_trips_and_is_optional() {
+        for value in [true, false] {
+            let mut a = sample("w1");
+            a.batch_invariant = Some(value);
+            let json = a.to_json().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            assert_eq!(v["batch_invariant"], value);
+            assert_eq!(WorkerAdvert::from_json("/p/workers/w1", &json), Ok(a));
+        }
+        // A worker older than the field: the advert still parses, invariance is unknown.
+        let mut old = serde_json::to_value(sample("w1")).unwrap();
+        old.as_object_mut().unwrap().remove("batch_invariant");
+        let parsed = WorkerAdvert::from_json("/p/workers/w1", old.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.batch_invariant, None);
+        let mut unknown = sample("w1");
+        unknown.batch_invariant = None;
+        let json = String::from_utf8(unknown.to_json().unwrap()).unwrap();
+        assert!(!json.contains("batch_invariant"), "{json}");
     }
 
     #[test]

@@ -74,6 +74,13 @@ impl From<Status> for ApiError {
                 "invalid_request_error",
                 Some("model_not_found"),
             ),
+            // A request option the cluster cannot honour now (`batch_invariant` with no
+            // batch-invariant worker): the client must change the request or wait for the fleet.
+            Code::FailedPrecondition => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("failed_precondition"),
+            ),
             Code::ResourceExhausted => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -109,11 +116,26 @@ impl From<Status> for ApiError {
             status,
             kind,
             message: s.message().to_string(),
-            param: None,
+            param: precondition_param(&s),
             code,
             retry_after: crate::admission::retry_after_secs(&s),
         }
     }
+}
+
+/// Request fields whose FAILED_PRECONDITION refusals start `field: ` (the gateway's placement
+/// and the worker's own check), reported as the error's `param`.
+const PRECONDITION_FIELDS: [&str; 1] = ["batch_invariant"];
+
+/// The field a FAILED_PRECONDITION names, when its message starts with one it knows.
+fn precondition_param(s: &Status) -> Option<String> {
+    if s.code() != Code::FailedPrecondition {
+        return None;
+    }
+    let (field, _) = s.message().split_once(": ")?;
+    PRECONDITION_FIELDS
+        .contains(&field)
+        .then(|| field.to_string())
 }
 
 impl IntoResponse for ApiError {
@@ -228,6 +250,12 @@ mod tests {
                 Some("permission_denied"),
             ),
             (
+                Status::failed_precondition("x"),
+                400,
+                "invalid_request_error",
+                Some("failed_precondition"),
+            ),
+            (
                 Status::internal("x"),
                 500,
                 "server_error",
@@ -250,6 +278,23 @@ mod tests {
             );
             assert_eq!(e.message, "x");
         }
+    }
+
+    #[test]
+    fn batch_invariant_refusals_name_the_field() {
+        let e = ApiError::from(Status::failed_precondition(
+            "batch_invariant: no worker serving model \"m\" guarantees batch-invariant output",
+        ));
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("batch_invariant"));
+        assert_eq!(e.body()["error"]["param"], "batch_invariant");
+        assert_eq!(e.body()["error"]["code"], "failed_precondition");
+        assert!(e.message.contains("batch-invariant"), "{}", e.message);
+        // Other codes, or messages that name no known field, leave `param` unset.
+        let e = ApiError::from(Status::unavailable("batch_invariant: x"));
+        assert_eq!(e.param, None);
+        let e = ApiError::from(Status::failed_precondition("model: x"));
+        assert_eq!(e.param, None);
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub struct Body {
     pub reasoning_effort: Option<String>,
     /// Chat (extension): the model's raw text, special tokens included, nothing parsed.
     pub raw_output: Option<bool>,
+    /// Extension (`GenerateRequest.batch_invariant`): require a batch-invariant worker, one whose
+    /// greedy or seeded output does not depend on other traffic; refused (400 naming it) when
+    /// no worker serving the model is one. OpenAI SDKs send it through `extra_body`.
+    pub batch_invariant: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +296,7 @@ fn apply_params(
         Some(Stop::Many(v)) => v,
     };
     request.latency_class = class as i32;
+    request.batch_invariant = p.batch_invariant.unwrap_or(false);
     let stream = p.stream.unwrap_or(false);
     Ok(Mapped {
         request,
@@ -431,6 +436,16 @@ pub fn usage_json(u: &Usage) -> Value {
     })
 }
 
+/// A response's `system_fingerprint`: the producing worker's (the final message's
+/// `system_fingerprint`), or null when it sent none (a worker older than the field).
+pub fn system_fingerprint(fingerprint: &str) -> Value {
+    if fingerprint.is_empty() {
+        Value::Null
+    } else {
+        fingerprint.into()
+    }
+}
+
 /// What every object of one response shares.
 #[derive(Clone, Debug)]
 pub struct Shape {
@@ -475,7 +490,9 @@ impl Shape {
     }
 
     /// One stream chunk for a `GenerateResponse`. The first chat chunk carries the assistant
-    /// role; the final one carries `finish_reason` (and its text, if any).
+    /// role; the final one carries `finish_reason` (and its text, if any) and the
+    /// `system_fingerprint` of the worker that produced the end of the stream, which is known
+    /// only then (a stream may migrate): earlier chunks have no `system_fingerprint`.
     pub fn chunk(&self, msg: &GenerateResponse, first: bool, include_usage: bool) -> Value {
         let finish = finish_reason(msg.finish_reason);
         let choice = match self.kind {
@@ -497,21 +514,27 @@ impl Shape {
             }
         };
         let mut v = self.envelope(true, json!([choice]));
+        if finish.is_some() {
+            v["system_fingerprint"] = system_fingerprint(&msg.system_fingerprint);
+        }
         if include_usage {
             v["usage"] = Value::Null;
         }
         v
     }
 
-    /// The extra last chunk of `stream_options.include_usage`: no choices, the usage.
-    pub fn usage_chunk(&self, usage: &Usage) -> Value {
+    /// The extra last chunk of `stream_options.include_usage`: no choices, the usage, and the
+    /// final message's `system_fingerprint`.
+    pub fn usage_chunk(&self, usage: &Usage, fingerprint: &str) -> Value {
         let mut v = self.envelope(true, json!([]));
+        v["system_fingerprint"] = system_fingerprint(fingerprint);
         v["usage"] = usage_json(usage);
         v
     }
 
-    /// The whole (non-streamed) completion.
-    pub fn complete(&self, reply: &Reply, finish: &str, usage: &Usage) -> Value {
+    /// The whole (non-streamed) completion; `fingerprint` is the final message's
+    /// `system_fingerprint`.
+    pub fn complete(&self, reply: &Reply, finish: &str, usage: &Usage, fingerprint: &str) -> Value {
         let choice = match self.kind {
             Kind::Chat => json!({
                 "index": 0,
@@ -525,6 +548,7 @@ impl Shape {
             }
         };
         let mut v = self.envelope(false, json!([choice]));
+        v["system_fingerprint"] = system_fingerprint(fingerprint);
         v["usage"] = usage_json(usage);
         v
     }

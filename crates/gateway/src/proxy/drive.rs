@@ -134,7 +134,10 @@ impl Drive {
         let mut last: Option<Status> = None;
         // The last attempt ended because its worker drained (M4: a separate budget).
         let mut drained = false;
-        let mut continuity = Continuity::default();
+        let mut continuity = Continuity::new(self.req.batch_invariant);
+        // Whether every worker that produced some of the client's tokens before the current
+        // attempt advertised `batch_invariant: true`; the final message says so only then.
+        let mut invariant_so_far = true;
         for attempt in 0..self.max_attempts {
             let r = match ranking.take() {
                 Some(r) => Ok(r),
@@ -201,11 +204,15 @@ impl Drive {
             );
             tried.insert(candidate.worker.id.clone());
             model.clone_from(&candidate.worker.model.name);
+            let produced_before = generated.len();
             let outcome = self
-                .attempt(&candidate, &mut generated, migrations)
+                .attempt(&candidate, &mut generated, migrations, invariant_so_far)
                 .instrument(span.clone())
                 .await;
             drop(outer);
+            if generated.len() > produced_before {
+                invariant_so_far &= candidate.worker.batch_invariant == Some(true);
+            }
             if !generated.is_empty() {
                 // The client has this model's tokens: only the same model may continue them.
                 continuity.pin(&candidate.worker);
@@ -318,10 +325,20 @@ impl Drive {
             prompt_tokens: self.prompt_tokens + generated as u32,
             max_tokens: self.req.max_tokens.saturating_sub(generated as u32),
             needs: moe_common::registry::Features::needed_by(&self.req),
+            batch_invariant: self.req.batch_invariant,
         }
     }
 
-    async fn attempt(&self, c: &Candidate, generated: &mut Vec<u32>, migrations: u32) -> Outcome {
+    /// One attempt on `c`, continuing after the `generated` tokens. `invariant_so_far`: every
+    /// worker that produced those tokens was batch-invariant (the final message's
+    /// `batch_invariant` is true only then).
+    async fn attempt(
+        &self,
+        c: &Candidate,
+        generated: &mut Vec<u32>,
+        migrations: u32,
+        invariant_so_far: bool,
+    ) -> Outcome {
         let before = generated.len() as u32;
         if before >= self.req.max_tokens {
             // The previous worker produced every token but died before its final message.
@@ -334,6 +351,8 @@ impl Drive {
                 }),
                 request_id: self.req.request_id.clone(),
                 migrations,
+                // The workers that produced the tokens: all of them batch-invariant or not.
+                batch_invariant: invariant_so_far,
                 ..Default::default()
             };
             return match self.send(final_msg).await {
@@ -427,6 +446,8 @@ impl Drive {
                     }
                     if finish != FinishReason::Unspecified {
                         m.migrations = migrations;
+                        // After a migration, invariant only if the earlier workers were too.
+                        m.batch_invariant &= invariant_so_far;
                         if let Some(u) = m.usage.as_mut() {
                             u.completion_tokens += before;
                         }

@@ -19,7 +19,8 @@
 //!   with room was evaluated as soon as the samples missed: 200 at 10,000 workers with 1 full
 //!   worker in 50 free, which cost more than the pass over the snapshot.)
 //! - The [`RoomIndex`] is derived from one snapshot and cached ([`IndexCache::rooms`]) until the
-//!   snapshot changes (another revision, worker count, first or last advert, or feature filter);
+//!   snapshot changes (another revision, worker count, first or last advert, or feature or
+//!   `batch_invariant` filter);
 //!   it is built lazily by the first decision on that snapshot that needs it, and again only for
 //!   a demand needing less than half of what it was built for.
 //! - Several gateways draw different samples, so they do not all pick the same worker.
@@ -198,18 +199,22 @@ struct RoomKey {
     /// The features the snapshot was filtered by (`features::capable`): two filters of one
     /// revision differ.
     needs: Features,
+    /// Whether it was also filtered to batch-invariant workers (`features::capable`).
+    batch_invariant: bool,
     model: String,
     pool: Pool,
 }
 
 impl RoomKey {
-    fn of(snapshot: &ClusterSnapshot, model: &str, needs: Features, pool: Pool) -> RoomKey {
+    fn of(snapshot: &ClusterSnapshot, filter: Filter<'_>, pool: Pool) -> RoomKey {
+        let (model, needs, batch_invariant) = filter;
         RoomKey {
             revision: snapshot.revision,
             workers: snapshot.workers.len(),
             first: snapshot.workers.values().next().cloned(),
             last: snapshot.workers.values().next_back().cloned(),
             needs,
+            batch_invariant,
             model: model.to_string(),
             pool,
         }
@@ -231,10 +236,15 @@ impl RoomKey {
     fn same(&self, other: &RoomKey) -> bool {
         self.same_snapshot(other)
             && self.needs == other.needs
+            && self.batch_invariant == other.batch_invariant
             && self.model == other.model
             && self.pool == other.pool
     }
 }
+
+/// What a snapshot was filtered by for a demand: its model, the features it needs and its
+/// `batch_invariant` (`features::capable`).
+pub type Filter<'a> = (&'a str, Features, bool);
 
 /// Room indexes kept at once (one per model and pool asked for on the current snapshot).
 const ROOM_INDEXES: usize = 4;
@@ -267,18 +277,20 @@ impl IndexCache {
         *self.current.lock().expect("index lock") = None;
     }
 
-    /// A [`RoomIndex`] of `model`'s workers in `pool` for `snapshot` (filtered by `needs`) that
+    /// A [`RoomIndex`] of `model`'s workers in `pool` for `snapshot` (filtered by `needs` and
+    /// `batch_invariant`) that
     /// covers `needed`: the one built for an earlier decision on the same snapshot, or a new one
     /// with a floor of half of `needed` (so that later, smaller demands mostly find it too).
     /// Built outside the lock: two decisions may both build one.
     pub fn rooms(
         &self,
         snapshot: &ClusterSnapshot,
-        (model, needs): (&str, Features),
+        filter: Filter<'_>,
         pool: Pool,
         needed: u32,
     ) -> Arc<RoomIndex> {
-        let key = RoomKey::of(snapshot, model, needs, pool);
+        let model = filter.0;
+        let key = RoomKey::of(snapshot, filter, pool);
         {
             let rooms = self.rooms.lock().expect("room index lock");
             if let Some((_, index)) = rooms
@@ -479,9 +491,12 @@ fn with_room(
     rng: &mut impl Rng,
 ) -> Vec<Candidate> {
     let needed = demand.kv_tokens();
-    let rooms = policy
-        .index
-        .rooms(snapshot, (demand.model, demand.needs), preferred, needed);
+    let rooms = policy.index.rooms(
+        snapshot,
+        (demand.model, demand.needs, demand.batch_invariant),
+        preferred,
+        needed,
+    );
     let roomy: Vec<&Arc<WorkerAdvert>> = rooms.with_room(needed).collect();
     let evaluate =
         |w: &Arc<WorkerAdvert>| evaluate_hits(w, demand, hits, reservations, policy, false);

@@ -27,6 +27,7 @@ fn worker(id: &str, profile: &str, free_kv: u32) -> WorkerAdvert {
         },
         model_fingerprint: String::new(),
         decode_mode: None,
+        batch_invariant: None,
         features: Features::all(),
         offload: OffloadInfo {
             mode: profile.split(':').next().unwrap().into(),
@@ -68,6 +69,7 @@ fn demand(class: LatencyClass) -> Demand<'static> {
         prompt_tokens: 100,
         max_tokens: 100,
         needs: Features::NONE,
+        batch_invariant: false,
     }
 }
 
@@ -560,4 +562,130 @@ fn workers_of_other_models_do_not_hide_a_missing_feature() {
         rank_default(&unknown, &capable).unwrap_err(),
         ScheduleError::ModelNotFound("nope".into())
     );
+}
+
+fn invariance(mut w: WorkerAdvert, batch_invariant: Option<bool>) -> WorkerAdvert {
+    w.batch_invariant = batch_invariant;
+    w
+}
+
+fn requiring_invariance() -> Demand<'static> {
+    Demand {
+        batch_invariant: true,
+        ..demand(LatencyClass::Interactive)
+    }
+}
+
+/// The gateway's real placement path (`RoutingState`: feature and `batch_invariant` filter, then
+/// the sampled or full ranking) over `s`.
+fn routing(s: ClusterSnapshot) -> crate::router::RoutingState {
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(s));
+    crate::router::RoutingState::new(rx, Policy::default())
+}
+
+#[test]
+fn a_batch_invariant_request_goes_only_to_workers_advertising_it() {
+    // The interactive favourites (full GPU) are not batch-invariant or do not say; the only
+    // invariant worker is an offload one, reached by spill-over.
+    let s = Arc::new(snapshot(vec![
+        invariance(worker("variant", "full", 8000), Some(false)),
+        invariance(worker("old", "full", 8000), None),
+        invariance(worker("inv", "cpu-moe", 4000), Some(true)),
+    ]));
+    let d = requiring_invariance();
+    let capable = features::capable(s.clone(), &d).unwrap();
+    let r = rank_default(&d, &capable).unwrap();
+    assert_eq!(ids(&r), ["inv"]);
+    assert!(r.fallback.is_empty());
+    // Without the field every worker is a candidate, and the snapshot is not copied.
+    let plain = demand(LatencyClass::Interactive);
+    let same = features::capable(s.clone(), &plain).unwrap();
+    assert!(Arc::ptr_eq(&same, &s));
+    assert_ne!(ids(&rank_default(&plain, &same).unwrap())[0], "inv");
+
+    // Through the router, for first placements and retries: a retry that has tried the
+    // invariant worker finds no other, rather than a non-invariant one.
+    let router = routing(Arc::unwrap_or_clone(s));
+    let first = router.rank(&d, &HashSet::new()).unwrap();
+    assert_eq!(ids(&first), ["inv"]);
+    let tried: HashSet<String> = ["inv".to_string()].into();
+    match router.rank(&d, &tried) {
+        Err(ScheduleError::Unavailable(_)) => {}
+        other => panic!("a retry must not fall back to another worker: {other:?}"),
+    }
+    let plain_retry = router.rank(&plain, &tried).unwrap();
+    assert!(!ids(&plain_retry).contains(&"inv"));
+}
+
+#[test]
+fn sampled_placements_of_batch_invariant_requests_never_draw_other_workers() {
+    // A pool large enough to be sampled (not scanned), one worker in ten invariant.
+    let ws: Vec<WorkerAdvert> = (0..60)
+        .map(|i| {
+            let w = worker(&format!("f{i:04}"), "full", 8000);
+            invariance(w, Some(i % 10 == 3))
+        })
+        .collect();
+    let router = routing(snapshot(ws));
+    let d = requiring_invariance();
+    for _ in 0..200 {
+        let r = router.rank(&d, &HashSet::new()).unwrap();
+        for c in r.candidates.iter().chain(&r.fallback) {
+            assert_eq!(c.worker.batch_invariant, Some(true), "{}", c.worker.id);
+        }
+        assert!(!r.candidates.is_empty());
+    }
+}
+
+#[test]
+fn no_batch_invariant_worker_is_a_failed_precondition_naming_the_field() {
+    // A batch-invariant worker of another model does not count.
+    let mut other = invariance(worker("other", "full", 8000), Some(true));
+    other.model.name = "other-model".into();
+    let s = Arc::new(snapshot(vec![
+        invariance(worker("variant", "full", 8000), Some(false)),
+        invariance(worker("old", "cpu-moe", 8000), None),
+        other,
+    ]));
+    let err = features::capable(s.clone(), &requiring_invariance()).unwrap_err();
+    assert!(
+        matches!(err, ScheduleError::NotBatchInvariant { workers: 2, .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.starts_with("batch_invariant: "), "{msg}");
+    assert!(
+        msg.contains("no worker serving model \"m\" guarantees batch-invariant output"),
+        "{msg}"
+    );
+    let status = crate::proxy::schedule_status(err);
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    // The router says the same.
+    let router = routing(Arc::unwrap_or_clone(s));
+    assert!(matches!(
+        router.rank(&requiring_invariance(), &HashSet::new()),
+        Err(ScheduleError::NotBatchInvariant { .. })
+    ));
+    // A model nobody serves is still reported as such.
+    let unknown = Demand {
+        model: "nope",
+        ..requiring_invariance()
+    };
+    assert_eq!(
+        router.rank(&unknown, &HashSet::new()).unwrap_err(),
+        ScheduleError::ModelNotFound("nope".into())
+    );
+    // Workers lacking a feature the request needs are reported as that, not as variance.
+    let s = Arc::new(snapshot(vec![invariance(
+        old_worker("old", "full"),
+        Some(true),
+    )]));
+    let d = Demand {
+        needs: Features::NONE.with(Feature::Tools),
+        ..requiring_invariance()
+    };
+    assert!(matches!(
+        features::capable(s, &d),
+        Err(ScheduleError::Unavailable(m)) if m.contains("tools")
+    ));
 }

@@ -50,6 +50,8 @@ struct Service {
     script: Script,
     cue: Arc<Semaphore>,
     seen: Arc<Seen>,
+    /// What the final message says of the worker's batch invariance.
+    batch_invariant: bool,
 }
 
 /// Counts a stream as dropped unless disarmed (the script ran to its end).
@@ -82,13 +84,14 @@ fn token(id: u32) -> GenerateResponse {
     }
 }
 
-fn last(finish: FinishReason, completion_tokens: u32) -> GenerateResponse {
+fn last(finish: FinishReason, completion_tokens: u32, batch_invariant: bool) -> GenerateResponse {
     GenerateResponse {
         finish_reason: finish as i32,
         usage: Some(Usage {
             completion_tokens,
             ..Default::default()
         }),
+        batch_invariant,
         ..Default::default()
     }
 }
@@ -109,6 +112,7 @@ impl Inference for Service {
         }
         let script = self.script.clone();
         let cue = self.cue.clone();
+        let invariant = self.batch_invariant;
         let mut guard = DropGuard {
             seen: self.seen.clone(),
             armed: true,
@@ -122,7 +126,7 @@ impl Inference for Service {
                         yield Ok(token(from + i));
                     }
                     guard.disarm();
-                    yield Ok(last(FinishReason::Length, remaining));
+                    yield Ok(last(FinishReason::Length, remaining, invariant));
                 }
                 Script::FailAfter { tokens, code } => {
                     for i in 0..tokens.min(remaining) {
@@ -136,7 +140,7 @@ impl Inference for Service {
                         yield Ok(token(from + i));
                     }
                     guard.disarm();
-                    yield Ok(last(FinishReason::Cancelled, tokens.min(remaining)));
+                    yield Ok(last(FinishReason::Cancelled, tokens.min(remaining), invariant));
                 }
                 Script::Stall => {
                     std::future::pending::<()>().await;
@@ -147,7 +151,7 @@ impl Inference for Service {
                         yield Ok(token(from + i));
                     }
                     guard.disarm();
-                    yield Ok(last(FinishReason::Stop, remaining));
+                    yield Ok(last(FinishReason::Stop, remaining, invariant));
                 }
                 Script::FailBefore(_) => unreachable!(),
             }
@@ -163,6 +167,8 @@ pub struct FakeWorker {
     /// Permits for [`Script::OnCue`]: one token per permit.
     pub cue: Arc<Semaphore>,
     pub seen: Arc<Seen>,
+    /// The advert's `batch_invariant` (None: an advert without the field).
+    pub batch_invariant: Option<bool>,
     stop: CancellationToken,
 }
 
@@ -174,6 +180,11 @@ impl Drop for FakeWorker {
 
 impl FakeWorker {
     pub async fn start(id: &str, script: Script) -> FakeWorker {
+        FakeWorker::start_with(id, script, None).await
+    }
+
+    /// [`FakeWorker::start`] advertising `batch_invariant` (and saying so in final messages).
+    pub async fn start_with(id: &str, script: Script, batch_invariant: Option<bool>) -> FakeWorker {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cue = Arc::new(Semaphore::new(0));
@@ -183,6 +194,7 @@ impl FakeWorker {
             script,
             cue: cue.clone(),
             seen: seen.clone(),
+            batch_invariant: batch_invariant == Some(true),
         };
         let s = stop.clone();
         tokio::spawn(async move {
@@ -199,6 +211,7 @@ impl FakeWorker {
             endpoint: format!("http://{addr}"),
             cue,
             seen,
+            batch_invariant,
             stop,
         }
     }
@@ -223,6 +236,7 @@ impl FakeWorker {
             },
             model_fingerprint: String::new(),
             decode_mode: None,
+            batch_invariant: self.batch_invariant,
             features: moe_common::registry::Features::all(),
             offload: OffloadInfo {
                 mode: profile.into(),

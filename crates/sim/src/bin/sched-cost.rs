@@ -45,6 +45,7 @@ fn advert(i: usize, full: bool, free_kv: u32, rng: &mut StdRng) -> WorkerAdvert 
         },
         model_fingerprint: String::new(),
         decode_mode: None,
+        batch_invariant: None,
         features: moe_common::registry::Features::all(),
         offload: OffloadInfo {
             mode: if full { "full" } else { "cpu-moe" }.into(),
@@ -192,6 +193,7 @@ fn demand(class: LatencyClass) -> Demand<'static> {
         prompt_tokens: 600,
         max_tokens: 256,
         needs: Default::default(),
+        batch_invariant: false,
     }
 }
 

@@ -131,6 +131,7 @@ impl Engine<'_> {
                     prompt_tokens: job.prompt,
                     max_tokens: job.answer,
                     needs: Default::default(),
+                    batch_invariant: false,
                 };
                 let (snapshot, policy) = (&self.snapshot, &self.policy);
                 let ranking = if let Some(hits) = hits {

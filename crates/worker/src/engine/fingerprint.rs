@@ -119,6 +119,21 @@ fn hash_samples(h: &mut Sha256, file: &mut (impl Read + Seek)) -> std::io::Resul
     Ok(())
 }
 
+/// A final message's `system_fingerprint` from the parts of the configuration that determine a
+/// worker's output (`load::system_fingerprint` lists them): `fp_` and the first 64 bits of the
+/// SHA-256 of the parts, each followed by a NUL byte, in hex. The same parts give the same string
+/// on every host and version of this function.
+pub(super) fn system_fingerprint(parts: &[String]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("fp_{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -168,6 +183,24 @@ mod tests {
         // Offset of the 10th sample.
         changed[(100_000 * 10 / SAMPLES) as usize] ^= 1;
         assert_ne!(base, of(&header("m", vec![4, 8]), &changed), "weights");
+    }
+
+    #[test]
+    fn system_fingerprints_hash_the_parts_with_their_boundaries() {
+        let parts = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let a = system_fingerprint(&parts(&["v1-ab", "decode_mode=sequential"]));
+        // Pinned (SHA-256 of "v1-ab\0decode_mode=sequential\0"): a change of recipe would
+        // change every worker's fingerprint, which clients compare across releases.
+        assert_eq!(a, "fp_1db0f33bace30d1b");
+        assert_eq!(
+            a,
+            system_fingerprint(&parts(&["v1-ab", "decode_mode=sequential"]))
+        );
+        assert_ne!(
+            a,
+            system_fingerprint(&parts(&["v1-a", "bdecode_mode=sequential"])),
+            "part boundaries count"
+        );
     }
 
     #[test]

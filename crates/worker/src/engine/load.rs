@@ -82,16 +82,67 @@ fn advertised_fingerprint(file: String, config: &EngineConfig) -> String {
     }
 }
 
+/// Whether any model layer runs on an accelerator: the backend has one and `--gpu-layers` is
+/// not 0.
+fn layers_on_accelerator(config: &EngineConfig, has_accelerator: bool) -> bool {
+    has_accelerator && config.gpu_layers != Some(0)
+}
+
 /// `auto` is sequential when any layer runs on an accelerator: GPU kernels depend on the batch
 /// shape, CPU ones do not (docs/benchmarks/batch-invariance.md).
 fn resolve_decode_mode(config: &EngineConfig, has_accelerator: bool) -> DecodeMode {
     match config.decode_mode {
-        DecodeMode::Auto if has_accelerator && config.gpu_layers != Some(0) => {
+        DecodeMode::Auto if layers_on_accelerator(config, has_accelerator) => {
             DecodeMode::Sequential
         }
         DecodeMode::Auto => DecodeMode::Batched,
         mode => mode,
     }
+}
+
+/// Whether greedy or seeded output does not depend on what else the worker runs (the advert's
+/// `batch_invariant`): each sequence has its own KV stream (a unified cache interleaves
+/// concurrent sequences' cells, on any device), and either each sequence is decoded in its own
+/// llama.cpp call (`sequential`) or no layer runs on an accelerator (CPU kernels are
+/// row-independent; GPU kernels are chosen by batch shape). `mode` is the resolved mode: `auto`
+/// counts as batched.
+fn batch_invariant(kv_unified: bool, mode: DecodeMode, layers_on_accelerator: bool) -> bool {
+    !kv_unified && (mode == DecodeMode::Sequential || !layers_on_accelerator)
+}
+
+/// The final message's `system_fingerprint` (docs/api.md): what determines this worker's
+/// output, hashed ([`super::fingerprint::system_fingerprint`]): the advertised model fingerprint
+/// (file and KV cache types), decode mode, batch invariance, expert placement, `--gpu-layers`,
+/// batch and micro-batch sizes (prefill shapes), the devices (name and description) and the
+/// moe-worker version (the llama.cpp it links).
+fn system_fingerprint(
+    config: &EngineConfig,
+    model_fingerprint: &str,
+    mode: DecodeMode,
+    invariant: bool,
+    plan: &MemoryPlan,
+    devices: &[moe_common::registry::DeviceInfo],
+) -> String {
+    let mut parts = vec![
+        model_fingerprint.to_string(),
+        format!("decode_mode={}", mode.as_str()),
+        format!("batch_invariant={invariant}"),
+        format!("n_cpu_moe={}", plan.n_cpu_moe),
+        format!(
+            "gpu_layers={}",
+            config
+                .gpu_layers
+                .map_or_else(|| "all".to_string(), |n| n.to_string())
+        ),
+        format!("batch={} ubatch={}", config.batch_size, ubatch(config)),
+    ];
+    parts.extend(
+        devices
+            .iter()
+            .map(|d| format!("device={}:{}", d.name, d.description)),
+    );
+    parts.push(format!("version={}", moe_common::VERSION));
+    super::fingerprint::system_fingerprint(&parts)
 }
 
 /// The process's llama.cpp backend, initialised once. llama-cpp-2 refuses a second
@@ -197,6 +248,20 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
     let fingerprint = super::fingerprint::fingerprint(&config.model_path, &header, &model)
         .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
     let fingerprint = advertised_fingerprint(fingerprint, config);
+    let decode_mode = resolve_decode_mode(config, has_accelerator);
+    let invariant = batch_invariant(
+        config.kv_unified,
+        decode_mode,
+        layers_on_accelerator(config, has_accelerator),
+    );
+    let system_fingerprint = system_fingerprint(
+        config,
+        &fingerprint,
+        decode_mode,
+        invariant,
+        &plan,
+        &devices,
+    );
     let info = LoadedModel {
         fingerprint,
         info: ModelInfo {
@@ -218,7 +283,9 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
             .unwrap_or(0),
         max_sequences: config.parallel,
         has_accelerator,
-        decode_mode: resolve_decode_mode(config, has_accelerator),
+        decode_mode,
+        batch_invariant: invariant,
+        system_fingerprint,
         cache_sequences: config.cache_sequences,
         host_experts_pinned,
         cache_type_k: config.cache_type_k,
@@ -408,6 +475,61 @@ mod tests {
             for accelerator in [false, true] {
                 assert_eq!(resolve_decode_mode(&c, accelerator), mode);
             }
+        }
+    }
+
+    #[test]
+    fn batch_invariant_needs_per_sequence_kv_and_sequential_decode_or_no_accelerator() {
+        use DecodeMode::{Batched, Sequential};
+        // Per-sequence KV streams: sequential decode anywhere, batched only off accelerators.
+        assert!(batch_invariant(false, Sequential, true));
+        assert!(batch_invariant(false, Sequential, false));
+        assert!(batch_invariant(false, Batched, false));
+        assert!(!batch_invariant(false, Batched, true));
+        // A unified KV cache: never, whatever the mode and device.
+        for mode in [Sequential, Batched] {
+            for accelerator in [false, true] {
+                assert!(!batch_invariant(true, mode, accelerator));
+            }
+        }
+        // What `load_model` feeds it: `auto` resolves to an invariant mode unless the KV cache
+        // is unified; `--gpu-layers 0` counts as no layer on the accelerator.
+        let mut c = config(2048, 512);
+        for accelerator in [false, true] {
+            let mode = resolve_decode_mode(&c, accelerator);
+            assert!(batch_invariant(
+                c.kv_unified,
+                mode,
+                layers_on_accelerator(&c, accelerator)
+            ));
+        }
+        c.gpu_layers = Some(0);
+        assert!(!layers_on_accelerator(&c, true));
+        c.kv_unified = true;
+        assert!(!batch_invariant(c.kv_unified, Sequential, false));
+    }
+
+    #[test]
+    fn the_system_fingerprint_names_the_configuration_and_is_stable() {
+        let c = config(2048, 512);
+        let plan = MemoryPlan::default();
+        let fp = |c: &EngineConfig, mode, invariant| {
+            system_fingerprint(c, "v1-ab", mode, invariant, &plan, &[])
+        };
+        let base = fp(&c, DecodeMode::Sequential, true);
+        assert!(base.starts_with("fp_") && base.len() == 19, "{base}");
+        assert!(base[3..].chars().all(|ch| ch.is_ascii_hexdigit()), "{base}");
+        assert_eq!(base, fp(&c, DecodeMode::Sequential, true), "stable");
+        let mut others = vec![
+            fp(&c, DecodeMode::Batched, true),
+            fp(&c, DecodeMode::Sequential, false),
+            system_fingerprint(&c, "v1-cd", DecodeMode::Sequential, true, &plan, &[]),
+        ];
+        let mut small = config(256, 256);
+        small.gpu_layers = Some(0);
+        others.push(fp(&small, DecodeMode::Sequential, true));
+        for other in &others {
+            assert_ne!(&base, other);
         }
     }
 

@@ -48,7 +48,8 @@ pub(super) fn engine_thread(
             model = %info.info.name, profile = %info.profile, n_cpu_moe = info.plan.n_cpu_moe,
             ctx = context_tokens, parallel = config.parallel,
             cache_sequences = info.cache_sequences, sequence_tokens = info.sequence_tokens,
-            decode_mode = info.decode_mode.as_str(), threads = load::threads(&config),
+            decode_mode = info.decode_mode.as_str(), batch_invariant = info.batch_invariant,
+            system_fingerprint = %info.system_fingerprint, threads = load::threads(&config),
             "model loaded"
         );
         let batcher = Batcher::new(BatcherConfig {

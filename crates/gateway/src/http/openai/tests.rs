@@ -272,7 +272,7 @@ fn completion_chunks_carry_text() {
 
 #[test]
 fn usage_chunk_has_no_choices() {
-    let u = shape(Kind::Chat).usage_chunk(&last("").usage.unwrap());
+    let u = shape(Kind::Chat).usage_chunk(&last("").usage.unwrap(), "");
     assert_eq!(u["choices"], json!([]));
     assert_eq!(
         u["usage"],
@@ -288,7 +288,7 @@ fn whole_completions_have_message_or_text_and_usage() {
         text: t.into(),
         ..Default::default()
     };
-    let c = shape(Kind::Chat).complete(&reply("Paris."), "stop", &usage);
+    let c = shape(Kind::Chat).complete(&reply("Paris."), "stop", &usage, "");
     assert_eq!(c["object"], "chat.completion");
     assert_eq!(
         c["choices"][0]["message"],
@@ -296,7 +296,69 @@ fn whole_completions_have_message_or_text_and_usage() {
     );
     assert_eq!(c["choices"][0]["finish_reason"], "stop");
     assert_eq!(c["usage"]["total_tokens"], 13);
-    let c = shape(Kind::Completion).complete(&reply(" Paris"), "length", &usage);
+    let c = shape(Kind::Completion).complete(&reply(" Paris"), "length", &usage, "");
     assert_eq!(c["object"], "text_completion");
     assert_eq!(c["choices"][0]["text"], " Paris");
+}
+
+#[test]
+fn batch_invariant_is_accepted_on_both_endpoints_and_reaches_the_request() {
+    for v in [true, false] {
+        let m =
+            chat(json!({"messages": [{"role": "user", "content": "Hi"}], "batch_invariant": v}))
+                .unwrap();
+        assert_eq!(m.request.batch_invariant, v);
+        let m = completion(json!({"prompt": "Hi", "batch_invariant": v})).unwrap();
+        assert_eq!(m.request.batch_invariant, v);
+    }
+    let m = completion(json!({"prompt": "Hi"})).unwrap();
+    assert!(!m.request.batch_invariant, "off unless asked for");
+    // Through the strict parser the HTTP front uses: a known field, not an unsupported one.
+    let body: Body = moe_common::chat::strict::from_slice(
+        br#"{"prompt": "Hi", "seed": 3, "temperature": 0.7, "batch_invariant": true}"#,
+    )
+    .unwrap();
+    assert_eq!(body.batch_invariant, Some(true));
+    // The mapped request passes the field-support checks of gateways and workers.
+    let m = completion_request(body, LatencyClass::Interactive).unwrap();
+    moe_common::request::validate(&m.request, &Default::default(), false).unwrap();
+    // Not a boolean: a 400, not a silent default.
+    assert!(
+        moe_common::chat::strict::from_slice::<Body>(br#"{"batch_invariant": "yes"}"#).is_err()
+    );
+}
+
+#[test]
+fn the_system_fingerprint_is_on_the_final_chunk_the_usage_chunk_and_whole_completions() {
+    let fp = "fp_0123456789abcdef";
+    let mut end = last("");
+    end.system_fingerprint = fp.into();
+    for kind in [Kind::Chat, Kind::Completion] {
+        let s = shape(kind);
+        // Not known before the end of the stream (it may migrate): absent.
+        assert!(
+            s.chunk(&delta("Par"), true, true)
+                .get("system_fingerprint")
+                .is_none()
+        );
+        assert_eq!(s.chunk(&end, false, true)["system_fingerprint"], fp);
+        assert_eq!(
+            s.usage_chunk(&end.usage.unwrap(), fp)["system_fingerprint"],
+            fp
+        );
+        let reply = Reply::default();
+        assert_eq!(
+            s.complete(&reply, "length", &end.usage.unwrap(), fp)["system_fingerprint"],
+            fp
+        );
+        // A worker older than the field sends none: null, as OpenAI's optional field.
+        assert_eq!(
+            s.chunk(&last(""), false, false)["system_fingerprint"],
+            Value::Null
+        );
+        assert_eq!(
+            s.complete(&reply, "length", &end.usage.unwrap(), "")["system_fingerprint"],
+            Value::Null
+        );
+    }
 }

@@ -1,6 +1,8 @@
 //! Which workers may take a request over from another: once the client has text, only workers
 //! serving the same model file (same fingerprint), and after a "too long for this worker"
-//! refusal, only workers with more KV cells per sequence.
+//! refusal, only workers with more KV cells per sequence. A request with `batch_invariant` set
+//! only ever goes to workers advertising `batch_invariant: true`, migrations included (the
+//! placement filters them too, `scheduler::features::capable`; this is the last check).
 
 use moe_common::registry::WorkerAdvert;
 
@@ -14,6 +16,8 @@ pub(super) struct Continuity {
     /// A worker must have more KV cells per sequence than this (the largest share that refused
     /// the request as too long); 0 admits any.
     share_above: u32,
+    /// The request's `batch_invariant`: only workers advertising `batch_invariant: true`.
+    batch_invariant: bool,
 }
 
 /// KV cells one request may use on `worker`: its share of the context, as workers split it by
@@ -30,6 +34,14 @@ struct ModelPin {
 }
 
 impl Continuity {
+    /// The constraints of a request not placed yet; `batch_invariant` is the request's field.
+    pub(super) fn new(batch_invariant: bool) -> Self {
+        Continuity {
+            batch_invariant,
+            ..Default::default()
+        }
+    }
+
     /// Pins the request to the model of `worker`, which produced the client's first token.
     /// Later calls keep the first pin.
     pub(super) fn pin(&mut self, worker: &WorkerAdvert) {
@@ -46,14 +58,16 @@ impl Continuity {
 
     /// Whether `worker` may continue the request: the same fingerprint as the worker that
     /// produced the first token (the same model name when that worker advertised none), and
-    /// more KV cells per sequence than any worker that refused the request as too long.
+    /// more KV cells per sequence than any worker that refused the request as too long, and
+    /// batch-invariant when the request asks for it.
     pub(super) fn admits(&self, worker: &WorkerAdvert) -> bool {
         let model = match &self.model {
             None => true,
             Some(pin) if pin.fingerprint.is_empty() => worker.model.name == pin.name,
             Some(pin) => worker.model_fingerprint == pin.fingerprint,
         };
-        model && sequence_share(worker) > self.share_above
+        let invariant = !self.batch_invariant || worker.batch_invariant == Some(true);
+        model && invariant && sequence_share(worker) > self.share_above
     }
 
     /// Drops the candidates that may not continue the request.
@@ -86,6 +100,7 @@ mod tests {
             },
             model_fingerprint: fingerprint.into(),
             decode_mode: None,
+            batch_invariant: None,
             features: moe_common::registry::Features::all(),
             offload: OffloadInfo::default(),
             devices: vec![],
@@ -173,6 +188,69 @@ mod tests {
         let mut same_share = worker("c", "qwen", "f1", 16384);
         same_share.capacity.max_sequences = 32;
         assert!(!c.admits(&same_share));
+    }
+
+    fn with_invariance(mut w: WorkerAdvert, invariant: Option<bool>) -> WorkerAdvert {
+        w.batch_invariant = invariant;
+        w
+    }
+
+    #[test]
+    fn a_batch_invariant_stream_migrates_only_to_batch_invariant_workers() {
+        let mut c = Continuity::new(true);
+        // Before the first token and after it alike.
+        for pinned in [false, true] {
+            if pinned {
+                c.pin(&with_invariance(
+                    worker("a", "qwen", "f1", 4096),
+                    Some(true),
+                ));
+            }
+            assert!(c.admits(&with_invariance(
+                worker("b", "qwen", "f1", 4096),
+                Some(true)
+            )));
+            assert!(
+                !c.admits(&with_invariance(
+                    worker("c", "qwen", "f1", 4096),
+                    Some(false)
+                )),
+                "a worker that says it is not batch-invariant"
+            );
+            assert!(
+                !c.admits(&with_invariance(worker("d", "qwen", "f1", 4096), None)),
+                "a worker older than the advert field: unknown is not invariant"
+            );
+        }
+        let mut r = Ranking {
+            candidates: vec![
+                candidate(with_invariance(
+                    worker("variant", "qwen", "f1", 4096),
+                    Some(false),
+                )),
+                candidate(with_invariance(worker("b", "qwen", "f1", 4096), Some(true))),
+            ],
+            fallback: vec![candidate(with_invariance(
+                worker("old", "qwen", "f1", 4096),
+                None,
+            ))],
+            queued: false,
+        };
+        c.filter(&mut r);
+        let ids: Vec<_> = r.candidates.iter().map(|c| c.worker.id.as_str()).collect();
+        assert_eq!(ids, ["b"]);
+        assert!(r.fallback.is_empty());
+        // Without the field every worker of the model may continue the stream.
+        let mut any = Continuity::new(false);
+        any.pin(&with_invariance(
+            worker("a", "qwen", "f1", 4096),
+            Some(true),
+        ));
+        assert!(any.admits(&with_invariance(
+            worker("c", "qwen", "f1", 4096),
+            Some(false)
+        )));
+        assert!(any.admits(&with_invariance(worker("d", "qwen", "f1", 4096), None)));
     }
 
     #[test]

@@ -107,7 +107,7 @@ fn the_room_index_is_built_again_for_a_smaller_demand() {
     let index = |needed: u32| {
         policy
             .index
-            .rooms(&s, ("m", Features::NONE), Pool::Fast, needed)
+            .rooms(&s, ("m", Features::NONE, false), Pool::Fast, needed)
     };
     let first = index(200);
     assert!(Arc::ptr_eq(&first, &index(100)), "reused");
