@@ -82,19 +82,13 @@ fn advertised_fingerprint(file: String, config: &EngineConfig) -> String {
     }
 }
 
-/// Whether any model layer runs on an accelerator: the backend has one and `--gpu-layers` is
-/// not 0.
-fn layers_on_accelerator(config: &EngineConfig, has_accelerator: bool) -> bool {
-    has_accelerator && config.gpu_layers != Some(0)
-}
-
-/// `auto` is sequential when any layer runs on an accelerator: GPU kernels depend on the batch
-/// shape, CPU ones do not (docs/benchmarks/batch-invariance.md).
+/// `auto` is sequential when the backend has an accelerator: GPU kernels depend on the batch
+/// shape, CPU ones do not (docs/benchmarks/batch-invariance.md). `--gpu-layers 0` does not make
+/// a worker CPU-only: llama.cpp still offloads large batches (prompt chunks) of host-resident
+/// weights to the GPU (`op_offload`), and those kernels are chosen by the batch's shape too.
 fn resolve_decode_mode(config: &EngineConfig, has_accelerator: bool) -> DecodeMode {
     match config.decode_mode {
-        DecodeMode::Auto if layers_on_accelerator(config, has_accelerator) => {
-            DecodeMode::Sequential
-        }
+        DecodeMode::Auto if has_accelerator => DecodeMode::Sequential,
         DecodeMode::Auto => DecodeMode::Batched,
         mode => mode,
     }
@@ -103,11 +97,11 @@ fn resolve_decode_mode(config: &EngineConfig, has_accelerator: bool) -> DecodeMo
 /// Whether greedy or seeded output does not depend on what else the worker runs (the advert's
 /// `batch_invariant`): each sequence has its own KV stream (a unified cache interleaves
 /// concurrent sequences' cells, on any device), and either each sequence is decoded in its own
-/// llama.cpp call (`sequential`) or no layer runs on an accelerator (CPU kernels are
-/// row-independent; GPU kernels are chosen by batch shape). `mode` is the resolved mode: `auto`
-/// counts as batched.
-fn batch_invariant(kv_unified: bool, mode: DecodeMode, layers_on_accelerator: bool) -> bool {
-    !kv_unified && (mode == DecodeMode::Sequential || !layers_on_accelerator)
+/// llama.cpp call (`sequential`) or the backend has no accelerator (CPU kernels are
+/// row-independent; GPU kernels are chosen by batch shape, and llama.cpp sends large batches to
+/// an accelerator even with `--gpu-layers 0`). `mode` is the resolved mode.
+fn batch_invariant(kv_unified: bool, mode: DecodeMode, has_accelerator: bool) -> bool {
+    !kv_unified && (mode == DecodeMode::Sequential || !has_accelerator)
 }
 
 /// The final message's `system_fingerprint` (docs/api.md): what determines this worker's
@@ -249,11 +243,7 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
         .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
     let fingerprint = advertised_fingerprint(fingerprint, config);
     let decode_mode = resolve_decode_mode(config, has_accelerator);
-    let invariant = batch_invariant(
-        config.kv_unified,
-        decode_mode,
-        layers_on_accelerator(config, has_accelerator),
-    );
+    let invariant = batch_invariant(config.kv_unified, decode_mode, has_accelerator);
     let system_fingerprint = system_fingerprint(
         config,
         &fingerprint,
@@ -464,12 +454,13 @@ mod tests {
 
     #[test]
     fn the_resolved_decode_mode_is_never_auto() {
-        // What the advert's `decode_mode` carries: `auto` resolved by where the layers run.
+        // What the advert's `decode_mode` carries: `auto` resolved by whether the backend has an
+        // accelerator, `--gpu-layers 0` or not (large batches are still offloaded to it).
         let mut c = config(2048, 512);
         assert_eq!(resolve_decode_mode(&c, true), DecodeMode::Sequential);
         assert_eq!(resolve_decode_mode(&c, false), DecodeMode::Batched);
         c.gpu_layers = Some(0);
-        assert_eq!(resolve_decode_mode(&c, true), DecodeMode::Batched);
+        assert_eq!(resolve_decode_mode(&c, true), DecodeMode::Sequential);
         for mode in [DecodeMode::Sequential, DecodeMode::Batched] {
             c.decode_mode = mode;
             for accelerator in [false, true] {
@@ -493,18 +484,15 @@ mod tests {
             }
         }
         // What `load_model` feeds it: `auto` resolves to an invariant mode unless the KV cache
-        // is unified; `--gpu-layers 0` counts as no layer on the accelerator.
+        // is unified, `--gpu-layers 0` included (llama.cpp still offloads large batches).
         let mut c = config(2048, 512);
-        for accelerator in [false, true] {
-            let mode = resolve_decode_mode(&c, accelerator);
-            assert!(batch_invariant(
-                c.kv_unified,
-                mode,
-                layers_on_accelerator(&c, accelerator)
-            ));
+        for gpu_layers in [None, Some(0)] {
+            c.gpu_layers = gpu_layers;
+            for accelerator in [false, true] {
+                let mode = resolve_decode_mode(&c, accelerator);
+                assert!(batch_invariant(c.kv_unified, mode, accelerator));
+            }
         }
-        c.gpu_layers = Some(0);
-        assert!(!layers_on_accelerator(&c, true));
         c.kv_unified = true;
         assert!(!batch_invariant(c.kv_unified, Sequential, false));
     }
