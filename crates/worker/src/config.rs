@@ -93,7 +93,7 @@ pub struct WorkerConfig {
     /// Same as --decode-mode sequential (kept for existing deployments).
     #[arg(long, env = "MOE_SEQUENTIAL_DECODE")]
     pub sequential_decode: bool,
-    /// auto: sequential when any model layer runs on an accelerator, batched on the CPU.
+    /// auto: sequential on a worker with an accelerator (even at --gpu-layers 0), batched on the CPU.
     /// sequential: one llama.cpp call per sequence and prompts prefilled in --batch-size chunks
     /// at fixed boundaries, so greedy output is exactly a solo run's, prefix cache or not.
     /// batched: one call per step for all sequences (faster on a GPU, not batch-invariant

@@ -64,7 +64,7 @@ pub struct EngineConfig {
 /// How decode steps call llama.cpp (`--decode-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecodeMode {
-    /// Sequential when any layer runs on an accelerator, batched on the CPU.
+    /// Sequential on a worker with an accelerator (even at `--gpu-layers 0`), batched on the CPU.
     #[default]
     Auto,
     /// One llama.cpp call per sequence, prompts prefilled in chunks at fixed boundaries: greedy
@@ -109,7 +109,7 @@ pub struct LoadedModel {
     /// The decode mode in force: `Sequential` or `Batched` (`Auto` resolved at load).
     pub decode_mode: DecodeMode,
     /// Whether greedy or seeded output does not depend on what else runs (per-sequence KV
-    /// streams, and sequential decode or no layer on an accelerator): the advert's
+    /// streams, and sequential decode or no accelerator): the advert's
     /// `batch_invariant`, and what requests with `batch_invariant` set need.
     pub batch_invariant: bool,
     /// The final message's `system_fingerprint`: a hash of what determines the output (model

@@ -184,9 +184,9 @@ pub struct WorkerAdvert {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_mode: Option<String>,
     /// Whether the worker's greedy or seeded output does not depend on what else it runs:
-    /// per-sequence KV streams (not `--kv-unified`) and either `sequential` decode or no model
-    /// layer on an accelerator (CPU kernels are row-independent; GPU ones pick kernels by batch
-    /// shape). Requests with `batch_invariant` set go only to workers where this is `Some(true)`.
+    /// per-sequence KV streams (not `--kv-unified`) and either `sequential` decode or no
+    /// accelerator (CPU kernels are row-independent; GPU ones pick kernels by batch shape, and
+    /// llama.cpp sends large batches to a GPU even at `--gpu-layers 0`). Requests with `batch_invariant` set go only to workers where this is `Some(true)`.
     /// Absent (`None`) from workers older than the field: unknown, never treated as invariant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_invariant: Option<bool>,
