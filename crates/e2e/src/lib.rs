@@ -163,6 +163,49 @@ pub async fn have_free_kv(etcd: &Etcd, prefix: &str, ids: &[&str]) {
     }
 }
 
+/// One answer of the gateway's HTTP API, read to the end of the connection.
+pub struct HttpReply {
+    /// The status code (0 when the status line does not parse).
+    pub status: u16,
+    /// Status line and headers, lower-cased.
+    pub head: String,
+    /// Everything after the blank line.
+    pub body: String,
+}
+
+/// POSTs JSON to `path` over plain TCP (`Connection: close`), with `Authorization: Bearer KEY`
+/// when `key` is given, and reads the whole answer (60 s at most).
+pub async fn http_post(addr: &str, path: &str, body: &str, key: Option<&str>) -> HttpReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write http");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_string(&mut out))
+        .await
+        .expect("http answer in time")
+        .expect("read http");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    HttpReply {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: body.to_string(),
+    }
+}
+
 /// Reads `stream` into `text`/`ids` until the client's text is at least `until` bytes long.
 pub async fn read_until(
     stream: &mut tonic::Streaming<GenerateResponse>,

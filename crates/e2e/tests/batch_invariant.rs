@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use moe_common::pb::{FinishReason, GenerateRequest};
 use moe_e2e::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 const PROMPT: &str = "The capital of France is";
@@ -21,29 +20,12 @@ fn invariant(mut req: GenerateRequest) -> GenerateRequest {
     req
 }
 
-/// POSTs `body` to `path` on the gateway's HTTP API; (status, head, body).
-async fn http_post(addr: &str, path: &str, body: &str) -> (u16, String, serde_json::Value) {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect http");
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write http");
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(60), s.read_to_string(&mut out))
-        .await
-        .expect("http answer in time")
-        .expect("read http");
-    let (head, body) = out.split_once("\r\n\r\n").expect("head and body");
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
-    (code, head.to_ascii_lowercase(), json)
+/// POSTs `body` to `path` on the gateway's HTTP API; (status, lower-cased head, JSON body).
+async fn post_json(addr: &str, path: &str, body: &str) -> (u16, String, serde_json::Value) {
+    let reply = http_post(addr, path, body, None).await;
+    let json =
+        serde_json::from_str(&reply.body).unwrap_or_else(|e| panic!("{e}: {:?}", reply.body));
+    (reply.status, reply.head, json)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -129,7 +111,7 @@ async fn batch_invariant_requests_land_only_on_batch_invariant_workers() {
     let body = format!(
         r#"{{"model": "{MODEL}", "prompt": "{PROMPT}", "max_tokens": 3, "temperature": 0, "batch_invariant": true}}"#
     );
-    let (code, head, json) = http_post(&http, "/v1/completions", &body).await;
+    let (code, head, json) = post_json(&http, "/v1/completions", &body).await;
     assert_eq!(code, 200, "{json}");
     assert!(head.contains("x-moe-worker-id: inv"), "{head}");
     assert!(head.contains("x-moe-batch-invariant: true"), "{head}");
@@ -164,7 +146,7 @@ async fn batch_invariant_requests_land_only_on_batch_invariant_workers() {
         )),
         "{msg}"
     );
-    let (code, _, json) = http_post(&http, "/v1/chat/completions", &format!(
+    let (code, _, json) = post_json(&http, "/v1/chat/completions", &format!(
         r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 2, "batch_invariant": true}}"#
     ))
     .await;

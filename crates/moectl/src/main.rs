@@ -385,9 +385,9 @@ fn plan(a: PlanArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_workers_table_shows_the_decode_mode() {
-        let mut json = serde_json::json!({
+    /// An advert as a worker older than `decode_mode` and `batch_invariant` writes it.
+    fn advert_json() -> serde_json::Value {
+        serde_json::json!({
             "schema": moe_common::registry::ADVERT_SCHEMA,
             "id": "w1",
             "endpoint": "http://127.0.0.1:50061",
@@ -401,7 +401,12 @@ mod tests {
             "load": {"active": 3, "queued": 2},
             "version": "0",
             "updated_unix_ms": 0
-        });
+        })
+    }
+
+    #[test]
+    fn the_workers_table_shows_the_decode_mode() {
+        let mut json = advert_json();
         // A worker older than the field says nothing about its mode.
         let old: WorkerAdvert = serde_json::from_value(json.clone()).unwrap();
         let row = table_row(&old);
@@ -418,22 +423,8 @@ mod tests {
         let header = table_header();
         let columns: Vec<&str> = header.split_whitespace().collect();
         assert_eq!(columns[3..5], ["DECODE", "BATCH_INVARIANT"], "{header}");
-        let mut json = serde_json::json!({
-            "schema": moe_common::registry::ADVERT_SCHEMA,
-            "id": "w1",
-            "endpoint": "http://127.0.0.1:50061",
-            "state": "ready",
-            "model": {"name": "m", "architecture": "llama", "n_layer": 2, "expert_count": 4,
-                      "expert_used_count": 2, "weight_bytes": 1},
-            "offload": {"mode": "full", "n_cpu_moe": 0, "profile": "full"},
-            "decode_mode": "batched",
-            "devices": [],
-            "memory": {"weight_bytes": 1, "kv_bytes": 1, "host_expert_bytes": 0},
-            "capacity": {"context_tokens": 4096, "free_kv_tokens": 1024, "max_sequences": 4},
-            "load": {"active": 3, "queued": 2},
-            "version": "0",
-            "updated_unix_ms": 0
-        });
+        let mut json = advert_json();
+        json["decode_mode"] = "batched".into();
         let cell = |json: &serde_json::Value| {
             let w: WorkerAdvert = serde_json::from_value(json.clone()).unwrap();
             let row = table_row(&w);
