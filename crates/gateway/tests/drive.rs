@@ -3,7 +3,8 @@
 //! retry before the first token, migration after N tokens, drain hand-over, retry-budget
 //! exhaustion, deadline, client drop, a silent worker (idle timeout), a client that stops
 //! reading, drain migrations on their own budget, outlier ejection; requests with
-//! `batch_invariant` placed, migrated and refused by the workers' advertised invariance.
+//! `batch_invariant` placed, migrated and refused by the workers' advertised invariance; the
+//! final message the gateway writes when a worker dies after the last token.
 
 mod fake_worker;
 
@@ -233,6 +234,46 @@ async fn drive_reports_batch_invariance_only_when_every_producing_worker_had_it(
     // A stream c produces alone says what c says.
     let (svc, _, _snap) = gateway(&[(&c, "cpu-moe")], Duration::from_secs(10));
     assert!(final_message(&collect(&svc, request(3)).await).batch_invariant);
+}
+
+#[tokio::test]
+async fn drive_writes_the_final_message_with_the_dead_producers_advertised_fingerprint() {
+    // `a` produces every token, then fails instead of sending its final message: the gateway
+    // writes it, without calling `b`, from what `a` advertised.
+    let mut a = FakeWorker::start_with(
+        "a",
+        Script::FailAfter {
+            tokens: 4,
+            code: Code::Unavailable,
+        },
+        Some(true),
+    )
+    .await;
+    a.system_fingerprint = Some("fp_00000000000000aa".into());
+    let mut b = FakeWorker::start_with("b", FAST, Some(true)).await;
+    b.system_fingerprint = Some("fp_00000000000000bb".into());
+    let (svc, _, _snap) = gateway(&[(&a, "full"), (&b, "cpu-moe")], Duration::from_secs(10));
+    let msgs = collect(&svc, request(4)).await;
+    assert_eq!(token_ids(&msgs), vec![0, 1, 2, 3]);
+    let last = final_message(&msgs);
+    assert_eq!(last.finish_reason, FinishReason::Length as i32);
+    assert!(last.batch_invariant);
+    assert_eq!(last.system_fingerprint, "fp_00000000000000aa");
+    assert_eq!((a.calls(), b.calls()), (1, 0));
+    // A worker older than the field: the fingerprint stays unknown (empty), never b's.
+    let old = FakeWorker::start_with(
+        "old",
+        Script::FailAfter {
+            tokens: 4,
+            code: Code::Unavailable,
+        },
+        Some(true),
+    )
+    .await;
+    let (svc, _, _snap) = gateway(&[(&old, "full"), (&b, "cpu-moe")], Duration::from_secs(10));
+    let last = final_message(&collect(&svc, request(4)).await).clone();
+    assert_eq!(last.system_fingerprint, "");
+    assert_eq!(b.calls(), 0);
 }
 
 #[tokio::test]

@@ -97,6 +97,7 @@ mod tests {
                 model_fingerprint: String::new(),
                 decode_mode: None,
                 batch_invariant: None,
+                system_fingerprint: None,
                 features: moe_common::registry::Features::all(),
                 offload: OffloadInfo::default(),
                 devices: vec![],

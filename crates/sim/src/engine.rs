@@ -243,6 +243,7 @@ impl Engine<'_> {
             model_fingerprint: String::new(),
             decode_mode: None,
             batch_invariant: None,
+            system_fingerprint: None,
             features: moe_common::registry::Features::all(),
             offload: OffloadInfo {
                 mode: profile.name().into(),

@@ -42,6 +42,9 @@ pub fn build(
         decode_mode: Some(model.decode_mode.as_str().to_string()),
         // From what the worker runs (KV layout, decode mode, devices): see `engine::load`.
         batch_invariant: Some(model.batch_invariant),
+        // What the final messages say (`engine::load`); gateways use it for a final message they
+        // write themselves.
+        system_fingerprint: Some(model.system_fingerprint.clone()).filter(|f| !f.is_empty()),
         // Everything this version serves; gateways keep requests that need a feature off older
         // workers, whose adverts lack it.
         features: Features::all(),

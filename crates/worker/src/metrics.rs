@@ -464,6 +464,7 @@ mod tests {
             model_fingerprint: String::new(),
             decode_mode: None,
             batch_invariant: None,
+            system_fingerprint: None,
             features: moe_common::registry::Features::all(),
             offload: Default::default(),
             devices: vec![moe_common::registry::DeviceInfo {

@@ -190,6 +190,13 @@ pub struct WorkerAdvert {
     /// Absent (`None`) from workers older than the field: unknown, never treated as invariant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_invariant: Option<bool>,
+    /// The `system_fingerprint` the worker puts on its final messages (`fp_` and 16 hex digits:
+    /// a hash of the model fingerprint, decode mode, invariance, placement, devices and
+    /// version). Gateways use it for the final message they write themselves when the worker
+    /// produced every token but ended the stream without one. Absent (`None`) from workers
+    /// older than the field: unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
     /// What the worker can do beyond plain generation ([`Features`]); absent from older workers,
     /// which have none of them. Gateways place a request only on workers with every feature it
     /// needs.
@@ -294,6 +301,7 @@ pub(crate) mod tests {
             },
             decode_mode: Some("sequential".into()),
             batch_invariant: Some(true),
+            system_fingerprint: Some("fp_0123456789abcdef".into()),
             features: Features::all(),
             devices: vec![],
             memory: MemoryInfo::default(),
@@ -360,6 +368,24 @@ pub(crate) mod tests {
         unknown.batch_invariant = None;
         let json = String::from_utf8(unknown.to_json().unwrap()).unwrap();
         assert!(!json.contains("batch_invariant"), "{json}");
+    }
+
+    #[test]
+    fn system_fingerprint_round_trips_and_is_optional() {
+        let a = sample("w1");
+        let json = a.to_json().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["system_fingerprint"], "fp_0123456789abcdef");
+        assert_eq!(WorkerAdvert::from_json("/p/workers/w1", &json), Ok(a));
+        // A worker older than the field: the advert still parses, the fingerprint is unknown.
+        let mut old = serde_json::to_value(sample("w1")).unwrap();
+        old.as_object_mut().unwrap().remove("system_fingerprint");
+        let parsed = WorkerAdvert::from_json("/p/workers/w1", old.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.system_fingerprint, None);
+        let mut unknown = sample("w1");
+        unknown.system_fingerprint = None;
+        let json = String::from_utf8(unknown.to_json().unwrap()).unwrap();
+        assert!(!json.contains("system_fingerprint"), "{json}");
     }
 
     #[test]

@@ -138,6 +138,10 @@ impl Drive {
         // Whether every worker that produced some of the client's tokens before the current
         // attempt advertised `batch_invariant: true`; the final message says so only then.
         let mut invariant_so_far = true;
+        // The advertised `system_fingerprint` of the worker that produced the client's latest
+        // tokens (empty: none yet, or a worker older than the field); a final message the
+        // gateway writes itself carries it.
+        let mut producer_fingerprint = String::new();
         for attempt in 0..self.max_attempts {
             let r = match ranking.take() {
                 Some(r) => Ok(r),
@@ -206,12 +210,23 @@ impl Drive {
             model.clone_from(&candidate.worker.model.name);
             let produced_before = generated.len();
             let outcome = self
-                .attempt(&candidate, &mut generated, migrations, invariant_so_far)
+                .attempt(
+                    &candidate,
+                    &mut generated,
+                    migrations,
+                    invariant_so_far,
+                    &producer_fingerprint,
+                )
                 .instrument(span.clone())
                 .await;
             drop(outer);
             if generated.len() > produced_before {
                 invariant_so_far &= candidate.worker.batch_invariant == Some(true);
+                producer_fingerprint = candidate
+                    .worker
+                    .system_fingerprint
+                    .clone()
+                    .unwrap_or_default();
             }
             if !generated.is_empty() {
                 // The client has this model's tokens: only the same model may continue them.
@@ -331,13 +346,15 @@ impl Drive {
 
     /// One attempt on `c`, continuing after the `generated` tokens. `invariant_so_far`: every
     /// worker that produced those tokens was batch-invariant (the final message's
-    /// `batch_invariant` is true only then).
+    /// `batch_invariant` is true only then). `producer_fingerprint`: the advertised
+    /// `system_fingerprint` of the worker that produced the last of them (empty when unknown).
     async fn attempt(
         &self,
         c: &Candidate,
         generated: &mut Vec<u32>,
         migrations: u32,
         invariant_so_far: bool,
+        producer_fingerprint: &str,
     ) -> Outcome {
         let before = generated.len() as u32;
         if before >= self.req.max_tokens {
@@ -353,6 +370,8 @@ impl Drive {
                 migrations,
                 // The workers that produced the tokens: all of them batch-invariant or not.
                 batch_invariant: invariant_so_far,
+                // What that worker's own final message would have said, from its advert.
+                system_fingerprint: producer_fingerprint.to_string(),
                 ..Default::default()
             };
             return match self.send(final_msg).await {

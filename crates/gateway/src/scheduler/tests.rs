@@ -28,6 +28,7 @@ fn worker(id: &str, profile: &str, free_kv: u32) -> WorkerAdvert {
         model_fingerprint: String::new(),
         decode_mode: None,
         batch_invariant: None,
+        system_fingerprint: None,
         features: Features::all(),
         offload: OffloadInfo {
             mode: profile.split(':').next().unwrap().into(),

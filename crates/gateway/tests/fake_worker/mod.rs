@@ -169,6 +169,9 @@ pub struct FakeWorker {
     pub seen: Arc<Seen>,
     /// The advert's `batch_invariant` (None: an advert without the field).
     pub batch_invariant: Option<bool>,
+    /// The advert's `system_fingerprint` (None: an advert without the field); set it before
+    /// building adverts. The fake's final messages carry none.
+    pub system_fingerprint: Option<String>,
     stop: CancellationToken,
 }
 
@@ -212,6 +215,7 @@ impl FakeWorker {
             cue,
             seen,
             batch_invariant,
+            system_fingerprint: None,
             stop,
         }
     }
@@ -237,6 +241,7 @@ impl FakeWorker {
             model_fingerprint: String::new(),
             decode_mode: None,
             batch_invariant: self.batch_invariant,
+            system_fingerprint: self.system_fingerprint.clone(),
             features: moe_common::registry::Features::all(),
             offload: OffloadInfo {
                 mode: profile.into(),

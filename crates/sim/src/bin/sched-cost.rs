@@ -46,6 +46,7 @@ fn advert(i: usize, full: bool, free_kv: u32, rng: &mut StdRng) -> WorkerAdvert 
         model_fingerprint: String::new(),
         decode_mode: None,
         batch_invariant: None,
+        system_fingerprint: None,
         features: moe_common::registry::Features::all(),
         offload: OffloadInfo {
             mode: if full { "full" } else { "cpu-moe" }.into(),
