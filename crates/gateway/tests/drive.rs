@@ -4,7 +4,8 @@
 //! exhaustion, deadline, client drop, a silent worker (idle timeout), a client that stops
 //! reading, drain migrations on their own budget, outlier ejection; requests with
 //! `batch_invariant` placed, migrated and refused by the workers' advertised invariance; the
-//! final message the gateway writes when a worker dies after the last token.
+//! final message the gateway writes when a worker dies after the last token (with or without
+//! another worker left).
 
 mod fake_worker;
 
@@ -274,6 +275,32 @@ async fn drive_writes_the_final_message_with_the_dead_producers_advertised_finge
     let last = final_message(&collect(&svc, request(4)).await).clone();
     assert_eq!(last.system_fingerprint, "");
     assert_eq!(b.calls(), 0);
+}
+
+#[tokio::test]
+async fn drive_writes_the_final_message_when_the_dead_producer_was_the_only_worker() {
+    // No other worker to pick: the client has every token, so the stream still ends well.
+    let mut a = FakeWorker::start_with(
+        "a",
+        Script::FailAfter {
+            tokens: 4,
+            code: Code::Unavailable,
+        },
+        Some(true),
+    )
+    .await;
+    a.system_fingerprint = Some("fp_00000000000000aa".into());
+    let (svc, _, _snap) = gateway(&[(&a, "full")], Duration::from_secs(10));
+    let msgs = collect(&svc, request(4)).await;
+    assert!(msgs.iter().all(|m| m.is_ok()), "no error: {msgs:?}");
+    assert_eq!(token_ids(&msgs), vec![0, 1, 2, 3]);
+    let last = final_message(&msgs);
+    assert_eq!(last.finish_reason, FinishReason::Length as i32);
+    assert_eq!(last.usage.unwrap().completion_tokens, 4);
+    assert_eq!(last.migrations, 0, "nothing moved to another worker");
+    assert!(last.batch_invariant);
+    assert_eq!(last.system_fingerprint, "fp_00000000000000aa");
+    assert_eq!(a.calls(), 1, "the dead worker is not called again");
 }
 
 #[tokio::test]

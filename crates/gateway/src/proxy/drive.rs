@@ -210,13 +210,7 @@ impl Drive {
             model.clone_from(&candidate.worker.model.name);
             let produced_before = generated.len();
             let outcome = self
-                .attempt(
-                    &candidate,
-                    &mut generated,
-                    migrations,
-                    invariant_so_far,
-                    &producer_fingerprint,
-                )
+                .attempt(&candidate, &mut generated, migrations, invariant_so_far)
                 .instrument(span.clone())
                 .await;
             drop(outer);
@@ -239,13 +233,7 @@ impl Drive {
                     return Ok(Code::Ok);
                 }
                 Outcome::ClientGone => return Ok(Code::Cancelled),
-                Outcome::ClientStalled => {
-                    tracing::warn!(idle = ?self.idle_timeout, "client stopped reading; ending the stream");
-                    return Err(Status::deadline_exceeded(format!(
-                        "the client read nothing for {:?} (stream idle timeout)",
-                        self.idle_timeout
-                    )));
-                }
+                Outcome::ClientStalled => return Err(self.client_stalled()),
                 Outcome::Drained => {
                     drained = true;
                     last = Some(Status::unavailable(
@@ -275,6 +263,18 @@ impl Drive {
             if Instant::now() >= self.deadline {
                 return Err(deadline_passed());
             }
+            if generated.len() as u32 >= self.req.max_tokens {
+                // The client has every token it asked for: end the stream here, whether or
+                // not another worker is left, without calling one.
+                return self
+                    .write_final(
+                        generated.len() as u32,
+                        migrations,
+                        invariant_so_far,
+                        &producer_fingerprint,
+                    )
+                    .await;
+            }
         }
         let status = match last {
             // No worker with a larger context was left to try: the refusal is the answer.
@@ -296,6 +296,48 @@ impl Drive {
             None => Status::unavailable("no worker could take the request"),
         };
         Err(status)
+    }
+
+    /// The final message for a stream whose worker produced every one of the `tokens` the
+    /// request asked for but died before its own final message: LENGTH, as that worker's would
+    /// have said, its `system_fingerprint` from the worker's advert (`producer_fingerprint`).
+    async fn write_final(
+        &self,
+        tokens: u32,
+        migrations: u32,
+        invariant_so_far: bool,
+        producer_fingerprint: &str,
+    ) -> End {
+        let final_msg = GenerateResponse {
+            finish_reason: FinishReason::Length as i32,
+            usage: Some(Usage {
+                prompt_tokens: 0,
+                completion_tokens: tokens,
+                cached_prompt_tokens: 0,
+            }),
+            request_id: self.req.request_id.clone(),
+            migrations,
+            // The workers that produced the tokens: all of them batch-invariant or not.
+            batch_invariant: invariant_so_far,
+            // What that worker's own final message would have said, from its advert.
+            system_fingerprint: producer_fingerprint.to_string(),
+            ..Default::default()
+        };
+        match self.send(final_msg).await {
+            Ok(()) => Ok(Code::Ok),
+            Err(Outcome::ClientGone) => Ok(Code::Cancelled),
+            Err(Outcome::ClientStalled) => Err(self.client_stalled()),
+            Err(Outcome::Failed { status, .. }) => Err(status),
+            Err(Outcome::Done | Outcome::Drained) => unreachable!("send ends no other way"),
+        }
+    }
+
+    fn client_stalled(&self) -> Status {
+        tracing::warn!(idle = ?self.idle_timeout, "client stopped reading; ending the stream");
+        Status::deadline_exceeded(format!(
+            "the client read nothing for {:?} (stream idle timeout)",
+            self.idle_timeout
+        ))
     }
 
     /// Sends `m` to the client, waiting at most the idle timeout (and never past the deadline)
@@ -346,39 +388,15 @@ impl Drive {
 
     /// One attempt on `c`, continuing after the `generated` tokens. `invariant_so_far`: every
     /// worker that produced those tokens was batch-invariant (the final message's
-    /// `batch_invariant` is true only then). `producer_fingerprint`: the advertised
-    /// `system_fingerprint` of the worker that produced the last of them (empty when unknown).
+    /// `batch_invariant` is true only then).
     async fn attempt(
         &self,
         c: &Candidate,
         generated: &mut Vec<u32>,
         migrations: u32,
         invariant_so_far: bool,
-        producer_fingerprint: &str,
     ) -> Outcome {
         let before = generated.len() as u32;
-        if before >= self.req.max_tokens {
-            // The previous worker produced every token but died before its final message.
-            let final_msg = GenerateResponse {
-                finish_reason: FinishReason::Length as i32,
-                usage: Some(Usage {
-                    prompt_tokens: 0,
-                    completion_tokens: before,
-                    cached_prompt_tokens: 0,
-                }),
-                request_id: self.req.request_id.clone(),
-                migrations,
-                // The workers that produced the tokens: all of them batch-invariant or not.
-                batch_invariant: invariant_so_far,
-                // What that worker's own final message would have said, from its advert.
-                system_fingerprint: producer_fingerprint.to_string(),
-                ..Default::default()
-            };
-            return match self.send(final_msg).await {
-                Ok(()) => Outcome::Done,
-                Err(o) => o,
-            };
-        }
         let _reservation = self
             .router
             .reserve(&c.worker.id, self.demand(generated.len()).kv_tokens());
