@@ -237,12 +237,11 @@ async fn drive_reports_batch_invariance_only_when_every_producing_worker_had_it(
     assert!(final_message(&collect(&svc, request(3)).await).batch_invariant);
 }
 
-#[tokio::test]
-async fn drive_writes_the_final_message_with_the_dead_producers_advertised_fingerprint() {
-    // `a` produces every token, then fails instead of sending its final message: the gateway
-    // writes it, without calling `b`, from what `a` advertised.
-    let mut a = FakeWorker::start_with(
-        "a",
+/// A batch-invariant worker advertising `fingerprint` that sends 4 tokens and then fails
+/// (UNAVAILABLE) instead of sending its final message.
+async fn dies_after_four_tokens(id: &str, fingerprint: Option<&str>) -> FakeWorker {
+    let mut w = FakeWorker::start_with(
+        id,
         Script::FailAfter {
             tokens: 4,
             code: Code::Unavailable,
@@ -250,7 +249,15 @@ async fn drive_writes_the_final_message_with_the_dead_producers_advertised_finge
         Some(true),
     )
     .await;
-    a.system_fingerprint = Some("fp_00000000000000aa".into());
+    w.system_fingerprint = fingerprint.map(str::to_string);
+    w
+}
+
+#[tokio::test]
+async fn drive_writes_the_final_message_with_the_dead_producers_advertised_fingerprint() {
+    // `a` produces every token, then fails instead of sending its final message: the gateway
+    // writes it, without calling `b`, from what `a` advertised.
+    let a = dies_after_four_tokens("a", Some("fp_00000000000000aa")).await;
     let mut b = FakeWorker::start_with("b", FAST, Some(true)).await;
     b.system_fingerprint = Some("fp_00000000000000bb".into());
     let (svc, _, _snap) = gateway(&[(&a, "full"), (&b, "cpu-moe")], Duration::from_secs(10));
@@ -262,15 +269,7 @@ async fn drive_writes_the_final_message_with_the_dead_producers_advertised_finge
     assert_eq!(last.system_fingerprint, "fp_00000000000000aa");
     assert_eq!((a.calls(), b.calls()), (1, 0));
     // A worker older than the field: the fingerprint stays unknown (empty), never b's.
-    let old = FakeWorker::start_with(
-        "old",
-        Script::FailAfter {
-            tokens: 4,
-            code: Code::Unavailable,
-        },
-        Some(true),
-    )
-    .await;
+    let old = dies_after_four_tokens("old", None).await;
     let (svc, _, _snap) = gateway(&[(&old, "full"), (&b, "cpu-moe")], Duration::from_secs(10));
     let last = final_message(&collect(&svc, request(4)).await).clone();
     assert_eq!(last.system_fingerprint, "");
@@ -280,16 +279,7 @@ async fn drive_writes_the_final_message_with_the_dead_producers_advertised_finge
 #[tokio::test]
 async fn drive_writes_the_final_message_when_the_dead_producer_was_the_only_worker() {
     // No other worker to pick: the client has every token, so the stream still ends well.
-    let mut a = FakeWorker::start_with(
-        "a",
-        Script::FailAfter {
-            tokens: 4,
-            code: Code::Unavailable,
-        },
-        Some(true),
-    )
-    .await;
-    a.system_fingerprint = Some("fp_00000000000000aa".into());
+    let a = dies_after_four_tokens("a", Some("fp_00000000000000aa")).await;
     let (svc, _, _snap) = gateway(&[(&a, "full")], Duration::from_secs(10));
     let msgs = collect(&svc, request(4)).await;
     assert!(msgs.iter().all(|m| m.is_ok()), "no error: {msgs:?}");
