@@ -328,7 +328,10 @@ impl Drive {
             Err(Outcome::ClientGone) => Ok(Code::Cancelled),
             Err(Outcome::ClientStalled) => Err(self.client_stalled()),
             Err(Outcome::Failed { status, .. }) => Err(status),
-            Err(Outcome::Done | Outcome::Drained) => unreachable!("send ends no other way"),
+            // `send` ends in none of these; a clear status all the same, never a panic.
+            Err(Outcome::Done | Outcome::Drained) => Err(Status::internal(
+                "writing the final message ended in an unexpected way",
+            )),
         }
     }
 
