@@ -12,7 +12,7 @@
 # bench/gpu/build-llama-shared.sh: the CUDA kernels are compiled on the device's 16 cores).
 #   bench/gpu/invariance.sh CARRY_DIR OUT_DIR
 # env: LAYERS (24), MAX_TOKENS (128), PARALLEL (16), CTX (32768),
-#      MODES ("full full:kv-unified cpu-moe"), WORK (/root/moe-inv), WORKER_BIN, LLAMA_LIB_DIR
+#      MODES ("full full:kv-unified cpu-moe"; PROFILE[:FLAG][+nofusion], see the loop), WORK (/root/moe-inv), WORKER_BIN, LLAMA_LIB_DIR
 set -uo pipefail
 CARRY=$(cd "${1:?carry dir}" && pwd)
 OUTD=${2:?out dir}
@@ -79,11 +79,15 @@ gen() { # PORT PROMPT OUTFILE
 } >"$REPORT"
 
 for mode in $MODES; do
-  profile=${mode%%:*}; extra=()
-  [ "$mode" != "${mode#*:}" ] && extra=(--"${mode#*:}")
+  # MODE is PROFILE[:FLAG][+nofusion]: FLAG becomes --FLAG (e.g. full:decode-mode=sequential);
+  # +nofusion runs the worker with GGML_CUDA_DISABLE_FUSION=1 (llama.cpp's kernel fusions off).
+  envs=(); m=$mode
+  if [[ $m == *+nofusion ]]; then envs=(GGML_CUDA_DISABLE_FUSION=1); m=${m%+nofusion}; fi
+  profile=${m%%:*}; extra=()
+  [ "$m" != "${m#*:}" ] && extra=(--"${m#*:}")
   WP=$(free_port)
   log "mode $mode: starting the worker"
-  "$WORKER" --model "$MODEL" --offload "$profile" --parallel "$PARALLEL" --ctx-size "$CTX" \
+  env "${envs[@]}" "$WORKER" --model "$MODEL" --offload "$profile" --parallel "$PARALLEL" --ctx-size "$CTX" \
     --listen "127.0.0.1:$WP" --etcd "http://127.0.0.1:$EP" --id "inv-$profile" "${extra[@]}" >"$OUTD/worker-${mode//:/-}.log" 2>&1 &
   WPID=$!
   ok=0

@@ -6,7 +6,7 @@
 #   moectl and moe-bench (release), etcd and etcdctl — each stripped and xz-compressed; the git
 #   commit they were built from (git-commit);
 # - ours-llama.cpp-src.tar.xz: llama-cpp-sys-2's llama.cpp/ without models, docs, examples, tests,
-#   tools;
+#   tools, with the project's patches applied (patches/llama.cpp; llama-patches lists them);
 # - upstream-llama.cpp-src.tar.xz: llama-server's source (the llama-cpp-python sdist's vendored
 #   llama.cpp, bench/build-llama-server.sh --pack);
 # - the gguf wheel, the synthetic-model generator (scripts/make_gptoss_like.py) and, when given,
@@ -36,9 +36,19 @@ for b in moe-worker moe-gateway moectl moe-bench; do xz_into "$T/$b" "$b"; done
 echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- crates || echo ' (crates/ had uncommitted changes)')" >"$CARRY/git-commit"
 VER=$(awk '/^name = "llama-cpp-sys-2"/ {getline; gsub(/[^0-9.]/, "", $0); print; exit}' Cargo.lock)
 SYS=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/llama-cpp-sys-2-"$VER" | head -1)
-[ -f "$CARRY/ours-llama.cpp-src.tar.xz" ] || tar -C "$SYS" --exclude=llama.cpp/models --exclude=llama.cpp/docs \
-  --exclude=llama.cpp/examples --exclude=llama.cpp/tests --exclude=llama.cpp/tools --exclude=llama.cpp/gguf-py \
-  --exclude=llama.cpp/pocs --exclude='llama.cpp/*.py' -cf - llama.cpp | xz -T2 -6 >"$CARRY/ours-llama.cpp-src.tar.xz"
+# ours-llama.cpp-src.tar.xz carries the project's llama.cpp patches (patches/llama.cpp, applied by
+# scripts/patch-llama.sh); llama-patches names them and is how a changed patch set is noticed.
+PATCHES="$(cd patches/llama.cpp && sha256sum -- *.patch)"
+if [ ! -f "$CARRY/ours-llama.cpp-src.tar.xz" ] || [ "$(cat "$CARRY/llama-patches" 2>/dev/null)" != "$PATCHES" ]; then
+  SRC_TMP=$(mktemp -d)
+  tar -C "$SYS" --exclude=llama.cpp/models --exclude=llama.cpp/docs \
+    --exclude=llama.cpp/examples --exclude=llama.cpp/tests --exclude=llama.cpp/tools --exclude=llama.cpp/gguf-py \
+    --exclude=llama.cpp/pocs --exclude='llama.cpp/*.py' -cf - llama.cpp | tar -C "$SRC_TMP" -xf -
+  scripts/patch-llama.sh "$SRC_TMP/llama.cpp"
+  tar -C "$SRC_TMP" -cf - llama.cpp | nice -n 10 xz -T2 -6 >"$CARRY/ours-llama.cpp-src.tar.xz"
+  rm -rf "$SRC_TMP"
+  echo "$PATCHES" >"$CARRY/llama-patches"
+fi
 [ -f "$CARRY/upstream-llama.cpp-src.tar.xz" ] || bash bench/build-llama-server.sh --pack "$PWD/$CARRY/upstream-llama.cpp-src.tar.xz" >/dev/null
 [ -f "$CARRY"/gguf-0.19.0-py3-none-any.whl ] || python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY" gguf==0.19.0
 cp scripts/make_gptoss_like.py "$CARRY/"

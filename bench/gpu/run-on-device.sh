@@ -42,7 +42,8 @@
 # env: WORK (/root/moe-gpu), BUDGET_S (deadline from start, 1500), RPL (requests per level, 16),
 #      STAGES ("vram interactive64 threads prefix two-gpu gateway cpu-moe full n-cpu-moe"),
 #      OURS_FLAGS (extra worker flags for every run), BATCHED_FLAG (the worker flag for batched
-#      decode, "--decode-mode batched"; empty: skip the batched rows), INV_MODES (invariance.sh
+#      decode, "--decode-mode batched"; empty: skip the batched rows), SEQ_FLAG (the flag for the
+#      full stage's ours-seq rows, "--decode-mode sequential"; empty: skip them), INV_MODES (invariance.sh
 #      MODES, "full cpu-moe"), LAYERS (24), VRAM_UBS, VRAM_RPL (8), BEST_UB, I64_BG (60),
 #      I64_RPL (16), THREAD_COUNTS, THREADS_RPL (8), PREFIX_WORKER_ARGS ("--offload full --batch-size 128": sequential
 #      decode reuses whole --batch-size chunks only, and the workload's prompts are < 512 tokens),
@@ -142,6 +143,7 @@ PROMPT_TOKENS=${PROMPT_TOKENS:-512}
 STAGES=${STAGES:-vram interactive64 threads prefix two-gpu gateway cpu-moe full n-cpu-moe}
 OURS_FLAGS=${OURS_FLAGS:-}
 BATCHED_FLAG=${BATCHED_FLAG---decode-mode batched}
+SEQ_FLAG=${SEQ_FLAG---decode-mode sequential}
 LAYERS=${LAYERS:-24}
 NPROC=$(nproc)
 HALF=$(( NPROC / 2 ))
@@ -208,6 +210,7 @@ LIBS=${PREBUILT_LIBS:-$WORK/ll/build/bin}
 mkdir -p "$WORK/cpu-avx2" && cp -a "${PREBUILT_AVX2:-$WORK/ll/build-avx2/bin}"/libggml-cpu.so* "$WORK/cpu-avx2/" \
   || stage "no AVX2 CPU backend: ours-avx2 rows will measure the native one"
 export LD_LIBRARY_PATH=$LIBS${CUDA_LIB:+:$CUDA_LIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+stage "llama.cpp patches in ours: $(awk '{print $2}' llama-patches 2>/dev/null | paste -sd' ' || echo none)"
 stage "ours built: $(ldd ./moe-worker | grep -E 'libllama|libggml' | awk '{print $3}' | paste -sd' ')"
 
 VRAM_PID=
@@ -540,6 +543,10 @@ stage_full() {
     run_server ours full 49152 64 1,4,16,64 128
     run_server upstream full 49152 64 1,4,16,64 128
   fi
+  if [ -n "$SEQ_FLAG" ] && has_time 200 full-sequential; then
+    stage "full, ours with one llama.cpp call per sequence (the decode mode before grouped), for the A/B"
+    run_server ours-seq full 49152 64 1,16,64 128 $SEQ_FLAG
+  fi
   if [ -n "$BATCHED_FLAG" ] && has_time 120 full-batched; then
     stage "full, ours with batched decode (not batch-invariant on the GPU), for the invariance trade-off"
     run_server ours-batched full 49152 64 16,64 128 $BATCHED_FLAG
@@ -641,7 +648,7 @@ done
   fi
   for pair in "cpu-moe-16384 ours upstream" "cpu-moe-16384 ours-avx2 ours" "cpu-moe-16384 ours-t$(( NPROC / 4 )) ours" \
               "cpu-moe-16384 ours-t$HALF ours" "full-49152 ours upstream" "full-49152 ours-batched upstream" \
-              "full-49152 ours ours-batched" "n-cpu-moe-12-49152 ours upstream"; do
+              "full-49152 ours ours-batched" "full-49152 ours ours-seq" "n-cpu-moe-12-49152 ours upstream"; do
     set -- $pair
     [ -f "$R/$1-$2.json" ] && [ -f "$R/$1-$3.json" ] || continue
     echo "### $1: $2 vs $3"
