@@ -93,11 +93,16 @@ pub struct WorkerConfig {
     /// Same as --decode-mode sequential (kept for existing deployments).
     #[arg(long, env = "MOE_SEQUENTIAL_DECODE")]
     pub sequential_decode: bool,
-    /// auto: sequential on a worker with an accelerator (even at --gpu-layers 0), batched on the CPU.
+    /// auto: on a worker with an accelerator (even at --gpu-layers 0) grouped when llama.cpp has
+    /// moe-cluster's batch-invariance patch, else sequential; batched on the CPU.
     /// sequential: one llama.cpp call per sequence and prompts prefilled in --batch-size chunks
     /// at fixed boundaries, so greedy output is exactly a solo run's, prefix cache or not.
     /// batched: one call per step for all sequences (faster on a GPU, not batch-invariant
-    /// there). See docs/benchmarks/batch-invariance.md.
+    /// there).
+    /// grouped: prompts prefilled as in sequential, every decoding sequence's token in one call
+    /// per step with kernels that compute each row as alone: batch-invariant; on a GPU it needs
+    /// the patched llama.cpp (patches/llama.cpp) and refuses to start without it.
+    /// See docs/benchmarks/batch-invariance.md.
     #[arg(long, env = "MOE_DECODE_MODE", value_enum, default_value_t = DecodeMode::Auto)]
     pub decode_mode: DecodeMode,
     /// Requests waiting for KV headroom at most; more get RESOURCE_EXHAUSTED at once.
@@ -145,8 +150,13 @@ impl WorkerConfig {
                 "--cache-sequences needs per-sequence KV streams (not --kv-unified)".into(),
             );
         }
-        if self.sequential_decode && self.decode_mode == DecodeMode::Batched {
-            return Err("--sequential-decode contradicts --decode-mode batched".into());
+        if self.sequential_decode
+            && matches!(self.decode_mode, DecodeMode::Batched | DecodeMode::Grouped)
+        {
+            return Err(format!(
+                "--sequential-decode contradicts --decode-mode {}",
+                self.decode_mode.as_str()
+            ));
         }
         if self.ctx_size < 64 {
             return Err("--ctx-size must be at least 64".into());
@@ -250,5 +260,32 @@ mod tests {
         let all = ["moe-worker", "--model", "m.gguf", "--cache-type-k", "q3_k"];
         let e = WorkerConfig::try_parse_from(all).unwrap_err().to_string();
         assert!(e.contains("q3_k") && e.contains("q8_0"), "{e}");
+    }
+
+    #[test]
+    fn decode_modes_parse_and_the_old_flag_means_sequential_only() {
+        for (arg, mode) in [
+            ("auto", DecodeMode::Auto),
+            ("sequential", DecodeMode::Sequential),
+            ("batched", DecodeMode::Batched),
+            ("grouped", DecodeMode::Grouped),
+        ] {
+            let c = parse(&["--decode-mode", arg]);
+            assert_eq!((c.decode_mode(), mode.as_str()), (mode, arg));
+            assert_eq!(c.validate(), Ok(()));
+        }
+        assert_eq!(
+            parse(&["--sequential-decode"]).decode_mode(),
+            DecodeMode::Sequential
+        );
+        for arg in ["batched", "grouped"] {
+            let e = parse(&["--sequential-decode", "--decode-mode", arg]).validate();
+            assert_eq!(
+                e,
+                Err(format!(
+                    "--sequential-decode contradicts --decode-mode {arg}"
+                ))
+            );
+        }
     }
 }

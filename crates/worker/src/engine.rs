@@ -55,7 +55,8 @@ pub struct EngineConfig {
     pub cache_type_k: moe_common::plan::KvCacheType,
     pub cache_type_v: moe_common::plan::KvCacheType,
     /// Whether each sequence is decoded in its own llama.cpp call (batch-invariant on GPU
-    /// backends, whose kernels depend on the batch shape) or all in one batch per step.
+    /// backends, whose kernels depend on the batch shape), all in one batch per step, or
+    /// prompts one per call and decodes all together with row-invariant kernels (`grouped`).
     pub decode_mode: DecodeMode,
     pub max_queue: usize,
     pub queue_timeout: Duration,
@@ -64,7 +65,8 @@ pub struct EngineConfig {
 /// How decode steps call llama.cpp (`--decode-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecodeMode {
-    /// Sequential on a worker with an accelerator (even at `--gpu-layers 0`), batched on the CPU.
+    /// On a worker with an accelerator (even at `--gpu-layers 0`): grouped when the backend has
+    /// moe-cluster's batch-invariance patch, else sequential; batched on the CPU.
     #[default]
     Auto,
     /// One llama.cpp call per sequence, prompts prefilled in chunks at fixed boundaries: greedy
@@ -72,6 +74,11 @@ pub enum DecodeMode {
     Sequential,
     /// One llama.cpp call per step for all sequences: faster; batch-invariant on the CPU only.
     Batched,
+    /// Prompt chunks prefilled one sequence per call at fixed boundaries, as `Sequential`, and
+    /// every decoding sequence's next token in one call per step, as `Batched`: batch-invariant
+    /// where the kernels compute each row of such a call as they would alone (the CPU, and CUDA
+    /// with moe-cluster's llama.cpp patch, switched on at start-up).
+    Grouped,
 }
 
 impl DecodeMode {
@@ -80,6 +87,7 @@ impl DecodeMode {
             DecodeMode::Auto => "auto",
             DecodeMode::Sequential => "sequential",
             DecodeMode::Batched => "batched",
+            DecodeMode::Grouped => "grouped",
         }
     }
 }
@@ -106,10 +114,10 @@ pub struct LoadedModel {
     pub sliding_window: u32,
     pub max_sequences: u32,
     pub has_accelerator: bool,
-    /// The decode mode in force: `Sequential` or `Batched` (`Auto` resolved at load).
+    /// The decode mode in force: `Sequential`, `Grouped` or `Batched` (`Auto` resolved at load).
     pub decode_mode: DecodeMode,
     /// Whether greedy or seeded output does not depend on what else runs (per-sequence KV
-    /// streams, and sequential decode or no accelerator): the advert's
+    /// streams, and sequential or grouped decode or no accelerator): the advert's
     /// `batch_invariant`, and what requests with `batch_invariant` set need.
     pub batch_invariant: bool,
     /// The final message's `system_fingerprint`: a hash of what determines the output (model
@@ -258,6 +266,10 @@ pub struct EngineStats {
     pub cancelled_total: u64,
     pub completed_total: u64,
     pub generated_tokens_total: u64,
+    /// llama.cpp decode calls made by steps (not the warm-up): per step one with `batched`,
+    /// one per sequence with `sequential`, one per prompt chunk plus one for all decodes with
+    /// `grouped`.
+    pub llama_calls_total: u64,
     /// The devices with live free memory and this process's bytes per GPU, refreshed by the
     /// engine thread every few seconds.
     pub devices: Vec<DeviceInfo>,

@@ -82,6 +82,7 @@ pub struct WorkerMetrics {
     prompt_tokens: Counter,
     generated_tokens: Family<ClassLabels, Counter>,
     abandoned: Counter,
+    llama_calls: Counter,
     queue_depth: Gauge,
     active: Gauge,
     max_sequences: Gauge,
@@ -110,6 +111,7 @@ impl WorkerMetrics {
             prompt_tokens: Counter::default(),
             generated_tokens: Family::default(),
             abandoned: Counter::default(),
+            llama_calls: Counter::default(),
             queue_depth: Gauge::default(),
             active: Gauge::default(),
             max_sequences: Gauge::default(),
@@ -177,6 +179,12 @@ impl WorkerMetrics {
             "moe_worker_abandoned_sequences",
             "Sequences the engine stopped because their client went away",
             m.abandoned.clone(),
+        );
+        r.register(
+            "moe_worker_llama_decode_calls",
+            "llama.cpp decode calls of engine steps (batched: one per step; sequential: one per \
+             sequence; grouped: one per prompt chunk plus one for all of a step's decodes)",
+            m.llama_calls.clone(),
         );
         r.register(
             "moe_worker_queue_depth",
@@ -341,10 +349,13 @@ impl WorkerMetrics {
         }
     }
 
-    fn engine(&self, stats: &EngineStats, last_abandoned: &mut u64) {
+    fn engine(&self, stats: &EngineStats, last: &mut EngineCounts) {
         self.abandoned
-            .inc_by(stats.cancelled_total.saturating_sub(*last_abandoned));
-        *last_abandoned = stats.cancelled_total;
+            .inc_by(stats.cancelled_total.saturating_sub(last.abandoned));
+        last.abandoned = stats.cancelled_total;
+        self.llama_calls
+            .inc_by(stats.llama_calls_total.saturating_sub(last.llama_calls));
+        last.llama_calls = stats.llama_calls_total;
     }
 
     fn advert(&self, a: &WorkerAdvert) {
@@ -405,6 +416,13 @@ impl WorkerMetrics {
     }
 }
 
+/// The engine's running totals the counters last caught up with.
+#[derive(Default)]
+struct EngineCounts {
+    abandoned: u64,
+    llama_calls: u64,
+}
+
 fn device_kind(k: moe_common::registry::DeviceKind) -> &'static str {
     use moe_common::registry::DeviceKind::*;
     match k {
@@ -426,12 +444,12 @@ pub struct Sources {
 
 /// Keeps the gauges in step with their sources until `stop` is cancelled.
 pub async fn follow(metrics: Arc<WorkerMetrics>, mut src: Sources, stop: CancellationToken) {
-    let mut last_abandoned = 0;
+    let mut last_engine = EngineCounts::default();
     let mut last_registrations = 0;
     let (_never_tx, never) = watch::channel(RegistrationStatus::default());
     let mut registration = src.registration.take().unwrap_or(never);
     loop {
-        metrics.engine(&src.stats.borrow_and_update(), &mut last_abandoned);
+        metrics.engine(&src.stats.borrow_and_update(), &mut last_engine);
         metrics.advert(&src.advert.borrow_and_update());
         metrics.registration(&registration.borrow_and_update(), &mut last_registrations);
         tokio::select! {
@@ -489,7 +507,7 @@ mod tests {
         advert.load.queued = 3;
         advert.load.active = 2;
         m.advert(&advert);
-        m.engine(&EngineStats::default(), &mut 0);
+        m.engine(&EngineStats::default(), &mut EngineCounts::default());
         m.registration(
             &RegistrationStatus {
                 registered: true,

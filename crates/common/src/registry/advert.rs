@@ -178,13 +178,15 @@ pub struct WorkerAdvert {
     pub model_fingerprint: String,
     pub offload: OffloadInfo,
     /// How the worker's engine decodes (`--decode-mode`, as resolved at load): `sequential` (one
-    /// llama.cpp call per sequence: greedy output does not depend on other traffic) or `batched`
-    /// (one call per step for all sequences: faster, batch-invariant on the CPU only). Never
-    /// `auto`. Absent (`None`) from workers older than the field: unknown.
+    /// llama.cpp call per sequence: greedy output does not depend on other traffic), `batched`
+    /// (one call per step for all sequences: faster, batch-invariant on the CPU only) or
+    /// `grouped` (prompts one sequence per call, decodes all together with kernels that compute
+    /// each row as alone: batch-invariant). Never `auto`. Absent (`None`) from workers older
+    /// than the field: unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_mode: Option<String>,
     /// Whether the worker's greedy or seeded output does not depend on what else it runs:
-    /// per-sequence KV streams (not `--kv-unified`) and either `sequential` decode or no
+    /// per-sequence KV streams (not `--kv-unified`) and either `sequential` or `grouped` decode or no
     /// accelerator (CPU kernels are row-independent; GPU ones pick kernels by batch shape, and
     /// llama.cpp sends large batches to a GPU even at `--gpu-layers 0`). Requests with `batch_invariant` set go only to workers where this is `Some(true)`.
     /// Absent (`None`) from workers older than the field: unknown, never treated as invariant.

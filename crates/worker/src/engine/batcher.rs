@@ -7,12 +7,12 @@
 //! prefix: it takes the idle stream whose whole cached sequence begins its prompt, else an empty
 //! stream, else the least recently used one, and has the longest useful shared prefix (a system
 //! prompt) copied there from another stream. `cache_streams` streams more than decode slots keep
-//! more conversations cached. In the aligned mode (`--decode-mode sequential`) prompts are
-//! prefilled in chunks at fixed boundaries and only cells computed by whole chunks are reused,
-//! so a warm run computes the same shapes as a cold one. Cached cells are evicted (least
-//! recently used first) only when an admission needs the room. No llama.cpp here: the engine
-//! thread executes the plans. Admission and step planning live here, the prefix cache (slot
-//! choice, reuse, copies, what is published) in `cache`.
+//! more conversations cached. In the aligned mode (`--decode-mode sequential` or `grouped`)
+//! prompts are prefilled in chunks at fixed boundaries and only cells computed by whole chunks
+//! are reused, so a warm run computes the same shapes as a cold one. Cached cells are evicted
+//! (least recently used first) only when an admission needs the room. No llama.cpp here: the
+//! engine thread executes the plans. Admission and step planning live here, the prefix cache
+//! (slot choice, reuse, copies, what is published) in `cache`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

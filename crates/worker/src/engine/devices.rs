@@ -154,6 +154,35 @@ pub(super) fn accelerator_pins_host_weights() -> bool {
         })
 }
 
+/// Switches on the CUDA backend's row-invariant kernels, for calls of up to `max_rows` rows:
+/// each row of a one-token-per-sequence decode call is then computed exactly as it would be
+/// alone (`--decode-mode grouped`). The switch is moe-cluster's llama.cpp patch
+/// (patches/llama.cpp), exported as `ggml_backend_cuda_set_batch_invariant` through the ggml
+/// backend registry; it is global to the process. Call after the backends are loaded and
+/// before the context is created: its compute buffers are sized for the kernels in force.
+/// Returns false, having changed nothing, when there is no CUDA backend or it lacks the patch.
+pub(super) fn enable_cuda_batch_invariance(max_rows: i32) -> bool {
+    // SAFETY: both names are NUL-terminated literals; the registry and the function live as
+    // long as the process. The patch declares the function `void (int)`, the type the pointer
+    // is converted to, and it only sets the backend's flag.
+    unsafe {
+        let reg = llama_cpp_sys_2::ggml_backend_reg_by_name(c"CUDA".as_ptr());
+        if reg.is_null() {
+            return false;
+        }
+        let f = llama_cpp_sys_2::ggml_backend_reg_get_proc_address(
+            reg,
+            c"ggml_backend_cuda_set_batch_invariant".as_ptr(),
+        );
+        if f.is_null() {
+            return false;
+        }
+        let set = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(i32)>(f);
+        set(max_rows);
+    }
+    true
+}
+
 fn first_gpu_index() -> usize {
     list_llama_ggml_backend_devices()
         .iter()

@@ -19,7 +19,8 @@ use moe_common::plan::{ACCELERATOR_OVERHEAD_BYTES, KvCacheType, KvLayout, Memory
 use moe_common::registry::{DeviceKind, ModelInfo};
 
 use super::devices::{
-    accelerator_pins_host_weights, account, free_by_device, planned_devices, refresh_devices,
+    accelerator_pins_host_weights, account, enable_cuda_batch_invariance, free_by_device,
+    planned_devices, refresh_devices,
 };
 use super::{DecodeMode, EngineConfig, EngineError, LoadedModel, Tokenizer};
 
@@ -82,26 +83,56 @@ fn advertised_fingerprint(file: String, config: &EngineConfig) -> String {
     }
 }
 
-/// `auto` is sequential when the backend has an accelerator: GPU kernels depend on the batch
-/// shape, CPU ones do not (docs/benchmarks/batch-invariance.md). `--gpu-layers 0` does not make
-/// a worker CPU-only: llama.cpp still offloads large batches (prompt chunks) of host-resident
-/// weights to the GPU (`op_offload`), and those kernels are chosen by the batch's shape too.
-fn resolve_decode_mode(config: &EngineConfig, has_accelerator: bool) -> DecodeMode {
-    match config.decode_mode {
+/// `auto` is grouped when the backend has an accelerator and moe-cluster's batch-invariance
+/// patch (`invariance_patch`: the CUDA backend exports its switch), sequential with an
+/// accelerator without it, batched on the CPU: GPU kernels depend on the batch shape, CPU ones
+/// do not (docs/benchmarks/batch-invariance.md). `--gpu-layers 0` does not make a worker
+/// CPU-only: llama.cpp still offloads large batches (prompt chunks) of host-resident weights to
+/// the GPU (`op_offload`), and those kernels are chosen by the batch's shape too. An explicit
+/// `grouped` on an accelerator without the patch is refused (it would not be invariant); on the
+/// CPU it needs nothing (CPU kernels compute each row alone).
+fn resolve_decode_mode(
+    config: &EngineConfig,
+    has_accelerator: bool,
+    invariance_patch: bool,
+) -> Result<DecodeMode, EngineError> {
+    Ok(match config.decode_mode {
+        DecodeMode::Auto if has_accelerator && invariance_patch => DecodeMode::Grouped,
         DecodeMode::Auto if has_accelerator => DecodeMode::Sequential,
         DecodeMode::Auto => DecodeMode::Batched,
+        DecodeMode::Grouped if has_accelerator && !invariance_patch => {
+            return Err(EngineError::Load(
+                "--decode-mode grouped: this llama.cpp build lacks moe-cluster's batch-invariance \
+                 patch (patches/llama.cpp, applied by scripts/patch-llama.sh; the CUDA backend \
+                 does not export ggml_backend_cuda_set_batch_invariant), so batched decode \
+                 would not be batch-invariant on this accelerator; use --decode-mode sequential \
+                 (batch-invariant on any backend) or run a patched build"
+                    .into(),
+            ));
+        }
         mode => mode,
-    }
+    })
+}
+
+/// The rows the CUDA backend's row-invariant kernels must cover: a grouped decode call has one
+/// per running sequence, so `--parallel` of them at most (cache-only streams never decode); at
+/// least 2. The patch also runs prompt chunks of up to this many tokens row by row and keeps
+/// them off `op_offload` (patches/llama.cpp/README.md), so it is no larger than it must be.
+fn invariant_rows(config: &EngineConfig) -> i32 {
+    config.parallel.clamp(2, i32::MAX as u32) as i32
 }
 
 /// Whether greedy or seeded output does not depend on what else the worker runs (the advert's
 /// `batch_invariant`): each sequence has its own KV stream (a unified cache interleaves
 /// concurrent sequences' cells, on any device), and either each sequence is decoded in its own
-/// llama.cpp call (`sequential`) or the backend has no accelerator (CPU kernels are
-/// row-independent; GPU kernels are chosen by batch shape, and llama.cpp sends large batches to
-/// an accelerator even with `--gpu-layers 0`). `mode` is the resolved mode.
+/// llama.cpp call (`sequential`), or decodes are grouped with kernels that compute each row as
+/// alone (`grouped`, which resolution allows on an accelerator only with the patch that
+/// provides them), or the backend has no accelerator (CPU kernels are row-independent; GPU
+/// kernels are chosen by batch shape, and llama.cpp sends large batches to an accelerator even
+/// with `--gpu-layers 0`). `mode` is the resolved mode.
 fn batch_invariant(kv_unified: bool, mode: DecodeMode, has_accelerator: bool) -> bool {
-    !kv_unified && (mode == DecodeMode::Sequential || !has_accelerator)
+    !kv_unified
+        && (matches!(mode, DecodeMode::Sequential | DecodeMode::Grouped) || !has_accelerator)
 }
 
 /// The final message's `system_fingerprint` (docs/api.md): what determines this worker's
@@ -242,7 +273,17 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
     let fingerprint = super::fingerprint::fingerprint(&config.model_path, &header, &model)
         .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
     let fingerprint = advertised_fingerprint(fingerprint, config);
-    let decode_mode = resolve_decode_mode(config, has_accelerator);
+    // The row-invariant kernels are switched on where `auto` or `grouped` may use them (both
+    // then resolve to `grouped`), before the context is created: its compute buffers are sized
+    // for the kernels in force.
+    let rows = invariant_rows(config);
+    let invariance_patch = has_accelerator
+        && matches!(config.decode_mode, DecodeMode::Auto | DecodeMode::Grouped)
+        && enable_cuda_batch_invariance(rows);
+    if invariance_patch {
+        tracing::info!(max_rows = rows, "CUDA batch-invariant kernels on");
+    }
+    let decode_mode = resolve_decode_mode(config, has_accelerator, invariance_patch)?;
     let invariant = batch_invariant(config.kv_unified, decode_mode, has_accelerator);
     let system_fingerprint = system_fingerprint(
         config,
@@ -455,30 +496,89 @@ mod tests {
     #[test]
     fn the_resolved_decode_mode_is_never_auto() {
         // What the advert's `decode_mode` carries: `auto` resolved by whether the backend has an
-        // accelerator, `--gpu-layers 0` or not (large batches are still offloaded to it).
+        // accelerator, `--gpu-layers 0` or not (large batches are still offloaded to it), and
+        // whether that accelerator has the batch-invariance patch.
+        let resolve = |c: &EngineConfig, accelerator, patch| {
+            resolve_decode_mode(c, accelerator, patch).expect("resolves")
+        };
         let mut c = config(2048, 512);
-        assert_eq!(resolve_decode_mode(&c, true), DecodeMode::Sequential);
-        assert_eq!(resolve_decode_mode(&c, false), DecodeMode::Batched);
+        assert_eq!(resolve(&c, true, false), DecodeMode::Sequential);
+        assert_eq!(resolve(&c, true, true), DecodeMode::Grouped);
+        assert_eq!(resolve(&c, false, false), DecodeMode::Batched);
         c.gpu_layers = Some(0);
-        assert_eq!(resolve_decode_mode(&c, true), DecodeMode::Sequential);
+        assert_eq!(resolve(&c, true, false), DecodeMode::Sequential);
+        assert_eq!(resolve(&c, true, true), DecodeMode::Grouped);
         for mode in [DecodeMode::Sequential, DecodeMode::Batched] {
             c.decode_mode = mode;
             for accelerator in [false, true] {
-                assert_eq!(resolve_decode_mode(&c, accelerator), mode);
+                for patch in [false, true] {
+                    assert_eq!(resolve(&c, accelerator, patch), mode);
+                }
             }
         }
     }
 
     #[test]
-    fn batch_invariant_needs_per_sequence_kv_and_sequential_decode_or_no_accelerator() {
-        use DecodeMode::{Batched, Sequential};
-        // Per-sequence KV streams: sequential decode anywhere, batched only off accelerators.
-        assert!(batch_invariant(false, Sequential, true));
-        assert!(batch_invariant(false, Sequential, false));
+    fn grouped_needs_the_patch_on_an_accelerator_only() {
+        let mut c = config(2048, 512);
+        c.decode_mode = DecodeMode::Grouped;
+        assert_eq!(
+            resolve_decode_mode(&c, true, true).expect("patched"),
+            DecodeMode::Grouped
+        );
+        // CPU kernels compute each row alone: no patch needed.
+        for patch in [false, true] {
+            assert_eq!(
+                resolve_decode_mode(&c, false, patch).expect("CPU"),
+                DecodeMode::Grouped
+            );
+        }
+        let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, false) else {
+            panic!("an unpatched accelerator must refuse grouped");
+        };
+        for what in ["batch-invariance patch", "patches/llama.cpp", "sequential"] {
+            assert!(msg.contains(what), "{what}: {msg}");
+        }
+    }
+
+    #[test]
+    fn the_invariant_kernels_cover_every_running_sequence() {
+        assert_eq!(
+            invariant_rows(&config(2048, 512)),
+            16,
+            "not the 2 cache-only"
+        );
+        let mut c = config(2048, 512);
+        (c.parallel, c.cache_sequences) = (1, 0);
+        assert_eq!(invariant_rows(&c), 2, "at least 2");
+    }
+
+    #[test]
+    fn no_cuda_backend_no_invariance_switch() {
+        // This crate's tests link the CPU backend only: the switch is absent, so `auto` stays
+        // what it was and an explicit `grouped` works only without an accelerator.
+        backend().expect("backend");
+        let cuda = llama_cpp_2::list_llama_ggml_backend_devices()
+            .iter()
+            .any(|d| d.backend == "CUDA");
+        if !cuda {
+            assert!(!enable_cuda_batch_invariance(8));
+        }
+    }
+
+    #[test]
+    fn batch_invariant_needs_per_sequence_kv_and_an_invariant_decode_or_no_accelerator() {
+        use DecodeMode::{Batched, Grouped, Sequential};
+        // Per-sequence KV streams: sequential and grouped decode anywhere (resolution refuses
+        // grouped on an unpatched accelerator), batched only off accelerators.
+        for mode in [Sequential, Grouped] {
+            assert!(batch_invariant(false, mode, true));
+            assert!(batch_invariant(false, mode, false));
+        }
         assert!(batch_invariant(false, Batched, false));
         assert!(!batch_invariant(false, Batched, true));
         // A unified KV cache: never, whatever the mode and device.
-        for mode in [Sequential, Batched] {
+        for mode in [Sequential, Batched, Grouped] {
             for accelerator in [false, true] {
                 assert!(!batch_invariant(true, mode, accelerator));
             }
@@ -489,12 +589,15 @@ mod tests {
         for gpu_layers in [None, Some(0)] {
             c.gpu_layers = gpu_layers;
             for accelerator in [false, true] {
-                let mode = resolve_decode_mode(&c, accelerator);
-                assert!(batch_invariant(c.kv_unified, mode, accelerator));
+                for patch in [false, true] {
+                    let mode = resolve_decode_mode(&c, accelerator, patch).expect("resolves");
+                    assert!(batch_invariant(c.kv_unified, mode, accelerator));
+                }
             }
         }
         c.kv_unified = true;
         assert!(!batch_invariant(c.kv_unified, Sequential, false));
+        assert!(!batch_invariant(c.kv_unified, Grouped, false));
     }
 
     #[test]
@@ -510,6 +613,7 @@ mod tests {
         assert_eq!(base, fp(&c, DecodeMode::Sequential, true), "stable");
         let mut others = vec![
             fp(&c, DecodeMode::Batched, true),
+            fp(&c, DecodeMode::Grouped, true),
             fp(&c, DecodeMode::Sequential, false),
             system_fingerprint(&c, "v1-cd", DecodeMode::Sequential, true, &plan, &[]),
         ];

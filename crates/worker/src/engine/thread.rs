@@ -2,8 +2,9 @@
 //! intake, cancellation, plan, decode, sample, stream — publishing live stats (including
 //! device memory, refreshed here so that no FFI runs on the async runtime). The loop, decode,
 //! sampling and the INTERACTIVE reserve are here; submodules hold the intake and housekeeping
-//! (`intake`), the prefix cache's KV operations and publishing (`prefix`), stats (`stats`) and
-//! sequential decode (`sequential`).
+//! (`intake`), the prefix cache's KV operations and publishing (`prefix`), stats (`stats`),
+//! sequential decode and the per-call helpers shared with the other modes (`sequential`) and
+//! grouped decode (`grouped`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod grouped;
 mod intake;
 mod prefix;
 mod sequential;
@@ -43,7 +45,10 @@ pub(super) fn engine_thread(
     let opened = load::open(&config, |model, ctx, info, tokenizer| {
         let context_tokens = info.context_tokens;
         let sliding_window = info.sliding_window;
-        let sequential_decode = info.decode_mode == DecodeMode::Sequential;
+        let decode_mode = info.decode_mode;
+        // Prompts one sequence per call at fixed boundaries (`sequential`, `grouped`).
+        let per_sequence_prefill =
+            matches!(decode_mode, DecodeMode::Sequential | DecodeMode::Grouped);
         tracing::info!(
             model = %info.info.name, profile = %info.profile, n_cpu_moe = info.plan.n_cpu_moe,
             ctx = context_tokens, parallel = config.parallel,
@@ -58,9 +63,9 @@ pub(super) fn engine_thread(
             kv_tokens: context_tokens,
             slot_kv_tokens: (!config.kv_unified).then_some(info.sequence_tokens),
             step_tokens: config.batch_size,
-            // Sequential decode is exact: prompt chunks at fixed boundaries, reuse of whole
-            // chunks only (docs/benchmarks/batch-invariance.md).
-            aligned_prefill: sequential_decode.then_some(config.batch_size),
+            // Sequential and grouped decode are exact: prompt chunks at fixed boundaries, reuse
+            // of whole chunks only (docs/benchmarks/batch-invariance.md).
+            aligned_prefill: per_sequence_prefill.then_some(config.batch_size),
             batch_prefill_tokens_under_interactive: (config.batch_size / 4).max(config.parallel),
             // One slot in 16 (4 of 64), at least one from --parallel 2, stays free of batch
             // work for interactive arrivals (review M6).
@@ -92,7 +97,7 @@ pub(super) fn engine_thread(
             last_publish: Instant::now(),
             last_refresh: Instant::now(),
             sliding_window,
-            sequential_decode,
+            decode_mode,
             rotation: 0,
             deferred: None,
             disconnected: false,
@@ -151,7 +156,8 @@ struct Engine<'m> {
     last_refresh: Instant,
     /// The model's sliding window (0: none), for prefix reuse.
     sliding_window: u32,
-    sequential_decode: bool,
+    /// The resolved decode mode: `Sequential`, `Grouped` or `Batched`.
+    decode_mode: DecodeMode,
     /// Sequential decode: where this step's round of decodes starts, advanced every step, so a
     /// step cut short for an INTERACTIVE arrival does not always postpone the same sequences.
     rotation: usize,
@@ -264,27 +270,10 @@ impl<'m> Engine<'m> {
             }
         }
         let _step = step.enter();
-        if self.sequential_decode {
-            return self.step_sequential(&plan, cmd_rx);
-        }
-        self.batch.clear();
-        let mut sample_at = Vec::new();
-        for e in &plan.entries {
-            let last = e.tokens.len() - 1;
-            for (i, &t) in e.tokens.iter().enumerate() {
-                let logits = e.sample && i == last;
-                if logits {
-                    sample_at.push((e.slot, self.batch.n_tokens()));
-                }
-                self.batch
-                    .add(
-                        LlamaToken(t as i32),
-                        (e.pos + i as u32) as i32,
-                        &[e.seq_id],
-                        logits,
-                    )
-                    .expect("plan fits the batch");
-            }
+        match self.decode_mode {
+            DecodeMode::Sequential => return self.step_sequential(&plan, cmd_rx),
+            DecodeMode::Grouped => return self.step_grouped(&plan, cmd_rx),
+            DecodeMode::Batched | DecodeMode::Auto => {}
         }
         let n_prefill = plan.n_tokens()
             - plan
@@ -292,19 +281,10 @@ impl<'m> Engine<'m> {
                 .iter()
                 .filter(|e| e.tokens.len() == 1 && e.sample)
                 .count();
-        let started = Instant::now();
-        if let Err(e) = self.ctx.decode(&mut self.batch) {
-            tracing::error!(error = %e, "decode failed; failing the batch");
-            for e2 in &plan.entries {
-                self.fail_slot(e2.slot, &e.to_string());
-            }
-            return true;
-        }
-        let elapsed = started.elapsed().as_secs_f64().max(1e-6);
-        self.update_speed(n_prefill, elapsed);
-        self.batcher.commit(&plan);
-        for (slot, idx) in sample_at {
-            self.sample(slot, idx);
+        // Every entry in one call; a failed call fails them all.
+        let all: Vec<usize> = (0..plan.entries.len()).collect();
+        if let Some(secs) = self.run_call(&plan, &all) {
+            self.update_speed(n_prefill, secs);
         }
         true
     }

@@ -8,6 +8,10 @@
 //! were and run in the next step, which starts with the newcomer's prefill). The order of a
 //! step's decodes rotates from step to step, so cuts do not keep postponing the same
 //! sequences. Each sequence's own computation is the same whatever the order.
+//!
+//! The calls of a step ([`calls`]), running them ([`Engine::run_calls`]) and one call
+//! ([`Engine::run_call`], also the batched step's) are shared with `grouped`, which runs
+//! prompt chunks the same way and a step's decodes together in one call.
 
 use std::time::Instant;
 
@@ -19,93 +23,185 @@ use super::super::batcher::{Entry, Plan};
 use super::Engine;
 use moe_common::LatencyClass;
 
+/// How a step runs its single-token decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Decodes {
+    /// One call each, the round starting at `rotation` (modulo their number): `sequential`.
+    Each { rotation: usize },
+    /// All in one call: `grouped`.
+    Together,
+}
+
+/// What the calls of a step ran.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Ran {
+    /// Prompt tokens in the calls that ran.
+    pub prefill_tokens: usize,
+    /// Seconds in llama.cpp of the calls with prompt tokens.
+    pub prefill_secs: f64,
+    /// Seconds in llama.cpp of the calls of decodes only.
+    pub decode_secs: f64,
+}
+
+/// Whether an entry is a decode: one sampled token of a sequence with no other entry in the
+/// step (the last token of a prompt whose earlier chunks are in the step is prefill, which
+/// keeps its place after them).
+fn is_decode(entries: &[Entry], e: &Entry) -> bool {
+    e.tokens.len() == 1 && e.sample && entries.iter().filter(|o| o.slot == e.slot).count() == 1
+}
+
+/// A step's llama.cpp calls in order, each a list of indices into `entries`: INTERACTIVE
+/// prompt chunks first, one per call in plan order (so a prompt's chunks stay in sequence),
+/// then the decodes (`how`), then the other prompt chunks, one per call in plan order.
+/// `interactive` says whether an entry's sequence is INTERACTIVE.
+pub(super) fn calls(
+    entries: &[Entry],
+    interactive: impl Fn(&Entry) -> bool,
+    how: Decodes,
+) -> Vec<Vec<usize>> {
+    let (decodes, prefill): (Vec<usize>, Vec<usize>) =
+        (0..entries.len()).partition(|&i| is_decode(entries, &entries[i]));
+    let (first, rest): (Vec<usize>, Vec<usize>) =
+        prefill.into_iter().partition(|&i| interactive(&entries[i]));
+    let mut calls: Vec<Vec<usize>> = first.into_iter().map(|i| vec![i]).collect();
+    match how {
+        Decodes::Each { rotation } if !decodes.is_empty() => {
+            let k = rotation % decodes.len();
+            calls.extend(decodes[k..].iter().chain(&decodes[..k]).map(|&i| vec![i]));
+        }
+        Decodes::Together if !decodes.is_empty() => calls.push(decodes),
+        _ => {}
+    }
+    calls.extend(rest.into_iter().map(|i| vec![i]));
+    calls
+}
+
 impl Engine<'_> {
-    /// One llama.cpp call per plan entry, in `order_for_sequential`'s order. Returns true (the
-    /// step ran) even when it was cut short.
+    /// One llama.cpp call per plan entry, in [`calls`]' order. Returns true (the step ran) even
+    /// when it was cut short.
     pub(super) fn step_sequential(
         &mut self,
         plan: &Plan,
         cmd_rx: &mut mpsc::Receiver<Command>,
     ) -> bool {
         let started = Instant::now();
-        let mut n_prefill = 0;
-        let order = self.order_for_sequential(plan);
+        let calls = self.calls(
+            plan,
+            Decodes::Each {
+                rotation: self.rotation,
+            },
+        );
         self.rotation = self.rotation.wrapping_add(1);
-        for (done, &i) in order.iter().enumerate() {
-            let e = &plan.entries[i];
-            // An earlier chunk of this sequence failed (slot freed) in this step.
-            if self
-                .batcher
+        let ran = self.run_calls(plan, &calls, cmd_rx);
+        let elapsed = started.elapsed().as_secs_f64().max(1e-6);
+        self.update_speed(ran.prefill_tokens, elapsed);
+        true
+    }
+
+    /// [`calls`] for this step's plan.
+    pub(super) fn calls(&self, plan: &Plan, how: Decodes) -> Vec<Vec<usize>> {
+        let interactive = |e: &Entry| {
+            self.batcher
                 .seq(e.slot)
-                .is_none_or(|s| s.seq_id != e.seq_id || s.n_past != e.pos)
-            {
-                continue;
+                .is_some_and(|s| s.class == LatencyClass::Interactive)
+        };
+        calls(&plan.entries, interactive, how)
+    }
+
+    /// Runs a step's calls in order, stopping early when an INTERACTIVE request arrives (see
+    /// the module's documentation).
+    pub(super) fn run_calls(
+        &mut self,
+        plan: &Plan,
+        calls: &[Vec<usize>],
+        cmd_rx: &mut mpsc::Receiver<Command>,
+    ) -> Ran {
+        let mut ran = Ran::default();
+        for (done, call) in calls.iter().enumerate() {
+            let prefill: usize = call
+                .iter()
+                .map(|&i| &plan.entries[i])
+                .filter(|e| !is_decode(&plan.entries, e))
+                .map(|e| e.tokens.len())
+                .sum();
+            if let Some(secs) = self.run_call(plan, call) {
+                if prefill > 0 {
+                    ran.prefill_tokens += prefill;
+                    ran.prefill_secs += secs;
+                } else {
+                    ran.decode_secs += secs;
+                }
             }
-            self.batch.clear();
+            if done + 1 < calls.len() && self.interactive_arrived(cmd_rx) {
+                tracing::debug!(
+                    run = done + 1,
+                    postponed = calls.len() - done - 1,
+                    "step cut short for an INTERACTIVE arrival"
+                );
+                break;
+            }
+        }
+        ran
+    }
+
+    /// One llama.cpp call for the plan entries `call` (those still as planned: an earlier
+    /// chunk of the sequence may have failed in this step), then their commit and sampling.
+    /// A failed call fails every sequence in it. Returns the seconds the call took, or None
+    /// when it failed or had nothing to run.
+    pub(super) fn run_call(&mut self, plan: &Plan, call: &[usize]) -> Option<f64> {
+        let entries: Vec<Entry> = call
+            .iter()
+            .map(|&i| &plan.entries[i])
+            .filter(|e| {
+                self.batcher
+                    .seq(e.slot)
+                    .is_some_and(|s| s.seq_id == e.seq_id && s.n_past == e.pos)
+            })
+            .cloned()
+            .collect();
+        if entries.is_empty() {
+            return None;
+        }
+        self.batch.clear();
+        let mut sample_at = Vec::new();
+        for e in &entries {
             let last = e.tokens.len() - 1;
             for (k, &t) in e.tokens.iter().enumerate() {
+                let logits = e.sample && k == last;
+                if logits {
+                    sample_at.push((e.slot, self.batch.n_tokens()));
+                }
                 self.batch
                     .add(
                         LlamaToken(t as i32),
                         (e.pos + k as u32) as i32,
                         &[e.seq_id],
-                        e.sample && k == last,
+                        logits,
                     )
                     .expect("plan fits the batch");
             }
-            if !(e.tokens.len() == 1 && e.sample) {
-                n_prefill += e.tokens.len();
-            }
-            if let Err(err) = self.ctx.decode(&mut self.batch) {
-                tracing::error!(error = %err, slot = e.slot, "decode failed; failing the sequence");
+        }
+        self.stats.llama_calls_total += 1;
+        let started = Instant::now();
+        if let Err(err) = self.ctx.decode(&mut self.batch) {
+            tracing::error!(
+                error = %err, sequences = entries.len(),
+                "decode failed; failing the call's sequences"
+            );
+            for e in &entries {
                 self.fail_slot(e.slot, &err.to_string());
-                continue;
             }
-            let one = Plan {
-                entries: vec![e.clone()],
-                ..Plan::default()
-            };
-            self.batcher.commit(&one);
-            if e.sample {
-                self.sample(e.slot, last as i32);
-            }
-            if done + 1 < order.len() && self.interactive_arrived(cmd_rx) {
-                tracing::debug!(
-                    run = done + 1,
-                    postponed = order.len() - done - 1,
-                    "sequential step cut short for an INTERACTIVE arrival"
-                );
-                break;
-            }
+            return None;
         }
-        let elapsed = started.elapsed().as_secs_f64().max(1e-6);
-        self.update_speed(n_prefill, elapsed);
-        true
-    }
-
-    /// The order of a step's calls: INTERACTIVE prefill chunks first (in plan order, so a
-    /// prompt's chunks stay in sequence), then the rest rotated by the step count.
-    fn order_for_sequential(&self, plan: &Plan) -> Vec<usize> {
-        let interactive_prefill = |e: &Entry| {
-            !(e.tokens.len() == 1 && e.sample)
-                && self
-                    .batcher
-                    .seq(e.slot)
-                    .is_some_and(|s| s.class == LatencyClass::Interactive)
-        };
-        let (mut first, rest): (Vec<usize>, Vec<usize>) =
-            (0..plan.entries.len()).partition(|&i| interactive_prefill(&plan.entries[i]));
-        // Batch prefill chunks of one sequence must also keep their order: rotate only the
-        // single-token decodes, which are one per sequence.
-        let (decodes, others): (Vec<usize>, Vec<usize>) = rest
-            .into_iter()
-            .partition(|&i| plan.entries[i].tokens.len() == 1 && plan.entries[i].sample);
-        if !decodes.is_empty() {
-            let k = self.rotation % decodes.len();
-            first.extend(decodes[k..].iter().chain(&decodes[..k]));
+        let secs = started.elapsed().as_secs_f64().max(1e-6);
+        self.batcher.commit(&Plan {
+            entries,
+            ..Plan::default()
+        });
+        for (slot, idx) in sample_at {
+            self.sample(slot, idx);
         }
-        first.extend(others);
-        first
+        Some(secs)
     }
 
     /// Reads the commands that arrived during the step; true when one of them queued an

@@ -1,0 +1,108 @@
+//! `--decode-mode grouped`: batch-invariant batched decode. Prompt chunks run as in
+//! `sequential` (one sequence per llama.cpp call, at fixed `--batch-size` boundaries,
+//! INTERACTIVE prompts first, the step cut short between calls when an INTERACTIVE request
+//! arrives), and all of a step's single-token decodes run together in one call, one token and
+//! one row of logits per sequence. That call is batch-invariant only where every kernel
+//! computes each row as it would alone: on the CPU, and on CUDA with moe-cluster's llama.cpp
+//! patch switched on at load (`devices::enable_cuda_batch_invariance`; `load` refuses
+//! `grouped` on an accelerator without it).
+
+use tokio::sync::mpsc;
+
+use super::super::Command;
+use super::super::batcher::Plan;
+use super::Engine;
+use super::sequential::Decodes;
+
+impl Engine<'_> {
+    /// Runs the step's calls ([`super::sequential::calls`] with [`Decodes::Together`]).
+    /// Returns true (the step ran) even when it was cut short.
+    pub(super) fn step_grouped(
+        &mut self,
+        plan: &Plan,
+        cmd_rx: &mut mpsc::Receiver<Command>,
+    ) -> bool {
+        let calls = self.calls(plan, Decodes::Together);
+        let ran = self.run_calls(plan, &calls, cmd_rx);
+        // Prefill speed over the prompt calls' own time; decode speed (per sequence: one token
+        // per step) only from steps without prompt work, as in the other modes.
+        if ran.prefill_tokens > 0 {
+            self.update_speed(ran.prefill_tokens, ran.prefill_secs);
+        } else if ran.decode_secs > 0.0 {
+            self.update_speed(0, ran.decode_secs);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::batcher::Entry;
+    use super::super::sequential::{Decodes, calls};
+
+    fn entry(slot: usize, pos: u32, n: usize, sample: bool) -> Entry {
+        Entry {
+            slot,
+            seq_id: slot as i32,
+            pos,
+            tokens: vec![7; n],
+            sample,
+        }
+    }
+
+    /// A step as the batcher plans it with aligned prefill: an INTERACTIVE prompt first and
+    /// whole (slot 4: two chunks and its last token), then every decoding sequence's token
+    /// (slots 0, 1, 2), then a BATCH prompt chunk (slot 3).
+    fn step() -> Vec<Entry> {
+        vec![
+            entry(4, 0, 32, false),
+            entry(4, 32, 32, false),
+            entry(4, 64, 1, true),
+            entry(0, 10, 1, true),
+            entry(1, 20, 1, true),
+            entry(2, 30, 1, true),
+            entry(3, 0, 32, false),
+        ]
+    }
+
+    fn interactive(e: &Entry) -> bool {
+        e.slot == 4
+    }
+
+    #[test]
+    fn grouped_runs_every_decode_in_one_call_and_each_prompt_chunk_alone() {
+        let got = calls(&step(), interactive, Decodes::Together);
+        assert_eq!(
+            got,
+            vec![vec![0], vec![1], vec![2], vec![3, 4, 5], vec![6]],
+            "INTERACTIVE prompt chunks in order (its last token too), then the decodes \
+             together, then the BATCH chunk"
+        );
+    }
+
+    #[test]
+    fn sequential_runs_every_entry_alone_and_rotates_the_decodes() {
+        let got = calls(&step(), interactive, Decodes::Each { rotation: 4 });
+        assert_eq!(got, [0, 1, 2, 4, 5, 3, 6].map(|i| vec![i]));
+    }
+
+    #[test]
+    fn a_prompts_last_token_keeps_its_place_after_its_chunks() {
+        // A BATCH prompt's partial chunk and its last token in one step (prefix reuse ended
+        // mid-chunk): the token is prompt work of that sequence, not a decode to group.
+        let entries = vec![
+            entry(0, 5, 1, true),
+            entry(1, 20, 12, false),
+            entry(1, 32, 1, true),
+        ];
+        let got = calls(&entries, |_| false, Decodes::Together);
+        assert_eq!(got, vec![vec![0], vec![1], vec![2]]);
+        // Decodes only: one call.
+        let decodes: Vec<Entry> = (0..8).map(|s| entry(s, 40, 1, true)).collect();
+        assert_eq!(
+            calls(&decodes, |_| false, Decodes::Together),
+            vec![(0..8).collect::<Vec<_>>()]
+        );
+        assert!(calls(&[], |_| false, Decodes::Together).is_empty());
+    }
+}
