@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use moe_e2e::observe::scrape;
 use moe_e2e::*;
 
 /// These tests each run 8–16 concurrent sequences on in-process workers: run them one at a time,
@@ -210,4 +211,88 @@ async fn sequential_mode_with_a_warm_prefix_cache_equals_the_solo_run() {
     }
     assert_same("8 together, warm", &cold, &eight);
     worker.stop().await;
+}
+
+/// `--decode-mode grouped` on the CPU: prompts prefilled one sequence per call in 32-token
+/// chunks at fixed boundaries (as `sequential`), and the step's decodes together in one
+/// llama.cpp call. CPU kernels compute each row of that call as alone, so 8 concurrent copies
+/// of a request (arriving a step or so apart, so prompt calls share steps with decodes, and
+/// warm: whole chunks reused or copied from the prefix cache) equal the solo run, and the solo
+/// run equals a `sequential` worker's. The worker's count of llama.cpp calls shows the decodes
+/// ran together: one call per sequence and token would be 8 × 63 and more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouped_mode_decodes_together_and_equals_the_sequential_solo_run() {
+    let _serial = SERIAL.lock().await;
+    const N: u32 = 64;
+    let prompt = prompts()
+        .pop()
+        .expect("the long prompt")
+        .replace("Tell me what a lighthouse keeper did each day.", STORY);
+    let run = |url: String, p: String| async move {
+        generate(&url, greedy(&p, N)).await.expect("greedy run")
+    };
+    let mode = |id: &str, mode: &str| {
+        spec(id, "full")
+            .with("--batch-size", "32")
+            .with("--decode-mode", mode)
+    };
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let grouped = Worker::start(
+        mode("inv-grouped", "grouped").with("--metrics-listen", &metrics.to_string()),
+        None,
+    )
+    .await;
+    let url = grouped.url();
+    // The counter follows the engine's stats, published every 100 ms while it runs and when
+    // it goes idle: read once two scrapes 300 ms apart agree.
+    let calls = || async move {
+        let read = || async {
+            scrape(metrics)
+                .await
+                .sum("moe_worker_llama_decode_calls_total", &[])
+        };
+        let mut last = read().await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = read().await;
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    };
+    let solo = run(url.clone(), prompt.clone()).await;
+    assert_eq!(solo.token_ids.len(), N as usize, "{:?}", solo.text);
+    let before = calls().await;
+    assert!(before >= N as f64 - 1.0, "{before} calls for the solo run");
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let (url, p) = (url.clone(), prompt.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(150 * i)).await;
+                run(url, p).await
+            })
+        })
+        .collect();
+    let mut eight = Vec::new();
+    for h in handles {
+        eight.push(h.await.expect("task"));
+    }
+    assert_same("grouped, 8 together", &solo, &eight);
+    let made = calls().await - before;
+    // Each step: at most one call of decodes, plus the prompt chunks of arrivals (whole
+    // chunks of the prompt are cached: its tail, or a few chunks, each).
+    assert!(
+        (N as f64 - 1.0..4.0 * N as f64).contains(&made),
+        "{made} llama.cpp calls for 8 × {N} tokens: decodes not grouped"
+    );
+    grouped.stop().await;
+    let sequential = Worker::start(mode("inv-grouped-seq", "sequential"), None).await;
+    let reference = run(sequential.url(), prompt.clone()).await;
+    sequential.stop().await;
+    assert_same(
+        "grouped solo vs sequential solo",
+        &reference,
+        std::slice::from_ref(&solo),
+    );
 }
