@@ -271,6 +271,24 @@ EOF2
 }
 lacks_kind() { ! has_kind "$1"; }
 
+# decode_modes_accepted MODE...: the schema takes workerDefaults.decodeMode MODE (the worker's
+# --decode-mode values) and every worker pool of the defaults gets MOE_DECODE_MODE=MODE.
+decode_modes_accepted() {
+  local mode
+  for mode in "$@"; do
+    render_validate --set "workerDefaults.decodeMode=$mode" || return 1
+    "$py" - "$work/out.yaml" "$mode" <<'EOF2' || return 1
+import sys, yaml
+got = []
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d["kind"] == "Deployment" and d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker":
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        got.append({e["name"]: e.get("value") for e in c.get("env", [])}.get("MOE_DECODE_MODE"))
+sys.exit(0 if got and all(g == sys.argv[2] for g in got) else f"MOE_DECODE_MODE {got}, want {sys.argv[2]}")
+EOF2
+  done
+}
+
 sm_rendered_with_capability() {
   render_validate -a monitoring.coreos.com/v1 --set metrics.serviceMonitor.enabled=true \
     --set networkPolicy.enabled=true --set dashboard.enabled=true || return 1
@@ -454,6 +472,8 @@ check "KV cache types: cacheTypeK/V reach the pool's MOE_CACHE_TYPE_K/V (all-fea
   pool_env_wired ncm MOE_CACHE_TYPE_K=q8_0 MOE_CACHE_TYPE_V=q4_0
 check "decode mode: decodeMode reaches the pool's MOE_DECODE_MODE (all-features)" \
   pool_env_wired ncm MOE_DECODE_MODE=batched
+check "decode mode: auto, sequential, batched and grouped pass the schema and reach every pool" \
+  decode_modes_accepted auto sequential batched grouped
 check "etcd member recovery wired into the StatefulSet" etcd_recovery_wired
 check "etcd compaction (periodic 5m) and defrag CronJob wired (defaults)" \
   etcd_compaction_wired periodic 5m
