@@ -346,9 +346,11 @@ impl<T> Batcher<T> {
         } else {
             usize::MAX
         };
-        // Sequential decode runs the step's entries one after another, so an INTERACTIVE
-        // prompt's chunks go first, all of them in one step: its first token then waits for
-        // its own prefill only, not for a round of every other sequence's decode per chunk.
+        // Aligned prefill (`sequential` and `grouped` decode) runs the step's entries as
+        // separate calls one after another (every prompt chunk in its own call; decodes one
+        // call each in `sequential`, all in one call in `grouped`), so an INTERACTIVE prompt's
+        // chunks go first, all of them in one step: its first token then waits for its own
+        // prefill only, not for a round of the other sequences' decodes per chunk.
         let mut first = Vec::new();
         for seq in prefill {
             let remaining = seq.tokens.len() - seq.n_past as usize;
@@ -361,7 +363,8 @@ impl<T> Batcher<T> {
             let take = match self.config.aligned_prefill {
                 Some(_) if interactive => remaining,
                 // The chunk ends at the next multiple of `c` whatever the budget: a step with
-                // any budget left runs it whole (sequential decode gives it its own call).
+                // any budget left runs it whole (sequential and grouped decode give it its own
+                // call).
                 Some(c) if cap > 0 => {
                     let c = c.max(1) as usize;
                     remaining.min(c - seq.n_past as usize % c)

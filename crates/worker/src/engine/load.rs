@@ -83,23 +83,55 @@ fn advertised_fingerprint(file: String, config: &EngineConfig) -> String {
     }
 }
 
-/// `auto` is grouped when the backend has an accelerator and moe-cluster's batch-invariance
-/// patch (`invariance_patch`: the CUDA backend exports its switch), sequential with an
-/// accelerator without it, batched on the CPU: GPU kernels depend on the batch shape, CPU ones
-/// do not (docs/benchmarks/batch-invariance.md). `--gpu-layers 0` does not make a worker
+/// Whether some routed experts are multiplied on the host CPU: the placement keeps the first
+/// `n_cpu_moe` layers' experts in host memory (`cpu-moe`, `n-cpu-moe:N`, an `auto` plan that
+/// does not fit), or `--gpu-layers` leaves layers, with their experts, on the CPU (llama.cpp
+/// offloads the last `n_gpu_layers - 1` of `n_layer` layers plus the output layer, so any value
+/// up to `n_layer` keeps at least one layer on the host). On an accelerator machine that rules
+/// `grouped` out (see [`resolve_decode_mode`]).
+fn experts_on_host(plan: &MemoryPlan, gpu_layers: Option<u32>, n_layer: u32) -> bool {
+    plan.host_expert_bytes > 0 || plan.n_cpu_moe > 0 || gpu_layers.is_some_and(|n| n <= n_layer)
+}
+
+/// `auto` is grouped when the backend has an accelerator with moe-cluster's batch-invariance
+/// patch (`invariance_patch`: the CUDA backend exports its switch) and every routed expert is
+/// in accelerator memory (`host_experts` false: profile `full`, or an `auto` placement that
+/// fits); sequential on an accelerator otherwise; batched on the CPU: GPU kernels depend on the
+/// batch shape (docs/benchmarks/batch-invariance.md). `--gpu-layers 0` does not make a worker
 /// CPU-only: llama.cpp still offloads large batches (prompt chunks) of host-resident weights to
-/// the GPU (`op_offload`), and those kernels are chosen by the batch's shape too. An explicit
-/// `grouped` on an accelerator without the patch is refused (it would not be invariant); on the
-/// CPU it needs nothing (CPU kernels compute each row alone).
+/// the GPU (`op_offload`), and those kernels are chosen by the batch's shape too.
+///
+/// An explicit `grouped` on an accelerator is refused where it would not be invariant: with
+/// host-resident experts (ggml-cpu multiplies MXFP4 and other repackable weights with
+/// multi-row GEMM kernels, `use_extra_bufts`, so a token's expert output depends on how many
+/// tokens of the call share that expert: measured on an H200 with `cpu-moe`, 0/16 and 0/8
+/// concurrent runs equal to solo, against 16/16 and 8/8 with `full`), and without the patch. On
+/// a CPU-only worker it is allowed (the CPU invariance check, crates/e2e/tests/invariance.rs,
+/// passes on the test model).
 fn resolve_decode_mode(
     config: &EngineConfig,
     has_accelerator: bool,
     invariance_patch: bool,
+    host_experts: bool,
 ) -> Result<DecodeMode, EngineError> {
     Ok(match config.decode_mode {
-        DecodeMode::Auto if has_accelerator && invariance_patch => DecodeMode::Grouped,
+        DecodeMode::Auto if has_accelerator && invariance_patch && !host_experts => {
+            DecodeMode::Grouped
+        }
         DecodeMode::Auto if has_accelerator => DecodeMode::Sequential,
         DecodeMode::Auto => DecodeMode::Batched,
+        DecodeMode::Grouped if has_accelerator && host_experts => {
+            return Err(EngineError::Load(
+                "--decode-mode grouped is not batch-invariant when routed experts run on the \
+                 host CPU (this placement keeps experts in host memory: --offload cpu-moe, \
+                 n-cpu-moe:N, an auto placement that does not fit, or --gpu-layers; ggml-cpu \
+                 multiplies them with repacked multi-row kernels, so a token's result depends \
+                 on how many tokens share its expert); use --decode-mode sequential \
+                 (batch-invariant, exact) or batched (throughput, not batch-invariant), or \
+                 place every expert on the GPU (--offload full)"
+                    .into(),
+            ));
+        }
         DecodeMode::Grouped if has_accelerator && !invariance_patch => {
             return Err(EngineError::Load(
                 "--decode-mode grouped: this llama.cpp build lacks moe-cluster's batch-invariance \
@@ -127,9 +159,10 @@ fn invariant_rows(config: &EngineConfig) -> i32 {
 /// concurrent sequences' cells, on any device), and either each sequence is decoded in its own
 /// llama.cpp call (`sequential`), or decodes are grouped with kernels that compute each row as
 /// alone (`grouped`, which resolution allows on an accelerator only with the patch that
-/// provides them), or the backend has no accelerator (CPU kernels are row-independent; GPU
-/// kernels are chosen by batch shape, and llama.cpp sends large batches to an accelerator even
-/// with `--gpu-layers 0`). `mode` is the resolved mode.
+/// provides them and with every routed expert in accelerator memory), or the backend has no
+/// accelerator (CPU kernels are row-independent; GPU kernels are chosen by batch shape, and
+/// llama.cpp sends large batches to an accelerator even with `--gpu-layers 0`). `mode` is the
+/// resolved mode.
 fn batch_invariant(kv_unified: bool, mode: DecodeMode, has_accelerator: bool) -> bool {
     !kv_unified
         && (matches!(mode, DecodeMode::Sequential | DecodeMode::Grouped) || !has_accelerator)
@@ -273,17 +306,21 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
     let fingerprint = super::fingerprint::fingerprint(&config.model_path, &header, &model)
         .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
     let fingerprint = advertised_fingerprint(fingerprint, config);
-    // The row-invariant kernels are switched on where `auto` or `grouped` may use them (both
-    // then resolve to `grouped`), before the context is created: its compute buffers are sized
-    // for the kernels in force.
+    // The row-invariant kernels are switched on only where `grouped` will run: `auto` or
+    // `grouped` on an accelerator with every routed expert on it (both then resolve to
+    // `grouped` if the switch exists; with host experts `auto` is `sequential` and `grouped`
+    // is refused, and the kernels stay off). Before the context is created: its compute
+    // buffers are sized for the kernels in force.
+    let host_experts = experts_on_host(&plan, config.gpu_layers, shape.n_layer);
     let rows = invariant_rows(config);
     let invariance_patch = has_accelerator
+        && !host_experts
         && matches!(config.decode_mode, DecodeMode::Auto | DecodeMode::Grouped)
         && enable_cuda_batch_invariance(rows);
     if invariance_patch {
         tracing::info!(max_rows = rows, "CUDA batch-invariant kernels on");
     }
-    let decode_mode = resolve_decode_mode(config, has_accelerator, invariance_patch)?;
+    let decode_mode = resolve_decode_mode(config, has_accelerator, invariance_patch, host_experts)?;
     let invariant = batch_invariant(config.kv_unified, decode_mode, has_accelerator);
     let system_fingerprint = system_fingerprint(
         config,
@@ -496,48 +533,103 @@ mod tests {
     #[test]
     fn the_resolved_decode_mode_is_never_auto() {
         // What the advert's `decode_mode` carries: `auto` resolved by whether the backend has an
-        // accelerator, `--gpu-layers 0` or not (large batches are still offloaded to it), and
-        // whether that accelerator has the batch-invariance patch.
-        let resolve = |c: &EngineConfig, accelerator, patch| {
-            resolve_decode_mode(c, accelerator, patch).expect("resolves")
+        // accelerator, `--gpu-layers 0` or not (large batches are still offloaded to it),
+        // whether that accelerator has the batch-invariance patch, and whether routed experts
+        // run on the host CPU.
+        let resolve = |c: &EngineConfig, accelerator, patch, host| {
+            resolve_decode_mode(c, accelerator, patch, host).expect("resolves")
         };
         let mut c = config(2048, 512);
-        assert_eq!(resolve(&c, true, false), DecodeMode::Sequential);
-        assert_eq!(resolve(&c, true, true), DecodeMode::Grouped);
-        assert_eq!(resolve(&c, false, false), DecodeMode::Batched);
+        assert_eq!(resolve(&c, true, false, false), DecodeMode::Sequential);
+        assert_eq!(resolve(&c, true, true, false), DecodeMode::Grouped);
+        assert_eq!(resolve(&c, false, false, false), DecodeMode::Batched);
+        // Host experts on an accelerator: sequential, patch or not (ggml-cpu's repacked
+        // kernels are not row-invariant); the CPU-only worker is unaffected.
+        for patch in [false, true] {
+            assert_eq!(resolve(&c, true, patch, true), DecodeMode::Sequential);
+            assert_eq!(resolve(&c, false, patch, true), DecodeMode::Batched);
+        }
+        // `--gpu-layers 0` keeps every layer, routed experts included, on the host CPU.
         c.gpu_layers = Some(0);
-        assert_eq!(resolve(&c, true, false), DecodeMode::Sequential);
-        assert_eq!(resolve(&c, true, true), DecodeMode::Grouped);
+        let host = experts_on_host(&MemoryPlan::default(), c.gpu_layers, 24);
+        assert!(host);
+        for patch in [false, true] {
+            assert_eq!(resolve(&c, true, patch, host), DecodeMode::Sequential);
+        }
         for mode in [DecodeMode::Sequential, DecodeMode::Batched] {
             c.decode_mode = mode;
             for accelerator in [false, true] {
                 for patch in [false, true] {
-                    assert_eq!(resolve(&c, accelerator, patch), mode);
+                    for host in [false, true] {
+                        assert_eq!(resolve(&c, accelerator, patch, host), mode);
+                    }
                 }
             }
         }
     }
 
     #[test]
-    fn grouped_needs_the_patch_on_an_accelerator_only() {
+    fn host_experts_come_from_the_placement_or_gpu_layers() {
+        let full = MemoryPlan::default();
+        assert!(!experts_on_host(&full, None, 24));
+        let cpu_moe = MemoryPlan {
+            n_cpu_moe: 24,
+            host_expert_bytes: 1 << 30,
+            ..MemoryPlan::default()
+        };
+        assert!(experts_on_host(&cpu_moe, None, 24));
+        let n_cpu_moe = MemoryPlan {
+            n_cpu_moe: 2,
+            host_expert_bytes: 1 << 20,
+            ..MemoryPlan::default()
+        };
+        assert!(experts_on_host(&n_cpu_moe, None, 24));
+        // llama.cpp offloads the last `n - 1` layers plus the output layer: all 24 need 25.
+        assert!(experts_on_host(&full, Some(0), 24));
+        assert!(experts_on_host(&full, Some(12), 24));
+        assert!(experts_on_host(&full, Some(24), 24));
+        assert!(!experts_on_host(&full, Some(25), 24));
+        assert!(!experts_on_host(&full, Some(999), 24));
+    }
+
+    #[test]
+    fn grouped_needs_the_patch_and_device_experts_on_an_accelerator_only() {
         let mut c = config(2048, 512);
         c.decode_mode = DecodeMode::Grouped;
         assert_eq!(
-            resolve_decode_mode(&c, true, true).expect("patched"),
+            resolve_decode_mode(&c, true, true, false).expect("patched, experts on the GPU"),
             DecodeMode::Grouped
         );
-        // CPU kernels compute each row alone: no patch needed.
+        // CPU-only: allowed, patch or not, wherever the experts are.
         for patch in [false, true] {
-            assert_eq!(
-                resolve_decode_mode(&c, false, patch).expect("CPU"),
-                DecodeMode::Grouped
-            );
+            for host in [false, true] {
+                assert_eq!(
+                    resolve_decode_mode(&c, false, patch, host).expect("CPU"),
+                    DecodeMode::Grouped
+                );
+            }
         }
-        let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, false) else {
+        let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, false, false) else {
             panic!("an unpatched accelerator must refuse grouped");
         };
         for what in ["batch-invariance patch", "patches/llama.cpp", "sequential"] {
             assert!(msg.contains(what), "{what}: {msg}");
+        }
+        // Host experts on an accelerator: refused whether the patch is there or not, and the
+        // message says why and what to use instead.
+        for patch in [false, true] {
+            let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, patch, true) else {
+                panic!("grouped with host experts on an accelerator must be refused");
+            };
+            for what in [
+                "not batch-invariant",
+                "host CPU",
+                "repacked multi-row",
+                "sequential",
+                "batched",
+            ] {
+                assert!(msg.contains(what), "{what}: {msg}");
+            }
         }
     }
 
@@ -570,7 +662,8 @@ mod tests {
     fn batch_invariant_needs_per_sequence_kv_and_an_invariant_decode_or_no_accelerator() {
         use DecodeMode::{Batched, Grouped, Sequential};
         // Per-sequence KV streams: sequential and grouped decode anywhere (resolution refuses
-        // grouped on an unpatched accelerator), batched only off accelerators.
+        // grouped on an accelerator without the patch or with host experts), batched only off
+        // accelerators.
         for mode in [Sequential, Grouped] {
             assert!(batch_invariant(false, mode, true));
             assert!(batch_invariant(false, mode, false));
@@ -590,8 +683,11 @@ mod tests {
             c.gpu_layers = gpu_layers;
             for accelerator in [false, true] {
                 for patch in [false, true] {
-                    let mode = resolve_decode_mode(&c, accelerator, patch).expect("resolves");
-                    assert!(batch_invariant(c.kv_unified, mode, accelerator));
+                    for host in [false, true] {
+                        let mode =
+                            resolve_decode_mode(&c, accelerator, patch, host).expect("resolves");
+                        assert!(batch_invariant(c.kv_unified, mode, accelerator));
+                    }
                 }
             }
         }

@@ -3,9 +3,15 @@
 //! INTERACTIVE prompts first, the step cut short between calls when an INTERACTIVE request
 //! arrives), and all of a step's single-token decodes run together in one call, one token and
 //! one row of logits per sequence. That call is batch-invariant only where every kernel
-//! computes each row as it would alone: on the CPU, and on CUDA with moe-cluster's llama.cpp
-//! patch switched on at load (`devices::enable_cuda_batch_invariance`; `load` refuses
-//! `grouped` on an accelerator without it).
+//! computes each row as it would alone: on CUDA with moe-cluster's llama.cpp patch switched on
+//! at load (`devices::enable_cuda_batch_invariance`) and every routed expert in GPU memory, and
+//! on a CPU-only worker (checked on the test model by crates/e2e/tests/invariance.rs). Routed
+//! experts in host memory on an accelerator machine (`cpu-moe`, `n-cpu-moe:N`, `--gpu-layers`)
+//! run on ggml-cpu's repacked multi-row kernels (MXFP4 among others), whose result for a token
+//! depends on how many tokens share its expert: measured on an H200, `cpu-moe` grouped gave
+//! 0/16 and 0/8 concurrent runs equal to solo where `full` gave 16/16 and 8/8. So `load`
+//! resolves `auto` to `grouped` only on a patched accelerator with no host experts, and
+//! refuses an explicit `grouped` on an accelerator without the patch or with host experts.
 
 use tokio::sync::mpsc;
 
