@@ -47,7 +47,7 @@
 #      MODES, "full cpu-moe"), LAYERS (24), VRAM_UBS, VRAM_RPL (8), BEST_UB, I64_BG (60),
 #      I64_RPL (16), THREAD_COUNTS, THREADS_RPL (8), PREFIX_WORKER_ARGS ("--offload full --batch-size 128": sequential
 #      decode reuses whole --batch-size chunks only, and the workload's prompts are < 512 tokens),
-#      WAIT_READY (240s), AVX2_CPU (1: also build the AVX2 CPU backend for the ours-avx2 rows; 0 saves
+#      WAIT_READY (240s), UPSTREAM (1; 0: skip llama-server and build ours on all cores), AVX2_CPU (1: also build the AVX2 CPU backend for the ours-avx2 rows; 0 saves
 #      build time and skips them)
 # DRY RUN (CPU, checks the stage logic): `dry-run CARRY_DIR` with CARRY_DIR holding the binaries
 #      unpacked (moe-worker ... etcd, etcdctl; .xz not needed), MODEL set to a small GGUF (e.g.
@@ -178,11 +178,15 @@ gcc -O3 -march=native -fopenmp membw.c -o membw && ./membw "${MEMBW_GIB:-8}" "${
 # 2. Both llama.cpp builds, on separate halves of the cores, while the model is generated.
 stage "building ours (shared libs, CUDA, native CPU + an AVX2 CPU backend) on cores 0-$(( HALF - 1 )) and upstream llama-server (CUDA, native CPU) on cores $HALF-$(( NPROC - 1 ))"
 # (A dry run elsewhere can pass PREBUILT_LIBS / PREBUILT_AVX2 / SERVER instead.)
+# UPSTREAM=0: no llama-server build (its rows are skipped) and ours builds on every core.
+OURS_CORES="0-$(( HALF - 1 ))"; OURS_JOBS=$HALF
+[ "${UPSTREAM:-1}" = 0 ] && { OURS_CORES="0-$(( NPROC - 1 ))"; OURS_JOBS=$NPROC; }
 if [ -n "${PREBUILT_LIBS:-}" ]; then echo 0 >ours.rc; else
-( JOBS=$HALF AVX2_CPU=${AVX2_CPU:-1} taskset -c "0-$(( HALF - 1 ))" bash build-llama-shared.sh ours-llama.cpp-src.tar.xz "$WORK/ll" \
+( JOBS=$OURS_JOBS AVX2_CPU=${AVX2_CPU:-1} taskset -c "$OURS_CORES" bash build-llama-shared.sh ours-llama.cpp-src.tar.xz "$WORK/ll" \
     >build-ours.log 2>&1; echo $? >ours.rc ) &
 fi
-if [ -n "${SERVER:-}" ]; then ( sleep "${DRY_UPSTREAM_DELAY:-0}"; echo 0 >upstream.rc ) & else
+if [ "${UPSTREAM:-1}" = 0 ]; then echo "upstream: not built (UPSTREAM=0)" >>"$R/skipped.txt"; echo 1 >upstream.rc
+elif [ -n "${SERVER:-}" ]; then ( sleep "${DRY_UPSTREAM_DELAY:-0}"; echo 0 >upstream.rc ) & else
 ( JOBS=$HALF CMAKE_CUDA_ARCHITECTURES=90 taskset -c "$HALF-$(( NPROC - 1 ))" bash build-llama-server.sh --cuda --cache "$WORK" \
     --src-tarball upstream-llama.cpp-src.tar.xz >build-upstream.log 2>&1; echo $? >upstream.rc ) &
 fi
