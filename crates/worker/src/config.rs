@@ -94,14 +94,16 @@ pub struct WorkerConfig {
     #[arg(long, env = "MOE_SEQUENTIAL_DECODE")]
     pub sequential_decode: bool,
     /// auto: on a worker with an accelerator (even at --gpu-layers 0) grouped when llama.cpp has
-    /// moe-cluster's batch-invariance patch, else sequential; batched on the CPU.
+    /// moe-cluster's batch-invariance patch and every routed expert is in GPU memory, else
+    /// sequential; batched on the CPU.
     /// sequential: one llama.cpp call per sequence and prompts prefilled in --batch-size chunks
     /// at fixed boundaries, so greedy output is exactly a solo run's, prefix cache or not.
     /// batched: one call per step for all sequences (faster on a GPU, not batch-invariant
     /// there).
     /// grouped: prompts prefilled as in sequential, every decoding sequence's token in one call
     /// per step with kernels that compute each row as alone: batch-invariant; on a GPU it needs
-    /// the patched llama.cpp (patches/llama.cpp) and refuses to start without it.
+    /// the patched llama.cpp (patches/llama.cpp) and every routed expert in GPU memory, and
+    /// refuses to start otherwise.
     /// See docs/benchmarks/batch-invariance.md.
     #[arg(long, env = "MOE_DECODE_MODE", value_enum, default_value_t = DecodeMode::Auto)]
     pub decode_mode: DecodeMode,

@@ -66,7 +66,8 @@ pub struct EngineConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecodeMode {
     /// On a worker with an accelerator (even at `--gpu-layers 0`): grouped when the backend has
-    /// moe-cluster's batch-invariance patch, else sequential; batched on the CPU.
+    /// moe-cluster's batch-invariance patch and every routed expert is in GPU memory, else
+    /// sequential; batched on the CPU.
     #[default]
     Auto,
     /// One llama.cpp call per sequence, prompts prefilled in chunks at fixed boundaries: greedy
@@ -77,7 +78,8 @@ pub enum DecodeMode {
     /// Prompt chunks prefilled one sequence per call at fixed boundaries, as `Sequential`, and
     /// every decoding sequence's next token in one call per step, as `Batched`: batch-invariant
     /// where the kernels compute each row of such a call as they would alone (the CPU, and CUDA
-    /// with moe-cluster's llama.cpp patch, switched on at start-up).
+    /// with moe-cluster's llama.cpp patch, switched on at start-up, when no routed expert runs
+    /// on the host's repacked multi-row CPU kernels).
     Grouped,
 }
 
