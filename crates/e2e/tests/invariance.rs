@@ -280,7 +280,8 @@ async fn grouped_mode_decodes_together_and_equals_the_sequential_solo_run() {
     }
     assert_same("grouped, 8 together", &solo, &eight);
     let made = calls().await - before;
-    // Each step: at most one call of decodes, plus the prompt chunks of arrivals (whole
+    // Each step: at most one call of decodes (8 sequences, within the default
+    // --grouped-rows 16), plus the prompt chunks of arrivals (whole
     // chunks of the prompt are cached: its tail, or a few chunks, each).
     assert!(
         (N as f64 - 1.0..4.0 * N as f64).contains(&made),

@@ -58,6 +58,9 @@ pub struct EngineConfig {
     /// backends, whose kernels depend on the batch shape), all in one batch per step, or
     /// prompts one per call and decodes all together with row-invariant kernels (`grouped`).
     pub decode_mode: DecodeMode,
+    /// `grouped`: a step's decodes run in calls of at most this many sequences (`--grouped-rows`,
+    /// at least 1), with the INTERACTIVE cut checked between them.
+    pub grouped_rows: usize,
     pub max_queue: usize,
     pub queue_timeout: Duration,
 }

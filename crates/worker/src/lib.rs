@@ -57,6 +57,7 @@ fn engine_config(c: &WorkerConfig) -> EngineConfig {
         cache_type_k: c.cache_type_k,
         cache_type_v: c.cache_type_v,
         decode_mode: c.decode_mode(),
+        grouped_rows: c.grouped_rows as usize,
         max_queue: c.max_queue,
         queue_timeout: c.queue_timeout,
     }

@@ -493,6 +493,7 @@ mod tests {
             cache_type_k: KvCacheType::F16,
             cache_type_v: KvCacheType::F16,
             decode_mode: DecodeMode::Auto,
+            grouped_rows: 16,
             max_queue: 8,
             queue_timeout: std::time::Duration::from_secs(1),
         }

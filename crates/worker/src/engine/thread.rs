@@ -98,6 +98,7 @@ pub(super) fn engine_thread(
             last_refresh: Instant::now(),
             sliding_window,
             decode_mode,
+            grouped_rows: config.grouped_rows.max(1),
             rotation: 0,
             deferred: None,
             disconnected: false,
@@ -158,6 +159,8 @@ struct Engine<'m> {
     sliding_window: u32,
     /// The resolved decode mode: `Sequential`, `Grouped` or `Batched`.
     decode_mode: DecodeMode,
+    /// Grouped decode: the most sequences in one call of decodes (`--grouped-rows`, >= 1).
+    grouped_rows: usize,
     /// Sequential decode: where this step's round of decodes starts, advanced every step, so a
     /// step cut short for an INTERACTIVE arrival does not always postpone the same sequences.
     rotation: usize,

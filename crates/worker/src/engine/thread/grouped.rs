@@ -1,9 +1,14 @@
 //! `--decode-mode grouped`: batch-invariant batched decode. Prompt chunks run as in
 //! `sequential` (one sequence per llama.cpp call, at fixed `--batch-size` boundaries,
 //! INTERACTIVE prompts first, the step cut short between calls when an INTERACTIVE request
-//! arrives), and all of a step's single-token decodes run together in one call, one token and
-//! one row of logits per sequence. That call is batch-invariant only where every kernel
-//! computes each row as it would alone: on CUDA with moe-cluster's llama.cpp patch switched on
+//! arrives), and a step's single-token decodes run together, one token and one row of logits
+//! per sequence, in consecutive calls of at most `--grouped-rows` sequences (plan order). The
+//! step may be cut short between those calls too: a call's time grows about linearly with its
+//! rows beyond a few (≈ 150 ms for 60 rows of gpt-oss-20b on an H200), so an INTERACTIVE
+//! arrival waits for at most one call of `--grouped-rows`; the decodes not run stay as they
+//! were (uncommitted) and run in the next step, like sequential mode's postponed entries. Such
+//! a call is batch-invariant only where every kernel computes each row as it would alone (so
+//! how the decodes are split does not change the output): on CUDA with moe-cluster's llama.cpp patch switched on
 //! at load (`devices::enable_cuda_batch_invariance`) and every routed expert in GPU memory, and
 //! on a CPU-only worker (checked on the test model by crates/e2e/tests/invariance.rs). Routed
 //! experts in host memory on an accelerator machine (`cpu-moe`, `n-cpu-moe:N`, `--gpu-layers`)
@@ -21,20 +26,27 @@ use super::Engine;
 use super::sequential::Decodes;
 
 impl Engine<'_> {
-    /// Runs the step's calls ([`super::sequential::calls`] with [`Decodes::Together`]).
-    /// Returns true (the step ran) even when it was cut short.
+    /// Runs the step's calls ([`super::sequential::calls`] with [`Decodes::Together`], at
+    /// most `--grouped-rows` decodes a call). Returns true (the step ran) even when it was cut
+    /// short.
     pub(super) fn step_grouped(
         &mut self,
         plan: &Plan,
         cmd_rx: &mut mpsc::Receiver<Command>,
     ) -> bool {
-        let calls = self.calls(plan, Decodes::Together);
+        let calls = self.calls(
+            plan,
+            Decodes::Together {
+                max_rows: self.grouped_rows,
+            },
+        );
         let ran = self.run_calls(plan, &calls, cmd_rx);
         // Prefill speed over the prompt calls' own time; decode speed (per sequence: one token
-        // per step) only from steps without prompt work, as in the other modes.
+        // per step) only from whole steps without prompt work, as in the other modes (a step
+        // cut between its calls of decodes did not advance every sequence).
         if ran.prefill_tokens > 0 {
             self.update_speed(ran.prefill_tokens, ran.prefill_secs);
-        } else if ran.decode_secs > 0.0 {
+        } else if ran.decode_secs > 0.0 && !ran.cut {
             self.update_speed(0, ran.decode_secs);
         }
         true
@@ -77,12 +89,36 @@ mod tests {
 
     #[test]
     fn grouped_runs_every_decode_in_one_call_and_each_prompt_chunk_alone() {
-        let got = calls(&step(), interactive, Decodes::Together);
+        let got = calls(&step(), interactive, Decodes::Together { max_rows: 16 });
         assert_eq!(
             got,
             vec![vec![0], vec![1], vec![2], vec![3, 4, 5], vec![6]],
             "INTERACTIVE prompt chunks in order (its last token too), then the decodes \
              together, then the BATCH chunk"
+        );
+    }
+
+    #[test]
+    fn grouped_splits_the_decodes_into_calls_of_at_most_max_rows_in_order() {
+        let decodes: Vec<Entry> = (0..5).map(|s| entry(s, 40, 1, true)).collect();
+        assert_eq!(
+            calls(&decodes, |_| false, Decodes::Together { max_rows: 2 }),
+            vec![vec![0, 1], vec![2, 3], vec![4]]
+        );
+        // One row a call is sequential's order without the rotation.
+        assert_eq!(
+            calls(&decodes, |_| false, Decodes::Together { max_rows: 1 }),
+            (0..5).map(|i| vec![i]).collect::<Vec<_>>()
+        );
+        // Exactly max_rows: one call.
+        assert_eq!(
+            calls(&decodes, |_| false, Decodes::Together { max_rows: 5 }),
+            vec![(0..5).collect::<Vec<_>>()]
+        );
+        // Within a step: INTERACTIVE prompt chunks, the decodes two by two, the BATCH chunk.
+        assert_eq!(
+            calls(&step(), interactive, Decodes::Together { max_rows: 2 }),
+            vec![vec![0], vec![1], vec![2], vec![3, 4], vec![5], vec![6]]
         );
     }
 
@@ -101,14 +137,14 @@ mod tests {
             entry(1, 20, 12, false),
             entry(1, 32, 1, true),
         ];
-        let got = calls(&entries, |_| false, Decodes::Together);
+        let got = calls(&entries, |_| false, Decodes::Together { max_rows: 16 });
         assert_eq!(got, vec![vec![0], vec![1], vec![2]]);
         // Decodes only: one call.
         let decodes: Vec<Entry> = (0..8).map(|s| entry(s, 40, 1, true)).collect();
         assert_eq!(
-            calls(&decodes, |_| false, Decodes::Together),
+            calls(&decodes, |_| false, Decodes::Together { max_rows: 16 }),
             vec![(0..8).collect::<Vec<_>>()]
         );
-        assert!(calls(&[], |_| false, Decodes::Together).is_empty());
+        assert!(calls(&[], |_| false, Decodes::Together { max_rows: 16 }).is_empty());
     }
 }

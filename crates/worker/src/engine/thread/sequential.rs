@@ -11,7 +11,8 @@
 //!
 //! The calls of a step ([`calls`]), running them ([`Engine::run_calls`]) and one call
 //! ([`Engine::run_call`], also the batched step's) are shared with `grouped`, which runs
-//! prompt chunks the same way and a step's decodes together in one call.
+//! prompt chunks the same way and a step's decodes together, in calls of at most
+//! `--grouped-rows` sequences.
 
 use std::time::Instant;
 
@@ -28,8 +29,9 @@ use moe_common::LatencyClass;
 pub(super) enum Decodes {
     /// One call each, the round starting at `rotation` (modulo their number): `sequential`.
     Each { rotation: usize },
-    /// All in one call: `grouped`.
-    Together,
+    /// In consecutive calls of at most `max_rows` sequences each (at least 1), in plan order:
+    /// `grouped`. The step may be cut short between them like between any two calls.
+    Together { max_rows: usize },
 }
 
 /// What the calls of a step ran.
@@ -41,6 +43,8 @@ pub(super) struct Ran {
     pub prefill_secs: f64,
     /// Seconds in llama.cpp of the calls of decodes only.
     pub decode_secs: f64,
+    /// Whether the step was cut short for an INTERACTIVE arrival (calls left unrun).
+    pub cut: bool,
 }
 
 /// Whether an entry is a decode: one sampled token of a sequence with no other entry in the
@@ -69,7 +73,9 @@ pub(super) fn calls(
             let k = rotation % decodes.len();
             calls.extend(decodes[k..].iter().chain(&decodes[..k]).map(|&i| vec![i]));
         }
-        Decodes::Together if !decodes.is_empty() => calls.push(decodes),
+        Decodes::Together { max_rows } => {
+            calls.extend(decodes.chunks(max_rows.max(1)).map(<[usize]>::to_vec));
+        }
         _ => {}
     }
     calls.extend(rest.into_iter().map(|i| vec![i]));
@@ -138,6 +144,7 @@ impl Engine<'_> {
                     postponed = calls.len() - done - 1,
                     "step cut short for an INTERACTIVE arrival"
                 );
+                ran.cut = true;
                 break;
             }
         }
