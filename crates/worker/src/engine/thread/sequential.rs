@@ -29,9 +29,11 @@ use moe_common::LatencyClass;
 pub(super) enum Decodes {
     /// One call each, the round starting at `rotation` (modulo their number): `sequential`.
     Each { rotation: usize },
-    /// In consecutive calls of at most `max_rows` sequences each (at least 1), in plan order:
-    /// `grouped`. The step may be cut short between them like between any two calls.
-    Together { max_rows: usize },
+    /// In consecutive calls of at most `max_rows` sequences each (at least 1), the round of
+    /// calls starting at `rotation` (modulo their number): `grouped`. The step may be cut short
+    /// between them like between any two calls, and the rotation keeps such cuts from always
+    /// postponing the same sequences.
+    Together { max_rows: usize, rotation: usize },
 }
 
 /// What the calls of a step ran.
@@ -73,8 +75,13 @@ pub(super) fn calls(
             let k = rotation % decodes.len();
             calls.extend(decodes[k..].iter().chain(&decodes[..k]).map(|&i| vec![i]));
         }
-        Decodes::Together { max_rows } => {
-            calls.extend(decodes.chunks(max_rows.max(1)).map(<[usize]>::to_vec));
+        Decodes::Together { max_rows, rotation } if !decodes.is_empty() => {
+            let groups: Vec<Vec<usize>> = decodes
+                .chunks(max_rows.max(1))
+                .map(<[usize]>::to_vec)
+                .collect();
+            let k = rotation % groups.len();
+            calls.extend(groups[k..].iter().chain(&groups[..k]).cloned());
         }
         _ => {}
     }
