@@ -100,10 +100,10 @@ pub struct WorkerConfig {
     /// at fixed boundaries, so greedy output is exactly a solo run's, prefix cache or not.
     /// batched: one call per step for all sequences (faster on a GPU, not batch-invariant
     /// there).
-    /// grouped: prompts prefilled as in sequential, every decoding sequence's token in one call
-    /// per step with kernels that compute each row as alone: batch-invariant; on a GPU it needs
-    /// the patched llama.cpp (patches/llama.cpp) and every routed expert in GPU memory, and
-    /// refuses to start otherwise.
+    /// grouped: prompts prefilled as in sequential, the decoding sequences' tokens together in
+    /// calls of up to --grouped-rows sequences, with kernels that compute each row as alone:
+    /// batch-invariant; on a GPU it needs the patched llama.cpp (patches/llama.cpp) and every
+    /// routed expert in GPU memory, and refuses to start otherwise.
     /// See docs/benchmarks/batch-invariance.md.
     #[arg(long, env = "MOE_DECODE_MODE", value_enum, default_value_t = DecodeMode::Auto)]
     pub decode_mode: DecodeMode,

@@ -79,10 +79,10 @@ pub enum DecodeMode {
     /// One llama.cpp call per step for all sequences: faster; batch-invariant on the CPU only.
     Batched,
     /// Prompt chunks prefilled one sequence per call at fixed boundaries, as `Sequential`, and
-    /// every decoding sequence's next token in one call per step, as `Batched`: batch-invariant
-    /// where the kernels compute each row of such a call as they would alone (the CPU, and CUDA
-    /// with moe-cluster's llama.cpp patch, switched on at start-up, when no routed expert runs
-    /// on the host's repacked multi-row CPU kernels).
+    /// the decoding sequences' next tokens together in calls of up to `--grouped-rows`, as
+    /// `Batched`: batch-invariant where the kernels compute each row of such a call as they
+    /// would alone (the CPU, and CUDA with moe-cluster's llama.cpp patch, switched on at
+    /// start-up, when no routed expert runs on the host's repacked multi-row CPU kernels).
     Grouped,
 }
 
