@@ -1,0 +1,135 @@
+// Which ggml-cpu op makes a sequence's decode depend on how many rows share the llama.cpp call?
+// (docs/benchmarks/batch-invariance.md, "CPU-only batched/grouped decode".)
+//
+// Runs the same greedy sequence twice on one model: with NA identical sequences per decode call,
+// then with NB; each sequence has its own KV stream (kv_unified off, 8 streams of 512 cells, as
+// `moe-worker --parallel 8 --ctx-size 4096`), prompts are prefilled one sequence per call (same
+// shapes in both runs). It prints how many greedy tokens of sequence 0 agree, then compares
+// every F32 tensor of the last decode call (llama.cpp's eval callback) for sequence 0's row and
+// prints the first ones that differ: the first is the op that depends on the call's row count.
+// Unnamed nodes (node_N) are matched by name and order and may pair different ops.
+//
+// Build against the static libraries of the llama-cpp-sys-2 build the worker links:
+//   OUT=$(ls -d $CARGO_TARGET_DIR/debug/build/llama-cpp-sys-2-*/out | head -1)
+//   SRC=$(ls -d ~/.cargo/registry/src/*/llama-cpp-sys-2-0.1.161/llama.cpp)
+//   L="$OUT/build/src/libllama.a $OUT/build/ggml/src/libggml.a $OUT/build/ggml/src/libggml-cpu.a"
+//   g++ -O1 -std=c++17 bench/cpu-invariance-probe.cpp -I$SRC/include -I$SRC/ggml/include
+//     -o /tmp/probe $L $OUT/build/ggml/src/libggml-base.a -fopenmp -lpthread -ldl   (one line)
+// To try a changed ggml-cpu source file, compile it with the flags of
+// $OUT/build/ggml/src/CMakeFiles/ggml-cpu.dir/flags.make and put its object before the archives.
+//
+// usage: probe MODEL.gguf REPACK(0|1: use_extra_bufts) NA NB [STEPS=1] [PROMPT_REPEATS=1]
+//   e.g. probe gptoss-2l.gguf 1 1 8 64     (a lone sequence vs 8 together, 64 decode steps)
+// env: PROBE_LOG=1 shows llama.cpp's log (buffer types, "repack tensor ..." lines).
+#include "llama.h"
+#include "ggml.h"
+#include "ggml-backend.h"
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <string>
+#include <vector>
+#include <cmath>
+
+struct Rec { std::string name; std::string op; std::vector<float> data; int64_t ne[4]; };
+static std::vector<Rec> * g_recs = nullptr;
+
+static bool cb(struct ggml_tensor * t, bool ask, void *) {
+    if (ask) return true;
+    if (!g_recs || t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t)) return true;
+    Rec r; r.name = t->name; r.op = ggml_op_desc(t);
+    for (int i = 0; i < 4; i++) r.ne[i] = t->ne[i];
+    r.data.resize(ggml_nelements(t));
+    ggml_backend_tensor_get(t, r.data.data(), 0, ggml_nbytes(t));
+    g_recs->push_back(std::move(r));
+    return true;
+}
+
+static std::vector<Rec> run(llama_model * model, int nseq, const std::vector<llama_token> & prompt, int steps, std::vector<llama_token> & out_tokens) {
+    auto cp = llama_context_default_params();
+    cp.n_ctx = 4096; cp.n_batch = 512; cp.n_ubatch = 512; cp.n_seq_max = 8; cp.kv_unified = false;
+    cp.n_threads = 2; cp.n_threads_batch = 2; cp.cb_eval = cb; cp.cb_eval_user_data = nullptr;
+    cp.n_outputs_max = 8;
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) { fprintf(stderr, "cannot create a context\n"); exit(1); }
+    const int n = prompt.size();
+    const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    auto argmax = [&](int i) { const float * l = llama_get_logits_ith(ctx, i); int best = 0; for (int v = 1; v < n_vocab; v++) if (l[v] > l[best]) best = v; return best; };
+    llama_token first_tok = 0;
+    // prefill: one call per sequence (same shapes in both runs)
+    llama_batch b = llama_batch_init(std::max(n, 8), 0, 1);
+    for (int s = 0; s < nseq; s++) {
+        b.n_tokens = 0;
+        for (int i = 0; i < n; i++) {
+            int k = b.n_tokens++;
+            b.token[k] = prompt[i]; b.pos[k] = i; b.n_seq_id[k] = 1; b.seq_id[k][0] = s; b.logits[k] = (i == n - 1);
+        }
+        if (llama_decode(ctx, b)) { fprintf(stderr, "prefill failed\n"); exit(1); }
+        if (s == 0) first_tok = argmax(n - 1);
+    }
+    llama_token tok = first_tok;
+    out_tokens.push_back(tok);
+    std::vector<Rec> recs;
+    for (int st = 0; st < steps; st++) {
+        b.n_tokens = 0;
+        for (int s = 0; s < nseq; s++) { int k = b.n_tokens++; b.token[k] = tok; b.pos[k] = n + st; b.n_seq_id[k] = 1; b.seq_id[k][0] = s; b.logits[k] = 1; }
+        if (st == steps - 1) g_recs = &recs;
+        if (llama_decode(ctx, b)) { fprintf(stderr, "decode failed\n"); exit(1); }
+        g_recs = nullptr;
+        tok = argmax(0);
+        out_tokens.push_back(tok);
+    }
+    llama_batch_free(b);
+    llama_free(ctx);
+    return recs;
+}
+
+int main(int argc, char ** argv) {
+    if (argc < 5) { fprintf(stderr, "usage: %s MODEL REPACK NA NB [STEPS] [PROMPT_REPEATS]\n", argv[0]); return 2; }
+    const char * path = argv[1];
+    int repack = atoi(argv[2]);
+    int na = atoi(argv[3]);
+    int nseq = atoi(argv[4]);
+    int steps = argc > 5 ? atoi(argv[5]) : 1;
+    int rep = argc > 6 ? atoi(argv[6]) : 1;
+    if (!getenv("PROBE_LOG")) llama_log_set([](ggml_log_level, const char *, void *) {}, nullptr);
+    llama_backend_init();
+    auto mp = llama_model_default_params();
+    mp.use_extra_bufts = repack != 0;
+    llama_model * model = llama_model_load_from_file(path, mp);
+    if (!model) { fprintf(stderr, "cannot load %s\n", path); return 1; }
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    std::string text = "Once upon a time, in a small village by the sea,";
+    { std::string t; for (int i = 0; i < rep; i++) t += text; text = t; }
+    std::vector<llama_token> prompt(4096);
+    int np = llama_tokenize(vocab, text.c_str(), text.size(), prompt.data(), prompt.size(), false, true);
+    prompt.resize(np);
+    std::vector<llama_token> t1, tn;
+    auto a = run(model, na, prompt, steps, t1);
+    auto bb = run(model, nseq, prompt, steps, tn);
+    int same_tok = 0; for (size_t i = 0; i < t1.size(); i++) same_tok += t1[i] == tn[i];
+    printf("repack=%d rows %d vs %d, prompt %d tokens, steps=%d: greedy tokens equal %d/%zu\n", repack, na, nseq, np, steps, same_tok, t1.size());
+    size_t j = 0; int shown = 0; size_t compared = 0, skipped = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        const Rec & x = a[i];
+        size_t k2 = j; while (k2 < bb.size() && bb[k2].name != x.name) k2++;
+        if (k2 == bb.size()) { skipped++; continue; }
+        j = k2 + 1;
+        const Rec & y = bb[k2];
+        size_t S = x.data.size();
+        if (y.data.size() < S) { skipped++; continue; }
+        compared++;
+        double md = 0; size_t nd = 0;
+        for (size_t k = 0; k < S; k++) { double d = fabs((double)x.data[k] - y.data[k]); if (x.data[k] != y.data[k]) nd++; if (d > md) md = d; }
+        if (nd && shown < 6) {
+            printf("  DIFF %-28s %-14s ne=[%lld,%lld,%lld,%lld] vs [%lld,%lld,%lld,%lld] differing=%zu/%zu maxabs=%g\n", x.name.c_str(), x.op.c_str(),
+                (long long)x.ne[0],(long long)x.ne[1],(long long)x.ne[2],(long long)x.ne[3],(long long)y.ne[0],(long long)y.ne[1],(long long)y.ne[2],(long long)y.ne[3], nd, S, md);
+            shown++;
+        }
+    }
+    printf("  compared %zu tensors (row 0), %zu not matched\n", compared, skipped);
+    if (!shown) printf("  all compared tensors equal\n");
+    llama_model_free(model);
+    return 0;
+}
