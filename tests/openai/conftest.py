@@ -170,6 +170,9 @@ def cluster(request: pytest.FixtureRequest):
             str(bin_dir / "moe-worker"), "--model", str(model), "--offload", "full",
             "--listen", f"127.0.0.1:{wport}", "--etcd", etcd_url, "--id", WORKER_ID,
             "--ctx-size", "8192", "--parallel", "4",  # 2048 cells per sequence
+            # Sequential decode: the one batch-invariant mode on the CPU (batched CPU decode is
+            # not: docs/benchmarks/batch-invariance.md); the batch_invariant tests need one.
+            "--decode-mode", "sequential",
             # Adverts are rewritten on a meaningful change or once a lease TTL (docs/registry.md):
             # a slot freed below the last free one shows within 3 s, inside RELEASE_TIMEOUT_S.
             "--lease-ttl", "3s",

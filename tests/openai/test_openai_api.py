@@ -158,7 +158,7 @@ def test_batch_latency_class_header_is_accepted(client):
 
 
 def test_batch_invariant_is_accepted_and_the_system_fingerprint_returned(cluster, client):
-    # The CPU worker decodes batched with a KV stream per sequence: batch-invariant.
+    # The CPU worker decodes sequentially with a KV stream per sequence: batch-invariant.
     assert cluster.advert()["batch_invariant"] is True
     raw = client.completions.with_raw_response.create(
         model=MODEL_NAME, prompt="The capital of France is", max_tokens=4, temperature=0,

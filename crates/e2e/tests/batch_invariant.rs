@@ -1,7 +1,7 @@
 //! `batch_invariant` end to end: real etcd, two real llama.cpp workers on the SmolLM2 MoE (CPU),
 //! a real gateway (gRPC and the OpenAI HTTP API). One worker runs with `--kv-unified` (its
-//! sequences share one KV cache: not batch-invariant), the other with the default per-sequence
-//! KV streams (batched CPU decode: batch-invariant). Requests that set `batch_invariant` land on
+//! sequences share one KV cache, batched decode: not batch-invariant), the other with
+//! per-sequence KV streams and `--decode-mode sequential` (batch-invariant). Requests that set `batch_invariant` land on
 //! the invariant worker only, even though the other one is the preferred pool for their class;
 //! with only the `--kv-unified` worker left they fail with FAILED_PRECONDITION (HTTP 400) naming
 //! the field; requests without it may land on either and their final message says which.
@@ -37,17 +37,24 @@ async fn batch_invariant_requests_land_only_on_batch_invariant_workers() {
     let mut unified_spec = WorkerSpec::new("unified", "full");
     unified_spec.extra.push("--kv-unified".into());
     let unified = Worker::start(unified_spec, Some((&etcd, prefix))).await;
-    let inv = Worker::start(WorkerSpec::new("inv", "cpu-moe"), Some((&etcd, prefix))).await;
+    // The invariant worker decodes sequentially: on the CPU, batched decode is not
+    // batch-invariant (ggml-cpu multiplies one row and several rows with different kernels).
+    let mut inv_spec = WorkerSpec::new("inv", "cpu-moe");
+    inv_spec
+        .extra
+        .extend(["--decode-mode".into(), "sequential".into()]);
+    let inv = Worker::start(inv_spec, Some((&etcd, prefix))).await;
     let http = format!("127.0.0.1:{}", free_port());
     let gateway = Gateway::start(&etcd, prefix, &["--http-listen", &http]).await;
     let url = gateway.url();
     have_free_kv(&etcd, prefix, &["unified", "inv"]).await;
 
-    // What each worker advertises: both decode batched (CPU), one shares its KV cache.
+    // What each worker advertises: one decodes batched (the CPU default) with a shared KV
+    // cache, the other sequentially with a KV stream per sequence.
     let a_unified = etcd.advert(prefix, "unified").await.expect("advert");
     let a_inv = etcd.advert(prefix, "inv").await.expect("advert");
     assert_eq!(a_unified.decode_mode.as_deref(), Some("batched"));
-    assert_eq!(a_inv.decode_mode.as_deref(), Some("batched"));
+    assert_eq!(a_inv.decode_mode.as_deref(), Some("sequential"));
     assert_eq!(a_unified.batch_invariant, Some(false));
     assert_eq!(a_inv.batch_invariant, Some(true));
 

@@ -89,7 +89,8 @@ pub struct WorkerConfig {
     /// choose their algorithm by batch shape (measured on an H200: with batched steps no greedy
     /// text equalled its solo run), so with this on a sequence sees the same kernel shapes as
     /// when it runs alone; the cost is decode batching (docs/benchmarks/batch-invariance.md).
-    /// Not needed on the CPU, where per-sequence KV streams are already batch-invariant.
+    /// The CPU needs it too: ggml-cpu multiplies one row and several rows with different
+    /// kernels (docs/benchmarks/batch-invariance.md).
     /// Same as --decode-mode sequential (kept for existing deployments).
     #[arg(long, env = "MOE_SEQUENTIAL_DECODE")]
     pub sequential_decode: bool,

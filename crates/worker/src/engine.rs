@@ -76,7 +76,8 @@ pub enum DecodeMode {
     /// One llama.cpp call per sequence, prompts prefilled in chunks at fixed boundaries: greedy
     /// output does not depend on other traffic or on the prefix cache, on any backend.
     Sequential,
-    /// One llama.cpp call per step for all sequences: faster; batch-invariant on the CPU only.
+    /// One llama.cpp call per step for all sequences: faster; not batch-invariant (GPU kernels
+    /// are chosen by batch shape, and ggml-cpu multiplies one row and several differently).
     Batched,
     /// Prompt chunks prefilled one sequence per call at fixed boundaries, as `Sequential`, and
     /// the decoding sequences' next tokens together in calls of up to `--grouped-rows`, as

@@ -158,14 +158,21 @@ fn invariant_rows(config: &EngineConfig) -> i32 {
 /// `batch_invariant`): each sequence has its own KV stream (a unified cache interleaves
 /// concurrent sequences' cells, on any device), and either each sequence is decoded in its own
 /// llama.cpp call (`sequential`), or decodes are grouped with kernels that compute each row as
-/// alone (`grouped`, which resolution allows on an accelerator only with the patch that
-/// provides them and with every routed expert in accelerator memory), or the backend has no
-/// accelerator (CPU kernels are row-independent; GPU kernels are chosen by batch shape, and
-/// llama.cpp sends large batches to an accelerator even with `--gpu-layers 0`). `mode` is the
-/// resolved mode.
+/// alone (`grouped` on an accelerator, which resolution allows only with the patch that
+/// provides those kernels and with every routed expert in accelerator memory). Multi-row calls
+/// on the CPU are not: ggml-cpu multiplies a lone row with `ggml_vec_dot_f32` but several rows
+/// with llamafile's tinyBLAS (a different order of additions; the F32 MoE router of every real
+/// MoE GGUF takes that path), its flash attention splits the KV of a lone row past 256 cells,
+/// and its tiled K-quant product starts at 8 rows (measured with bench/cpu-invariance-probe.cpp,
+/// docs/benchmarks/batch-invariance.md). So CPU `batched` and `grouped` are not advertised as
+/// invariant. `mode` is the resolved mode.
 fn batch_invariant(kv_unified: bool, mode: DecodeMode, has_accelerator: bool) -> bool {
     !kv_unified
-        && (matches!(mode, DecodeMode::Sequential | DecodeMode::Grouped) || !has_accelerator)
+        && match mode {
+            DecodeMode::Sequential => true,
+            DecodeMode::Grouped => has_accelerator,
+            DecodeMode::Batched | DecodeMode::Auto => false,
+        }
 }
 
 /// The final message's `system_fingerprint` (docs/api.md): what determines this worker's
@@ -660,16 +667,16 @@ mod tests {
     }
 
     #[test]
-    fn batch_invariant_needs_per_sequence_kv_and_an_invariant_decode_or_no_accelerator() {
+    fn batch_invariant_needs_per_sequence_kv_and_an_invariant_decode() {
         use DecodeMode::{Batched, Grouped, Sequential};
-        // Per-sequence KV streams: sequential and grouped decode anywhere (resolution refuses
-        // grouped on an accelerator without the patch or with host experts), batched only off
-        // accelerators.
-        for mode in [Sequential, Grouped] {
-            assert!(batch_invariant(false, mode, true));
-            assert!(batch_invariant(false, mode, false));
-        }
-        assert!(batch_invariant(false, Batched, false));
+        // Per-sequence KV streams: sequential decode anywhere; grouped only on an accelerator
+        // (resolution refuses it there without the patch or with host experts); the CPU's
+        // multi-row kernels are not row-invariant, so neither grouped nor batched there.
+        assert!(batch_invariant(false, Sequential, true));
+        assert!(batch_invariant(false, Sequential, false));
+        assert!(batch_invariant(false, Grouped, true));
+        assert!(!batch_invariant(false, Grouped, false));
+        assert!(!batch_invariant(false, Batched, false));
         assert!(!batch_invariant(false, Batched, true));
         // A unified KV cache: never, whatever the mode and device.
         for mode in [Sequential, Batched, Grouped] {
@@ -677,8 +684,9 @@ mod tests {
                 assert!(!batch_invariant(true, mode, accelerator));
             }
         }
-        // What `load_model` feeds it: `auto` resolves to an invariant mode unless the KV cache
-        // is unified, `--gpu-layers 0` included (llama.cpp still offloads large batches).
+        // What `load_model` feeds it: on an accelerator `auto` resolves to an invariant mode
+        // unless the KV cache is unified, `--gpu-layers 0` included (llama.cpp still offloads
+        // large batches); on the CPU it resolves to batched, which is not invariant.
         let mut c = config(2048, 512);
         for gpu_layers in [None, Some(0)] {
             c.gpu_layers = gpu_layers;
@@ -687,7 +695,10 @@ mod tests {
                     for host in [false, true] {
                         let mode =
                             resolve_decode_mode(&c, accelerator, patch, host).expect("resolves");
-                        assert!(batch_invariant(c.kv_unified, mode, accelerator));
+                        assert_eq!(
+                            batch_invariant(c.kv_unified, mode, accelerator),
+                            accelerator
+                        );
                     }
                 }
             }
