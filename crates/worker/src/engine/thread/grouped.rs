@@ -60,6 +60,10 @@ mod tests {
     use super::super::super::batcher::Entry;
     use super::super::sequential::{Decodes, calls};
 
+    fn together(max_rows: usize, rotation: usize) -> Decodes {
+        Decodes::Together { max_rows, rotation }
+    }
+
     fn entry(slot: usize, pos: u32, n: usize, sample: bool) -> Entry {
         Entry {
             slot,
@@ -91,14 +95,7 @@ mod tests {
 
     #[test]
     fn grouped_runs_every_decode_in_one_call_and_each_prompt_chunk_alone() {
-        let got = calls(
-            &step(),
-            interactive,
-            Decodes::Together {
-                max_rows: 16,
-                rotation: 0,
-            },
-        );
+        let got = calls(&step(), interactive, together(16, 0));
         assert_eq!(
             got,
             vec![vec![0], vec![1], vec![2], vec![3, 4, 5], vec![6]],
@@ -111,50 +108,22 @@ mod tests {
     fn grouped_splits_the_decodes_into_calls_of_at_most_max_rows_in_order() {
         let decodes: Vec<Entry> = (0..5).map(|s| entry(s, 40, 1, true)).collect();
         assert_eq!(
-            calls(
-                &decodes,
-                |_| false,
-                Decodes::Together {
-                    max_rows: 2,
-                    rotation: 0
-                }
-            ),
+            calls(&decodes, |_| false, together(2, 0)),
             vec![vec![0, 1], vec![2, 3], vec![4]]
         );
         // One row a call is sequential's order without the rotation.
         assert_eq!(
-            calls(
-                &decodes,
-                |_| false,
-                Decodes::Together {
-                    max_rows: 1,
-                    rotation: 0
-                }
-            ),
+            calls(&decodes, |_| false, together(1, 0)),
             (0..5).map(|i| vec![i]).collect::<Vec<_>>()
         );
         // Exactly max_rows: one call.
         assert_eq!(
-            calls(
-                &decodes,
-                |_| false,
-                Decodes::Together {
-                    max_rows: 5,
-                    rotation: 0
-                }
-            ),
+            calls(&decodes, |_| false, together(5, 0)),
             vec![(0..5).collect::<Vec<_>>()]
         );
         // Within a step: INTERACTIVE prompt chunks, the decodes two by two, the BATCH chunk.
         assert_eq!(
-            calls(
-                &step(),
-                interactive,
-                Decodes::Together {
-                    max_rows: 2,
-                    rotation: 0
-                }
-            ),
+            calls(&step(), interactive, together(2, 0)),
             vec![vec![0], vec![1], vec![2], vec![3, 4], vec![5], vec![6]]
         );
     }
@@ -164,29 +133,13 @@ mod tests {
         // A step cut short after its first call of decodes must not postpone the same
         // sequences every time: the round of calls starts one call later each step.
         let decodes: Vec<Entry> = (0..5).map(|s| entry(s, 40, 1, true)).collect();
-        let at = |rotation| {
-            calls(
-                &decodes,
-                |_| false,
-                Decodes::Together {
-                    max_rows: 2,
-                    rotation,
-                },
-            )
-        };
+        let at = |rotation| calls(&decodes, |_| false, together(2, rotation));
         assert_eq!(at(1), vec![vec![2, 3], vec![4], vec![0, 1]]);
         assert_eq!(at(2), vec![vec![4], vec![0, 1], vec![2, 3]]);
         assert_eq!(at(3), at(0));
         // INTERACTIVE prompt chunks still come first and the BATCH chunk last.
         assert_eq!(
-            calls(
-                &step(),
-                interactive,
-                Decodes::Together {
-                    max_rows: 2,
-                    rotation: 1
-                }
-            ),
+            calls(&step(), interactive, together(2, 1)),
             vec![vec![0], vec![1], vec![2], vec![5], vec![3, 4], vec![6]]
         );
     }
@@ -206,38 +159,14 @@ mod tests {
             entry(1, 20, 12, false),
             entry(1, 32, 1, true),
         ];
-        let got = calls(
-            &entries,
-            |_| false,
-            Decodes::Together {
-                max_rows: 16,
-                rotation: 0,
-            },
-        );
+        let got = calls(&entries, |_| false, together(16, 0));
         assert_eq!(got, vec![vec![0], vec![1], vec![2]]);
         // Decodes only: one call.
         let decodes: Vec<Entry> = (0..8).map(|s| entry(s, 40, 1, true)).collect();
         assert_eq!(
-            calls(
-                &decodes,
-                |_| false,
-                Decodes::Together {
-                    max_rows: 16,
-                    rotation: 0
-                }
-            ),
+            calls(&decodes, |_| false, together(16, 0)),
             vec![(0..8).collect::<Vec<_>>()]
         );
-        assert!(
-            calls(
-                &[],
-                |_| false,
-                Decodes::Together {
-                    max_rows: 16,
-                    rotation: 0
-                }
-            )
-            .is_empty()
-        );
+        assert!(calls(&[], |_| false, together(16, 0)).is_empty());
     }
 }
