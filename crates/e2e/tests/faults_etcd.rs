@@ -17,6 +17,16 @@ fn ids(watcher: &Watcher) -> Vec<String> {
     watcher.current().workers.keys().cloned().collect()
 }
 
+/// An 8-token greedy request through the gateway at `url`, retried until one is served (the
+/// gateway's registry view converges asynchronously after an etcd fault), within `timeout`.
+async fn served_eventually(url: &str, timeout: Duration, what: &str) -> Collected {
+    eventually(timeout, what, || {
+        let url = url.to_string();
+        async move { generate(&url, greedy(PROMPT, 8)).await.ok() }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gateway_and_worker_started_while_etcd_is_down_serve_once_it_is_up() {
     let port = free_port();
@@ -46,13 +56,10 @@ async fn gateway_and_worker_started_while_etcd_is_down_serve_once_it_is_up() {
 
     let etcd = Etcd::start_on(port).await;
     let up = std::time::Instant::now();
-    let out = eventually(
+    let out = served_eventually(
+        &gateway.url(),
         Duration::from_secs(20),
         "a request through the gateway after etcd came up",
-        || {
-            let url = gateway.url();
-            async move { generate(&url, greedy(PROMPT, 8)).await.ok() }
-        },
     )
     .await;
     assert!(out.text.contains("Paris"), "text was {:?}", out.text);
@@ -117,13 +124,10 @@ async fn registry_view_converges_after_etcd_is_restored_from_an_older_snapshot()
         },
     )
     .await;
-    let out = eventually(
+    let out = served_eventually(
+        &gateway.url(),
         Duration::from_secs(20),
         "a request through the gateway after the restore",
-        || {
-            let url = gateway.url();
-            async move { generate(&url, greedy(PROMPT, 8)).await.ok() }
-        },
     )
     .await;
     assert_eq!(out.last.worker_id, "new");
@@ -189,14 +193,10 @@ async fn etcd_stalled_with_sigstop_under_traffic_loses_no_stream() {
     // The test reads etcd directly; the gateway's watch may still be replaying the lapsed
     // lease's delete and the new put, so its view converges shortly after (CI once saw "no
     // workers are registered" here): requests must succeed again within the same bound.
-    let url = gateway.url();
-    let after = eventually(
+    let after = served_eventually(
+        &gateway.url(),
         Duration::from_secs(15),
         "a request served through the gateway after SIGCONT",
-        || {
-            let url = url.clone();
-            async move { generate(&url, greedy(PROMPT, 8)).await.ok() }
-        },
     )
     .await;
     assert!(after.text.contains("Paris"));
