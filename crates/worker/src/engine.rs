@@ -83,7 +83,7 @@ pub enum DecodeMode {
     /// the decoding sequences' next tokens together in calls of up to `--grouped-rows`, as
     /// `Batched`: batch-invariant where the kernels compute each row of such a call as they
     /// would alone (the CPU, and CUDA with moe-cluster's llama.cpp patch, switched on at
-    /// start-up, when no routed expert runs on the host's repacked multi-row CPU kernels).
+    /// start-up, when no routed expert runs on the host's multi-row CPU kernels).
     Grouped,
 }
 

@@ -102,12 +102,11 @@ fn experts_on_host(plan: &MemoryPlan, gpu_layers: Option<u32>, n_layer: u32) -> 
 /// the GPU (`op_offload`), and those kernels are chosen by the batch's shape too.
 ///
 /// An explicit `grouped` on an accelerator is refused where it would not be invariant: with
-/// host-resident experts (ggml-cpu multiplies MXFP4 and other repackable weights with
-/// multi-row GEMM kernels, `use_extra_bufts`, so a token's expert output depends on how many
-/// tokens of the call share that expert: measured on an H200 with `cpu-moe`, 0/16 and 0/8
-/// concurrent runs equal to solo, against 16/16 and 8/8 with `full`), and without the patch. On
-/// a CPU-only worker it is allowed (the CPU invariance check, crates/e2e/tests/invariance.rs,
-/// passes on the test model).
+/// host-resident experts (ggml-cpu multiplies one row and several rows with different kernels,
+/// so a token's expert output depends on how many tokens of the call share that expert:
+/// measured on an H200 with `cpu-moe`, 0/16 and 0/8 concurrent runs equal to solo, against
+/// 16/16 and 8/8 with `full`), and without the patch. On a CPU-only worker it is allowed but
+/// not advertised as invariant ([`batch_invariant`]).
 fn resolve_decode_mode(
     config: &EngineConfig,
     has_accelerator: bool,
@@ -125,8 +124,8 @@ fn resolve_decode_mode(
                 "--decode-mode grouped is not batch-invariant when routed experts run on the \
                  host CPU (this placement keeps experts in host memory: --offload cpu-moe, \
                  n-cpu-moe:N, an auto placement that does not fit, or --gpu-layers; ggml-cpu \
-                 multiplies them with repacked multi-row kernels, so a token's result depends \
-                 on how many tokens share its expert); use --decode-mode sequential \
+                 multiplies one row and several rows with different kernels, so a token's \
+                 result depends on how many tokens share its expert); use --decode-mode sequential \
                  (batch-invariant, exact) or batched (throughput, not batch-invariant), or \
                  place every expert on the GPU (--offload full)"
                     .into(),
@@ -551,7 +550,7 @@ mod tests {
         assert_eq!(resolve(&c, true, false, false), DecodeMode::Sequential);
         assert_eq!(resolve(&c, true, true, false), DecodeMode::Grouped);
         assert_eq!(resolve(&c, false, false, false), DecodeMode::Batched);
-        // Host experts on an accelerator: sequential, patch or not (ggml-cpu's repacked
+        // Host experts on an accelerator: sequential, patch or not (ggml-cpu's multi-row
         // kernels are not row-invariant); the CPU-only worker is unaffected.
         for patch in [false, true] {
             assert_eq!(resolve(&c, true, patch, true), DecodeMode::Sequential);
@@ -632,7 +631,7 @@ mod tests {
             for what in [
                 "not batch-invariant",
                 "host CPU",
-                "repacked multi-row",
+                "one row and several rows",
                 "sequential",
                 "batched",
             ] {

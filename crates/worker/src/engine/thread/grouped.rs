@@ -7,16 +7,15 @@
 //! rows beyond a few (≈ 150 ms for 60 rows of gpt-oss-20b on an H200), so an INTERACTIVE
 //! arrival waits for at most one call of `--grouped-rows`; the decodes not run stay as they
 //! were (uncommitted) and run in the next step, like sequential mode's postponed entries. Such
-//! a call is batch-invariant only where every kernel computes each row as it would alone (so
-//! how the decodes are split does not change the output): on CUDA with moe-cluster's llama.cpp patch switched on
-//! at load (`devices::enable_cuda_batch_invariance`) and every routed expert in GPU memory, and
-//! on a CPU-only worker (checked on the test model by crates/e2e/tests/invariance.rs). Routed
-//! experts in host memory on an accelerator machine (`cpu-moe`, `n-cpu-moe:N`, `--gpu-layers`)
-//! run on ggml-cpu's repacked multi-row kernels (MXFP4 among others), whose result for a token
-//! depends on how many tokens share its expert: measured on an H200, `cpu-moe` grouped gave
-//! 0/16 and 0/8 concurrent runs equal to solo where `full` gave 16/16 and 8/8. So `load`
-//! resolves `auto` to `grouped` only on a patched accelerator with no host experts, and
-//! refuses an explicit `grouped` on an accelerator without the patch or with host experts.
+//! a call is batch-invariant only where every kernel computes each row as it would alone, so
+//! how the decodes are split does not change the output: on CUDA with moe-cluster's llama.cpp
+//! patch switched on at load (`devices::enable_cuda_batch_invariance`) and every routed expert
+//! in GPU memory (H200: 16/16 and 8/8 concurrent runs equal to solo with `full`). Not on the
+//! CPU: ggml-cpu multiplies one row and several rows with different kernels (`cpu-moe` grouped
+//! on the H200: 0/16, 0/8; CPU-only: docs/benchmarks/batch-invariance.md). So `load` resolves
+//! `auto` to `grouped` only on a patched accelerator with no host experts, refuses an explicit
+//! `grouped` on an accelerator without the patch or with host experts, and a CPU-only
+//! `grouped` worker does not advertise `batch_invariant`.
 
 use tokio::sync::mpsc;
 
