@@ -133,6 +133,8 @@ pub struct LoadedModel {
     pub cache_sequences: u32,
     /// Whether the experts kept on the host live in pinned memory.
     pub host_experts_pinned: bool,
+    /// The CUDA row-invariant kernels `grouped` decodes with, switched per call by the engine.
+    invariant_kernels: Option<devices::InvariantKernels>,
     /// Element types of the K and V caches.
     pub cache_type_k: moe_common::plan::KvCacheType,
     pub cache_type_v: moe_common::plan::KvCacheType,

@@ -154,33 +154,55 @@ pub(super) fn accelerator_pins_host_weights() -> bool {
         })
 }
 
-/// Switches on the CUDA backend's row-invariant kernels, for calls of up to `max_rows` rows:
-/// each row of a one-token-per-sequence decode call is then computed exactly as it would be
-/// alone (`--decode-mode grouped`). The switch is moe-cluster's llama.cpp patch
-/// (patches/llama.cpp), exported as `ggml_backend_cuda_set_batch_invariant` through the ggml
-/// backend registry; it is global to the process. Call after the backends are loaded and
-/// before the context is created: its compute buffers are sized for the kernels in force.
-/// Returns false, having changed nothing, when there is no CUDA backend or it lacks the patch.
-pub(super) fn enable_cuda_batch_invariance(max_rows: i32) -> bool {
-    // SAFETY: both names are NUL-terminated literals; the registry and the function live as
-    // long as the process. The patch declares the function `void (int)`, the type the pointer
-    // is converted to, and it only sets the backend's flag.
-    unsafe {
-        let reg = llama_cpp_sys_2::ggml_backend_reg_by_name(c"CUDA".as_ptr());
-        if reg.is_null() {
-            return false;
-        }
-        let f = llama_cpp_sys_2::ggml_backend_reg_get_proc_address(
-            reg,
-            c"ggml_backend_cuda_set_batch_invariant".as_ptr(),
-        );
-        if f.is_null() {
-            return false;
-        }
-        let set = std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(i32)>(f);
-        set(max_rows);
+/// The CUDA backend's row-invariant kernels (moe-cluster's llama.cpp patch, patches/llama.cpp,
+/// exported as `ggml_backend_cuda_set_batch_invariant` through the ggml backend registry): while
+/// on, each row of a call of up to `rows` rows is computed exactly as it would be alone, so the
+/// one-token-per-sequence calls of `--decode-mode grouped` are batch-invariant. The switch is
+/// global to the process, silent and cheap: the engine turns it on for calls of decodes and off
+/// for prompt chunks, which then take the usual multi-row kernels (a prompt is prefilled alone,
+/// at fixed chunk boundaries, so those stay deterministic) instead of running row by row.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct InvariantKernels {
+    set: unsafe extern "C" fn(i32),
+    rows: i32,
+}
+
+impl InvariantKernels {
+    /// Finds the switch and turns the kernels on for calls of up to `max_rows` rows. Call
+    /// after the backends are loaded and before the context is created (its compute buffers
+    /// are sized with the kernels on). None, having changed nothing, when there is no CUDA
+    /// backend or it lacks the patch.
+    pub(super) fn enable_cuda(max_rows: i32) -> Option<Self> {
+        // SAFETY: both names are NUL-terminated literals; the registry and the function live
+        // as long as the process. The patch declares the function `void (int)`, the type the
+        // pointer is converted to, and it only sets the backend's flag.
+        let kernels = unsafe {
+            let reg = llama_cpp_sys_2::ggml_backend_reg_by_name(c"CUDA".as_ptr());
+            if reg.is_null() {
+                return None;
+            }
+            let f = llama_cpp_sys_2::ggml_backend_reg_get_proc_address(
+                reg,
+                c"ggml_backend_cuda_set_batch_invariant".as_ptr(),
+            );
+            if f.is_null() {
+                return None;
+            }
+            Self {
+                set: std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(i32)>(f),
+                rows: max_rows,
+            }
+        };
+        kernels.switch(true);
+        Some(kernels)
     }
-    true
+
+    /// On (rows up to the limit given at load) or off, for the calls that follow. Only
+    /// between llama.cpp calls: the flag is read while a call's graph runs.
+    pub(super) fn switch(&self, on: bool) {
+        // SAFETY: `set` is the patch's `void (int)` setter found in `enable_cuda`.
+        unsafe { (self.set)(if on { self.rows } else { 0 }) }
+    }
 }
 
 fn first_gpu_index() -> usize {

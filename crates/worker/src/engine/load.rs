@@ -19,8 +19,8 @@ use moe_common::plan::{ACCELERATOR_OVERHEAD_BYTES, KvCacheType, KvLayout, Memory
 use moe_common::registry::{DeviceKind, ModelInfo};
 
 use super::devices::{
-    accelerator_pins_host_weights, account, enable_cuda_batch_invariance, free_by_device,
-    planned_devices, refresh_devices,
+    InvariantKernels, accelerator_pins_host_weights, account, free_by_device, planned_devices,
+    refresh_devices,
 };
 use super::{DecodeMode, EngineConfig, EngineError, LoadedModel, Tokenizer};
 
@@ -147,8 +147,8 @@ fn resolve_decode_mode(
 
 /// The rows the CUDA backend's row-invariant kernels must cover: a grouped decode call has one
 /// per running sequence, so `--parallel` of them at most (cache-only streams never decode); at
-/// least 2. The patch also runs prompt chunks of up to this many tokens row by row and keeps
-/// them off `op_offload` (patches/llama.cpp/README.md), so it is no larger than it must be.
+/// least 2. The engine switches the kernels off for prompt chunks, which would otherwise run
+/// row by row up to this many tokens (patches/llama.cpp/README.md).
 fn invariant_rows(config: &EngineConfig) -> i32 {
     config.parallel.clamp(2, i32::MAX as u32) as i32
 }
@@ -319,10 +319,12 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
     // buffers are sized for the kernels in force.
     let host_experts = experts_on_host(&plan, config.gpu_layers, shape.n_layer);
     let rows = invariant_rows(config);
-    let invariance_patch = has_accelerator
+    let invariant_kernels = (has_accelerator
         && !host_experts
-        && matches!(config.decode_mode, DecodeMode::Auto | DecodeMode::Grouped)
-        && enable_cuda_batch_invariance(rows);
+        && matches!(config.decode_mode, DecodeMode::Auto | DecodeMode::Grouped))
+    .then(|| InvariantKernels::enable_cuda(rows))
+    .flatten();
+    let invariance_patch = invariant_kernels.is_some();
     if invariance_patch {
         tracing::info!(max_rows = rows, "CUDA batch-invariant kernels on");
     }
@@ -364,6 +366,8 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
         host_experts_pinned,
         cache_type_k: config.cache_type_k,
         cache_type_v: config.cache_type_v,
+        // Present only where the mode resolved to `grouped` (it does whenever they are on).
+        invariant_kernels,
     };
     Ok((model, info))
 }
@@ -661,7 +665,7 @@ mod tests {
             .iter()
             .any(|d| d.backend == "CUDA");
         if !cuda {
-            assert!(!enable_cuda_batch_invariance(8));
+            assert!(InvariantKernels::enable_cuda(8).is_none());
         }
     }
 

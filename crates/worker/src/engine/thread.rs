@@ -46,6 +46,7 @@ pub(super) fn engine_thread(
         let context_tokens = info.context_tokens;
         let sliding_window = info.sliding_window;
         let decode_mode = info.decode_mode;
+        let invariant_kernels = info.invariant_kernels;
         // Prompts one sequence per call at fixed boundaries (`sequential`, `grouped`).
         let per_sequence_prefill =
             matches!(decode_mode, DecodeMode::Sequential | DecodeMode::Grouped);
@@ -99,6 +100,8 @@ pub(super) fn engine_thread(
             sliding_window,
             decode_mode,
             grouped_rows: config.grouped_rows.max(1),
+            invariant_kernels,
+            invariant_kernels_on: true,
             rotation: 0,
             deferred: None,
             disconnected: false,
@@ -161,6 +164,10 @@ struct Engine<'m> {
     decode_mode: DecodeMode,
     /// Grouped decode: the most sequences in one call of decodes (`--grouped-rows`, >= 1).
     grouped_rows: usize,
+    /// Grouped decode on CUDA: the patch's row-invariant kernels, on for calls of decodes and
+    /// off for prompt chunks (`InvariantKernels`), and whether they are on now.
+    invariant_kernels: Option<super::devices::InvariantKernels>,
+    invariant_kernels_on: bool,
     /// Sequential decode: where this step's round of decodes starts, advanced every step, so a
     /// step cut short for an INTERACTIVE arrival does not always postpone the same sequences.
     rotation: usize,

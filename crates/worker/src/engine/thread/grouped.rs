@@ -9,8 +9,8 @@
 //! were (uncommitted) and run in the next step, like sequential mode's postponed entries. Such
 //! a call is batch-invariant only where every kernel computes each row as it would alone, so
 //! how the decodes are split does not change the output: on CUDA with moe-cluster's llama.cpp
-//! patch switched on at load (`devices::enable_cuda_batch_invariance`) and every routed expert
-//! in GPU memory (H200: 16/16 and 8/8 concurrent runs equal to solo with `full`). Not on the
+//! patch (`devices::InvariantKernels`, switched on for calls of decodes and off for prompt
+//! chunks, which are alone in their calls anyway) and every routed expert in GPU memory (H200: 16/16 and 8/8 concurrent runs equal to solo with `full`). Not on the
 //! CPU: ggml-cpu multiplies one row and several rows with different kernels (`cpu-moe` grouped
 //! on the H200: 0/16, 0/8; CPU-only: docs/benchmarks/batch-invariance.md). So `load` resolves
 //! `auto` to `grouped` only on a patched accelerator with no host experts, refuses an explicit

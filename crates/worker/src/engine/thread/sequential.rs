@@ -195,6 +195,15 @@ impl Engine<'_> {
                     .expect("plan fits the batch");
             }
         }
+        // Row-invariant kernels (grouped decode on CUDA) for calls of one token per sequence,
+        // the usual ones for prompt chunks.
+        let decodes = entries.iter().all(|e| e.tokens.len() == 1);
+        if let Some(kernels) = self.invariant_kernels
+            && decodes != self.invariant_kernels_on
+        {
+            kernels.switch(decodes);
+            self.invariant_kernels_on = decodes;
+        }
         self.stats.llama_calls_total += 1;
         let started = Instant::now();
         if let Err(err) = self.ctx.decode(&mut self.batch) {
