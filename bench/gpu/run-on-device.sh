@@ -43,7 +43,8 @@
 #      STAGES ("vram interactive64 threads prefix two-gpu gateway cpu-moe full n-cpu-moe"),
 #      OURS_FLAGS (extra worker flags for every run), BATCHED_FLAG (the worker flag for batched
 #      decode, "--decode-mode batched"; empty: skip the batched rows), SEQ_FLAG (the flag for the
-#      full stage's ours-seq rows, "--decode-mode sequential"; empty: skip them), INV_MODES (invariance.sh
+#      full stage's ours-seq rows, "--decode-mode sequential"; empty: skip them), SEQ_LEVELS (their
+#      stream counts, "1,16,64"), I64_GROUPED_ROWS (interactive64's runs, see stage_interactive64), INV_MODES (invariance.sh
 #      MODES, "full cpu-moe"), LAYERS (24), VRAM_UBS, VRAM_RPL (8), BEST_UB, I64_BG (60),
 #      I64_RPL (16), THREAD_COUNTS, THREADS_RPL (8), PREFIX_WORKER_ARGS ("--offload full --batch-size 128": sequential
 #      decode reuses whole --batch-size chunks only, and the workload's prompts are < 512 tokens),
@@ -409,7 +410,7 @@ stage_kvq() {
 run_interactive() {
   local par=$1 ctx=$2 bg=$3 label=$4 pw pg cmd
   pw=$(free_port); pg=$(free_port)
-  cmd=$(worker_cmd full "$pw" "$par" "$ctx" "i64-$label")
+  cmd=$(worker_cmd full "$pw" "$par" "$ctx" "i64-$label" ${GR:+--grouped-rows $GR})
   echo "$cmd" >>"$R/commands.txt"
   RUST_LOG=warn $cmd >"$WORK/i64-$label-worker.log" 2>&1 &
   PIDS=("$!")
@@ -431,13 +432,22 @@ run_interactive() {
 # interactive64: INTERACTIVE TTFT idle vs under BATCH load on one full worker (--parallel 64, 768
 # cells each). The worker keeps parallel/16 slots for INTERACTIVE, so 60 BATCH streams run at
 # --parallel 64; 64 running BATCH streams need --parallel 68 (same share: --ctx-size 52224).
+# I64_GROUPED_ROWS (e.g. "p64:16 p68:16 p68:64"; unset: "p64: p68:", the worker's default):
+# which runs, each at --grouped-rows N where given (labels p64-gr16 ...), for the wait an
+# INTERACTIVE prompt has behind one call of grouped decodes.
 stage_interactive64() {
-  has_time 200 "interactive64 p64" || return 0
-  stage "interactive64: --parallel ${I64_PARALLEL:-64} --ctx-size ${I64_CTX:-49152}, ${I64_BG:-60} BATCH in the background"
-  run_interactive "${I64_PARALLEL:-64}" "${I64_CTX:-49152}" "${I64_BG:-60}" p64
-  has_time 200 "interactive64 p68" || return 0
-  stage "interactive64: --parallel ${I64_PARALLEL2:-68} --ctx-size ${I64_CTX2:-52224}, ${I64_BG2:-64} BATCH in the background"
-  run_interactive "${I64_PARALLEL2:-68}" "${I64_CTX2:-52224}" "${I64_BG2:-64}" p68
+  local run label rows
+  for run in ${I64_GROUPED_ROWS:-p64: p68:}; do
+    IFS=: read -r label rows <<<"$run"
+    has_time 200 "interactive64 $label${rows:+-gr$rows}" || return 0
+    if [ "$label" = p64 ]; then
+      stage "interactive64: --parallel ${I64_PARALLEL:-64} --ctx-size ${I64_CTX:-49152}, ${I64_BG:-60} BATCH in the background${rows:+, --grouped-rows $rows}"
+      GR=$rows run_interactive "${I64_PARALLEL:-64}" "${I64_CTX:-49152}" "${I64_BG:-60}" "p64${rows:+-gr$rows}"
+    else
+      stage "interactive64: --parallel ${I64_PARALLEL2:-68} --ctx-size ${I64_CTX2:-52224}, ${I64_BG2:-64} BATCH in the background${rows:+, --grouped-rows $rows}"
+      GR=$rows run_interactive "${I64_PARALLEL2:-68}" "${I64_CTX2:-52224}" "${I64_BG2:-64}" "p68${rows:+-gr$rows}"
+    fi
+  done
 }
 
 # threads: cpu-moe single-stream decode at several thread counts (ours), upstream at the best.
@@ -549,7 +559,7 @@ stage_full() {
   fi
   if [ -n "$SEQ_FLAG" ] && has_time 200 full-sequential; then
     stage "full, ours with one llama.cpp call per sequence (the decode mode before grouped), for the A/B"
-    run_server ours-seq full 49152 64 1,16,64 128 $SEQ_FLAG
+    run_server ours-seq full 49152 64 "${SEQ_LEVELS:-1,16,64}" 128 $SEQ_FLAG
   fi
   if [ -n "$BATCHED_FLAG" ] && has_time 120 full-batched; then
     stage "full, ours with batched decode (not batch-invariant on the GPU), for the invariance trade-off"
