@@ -154,11 +154,12 @@ impl InferenceService {
             .and_then(parse_grpc_timeout)
             .map(|d| arrived + d);
         let req = request.into_inner();
-        let (prompt, reply) = prepare_request(&self.engine, &self.limits, &req).await?;
+        // Refused before the prompt is rendered and tokenised: the answer does not depend on it.
         let model = self.engine.model();
         if req.batch_invariant && !model.batch_invariant {
             return Err(not_batch_invariant(model));
         }
+        let (prompt, reply) = prepare_request(&self.engine, &self.limits, &req).await?;
         // Bounded by what the job can send, so the engine never waits on this stream's reader
         // (`engine::events`, review H6).
         let (events, rx) = job_channel(req.max_tokens);
