@@ -218,12 +218,12 @@ impl GatewayService {
         });
         validate(&req, &self.config.limits, false).map_err(|e| Status::invalid_argument(e.0))?;
         let class = class_of(&req);
-        let (prompt_tokens, hits) = match sized {
+        let (prompt_tokens, hits, prompt_tokens_exact) = match sized {
             Some(s) => {
                 self.metrics.prompt_sized(s.source);
-                (s.prompt_tokens, s.hits)
+                (s.prompt_tokens, s.hits, s.source == "tokenizer")
             }
-            None => (estimate_prompt_tokens(&req), PrefixHits::default()),
+            None => (estimate_prompt_tokens(&req), PrefixHits::default(), false),
         };
         let demand = Demand {
             model: &req.model,
@@ -288,6 +288,7 @@ impl GatewayService {
             started,
             class,
             prompt_tokens,
+            prompt_tokens_exact,
             hits: Arc::new(hits),
             req,
             tx,

@@ -49,6 +49,9 @@ pub(super) struct Drive {
     pub(super) class: LatencyClass,
     /// The prompt's tokens (a worker's tokenizer, or the bytes/3 estimate).
     pub(super) prompt_tokens: u32,
+    /// Whether `prompt_tokens` is a worker tokenizer's count (not the estimate): only then does
+    /// a final message the gateway writes itself report it.
+    pub(super) prompt_tokens_exact: bool,
     /// Prompt tokens each worker holds (prefix-aware routing; empty when off).
     pub(super) hits: Arc<PrefixHits>,
     pub(super) req: GenerateRequest,
@@ -311,7 +314,12 @@ impl Drive {
         let final_msg = GenerateResponse {
             finish_reason: FinishReason::Length as i32,
             usage: Some(Usage {
-                prompt_tokens: 0,
+                // A worker's count when the gateway tokenized the request; never the estimate.
+                prompt_tokens: if self.prompt_tokens_exact {
+                    self.prompt_tokens
+                } else {
+                    0
+                },
                 completion_tokens: tokens,
                 cached_prompt_tokens: 0,
             }),
