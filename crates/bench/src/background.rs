@@ -1,8 +1,8 @@
 //! Background BATCH load: K loops that keep one BATCH stream each running on the gRPC target
 //! while interactive levels are measured. Bounded in requests per loop and in time.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
 use crate::config::BenchConfig;
-use crate::report::BackgroundReport;
+use crate::report::{BackgroundReport, ErrorTally};
 use moe_common::LatencyClass;
 
 /// At most this many requests per background loop.
@@ -22,6 +22,28 @@ struct Counters {
     completed: AtomicU64,
     errors: AtomicU64,
     tokens: AtomicU64,
+    /// Every generated token received, whether or not its request completes.
+    streamed: Arc<AtomicU64>,
+    /// Requests cancelled by `stop` while in flight.
+    cancelled: AtomicU64,
+    /// Set once the measured levels begin (`wait_streaming` returned).
+    measuring: AtomicBool,
+    errors_before_measurement: AtomicU64,
+    tally: Mutex<ErrorTally>,
+}
+
+impl Counters {
+    fn error(&self, e: &crate::client::BenchError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if !self.measuring.load(Ordering::Relaxed) {
+            self.errors_before_measurement
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(e);
+    }
 }
 
 pub struct Background {
@@ -53,11 +75,16 @@ impl Background {
                         return;
                     }
                     let index = super::INDEX_STRIDE * (500 + u64::from(k)) + n;
-                    let spec =
+                    let mut spec =
                         super::spec(&config, LatencyClass::Batch, index, Some(streaming.clone()));
+                    spec.received = Some(counters.streamed.clone());
                     let outcome = tokio::select! {
                         r = client.generate(&spec, config.request_timeout) => r,
-                        () = stop.cancelled() => return,
+                        () = stop.cancelled() => {
+                            // Dropping the stream cancels it: the end of the run, not an error.
+                            counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
                     };
                     match outcome {
                         Ok(s) => {
@@ -66,8 +93,8 @@ impl Background {
                                 .tokens
                                 .fetch_add(u64::from(s.completion_tokens), Ordering::Relaxed);
                         }
-                        Err(_) => {
-                            counters.errors.fetch_add(1, Ordering::Relaxed);
+                        Err(e) => {
+                            counters.error(&e);
                             // Don't spin on a failing server.
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
@@ -91,12 +118,14 @@ impl Background {
         self.streaming.clone()
     }
 
-    /// Waits until every background stream decodes, or `limit`; returns how many do.
+    /// Waits until every background stream decodes, or `limit`; returns how many do. Errors
+    /// after this returns count as errors during the measurement.
     pub async fn wait_streaming(&self, limit: Duration) -> u32 {
         let until = Instant::now() + limit;
         while self.streaming.load(Ordering::Relaxed) < self.streams && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.counters.measuring.store(true, Ordering::Relaxed);
         self.streaming.load(Ordering::Relaxed)
     }
 
@@ -106,6 +135,15 @@ impl Background {
         while self.tasks.join_next().await.is_some() {}
         let wall_s = self.started.elapsed().as_secs_f64();
         let tokens = self.counters.tokens.load(Ordering::Relaxed);
+        let streamed = self.counters.streamed.load(Ordering::Relaxed);
+        let tally = std::mem::take(
+            &mut *self
+                .counters
+                .tally
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let rate = |n: u64| if wall_s > 0.0 { n as f64 / wall_s } else { 0.0 };
         BackgroundReport {
             streams: self.streams,
             max_tokens: self.max_tokens,
@@ -114,11 +152,16 @@ impl Background {
             errors: self.counters.errors.load(Ordering::Relaxed),
             tokens,
             wall_s,
-            aggregate_tok_s: if wall_s > 0.0 {
-                tokens as f64 / wall_s
-            } else {
-                0.0
-            },
+            aggregate_tok_s: rate(tokens),
+            error_kinds: tally.kinds,
+            error_details: tally.details,
+            errors_before_measurement: self
+                .counters
+                .errors_before_measurement
+                .load(Ordering::Relaxed),
+            cancelled_at_stop: self.counters.cancelled.load(Ordering::Relaxed),
+            tokens_streamed: streamed,
+            streamed_tok_s: rate(streamed),
         }
     }
 }

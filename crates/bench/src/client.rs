@@ -5,7 +5,7 @@ mod grpc;
 mod llama_server;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::target::Target;
@@ -20,6 +20,9 @@ pub struct RequestSpec {
     /// Incremented while this request streams (from its first token to its end): lets the
     /// background load say how many of its streams are really decoding.
     pub streaming: Option<Arc<AtomicU32>>,
+    /// Incremented by every generated token as it arrives, whether or not the request then
+    /// completes: lets the background load count the tokens of the streams it cancels.
+    pub received: Option<Arc<AtomicU64>>,
 }
 
 /// What one successful request measured.
@@ -60,7 +63,30 @@ pub enum BenchError {
     NoTokens,
 }
 
+/// The longest message kept in an error's [`BenchError::detail`].
+const DETAIL_CHARS: usize = 160;
+
 impl BenchError {
+    /// `kind()` and a short message, e.g. `grpc_resourceexhausted: gateway is reading as many
+    /// requests as BATCH may at once (…)`: the bounded label plus what the server said, for
+    /// counting errors per distinct cause. Messages longer than [`DETAIL_CHARS`] are cut (…).
+    pub fn detail(&self) -> String {
+        let text = match self {
+            BenchError::Status { message, .. } if message.trim().is_empty() => {
+                return self.kind();
+            }
+            BenchError::Status { message, .. } => message.trim().to_string(),
+            other => other.to_string(),
+        };
+        // One line: messages may carry newlines.
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let short = match text.char_indices().nth(DETAIL_CHARS) {
+            Some((cut, _)) => format!("{}…", &text[..cut]),
+            None => text,
+        };
+        format!("{}: {short}", self.kind())
+    }
+
     pub fn kind(&self) -> String {
         match self {
             BenchError::Connect(_) => "connect".into(),
@@ -116,6 +142,7 @@ struct StreamClock {
     last: Option<tokio::time::Instant>,
     tokens: u32,
     streaming: Option<Arc<AtomicU32>>,
+    received: Option<Arc<AtomicU64>>,
 }
 
 impl StreamClock {
@@ -126,6 +153,7 @@ impl StreamClock {
             last: None,
             tokens: 0,
             streaming: spec.streaming.clone(),
+            received: spec.received.clone(),
         }
     }
 
@@ -147,6 +175,9 @@ impl StreamClock {
         }
         self.last = Some(now);
         self.tokens += n;
+        if let Some(c) = &self.received {
+            c.fetch_add(u64::from(n), Ordering::Relaxed);
+        }
     }
 
     /// `server_tokens` (the server's completion count) wins over the client's count.
@@ -172,5 +203,43 @@ impl Drop for StreamClock {
         if let (Some(c), Some(_)) = (&self.streaming, self.first) {
             c.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_details_are_the_kind_and_a_short_one_line_message() {
+        let status = |code, message: &str| BenchError::Status {
+            code,
+            message: message.into(),
+        };
+        assert_eq!(
+            status(
+                tonic::Code::ResourceExhausted,
+                "  queue full;\n retry-after 1 s "
+            )
+            .detail(),
+            "grpc_resourceexhausted: queue full; retry-after 1 s"
+        );
+        assert_eq!(
+            status(tonic::Code::Unavailable, "").detail(),
+            "grpc_unavailable"
+        );
+        let long = status(tonic::Code::Internal, &"é".repeat(500)).detail();
+        assert_eq!(
+            long,
+            format!("grpc_internal: {}…", "é".repeat(DETAIL_CHARS))
+        );
+        assert_eq!(
+            BenchError::Timeout(Duration::from_secs(150)).detail(),
+            "timeout: request took longer than 150s"
+        );
+        assert_eq!(
+            BenchError::NoTokens.detail(),
+            "no_tokens: stream ended without generating a token"
+        );
     }
 }

@@ -124,6 +124,7 @@ fn spec(
         max_tokens,
         class,
         streaming,
+        received: None,
     }
 }
 

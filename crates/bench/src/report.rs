@@ -21,6 +21,49 @@ fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
+/// At most this many distinct error details are listed; errors with further details are
+/// counted under [`OTHER_DETAILS`].
+pub const MAX_ERROR_DETAILS: usize = 32;
+/// Where errors beyond [`MAX_ERROR_DETAILS`] distinct details are counted.
+pub const OTHER_DETAILS: &str = "other: more distinct errors than are listed";
+
+/// Errors counted per kind (`BenchError::kind`) and per detail (`BenchError::detail`: the kind
+/// and a short message, e.g. the gRPC status code and what the server said).
+#[derive(Clone, Debug, Default)]
+pub struct ErrorTally {
+    pub kinds: BTreeMap<String, u64>,
+    pub details: BTreeMap<String, u64>,
+}
+
+impl ErrorTally {
+    pub fn record(&mut self, e: &BenchError) {
+        *self.kinds.entry(e.kind()).or_default() += 1;
+        self.add_detail(e.detail(), 1);
+    }
+
+    fn add_detail(&mut self, detail: String, n: u64) {
+        let key = if self.details.contains_key(&detail) || self.details.len() < MAX_ERROR_DETAILS {
+            detail
+        } else {
+            OTHER_DETAILS.to_string()
+        };
+        *self.details.entry(key).or_default() += n;
+    }
+
+    pub fn merge(&mut self, other: ErrorTally) {
+        for (k, v) in other.kinds {
+            *self.kinds.entry(k).or_default() += v;
+        }
+        for (k, v) in other.details {
+            self.add_detail(k, v);
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.kinds.values().sum()
+    }
+}
+
 /// One level's outcome.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LevelReport {
@@ -30,6 +73,9 @@ pub struct LevelReport {
     pub ok: u32,
     pub errors: u32,
     pub error_kinds: BTreeMap<String, u32>,
+    /// Errors per distinct kind and short message (`kind: message`), e.g.
+    /// `grpc_resourceexhausted: gateway is reading as many requests as …`.
+    pub error_details: BTreeMap<String, u32>,
     /// Requests not sent because the level ran out of time or was cancelled.
     pub skipped: u32,
     pub ttft_ms_p50: Option<f64>,
@@ -53,7 +99,7 @@ pub struct LevelReport {
 #[derive(Debug, Default)]
 pub struct LevelAccumulator {
     samples: Vec<Sample>,
-    errors: BTreeMap<String, u32>,
+    errors: ErrorTally,
     first_error: Option<String>,
     background_seen: Vec<f64>,
 }
@@ -63,7 +109,7 @@ impl LevelAccumulator {
         match outcome {
             Ok(s) => self.samples.push(s),
             Err(e) => {
-                *self.errors.entry(e.kind()).or_default() += 1;
+                self.errors.record(&e);
                 self.first_error.get_or_insert_with(|| e.to_string());
             }
         }
@@ -71,9 +117,7 @@ impl LevelAccumulator {
 
     pub fn merge(&mut self, other: LevelAccumulator) {
         self.samples.extend(other.samples);
-        for (k, v) in other.errors {
-            *self.errors.entry(k).or_default() += v;
-        }
+        self.errors.merge(other.errors);
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
@@ -116,14 +160,18 @@ impl LevelAccumulator {
             .map(|s| u64::from(s.completion_tokens))
             .sum();
         let ok = self.samples.len() as u32;
-        let errors = self.errors.values().sum::<u32>();
+        let errors = self.errors.total() as u32;
+        let narrow = |m: BTreeMap<String, u64>| -> BTreeMap<String, u32> {
+            m.into_iter().map(|(k, v)| (k, v as u32)).collect()
+        };
         let wall_s = wall.as_secs_f64();
         LevelReport {
             concurrency,
             requests,
             ok,
             errors,
-            error_kinds: self.errors,
+            error_kinds: narrow(self.errors.kinds),
+            error_details: narrow(self.errors.details),
             skipped: requests.saturating_sub(ok + errors),
             ttft_ms_p50: percentile(&ttft, 50.0),
             ttft_ms_p99: percentile(&ttft, 99.0),
@@ -150,11 +198,32 @@ pub struct BackgroundReport {
     pub max_tokens: u32,
     /// Background streams decoding when measurement began.
     pub streaming_at_start: u32,
+    /// Background requests that ended with their last token. A background request still
+    /// streaming when the measurement ends is cancelled, not completed (see
+    /// `cancelled_at_stop`): with requests longer than the measurement this stays 0.
     pub completed: u64,
+    /// Background requests that failed (cancellation at the end is not counted here).
     pub errors: u64,
+    /// Tokens of the completed requests.
     pub tokens: u64,
     pub wall_s: f64,
+    /// `tokens` / `wall_s`: completed requests only (see `streamed_tok_s`).
     pub aggregate_tok_s: f64,
+    /// `errors` per kind, as `LevelReport::error_kinds`.
+    pub error_kinds: BTreeMap<String, u64>,
+    /// `errors` per distinct kind and short message (`kind: message`), as
+    /// `LevelReport::error_details`.
+    pub error_details: BTreeMap<String, u64>,
+    /// Of `errors`, those that happened before the measured levels began (while the streams
+    /// were being started).
+    pub errors_before_measurement: u64,
+    /// Background requests still running when the measurement ended, cancelled by moe-bench
+    /// (neither completed nor errors).
+    pub cancelled_at_stop: u64,
+    /// Tokens every background stream received, the cancelled and failed ones included.
+    pub tokens_streamed: u64,
+    /// `tokens_streamed` / `wall_s`: the background load's real generation rate.
+    pub streamed_tok_s: f64,
 }
 
 /// The whole run.
@@ -176,6 +245,19 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
 }
 
+/// One `#   N× detail` line per distinct error, most frequent first.
+fn error_lines<N: Copy + Ord + std::fmt::Display>(
+    out: &mut String,
+    indent: &str,
+    details: &BTreeMap<String, N>,
+) {
+    let mut v: Vec<_> = details.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    for (detail, n) in v {
+        let _ = writeln!(out, "#{indent}{n}× {detail}");
+    }
+}
+
 fn rows(out: &mut String, levels: &[LevelReport]) {
     let _ = writeln!(
         out,
@@ -195,6 +277,10 @@ fn rows(out: &mut String, levels: &[LevelReport]) {
             opt(l.prompt_tokens_mean, 0),
             opt(l.completion_tokens_mean, 0),
         );
+    }
+    for l in levels.iter().filter(|l| l.errors > 0) {
+        let _ = writeln!(out, "# conc {}: {} errors:", l.concurrency, l.errors);
+        error_lines(out, "   ", &l.error_details);
     }
 }
 
@@ -219,6 +305,19 @@ impl Report {
                 "# under {} BATCH streams ({} decoding at start; background {:.1} tok/s, {} done, {} errors)",
                 bg.streams, bg.streaming_at_start, bg.aggregate_tok_s, bg.completed, bg.errors
             );
+            let _ = writeln!(
+                out,
+                "# background: {} tokens streamed ({:.1} tok/s), {} requests cancelled at the end (not errors)",
+                bg.tokens_streamed, bg.streamed_tok_s, bg.cancelled_at_stop
+            );
+            if bg.errors > 0 {
+                let _ = writeln!(
+                    out,
+                    "# background errors: {} ({} before the measurement began):",
+                    bg.errors, bg.errors_before_measurement
+                );
+                error_lines(&mut out, "   ", &bg.error_details);
+            }
             rows(&mut out, &self.under_background);
             for (idle, busy) in self.levels.iter().zip(&self.under_background) {
                 let ratio = |a: Option<f64>, b: Option<f64>| opt(a.zip(b).map(|(a, b)| b / a), 2);
@@ -265,5 +364,53 @@ mod tests {
         assert_eq!(l.decode_tok_s_per_stream_mean, Some(10.0));
         assert_eq!(l.aggregate_tok_s, 11.0);
         assert_eq!(l.ttft_ms_p50, Some(100.0));
+    }
+
+    #[test]
+    fn errors_are_counted_per_detail_up_to_a_bound() {
+        let refused = |m: &str| BenchError::Status {
+            code: tonic::Code::ResourceExhausted,
+            message: m.into(),
+        };
+        let mut acc = LevelAccumulator::default();
+        acc.record(Err(refused("busy")));
+        let mut other = LevelAccumulator::default();
+        other.record(Err(refused("busy")));
+        other.record(Err(BenchError::NoTokens));
+        acc.merge(other);
+        let l = acc.finish(1, 3, Duration::from_secs(1));
+        assert_eq!(l.errors, 3);
+        assert_eq!(l.error_kinds["grpc_resourceexhausted"], 2);
+        assert_eq!(l.error_details["grpc_resourceexhausted: busy"], 2);
+        assert_eq!(
+            l.error_details["no_tokens: stream ended without generating a token"],
+            1
+        );
+        let table = Report {
+            label: String::new(),
+            target: "grpc://127.0.0.1:1".into(),
+            class: moe_common::LatencyClass::Interactive,
+            prompt_tokens_requested: 8,
+            max_tokens: 4,
+            requests_per_level: 3,
+            levels: vec![l],
+            under_background: Vec::new(),
+            background: None,
+        }
+        .table();
+        assert!(
+            table.contains("# conc 1: 3 errors:\n#   2× grpc_resourceexhausted: busy\n"),
+            "{table}"
+        );
+
+        let mut tally = ErrorTally::default();
+        for i in 0..MAX_ERROR_DETAILS + 5 {
+            tally.record(&refused(&format!("busy {i}")));
+        }
+        tally.record(&refused("busy 0"));
+        assert_eq!(tally.details.len(), MAX_ERROR_DETAILS + 1);
+        assert_eq!(tally.details[OTHER_DETAILS], 5);
+        assert_eq!(tally.details["grpc_resourceexhausted: busy 0"], 2);
+        assert_eq!(tally.total(), MAX_ERROR_DETAILS as u64 + 6);
     }
 }
