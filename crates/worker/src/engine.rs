@@ -123,7 +123,7 @@ pub struct LoadedModel {
     /// The decode mode in force: `Sequential`, `Grouped` or `Batched` (`Auto` resolved at load).
     pub decode_mode: DecodeMode,
     /// Whether greedy or seeded output does not depend on what else runs (per-sequence KV
-    /// streams, and sequential or grouped decode or no accelerator): the advert's
+    /// streams, and sequential decode or grouped decode with row-invariant kernels): the advert's
     /// `batch_invariant`, and what requests with `batch_invariant` set need.
     pub batch_invariant: bool,
     /// The final message's `system_fingerprint`: a hash of what determines the output (model
@@ -133,7 +133,8 @@ pub struct LoadedModel {
     pub cache_sequences: u32,
     /// Whether the experts kept on the host live in pinned memory.
     pub host_experts_pinned: bool,
-    /// The CUDA row-invariant kernels `grouped` decodes with, switched per call by the engine.
+    /// The row-invariant kernels `grouped` decodes with (CUDA's, the CPU's or both), switched per
+    /// call by the engine.
     invariant_kernels: Option<devices::InvariantKernels>,
     /// Element types of the K and V caches.
     pub cache_type_k: moe_common::plan::KvCacheType,

@@ -154,54 +154,82 @@ pub(super) fn accelerator_pins_host_weights() -> bool {
         })
 }
 
-/// The CUDA backend's row-invariant kernels (moe-cluster's llama.cpp patch, patches/llama.cpp,
-/// exported as `ggml_backend_cuda_set_batch_invariant` through the ggml backend registry): while
-/// on, each row of a call of up to `rows` rows is computed exactly as it would be alone, so the
-/// one-token-per-sequence calls of `--decode-mode grouped` are batch-invariant. The switch is
-/// global to the process, silent and cheap: the engine turns it on for calls of decodes and off
-/// for prompt chunks, which then take the usual multi-row kernels (a prompt is prefilled alone,
-/// at fixed chunk boundaries, so those stay deterministic) instead of running row by row.
-#[derive(Clone, Copy, Debug)]
+/// Row-invariant kernels of moe-cluster's llama.cpp patches (patches/llama.cpp): while on, each
+/// row of a call is computed exactly as it would be alone, so the one-token-per-sequence calls
+/// of `--decode-mode grouped` are batch-invariant. CUDA's (patch 0001, for calls of up to
+/// `rows` rows) and the CPU's (patch 0002) are found through the ggml backend registry
+/// (`ggml_backend_cuda_set_batch_invariant`, `ggml_backend_cpu_set_batch_invariant`). The
+/// switches are global to the process, silent and cheap: the engine turns them on for calls of
+/// decodes and off for prompt chunks, which then take the usual multi-row kernels (a prompt is
+/// prefilled alone, at fixed chunk boundaries, so those stay deterministic) instead of running
+/// row by row.
+#[derive(Clone, Copy, Debug, Default)]
 pub(super) struct InvariantKernels {
-    set: unsafe extern "C" fn(i32),
-    rows: i32,
+    cuda: Option<Switch>,
+    cpu: Option<Switch>,
 }
 
-impl InvariantKernels {
-    /// Finds the switch and turns the kernels on for calls of up to `max_rows` rows. Call
-    /// after the backends are loaded and before the context is created (its compute buffers
-    /// are sized with the kernels on). None, having changed nothing, when there is no CUDA
-    /// backend or it lacks the patch.
-    pub(super) fn enable_cuda(max_rows: i32) -> Option<Self> {
-        // SAFETY: both names are NUL-terminated literals; the registry and the function live
-        // as long as the process. The patch declares the function `void (int)`, the type the
-        // pointer is converted to, and it only sets the backend's flag.
-        let kernels = unsafe {
-            let reg = llama_cpp_sys_2::ggml_backend_reg_by_name(c"CUDA".as_ptr());
+/// One backend's setter and the value that turns it on (0 turns it off).
+#[derive(Clone, Copy, Debug)]
+struct Switch {
+    set: unsafe extern "C" fn(i32),
+    on: i32,
+}
+
+impl Switch {
+    /// The setter `proc` of the registry `reg`, if this build has it.
+    fn find(reg: &std::ffi::CStr, proc: &std::ffi::CStr, on: i32) -> Option<Self> {
+        // SAFETY: both names are NUL-terminated; the registry and the function live as long as
+        // the process. The patches declare the function `void (int)`, the type the pointer is
+        // converted to, and it only sets the backend's flag.
+        unsafe {
+            let reg = llama_cpp_sys_2::ggml_backend_reg_by_name(reg.as_ptr());
             if reg.is_null() {
                 return None;
             }
-            let f = llama_cpp_sys_2::ggml_backend_reg_get_proc_address(
-                reg,
-                c"ggml_backend_cuda_set_batch_invariant".as_ptr(),
-            );
-            if f.is_null() {
-                return None;
-            }
-            Self {
+            let f = llama_cpp_sys_2::ggml_backend_reg_get_proc_address(reg, proc.as_ptr());
+            (!f.is_null()).then(|| Self {
                 set: std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(i32)>(f),
-                rows: max_rows,
-            }
-        };
-        kernels.switch(true);
-        Some(kernels)
+                on,
+            })
+        }
     }
 
-    /// On (rows up to the limit given at load) or off, for the calls that follow. Only
-    /// between llama.cpp calls: the flag is read while a call's graph runs.
+    fn switch(&self, on: bool) {
+        // SAFETY: `set` is a patch's `void (int)` setter found in `find`.
+        unsafe { (self.set)(if on { self.on } else { 0 }) }
+    }
+}
+
+impl InvariantKernels {
+    /// The switches this build has, all off: CUDA's for calls of up to `cuda_rows` rows when
+    /// given, the CPU's when `cpu`.
+    pub(super) fn find(cuda_rows: Option<i32>, cpu: bool) -> Self {
+        Self {
+            cuda: cuda_rows.and_then(|rows| {
+                Switch::find(c"CUDA", c"ggml_backend_cuda_set_batch_invariant", rows)
+            }),
+            cpu: cpu
+                .then(|| Switch::find(c"CPU", c"ggml_backend_cpu_set_batch_invariant", 1))
+                .flatten(),
+        }
+    }
+
+    pub(super) fn cuda(&self) -> bool {
+        self.cuda.is_some()
+    }
+
+    pub(super) fn cpu(&self) -> bool {
+        self.cpu.is_some()
+    }
+
+    /// On or off, for the calls that follow. Only between llama.cpp calls: the flags are read
+    /// while a call's graph runs. Switch them on once before the context is created, whose
+    /// compute buffers are sized with the kernels in force.
     pub(super) fn switch(&self, on: bool) {
-        // SAFETY: `set` is the patch's `void (int)` setter found in `enable_cuda`.
-        unsafe { (self.set)(if on { self.rows } else { 0 }) }
+        for s in [self.cuda, self.cpu].iter().flatten() {
+            s.switch(on);
+        }
     }
 }
 

@@ -93,51 +93,71 @@ fn experts_on_host(plan: &MemoryPlan, gpu_layers: Option<u32>, n_layer: u32) -> 
     plan.host_expert_bytes > 0 || plan.n_cpu_moe > 0 || gpu_layers.is_some_and(|n| n <= n_layer)
 }
 
-/// `auto` is grouped when the backend has an accelerator with moe-cluster's batch-invariance
-/// patch (`invariance_patch`: the CUDA backend exports its switch) and every routed expert is
-/// in accelerator memory (`host_experts` false: profile `full`, or an `auto` placement that
-/// fits); sequential on an accelerator otherwise; batched on the CPU: GPU kernels depend on the
-/// batch shape (docs/benchmarks/batch-invariance.md). `--gpu-layers 0` does not make a worker
-/// CPU-only: llama.cpp still offloads large batches (prompt chunks) of host-resident weights to
-/// the GPU (`op_offload`), and those kernels are chosen by the batch's shape too.
+/// Which of moe-cluster's row-invariant kernels (patches/llama.cpp) this build has, among those
+/// the placement needs: CUDA's (0001) on an accelerator, the CPU's (0002) where rows are
+/// multiplied on the host CPU (a CPU-only worker, or routed experts in host memory).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Patched {
+    cuda: bool,
+    cpu: bool,
+}
+
+/// Whether `grouped` decode is batch-invariant here: every backend that multiplies a call's rows
+/// computes each row as it would alone. On an accelerator that takes CUDA's kernels, and the
+/// CPU's too when routed experts are on the host (`host_experts`); on a CPU-only worker the
+/// CPU's. Unpatched, ggml-cpu multiplies a lone row with `ggml_vec_dot_*` but several rows with
+/// llamafile's tinyBLAS (another order of additions; the F32 MoE router of every real MoE GGUF
+/// takes that path), splits a lone row's flash-attention KV past 256 cells and starts its tiled
+/// K-quant product at 8 rows (bench/cpu-invariance-probe.cpp; on an H200 `cpu-moe` grouped gave
+/// 0/16 and 0/8 concurrent runs equal to solo); ggml-cuda picks kernel, tiling and KV split by
+/// batch shape (docs/benchmarks/batch-invariance.md).
+fn grouped_invariant(has_accelerator: bool, patched: Patched, host_experts: bool) -> bool {
+    let gpu_rows = has_accelerator;
+    let cpu_rows = !has_accelerator || host_experts;
+    (!gpu_rows || patched.cuda) && (!cpu_rows || patched.cpu)
+}
+
+/// `auto` is `grouped` where that is batch-invariant ([`grouped_invariant`]); else `sequential`
+/// on an accelerator and `batched` on a CPU-only worker (throughput; not batch-invariant).
+/// `--gpu-layers 0` does not make a worker CPU-only: llama.cpp still offloads large batches
+/// (prompt chunks) of host-resident weights to the GPU (`op_offload`), whose kernels are chosen
+/// by the batch's shape too.
 ///
-/// An explicit `grouped` on an accelerator is refused where it would not be invariant: with
-/// host-resident experts (ggml-cpu multiplies one row and several rows with different kernels,
-/// so a token's expert output depends on how many tokens of the call share that expert:
-/// measured on an H200 with `cpu-moe`, 0/16 and 0/8 concurrent runs equal to solo, against
-/// 16/16 and 8/8 with `full`), and without the patch. On a CPU-only worker it is allowed but
-/// not advertised as invariant ([`batch_invariant`]).
+/// An explicit `grouped` on an accelerator is refused where it would not be invariant: without
+/// the CUDA patch, or with host-resident experts and no CPU patch. On a CPU-only worker it is
+/// allowed either way and advertised as invariant only with the CPU patch ([`batch_invariant`]).
 fn resolve_decode_mode(
     config: &EngineConfig,
     has_accelerator: bool,
-    invariance_patch: bool,
+    patched: Patched,
     host_experts: bool,
 ) -> Result<DecodeMode, EngineError> {
+    let invariant = grouped_invariant(has_accelerator, patched, host_experts);
     Ok(match config.decode_mode {
-        DecodeMode::Auto if has_accelerator && invariance_patch && !host_experts => {
-            DecodeMode::Grouped
-        }
+        DecodeMode::Auto if invariant => DecodeMode::Grouped,
         DecodeMode::Auto if has_accelerator => DecodeMode::Sequential,
         DecodeMode::Auto => DecodeMode::Batched,
-        DecodeMode::Grouped if has_accelerator && host_experts => {
-            return Err(EngineError::Load(
-                "--decode-mode grouped is not batch-invariant when routed experts run on the \
-                 host CPU (this placement keeps experts in host memory: --offload cpu-moe, \
-                 n-cpu-moe:N, an auto placement that does not fit, or --gpu-layers; ggml-cpu \
-                 multiplies one row and several rows with different kernels, so a token's \
-                 result depends on how many tokens share its expert); use --decode-mode sequential \
-                 (batch-invariant, exact) or batched (throughput, not batch-invariant), or \
-                 place every expert on the GPU (--offload full)"
-                    .into(),
-            ));
-        }
-        DecodeMode::Grouped if has_accelerator && !invariance_patch => {
+        DecodeMode::Grouped if has_accelerator && !patched.cuda => {
             return Err(EngineError::Load(
                 "--decode-mode grouped: this llama.cpp build lacks moe-cluster's batch-invariance \
                  patch (patches/llama.cpp, applied by scripts/patch-llama.sh; the CUDA backend \
                  does not export ggml_backend_cuda_set_batch_invariant), so batched decode \
                  would not be batch-invariant on this accelerator; use --decode-mode sequential \
                  (batch-invariant on any backend) or run a patched build"
+                    .into(),
+            ));
+        }
+        DecodeMode::Grouped if has_accelerator && !invariant => {
+            return Err(EngineError::Load(
+                "--decode-mode grouped is not batch-invariant when routed experts run on the \
+                 host CPU without moe-cluster's CPU batch-invariance patch (this placement keeps \
+                 experts in host memory: --offload cpu-moe, n-cpu-moe:N, an auto placement that \
+                 does not fit, or --gpu-layers; unpatched ggml-cpu multiplies one row and several \
+                 rows with different kernels, so a token's result depends on how many tokens \
+                 share its expert, and this build's CPU backend does not export \
+                 ggml_backend_cpu_set_batch_invariant); use --decode-mode sequential \
+                 (batch-invariant, exact) or batched (throughput, not batch-invariant), place \
+                 every expert on the GPU (--offload full), or run a build with patches/llama.cpp"
                     .into(),
             ));
         }
@@ -157,19 +177,12 @@ fn invariant_rows(config: &EngineConfig) -> i32 {
 /// `batch_invariant`): each sequence has its own KV stream (a unified cache interleaves
 /// concurrent sequences' cells, on any device), and either each sequence is decoded in its own
 /// llama.cpp call (`sequential`), or decodes are grouped with kernels that compute each row as
-/// alone (`grouped` on an accelerator, which resolution allows only with the patch that
-/// provides those kernels and with every routed expert in accelerator memory). Multi-row calls
-/// on the CPU are not: ggml-cpu multiplies a lone row with `ggml_vec_dot_f32` but several rows
-/// with llamafile's tinyBLAS (a different order of additions; the F32 MoE router of every real
-/// MoE GGUF takes that path), its flash attention splits the KV of a lone row past 256 cells,
-/// and its tiled K-quant product starts at 8 rows (measured with bench/cpu-invariance-probe.cpp,
-/// docs/benchmarks/batch-invariance.md). So CPU `batched` and `grouped` are not advertised as
-/// invariant. `mode` is the resolved mode.
-fn batch_invariant(kv_unified: bool, mode: DecodeMode, has_accelerator: bool) -> bool {
+/// alone (`grouped` where [`grouped_invariant`]). `mode` is the resolved mode.
+fn batch_invariant(kv_unified: bool, mode: DecodeMode, grouped_invariant: bool) -> bool {
     !kv_unified
         && match mode {
             DecodeMode::Sequential => true,
-            DecodeMode::Grouped => has_accelerator,
+            DecodeMode::Grouped => grouped_invariant,
             DecodeMode::Batched | DecodeMode::Auto => false,
         }
 }
@@ -312,24 +325,37 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
     let fingerprint = super::fingerprint::fingerprint(&config.model_path, &header, &model)
         .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
     let fingerprint = advertised_fingerprint(fingerprint, config);
-    // The row-invariant kernels are switched on only where `grouped` will run: `auto` or
-    // `grouped` on an accelerator with every routed expert on it (both then resolve to
-    // `grouped` if the switch exists; with host experts `auto` is `sequential` and `grouped`
-    // is refused, and the kernels stay off). Before the context is created: its compute
-    // buffers are sized for the kernels in force.
+    // The row-invariant kernels the placement needs (CUDA's on an accelerator; the CPU's where
+    // rows are multiplied on the host), looked up for `auto` and `grouped` and switched on only
+    // where `grouped` runs invariant. Before the context is created: its compute buffers are
+    // sized with the kernels in force.
     let host_experts = experts_on_host(&plan, config.gpu_layers, shape.n_layer);
     let rows = invariant_rows(config);
-    let invariant_kernels = (has_accelerator
-        && !host_experts
-        && matches!(config.decode_mode, DecodeMode::Auto | DecodeMode::Grouped))
-    .then(|| InvariantKernels::enable_cuda(rows))
-    .flatten();
-    let invariance_patch = invariant_kernels.is_some();
-    if invariance_patch {
-        tracing::info!(max_rows = rows, "CUDA batch-invariant kernels on");
-    }
-    let decode_mode = resolve_decode_mode(config, has_accelerator, invariance_patch, host_experts)?;
-    let invariant = batch_invariant(config.kv_unified, decode_mode, has_accelerator);
+    let kernels = if matches!(config.decode_mode, DecodeMode::Auto | DecodeMode::Grouped) {
+        InvariantKernels::find(
+            has_accelerator.then_some(rows),
+            !has_accelerator || host_experts,
+        )
+    } else {
+        InvariantKernels::default()
+    };
+    let patched = Patched {
+        cuda: kernels.cuda(),
+        cpu: kernels.cpu(),
+    };
+    let decode_mode = resolve_decode_mode(config, has_accelerator, patched, host_experts)?;
+    let grouped_invariant = grouped_invariant(has_accelerator, patched, host_experts);
+    let invariant_kernels = (decode_mode == DecodeMode::Grouped && grouped_invariant).then(|| {
+        kernels.switch(true);
+        tracing::info!(
+            cuda = patched.cuda,
+            cpu = patched.cpu,
+            max_rows = rows,
+            "batch-invariant kernels on for decode calls"
+        );
+        kernels
+    });
+    let invariant = batch_invariant(config.kv_unified, decode_mode, grouped_invariant);
     let system_fingerprint = system_fingerprint(
         config,
         &fingerprint,
@@ -547,32 +573,37 @@ mod tests {
         // accelerator, `--gpu-layers 0` or not (large batches are still offloaded to it),
         // whether that accelerator has the batch-invariance patch, and whether routed experts
         // run on the host CPU.
-        let resolve = |c: &EngineConfig, accelerator, patch, host| {
-            resolve_decode_mode(c, accelerator, patch, host).expect("resolves")
+        let resolve = |c: &EngineConfig, accelerator, patched, host| {
+            resolve_decode_mode(c, accelerator, patched, host).expect("resolves")
         };
         let mut c = config(2048, 512);
-        assert_eq!(resolve(&c, true, false, false), DecodeMode::Sequential);
-        assert_eq!(resolve(&c, true, true, false), DecodeMode::Grouped);
-        assert_eq!(resolve(&c, false, false, false), DecodeMode::Batched);
-        // Host experts on an accelerator: sequential, patch or not (ggml-cpu's multi-row
-        // kernels are not row-invariant); the CPU-only worker is unaffected.
-        for patch in [false, true] {
-            assert_eq!(resolve(&c, true, patch, true), DecodeMode::Sequential);
-            assert_eq!(resolve(&c, false, patch, true), DecodeMode::Batched);
+        assert_eq!(resolve(&c, true, UNPATCHED, false), DecodeMode::Sequential);
+        assert_eq!(resolve(&c, true, CUDA_ONLY, false), DecodeMode::Grouped);
+        assert_eq!(resolve(&c, false, UNPATCHED, false), DecodeMode::Batched);
+        // Host experts on an accelerator: sequential unless both patches are there (unpatched,
+        // ggml-cpu's multi-row kernels are not row-invariant); the CPU-only worker needs the
+        // CPU patch only.
+        for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY] {
+            assert_eq!(resolve(&c, true, patched, true), DecodeMode::Sequential);
         }
+        assert_eq!(resolve(&c, true, BOTH, true), DecodeMode::Grouped);
+        for patched in [UNPATCHED, CUDA_ONLY] {
+            assert_eq!(resolve(&c, false, patched, true), DecodeMode::Batched);
+        }
+        assert_eq!(resolve(&c, false, CPU_ONLY, true), DecodeMode::Grouped);
         // `--gpu-layers 0` keeps every layer, routed experts included, on the host CPU.
         c.gpu_layers = Some(0);
         let host = experts_on_host(&MemoryPlan::default(), c.gpu_layers, 24);
         assert!(host);
-        for patch in [false, true] {
-            assert_eq!(resolve(&c, true, patch, host), DecodeMode::Sequential);
+        for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY] {
+            assert_eq!(resolve(&c, true, patched, host), DecodeMode::Sequential);
         }
         for mode in [DecodeMode::Sequential, DecodeMode::Batched] {
             c.decode_mode = mode;
             for accelerator in [false, true] {
-                for patch in [false, true] {
+                for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY, BOTH] {
                     for host in [false, true] {
-                        assert_eq!(resolve(&c, accelerator, patch, host), mode);
+                        assert_eq!(resolve(&c, accelerator, patched, host), mode);
                     }
                 }
             }
@@ -603,44 +634,95 @@ mod tests {
         assert!(!experts_on_host(&full, Some(999), 24));
     }
 
+    const UNPATCHED: Patched = Patched {
+        cuda: false,
+        cpu: false,
+    };
+    const BOTH: Patched = Patched {
+        cuda: true,
+        cpu: true,
+    };
+    const CUDA_ONLY: Patched = Patched {
+        cuda: true,
+        cpu: false,
+    };
+    const CPU_ONLY: Patched = Patched {
+        cuda: false,
+        cpu: true,
+    };
+
     #[test]
-    fn grouped_needs_the_patch_and_device_experts_on_an_accelerator_only() {
+    fn grouped_is_invariant_only_where_every_backend_multiplying_rows_is_patched() {
+        // accelerator, every expert on it: CUDA's kernels only.
+        assert!(grouped_invariant(true, CUDA_ONLY, false));
+        assert!(grouped_invariant(true, BOTH, false));
+        assert!(!grouped_invariant(true, CPU_ONLY, false));
+        // accelerator with host experts: both.
+        assert!(grouped_invariant(true, BOTH, true));
+        assert!(!grouped_invariant(true, CUDA_ONLY, true));
+        assert!(!grouped_invariant(true, CPU_ONLY, true));
+        // CPU-only: the CPU's.
+        for host in [false, true] {
+            assert!(grouped_invariant(false, CPU_ONLY, host));
+            assert!(grouped_invariant(false, BOTH, host));
+            assert!(!grouped_invariant(false, CUDA_ONLY, host));
+            assert!(!grouped_invariant(false, UNPATCHED, host));
+        }
+    }
+
+    #[test]
+    fn auto_is_grouped_where_invariant_else_sequential_on_an_accelerator_batched_on_a_cpu() {
+        let c = config(2048, 512);
+        let mode = |acc, patched, host| resolve_decode_mode(&c, acc, patched, host).expect("auto");
+        assert_eq!(mode(true, CUDA_ONLY, false), DecodeMode::Grouped);
+        assert_eq!(mode(true, BOTH, true), DecodeMode::Grouped);
+        assert_eq!(mode(true, CUDA_ONLY, true), DecodeMode::Sequential);
+        assert_eq!(mode(true, UNPATCHED, false), DecodeMode::Sequential);
+        assert_eq!(mode(false, CPU_ONLY, false), DecodeMode::Grouped);
+        assert_eq!(mode(false, UNPATCHED, false), DecodeMode::Batched);
+    }
+
+    #[test]
+    fn grouped_needs_the_patches_on_an_accelerator_only() {
         let mut c = config(2048, 512);
         c.decode_mode = DecodeMode::Grouped;
-        assert_eq!(
-            resolve_decode_mode(&c, true, true, false).expect("patched, experts on the GPU"),
-            DecodeMode::Grouped
-        );
+        for (patched, host) in [(CUDA_ONLY, false), (BOTH, true)] {
+            assert_eq!(
+                resolve_decode_mode(&c, true, patched, host).expect("patched"),
+                DecodeMode::Grouped
+            );
+        }
         // CPU-only: allowed, patch or not, wherever the experts are.
-        for patch in [false, true] {
+        for patched in [UNPATCHED, CPU_ONLY] {
             for host in [false, true] {
                 assert_eq!(
-                    resolve_decode_mode(&c, false, patch, host).expect("CPU"),
+                    resolve_decode_mode(&c, false, patched, host).expect("CPU"),
                     DecodeMode::Grouped
                 );
             }
         }
-        let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, false, false) else {
-            panic!("an unpatched accelerator must refuse grouped");
-        };
-        for what in ["batch-invariance patch", "patches/llama.cpp", "sequential"] {
-            assert!(msg.contains(what), "{what}: {msg}");
-        }
-        // Host experts on an accelerator: refused whether the patch is there or not, and the
-        // message says why and what to use instead.
-        for patch in [false, true] {
-            let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, patch, true) else {
-                panic!("grouped with host experts on an accelerator must be refused");
+        for host in [false, true] {
+            let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, CPU_ONLY, host) else {
+                panic!("an accelerator without the CUDA patch must refuse grouped");
             };
-            for what in [
-                "not batch-invariant",
-                "host CPU",
-                "one row and several rows",
-                "sequential",
-                "batched",
-            ] {
+            for what in ["batch-invariance patch", "patches/llama.cpp", "sequential"] {
                 assert!(msg.contains(what), "{what}: {msg}");
             }
+        }
+        // Host experts on an accelerator without the CPU patch: refused, and the message says
+        // why and what to use instead.
+        let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, CUDA_ONLY, true) else {
+            panic!("grouped with host experts and no CPU patch must be refused");
+        };
+        for what in [
+            "not batch-invariant",
+            "host CPU",
+            "one row and several rows",
+            "ggml_backend_cpu_set_batch_invariant",
+            "sequential",
+            "batched",
+        ] {
+            assert!(msg.contains(what), "{what}: {msg}");
         }
     }
 
@@ -657,58 +739,58 @@ mod tests {
     }
 
     #[test]
-    fn no_cuda_backend_no_invariance_switch() {
-        // This crate's tests link the CPU backend only: the switch is absent, so `auto` stays
-        // what it was and an explicit `grouped` works only without an accelerator.
+    fn no_cuda_backend_no_cuda_switch() {
+        // This crate's tests link the CPU backend only: CUDA's switch is absent. The CPU's is
+        // there when the build has patch 0002 (scripts/patch-llama.sh).
         backend().expect("backend");
         let cuda = llama_cpp_2::list_llama_ggml_backend_devices()
             .iter()
             .any(|d| d.backend == "CUDA");
         if !cuda {
-            assert!(InvariantKernels::enable_cuda(8).is_none());
+            assert!(!InvariantKernels::find(Some(8), false).cuda());
         }
+        assert!(!InvariantKernels::find(None, false).cpu(), "not looked up");
     }
 
     #[test]
     fn batch_invariant_needs_per_sequence_kv_and_an_invariant_decode() {
         use DecodeMode::{Batched, Grouped, Sequential};
-        // Per-sequence KV streams: sequential decode anywhere; grouped only on an accelerator
-        // (resolution refuses it there without the patch or with host experts); the CPU's
-        // multi-row kernels are not row-invariant, so neither grouped nor batched there.
-        assert!(batch_invariant(false, Sequential, true));
-        assert!(batch_invariant(false, Sequential, false));
-        assert!(batch_invariant(false, Grouped, true));
-        assert!(!batch_invariant(false, Grouped, false));
-        assert!(!batch_invariant(false, Batched, false));
-        assert!(!batch_invariant(false, Batched, true));
-        // A unified KV cache: never, whatever the mode and device.
+        // Per-sequence KV streams: sequential decode anywhere; grouped where its kernels are
+        // row-invariant; batched never.
+        for grouped in [false, true] {
+            assert!(batch_invariant(false, Sequential, grouped));
+            assert_eq!(batch_invariant(false, Grouped, grouped), grouped);
+            assert!(!batch_invariant(false, Batched, grouped));
+        }
+        // A unified KV cache: never, whatever the mode.
         for mode in [Sequential, Batched, Grouped] {
-            for accelerator in [false, true] {
-                assert!(!batch_invariant(true, mode, accelerator));
+            for grouped in [false, true] {
+                assert!(!batch_invariant(true, mode, grouped));
             }
         }
-        // What `load_model` feeds it: on an accelerator `auto` resolves to an invariant mode
-        // unless the KV cache is unified, `--gpu-layers 0` included (llama.cpp still offloads
-        // large batches); on the CPU it resolves to batched, which is not invariant.
+        // What `load_model` feeds it: `auto` resolves to an invariant mode on an accelerator
+        // (`--gpu-layers 0` included: llama.cpp still offloads large batches), and on a CPU-only
+        // worker exactly when the CPU patch is there.
         let mut c = config(2048, 512);
         for gpu_layers in [None, Some(0)] {
             c.gpu_layers = gpu_layers;
             for accelerator in [false, true] {
-                for patch in [false, true] {
+                for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY, BOTH] {
                     for host in [false, true] {
                         let mode =
-                            resolve_decode_mode(&c, accelerator, patch, host).expect("resolves");
+                            resolve_decode_mode(&c, accelerator, patched, host).expect("resolves");
+                        let g = grouped_invariant(accelerator, patched, host);
                         assert_eq!(
-                            batch_invariant(c.kv_unified, mode, accelerator),
-                            accelerator
+                            batch_invariant(c.kv_unified, mode, g),
+                            accelerator || patched.cpu
                         );
                     }
                 }
             }
         }
         c.kv_unified = true;
-        assert!(!batch_invariant(c.kv_unified, Sequential, false));
-        assert!(!batch_invariant(c.kv_unified, Grouped, false));
+        assert!(!batch_invariant(c.kv_unified, Sequential, true));
+        assert!(!batch_invariant(c.kv_unified, Grouped, true));
     }
 
     #[test]

@@ -164,8 +164,8 @@ struct Engine<'m> {
     decode_mode: DecodeMode,
     /// Grouped decode: the most sequences in one call of decodes (`--grouped-rows`, >= 1).
     grouped_rows: usize,
-    /// Grouped decode on CUDA: the patch's row-invariant kernels, on for calls of decodes and
-    /// off for prompt chunks (`InvariantKernels`), and whether they are on now.
+    /// Grouped decode: the patches' row-invariant kernels (CUDA's, the CPU's), on for calls of
+    /// decodes and off for prompt chunks (`InvariantKernels`), and whether they are on now.
     invariant_kernels: Option<super::devices::InvariantKernels>,
     invariant_kernels_on: bool,
     /// Sequential decode: where this step's round of decodes starts, advanced every step, so a

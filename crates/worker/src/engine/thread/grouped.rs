@@ -8,14 +8,16 @@
 //! arrival waits for at most one call of `--grouped-rows`; the decodes not run stay as they
 //! were (uncommitted) and run in the next step, like sequential mode's postponed entries. Such
 //! a call is batch-invariant only where every kernel computes each row as it would alone, so
-//! how the decodes are split does not change the output: on CUDA with moe-cluster's llama.cpp
-//! patch (`devices::InvariantKernels`, switched on for calls of decodes and off for prompt
-//! chunks, which are alone in their calls anyway) and every routed expert in GPU memory (H200: 16/16 and 8/8 concurrent runs equal to solo with `full`). Not on the
-//! CPU: ggml-cpu multiplies one row and several rows with different kernels (`cpu-moe` grouped
-//! on the H200: 0/16, 0/8; CPU-only: docs/benchmarks/batch-invariance.md). So `load` resolves
-//! `auto` to `grouped` only on a patched accelerator with no host experts, refuses an explicit
-//! `grouped` on an accelerator without the patch or with host experts, and a CPU-only
-//! `grouped` worker does not advertise `batch_invariant`.
+//! how the decodes are split does not change the output: with moe-cluster's llama.cpp patches
+//! (`devices::InvariantKernels`, switched on for calls of decodes and off for prompt chunks,
+//! which are alone in their calls anyway) for every backend that multiplies the call's rows —
+//! CUDA's (0001) on an accelerator (H200 `full`: 16/16 and 8/8 concurrent runs equal to solo),
+//! and the CPU's (0002) on a CPU-only worker or for routed experts in host memory (unpatched,
+//! ggml-cpu multiplies one row and several rows with different kernels: `cpu-moe` grouped on the
+//! H200 gave 0/16, 0/8). `load` resolves `auto` to `grouped` exactly there
+//! (`grouped_invariant`), refuses an explicit `grouped` on an accelerator where it would not be
+//! invariant, and a CPU-only `grouped` worker without the CPU patch does not advertise
+//! `batch_invariant`.
 
 use tokio::sync::mpsc;
 

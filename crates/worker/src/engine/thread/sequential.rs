@@ -195,7 +195,7 @@ impl Engine<'_> {
                     .expect("plan fits the batch");
             }
         }
-        // Row-invariant kernels (grouped decode on CUDA) for calls of one token per sequence,
+        // Row-invariant kernels (grouped decode) for calls of one token per sequence,
         // the usual ones for prompt chunks.
         let decodes = entries.iter().all(|e| e.tokens.len() == 1);
         if let Some(kernels) = self.invariant_kernels
