@@ -57,7 +57,8 @@ pub struct GatewayConfig {
     pub outlier_ejection: Duration,
     /// gRPC requests read and decoded at once (health and reflection not counted); more are
     /// refused with RESOURCE_EXHAUSTED. Bounds request memory to about this many times
-    /// --max-message-bytes (times the decoding expansion).
+    /// --max-message-bytes (times the decoding expansion). A request gives its place back once
+    /// decoded, before its prompt is sized and it is placed.
     #[arg(long, env = "MOE_MAX_DECODING_REQUESTS", default_value_t = 64)]
     pub max_decoding_requests: usize,
     /// Of the --max-decoding-requests places, how many only INTERACTIVE requests may keep, so a

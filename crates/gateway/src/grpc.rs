@@ -5,17 +5,22 @@
 //! refused at once with RESOURCE_EXHAUSTED instead of queueing; this bounds the request bytes in
 //! flight to about `max_decoding × max_message_bytes`. Health and reflection sit outside that
 //! limit, so probes answer while it is saturated (M7), and a request whose body has not arrived
-//! within `read_timeout` is refused (DEADLINE_EXCEEDED), freeing its permit. HTTP/2 keepalive
-//! pings close half-open client connections (H6), and `max_concurrent_streams` bounds streams per
-//! connection. The `moe.v1.Inference` health status stays NOT_SERVING until the registry has been
+//! within `read_timeout` is refused (DEADLINE_EXCEEDED), freeing its permit. A request holds its
+//! permit only until its body is decoded ([`DecodePlace`], released by the service before it
+//! sizes the prompt with a worker's `Tokenize` and places it): it then holds a place of
+//! `--max-concurrency` instead (`GatewayService::start_sized`), so a burst of requests whose
+//! sizing is slow is not refused while the workers have room. Refusals are counted
+//! (`moe_gateway_decoding_refused_total`, docs/metrics.md) and logged (debug, and a rate-limited
+//! warning). HTTP/2 keepalive pings close half-open client connections (H6), and
+//! `max_concurrent_streams` bounds streams per connection. The `moe.v1.Inference` health status stays NOT_SERVING until the registry has been
 //! listed once ([`serve_once_synced`]).
 //!
 //! Part of the decoding limit is INTERACTIVE's (`--interactive-reserved-decoding`, issue 16): the
 //! class is in the body, which is not read yet when a permit is taken, so a request that finds
 //! the shared permits gone is read under the reserve and marked [`InteractiveReserve`]; once
 //! decoded, the service refuses it at once (RESOURCE_EXHAUSTED) unless it is INTERACTIVE. BATCH
-//! requests can therefore hold the reserve only for as long as their bodies take to arrive, and
-//! the bytes in flight stay bounded by the whole limit.
+//! requests can therefore hold the reserve only for as long as their bodies take to arrive and
+//! be decoded, and the bytes in flight stay bounded by the whole limit.
 //!
 //! Draining (issue 16): once `drain` is cancelled, `Generate` calls are answered at once with
 //! UNAVAILABLE and the retry hint ([`draining`]) instead of being started. `crate::run` keeps
@@ -24,14 +29,14 @@
 //! SIGTERM came gets that answer rather than a reset.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use moe_common::pb::v1::inference_server::InferenceServer;
 use moe_common::registry::ClusterSnapshot;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::body::Body;
@@ -41,6 +46,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Router;
 
 use crate::auth::{ApiKeys, grpc_bearer};
+use crate::metrics::{DecodingRefusal, GatewayMetrics};
 use crate::proxy::GatewayService;
 
 /// Limits of the gRPC server.
@@ -52,7 +58,8 @@ pub struct GrpcLimits {
     pub interactive_reserved_decoding: usize,
     /// Largest request message accepted (bytes, before decoding).
     pub max_message_bytes: usize,
-    /// Longest a `Generate` request may take to arrive (body read, decoded and placed).
+    /// Longest a `Generate` request may take to arrive (body read, decoded, sized and placed;
+    /// its decoding permit is given back once it is decoded).
     pub read_timeout: Duration,
     /// HTTP/2 streams open at once per client connection.
     pub max_concurrent_streams: u32,
@@ -115,12 +122,14 @@ pub fn router_draining(
     let reserved = limits
         .interactive_reserved_decoding
         .min(limits.max_decoding.saturating_sub(1));
+    let metrics = service.metrics().clone();
     let inference = DecodeLimit {
         inner: InferenceServer::new(service).max_decoding_message_size(limits.max_message_bytes),
         shared: Arc::new(Semaphore::new(limits.max_decoding - reserved)),
         reserve: Arc::new(Semaphore::new(reserved)),
         read_timeout: limits.read_timeout,
         drain,
+        metrics,
     };
     let inference = InterceptedService::new(inference, move |req: tonic::Request<()>| {
         if let Some(keys) = &api_keys {
@@ -174,10 +183,31 @@ pub fn batch_over_its_decoding_share() -> Status {
     )
 }
 
-/// Admits at most as many calls as it has permits, each holding one until its response
-/// headers are ready (the request has been read, decoded and placed); refuses the rest with
+/// A `Generate` call's permit of the decoding limit, in the request's extensions: the service
+/// gives it back ([`DecodePlace::release`]) as soon as the body is decoded, before it sizes the
+/// prompt (a worker's `Tokenize`, up to `--tokenize-timeout`) and places the request, so that
+/// the limit bounds the bodies being read and decoded, not the requests being placed. Released
+/// at the latest when the call's response headers are ready (a body that fails to decode).
+#[derive(Clone)]
+pub struct DecodePlace(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl DecodePlace {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        DecodePlace(Arc::new(Mutex::new(Some(permit))))
+    }
+
+    /// Gives the permit back (once; later calls do nothing).
+    pub fn release(&self) {
+        let permit = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(permit);
+    }
+}
+
+/// Admits at most as many calls as it has permits, each holding one until its body is decoded
+/// ([`DecodePlace`]; at the latest until its response headers are ready); refuses the rest with
 /// RESOURCE_EXHAUSTED, and a call not ready within `read_timeout` with DEADLINE_EXCEEDED.
 /// Calls take `shared` permits first, then `reserve` ones (marked [`InteractiveReserve`]).
+/// Refusals go to `moe_gateway_decoding_refused_total` ([`GatewayMetrics::decoding_refused`]).
 #[derive(Clone)]
 pub struct DecodeLimit<S> {
     inner: S,
@@ -186,6 +216,7 @@ pub struct DecodeLimit<S> {
     read_timeout: Duration,
     /// Cancelled when the gateway drains: calls are answered [`draining`].
     drain: CancellationToken,
+    metrics: Arc<GatewayMetrics>,
 }
 
 impl<S: NamedService> NamedService for DecodeLimit<S> {
@@ -216,13 +247,17 @@ where
         });
         match permit {
             Ok(permit) => {
+                let place = DecodePlace::new(permit);
+                req.extensions_mut().insert(place.clone());
                 let call = self.inner.call(req);
                 let read_timeout = self.read_timeout;
+                let metrics = self.metrics.clone();
                 Box::pin(async move {
                     // Dropping the call on timeout drops the body: the stream is reset.
                     let response = tokio::time::timeout(read_timeout, call).await;
-                    drop(permit);
+                    place.release();
                     response.unwrap_or_else(|_| {
+                        metrics.decoding_refused("grpc", DecodingRefusal::ReadTimeout);
                         Ok(Status::deadline_exceeded(format!(
                             "the request did not arrive within {read_timeout:?}"
                         ))
@@ -231,6 +266,8 @@ where
                 })
             }
             Err(_) => {
+                self.metrics
+                    .decoding_refused("grpc", DecodingRefusal::Limit);
                 let status = crate::admission::exhausted(
                     "gateway is reading as many requests as it may at once (--max-decoding-requests)",
                 );

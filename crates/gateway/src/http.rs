@@ -95,7 +95,7 @@ async fn chat_completions(
     OpenAiJson(body): OpenAiJson<Body>,
 ) -> Result<Response, ApiError> {
     let class = class_of(&headers, body.metadata.as_ref())?;
-    keeps_its_share(reserve.is_some(), class)?;
+    keeps_its_share(&state, reserve.is_some(), class)?;
     let mapped = openai::chat_request(body, class)?;
     respond(&state, Kind::Chat, mapped, &headers).await
 }
@@ -107,15 +107,23 @@ async fn completions(
     OpenAiJson(body): OpenAiJson<Body>,
 ) -> Result<Response, ApiError> {
     let class = class_of(&headers, body.metadata.as_ref())?;
-    keeps_its_share(reserve.is_some(), class)?;
+    keeps_its_share(&state, reserve.is_some(), class)?;
     let mapped = openai::completion_request(body, class)?;
     respond(&state, Kind::Completion, mapped, &headers).await
 }
 
 /// A request read under the INTERACTIVE reserve of the body budget is refused unless it is
 /// INTERACTIVE (see [`intake`]).
-fn keeps_its_share(read_under_reserve: bool, class: LatencyClass) -> Result<(), ApiError> {
+fn keeps_its_share(
+    state: &AppState,
+    read_under_reserve: bool,
+    class: LatencyClass,
+) -> Result<(), ApiError> {
     if read_under_reserve && class != LatencyClass::Interactive {
+        state
+            .service
+            .metrics()
+            .decoding_refused("http", crate::metrics::DecodingRefusal::BatchShare);
         return Err(intake::batch_over_its_share());
     }
     Ok(())

@@ -154,7 +154,8 @@ pub async fn run(
         let intake = http::Intake::new(
             http::IntakeLimits::from_config(&config),
             security.api_keys.clone(),
-        );
+        )
+        .with_metrics(service.metrics().clone());
         let shutdown = shutdown.clone();
         // New requests during the window get 503 `draining` instead of a reset (issue 16).
         let window = config.drain_grace.min(http::drain::DRAIN_ACCEPT_WINDOW);

@@ -3,7 +3,8 @@
 //! registry as this gateway's watcher sees it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use moe_common::registry::ClusterSnapshot;
 use moe_common::telemetry::metrics::{code_label, latency_buckets, token_latency_buckets};
@@ -60,6 +61,39 @@ pub struct SizingLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecodingRefusalLabels {
+    pub front: &'static str,
+    pub reason: &'static str,
+}
+
+/// Why the request-decoding limit (`--max-decoding-requests`; over HTTP the body budget) refused
+/// a request before it reached the service (`moe_gateway_decoding_refused_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodingRefusal {
+    /// Every place was taken (the class was not known yet): RESOURCE_EXHAUSTED / 429.
+    Limit,
+    /// A BATCH request over its share: read under the INTERACTIVE reserve, or (HTTP) declared
+    /// `batch` in its header when the shared places were gone: RESOURCE_EXHAUSTED / 429.
+    BatchShare,
+    /// The body did not arrive within `--request-read-timeout`: DEADLINE_EXCEEDED / 408.
+    ReadTimeout,
+}
+
+impl DecodingRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecodingRefusal::Limit => "limit",
+            DecodingRefusal::BatchShare => "batch_share",
+            DecodingRefusal::ReadTimeout => "read_timeout",
+        }
+    }
+}
+
+/// Refusals of the decoding limit are logged at debug each, and as a warning at most this often
+/// (with the count since the last one), so a burst does not flood the log.
+const DECODING_REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerPoolLabels {
     pub profile: String,
     pub state: &'static str,
@@ -84,6 +118,9 @@ pub struct GatewayMetrics {
     prompt_sizing: Family<SizingLabels, Counter>,
     prefix_hits: Family<ClassLabels, Counter>,
     prefix_cached_tokens: Family<ClassLabels, Counter>,
+    decoding_refused: Family<DecodingRefusalLabels, Counter>,
+    /// When the last decoding-refusal warning was logged, and refusals since.
+    decoding_refused_log: Mutex<(Option<Instant>, u64)>,
 }
 
 fn schedule_error_label(e: &ScheduleError) -> &'static str {
@@ -181,6 +218,11 @@ impl GatewayMetrics {
             "Prompt tokens the chosen workers held in their prefix caches at placement, per the gateway's prefix index",
             m.prefix_cached_tokens.clone(),
         );
+        registry.register(
+            "moe_gateway_decoding_refused",
+            "Requests refused by the request-decoding limit (--max-decoding-requests; over HTTP the body budget) before they reached placement, by front and reason (limit, batch_share, read_timeout)",
+            m.decoding_refused.clone(),
+        );
         Arc::new(m)
     }
 
@@ -203,7 +245,48 @@ impl GatewayMetrics {
             prompt_sizing: Family::default(),
             prefix_hits: Family::default(),
             prefix_cached_tokens: Family::default(),
+            decoding_refused: Family::default(),
+            decoding_refused_log: Mutex::new((None, 0)),
         }
+    }
+
+    /// A request refused by the decoding limit of `front` ("grpc" or "http") before it reached
+    /// the service's placement: counted, logged at debug, and warned about at most every
+    /// [`DECODING_REFUSAL_WARN_EVERY`].
+    pub fn decoding_refused(&self, front: &'static str, reason: DecodingRefusal) {
+        let reason = reason.as_str();
+        self.decoding_refused
+            .get_or_create(&DecodingRefusalLabels { front, reason })
+            .inc();
+        tracing::debug!(
+            front,
+            reason,
+            "request refused by the request-decoding limit"
+        );
+        let since = {
+            let mut log = self
+                .decoding_refused_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            log.1 += 1;
+            let now = Instant::now();
+            if log
+                .0
+                .is_some_and(|last| now.duration_since(last) < DECODING_REFUSAL_WARN_EVERY)
+            {
+                return;
+            }
+            log.0 = Some(now);
+            std::mem::take(&mut log.1)
+        };
+        tracing::warn!(
+            front,
+            reason,
+            refused = since,
+            "requests refused by the request-decoding limit (--max-decoding-requests, \
+             --interactive-reserved-decoding, --request-read-timeout); see \
+             moe_gateway_decoding_refused_total"
+        );
     }
 
     pub fn request_finished(&self, model: &str, class: LatencyClass, code: tonic::Code) {
@@ -364,6 +447,7 @@ mod tests {
         m.migration(LatencyClass::Batch);
         m.prompt_sized("tokenizer");
         m.prefix_placement(LatencyClass::Interactive, 64);
+        m.decoding_refused("grpc", DecodingRefusal::Limit);
         m.snapshot(&ClusterSnapshot::default());
         let docs = include_str!("../../../docs/metrics.md");
         assert_catalogued(&encode(&registry), docs);

@@ -12,7 +12,7 @@ use moe_common::LatencyClass;
 use moe_common::pb::v1::inference_server::Inference;
 use moe_common::pb::{GenerateRequest, GenerateResponse};
 use moe_common::request::{RequestLimits, parse_grpc_timeout, validate};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span};
@@ -102,6 +102,11 @@ impl GatewayService {
         self.metrics = metrics;
         self
     }
+
+    /// Where this service records (the front ends count their refusals there too).
+    pub fn metrics(&self) -> &Arc<GatewayMetrics> {
+        &self.metrics
+    }
 }
 
 pub fn schedule_status(e: ScheduleError) -> Status {
@@ -147,13 +152,16 @@ impl GatewayService {
         client_timeout: Option<Duration>,
         api_key: Option<&str>,
     ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
-        self.start_with(req, client_timeout, api_key, None)
+        self.start_with(req, client_timeout, api_key, None, None)
     }
 
-    /// What the gRPC and HTTP front ends call: [`Self::start`], after sizing the prompt with a
-    /// worker's tokenizer and finding the workers' prefix hits ([`PromptSizing`], bounded by
-    /// `--tokenize-timeout`). A request that fails authentication or validation is not sent to
-    /// a worker to tokenize: `start` refuses it as before.
+    /// What the gRPC and HTTP front ends call, once the request's body is decoded and its
+    /// place under the decoding limit given back: [`Self::start`], after sizing the prompt with
+    /// a worker's tokenizer and finding the workers' prefix hits ([`PromptSizing`], bounded by
+    /// `--tokenize-timeout`). The request takes its place under `--max-concurrency` before it
+    /// is sized, so the requests being sized are bounded too (by that limit, with its
+    /// INTERACTIVE share); one that finds no place, or that fails authentication or validation,
+    /// is not sent to a worker to tokenize: `start` refuses it as before.
     pub async fn start_sized(
         &self,
         req: GenerateRequest,
@@ -165,21 +173,26 @@ impl GatewayService {
             .as_ref()
             .is_none_or(|keys| keys.authenticate(api_key).is_ok())
             && validate(&req, &self.config.limits, false).is_ok();
-        let sized = if admissible {
+        let place = admissible
+            .then(|| self.streams.try_acquire(class_of(&req)).ok())
+            .flatten();
+        let sized = if place.is_some() {
             let span = tracing::info_span!("gateway.tokenize");
             Some(self.sizing.size(&self.router, &req).instrument(span).await)
         } else {
             None
         };
-        self.start_with(req, client_timeout, api_key, sized)
+        self.start_with(req, client_timeout, api_key, sized, place)
     }
 
+    /// `place`: the request's place under `--max-concurrency` when it already took one.
     fn start_with(
         &self,
         req: GenerateRequest,
         client_timeout: Option<Duration>,
         api_key: Option<&str>,
         sized: Option<Sized>,
+        place: Option<OwnedSemaphorePermit>,
     ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
         let class = class_of(&req);
         let span = tracing::info_span!(
@@ -188,8 +201,8 @@ impl GatewayService {
             max_tokens = req.max_tokens,
             otel.status_code = tracing::field::Empty,
         );
-        let result =
-            span.in_scope(|| self.start_in(req, client_timeout, api_key, sized, span.clone()));
+        let result = span
+            .in_scope(|| self.start_in(req, client_timeout, api_key, sized, place, span.clone()));
         if let Err(status) = &result {
             span.record("otel.status_code", "ERROR");
             self.metrics.request_finished("none", class, status.code());
@@ -203,6 +216,7 @@ impl GatewayService {
         client_timeout: Option<Duration>,
         api_key: Option<&str>,
         sized: Option<Sized>,
+        place: Option<OwnedSemaphorePermit>,
         span: Span,
     ) -> Result<ReceiverStream<Result<GenerateResponse, Status>>, Status> {
         let started = Instant::now();
@@ -235,7 +249,10 @@ impl GatewayService {
         };
         // Refusals say when to come back: after the wait the admission queues predict.
         let hint = || retry_hint(self.router.expected_wait(&demand));
-        let permit = self.streams.try_acquire_or(class, hint)?;
+        let permit = match place {
+            Some(p) => p,
+            None => self.streams.try_acquire_or(class, hint)?,
+        };
         self.router.request_started();
         // The first placement happens before the stream starts, so NOT_FOUND / UNAVAILABLE /
         // OUT_OF_RANGE / FAILED_PRECONDITION are the call's status. A request no worker has headroom for now is
@@ -331,6 +348,12 @@ impl Inference for GatewayService {
             .and_then(parse_grpc_timeout);
         let server = tracing::info_span!("gateway.grpc", otel.kind = "server");
         moe_common::telemetry::propagation::adopt_remote_parent(&server, request.metadata());
+        // The body is decoded: its place under the decoding limit goes back now, not after
+        // sizing (a worker's Tokenize) and placement, which `start_sized` does under
+        // --max-concurrency instead.
+        if let Some(place) = request.extensions().get::<crate::grpc::DecodePlace>() {
+            place.release();
+        }
         // Read under the INTERACTIVE share of the decoding limit: only INTERACTIVE may keep it.
         if request
             .extensions()
@@ -338,6 +361,8 @@ impl Inference for GatewayService {
             .is_some()
             && class_of(request.get_ref()) != LatencyClass::Interactive
         {
+            self.metrics
+                .decoding_refused("grpc", crate::metrics::DecodingRefusal::BatchShare);
             return Err(crate::grpc::batch_over_its_decoding_share());
         }
         let api_key = crate::auth::grpc_bearer(request.metadata()).map(str::to_owned);

@@ -5,7 +5,9 @@
 //! whose bodies never finish stand in for slow or hostile clients. The same for the OpenAI HTTP
 //! API (raw HTTP/1.1 over TCP): 401 on the head, 408 for a slow upload, 429 when the body
 //! budget is spent, health answering throughout; and gRPC health NOT_SERVING until the registry
-//! has been listed.
+//! has been listed. A request gives its decoding place back once its body is decoded, so BATCH
+//! requests whose prompt sizing (a fake worker's slow `Tokenize`) is slow are not refused, and
+//! the limit's refusals are counted by reason.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +30,10 @@ use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+// The fake worker of tests/drive.rs; this file uses only part of it.
+#[allow(dead_code)]
+mod fake_worker;
 
 const KEY: &str = "k-0123456789abcdef";
 
@@ -814,4 +820,178 @@ async fn grpc_calls_arriving_during_the_drain_get_unavailable_with_a_retry_hint_
         connect(url).await.is_err(),
         "listener closed after the window"
     );
+}
+
+// ---- The decoding limit holds bodies being decoded, not requests being sized. ----
+
+/// A gRPC front over one fake worker (8 slots) whose `Tokenize` answers after `tokenize_delay`,
+/// the gateway sizing prompts with it (`--tokenize-timeout` 5 s) and recording its metrics in
+/// the returned registry.
+async fn sizing_front(
+    limits: GrpcLimits,
+    tokenize_delay: Duration,
+) -> (
+    Channel,
+    Arc<prometheus_client::registry::Registry>,
+    fake_worker::FakeWorker,
+    tokio_util::sync::DropGuard,
+) {
+    let worker = fake_worker::FakeWorker::start_tokenizing(
+        "a",
+        fake_worker::Script::Tokens {
+            gap: Duration::from_millis(1),
+        },
+        tokenize_delay,
+    )
+    .await;
+    let snapshot = ClusterSnapshot {
+        revision: 1,
+        workers: [(worker.id.clone(), Arc::new(worker.advert("full")))].into(),
+        rejected: Default::default(),
+    };
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(snapshot));
+    let routing = Arc::new(RoutingState::new(rx, Policy::default()));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = moe_gateway::metrics::GatewayMetrics::register(&mut registry);
+    let service = GatewayService::new(
+        routing,
+        ProxyConfig {
+            max_streams: 16,
+            request_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            stream_idle_timeout: Duration::from_secs(30),
+            first_message_timeout: Duration::from_secs(30),
+            limits: RequestLimits::default(),
+        },
+    )
+    .with_metrics(metrics)
+    .with_prompt_sizing(moe_gateway::tokenize::PromptSizing {
+        index: None,
+        timeout: Duration::from_secs(5),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = router(&limits, service, None);
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let _keep = tx;
+        server
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                s.cancelled_owned(),
+            )
+            .await
+            .unwrap();
+    });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (channel, Arc::new(registry), worker, stop.drop_guard())
+}
+
+/// `moe_gateway_decoding_refused_total{front="grpc",reason}` (0 while absent).
+fn decoding_refused(registry: &prometheus_client::registry::Registry, reason: &str) -> u64 {
+    let text = moe_common::telemetry::metrics::encode(registry);
+    let series =
+        format!("moe_gateway_decoding_refused_total{{front=\"grpc\",reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Generate with a BATCH request, read to its end: the number of messages, or the status.
+async fn batch_generate(channel: Channel) -> Result<usize, Status> {
+    let mut client = moe_common::pb::v1::inference_client::InferenceClient::new(channel);
+    let req = moe_common::pb::GenerateRequest {
+        prompt: "hello".into(),
+        max_tokens: 2,
+        latency_class: moe_common::LatencyClass::Batch.to_proto() as i32,
+        ..Default::default()
+    };
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut n = 0;
+    while let Some(m) = stream.next().await {
+        m?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[tokio::test]
+async fn batch_requests_whose_sizing_is_slow_do_not_hold_the_decoding_limit() {
+    // 4 places, 1 of them INTERACTIVE's: 3 BATCH bodies may be decoded at once. Six BATCH
+    // requests arrive 50 ms apart while each one's Tokenize takes 1.5 s, so all six are being
+    // sized at once; the worker has 8 slots. A request that held its place until it was sized
+    // and placed (before this fix) made the 4th to 6th be refused RESOURCE_EXHAUSTED.
+    let limits = GrpcLimits {
+        interactive_reserved_decoding: 1,
+        ..limits(4)
+    };
+    let (channel, registry, worker, _stop) =
+        sizing_front(limits, Duration::from_millis(1500)).await;
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        calls.push(tokio::spawn(batch_generate(channel.clone())));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        worker
+            .seen
+            .tokenized
+            .load(std::sync::atomic::Ordering::SeqCst),
+        6,
+        "all six requests are being sized at once"
+    );
+    assert!(calls.iter().all(|c| !c.is_finished()), "still being sized");
+    for c in calls {
+        let r = tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("answered")
+            .unwrap();
+        // Two tokens and the final message.
+        assert_eq!(r.expect("served, not refused"), 3);
+    }
+    assert_eq!(worker.calls(), 6);
+    for reason in ["limit", "batch_share", "read_timeout"] {
+        assert_eq!(decoding_refused(&registry, reason), 0, "{reason}");
+    }
+}
+
+/// A Generate call whose body never comes, holding a place of the decoding limit.
+async fn hold_a_place(channel: Channel) -> tokio::task::JoinHandle<Result<(), Status>> {
+    let mut c = Box::pin(call(channel, None, endless(0)));
+    let r = tokio::time::timeout(Duration::from_millis(300), &mut c).await;
+    assert!(r.is_err(), "a place: held, not refused ({r:?})");
+    tokio::spawn(c)
+}
+
+#[tokio::test]
+async fn refusals_of_the_decoding_limit_are_counted_by_reason() {
+    let limits = GrpcLimits {
+        interactive_reserved_decoding: 1,
+        ..limits(4)
+    };
+    let (channel, registry, worker, _stop) = sizing_front(limits, Duration::ZERO).await;
+    // Three uploads that never finish hold the shared places.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(hold_a_place(channel.clone()).await);
+    }
+    // A BATCH request is read under the reserve and refused once decoded.
+    let batch = batch_generate(channel.clone()).await.unwrap_err();
+    assert_eq!(batch.code(), Code::ResourceExhausted, "{batch:?}");
+    assert_eq!(decoding_refused(&registry, "batch_share"), 1);
+    assert_eq!(decoding_refused(&registry, "limit"), 0);
+    // A fourth upload takes the reserve; then every place is taken.
+    held.push(hold_a_place(channel.clone()).await);
+    let err = call(channel.clone(), None, endless(0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--max-decoding-requests"), "{err:?}");
+    assert_eq!(decoding_refused(&registry, "limit"), 1);
+    assert_eq!(worker.calls(), 0);
+    drop(held);
 }

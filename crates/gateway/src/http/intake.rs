@@ -5,8 +5,10 @@
 //! none), and a request that finds the budget spent is refused at once with 429 instead of
 //! queueing; the body must arrive within the read timeout (408 otherwise), so a slow upload
 //! holds its reservation for a bounded time. The reservation is released once the body has been
-//! parsed ([`BodyPermit`], taken by `OpenAiJson`). Health and model listing do not pass through
-//! here, so they answer while the budget is spent.
+//! parsed ([`BodyPermit`], taken by `OpenAiJson`), before the prompt is sized (a worker's
+//! `Tokenize`) and placed. Health and model listing do not pass through here, so they answer
+//! while the budget is spent. Refusals (429 and 408) are counted in
+//! `moe_gateway_decoding_refused_total{front="http"}` once [`Intake::with_metrics`] is set.
 //!
 //! Part of the budget is INTERACTIVE's (`--interactive-reserved-decoding` places' worth of
 //! bytes, issue 16). A request that finds the shared bytes gone is read under the reserve unless
@@ -27,6 +29,7 @@ use tonic::Status;
 
 use super::ApiError;
 use crate::auth::{ApiKeys, bearer};
+use crate::metrics::{DecodingRefusal, GatewayMetrics};
 
 /// Largest request body accepted (the prompt limit applies after parsing).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -82,6 +85,7 @@ pub struct Intake {
     /// Bytes taken once `budget` is spent; kept by INTERACTIVE requests only.
     reserve: Arc<Semaphore>,
     limits: IntakeLimits,
+    metrics: Arc<GatewayMetrics>,
 }
 
 /// Marks a request whose body was read under the INTERACTIVE reserve of the byte budget: its
@@ -116,7 +120,14 @@ impl Intake {
             budget: Arc::new(Semaphore::new(budget - reserve)),
             reserve: Arc::new(Semaphore::new(reserve)),
             limits,
+            metrics: Arc::new(GatewayMetrics::unregistered()),
         }
+    }
+
+    /// Counts refusals in `metrics` (the gateway's, registered) instead of nowhere.
+    pub fn with_metrics(mut self, metrics: Arc<GatewayMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Checks the head, reserves the body's bytes and reads the body within the read timeout;
@@ -144,13 +155,19 @@ impl Intake {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("batch"));
         let spent = || {
+            self.metrics
+                .decoding_refused("http", DecodingRefusal::Limit);
             ApiError::from(crate::admission::exhausted(
                 "gateway is reading as many request bytes as it may at once",
             ))
         };
         let (permit, reserved) = match self.budget.clone().try_acquire_many_owned(permits) {
             Ok(p) => (p, false),
-            Err(_) if declared_batch => return Err(batch_over_its_share()),
+            Err(_) if declared_batch => {
+                self.metrics
+                    .decoding_refused("http", DecodingRefusal::BatchShare);
+                return Err(batch_over_its_share());
+            }
             Err(_) => {
                 let p = self
                     .reserve
@@ -164,13 +181,17 @@ impl Intake {
         let read_timeout = self.limits.read_timeout;
         let bytes = tokio::time::timeout(read_timeout, read_body(body, reserve))
             .await
-            .map_err(|_| ApiError {
-                status: StatusCode::REQUEST_TIMEOUT,
-                kind: "invalid_request_error",
-                message: format!("the request body did not arrive within {read_timeout:?}"),
-                param: None,
-                code: Some("request_timeout"),
-                retry_after: None,
+            .map_err(|_| {
+                self.metrics
+                    .decoding_refused("http", DecodingRefusal::ReadTimeout);
+                ApiError {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    kind: "invalid_request_error",
+                    message: format!("the request body did not arrive within {read_timeout:?}"),
+                    param: None,
+                    code: Some("request_timeout"),
+                    retry_after: None,
+                }
             })??;
         let mut req = Request::from_parts(parts, Body::from(bytes));
         req.extensions_mut().insert(BodyPermit(Arc::new(permit)));

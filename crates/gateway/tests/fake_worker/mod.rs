@@ -1,7 +1,8 @@
 //! A fake worker for gateway tests: a real `moe.v1.Inference` gRPC server on 127.0.0.1:0 that
 //! follows a script instead of running a model. It can stall, fail before or after N tokens,
 //! drain (end with CANCELLED), or release tokens on cue. Token ids continue from the request's
-//! `resume_token_ids`, so a migrated stream reads 0, 1, 2, ... across workers.
+//! `resume_token_ids`, so a migrated stream reads 0, 1, 2, ... across workers. Started with
+//! [`FakeWorker::start_tokenizing`] it also serves `moe.v1.Worker/Tokenize`, slowly.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +11,11 @@ use std::time::Duration;
 
 use futures::Stream;
 use moe_common::pb::v1::inference_server::{Inference, InferenceServer};
-use moe_common::pb::{FinishReason, GenerateRequest, GenerateResponse, Usage};
+use moe_common::pb::v1::worker_server::{Worker, WorkerServer};
+use moe_common::pb::{
+    FinishReason, GenerateRequest, GenerateResponse, PrefixCacheEvent, TokenizeResponse, Usage,
+    WatchPrefixCacheRequest,
+};
 use moe_common::registry::{
     ADVERT_SCHEMA, Capacity, Load, MemoryInfo, ModelInfo, OffloadInfo, Speed, WorkerAdvert,
     WorkerState,
@@ -43,6 +48,8 @@ pub struct Seen {
     pub resumed_from: Mutex<Vec<usize>>,
     /// Streams whose consumer went away before the script finished.
     pub dropped: AtomicUsize,
+    /// `Tokenize` calls received ([`FakeWorker::start_tokenizing`]).
+    pub tokenized: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -160,6 +167,42 @@ impl Inference for Service {
     }
 }
 
+/// `moe.v1.Worker` answering `Tokenize` after `delay` (a prompt of 4 tokens, no block hashes)
+/// and never sending a prefix-cache event.
+#[derive(Clone)]
+struct Tokenizer {
+    delay: Duration,
+    seen: Arc<Seen>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<PrefixCacheEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for Tokenizer {
+    async fn tokenize(
+        &self,
+        _request: Request<GenerateRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        self.seen.tokenized.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        Ok(Response::new(TokenizeResponse {
+            prompt_tokens: 4,
+            block_hashes: Vec::new(),
+            block_tokens: moe_common::prefix::BLOCK_TOKENS,
+            model_fingerprint: String::new(),
+        }))
+    }
+
+    type WatchPrefixCacheStream = EventStream;
+
+    async fn watch_prefix_cache(
+        &self,
+        _request: Request<WatchPrefixCacheRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        Ok(Response::new(Box::pin(futures::stream::pending())))
+    }
+}
+
 /// A running fake worker; stops when dropped.
 pub struct FakeWorker {
     pub id: String,
@@ -188,6 +231,22 @@ impl FakeWorker {
 
     /// [`FakeWorker::start`] advertising `batch_invariant` (and saying so in final messages).
     pub async fn start_with(id: &str, script: Script, batch_invariant: Option<bool>) -> FakeWorker {
+        FakeWorker::serve(id, script, batch_invariant, None).await
+    }
+
+    /// [`FakeWorker::start`], also serving `moe.v1.Worker/Tokenize`, which answers after
+    /// `delay` (a gateway's slow prompt sizing).
+    #[allow(dead_code)] // used by tests/front.rs, not tests/drive.rs
+    pub async fn start_tokenizing(id: &str, script: Script, delay: Duration) -> FakeWorker {
+        FakeWorker::serve(id, script, None, Some(delay)).await
+    }
+
+    async fn serve(
+        id: &str,
+        script: Script,
+        batch_invariant: Option<bool>,
+        tokenize_delay: Option<Duration>,
+    ) -> FakeWorker {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cue = Arc::new(Semaphore::new(0));
@@ -199,10 +258,17 @@ impl FakeWorker {
             seen: seen.clone(),
             batch_invariant: batch_invariant == Some(true),
         };
+        let tokenizer = tokenize_delay.map(|delay| {
+            WorkerServer::new(Tokenizer {
+                delay,
+                seen: seen.clone(),
+            })
+        });
         let s = stop.clone();
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(InferenceServer::new(service))
+                .add_optional_service(tokenizer)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     s.cancelled_owned(),
