@@ -17,10 +17,20 @@
 //     -o /tmp/probe $L $OUT/build/ggml/src/libggml-base.a -fopenmp -lpthread -ldl   (one line)
 // To try a changed ggml-cpu source file, compile it with the flags of
 // $OUT/build/ggml/src/CMakeFiles/ggml-cpu.dir/flags.make and put its object before the archives.
+// For patch 0002 (PROBE_BI below), compile all of ggml-cpu's files from a copy of $SRC patched with
+// scripts/patch-llama.sh (0002 changes ggml-cpu-impl.h) into an archive used instead of libggml-cpu.a.
 //
 // usage: probe MODEL.gguf REPACK(0|1: use_extra_bufts) NA NB [STEPS=1] [PROMPT_REPEATS=1]
 //   e.g. probe gptoss-2l.gguf 1 1 8 64     (a lone sequence vs 8 together, 64 decode steps)
+//        probe MODEL REPACK time ROWS,ROWS,... [STEPS=16] [PROMPT_REPEATS=1]
+//   timing mode: for each row count, the prompt prefilled one sequence per call, then STEPS
+//   decode calls of that many rows (no eval callback); prints ms per prefill call and per decode
+//   call (median of the calls after the first).
 // env: PROBE_LOG=1 shows llama.cpp's log (buffer types, "repack tensor ..." lines).
+//      PROBE_BI=0|1: with patch 0002 (patches/llama.cpp), switch ggml-cpu's batch-invariant mode
+//      through the CPU registry's proc "ggml_backend_cpu_set_batch_invariant", as the worker
+//      would: on (PROBE_BI=1) for the decode calls, off for the prefill calls; unset: not touched
+//      (GGML_CPU_BATCH_INVARIANT=1 in the environment then decides, for every call).
 #include "llama.h"
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -31,9 +41,19 @@
 #include <string>
 #include <vector>
 #include <cmath>
+#include <chrono>
 
 struct Rec { std::string name; std::string op; std::vector<float> data; int64_t ne[4]; };
 static std::vector<Rec> * g_recs = nullptr;
+
+// patch 0002's switch (null when PROBE_BI is unset or the library lacks the patch)
+typedef void (*set_bi_t)(int);
+static set_bi_t g_set_bi = nullptr;
+static int g_bi = 0;
+static void set_bi(bool decode) { if (g_set_bi) g_set_bi(decode ? g_bi : 0); }
+static bool g_timing = false;
+static std::vector<double> g_prefill_ms, g_decode_ms;
+static double now_ms() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 static bool cb(struct ggml_tensor * t, bool ask, void *) {
     if (ask) return true;
@@ -48,9 +68,10 @@ static bool cb(struct ggml_tensor * t, bool ask, void *) {
 
 static std::vector<Rec> run(llama_model * model, int nseq, const std::vector<llama_token> & prompt, int steps, std::vector<llama_token> & out_tokens) {
     auto cp = llama_context_default_params();
-    cp.n_ctx = 4096; cp.n_batch = 512; cp.n_ubatch = 512; cp.n_seq_max = 8; cp.kv_unified = false;
-    cp.n_threads = 2; cp.n_threads_batch = 2; cp.cb_eval = cb; cp.cb_eval_user_data = nullptr;
-    cp.n_outputs_max = 8;
+    const int nmax = std::max(8, nseq);
+    cp.n_ctx = 512 * nmax; cp.n_batch = 512; cp.n_ubatch = 512; cp.n_seq_max = nmax; cp.kv_unified = false;
+    cp.n_threads = 2; cp.n_threads_batch = 2; cp.cb_eval = g_timing ? nullptr : cb; cp.cb_eval_user_data = nullptr;
+    cp.n_outputs_max = nmax;
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) { fprintf(stderr, "cannot create a context\n"); exit(1); }
     const int n = prompt.size();
@@ -58,14 +79,17 @@ static std::vector<Rec> run(llama_model * model, int nseq, const std::vector<lla
     auto argmax = [&](int i) { const float * l = llama_get_logits_ith(ctx, i); int best = 0; for (int v = 1; v < n_vocab; v++) if (l[v] > l[best]) best = v; return best; };
     llama_token first_tok = 0;
     // prefill: one call per sequence (same shapes in both runs)
-    llama_batch b = llama_batch_init(std::max(n, 8), 0, 1);
+    llama_batch b = llama_batch_init(std::max(n, nmax), 0, 1);
     for (int s = 0; s < nseq; s++) {
         b.n_tokens = 0;
         for (int i = 0; i < n; i++) {
             int k = b.n_tokens++;
             b.token[k] = prompt[i]; b.pos[k] = i; b.n_seq_id[k] = 1; b.seq_id[k][0] = s; b.logits[k] = (i == n - 1);
         }
+        set_bi(false);
+        double t0 = now_ms();
         if (llama_decode(ctx, b)) { fprintf(stderr, "prefill failed\n"); exit(1); }
+        g_prefill_ms.push_back(now_ms() - t0);
         if (s == 0) first_tok = argmax(n - 1);
     }
     llama_token tok = first_tok;
@@ -74,8 +98,11 @@ static std::vector<Rec> run(llama_model * model, int nseq, const std::vector<lla
     for (int st = 0; st < steps; st++) {
         b.n_tokens = 0;
         for (int s = 0; s < nseq; s++) { int k = b.n_tokens++; b.token[k] = tok; b.pos[k] = n + st; b.n_seq_id[k] = 1; b.seq_id[k][0] = s; b.logits[k] = 1; }
-        if (st == steps - 1) g_recs = &recs;
+        if (st == steps - 1 && !g_timing) g_recs = &recs;
+        set_bi(true);
+        double t0 = now_ms();
         if (llama_decode(ctx, b)) { fprintf(stderr, "decode failed\n"); exit(1); }
+        g_decode_ms.push_back(now_ms() - t0);
         g_recs = nullptr;
         tok = argmax(0);
         out_tokens.push_back(tok);
@@ -86,15 +113,22 @@ static std::vector<Rec> run(llama_model * model, int nseq, const std::vector<lla
 }
 
 int main(int argc, char ** argv) {
-    if (argc < 5) { fprintf(stderr, "usage: %s MODEL REPACK NA NB [STEPS] [PROMPT_REPEATS]\n", argv[0]); return 2; }
+    if (argc < 5) { fprintf(stderr, "usage: %s MODEL REPACK NA NB [STEPS] [PROMPT_REPEATS]\n       %s MODEL REPACK time ROWS,... [STEPS] [PROMPT_REPEATS]\n", argv[0], argv[0]); return 2; }
     const char * path = argv[1];
     int repack = atoi(argv[2]);
-    int na = atoi(argv[3]);
-    int nseq = atoi(argv[4]);
-    int steps = argc > 5 ? atoi(argv[5]) : 1;
+    g_timing = strcmp(argv[3], "time") == 0;
+    int na = g_timing ? 0 : atoi(argv[3]);
+    int nseq = g_timing ? 0 : atoi(argv[4]);
+    int steps = argc > 5 ? atoi(argv[5]) : (g_timing ? 16 : 1);
     int rep = argc > 6 ? atoi(argv[6]) : 1;
     if (!getenv("PROBE_LOG")) llama_log_set([](ggml_log_level, const char *, void *) {}, nullptr);
     llama_backend_init();
+    if (const char * bi = getenv("PROBE_BI")) {
+        g_bi = atoi(bi);
+        ggml_backend_reg_t reg = ggml_backend_reg_by_name("CPU");
+        g_set_bi = reg ? (set_bi_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cpu_set_batch_invariant") : nullptr;
+        if (!g_set_bi) { fprintf(stderr, "PROBE_BI set but the CPU backend has no ggml_backend_cpu_set_batch_invariant (patch 0002 not applied)\n"); return 1; }
+    }
     auto mp = llama_model_default_params();
     mp.use_extra_bufts = repack != 0;
     llama_model * model = llama_model_load_from_file(path, mp);
@@ -105,11 +139,28 @@ int main(int argc, char ** argv) {
     std::vector<llama_token> prompt(4096);
     int np = llama_tokenize(vocab, text.c_str(), text.size(), prompt.data(), prompt.size(), false, true);
     prompt.resize(np);
+    if (g_timing) {
+        auto median = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v.empty() ? 0.0 : v[v.size() / 2]; };
+        printf("repack=%d PROBE_BI=%s prompt %d tokens, %d decode steps\n", repack, getenv("PROBE_BI") ? getenv("PROBE_BI") : "unset", np, steps);
+        for (const char * p = argv[4]; *p; ) {
+            int rows = atoi(p);
+            g_prefill_ms.clear(); g_decode_ms.clear();
+            std::vector<llama_token> t;
+            run(model, rows, prompt, steps, t);
+            std::vector<double> d(g_decode_ms.begin() + 1, g_decode_ms.end());
+            printf("  rows %2d: prefill %.1f ms/call (median of %zu), decode %.2f ms/call (median of %zu)\n", rows, median(g_prefill_ms), g_prefill_ms.size(), median(d), d.size());
+            fflush(stdout);
+            while (*p && *p != ',') p++;
+            if (*p == ',') p++;
+        }
+        llama_model_free(model);
+        return 0;
+    }
     std::vector<llama_token> t1, tn;
     auto a = run(model, na, prompt, steps, t1);
     auto bb = run(model, nseq, prompt, steps, tn);
     int same_tok = 0; for (size_t i = 0; i < t1.size(); i++) same_tok += t1[i] == tn[i];
-    printf("repack=%d rows %d vs %d, prompt %d tokens, steps=%d: greedy tokens equal %d/%zu\n", repack, na, nseq, np, steps, same_tok, t1.size());
+    printf("repack=%d PROBE_BI=%s rows %d vs %d, prompt %d tokens, steps=%d: greedy tokens equal %d/%zu\n", repack, getenv("PROBE_BI") ? getenv("PROBE_BI") : "unset", na, nseq, np, steps, same_tok, t1.size());
     size_t j = 0; int shown = 0; size_t compared = 0, skipped = 0;
     for (size_t i = 0; i < a.size(); i++) {
         const Rec & x = a[i];

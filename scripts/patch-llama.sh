@@ -9,7 +9,9 @@
 #                                       fetch` first); used by docker/Dockerfile.worker before the
 #                                       CUDA build
 #
-# The patches touch CUDA code only (ggml/src/ggml-cuda), so CPU builds and CI are unaffected;
+# 0001 touches CUDA code only (ggml/src/ggml-cuda); 0002 touches the CPU backend (ggml/src/ggml-cpu),
+# so it reaches a CPU build only when this script ran on the source that build compiles (CI and the
+# CPU image do not run it yet). Both are off unless switched on at run time.
 # patches/llama.cpp/README.md says what each one does and why.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
