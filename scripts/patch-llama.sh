@@ -6,12 +6,12 @@
 #   scripts/patch-llama.sh DIR          DIR: a llama.cpp tree (the one holding ggml/ and src/)
 #   scripts/patch-llama.sh --registry   the llama.cpp inside llama-cpp-sys-2's unpacked crate in the
 #                                       cargo registry, at the version Cargo.lock pins (run `cargo
-#                                       fetch` first); used by docker/Dockerfile.worker before the
-#                                       CUDA build
+#                                       fetch` first); used by scripts/test.sh, scripts/up.sh and
+#                                       both builders of docker/Dockerfile.worker before they build
 #
-# 0001 touches CUDA code only (ggml/src/ggml-cuda); 0002 touches the CPU backend (ggml/src/ggml-cpu),
-# so it reaches a CPU build only when this script ran on the source that build compiles (CI and the
-# CPU image do not run it yet). Both are off unless switched on at run time.
+# 0001 touches CUDA code only (ggml/src/ggml-cuda); 0002 touches the CPU backend (ggml/src/ggml-cpu).
+# Patched files get new timestamps, and llama-cpp-sys-2's build script reruns on changed sources, so
+# the next cargo build compiles them. Both are off unless switched on at run time.
 # patches/llama.cpp/README.md says what each one does and why.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

@@ -14,6 +14,13 @@ export MOE_BIN_DIR="$CARGO_TARGET_DIR/debug"
 # while they wait (libgomp reads this when the test binary loads).
 export OMP_WAIT_POLICY=PASSIVE
 
+echo "== llama.cpp patches (patches/llama.cpp) on llama-cpp-sys-2's source in the cargo registry"
+# The worker's batch-invariant CPU kernels (patch 0002) are what makes CPU `grouped` decode
+# batch-invariant; the patched files carry new timestamps, so cargo rebuilds them.
+cargo fetch --locked
+bash scripts/patch-llama.sh --registry
+# The worker's tests then check that the build has the CPU switch (not silently unpatched).
+export MOE_EXPECT_LLAMA_PATCHES=1
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)"

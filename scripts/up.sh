@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/moe-cluster/target}"
+# moe-cluster's llama.cpp patches (patches/llama.cpp: batch-invariant kernels, off unless the
+# worker switches them on) on llama-cpp-sys-2's source in the cargo registry.
+cargo fetch --locked
+bash scripts/patch-llama.sh --registry
 cargo build --workspace --bins --locked
 BIN="$CARGO_TARGET_DIR/debug"
 MODEL="${MOE_MODEL:-models/smollm2-moe-4x2.gguf}"

@@ -750,6 +750,15 @@ mod tests {
             assert!(!InvariantKernels::find(Some(8), false).cuda());
         }
         assert!(!InvariantKernels::find(None, false).cpu(), "not looked up");
+        // scripts/test.sh patches llama.cpp before it builds and says so: a build that lost
+        // the CPU switch would quietly resolve CPU `auto` to batched (not invariant) again.
+        if std::env::var_os("MOE_EXPECT_LLAMA_PATCHES").is_some_and(|v| v == "1") {
+            assert!(
+                InvariantKernels::find(None, true).cpu(),
+                "MOE_EXPECT_LLAMA_PATCHES=1 but this build's CPU backend has no \
+                 ggml_backend_cpu_set_batch_invariant (run scripts/patch-llama.sh --registry)"
+            );
+        }
     }
 
     #[test]
