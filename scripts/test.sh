@@ -16,9 +16,9 @@ export OMP_WAIT_POLICY=PASSIVE
 
 echo "== llama.cpp patches (patches/llama.cpp) on llama-cpp-sys-2's source in the cargo registry"
 # The worker's batch-invariant CPU kernels (patch 0002) are what makes CPU `grouped` decode
-# batch-invariant; the patched files carry new timestamps, so cargo rebuilds them.
+# batch-invariant; --target-dir makes cargo rebuild llama-cpp-sys-2 when the patches changed.
 cargo fetch --locked
-bash scripts/patch-llama.sh --registry
+bash scripts/patch-llama.sh --registry --target-dir "$CARGO_TARGET_DIR"
 # The worker's tests then check that the build has the CPU switch (not silently unpatched).
 export MOE_EXPECT_LLAMA_PATCHES=1
 echo "== cargo fmt --check"

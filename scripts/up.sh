@@ -11,7 +11,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/moe-cluster/target}"
 # moe-cluster's llama.cpp patches (patches/llama.cpp: batch-invariant kernels, off unless the
 # worker switches them on) on llama-cpp-sys-2's source in the cargo registry.
 cargo fetch --locked
-bash scripts/patch-llama.sh --registry
+bash scripts/patch-llama.sh --registry --target-dir "$CARGO_TARGET_DIR"
 cargo build --workspace --bins --locked
 BIN="$CARGO_TARGET_DIR/debug"
 MODEL="${MOE_MODEL:-models/smollm2-moe-4x2.gguf}"

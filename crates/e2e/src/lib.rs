@@ -538,6 +538,8 @@ pub struct Collected {
     pub token_ids: Vec<u32>,
     pub messages: usize,
     pub last: GenerateResponse,
+    /// With `logprobs`: per token, its log-probability then its alternatives', in order.
+    pub logprobs: Vec<Vec<f32>>,
 }
 
 impl Collected {
@@ -589,6 +591,11 @@ pub async fn collect(
         while let Some(m) = stream.message().await? {
             out.text.push_str(&m.text);
             out.token_ids.extend_from_slice(&m.token_ids);
+            out.logprobs.extend(m.logprobs.iter().map(|l| {
+                std::iter::once(l.logprob)
+                    .chain(l.top_logprobs.iter().map(|t| t.logprob))
+                    .collect()
+            }));
             out.messages += 1;
             let last = m.finish_reason != FinishReason::Unspecified as i32;
             out.last = m;

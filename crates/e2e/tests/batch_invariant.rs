@@ -35,7 +35,11 @@ async fn batch_invariant_requests_land_only_on_batch_invariant_workers() {
     // The `--kv-unified` worker is the full-GPU profile, which INTERACTIVE requests prefer: only
     // the field keeps them off it. The invariant worker is reached by spill-over.
     let mut unified_spec = WorkerSpec::new("unified", "full");
-    unified_spec.extra.push("--kv-unified".into());
+    unified_spec.extra.extend([
+        "--kv-unified".into(),
+        "--decode-mode".into(),
+        "batched".into(),
+    ]);
     let unified = Worker::start(unified_spec, Some((&etcd, prefix))).await;
     // The invariant worker decodes sequentially: on the CPU, batched decode is not
     // batch-invariant (ggml-cpu multiplies one row and several rows with different kernels).
@@ -49,8 +53,8 @@ async fn batch_invariant_requests_land_only_on_batch_invariant_workers() {
     let url = gateway.url();
     have_free_kv(&etcd, prefix, &["unified", "inv"]).await;
 
-    // What each worker advertises: one decodes batched (the CPU default) with a shared KV
-    // cache, the other sequentially with a KV stream per sequence.
+    // What each worker advertises: one decodes batched with a shared KV cache, the other
+    // sequentially with a KV stream per sequence.
     let a_unified = etcd.advert(prefix, "unified").await.expect("advert");
     let a_inv = etcd.advert(prefix, "inv").await.expect("advert");
     assert_eq!(a_unified.decode_mode.as_deref(), Some("batched"));

@@ -297,3 +297,64 @@ async fn grouped_mode_decodes_together_and_equals_the_sequential_solo_run() {
         std::slice::from_ref(&solo),
     );
 }
+
+/// The CPU's own batch invariance (llama.cpp patch 0002, applied by scripts/test.sh): on the
+/// tiny random MoE, whose F32 router and F16 weights take different ggml-cpu kernels for one row
+/// and for several (llamafile's sgemm from 2 rows, `vec_dot` for one) unless the worker switches
+/// the row-invariant kernels on, `auto` resolves to `grouped` and advertises it as invariant, and
+/// 8 staggered concurrent copies of a request equal the solo run not only in their tokens but in
+/// every log-probability, bit for bit (the last bits are what differ between kernels, and
+/// greedy tokens can hide that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cpu_grouped_is_bit_exact_with_the_patched_kernels_on_a_model_with_a_real_router() {
+    let _serial = SERIAL.lock().await;
+    const N: u32 = 64;
+    let worker = Worker::start(spec("inv-cpu-grouped", "full").with_model(tiny_moe()), None).await;
+    let url = worker.url();
+    let run = |url: String| async move {
+        let mut req = greedy(STORY, N);
+        req.logprobs = true;
+        req.top_logprobs = 4;
+        generate(&url, req).await.expect("greedy run")
+    };
+    let solo = run(url.clone()).await;
+    assert!(
+        solo.last.batch_invariant,
+        "a CPU worker with llama.cpp patch 0002 resolves auto to grouped and is batch-invariant \
+         (is the build unpatched? scripts/test.sh runs scripts/patch-llama.sh --registry)"
+    );
+    assert_eq!(
+        solo.logprobs.len(),
+        solo.token_ids.len(),
+        "a logprob per token"
+    );
+    assert!(solo.token_ids.len() >= 16, "{:?}", solo.text);
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100 * i)).await;
+                run(url).await
+            })
+        })
+        .collect();
+    let mut eight = Vec::new();
+    for h in handles {
+        eight.push(h.await.expect("task"));
+    }
+    assert_same("CPU grouped, 8 together", &solo, &eight);
+    let bits = |c: &Collected| -> Vec<Vec<u32>> {
+        c.logprobs
+            .iter()
+            .map(|l| l.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    for (i, c) in eight.iter().enumerate() {
+        assert_eq!(
+            bits(c),
+            bits(&solo),
+            "request {i}: log-probabilities differ from the solo run's in their bits"
+        );
+    }
+    worker.stop().await;
+}

@@ -233,6 +233,19 @@ impl InvariantKernels {
     }
 }
 
+/// Whether this build's ggml-cpu uses the instruction set on which the CPU patch's row
+/// invariance (0002) was verified: x86 with AVX2 and without AVX-512 (bit-equal rows with
+/// bench/cpu-invariance-probe.cpp and the e2e tests; the images' default `x86-64-v3`). Not
+/// verified elsewhere: on an H200 host (AVX-512, AMX, `-march=native`) `cpu-moe` grouped decode
+/// with both patches still gave 0/16 and 0/8 concurrent runs equal to solo, cause not isolated.
+/// Compile-time flags of the library, not the host's.
+pub(super) fn cpu_invariance_verified() -> bool {
+    // SAFETY: plain queries of ggml-cpu's build flags, no arguments.
+    unsafe {
+        llama_cpp_sys_2::ggml_cpu_has_avx2() != 0 && llama_cpp_sys_2::ggml_cpu_has_avx512() == 0
+    }
+}
+
 fn first_gpu_index() -> usize {
     list_llama_ggml_backend_devices()
         .iter()

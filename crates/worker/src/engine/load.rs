@@ -19,8 +19,8 @@ use moe_common::plan::{ACCELERATOR_OVERHEAD_BYTES, KvCacheType, KvLayout, Memory
 use moe_common::registry::{DeviceKind, ModelInfo};
 
 use super::devices::{
-    InvariantKernels, accelerator_pins_host_weights, account, free_by_device, planned_devices,
-    refresh_devices,
+    InvariantKernels, accelerator_pins_host_weights, account, cpu_invariance_verified,
+    free_by_device, planned_devices, refresh_devices,
 };
 use super::{DecodeMode, EngineConfig, EngineError, LoadedModel, Tokenizer};
 
@@ -94,27 +94,30 @@ fn experts_on_host(plan: &MemoryPlan, gpu_layers: Option<u32>, n_layer: u32) -> 
 }
 
 /// Which of moe-cluster's row-invariant kernels (patches/llama.cpp) this build has, among those
-/// the placement needs: CUDA's (0001) on an accelerator, the CPU's (0002) where rows are
-/// multiplied on the host CPU (a CPU-only worker, or routed experts in host memory).
+/// the placement needs: CUDA's (0001) on an accelerator, the CPU's (0002) on a CPU-only worker
+/// whose ggml-cpu uses an instruction set where its invariance was verified
+/// ([`cpu_invariance_verified`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Patched {
     cuda: bool,
     cpu: bool,
 }
 
-/// Whether `grouped` decode is batch-invariant here: every backend that multiplies a call's rows
-/// computes each row as it would alone. On an accelerator that takes CUDA's kernels, and the
-/// CPU's too when routed experts are on the host (`host_experts`); on a CPU-only worker the
-/// CPU's. Unpatched, ggml-cpu multiplies a lone row with `ggml_vec_dot_*` but several rows with
-/// llamafile's tinyBLAS (another order of additions; the F32 MoE router of every real MoE GGUF
-/// takes that path), splits a lone row's flash-attention KV past 256 cells and starts its tiled
-/// K-quant product at 8 rows (bench/cpu-invariance-probe.cpp; on an H200 `cpu-moe` grouped gave
-/// 0/16 and 0/8 concurrent runs equal to solo); ggml-cuda picks kernel, tiling and KV split by
-/// batch shape (docs/benchmarks/batch-invariance.md).
+/// Whether `grouped` decode is batch-invariant here: every kernel that multiplies a call's rows
+/// computes each row as it would alone. On an accelerator that takes CUDA's kernels and every
+/// routed expert in GPU memory: with experts on the host (`host_experts`) an H200 gave 0/16 and
+/// 0/8 concurrent `cpu-moe` runs equal to solo, with CUDA's patch alone and with both patches
+/// (docs/benchmarks/gpu.md, sixth run), so that is not claimed. On a CPU-only worker it takes
+/// the CPU's kernels: unpatched, ggml-cpu multiplies a lone row with `vec_dot` but several rows
+/// with llamafile's tinyBLAS (another order of additions; the F32 MoE router of every real MoE
+/// GGUF takes that path), splits a lone row's flash-attention KV and starts its tiled K-quant
+/// product at 8 rows (bench/cpu-invariance-probe.cpp, docs/benchmarks/batch-invariance.md).
 fn grouped_invariant(has_accelerator: bool, patched: Patched, host_experts: bool) -> bool {
-    let gpu_rows = has_accelerator;
-    let cpu_rows = !has_accelerator || host_experts;
-    (!gpu_rows || patched.cuda) && (!cpu_rows || patched.cpu)
+    if has_accelerator {
+        patched.cuda && !host_experts
+    } else {
+        patched.cpu
+    }
 }
 
 /// `auto` is `grouped` where that is batch-invariant ([`grouped_invariant`]); else `sequential`
@@ -124,8 +127,8 @@ fn grouped_invariant(has_accelerator: bool, patched: Patched, host_experts: bool
 /// by the batch's shape too.
 ///
 /// An explicit `grouped` on an accelerator is refused where it would not be invariant: without
-/// the CUDA patch, or with host-resident experts and no CPU patch. On a CPU-only worker it is
-/// allowed either way and advertised as invariant only with the CPU patch ([`batch_invariant`]).
+/// the CUDA patch, or with host-resident experts. On a CPU-only worker it is allowed either way
+/// and advertised as invariant only with the CPU patch ([`batch_invariant`]).
 fn resolve_decode_mode(
     config: &EngineConfig,
     has_accelerator: bool,
@@ -150,14 +153,13 @@ fn resolve_decode_mode(
         DecodeMode::Grouped if has_accelerator && !invariant => {
             return Err(EngineError::Load(
                 "--decode-mode grouped is not batch-invariant when routed experts run on the \
-                 host CPU without moe-cluster's CPU batch-invariance patch (this placement keeps \
-                 experts in host memory: --offload cpu-moe, n-cpu-moe:N, an auto placement that \
-                 does not fit, or --gpu-layers; unpatched ggml-cpu multiplies one row and several \
-                 rows with different kernels, so a token's result depends on how many tokens \
-                 share its expert, and this build's CPU backend does not export \
-                 ggml_backend_cpu_set_batch_invariant); use --decode-mode sequential \
-                 (batch-invariant, exact) or batched (throughput, not batch-invariant), place \
-                 every expert on the GPU (--offload full), or run a build with patches/llama.cpp"
+                 host CPU (this placement keeps experts in host memory: --offload cpu-moe, \
+                 n-cpu-moe:N, an auto placement that does not fit, or --gpu-layers): a token's \
+                 result depends on how many tokens share its expert, as ggml-cpu multiplies one \
+                 row and several rows with different kernels (measured on an H200 host also with \
+                 moe-cluster's CPU patch); use --decode-mode sequential (batch-invariant, exact) \
+                 or batched (throughput, not batch-invariant), or place every expert on the GPU \
+                 (--offload full)"
                     .into(),
             ));
         }
@@ -325,8 +327,8 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
     let fingerprint = super::fingerprint::fingerprint(&config.model_path, &header, &model)
         .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
     let fingerprint = advertised_fingerprint(fingerprint, config);
-    // The row-invariant kernels the placement needs (CUDA's on an accelerator; the CPU's where
-    // rows are multiplied on the host), looked up for `auto` and `grouped` and switched on only
+    // The row-invariant kernels the placement needs (CUDA's on an accelerator; the CPU's on a
+    // CPU-only worker, where verified), looked up for `auto` and `grouped` and switched on only
     // where `grouped` runs invariant. Before the context is created: its compute buffers are
     // sized with the kernels in force.
     let host_experts = experts_on_host(&plan, config.gpu_layers, shape.n_layer);
@@ -334,7 +336,7 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
     let kernels = if matches!(config.decode_mode, DecodeMode::Auto | DecodeMode::Grouped) {
         InvariantKernels::find(
             has_accelerator.then_some(rows),
-            !has_accelerator || host_experts,
+            !has_accelerator && cpu_invariance_verified(),
         )
     } else {
         InvariantKernels::default()
@@ -580,13 +582,11 @@ mod tests {
         assert_eq!(resolve(&c, true, UNPATCHED, false), DecodeMode::Sequential);
         assert_eq!(resolve(&c, true, CUDA_ONLY, false), DecodeMode::Grouped);
         assert_eq!(resolve(&c, false, UNPATCHED, false), DecodeMode::Batched);
-        // Host experts on an accelerator: sequential unless both patches are there (unpatched,
-        // ggml-cpu's multi-row kernels are not row-invariant); the CPU-only worker needs the
-        // CPU patch only.
-        for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY] {
+        // Host experts on an accelerator: sequential whatever the patches (not invariant on an
+        // H200 host even with both); the CPU-only worker needs the CPU patch only.
+        for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY, BOTH] {
             assert_eq!(resolve(&c, true, patched, true), DecodeMode::Sequential);
         }
-        assert_eq!(resolve(&c, true, BOTH, true), DecodeMode::Grouped);
         for patched in [UNPATCHED, CUDA_ONLY] {
             assert_eq!(resolve(&c, false, patched, true), DecodeMode::Batched);
         }
@@ -657,10 +657,10 @@ mod tests {
         assert!(grouped_invariant(true, CUDA_ONLY, false));
         assert!(grouped_invariant(true, BOTH, false));
         assert!(!grouped_invariant(true, CPU_ONLY, false));
-        // accelerator with host experts: both.
-        assert!(grouped_invariant(true, BOTH, true));
-        assert!(!grouped_invariant(true, CUDA_ONLY, true));
-        assert!(!grouped_invariant(true, CPU_ONLY, true));
+        // accelerator with host experts: never (measured on an H200 with both patches).
+        for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY, BOTH] {
+            assert!(!grouped_invariant(true, patched, true));
+        }
         // CPU-only: the CPU's.
         for host in [false, true] {
             assert!(grouped_invariant(false, CPU_ONLY, host));
@@ -675,7 +675,7 @@ mod tests {
         let c = config(2048, 512);
         let mode = |acc, patched, host| resolve_decode_mode(&c, acc, patched, host).expect("auto");
         assert_eq!(mode(true, CUDA_ONLY, false), DecodeMode::Grouped);
-        assert_eq!(mode(true, BOTH, true), DecodeMode::Grouped);
+        assert_eq!(mode(true, BOTH, true), DecodeMode::Sequential);
         assert_eq!(mode(true, CUDA_ONLY, true), DecodeMode::Sequential);
         assert_eq!(mode(true, UNPATCHED, false), DecodeMode::Sequential);
         assert_eq!(mode(false, CPU_ONLY, false), DecodeMode::Grouped);
@@ -686,9 +686,9 @@ mod tests {
     fn grouped_needs_the_patches_on_an_accelerator_only() {
         let mut c = config(2048, 512);
         c.decode_mode = DecodeMode::Grouped;
-        for (patched, host) in [(CUDA_ONLY, false), (BOTH, true)] {
+        for patched in [CUDA_ONLY, BOTH] {
             assert_eq!(
-                resolve_decode_mode(&c, true, patched, host).expect("patched"),
+                resolve_decode_mode(&c, true, patched, false).expect("patched"),
                 DecodeMode::Grouped
             );
         }
@@ -709,20 +709,21 @@ mod tests {
                 assert!(msg.contains(what), "{what}: {msg}");
             }
         }
-        // Host experts on an accelerator without the CPU patch: refused, and the message says
+        // Host experts on an accelerator: refused whatever the patches, and the message says
         // why and what to use instead.
-        let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, CUDA_ONLY, true) else {
-            panic!("grouped with host experts and no CPU patch must be refused");
-        };
-        for what in [
-            "not batch-invariant",
-            "host CPU",
-            "one row and several rows",
-            "ggml_backend_cpu_set_batch_invariant",
-            "sequential",
-            "batched",
-        ] {
-            assert!(msg.contains(what), "{what}: {msg}");
+        for patched in [CUDA_ONLY, BOTH] {
+            let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, patched, true) else {
+                panic!("grouped with host experts on an accelerator must be refused");
+            };
+            for what in [
+                "not batch-invariant",
+                "host CPU",
+                "one row and several rows",
+                "sequential",
+                "batched",
+            ] {
+                assert!(msg.contains(what), "{what}: {msg}");
+            }
         }
     }
 

@@ -10,14 +10,14 @@
 //! a call is batch-invariant only where every kernel computes each row as it would alone, so
 //! how the decodes are split does not change the output: with moe-cluster's llama.cpp patches
 //! (`devices::InvariantKernels`, switched on for calls of decodes and off for prompt chunks,
-//! which are alone in their calls anyway) for every backend that multiplies the call's rows —
-//! CUDA's (0001) on an accelerator (H200 `full`: 16/16 and 8/8 concurrent runs equal to solo),
-//! and the CPU's (0002) on a CPU-only worker or for routed experts in host memory (unpatched,
-//! ggml-cpu multiplies one row and several rows with different kernels: `cpu-moe` grouped on the
-//! H200 gave 0/16, 0/8). `load` resolves `auto` to `grouped` exactly there
-//! (`grouped_invariant`), refuses an explicit `grouped` on an accelerator where it would not be
-//! invariant, and a CPU-only `grouped` worker without the CPU patch does not advertise
-//! `batch_invariant`.
+//! which are alone in their calls anyway) — CUDA's (0001) on an accelerator with every routed
+//! expert in GPU memory (H200 `full`: 16/16 and 8/8 concurrent runs equal to solo), the CPU's
+//! (0002) on a CPU-only worker built for AVX2 without AVX-512 (where it was verified). Not with
+//! routed experts in host memory on an accelerator: `cpu-moe` grouped on the H200 gave 0/16 and
+//! 0/8 with CUDA's patch and with both, cause not isolated. `load` resolves `auto` to `grouped`
+//! exactly where it is invariant (`grouped_invariant`), refuses an explicit `grouped` on an
+//! accelerator where it would not be, and a CPU-only `grouped` worker without the CPU kernels
+//! does not advertise `batch_invariant`.
 
 use tokio::sync::mpsc;
 
