@@ -349,11 +349,16 @@ async fn cpu_grouped_is_bit_exact_with_the_patched_kernels_on_a_model_with_a_rea
             .map(|l| l.iter().map(|x| x.to_bits()).collect())
             .collect()
     };
+    let want = bits(&solo);
     for (i, c) in eight.iter().enumerate() {
-        assert_eq!(
-            bits(c),
-            bits(&solo),
-            "request {i}: log-probabilities differ from the solo run's in their bits"
+        let got = bits(c);
+        let first = (0..want.len().max(got.len())).find(|&t| want.get(t) != got.get(t));
+        assert!(
+            first.is_none(),
+            "request {i}: log-probabilities differ from the solo run's in their bits from token \
+             {first:?} on (solo {:?}, got {:?})",
+            first.and_then(|t| solo.logprobs.get(t)),
+            first.and_then(|t| c.logprobs.get(t))
         );
     }
     worker.stop().await;

@@ -107,7 +107,7 @@ struct Patched {
 /// computes each row as it would alone. On an accelerator that takes CUDA's kernels and every
 /// routed expert in GPU memory: with experts on the host (`host_experts`) an H200 gave 0/16 and
 /// 0/8 concurrent `cpu-moe` runs equal to solo, with CUDA's patch alone and with both patches
-/// (docs/benchmarks/gpu.md, sixth run), so that is not claimed. On a CPU-only worker it takes
+/// (docs/benchmarks/gpu.md, seventh run), so that is not claimed. On a CPU-only worker it takes
 /// the CPU's kernels: unpatched, ggml-cpu multiplies a lone row with `vec_dot` but several rows
 /// with llamafile's tinyBLAS (another order of additions; the F32 MoE router of every real MoE
 /// GGUF takes that path), splits a lone row's flash-attention KV and starts its tiled K-quant
