@@ -301,15 +301,21 @@ async fn grouped_mode_decodes_together_and_equals_the_sequential_solo_run() {
 /// The CPU's own batch invariance (llama.cpp patch 0002, applied by scripts/test.sh): on the
 /// tiny random MoE, whose F32 router and F16 weights take different ggml-cpu kernels for one row
 /// and for several (llamafile's sgemm from 2 rows, `vec_dot` for one) unless the worker switches
-/// the row-invariant kernels on, `auto` resolves to `grouped` and advertises it as invariant, and
-/// 8 staggered concurrent copies of a request equal the solo run not only in their tokens but in
+/// the row-invariant kernels on, `--decode-mode grouped` advertises itself as invariant, and 8
+/// staggered concurrent copies of a request equal the solo run not only in their tokens but in
 /// every log-probability, bit for bit (the last bits are what differ between kernels, and
 /// greedy tokens can hide that).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cpu_grouped_is_bit_exact_with_the_patched_kernels_on_a_model_with_a_real_router() {
     let _serial = SERIAL.lock().await;
     const N: u32 = 64;
-    let worker = Worker::start(spec("inv-cpu-grouped", "full").with_model(tiny_moe()), None).await;
+    let worker = Worker::start(
+        spec("inv-cpu-grouped", "full")
+            .with_model(tiny_moe())
+            .with("--decode-mode", "grouped"),
+        None,
+    )
+    .await;
     let url = worker.url();
     let run = |url: String| async move {
         let mut req = greedy(STORY, N);
@@ -320,8 +326,8 @@ async fn cpu_grouped_is_bit_exact_with_the_patched_kernels_on_a_model_with_a_rea
     let solo = run(url.clone()).await;
     assert!(
         solo.last.batch_invariant,
-        "a CPU worker with llama.cpp patch 0002 resolves auto to grouped and is batch-invariant \
-         (is the build unpatched? scripts/test.sh runs scripts/patch-llama.sh --registry)"
+        "a CPU grouped worker with llama.cpp patch 0002 (AVX2 build) is batch-invariant (is the \
+         build unpatched? scripts/test.sh runs scripts/patch-llama.sh --registry)"
     );
     assert_eq!(
         solo.logprobs.len(),

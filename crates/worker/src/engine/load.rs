@@ -120,8 +120,11 @@ fn grouped_invariant(has_accelerator: bool, patched: Patched, host_experts: bool
     }
 }
 
-/// `auto` is `grouped` where that is batch-invariant ([`grouped_invariant`]); else `sequential`
-/// on an accelerator and `batched` on a CPU-only worker (throughput; not batch-invariant).
+/// `auto` is `grouped` on an accelerator where that is batch-invariant ([`grouped_invariant`]),
+/// else `sequential` there; `batched` on a CPU-only worker (throughput, not batch-invariant:
+/// a CPU pool that must serve `batch_invariant` requests sets `grouped`, invariant with the CPU
+/// patch, or `sequential`). `batched` stays the CPU default because `grouped` reuses cached
+/// prefixes only in whole `--batch-size` chunks and prefills prompts one per call.
 /// `--gpu-layers 0` does not make a worker CPU-only: llama.cpp still offloads large batches
 /// (prompt chunks) of host-resident weights to the GPU (`op_offload`), whose kernels are chosen
 /// by the batch's shape too.
@@ -137,7 +140,7 @@ fn resolve_decode_mode(
 ) -> Result<DecodeMode, EngineError> {
     let invariant = grouped_invariant(has_accelerator, patched, host_experts);
     Ok(match config.decode_mode {
-        DecodeMode::Auto if invariant => DecodeMode::Grouped,
+        DecodeMode::Auto if has_accelerator && invariant => DecodeMode::Grouped,
         DecodeMode::Auto if has_accelerator => DecodeMode::Sequential,
         DecodeMode::Auto => DecodeMode::Batched,
         DecodeMode::Grouped if has_accelerator && !patched.cuda => {
@@ -336,7 +339,9 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
     let kernels = if matches!(config.decode_mode, DecodeMode::Auto | DecodeMode::Grouped) {
         InvariantKernels::find(
             has_accelerator.then_some(rows),
-            !has_accelerator && cpu_invariance_verified(),
+            !has_accelerator
+                && config.decode_mode == DecodeMode::Grouped
+                && cpu_invariance_verified(),
         )
     } else {
         InvariantKernels::default()
@@ -590,7 +595,7 @@ mod tests {
         for patched in [UNPATCHED, CUDA_ONLY] {
             assert_eq!(resolve(&c, false, patched, true), DecodeMode::Batched);
         }
-        assert_eq!(resolve(&c, false, CPU_ONLY, true), DecodeMode::Grouped);
+        assert_eq!(resolve(&c, false, CPU_ONLY, true), DecodeMode::Batched);
         // `--gpu-layers 0` keeps every layer, routed experts included, on the host CPU.
         c.gpu_layers = Some(0);
         let host = experts_on_host(&MemoryPlan::default(), c.gpu_layers, 24);
@@ -678,7 +683,7 @@ mod tests {
         assert_eq!(mode(true, BOTH, true), DecodeMode::Sequential);
         assert_eq!(mode(true, CUDA_ONLY, true), DecodeMode::Sequential);
         assert_eq!(mode(true, UNPATCHED, false), DecodeMode::Sequential);
-        assert_eq!(mode(false, CPU_ONLY, false), DecodeMode::Grouped);
+        assert_eq!(mode(false, CPU_ONLY, false), DecodeMode::Batched);
         assert_eq!(mode(false, UNPATCHED, false), DecodeMode::Batched);
     }
 
@@ -779,8 +784,8 @@ mod tests {
             }
         }
         // What `load_model` feeds it: `auto` resolves to an invariant mode on an accelerator
-        // (`--gpu-layers 0` included: llama.cpp still offloads large batches), and on a CPU-only
-        // worker exactly when the CPU patch is there.
+        // (`--gpu-layers 0` included: llama.cpp still offloads large batches), to `batched` on a
+        // CPU-only worker; an explicit `grouped` there is invariant with the CPU patch.
         let mut c = config(2048, 512);
         for gpu_layers in [None, Some(0)] {
             c.gpu_layers = gpu_layers;
@@ -790,10 +795,7 @@ mod tests {
                         let mode =
                             resolve_decode_mode(&c, accelerator, patched, host).expect("resolves");
                         let g = grouped_invariant(accelerator, patched, host);
-                        assert_eq!(
-                            batch_invariant(c.kv_unified, mode, g),
-                            accelerator || patched.cpu
-                        );
+                        assert_eq!(batch_invariant(c.kv_unified, mode, g), accelerator);
                     }
                 }
             }
