@@ -18,6 +18,11 @@ const REPLY_TOKENS: u32 = 6;
 /// Tokenizing waits up to 2 s here (250 ms by default): on a loaded 2-core test machine a
 /// worker busy prefilling may answer late, and a fallback (no prefix term) would fail the test.
 const GATEWAY: &[&str] = &["--tokenize-timeout", "2s"];
+
+/// Each test runs three workers and gateways whose placements depend on timing (adverts, load
+/// bounds): one at a time, so the other's workers do not share the 2 cores of a CI machine (the
+/// hot-prefix test once saw all 12 requests stay on the holder while the other test ran).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const SYSTEM: &str = "You are a careful assistant. Answer in one short sentence.";
 
 fn msg(role: &str, content: &str) -> ChatMessage {
@@ -122,6 +127,7 @@ async fn settle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn later_turns_find_their_history_through_either_gateway_a_new_gateway_and_a_restarted_worker()
  {
+    let _serial = SERIAL.lock().await;
     let etcd = Etcd::start().await;
     let prefix = "/t-prefix";
     let (a, b, c) = tokio::join!(
@@ -232,6 +238,7 @@ async fn later_turns_find_their_history_through_either_gateway_a_new_gateway_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hot_prefix_spreads_once_its_worker_passes_the_load_bound() {
+    let _serial = SERIAL.lock().await;
     let etcd = Etcd::start().await;
     let prefix = "/t-prefix-hot";
     let (a, b, c) = tokio::join!(
