@@ -104,13 +104,21 @@ async fn front(
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    serve(router(&limits, service, keys).add_service(health), _tx).await
+}
+
+/// Serves `server` on a loopback port, keeping `keep` alive with it, until the returned guard
+/// drops; a channel connected to it.
+async fn serve(
+    server: tonic::transport::server::Router,
+    keep: impl Send + 'static,
+) -> (Channel, tokio_util::sync::DropGuard) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let server = router(&limits, service, keys).add_service(health);
     let s = stop.clone();
     tokio::spawn(async move {
-        let _keep = _tx;
+        let _keep = keep;
         server
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -869,27 +877,8 @@ async fn sizing_front(
         index: None,
         timeout: Duration::from_secs(5),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let server = router(&limits, service, None);
-    let s = stop.clone();
-    tokio::spawn(async move {
-        let _keep = tx;
-        server
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                s.cancelled_owned(),
-            )
-            .await
-            .unwrap();
-    });
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    (channel, Arc::new(registry), worker, stop.drop_guard())
+    let (channel, stop) = serve(router(&limits, service, None), tx).await;
+    (channel, Arc::new(registry), worker, stop)
 }
 
 /// `moe_gateway_decoding_refused_total{front="grpc",reason}` (0 while absent).

@@ -639,22 +639,13 @@ mod tests {
         assert!(!experts_on_host(&full, Some(999), 24));
     }
 
-    const UNPATCHED: Patched = Patched {
-        cuda: false,
-        cpu: false,
-    };
-    const BOTH: Patched = Patched {
-        cuda: true,
-        cpu: true,
-    };
-    const CUDA_ONLY: Patched = Patched {
-        cuda: true,
-        cpu: false,
-    };
-    const CPU_ONLY: Patched = Patched {
-        cuda: false,
-        cpu: true,
-    };
+    const fn patched(cuda: bool, cpu: bool) -> Patched {
+        Patched { cuda, cpu }
+    }
+    const UNPATCHED: Patched = patched(false, false);
+    const BOTH: Patched = patched(true, true);
+    const CUDA_ONLY: Patched = patched(true, false);
+    const CPU_ONLY: Patched = patched(false, true);
 
     #[test]
     fn grouped_is_invariant_only_where_every_backend_multiplying_rows_is_patched() {
