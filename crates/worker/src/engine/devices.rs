@@ -166,6 +166,9 @@ pub(super) fn accelerator_pins_host_weights() -> bool {
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct InvariantKernels {
     cuda: Option<Switch>,
+    /// Whether CUDA's mode also keeps ops on host-resident weights on the host while on
+    /// (`ggml_backend_cuda_batch_invariant_version` ≥ 2): see [`Self::cuda_keeps_host_ops`].
+    cuda_keeps_host_ops: bool,
     cpu: Option<Switch>,
 }
 
@@ -205,10 +208,11 @@ impl InvariantKernels {
     /// The switches this build has, all off: CUDA's for calls of up to `cuda_rows` rows when
     /// given, the CPU's when `cpu`.
     pub(super) fn find(cuda_rows: Option<i32>, cpu: bool) -> Self {
+        let cuda = cuda_rows
+            .and_then(|rows| Switch::find(c"CUDA", c"ggml_backend_cuda_set_batch_invariant", rows));
         Self {
-            cuda: cuda_rows.and_then(|rows| {
-                Switch::find(c"CUDA", c"ggml_backend_cuda_set_batch_invariant", rows)
-            }),
+            cuda,
+            cuda_keeps_host_ops: cuda.is_some() && cuda_batch_invariant_version() >= 2,
             cpu: cpu
                 .then(|| Switch::find(c"CPU", c"ggml_backend_cpu_set_batch_invariant", 1))
                 .flatten(),
@@ -217,6 +221,16 @@ impl InvariantKernels {
 
     pub(super) fn cuda(&self) -> bool {
         self.cuda.is_some()
+    }
+
+    /// Whether, with CUDA's mode on, ops on host-resident weights stay on the host whatever the
+    /// call's row count. llama.cpp otherwise offloads an op on host weights to the GPU from a
+    /// batch size of 32, which for a MoE expert bias (`ADD_ID`) is tokens × experts used: 8
+    /// decodes of gpt-oss's 4 experts moved the bias, and the ops after it, onto the GPU, whose
+    /// kernels differ from the CPU's in the last bits, while a lone decode stayed on the host
+    /// (patch 0001, version 2).
+    pub(super) fn cuda_keeps_host_ops(&self) -> bool {
+        self.cuda_keeps_host_ops
     }
 
     pub(super) fn cpu(&self) -> bool {
@@ -230,6 +244,27 @@ impl InvariantKernels {
         for s in [self.cuda, self.cpu].iter().flatten() {
             s.switch(on);
         }
+    }
+}
+
+/// What this build's CUDA batch-invariant mode covers (patch 0001's
+/// `ggml_backend_cuda_batch_invariant_version`): 2 = the row-invariant kernels and no op offload
+/// while on; 1 = the kernels only (a build of the patch before that proc).
+fn cuda_batch_invariant_version() -> i32 {
+    // SAFETY: as in `Switch::find`; the patch declares the function `int (void)`, a pure getter.
+    unsafe {
+        let reg = llama_cpp_sys_2::ggml_backend_reg_by_name(c"CUDA".as_ptr());
+        if reg.is_null() {
+            return 0;
+        }
+        let f = llama_cpp_sys_2::ggml_backend_reg_get_proc_address(
+            reg,
+            c"ggml_backend_cuda_batch_invariant_version".as_ptr(),
+        );
+        if f.is_null() {
+            return 1;
+        }
+        std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn() -> i32>(f)()
     }
 }
 

@@ -94,27 +94,32 @@ fn experts_on_host(plan: &MemoryPlan, gpu_layers: Option<u32>, n_layer: u32) -> 
 }
 
 /// Which of moe-cluster's row-invariant kernels (patches/llama.cpp) this build has, among those
-/// the placement needs: CUDA's (0001) on an accelerator, the CPU's (0002) on a CPU-only worker
-/// whose ggml-cpu uses an instruction set where its invariance was verified
-/// ([`cpu_invariance_verified`]).
+/// the placement needs: CUDA's (0001) on an accelerator, and whether that mode also keeps ops on
+/// host-resident weights on the host (`cuda_keeps_host_ops`, 0001 version 2); the CPU's (0002)
+/// on a CPU-only worker or for routed experts in host memory, where ggml-cpu uses an
+/// instruction set on which its invariance was verified ([`cpu_invariance_verified`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Patched {
     cuda: bool,
+    cuda_keeps_host_ops: bool,
     cpu: bool,
 }
 
 /// Whether `grouped` decode is batch-invariant here: every kernel that multiplies a call's rows
-/// computes each row as it would alone. On an accelerator that takes CUDA's kernels and every
-/// routed expert in GPU memory: with experts on the host (`host_experts`) an H200 gave 0/16 and
-/// 0/8 concurrent `cpu-moe` runs equal to solo, with CUDA's patch alone and with both patches
-/// (docs/benchmarks/gpu.md, seventh run), so that is not claimed. On a CPU-only worker it takes
-/// the CPU's kernels: unpatched, ggml-cpu multiplies a lone row with `vec_dot` but several rows
-/// with llamafile's tinyBLAS (another order of additions; the F32 MoE router of every real MoE
-/// GGUF takes that path), splits a lone row's flash-attention KV and starts its tiled K-quant
-/// product at 8 rows (bench/cpu-invariance-probe.cpp, docs/benchmarks/batch-invariance.md).
+/// computes each row as it would alone, and every op runs on the same device whatever the row
+/// count. On an accelerator that takes CUDA's kernels; with routed experts on the host
+/// (`host_experts`) also the CPU's, and CUDA's mode keeping the ops on host weights on the host
+/// (`cuda_keeps_host_ops`): without that, llama.cpp moved a MoE expert bias, and the ops after
+/// it, to the GPU from 8 decodes of 4 experts, and an H200 gave 0/16 and 0/8 concurrent
+/// `cpu-moe` runs equal to solo with both kernel patches (docs/benchmarks/gpu.md, seventh run).
+/// On a CPU-only worker it takes the CPU's kernels: unpatched, ggml-cpu multiplies a lone row
+/// with `vec_dot` but several rows with llamafile's tinyBLAS (another order of additions; the
+/// F32 MoE router of every real MoE GGUF takes that path), splits a lone row's flash-attention
+/// KV and starts its tiled K-quant product at 8 rows (bench/cpu-invariance-probe.cpp,
+/// docs/benchmarks/batch-invariance.md).
 fn grouped_invariant(has_accelerator: bool, patched: Patched, host_experts: bool) -> bool {
     if has_accelerator {
-        patched.cuda && !host_experts
+        patched.cuda && (!host_experts || (patched.cuda_keeps_host_ops && patched.cpu))
     } else {
         patched.cpu
     }
@@ -130,8 +135,9 @@ fn grouped_invariant(has_accelerator: bool, patched: Patched, host_experts: bool
 /// by the batch's shape too.
 ///
 /// An explicit `grouped` on an accelerator is refused where it would not be invariant: without
-/// the CUDA patch, or with host-resident experts. On a CPU-only worker it is allowed either way
-/// and advertised as invariant only with the CPU patch ([`batch_invariant`]).
+/// the CUDA patch, or with host-resident experts and not both patches (version 2 of CUDA's). On
+/// a CPU-only worker it is allowed either way and advertised as invariant only with the CPU
+/// patch ([`batch_invariant`]).
 fn resolve_decode_mode(
     config: &EngineConfig,
     has_accelerator: bool,
@@ -154,17 +160,23 @@ fn resolve_decode_mode(
             ));
         }
         DecodeMode::Grouped if has_accelerator && !invariant => {
-            return Err(EngineError::Load(
-                "--decode-mode grouped is not batch-invariant when routed experts run on the \
-                 host CPU (this placement keeps experts in host memory: --offload cpu-moe, \
-                 n-cpu-moe:N, an auto placement that does not fit, or --gpu-layers): a token's \
-                 result depends on how many tokens share its expert, as ggml-cpu multiplies one \
-                 row and several rows with different kernels (measured on an H200 host also with \
-                 moe-cluster's CPU patch); use --decode-mode sequential (batch-invariant, exact) \
-                 or batched (throughput, not batch-invariant), or place every expert on the GPU \
-                 (--offload full)"
-                    .into(),
-            ));
+            return Err(EngineError::Load(format!(
+                "--decode-mode grouped would not be batch-invariant here: this placement keeps \
+                 routed experts in host memory (--offload cpu-moe, n-cpu-moe:N, an auto \
+                 placement that does not fit, or --gpu-layers), which needs {}; use \
+                 --decode-mode sequential (batch-invariant on any build) or batched \
+                 (throughput, not batch-invariant), or place every expert on the GPU \
+                 (--offload full)",
+                if !patched.cuda_keeps_host_ops {
+                    "version 2 of moe-cluster's CUDA patch (0001: no op offload while its mode \
+                     is on; this build's CUDA backend does not export \
+                     ggml_backend_cuda_batch_invariant_version)"
+                } else {
+                    "moe-cluster's CPU patch (0002, ggml_backend_cpu_set_batch_invariant) in a \
+                     ggml-cpu built for x86 AVX2 without AVX-512, where its row invariance was \
+                     verified (e.g. the images' default TARGET_CPU=x86-64-v3)"
+                }
+            )));
         }
         mode => mode,
     })
@@ -331,31 +343,36 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
         .map_err(|e| EngineError::Load(format!("{}: {e}", config.model_path.display())))?;
     let fingerprint = advertised_fingerprint(fingerprint, config);
     // The row-invariant kernels the placement needs (CUDA's on an accelerator; the CPU's on a
-    // CPU-only worker, where verified), looked up for `auto` and `grouped` and switched on only
-    // where `grouped` runs invariant. Before the context is created: its compute buffers are
-    // sized with the kernels in force.
+    // CPU-only worker or for host-resident experts, where verified), looked up for `auto` and
+    // `grouped`, kept where `grouped` runs invariant and switched on by the engine for decode
+    // calls only. They stay off while the context is created: its compute buffers are reserved
+    // for a prompt chunk as it will run (with op offload, which CUDA's mode stops while on).
     let host_experts = experts_on_host(&plan, config.gpu_layers, shape.n_layer);
     let rows = invariant_rows(config);
     let kernels = if matches!(config.decode_mode, DecodeMode::Auto | DecodeMode::Grouped) {
+        let cpu_rows = if has_accelerator {
+            host_experts
+        } else {
+            config.decode_mode == DecodeMode::Grouped
+        };
         InvariantKernels::find(
             has_accelerator.then_some(rows),
-            !has_accelerator
-                && config.decode_mode == DecodeMode::Grouped
-                && cpu_invariance_verified(),
+            cpu_rows && cpu_invariance_verified(),
         )
     } else {
         InvariantKernels::default()
     };
     let patched = Patched {
         cuda: kernels.cuda(),
+        cuda_keeps_host_ops: kernels.cuda_keeps_host_ops(),
         cpu: kernels.cpu(),
     };
     let decode_mode = resolve_decode_mode(config, has_accelerator, patched, host_experts)?;
     let grouped_invariant = grouped_invariant(has_accelerator, patched, host_experts);
     let invariant_kernels = (decode_mode == DecodeMode::Grouped && grouped_invariant).then(|| {
-        kernels.switch(true);
         tracing::info!(
             cuda = patched.cuda,
+            cuda_keeps_host_ops = patched.cuda_keeps_host_ops,
             cpu = patched.cpu,
             max_rows = rows,
             "batch-invariant kernels on for decode calls"
@@ -640,22 +657,41 @@ mod tests {
     }
 
     const fn patched(cuda: bool, cpu: bool) -> Patched {
-        Patched { cuda, cpu }
+        Patched {
+            cuda,
+            cuda_keeps_host_ops: false,
+            cpu,
+        }
     }
     const UNPATCHED: Patched = patched(false, false);
     const BOTH: Patched = patched(true, true);
     const CUDA_ONLY: Patched = patched(true, false);
     const CPU_ONLY: Patched = patched(false, true);
+    /// Version 2 of CUDA's patch (no op offload while on), with or without the CPU's.
+    const CUDA2_ONLY: Patched = Patched {
+        cuda: true,
+        cuda_keeps_host_ops: true,
+        cpu: false,
+    };
+    const BOTH2: Patched = Patched {
+        cuda: true,
+        cuda_keeps_host_ops: true,
+        cpu: true,
+    };
 
     #[test]
     fn grouped_is_invariant_only_where_every_backend_multiplying_rows_is_patched() {
         // accelerator, every expert on it: CUDA's kernels only.
-        assert!(grouped_invariant(true, CUDA_ONLY, false));
-        assert!(grouped_invariant(true, BOTH, false));
+        for patched in [CUDA_ONLY, BOTH, CUDA2_ONLY, BOTH2] {
+            assert!(grouped_invariant(true, patched, false));
+        }
         assert!(!grouped_invariant(true, CPU_ONLY, false));
-        // accelerator with host experts: never (measured on an H200 with both patches).
-        for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY, BOTH] {
-            assert!(!grouped_invariant(true, patched, true));
+        // accelerator with host experts: CUDA's kernels without op offload, and the CPU's
+        // (with version 1 an H200 gave 0/16 with both patches: llama.cpp offloaded a MoE
+        // expert bias to the GPU from 8 decodes).
+        assert!(grouped_invariant(true, BOTH2, true));
+        for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY, BOTH, CUDA2_ONLY] {
+            assert!(!grouped_invariant(true, patched, true), "{patched:?}");
         }
         // CPU-only: the CPU's.
         for host in [false, true] {
@@ -671,7 +707,9 @@ mod tests {
         let c = config(2048, 512);
         let mode = |acc, patched, host| resolve_decode_mode(&c, acc, patched, host).expect("auto");
         assert_eq!(mode(true, CUDA_ONLY, false), DecodeMode::Grouped);
+        assert_eq!(mode(true, BOTH2, true), DecodeMode::Grouped);
         assert_eq!(mode(true, BOTH, true), DecodeMode::Sequential);
+        assert_eq!(mode(true, CUDA2_ONLY, true), DecodeMode::Sequential);
         assert_eq!(mode(true, CUDA_ONLY, true), DecodeMode::Sequential);
         assert_eq!(mode(true, UNPATCHED, false), DecodeMode::Sequential);
         assert_eq!(mode(false, CPU_ONLY, false), DecodeMode::Batched);
@@ -705,16 +743,24 @@ mod tests {
                 assert!(msg.contains(what), "{what}: {msg}");
             }
         }
-        // Host experts on an accelerator: refused whatever the patches, and the message says
-        // why and what to use instead.
-        for patched in [CUDA_ONLY, BOTH] {
+        // Host experts on an accelerator: allowed with both patches (CUDA's at version 2),
+        // else refused, and the message says what is missing and what to use instead.
+        assert_eq!(
+            resolve_decode_mode(&c, true, BOTH2, true).expect("both patches"),
+            DecodeMode::Grouped
+        );
+        for (patched, missing) in [
+            (CUDA_ONLY, "ggml_backend_cuda_batch_invariant_version"),
+            (BOTH, "ggml_backend_cuda_batch_invariant_version"),
+            (CUDA2_ONLY, "ggml_backend_cpu_set_batch_invariant"),
+        ] {
             let Err(EngineError::Load(msg)) = resolve_decode_mode(&c, true, patched, true) else {
-                panic!("grouped with host experts on an accelerator must be refused");
+                panic!("grouped with host experts and {patched:?} must be refused");
             };
             for what in [
-                "not batch-invariant",
-                "host CPU",
-                "one row and several rows",
+                "not be batch-invariant",
+                "host memory",
+                missing,
                 "sequential",
                 "batched",
             ] {
@@ -781,7 +827,7 @@ mod tests {
         for gpu_layers in [None, Some(0)] {
             c.gpu_layers = gpu_layers;
             for accelerator in [false, true] {
-                for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY, BOTH] {
+                for patched in [UNPATCHED, CUDA_ONLY, CPU_ONLY, BOTH, CUDA2_ONLY, BOTH2] {
                     for host in [false, true] {
                         let mode =
                             resolve_decode_mode(&c, accelerator, patched, host).expect("resolves");

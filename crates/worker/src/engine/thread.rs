@@ -101,7 +101,8 @@ pub(super) fn engine_thread(
             decode_mode,
             grouped_rows: config.grouped_rows.max(1),
             invariant_kernels,
-            invariant_kernels_on: true,
+            // Off since load (`load::load_model`): the first decode call switches them on.
+            invariant_kernels_on: false,
             rotation: 0,
             deferred: None,
             disconnected: false,
