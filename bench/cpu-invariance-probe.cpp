@@ -15,6 +15,10 @@
 //   L="$OUT/build/src/libllama.a $OUT/build/ggml/src/libggml.a $OUT/build/ggml/src/libggml-cpu.a"
 //   g++ -O1 -std=c++17 bench/cpu-invariance-probe.cpp -I$SRC/include -I$SRC/ggml/include
 //     -o /tmp/probe $L $OUT/build/ggml/src/libggml-base.a -fopenmp -lpthread -ldl   (one line)
+// Against shared libraries (bench/gpu/run-on-device.sh's `probe` stage, CUDA build on the device:
+// LIBS=build/bin of bench/gpu/build-llama-shared.sh, SRC its llama.cpp; ggml links its backends):
+//   g++ -O1 -std=c++17 cpu-invariance-probe.cpp -I$SRC/include -I$SRC/ggml/include -L$LIBS -lllama
+//     -lggml -lggml-base -Wl,-rpath,$LIBS -Wl,--enable-new-dtags -fopenmp -o probe   (one line)
 // To try a changed ggml-cpu source file, compile it with the flags of
 // $OUT/build/ggml/src/CMakeFiles/ggml-cpu.dir/flags.make and put its object before the archives.
 // For patch 0002 (PROBE_BI below), compile all of ggml-cpu's files from a copy of $SRC patched with
@@ -31,6 +35,23 @@
 //      through the CPU registry's proc "ggml_backend_cpu_set_batch_invariant", as the worker
 //      would: on (PROBE_BI=1) for the decode calls, off for the prefill calls; unset: not touched
 //      (GGML_CPU_BATCH_INVARIANT=1 in the environment then decides, for every call).
+//      PROBE_THREADS=N: n_threads and n_threads_batch (default 2).
+//      PROBE_NGL=N: model param n_gpu_layers = N (unset: llama.cpp's default, -1 = all layers on
+//      the GPU when one is present; a CPU-only build or CUDA_VISIBLE_DEVICES= has none).
+//      PROBE_CPU_MOE=1: routed experts in host memory like llama.cpp's --cpu-moe (tensor buffer
+//      override "\.ffn_(up|down|gate|gate_up)_(ch|)exps" -> CPU buffer type, and load_mode NONE,
+//      i.e. no mmap, as `-lm none` / the worker's host experts).
+//      PROBE_CUDA_BI=R: with patch 0001, switch the CUDA backend's batch-invariant mode through the
+//      CUDA registry's proc "ggml_backend_cuda_set_batch_invariant" like PROBE_BI: R (rows) for
+//      the decode calls, 0 for the prefill calls; exits 1 when there is no such proc (no CUDA
+//      backend, e.g. the CPU static build, or the patch missing).
+//      PROBE_NO_OFFLOAD=1: context param op_offload = false (ops on host-resident weights stay on
+//      the CPU for every batch size).
+//      PROBE_CB_LAST=1: the eval callback asks for nodes only in the recorded (last) decode call, so
+//      every other call runs whole graph splits (kernel fusion as in the worker); default: every
+//      call runs node by node (each node its own graph: no fusion across nodes, CPU or CUDA).
+//      The result line names these settings and the CPU backend's features (e.g. AVX512=1), which
+//      shows which libggml-cpu was loaded.
 #include "llama.h"
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -50,13 +71,23 @@ static std::vector<Rec> * g_recs = nullptr;
 typedef void (*set_bi_t)(int);
 static set_bi_t g_set_bi = nullptr;
 static int g_bi = 0;
-static void set_bi(bool decode) { if (g_set_bi) g_set_bi(decode ? g_bi : 0); }
+// patch 0001's switch (null when PROBE_CUDA_BI is unset)
+static set_bi_t g_set_cuda_bi = nullptr;
+static int g_cuda_bi = 0;
+static void set_bi(bool decode) {
+    if (g_set_bi) g_set_bi(decode ? g_bi : 0);
+    if (g_set_cuda_bi) g_set_cuda_bi(decode ? g_cuda_bi : 0);
+}
+static int g_threads = 2;
+static bool g_no_offload = false;
+static bool g_cb_last = false;
+static std::string g_settings;   // the env knobs, for the result lines
 static bool g_timing = false;
 static std::vector<double> g_prefill_ms, g_decode_ms;
 static double now_ms() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 static bool cb(struct ggml_tensor * t, bool ask, void *) {
-    if (ask) return true;
+    if (ask) return !g_cb_last || g_recs != nullptr;
     if (!g_recs || t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t)) return true;
     Rec r; r.name = t->name; r.op = ggml_op_desc(t);
     for (int i = 0; i < 4; i++) r.ne[i] = t->ne[i];
@@ -70,7 +101,7 @@ static std::vector<Rec> run(llama_model * model, int nseq, const std::vector<lla
     auto cp = llama_context_default_params();
     const int nmax = std::max(8, nseq);
     cp.n_ctx = 512 * nmax; cp.n_batch = 512; cp.n_ubatch = 512; cp.n_seq_max = nmax; cp.kv_unified = false;
-    cp.n_threads = 2; cp.n_threads_batch = 2; cp.cb_eval = g_timing ? nullptr : cb; cp.cb_eval_user_data = nullptr;
+    cp.n_threads = g_threads; cp.n_threads_batch = g_threads; cp.op_offload = !g_no_offload; cp.cb_eval = g_timing ? nullptr : cb; cp.cb_eval_user_data = nullptr;
     cp.n_outputs_max = nmax;
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) { fprintf(stderr, "cannot create a context\n"); exit(1); }
@@ -129,8 +160,51 @@ int main(int argc, char ** argv) {
         g_set_bi = reg ? (set_bi_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cpu_set_batch_invariant") : nullptr;
         if (!g_set_bi) { fprintf(stderr, "PROBE_BI set but the CPU backend has no ggml_backend_cpu_set_batch_invariant (patch 0002 not applied)\n"); return 1; }
     }
+    if (const char * bi = getenv("PROBE_CUDA_BI")) {
+        g_cuda_bi = atoi(bi);
+        ggml_backend_reg_t reg = ggml_backend_reg_by_name("CUDA");
+        g_set_cuda_bi = reg ? (set_bi_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cuda_set_batch_invariant") : nullptr;
+        if (!g_set_cuda_bi) {
+            fprintf(stderr, "PROBE_CUDA_BI set but %s\n", reg ? "the CUDA backend has no ggml_backend_cuda_set_batch_invariant (patch 0001 not applied)"
+                                                              : "there is no CUDA backend (a CPU-only build)");
+            return 1;
+        }
+    }
+    if (const char * t = getenv("PROBE_THREADS")) g_threads = std::max(1, atoi(t));
+    g_no_offload = getenv("PROBE_NO_OFFLOAD") && atoi(getenv("PROBE_NO_OFFLOAD")) != 0;
+    g_cb_last = getenv("PROBE_CB_LAST") && atoi(getenv("PROBE_CB_LAST")) != 0;
+    const bool cpu_moe = getenv("PROBE_CPU_MOE") && atoi(getenv("PROBE_CPU_MOE")) != 0;
     auto mp = llama_model_default_params();
     mp.use_extra_bufts = repack != 0;
+    if (const char * ngl = getenv("PROBE_NGL")) mp.n_gpu_layers = atoi(ngl);
+    static llama_model_tensor_buft_override cpu_moe_overrides[2] = {
+        { "\\.ffn_(up|down|gate|gate_up)_(ch|)exps", nullptr }, { nullptr, nullptr } };
+    if (cpu_moe) {
+        cpu_moe_overrides[0].buft = ggml_backend_cpu_buffer_type();
+        mp.tensor_buft_overrides = cpu_moe_overrides;
+        mp.load_mode = LLAMA_LOAD_MODE_NONE;   // no mmap (the header's use_mmap = false)
+    }
+    {
+        auto env = [](const char * k) { const char * v = getenv(k); return std::string(v ? v : "unset"); };
+        std::string feats;
+        if (ggml_backend_reg_t cpu = ggml_backend_reg_by_name("CPU")) {
+            auto get = (ggml_backend_get_features_t) ggml_backend_reg_get_proc_address(cpu, "ggml_backend_get_features");
+            for (ggml_backend_feature * f = get ? get(cpu) : nullptr; f && f->name; f++) {
+                if (strcmp(f->value, "1") == 0 && (strncmp(f->name, "AVX", 3) == 0 || strncmp(f->name, "AMX", 3) == 0)) {
+                    feats += feats.empty() ? "" : ","; feats += f->name;
+                }
+            }
+        }
+        std::string devs;
+        for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
+            ggml_backend_dev_t d = ggml_backend_dev_get(i);
+            if (ggml_backend_dev_type(d) == GGML_BACKEND_DEVICE_TYPE_CPU) continue;
+            devs += devs.empty() ? "" : ","; devs += ggml_backend_dev_name(d);
+        }
+        g_settings = "threads=" + std::to_string(g_threads) + " PROBE_NGL=" + env("PROBE_NGL") + " cpu_moe=" + (cpu_moe ? "1" : "0") +
+            " PROBE_CUDA_BI=" + env("PROBE_CUDA_BI") + " op_offload=" + (g_no_offload ? "0" : "1") + " cb=" + (g_cb_last ? "last" : "all") +
+            " cpu_features=" + (feats.empty() ? "none" : feats) + " gpus=" + (devs.empty() ? "none" : devs);
+    }
     llama_model * model = llama_model_load_from_file(path, mp);
     if (!model) { fprintf(stderr, "cannot load %s\n", path); return 1; }
     const llama_vocab * vocab = llama_model_get_vocab(model);
@@ -141,7 +215,7 @@ int main(int argc, char ** argv) {
     prompt.resize(np);
     if (g_timing) {
         auto median = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v.empty() ? 0.0 : v[v.size() / 2]; };
-        printf("repack=%d PROBE_BI=%s prompt %d tokens, %d decode steps\n", repack, getenv("PROBE_BI") ? getenv("PROBE_BI") : "unset", np, steps);
+        printf("repack=%d PROBE_BI=%s %s prompt %d tokens, %d decode steps\n", repack, getenv("PROBE_BI") ? getenv("PROBE_BI") : "unset", g_settings.c_str(), np, steps);
         for (const char * p = argv[4]; *p; ) {
             int rows = atoi(p);
             g_prefill_ms.clear(); g_decode_ms.clear();
@@ -160,7 +234,7 @@ int main(int argc, char ** argv) {
     auto a = run(model, na, prompt, steps, t1);
     auto bb = run(model, nseq, prompt, steps, tn);
     int same_tok = 0; for (size_t i = 0; i < t1.size(); i++) same_tok += t1[i] == tn[i];
-    printf("repack=%d PROBE_BI=%s rows %d vs %d, prompt %d tokens, steps=%d: greedy tokens equal %d/%zu\n", repack, getenv("PROBE_BI") ? getenv("PROBE_BI") : "unset", na, nseq, np, steps, same_tok, t1.size());
+    printf("repack=%d PROBE_BI=%s %s rows %d vs %d, prompt %d tokens, steps=%d: greedy tokens equal %d/%zu\n", repack, getenv("PROBE_BI") ? getenv("PROBE_BI") : "unset", g_settings.c_str(), na, nseq, np, steps, same_tok, t1.size());
     size_t j = 0; int shown = 0; size_t compared = 0, skipped = 0;
     for (size_t i = 0; i < a.size(); i++) {
         const Rec & x = a[i];

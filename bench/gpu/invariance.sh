@@ -12,7 +12,11 @@
 # bench/gpu/build-llama-shared.sh: the CUDA kernels are compiled on the device's 16 cores).
 #   bench/gpu/invariance.sh CARRY_DIR OUT_DIR
 # env: LAYERS (24), MAX_TOKENS (128), PARALLEL (16), CTX (32768),
-#      MODES ("full full:kv-unified cpu-moe"; PROFILE[:FLAG][+nofusion], see the loop), WORK (/root/moe-inv), WORKER_BIN, LLAMA_LIB_DIR
+#      MODES ("full full:kv-unified cpu-moe"; PROFILE[:FLAG][+nofusion][@avx2], see the loop), WORK (/root/moe-inv), WORKER_BIN, LLAMA_LIB_DIR,
+#      AVX2_LIB_DIR (a folder holding an AVX2-only libggml-cpu.so*, see build-llama-shared.sh's AVX2_CPU=1:
+#      the @avx2 modes run the worker with it first on LD_LIBRARY_PATH; unset or without the library
+#      those modes are skipped)
+# The report's "decode mode" column is the worker's own log line (decode_mode=..., batch_invariant=...).
 set -uo pipefail
 CARRY=$(cd "${1:?carry dir}" && pwd)
 OUTD=${2:?out dir}
@@ -74,21 +78,33 @@ gen() { # PORT PROMPT OUTFILE
   echo "- model: synthetic gpt-oss-20b ($LAYERS layers, random weights, gpt-2 vocabulary), greedy, $MAX_TOKENS tokens"
   echo "- worker: --parallel $PARALLEL --ctx-size $CTX"
   echo
-  echo "| mode | 8 identical = solo | 16 identical = solo | 8 different = their solo | 16-way wall s | 16-way aggregate tok/s | VRAM MiB |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
+  echo "| mode | decode mode | 8 identical = solo | 16 identical = solo | 8 different = their solo | 16-way wall s | 16-way aggregate tok/s | VRAM MiB |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|"
 } >"$REPORT"
 
 for mode in $MODES; do
-  # MODE is PROFILE[:FLAG][+nofusion]: FLAG becomes --FLAG (e.g. full:decode-mode=sequential);
-  # +nofusion runs the worker with GGML_CUDA_DISABLE_FUSION=1 (llama.cpp's kernel fusions off).
-  envs=(); m=$mode
-  if [[ $m == *+nofusion ]]; then envs=(GGML_CUDA_DISABLE_FUSION=1); m=${m%+nofusion}; fi
+  # MODE is PROFILE[:FLAG][+nofusion][@avx2]: FLAG becomes --FLAG (e.g. full:decode-mode=sequential);
+  # +nofusion runs the worker with GGML_CUDA_DISABLE_FUSION=1 (llama.cpp's kernel fusions off);
+  # @avx2 runs it with AVX2_LIB_DIR first on LD_LIBRARY_PATH (the AVX2-only CPU backend instead of
+  # the native one, e.g. cpu-moe@avx2, full:decode-mode=batched+nofusion@avx2). The suffixes may
+  # come in either order; file names use the mode with ':' and '@' as '-'.
+  envs=(); m=$mode; fm=${mode//[:@]/-}
+  if [[ $m == *@avx2* ]]; then
+    m=${m/@avx2/}
+    if [ -z "${AVX2_LIB_DIR:-}" ] || ! ls "$AVX2_LIB_DIR"/libggml-cpu.so* >/dev/null 2>&1; then
+      log "mode $mode: skipped (AVX2_LIB_DIR '${AVX2_LIB_DIR:-}' has no libggml-cpu.so*)"
+      echo "| $mode | not run: no AVX2 CPU backend (AVX2_LIB_DIR) | | | | | | |" >>"$REPORT"
+      continue
+    fi
+    envs+=(LD_LIBRARY_PATH="$AVX2_LIB_DIR:$LD_LIBRARY_PATH")
+  fi
+  if [[ $m == *+nofusion* ]]; then envs+=(GGML_CUDA_DISABLE_FUSION=1); m=${m/+nofusion/}; fi
   profile=${m%%:*}; extra=()
   [ "$m" != "${m#*:}" ] && extra=(--"${m#*:}")
   WP=$(free_port)
-  log "mode $mode: starting the worker"
+  log "mode $mode: starting the worker${envs[*]:+ (${envs[*]})}"
   env "${envs[@]}" "$WORKER" --model "$MODEL" --offload "$profile" --parallel "$PARALLEL" --ctx-size "$CTX" \
-    --listen "127.0.0.1:$WP" --etcd "http://127.0.0.1:$EP" --id "inv-$profile" "${extra[@]}" >"$OUTD/worker-${mode//:/-}.log" 2>&1 &
+    --listen "127.0.0.1:$WP" --etcd "http://127.0.0.1:$EP" --id "inv-$profile" "${extra[@]}" >"$OUTD/worker-$fm.log" 2>&1 &
   WPID=$!
   ok=0
   for _ in $(seq 1 180); do
@@ -96,8 +112,11 @@ for mode in $MODES; do
     kill -0 $WPID 2>/dev/null || break
     sleep 1
   done
-  [ $ok = 1 ] || { log "mode $mode: worker not ready"; tail -20 "$OUTD/worker-${mode//:/-}.log"; kill $WPID 2>/dev/null; continue; }
-  D=$WORK/out-${mode//:/-}; rm -rf "$D"; mkdir -p "$D"
+  [ $ok = 1 ] || { log "mode $mode: worker not ready"; tail -20 "$OUTD/worker-$fm.log"; kill $WPID 2>/dev/null; continue; }
+  # The worker's "model loaded" line (ANSI colours stripped): decode_mode="grouped" batch_invariant=true
+  wl=$(sed 's/\x1b\[[0-9;]*m//g' "$OUTD/worker-$fm.log")
+  dmode="$(grep -o 'decode_mode=[^ ]*' <<<"$wl" | head -1 | cut -d= -f2 | tr -d '"'), batch_invariant=$(grep -o 'batch_invariant=[^ ]*' <<<"$wl" | head -1 | cut -d= -f2)"
+  D=$WORK/out-$fm; rm -rf "$D"; mkdir -p "$D"
   for i in "${!PROMPTS[@]}"; do gen "$WP" "${PROMPTS[$i]}" "$D/solo-$i.txt"; done
   for i in $(seq 1 8); do gen "$WP" "${PROMPTS[0]}" "$D/eight-$i.txt" & done; wait_jobs() { for j in $(jobs -p); do [ "$j" = "$WPID" ] || [ "$j" = "$ETCD_PID" ] || wait "$j"; done; }; wait_jobs
   t0=$(date +%s.%N)
@@ -110,10 +129,10 @@ for mode in $MODES; do
   em=0; for i in "${!PROMPTS[@]}"; do cmp -s "$D/solo-$i.txt" "$D/mixed-$i.txt" && em=$((em+1)); done
   wall=$(python3 -c "print(f'{$t1-$t0:.2f}')")
   agg=$(python3 -c "print(f'{16*$MAX_TOKENS/($t1-$t0):.0f}')")
-  log "mode $mode: 8-way $e8/8, 16-way $e16/16, mixed $em/8, 16-way wall ${wall}s, VRAM ${vram:-?} MiB"
-  echo "| $mode | $e8/8 | $e16/16 | $em/8 | $wall | $agg | ${vram:-?} |" >>"$REPORT"
+  log "mode $mode: $dmode, 8-way $e8/8, 16-way $e16/16, mixed $em/8, 16-way wall ${wall}s, VRAM ${vram:-?} MiB"
+  echo "| $mode | $dmode | $e8/8 | $e16/16 | $em/8 | $wall | $agg | ${vram:-?} |" >>"$REPORT"
   grep -h "decode\|tok/s" "$D/solo-0.txt.err" | head -2 >>"$OUTD/invariance.log"
-  head -c 300 "$D/solo-0.txt" >"$OUTD/sample-${mode//:/-}.txt"
+  head -c 300 "$D/solo-0.txt" >"$OUTD/sample-$fm.txt"
   kill -TERM $WPID; wait $WPID 2>/dev/null
 done
 kill $ETCD_PID 2>/dev/null

@@ -21,7 +21,7 @@
 #                                                  a GPU (a stub nvidia-smi; see DRY RUN below)
 #   bench/gpu/run-on-device.sh pipeline            (internal)
 # Stages run in STAGES order, except that while upstream llama-server still builds, the first
-# stage that does not need it runs (ours-only: invariance gateway interactive64 prefix two-gpu);
+# stage that does not need it runs (ours-only: invariance gateway interactive64 prefix two-gpu probe);
 # every stage is skipped when the budget no longer fits it (results/skipped.txt).
 #   vram          cpu-moe 16384 cells / 16 seqs, ours vs upstream at each micro-batch of VRAM_UBS
 #                 (--ubatch-size / -ub "512 256 128"), ours --kv-unified at 512; then full 49152/64
@@ -37,6 +37,11 @@
 #   two-gpu       with 2+ GPUs: a gateway, a full worker on GPU 0 and a cpu-moe worker on GPU 1, the
 #                 product check (moectl generate per class) and a mixed-class moe-bench run
 #   gateway cpu-moe full n-cpu-moe invariance   the earlier stages (2026-12-01 has their results)
+#   probe         (ours-only, not in the default STAGES) bench/cpu-invariance-probe.cpp built against
+#                 our shared libraries, on a 2-layer model: one sequence vs 3, 8 or 16 rows per decode
+#                 call, first differing tensor; CPU only (PROBE_BI on / off), the GPU with experts on
+#                 the host (PROBE_CUDA_BI + PROBE_BI; op offload off for contrast), and with the AVX2
+#                 CPU backend; results/probe.txt
 # On a machine with 2+ GPUs every stage but two-gpu runs on GPU 0 only (CUDA_VISIBLE_DEVICES=0,
 # nvidia-smi -i 0), so numbers compare with single-GPU runs.
 # env: WORK (/root/moe-gpu), BUDGET_S (deadline from start, 1500), RPL (requests per level, 16),
@@ -49,7 +54,10 @@
 #      I64_RPL (16), THREAD_COUNTS, THREADS_RPL (8), PREFIX_WORKER_ARGS ("--offload full --batch-size 128": sequential
 #      decode reuses whole --batch-size chunks only, and the workload's prompts are < 512 tokens),
 #      WAIT_READY (240s), UPSTREAM (1; 0: skip llama-server and build ours on all cores), AVX2_CPU (1: also build the AVX2 CPU backend for the ours-avx2 rows; 0 saves
-#      build time and skips them)
+#      build time and skips them), CPU_MOE_OURS (the cpu-moe stage's rows of ours run at 1,4,16
+#      streams with RPL requests, e.g. "ours ours-avx2"; names starting ours-avx2 run with the AVX2
+#      CPU backend; unset: "ours" at 1,4,16 and "ours-avx2" at 1 stream with RPL=8), NCM_OURS (the
+#      n-cpu-moe stage's rows of ours, "ours"; e.g. "ours ours-avx2")
 # DRY RUN (CPU, checks the stage logic): `dry-run CARRY_DIR` with CARRY_DIR holding the binaries
 #      unpacked (moe-worker ... etcd, etcdctl; .xz not needed), MODEL set to a small GGUF (e.g.
 #      scripts/make_gptoss_like.py OUT --layers 2 --sparse), SERVER a CPU llama-server (optional:
@@ -69,7 +77,7 @@ start)
   mkdir -p "$WORK" "$R"
   cp -f "$0" "$WORK/run.sh"
   cp -f bench/build-llama-server.sh bench/tables.py bench/lib.sh bench/gpu/memory.py bench/gpu/membw.c \
-    bench/gpu/build-llama-shared.sh bench/gpu/invariance.sh bench/gpu/stages.py "$WORK/"
+    bench/gpu/build-llama-shared.sh bench/gpu/invariance.sh bench/gpu/stages.py bench/cpu-invariance-probe.cpp "$WORK/"
   # bench/prefix-routing.sh runs from a bench/ folder of its own (it sources ../bench/lib.sh).
   mkdir -p "$WORK/repo/bench" && cp -f bench/prefix-routing.sh bench/lib.sh "$WORK/repo/bench/"
   cp -fL "$CARRY"/* "$WORK/"
@@ -538,16 +546,33 @@ stage_invariance() {
   has_time 300 invariance || return 0
   stage "batch invariance (modes: ${INV_MODES:-full cpu-moe})"
   MAX_TOKENS=${INV_MAX_TOKENS:-64} MODES=${INV_MODES:-full cpu-moe} MODEL=$MODEL WORK=$WORK WORKER_BIN=$WORK/moe-worker LLAMA_LIB_DIR=$LIBS LAYERS=$LAYERS \
+    AVX2_LIB_DIR=$WORK/cpu-avx2 \
     bash invariance.sh "$WORK" "$R/invariance" >invariance-run.log 2>&1
   tail -8 "$R/invariance/invariance.md" 2>/dev/null || tail -20 invariance-run.log
 }
 
+have_avx2() { ls "$WORK"/cpu-avx2/libggml-cpu.so* >/dev/null 2>&1; }
+
+# cpu-moe: CPU_MOE_OURS unset: ours at 1,4,16 streams and ours-avx2 at 1 stream (RPL=8), as
+# before; set: each of its names at 1,4,16 streams with RPL requests (ours-avx2*: the AVX2 backend).
 stage_cpu_moe() {
   has_time 330 cpu-moe || return 0
-  stage "cpu-moe at 16384 cells / 16 sequences: ours, ours with AVX2 CPU code, upstream"
-  run_server ours cpu-moe 16384 16 1,4,16 64
-  if ls "$WORK"/cpu-avx2/libggml-cpu.so* >/dev/null 2>&1; then RPL=8 run_server ours-avx2 cpu-moe 16384 16 1 64
-  else echo "cpu-moe ours-avx2: not run (no AVX2 CPU backend built: AVX2_CPU=0)" >>"$R/skipped.txt"; fi
+  local name
+  if [ -z "${CPU_MOE_OURS+x}" ]; then
+    stage "cpu-moe at 16384 cells / 16 sequences: ours, ours with AVX2 CPU code, upstream"
+    run_server ours cpu-moe 16384 16 1,4,16 64
+    if have_avx2; then RPL=8 run_server ours-avx2 cpu-moe 16384 16 1 64
+    else echo "cpu-moe ours-avx2: not run (no AVX2 CPU backend built: AVX2_CPU=0)" >>"$R/skipped.txt"; fi
+  else
+    stage "cpu-moe at 16384 cells / 16 sequences: ${CPU_MOE_OURS:-no ours rows} at 1,4,16 streams, upstream"
+    for name in $CPU_MOE_OURS; do
+      if [[ $name == ours-avx2* ]] && ! have_avx2; then
+        echo "cpu-moe $name: not run (no AVX2 CPU backend built: AVX2_CPU=0)" >>"$R/skipped.txt"; continue
+      fi
+      has_time 100 "cpu-moe $name" || return 0
+      run_server "$name" cpu-moe 16384 16 1,4,16 64
+    done
+  fi
   run_server upstream cpu-moe 16384 16 1,4,16 64
 }
 
@@ -567,11 +592,75 @@ stage_full() {
   fi
 }
 
+# n-cpu-moe: NCM_OURS ("ours") are our rows (ours-avx2*: the AVX2 backend), then upstream.
 stage_n_cpu_moe() {
   has_time 240 n-cpu-moe || return 0
-  stage "n-cpu-moe:12 at 64 streams"
-  RPL=64 run_server ours n-cpu-moe:12 49152 64 64 64
+  local name ncm=${NCM_OURS-ours}
+  stage "n-cpu-moe:12 at 64 streams: ${ncm:-no ours rows}, upstream"
+  for name in $ncm; do
+    if [[ $name == ours-avx2* ]] && ! have_avx2; then
+      echo "n-cpu-moe $name: not run (no AVX2 CPU backend built: AVX2_CPU=0)" >>"$R/skipped.txt"; continue
+    fi
+    has_time 80 "n-cpu-moe $name" || return 0
+    RPL=64 run_server "$name" n-cpu-moe:12 49152 64 64 64
+  done
   RPL=64 run_server upstream n-cpu-moe:12 49152 64 64 64
+}
+
+# probe: bench/cpu-invariance-probe.cpp against our shared libraries (CPU and CUDA), on a 2-layer
+# model: the first tensor of a sequence's row that differs between decode calls of 1 and N rows.
+# Never fails the pipeline: a failed build or run is logged in $R/probe.txt.
+probe_run() { # LABEL ENV... -- ARGS...   (runs ./probe under timeout 150, output to $R/probe.txt)
+  local label=$1 envs=() rc; shift
+  while [ "$#" -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
+  shift
+  has_time 160 "probe $label" || return 0
+  ( cd "$WORK" && env "${envs[@]}" timeout 150 ./probe "$@" ) >"$WORK/probe-run.txt" 2>&1
+  rc=$?
+  { echo "=== $label: ${envs[*]} ./probe $*"; cat "$WORK/probe-run.txt"
+    [ "$rc" = 0 ] || echo "(rc $rc$([ "$rc" = 124 ] && echo ': timed out after 150 s'))"; } >>"$R/probe.txt"
+  stage "probe $label: rc $rc, $(grep -o 'greedy tokens equal.*' "$WORK/probe-run.txt" || tail -1 "$WORK/probe-run.txt")"
+  return 0
+}
+stage_probe() {
+  has_time 240 probe || return 0
+  stage "probe: bench/cpu-invariance-probe.cpp against our libraries, 2-layer model"
+  local P=$R/probe.txt avx2
+  echo "# bench/cpu-invariance-probe.cpp, libraries $LIBS, model $WORK/g2.gguf (2 layers)" >>"$P"
+  if ! ( cd "$WORK" && g++ -O1 -std=c++17 cpu-invariance-probe.cpp -I"$WORK/ll/llama.cpp/include" -I"$WORK/ll/llama.cpp/ggml/include" \
+           -L"$LIBS" -lllama -lggml -lggml-base -Wl,-rpath,"$LIBS" -Wl,--enable-new-dtags -fopenmp -o probe ) >"$WORK/probe-build.log" 2>&1; then
+    { echo "probe: compile failed:"; tail -20 "$WORK/probe-build.log"; } >>"$P"
+    stage "probe: compile failed (probe-build.log)"; echo "probe: compile failed" >>"$R/skipped.txt"; return 0
+  fi
+  if [ ! -f "$WORK/g2.gguf" ]; then
+    [ -f "$WORK/site/gguf/__init__.py" ] || ( cd "$WORK" && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --target "$WORK/site" gguf-*.whl ) >>"$WORK/probe-model.log" 2>&1
+    ( cd "$WORK" && PYTHONPATH=$WORK/site timeout 300 python3 make_gptoss_like.py "$WORK/g2.gguf.tmp" --layers 2 \
+        --vocab-gguf ggml-vocab-gpt-2.gguf ) >>"$WORK/probe-model.log" 2>&1 && mv "$WORK/g2.gguf.tmp" "$WORK/g2.gguf" || {
+      { echo "probe: making the 2-layer model failed:"; tail -5 "$WORK/probe-model.log"; } >>"$P"
+      stage "probe: making the 2-layer model failed (probe-model.log)"; echo "probe: no model" >>"$R/skipped.txt"; return 0; }
+  fi
+  # a. CPU only, native CPU backend: batch-invariant mode on (1 vs 8, 3 vs 8 rows), then off.
+  probe_run "cpu bi 1v8" CUDA_VISIBLE_DEVICES= PROBE_THREADS=8 PROBE_BI=1 -- g2.gguf 1 1 8 64
+  probe_run "cpu bi 3v8" CUDA_VISIBLE_DEVICES= PROBE_THREADS=8 PROBE_BI=1 -- g2.gguf 1 3 8 64
+  probe_run "cpu off 1v8" CUDA_VISIBLE_DEVICES= PROBE_THREADS=8 -- g2.gguf 1 1 8 64
+  # b. GPU, routed experts in host memory (--cpu-moe), CUDA and CPU batch-invariant modes on.
+  local gpu=(PROBE_THREADS=16 PROBE_NGL=99 PROBE_CPU_MOE=1 PROBE_CUDA_BI=16 PROBE_BI=1)
+  probe_run "gpu cpu-moe bi 1v16" "${gpu[@]}" -- g2.gguf 1 1 16 64
+  probe_run "gpu cpu-moe bi 1v8" "${gpu[@]}" -- g2.gguf 1 1 8 64
+  probe_run "gpu cpu-moe bi no-offload 1v16" "${gpu[@]}" PROBE_NO_OFFLOAD=1 -- g2.gguf 1 1 16 64
+  # the same as the first, with whole graphs (kernel fusion, as the worker runs) except the recorded call
+  probe_run "gpu cpu-moe bi cb-last 1v16" "${gpu[@]}" PROBE_CB_LAST=1 -- g2.gguf 1 1 16 64
+  # c. the AVX2 CPU backend (first on LD_LIBRARY_PATH; the result line's cpu_features shows which loaded).
+  if have_avx2; then
+    avx2=LD_LIBRARY_PATH=$WORK/cpu-avx2:$LD_LIBRARY_PATH
+    echo "probe: with the AVX2 backend: $(cd "$WORK" && env "$avx2" ldd ./probe | grep -o 'libggml-cpu[^ ]* => [^ ]*')" >>"$P"
+    probe_run "avx2 cpu bi 1v8" "$avx2" CUDA_VISIBLE_DEVICES= PROBE_THREADS=8 PROBE_BI=1 -- g2.gguf 1 1 8 64
+    probe_run "avx2 gpu cpu-moe bi 1v16" "$avx2" "${gpu[@]}" -- g2.gguf 1 1 16 64
+  else
+    echo "probe: no AVX2 CPU backend in $WORK/cpu-avx2 (AVX2_CPU=0): AVX2 runs not run" >>"$P"
+  fi
+  return 0
 }
 
 run_stage() {
@@ -587,6 +676,7 @@ run_stage() {
     cpu-moe) stage_cpu_moe ;;
     full) stage_full ;;
     n-cpu-moe) stage_n_cpu_moe ;;
+    probe) stage_probe ;;
     *) stage "unknown stage $1"; echo "$1: unknown stage" >>"$R/skipped.txt" ;;
   esac
 }
@@ -594,7 +684,7 @@ run_stage() {
 # Stages in STAGES order; while llama-server still builds (on the other half of the cores), the
 # first stage that does not need it. Stages that measure host CPU speed or compare with upstream
 # wait for the build, so it takes no cores from them.
-OURS_ONLY=" invariance gateway interactive64 prefix two-gpu "
+OURS_ONLY=" invariance gateway interactive64 prefix two-gpu probe "
 read -r -a REMAINING <<<"$STAGES"
 while [ "${#REMAINING[@]}" -gt 0 ]; do
   PICK=
@@ -662,7 +752,8 @@ done
   fi
   for pair in "cpu-moe-16384 ours upstream" "cpu-moe-16384 ours-avx2 ours" "cpu-moe-16384 ours-t$(( NPROC / 4 )) ours" \
               "cpu-moe-16384 ours-t$HALF ours" "full-49152 ours upstream" "full-49152 ours-batched upstream" \
-              "full-49152 ours ours-batched" "full-49152 ours ours-seq" "n-cpu-moe-12-49152 ours upstream"; do
+              "full-49152 ours ours-batched" "full-49152 ours ours-seq" "n-cpu-moe-12-49152 ours upstream" \
+              "cpu-moe-16384 ours-avx2 upstream" "n-cpu-moe-12-49152 ours-avx2 upstream"; do
     set -- $pair
     [ -f "$R/$1-$2.json" ] && [ -f "$R/$1-$3.json" ] || continue
     echo "### $1: $2 vs $3"
@@ -685,6 +776,12 @@ done
     ls "$R"/overhead-direct-*.json >/dev/null 2>&1 && { echo "### gateway overhead at 16 streams"; echo; python3 tables.py gateway "$R"/overhead-direct-*.json -- "$R"/overhead-gateway-*.json; echo; }
   fi
   [ -f "$R/invariance/invariance.md" ] && { cat "$R/invariance/invariance.md"; echo; }
+  if [ -f "$R/probe.txt" ]; then
+    echo "### probe: bench/cpu-invariance-probe.cpp (1 vs N rows per decode call, first differing tensor)"
+    echo
+    echo '```'; cat "$R/probe.txt"; echo '```'
+    echo
+  fi
   echo "### Memory: adverts vs nvidia-smi (MiB)"
   echo
   cat "$R/memory.md"
