@@ -125,11 +125,15 @@ fn grouped_invariant(has_accelerator: bool, patched: Patched, host_experts: bool
     }
 }
 
-/// `auto` is `grouped` on an accelerator where that is batch-invariant ([`grouped_invariant`]),
-/// else `sequential` there; `batched` on a CPU-only worker (throughput, not batch-invariant:
-/// a CPU pool that must serve `batch_invariant` requests sets `grouped`, invariant with the CPU
-/// patch, or `sequential`). `batched` stays the CPU default because `grouped` reuses cached
-/// prefixes only in whole `--batch-size` chunks and prefills prompts one per call.
+/// `auto` is `grouped` on an accelerator where that is batch-invariant ([`grouped_invariant`])
+/// and every routed expert is in accelerator memory, else `sequential` there. With host experts
+/// `grouped` is invariant given both patches (an H200 gave 8/8, 16/16, 8/8), but its speed
+/// against `sequential` was not measured in one lease, and its single-stream decode was 0.60×
+/// upstream's in the lease that checked it (docs/benchmarks/gpu.md, eighth run), so an operator
+/// chooses it (`--decode-mode grouped`). On a CPU-only worker `auto` is `batched` (throughput,
+/// not batch-invariant: a CPU pool that must serve `batch_invariant` requests sets `grouped`,
+/// invariant with the CPU patch, or `sequential`); it stays the CPU default because `grouped`
+/// reuses cached prefixes only in whole `--batch-size` chunks and prefills prompts one per call.
 /// `--gpu-layers 0` does not make a worker CPU-only: llama.cpp still offloads large batches
 /// (prompt chunks) of host-resident weights to the GPU (`op_offload`), whose kernels are chosen
 /// by the batch's shape too.
@@ -146,7 +150,7 @@ fn resolve_decode_mode(
 ) -> Result<DecodeMode, EngineError> {
     let invariant = grouped_invariant(has_accelerator, patched, host_experts);
     Ok(match config.decode_mode {
-        DecodeMode::Auto if has_accelerator && invariant => DecodeMode::Grouped,
+        DecodeMode::Auto if has_accelerator && invariant && !host_experts => DecodeMode::Grouped,
         DecodeMode::Auto if has_accelerator => DecodeMode::Sequential,
         DecodeMode::Auto => DecodeMode::Batched,
         DecodeMode::Grouped if has_accelerator && !patched.cuda => {
@@ -707,7 +711,8 @@ mod tests {
         let c = config(2048, 512);
         let mode = |acc, patched, host| resolve_decode_mode(&c, acc, patched, host).expect("auto");
         assert_eq!(mode(true, CUDA_ONLY, false), DecodeMode::Grouped);
-        assert_eq!(mode(true, BOTH2, true), DecodeMode::Grouped);
+        // host experts: grouped only when asked for (invariant with BOTH2, speed unproven).
+        assert_eq!(mode(true, BOTH2, true), DecodeMode::Sequential);
         assert_eq!(mode(true, BOTH, true), DecodeMode::Sequential);
         assert_eq!(mode(true, CUDA2_ONLY, true), DecodeMode::Sequential);
         assert_eq!(mode(true, CUDA_ONLY, true), DecodeMode::Sequential);
