@@ -269,11 +269,14 @@ fn cuda_batch_invariant_version() -> i32 {
 }
 
 /// Whether this build's ggml-cpu uses the instruction set on which the CPU patch's row
-/// invariance (0002) was verified: x86 with AVX2 and without AVX-512 (bit-equal rows with
-/// bench/cpu-invariance-probe.cpp and the e2e tests; the images' default `x86-64-v3`). Not
-/// verified elsewhere: on an H200 host (AVX-512, AMX, `-march=native`) `cpu-moe` grouped decode
-/// with both patches still gave 0/16 and 0/8 concurrent runs equal to solo, cause not isolated.
-/// Compile-time flags of the library, not the host's.
+/// invariance (0002) was verified end to end: x86 with AVX2 and without AVX-512 (bit-equal rows
+/// with bench/cpu-invariance-probe.cpp on two models, the e2e tests, and on an H200 host a
+/// `cpu-moe` worker with this CPU backend: 8/8, 16/16, 8/8 concurrent runs equal to solo;
+/// docs/benchmarks/gpu.md, eighth run; the images' default `x86-64-v3`). An AVX-512/AMX build
+/// passed the probe on one model (gpt-oss-like, 1 vs 8 and 3 vs 8 rows, CPU only and with the
+/// experts on the host of an H200), which is not yet enough to claim it. (The H200's earlier
+/// 0/16 `cpu-moe` runs came from llama.cpp's op offload, not from these kernels:
+/// [`InvariantKernels::cuda_keeps_host_ops`].) Compile-time flags of the library, not the host's.
 pub(super) fn cpu_invariance_verified() -> bool {
     // SAFETY: plain queries of ggml-cpu's build flags, no arguments.
     unsafe {

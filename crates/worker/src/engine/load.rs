@@ -111,7 +111,8 @@ struct Patched {
 /// (`host_experts`) also the CPU's, and CUDA's mode keeping the ops on host weights on the host
 /// (`cuda_keeps_host_ops`): without that, llama.cpp moved a MoE expert bias, and the ops after
 /// it, to the GPU from 8 decodes of 4 experts, and an H200 gave 0/16 and 0/8 concurrent
-/// `cpu-moe` runs equal to solo with both kernel patches (docs/benchmarks/gpu.md, seventh run).
+/// `cpu-moe` runs equal to solo with both kernel patches (docs/benchmarks/gpu.md, seventh run);
+/// with CUDA's version 2, 8/8, 16/16 and 8/8 (eighth run).
 /// On a CPU-only worker it takes the CPU's kernels: unpatched, ggml-cpu multiplies a lone row
 /// with `vec_dot` but several rows with llamafile's tinyBLAS (another order of additions; the
 /// F32 MoE router of every real MoE GGUF takes that path), splits a lone row's flash-attention
