@@ -95,16 +95,17 @@ pub struct WorkerConfig {
     #[arg(long, env = "MOE_SEQUENTIAL_DECODE")]
     pub sequential_decode: bool,
     /// auto: on a worker with an accelerator (even at --gpu-layers 0) grouped when llama.cpp has
-    /// moe-cluster's batch-invariance patch and every routed expert is in GPU memory, else
-    /// sequential; batched on the CPU.
+    /// moe-cluster's CUDA patch 0001 and every routed expert is in GPU memory, else sequential
+    /// (routed experts in host memory included); batched on the CPU.
     /// sequential: one llama.cpp call per sequence and prompts prefilled in --batch-size chunks
     /// at fixed boundaries, so greedy output is exactly a solo run's, prefix cache or not.
     /// batched: one call per step for all sequences (faster on a GPU, not batch-invariant
     /// there).
     /// grouped: prompts prefilled as in sequential, the decoding sequences' tokens together in
     /// calls of up to --grouped-rows sequences, with kernels that compute each row as alone:
-    /// batch-invariant; on a GPU it needs the patched llama.cpp (patches/llama.cpp) and every
-    /// routed expert in GPU memory, and refuses to start otherwise.
+    /// batch-invariant; on a GPU it needs patch 0001 (patches/llama.cpp) and, with routed
+    /// experts in host memory, 0001 version 2 and the CPU patch 0002 in a ggml-cpu built for x86
+    /// AVX2 without AVX-512, and refuses to start otherwise, naming what is missing.
     /// See docs/benchmarks/batch-invariance.md.
     #[arg(long, env = "MOE_DECODE_MODE", value_enum, default_value_t = DecodeMode::Auto)]
     pub decode_mode: DecodeMode,
