@@ -238,8 +238,9 @@ impl InvariantKernels {
     }
 
     /// On or off, for the calls that follow. Only between llama.cpp calls: the flags are read
-    /// while a call's graph runs. Switch them on once before the context is created, whose
-    /// compute buffers are sized with the kernels in force.
+    /// while a call's graph runs. Leave them off while the context is created: its compute
+    /// buffers are then reserved for a prompt chunk as it runs (with op offload, which CUDA's
+    /// mode stops while on).
     pub(super) fn switch(&self, on: bool) {
         for s in [self.cuda, self.cpu].iter().flatten() {
             s.switch(on);

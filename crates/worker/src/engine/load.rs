@@ -87,8 +87,9 @@ fn advertised_fingerprint(file: String, config: &EngineConfig) -> String {
 /// `n_cpu_moe` layers' experts in host memory (`cpu-moe`, `n-cpu-moe:N`, an `auto` plan that
 /// does not fit), or `--gpu-layers` leaves layers, with their experts, on the CPU (llama.cpp
 /// offloads the last `n_gpu_layers - 1` of `n_layer` layers plus the output layer, so any value
-/// up to `n_layer` keeps at least one layer on the host). On an accelerator machine that rules
-/// `grouped` out (see [`resolve_decode_mode`]).
+/// up to `n_layer` keeps at least one layer on the host). On an accelerator machine `auto` is
+/// then `sequential`, and `grouped` needs both patches ([`grouped_invariant`],
+/// [`resolve_decode_mode`]).
 fn experts_on_host(plan: &MemoryPlan, gpu_layers: Option<u32>, n_layer: u32) -> bool {
     plan.host_expert_bytes > 0 || plan.n_cpu_moe > 0 || gpu_layers.is_some_and(|n| n <= n_layer)
 }
