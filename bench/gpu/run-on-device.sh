@@ -37,6 +37,8 @@
 #   two-gpu       with 2+ GPUs: a gateway, a full worker on GPU 0 and a cpu-moe worker on GPU 1, the
 #                 product check (moectl generate per class) and a mixed-class moe-bench run
 #   gateway cpu-moe full n-cpu-moe invariance   the earlier stages (2026-12-01 has their results)
+#   cpu-moe-ab    cpu-moe 16384/16 at 1 and 8 streams: ours sequential (native CPU backend), sequential
+#                 and grouped (AVX2 backend), AB_RPL (8) requests per level, AB_ROUNDS (1) rounds
 #   probe         (ours-only, not in the default STAGES) bench/cpu-invariance-probe.cpp built against
 #                 our shared libraries, on a 2-layer model: one sequence vs 3, 8 or 16 rows per decode
 #                 call, first differing tensor; CPU only (PROBE_BI on / off), the GPU with experts on
@@ -576,6 +578,24 @@ stage_cpu_moe() {
   run_server upstream cpu-moe 16384 16 1,4,16 64
 }
 
+# cpu-moe-ab: what a cpu-moe decode costs per CPU backend and per decode mode, in one lease (the
+# eighth run's grouped row was 0.60x upstream, with neither separated): ours sequential on the
+# native and on the AVX2 CPU backend, and grouped on the AVX2 one (the worker allows grouped with
+# host experts only on an AVX2-without-AVX-512 ggml-cpu), at 1 and 8 streams, AB_RPL (8) requests
+# per level, AB_ROUNDS (1) rounds in that order. Measures host CPU speed: waits for the
+# llama-server build like the upstream stages.
+stage_cpu_moe_ab() {
+  have_avx2 || { echo "cpu-moe-ab: not run (no AVX2 CPU backend built: AVX2_CPU=0)" >>"$R/skipped.txt"; return 0; }
+  local round
+  for round in $(seq 1 "${AB_ROUNDS:-1}"); do
+    has_time 300 "cpu-moe-ab round $round" || return 0
+    stage "cpu-moe-ab round $round: sequential native, sequential AVX2, grouped AVX2"
+    RPL=${AB_RPL:-8} run_server "ours-seq-r$round" cpu-moe 16384 16 1,8 64 --decode-mode sequential
+    RPL=${AB_RPL:-8} run_server "ours-avx2-seq-r$round" cpu-moe 16384 16 1,8 64 --decode-mode sequential
+    RPL=${AB_RPL:-8} run_server "ours-avx2-grouped-r$round" cpu-moe 16384 16 1,8 64 --decode-mode grouped
+  done
+}
+
 stage_full() {
   if has_time 300 full; then
     stage "full at 49152 cells / 64 sequences"
@@ -674,6 +694,7 @@ run_stage() {
     gateway) has_time 240 gateway && { stage "gateway: 16/32 on 16 slots, interactive under 14 batch, overhead at 16 streams"; run_gateway; } ;;
     invariance) stage_invariance ;;
     cpu-moe) stage_cpu_moe ;;
+    cpu-moe-ab) stage_cpu_moe_ab ;;
     full) stage_full ;;
     n-cpu-moe) stage_n_cpu_moe ;;
     probe) stage_probe ;;
@@ -750,7 +771,8 @@ done
     sed 's/^#/###/' "$R/prefix-routing.md"
     echo
   fi
-  for pair in "cpu-moe-16384 ours upstream" "cpu-moe-16384 ours-avx2 ours" "cpu-moe-16384 ours-t$(( NPROC / 4 )) ours" \
+  for pair in "cpu-moe-16384 ours-avx2-seq-r1 ours-seq-r1" "cpu-moe-16384 ours-avx2-grouped-r1 ours-avx2-seq-r1" \
+              "cpu-moe-16384 ours upstream" "cpu-moe-16384 ours-avx2 ours" "cpu-moe-16384 ours-t$(( NPROC / 4 )) ours" \
               "cpu-moe-16384 ours-t$HALF ours" "full-49152 ours upstream" "full-49152 ours-batched upstream" \
               "full-49152 ours ours-batched" "full-49152 ours ours-seq" "n-cpu-moe-12-49152 ours upstream" \
               "cpu-moe-16384 ours-avx2 upstream" "n-cpu-moe-12-49152 ours-avx2 upstream"; do
