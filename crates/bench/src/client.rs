@@ -28,6 +28,8 @@ pub struct RequestSpec {
 /// What one successful request measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
+    /// When the request went out (for per-request timings relative to the level's start).
+    pub sent: tokio::time::Instant,
     /// Request sent → first generated token received.
     pub ttft: Duration,
     /// First → last generated token received.
@@ -190,6 +192,7 @@ impl StreamClock {
             return Err(BenchError::NoTokens);
         };
         Ok(Sample {
+            sent: self.sent,
             ttft: first - self.sent,
             decode: last - first,
             completion_tokens: server_tokens.filter(|&n| n > 0).unwrap_or(self.tokens),

@@ -57,7 +57,8 @@ pub struct BenchConfig {
     /// Longest a level may take; requests not started by then are skipped and counted.
     #[arg(long, env = "MOE_BENCH_LEVEL_TIMEOUT", default_value = "300s", value_parser = parse_bounded_duration_flag)]
     pub level_timeout: Duration,
-    /// Writes the full report as JSON here.
+    /// Writes the full report as JSON here: per level the summary and every completed
+    /// request's timings (`timings`: sent after the level began, TTFT, decode time, tokens).
     #[arg(long, env = "MOE_BENCH_JSON")]
     pub json: Option<PathBuf>,
     /// Free-form label stored in the report (e.g. "worker", "llama-server", "gateway").

@@ -183,5 +183,5 @@ async fn run_level(
     if let Some(e) = merged.first_error() {
         eprintln!("moe-bench: level {}: first error: {e}", plan.concurrency);
     }
-    merged.finish(plan.concurrency, requests, started.elapsed())
+    merged.finish(plan.concurrency, requests, started, started.elapsed())
 }

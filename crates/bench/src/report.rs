@@ -93,6 +93,22 @@ pub struct LevelReport {
     /// Background streams decoding when each measured request was sent (mean).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub background_streaming_mean: Option<f64>,
+    /// Every completed request, in the order sent: when a level's numbers are off, which
+    /// requests were slow, and when.
+    pub timings: Vec<RequestTiming>,
+}
+
+/// One completed request of a level.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RequestTiming {
+    /// Sent this long after the level started.
+    pub sent_ms: f64,
+    pub ttft_ms: f64,
+    /// First → last generated token.
+    pub decode_ms: f64,
+    pub completion_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u32>,
 }
 
 /// Collects one level's outcomes.
@@ -132,7 +148,28 @@ impl LevelAccumulator {
         self.first_error.as_deref()
     }
 
-    pub fn finish(self, concurrency: u32, requests: u32, wall: Duration) -> LevelReport {
+    /// The level's report; `started` is when the level began (request timings are relative to
+    /// it), `wall` how long it ran.
+    pub fn finish(
+        self,
+        concurrency: u32,
+        requests: u32,
+        started: tokio::time::Instant,
+        wall: Duration,
+    ) -> LevelReport {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut timings: Vec<RequestTiming> = self
+            .samples
+            .iter()
+            .map(|s| RequestTiming {
+                sent_ms: ms(s.sent.saturating_duration_since(started)),
+                ttft_ms: ms(s.ttft),
+                decode_ms: ms(s.decode),
+                completion_tokens: s.completion_tokens,
+                prompt_tokens: s.prompt_tokens,
+            })
+            .collect();
+        timings.sort_by(|a, b| a.sent_ms.total_cmp(&b.sent_ms));
         let mut ttft: Vec<f64> = self
             .samples
             .iter()
@@ -187,6 +224,7 @@ impl LevelAccumulator {
             completion_tokens_mean: mean(&completion),
             prompt_tokens_mean: mean(&prompt),
             background_streaming_mean: mean(&self.background_seen),
+            timings,
         }
     }
 }
@@ -349,9 +387,12 @@ mod tests {
 
     #[test]
     fn level_rates_come_from_samples() {
+        let started = tokio::time::Instant::now();
         let mut acc = LevelAccumulator::default();
-        for ms in [100, 200] {
+        // Recorded out of order: the timings come back in the order sent.
+        for (ms, sent_ms) in [(200, 50), (100, 0)] {
             acc.record(Ok(Sample {
+                sent: started + Duration::from_millis(sent_ms),
                 ttft: Duration::from_millis(ms),
                 decode: Duration::from_secs(1),
                 completion_tokens: 11,
@@ -359,11 +400,22 @@ mod tests {
             }));
         }
         acc.record(Err(BenchError::NoTokens));
-        let l = acc.finish(2, 4, Duration::from_secs(2));
+        let l = acc.finish(2, 4, started, Duration::from_secs(2));
         assert_eq!((l.ok, l.errors, l.skipped), (2, 1, 1));
         assert_eq!(l.decode_tok_s_per_stream_mean, Some(10.0));
         assert_eq!(l.aggregate_tok_s, 11.0);
         assert_eq!(l.ttft_ms_p50, Some(100.0));
+        let timing = |sent_ms, ttft_ms| RequestTiming {
+            sent_ms,
+            ttft_ms,
+            decode_ms: 1000.0,
+            completion_tokens: 11,
+            prompt_tokens: Some(128),
+        };
+        assert_eq!(l.timings, [timing(0.0, 100.0), timing(50.0, 200.0)]);
+        let json = serde_json::to_value(&l).expect("serializes");
+        assert_eq!(json["timings"][1]["sent_ms"], 50.0);
+        assert_eq!(json["timings"][0]["ttft_ms"], 100.0);
     }
 
     #[test]
@@ -378,7 +430,7 @@ mod tests {
         other.record(Err(refused("busy")));
         other.record(Err(BenchError::NoTokens));
         acc.merge(other);
-        let l = acc.finish(1, 3, Duration::from_secs(1));
+        let l = acc.finish(1, 3, tokio::time::Instant::now(), Duration::from_secs(1));
         assert_eq!(l.errors, 3);
         assert_eq!(l.error_kinds["grpc_resourceexhausted"], 2);
         assert_eq!(l.error_details["grpc_resourceexhausted: busy"], 2);
