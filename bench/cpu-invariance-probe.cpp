@@ -45,6 +45,8 @@
 //      CUDA registry's proc "ggml_backend_cuda_set_batch_invariant" like PROBE_BI: R (rows) for
 //      the decode calls, 0 for the prefill calls; exits 1 when there is no such proc (no CUDA
 //      backend, e.g. the CPU static build, or the patch missing).
+//      PROBE_BI_PREFILL=1: the switches (PROBE_BI, PROBE_CUDA_BI) stay on for the prefill calls
+//      too (what a prompt costs with the batch-invariant kernels; timing mode)
 //      PROBE_NO_OFFLOAD=1: context param op_offload = false (ops on host-resident weights stay on
 //      the CPU for every batch size).
 //      PROBE_CB_LAST=1: the eval callback asks for nodes only in the recorded (last) decode call, so
@@ -78,6 +80,7 @@ static void set_bi(bool decode) {
     if (g_set_bi) g_set_bi(decode ? g_bi : 0);
     if (g_set_cuda_bi) g_set_cuda_bi(decode ? g_cuda_bi : 0);
 }
+static bool g_bi_prefill = false;   // PROBE_BI_PREFILL=1: the switches stay on for prefill calls too
 static int g_threads = 2;
 static bool g_no_offload = false;
 static bool g_cb_last = false;
@@ -117,7 +120,7 @@ static std::vector<Rec> run(llama_model * model, int nseq, const std::vector<lla
             int k = b.n_tokens++;
             b.token[k] = prompt[i]; b.pos[k] = i; b.n_seq_id[k] = 1; b.seq_id[k][0] = s; b.logits[k] = (i == n - 1);
         }
-        set_bi(false);
+        set_bi(g_bi_prefill);
         double t0 = now_ms();
         if (llama_decode(ctx, b)) { fprintf(stderr, "prefill failed\n"); exit(1); }
         g_prefill_ms.push_back(now_ms() - t0);
@@ -173,6 +176,7 @@ int main(int argc, char ** argv) {
     if (const char * t = getenv("PROBE_THREADS")) g_threads = std::max(1, atoi(t));
     g_no_offload = getenv("PROBE_NO_OFFLOAD") && atoi(getenv("PROBE_NO_OFFLOAD")) != 0;
     g_cb_last = getenv("PROBE_CB_LAST") && atoi(getenv("PROBE_CB_LAST")) != 0;
+    g_bi_prefill = getenv("PROBE_BI_PREFILL") && atoi(getenv("PROBE_BI_PREFILL")) != 0;
     const bool cpu_moe = getenv("PROBE_CPU_MOE") && atoi(getenv("PROBE_CPU_MOE")) != 0;
     auto mp = llama_model_default_params();
     mp.use_extra_bufts = repack != 0;
