@@ -182,20 +182,14 @@ struct Switch {
 impl Switch {
     /// The setter `proc` of the registry `reg`, if this build has it.
     fn find(reg: &std::ffi::CStr, proc: &std::ffi::CStr, on: i32) -> Option<Self> {
-        // SAFETY: both names are NUL-terminated; the registry and the function live as long as
-        // the process. The patches declare the function `void (int)`, the type the pointer is
-        // converted to, and it only sets the backend's flag.
-        unsafe {
-            let reg = llama_cpp_sys_2::ggml_backend_reg_by_name(reg.as_ptr());
-            if reg.is_null() {
-                return None;
-            }
-            let f = llama_cpp_sys_2::ggml_backend_reg_get_proc_address(reg, proc.as_ptr());
-            (!f.is_null()).then(|| Self {
-                set: std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(i32)>(f),
-                on,
-            })
-        }
+        backend_proc(reg, proc).map(|f| Self {
+            // SAFETY: the patches declare the function `void (int)`, the type the pointer is
+            // converted to, and it only sets the backend's flag.
+            set: unsafe {
+                std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn(i32)>(f)
+            },
+            on,
+        })
     }
 
     fn switch(&self, on: bool) {
@@ -252,20 +246,23 @@ impl InvariantKernels {
 /// `ggml_backend_cuda_batch_invariant_version`): 2 = the row-invariant kernels and no op offload
 /// while on; 1 = the kernels only (a build of the patch before that proc).
 fn cuda_batch_invariant_version() -> i32 {
-    // SAFETY: as in `Switch::find`; the patch declares the function `int (void)`, a pure getter.
+    backend_proc(c"CUDA", c"ggml_backend_cuda_batch_invariant_version").map_or(1, |f| {
+        // SAFETY: the patch declares the function `int (void)`, a pure getter.
+        unsafe { std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn() -> i32>(f)() }
+    })
+}
+
+/// The proc `name` of the ggml backend registry `reg`, if this build has both.
+fn backend_proc(reg: &std::ffi::CStr, name: &std::ffi::CStr) -> Option<*mut std::ffi::c_void> {
+    // SAFETY: both names are NUL-terminated; registries and their procs live as long as the
+    // process.
     unsafe {
-        let reg = llama_cpp_sys_2::ggml_backend_reg_by_name(c"CUDA".as_ptr());
+        let reg = llama_cpp_sys_2::ggml_backend_reg_by_name(reg.as_ptr());
         if reg.is_null() {
-            return 0;
+            return None;
         }
-        let f = llama_cpp_sys_2::ggml_backend_reg_get_proc_address(
-            reg,
-            c"ggml_backend_cuda_batch_invariant_version".as_ptr(),
-        );
-        if f.is_null() {
-            return 1;
-        }
-        std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn() -> i32>(f)()
+        let f = llama_cpp_sys_2::ggml_backend_reg_get_proc_address(reg, name.as_ptr());
+        (!f.is_null()).then_some(f)
     }
 }
 
