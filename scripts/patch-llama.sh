@@ -11,11 +11,12 @@
 #   ... --registry --target-dir T       also makes cargo rebuild llama-cpp-sys-2 in the target dir T
 #                                       when T last built it with other patches (or none)
 #
-# 0001 touches CUDA code only (ggml/src/ggml-cuda); 0002 touches the CPU backend (ggml/src/ggml-cpu).
+# 0001 touches CUDA code only (ggml/src/ggml-cuda); 0002 touches the CPU backend (ggml/src/ggml-cpu);
+# 0003 adds an AVX-512 MXFP4 kernel to the CPU backend (compiled only for an AVX-512 -march).
 # Cargo does not notice a changed registry source (it takes registry crates as immutable: a build
 # from before the patch stays), hence --target-dir: T/llama-patches.sha256 records the patches T's
 # llama-cpp-sys-2 was built with, and `cargo clean -p llama-cpp-sys-2` (dev and release) runs when
-# they differ. Both patches are off unless switched on at run time.
+# they differ. 0001 and 0002 are off unless switched on at run time.
 # patches/llama.cpp/README.md says what each one does and why.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
