@@ -21,7 +21,8 @@
 #                                                  a GPU (a stub nvidia-smi; see DRY RUN below)
 #   bench/gpu/run-on-device.sh pipeline            (internal)
 # Stages run in STAGES order, except that while upstream llama-server still builds, the first
-# stage that does not need it runs (ours-only: invariance gateway interactive64 prefix two-gpu probe);
+# stage that does not need it runs (ours-only: invariance gateway interactive64 prefix two-gpu probe
+# kernel);
 # every stage is skipped when the budget no longer fits it (results/skipped.txt).
 #   vram          cpu-moe 16384 cells / 16 seqs, ours vs upstream at each micro-batch of VRAM_UBS
 #                 (--ubatch-size / -ub "512 256 128"), ours --kv-unified at 512; then full 49152/64
@@ -38,12 +39,18 @@
 #                 product check (moectl generate per class) and a mixed-class moe-bench run
 #   gateway cpu-moe full n-cpu-moe invariance   the earlier stages (2026-12-01 has their results)
 #   cpu-moe-ab    cpu-moe 16384/16 at 1 and 8 streams: ours sequential (native CPU backend), sequential
-#                 and grouped (AVX2 backend), AB_RPL (8) requests per level, AB_ROUNDS (1) rounds
+#                 and grouped (AVX2 backend), then upstream, AB_RPL (8) requests per level, AB_ROUNDS (1)
+#                 rounds; the native row is skipped when the kernel stage ran and its native check failed
 #   probe         (ours-only, not in the default STAGES) bench/cpu-invariance-probe.cpp built against
 #                 our shared libraries, on a 2-layer model: one sequence vs 3, 8 or 16 rows per decode
 #                 call, first differing tensor; CPU only (PROBE_BI on / off), the GPU with experts on
 #                 the host (PROBE_CUDA_BI + PROBE_BI; op offload off for contrast), and with the AVX2
 #                 CPU backend; results/probe.txt
+#   kernel        (ours-only, not in the default STAGES; put it before cpu-moe-ab) bench/mxfp4-kernel-check.c
+#                 built against our shared libraries: ggml-cpu's MXFP4 x Q8_0 vec_dot (patch 0003's AVX-512
+#                 kernel in the native build) against a double-precision reference, with guard pages
+#                 after and before the rows, and its one-core speed (in cache, streaming); native, then
+#                 the AVX2 CPU backend; results/kernel.txt, results/kernel-native.ok when native passed
 # On a machine with 2+ GPUs every stage but two-gpu runs on GPU 0 only (CUDA_VISIBLE_DEVICES=0,
 # nvidia-smi -i 0), so numbers compare with single-GPU runs.
 # env: WORK (/root/moe-gpu), BUDGET_S (deadline from start, 1500), RPL (requests per level, 16),
@@ -65,7 +72,8 @@
 #      scripts/make_gptoss_like.py OUT --layers 2 --sparse), SERVER a CPU llama-server (optional:
 #      without one the upstream rows fail fast); FAKE_GPUS (1) GPUs the stub reports. It sets small
 #      sizes (I64_PARALLEL, I64_CTX, I64_BG, PROMPT_TOKENS, ...) unless given; DRY_UPSTREAM_DELAY
-#      (seconds) plays a llama-server build that long, to check which stages run meanwhile.
+#      (seconds) plays a llama-server build that long, to check which stages run meanwhile. The kernel
+#      stage compiles against PREBUILT_LIBS with GGML_INCLUDE (e.g. llama-cpp-sys-2's llama.cpp/ggml/include).
 set -uo pipefail
 WORK=${WORK:-/root/moe-gpu}
 R=$WORK/results
@@ -79,7 +87,8 @@ start)
   mkdir -p "$WORK" "$R"
   cp -f "$0" "$WORK/run.sh"
   cp -f bench/build-llama-server.sh bench/tables.py bench/lib.sh bench/gpu/memory.py bench/gpu/membw.c \
-    bench/gpu/build-llama-shared.sh bench/gpu/invariance.sh bench/gpu/stages.py bench/cpu-invariance-probe.cpp "$WORK/"
+    bench/gpu/build-llama-shared.sh bench/gpu/invariance.sh bench/gpu/stages.py bench/cpu-invariance-probe.cpp \
+    bench/mxfp4-kernel-check.c "$WORK/"
   # bench/prefix-routing.sh runs from a bench/ folder of its own (it sources ../bench/lib.sh).
   mkdir -p "$WORK/repo/bench" && cp -f bench/prefix-routing.sh bench/lib.sh "$WORK/repo/bench/"
   cp -fL "$CARRY"/* "$WORK/"
@@ -581,18 +590,30 @@ stage_cpu_moe() {
 # cpu-moe-ab: what a cpu-moe decode costs per CPU backend and per decode mode, in one lease (the
 # eighth run's grouped row was 0.60x upstream, with neither separated): ours sequential on the
 # native and on the AVX2 CPU backend, and grouped on the AVX2 one (the worker allows grouped with
-# host experts only on an AVX2-without-AVX-512 ggml-cpu), at 1 and 8 streams, AB_RPL (8) requests
-# per level, AB_ROUNDS (1) rounds in that order. Measures host CPU speed: waits for the
-# llama-server build like the upstream stages.
+# host experts only on an AVX2-without-AVX-512 ggml-cpu), then upstream (its own native CPU code;
+# run_server skips it without a llama-server), at 1 and 8 streams, AB_RPL (8) requests per level,
+# AB_ROUNDS (1) rounds in that order. When the kernel stage's native MXFP4 check ran and failed
+# (results/kernel.txt has its "=== native" run but there is no results/kernel-native.ok; a failed
+# compile does not count), the native row is skipped: a wrong AVX-512 kernel's speed means
+# nothing. Measures host CPU speed: waits for the llama-server build like the upstream stages.
 stage_cpu_moe_ab() {
   have_avx2 || { echo "cpu-moe-ab: not run (no AVX2 CPU backend built: AVX2_CPU=0)" >>"$R/skipped.txt"; return 0; }
-  local round
+  local round native=1
+  if [ -f "$R/kernel.txt" ] && [ ! -f "$R/kernel-native.ok" ] && grep -q '^=== native' "$R/kernel.txt"; then
+    native=0
+    stage "cpu-moe-ab: the native MXFP4 kernel check failed (results/kernel.txt): no ours-seq rows"
+  fi
   for round in $(seq 1 "${AB_ROUNDS:-1}"); do
     has_time 300 "cpu-moe-ab round $round" || return 0
-    stage "cpu-moe-ab round $round: sequential native, sequential AVX2, grouped AVX2"
-    RPL=${AB_RPL:-8} run_server "ours-seq-r$round" cpu-moe 16384 16 1,8 64 --decode-mode sequential
+    stage "cpu-moe-ab round $round: $([ "$native" = 1 ] && echo 'sequential native, ')sequential AVX2, grouped AVX2, upstream"
+    if [ "$native" = 1 ]; then
+      RPL=${AB_RPL:-8} run_server "ours-seq-r$round" cpu-moe 16384 16 1,8 64 --decode-mode sequential
+    else
+      echo "cpu-moe-16384-ours-seq-r$round: not run (native MXFP4 kernel check failed, see kernel.txt)" >>"$R/skipped.txt"
+    fi
     RPL=${AB_RPL:-8} run_server "ours-avx2-seq-r$round" cpu-moe 16384 16 1,8 64 --decode-mode sequential
     RPL=${AB_RPL:-8} run_server "ours-avx2-grouped-r$round" cpu-moe 16384 16 1,8 64 --decode-mode grouped
+    RPL=${AB_RPL:-8} run_server "upstream-r$round" cpu-moe 16384 16 1,8 64
   done
 }
 
@@ -683,6 +704,47 @@ stage_probe() {
   return 0
 }
 
+# kernel: bench/mxfp4-kernel-check.c against our shared libraries: ggml-cpu's MXFP4 x Q8_0 vec_dot
+# (patch 0003's AVX-512 kernel in the native build, the AVX2 one in $WORK/cpu-avx2) against a
+# double-precision reference, rows next to PROT_NONE guard pages, and its one-core speed. Pinned
+# to core 0 (the llama-server build, which may still run, has the upper half of the cores; its
+# memory traffic can still lower the streaming figure). GGML_INCLUDE: ggml's headers (default
+# $WORK/ll/llama.cpp/ggml/include, our source; a dry run with PREBUILT_LIBS passes its own). Never
+# fails the pipeline: results/kernel.txt; results/kernel-native.ok only when the native run passed
+# (cpu-moe-ab reads it).
+kernel_run() { # LABEL [ENV...]   (runs ./mxfp4-kernel-check under timeout 120, output to $R/kernel.txt)
+  local label=$1 rc; shift
+  ( cd "$WORK" && env "$@" timeout 120 taskset -c 0 ./mxfp4-kernel-check ) >"$WORK/kernel-run.txt" 2>&1
+  rc=$?
+  { echo "=== $label: $* taskset -c 0 ./mxfp4-kernel-check"; cat "$WORK/kernel-run.txt"
+    [ "$rc" = 0 ] || echo "(rc $rc$([ "$rc" = 124 ] && echo ': timed out after 120 s'))"; } >>"$R/kernel.txt"
+  stage "kernel $label: $(grep -m1 '^mxfp4 vec_dot:' "$WORK/kernel-run.txt" || echo "rc $rc, no result line: $(tail -1 "$WORK/kernel-run.txt")")"
+  [ "$rc" = 0 ] || echo "kernel $label: check failed (rc $rc), see kernel.txt" >>"$R/skipped.txt"
+  return "$rc"
+}
+stage_kernel() {
+  has_time 60 kernel || return 0
+  stage "kernel: bench/mxfp4-kernel-check.c against our libraries (MXFP4 x Q8_0 vec_dot, native and AVX2)"
+  local K=$R/kernel.txt inc=${GGML_INCLUDE:-$WORK/ll/llama.cpp/ggml/include}
+  rm -f "$R/kernel-native.ok"
+  echo "# bench/mxfp4-kernel-check.c, libraries $LIBS, headers $inc" >>"$K"
+  if ! ( cd "$WORK" && gcc -O2 -std=c11 mxfp4-kernel-check.c -I"$inc" -L"$LIBS" -lggml-cpu -lggml-base \
+           -Wl,-rpath,"$LIBS" -Wl,--enable-new-dtags -lm -o mxfp4-kernel-check ) >"$WORK/kernel-build.log" 2>&1; then
+    { echo "kernel: compile failed:"; tail -20 "$WORK/kernel-build.log"; } >>"$K"
+    stage "kernel: compile failed (kernel-build.log)"; echo "kernel: compile failed" >>"$R/skipped.txt"; return 0
+  fi
+  echo "kernel: native: $(cd "$WORK" && ldd ./mxfp4-kernel-check | grep -o 'libggml-cpu[^ ]* => [^ ]*')" >>"$K"
+  kernel_run native && touch "$R/kernel-native.ok"
+  if have_avx2; then
+    local avx2=LD_LIBRARY_PATH=$WORK/cpu-avx2:$LD_LIBRARY_PATH
+    echo "kernel: avx2: $(cd "$WORK" && env "$avx2" ldd ./mxfp4-kernel-check | grep -o 'libggml-cpu[^ ]* => [^ ]*')" >>"$K"
+    kernel_run avx2 "$avx2"
+  else
+    echo "kernel: no AVX2 CPU backend in $WORK/cpu-avx2 (AVX2_CPU=0): AVX2 run not run" >>"$K"
+  fi
+  return 0
+}
+
 run_stage() {
   case $1 in
     vram) stage_vram ;;
@@ -698,6 +760,7 @@ run_stage() {
     full) stage_full ;;
     n-cpu-moe) stage_n_cpu_moe ;;
     probe) stage_probe ;;
+    kernel) stage_kernel ;;
     *) stage "unknown stage $1"; echo "$1: unknown stage" >>"$R/skipped.txt" ;;
   esac
 }
@@ -705,7 +768,7 @@ run_stage() {
 # Stages in STAGES order; while llama-server still builds (on the other half of the cores), the
 # first stage that does not need it. Stages that measure host CPU speed or compare with upstream
 # wait for the build, so it takes no cores from them.
-OURS_ONLY=" invariance gateway interactive64 prefix two-gpu probe "
+OURS_ONLY=" invariance gateway interactive64 prefix two-gpu probe kernel "
 read -r -a REMAINING <<<"$STAGES"
 while [ "${#REMAINING[@]}" -gt 0 ]; do
   PICK=
@@ -772,6 +835,7 @@ done
     echo
   fi
   for pair in "cpu-moe-16384 ours-avx2-seq-r1 ours-seq-r1" "cpu-moe-16384 ours-avx2-grouped-r1 ours-avx2-seq-r1" \
+              "cpu-moe-16384 ours-seq-r1 upstream-r1" "cpu-moe-16384 ours-avx2-grouped-r1 upstream-r1" \
               "cpu-moe-16384 ours upstream" "cpu-moe-16384 ours-avx2 ours" "cpu-moe-16384 ours-t$(( NPROC / 4 )) ours" \
               "cpu-moe-16384 ours-t$HALF ours" "full-49152 ours upstream" "full-49152 ours-batched upstream" \
               "full-49152 ours ours-batched" "full-49152 ours ours-seq" "n-cpu-moe-12-49152 ours upstream" \
@@ -798,6 +862,12 @@ done
     ls "$R"/overhead-direct-*.json >/dev/null 2>&1 && { echo "### gateway overhead at 16 streams"; echo; python3 tables.py gateway "$R"/overhead-direct-*.json -- "$R"/overhead-gateway-*.json; echo; }
   fi
   [ -f "$R/invariance/invariance.md" ] && { cat "$R/invariance/invariance.md"; echo; }
+  if [ -f "$R/kernel.txt" ]; then
+    echo "### kernel: bench/mxfp4-kernel-check.c (MXFP4 x Q8_0 vec_dot: native, then the AVX2 CPU backend)"
+    echo
+    echo '```'; cat "$R/kernel.txt"; echo '```'
+    echo
+  fi
   if [ -f "$R/probe.txt" ]; then
     echo "### probe: bench/cpu-invariance-probe.cpp (1 vs N rows per decode call, first differing tensor)"
     echo
