@@ -41,6 +41,7 @@
 #   cpu-moe-ab    cpu-moe 16384/16 at 1 and 8 streams: ours sequential (native CPU backend), sequential
 #                 and grouped (AVX2 backend), then upstream, AB_RPL (8) requests per level, AB_ROUNDS (1)
 #                 rounds; the native row is skipped when the kernel stage ran and its native check failed
+#                 then (AB_EXTRA=1) single-stream upstream --no-host and ours with OMP_WAIT_POLICY=ACTIVE
 #   probe         (ours-only, not in the default STAGES) bench/cpu-invariance-probe.cpp built against
 #                 our shared libraries, on a 2-layer model: one sequence vs 3, 8 or 16 rows per decode
 #                 call, first differing tensor; CPU only (PROBE_BI on / off), the GPU with experts on
@@ -615,6 +616,18 @@ stage_cpu_moe_ab() {
     RPL=${AB_RPL:-8} run_server "ours-avx2-grouped-r$round" cpu-moe 16384 16 1,8 64 --decode-mode grouped
     RPL=${AB_RPL:-8} run_server "upstream-r$round" cpu-moe 16384 16 1,8 64
   done
+  # Two single-stream questions after the rounds (AB_EXTRA=0 skips them):
+  # - upstream with --no-host: host experts in the CPU_REPACK buffer (the interleaved mxfp4_8x8
+  #   gemv) instead of CUDA's pinned host buffer (vec_dot per row); a repacked buffer is not
+  #   host memory to the scheduler, so prompts' expert products stay on the CPU (TTFT's price);
+  # - ours sequential with OMP_WAIT_POLICY=ACTIVE: the decoding threads spin between the 24 CPU
+  #   splits of a token instead of sleeping (what the CPU part's fixed cost is made of).
+  [ "${AB_EXTRA:-1}" = 1 ] || return 0
+  has_time 100 "cpu-moe-ab upstream --no-host" \
+    && UPSTREAM_EXTRA=--no-host RPL=${AB_RPL:-8} run_server upstream-nohost cpu-moe 16384 16 1 64
+  if [ "$native" = 1 ] && has_time 100 "cpu-moe-ab ours spin"; then
+    OMP_WAIT_POLICY=ACTIVE RPL=${AB_RPL:-8} run_server ours-seq-spin cpu-moe 16384 16 1 64 --decode-mode sequential
+  fi
 }
 
 stage_full() {
@@ -835,7 +848,7 @@ done
     echo
   fi
   for pair in "cpu-moe-16384 ours-avx2-seq-r1 ours-seq-r1" "cpu-moe-16384 ours-avx2-grouped-r1 ours-avx2-seq-r1" \
-              "cpu-moe-16384 ours-seq-r1 upstream-r1" "cpu-moe-16384 ours-avx2-grouped-r1 upstream-r1" \
+              "cpu-moe-16384 ours-seq-r1 upstream-r1" "cpu-moe-16384 ours-avx2-grouped-r1 upstream-r1" "cpu-moe-16384 upstream-nohost upstream-r1" "cpu-moe-16384 ours-seq-spin ours-seq-r1" \
               "cpu-moe-16384 ours upstream" "cpu-moe-16384 ours-avx2 ours" "cpu-moe-16384 ours-t$(( NPROC / 4 )) ours" \
               "cpu-moe-16384 ours-t$HALF ours" "full-49152 ours upstream" "full-49152 ours-batched upstream" \
               "full-49152 ours ours-batched" "full-49152 ours ours-seq" "n-cpu-moe-12-49152 ours upstream" \
