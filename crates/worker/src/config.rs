@@ -94,9 +94,10 @@ pub struct WorkerConfig {
     /// Same as --decode-mode sequential (kept for existing deployments).
     #[arg(long, env = "MOE_SEQUENTIAL_DECODE")]
     pub sequential_decode: bool,
-    /// auto: on a worker with an accelerator (even at --gpu-layers 0) grouped when llama.cpp has
-    /// moe-cluster's CUDA patch 0001 and every routed expert is in GPU memory, else sequential
-    /// (routed experts in host memory included); batched on the CPU.
+    /// auto: on a worker with an accelerator (even at --gpu-layers 0) grouped wherever that is
+    /// batch-invariant (below: with routed experts in host memory too, faster there than
+    /// sequential on an H200, docs/benchmarks/gpu.md ninth run), else sequential (e.g. host
+    /// experts on an AVX-512 build); batched on the CPU.
     /// sequential: one llama.cpp call per sequence and prompts prefilled in --batch-size chunks
     /// at fixed boundaries, so greedy output is exactly a solo run's, prefix cache or not.
     /// batched: one call per step for all sequences (faster on a GPU, not batch-invariant
