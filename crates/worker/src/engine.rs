@@ -68,9 +68,9 @@ pub struct EngineConfig {
 /// How decode steps call llama.cpp (`--decode-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecodeMode {
-    /// On a worker with an accelerator (even at `--gpu-layers 0`): grouped when the backend has
-    /// moe-cluster's batch-invariance patch and every routed expert is in GPU memory, else
-    /// sequential; batched on the CPU.
+    /// On a worker with an accelerator (even at `--gpu-layers 0`): grouped where that is
+    /// batch-invariant (moe-cluster's CUDA patch; with routed experts in host memory also its
+    /// CPU patch in an AVX2 ggml-cpu), else sequential; batched on the CPU.
     #[default]
     Auto,
     /// One llama.cpp call per sequence, prompts prefilled in chunks at fixed boundaries: greedy

@@ -87,8 +87,8 @@ fn advertised_fingerprint(file: String, config: &EngineConfig) -> String {
 /// `n_cpu_moe` layers' experts in host memory (`cpu-moe`, `n-cpu-moe:N`, an `auto` plan that
 /// does not fit), or `--gpu-layers` leaves layers, with their experts, on the CPU (llama.cpp
 /// offloads the last `n_gpu_layers - 1` of `n_layer` layers plus the output layer, so any value
-/// up to `n_layer` keeps at least one layer on the host). On an accelerator machine `auto` is
-/// then `sequential`, and `grouped` needs both patches ([`grouped_invariant`],
+/// up to `n_layer` keeps at least one layer on the host). On an accelerator machine `grouped`
+/// (and `auto` as `grouped`) then needs both patches ([`grouped_invariant`],
 /// [`resolve_decode_mode`]).
 fn experts_on_host(plan: &MemoryPlan, gpu_layers: Option<u32>, n_layer: u32) -> bool {
     plan.host_expert_bytes > 0 || plan.n_cpu_moe > 0 || gpu_layers.is_some_and(|n| n <= n_layer)
@@ -127,12 +127,12 @@ fn grouped_invariant(has_accelerator: bool, patched: Patched, host_experts: bool
     }
 }
 
-/// `auto` is `grouped` on an accelerator where that is batch-invariant ([`grouped_invariant`])
-/// and every routed expert is in accelerator memory, else `sequential` there. With host experts
-/// `grouped` is invariant given both patches (an H200 gave 8/8, 16/16, 8/8), but its speed
-/// against `sequential` was not measured in one lease, and its single-stream decode was 0.60×
-/// upstream's in the lease that checked it (docs/benchmarks/gpu.md, eighth run), so an operator
-/// chooses it (`--decode-mode grouped`). On a CPU-only worker `auto` is `batched` (throughput,
+/// `auto` is `grouped` on an accelerator where that is batch-invariant ([`grouped_invariant`]),
+/// else `sequential` there. With routed experts in host memory that takes both patches and an
+/// AVX2 ggml-cpu; an H200 then gave 8/8, 16/16, 8/8 concurrent runs equal to solo (eighth run)
+/// and, in one lease against `sequential` on the same AVX2 backend, 27.3 vs 22.4 tok/s
+/// single-stream decode (medians of 8), 21.5 vs 18.3 tok/s aggregate at 8 streams, the same TTFT
+/// (docs/benchmarks/gpu.md, ninth run). On a CPU-only worker `auto` is `batched` (throughput,
 /// not batch-invariant: a CPU pool that must serve `batch_invariant` requests sets `grouped`,
 /// invariant with the CPU patch, or `sequential`); it stays the CPU default because `grouped`
 /// reuses cached prefixes only in whole `--batch-size` chunks and prefills prompts one per call.
@@ -152,7 +152,7 @@ fn resolve_decode_mode(
 ) -> Result<DecodeMode, EngineError> {
     let invariant = grouped_invariant(has_accelerator, patched, host_experts);
     Ok(match config.decode_mode {
-        DecodeMode::Auto if has_accelerator && invariant && !host_experts => DecodeMode::Grouped,
+        DecodeMode::Auto if has_accelerator && invariant => DecodeMode::Grouped,
         DecodeMode::Auto if has_accelerator => DecodeMode::Sequential,
         DecodeMode::Auto => DecodeMode::Batched,
         DecodeMode::Grouped if has_accelerator && !patched.cuda => {
@@ -713,8 +713,9 @@ mod tests {
         let c = config(2048, 512);
         let mode = |acc, patched, host| resolve_decode_mode(&c, acc, patched, host).expect("auto");
         assert_eq!(mode(true, CUDA_ONLY, false), DecodeMode::Grouped);
-        // host experts: grouped only when asked for (invariant with BOTH2, speed unproven).
-        assert_eq!(mode(true, BOTH2, true), DecodeMode::Sequential);
+        // host experts: grouped where it is invariant (both patches, CUDA's at version 2).
+        assert_eq!(mode(true, BOTH2, true), DecodeMode::Grouped);
+        assert_eq!(mode(true, BOTH2, false), DecodeMode::Grouped);
         assert_eq!(mode(true, BOTH, true), DecodeMode::Sequential);
         assert_eq!(mode(true, CUDA2_ONLY, true), DecodeMode::Sequential);
         assert_eq!(mode(true, CUDA_ONLY, true), DecodeMode::Sequential);
