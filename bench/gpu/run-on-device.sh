@@ -630,6 +630,17 @@ stage_cpu_moe_ab() {
   fi
 }
 
+# cpu-moe-ab2: a single-stream repeat of cpu-moe-ab's AVX2 rows in another order, with and without
+# OMP_WAIT_POLICY=ACTIVE (for a warm machine whose builds are reused: PREBUILT_LIBS, PREBUILT_AVX2).
+stage_cpu_moe_ab2() {
+  have_avx2 || return 0
+  has_time 60 "cpu-moe-ab2 grouped spin" && OMP_WAIT_POLICY=ACTIVE RPL=${AB_RPL:-8} run_server ours-avx2-grouped-spin cpu-moe 16384 16 1 64 --decode-mode grouped
+  has_time 60 "cpu-moe-ab2 seq" && RPL=${AB_RPL:-8} run_server ours-avx2-seq-b cpu-moe 16384 16 1 64 --decode-mode sequential
+  has_time 60 "cpu-moe-ab2 grouped" && RPL=${AB_RPL:-8} run_server ours-avx2-grouped-b cpu-moe 16384 16 1 64 --decode-mode grouped
+  has_time 60 "cpu-moe-ab2 seq spin" && OMP_WAIT_POLICY=ACTIVE RPL=${AB_RPL:-8} run_server ours-avx2-seq-spin cpu-moe 16384 16 1 64 --decode-mode sequential
+  return 0
+}
+
 stage_full() {
   if has_time 300 full; then
     stage "full at 49152 cells / 64 sequences"
@@ -770,6 +781,7 @@ run_stage() {
     invariance) stage_invariance ;;
     cpu-moe) stage_cpu_moe ;;
     cpu-moe-ab) stage_cpu_moe_ab ;;
+    cpu-moe-ab2) stage_cpu_moe_ab2 ;;
     full) stage_full ;;
     n-cpu-moe) stage_n_cpu_moe ;;
     probe) stage_probe ;;
