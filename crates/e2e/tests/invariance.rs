@@ -369,3 +369,90 @@ async fn cpu_grouped_is_bit_exact_with_the_patched_kernels_on_a_model_with_a_rea
     }
     worker.stop().await;
 }
+
+/// With per-sequence KV streams llama.cpp computes a call's sequences as one graph only when
+/// their stream ids are consecutive, so the worker moves running sequences to close gaps
+/// (`BatcherConfig::compact_streams`). A sequence moved in the middle of its generation must
+/// go on bit for bit: after solo runs of two prompts (streams 0 and 1 keep their caches), the
+/// same two requests and a short one between them take streams 2, 3 and 4 of a CPU `grouped`
+/// worker; the short one stops after 2 tokens, its cache moves aside to an empty stream and the
+/// sequence of stream 4 moves into stream 3; both long requests still equal their solo runs in
+/// every token and log-probability bit. (Solo and concurrent runs share one worker: the last
+/// bits of a prompt's logits were seen to differ between two worker processes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sequence_moved_to_close_a_stream_gap_continues_bit_for_bit() {
+    let _serial = SERIAL.lock().await;
+    const N: u32 = 64;
+    const LONG_A: &str = STORY;
+    const SHORT: &str = "The capital of France is";
+    const LONG_C: &str = "Photosynthesis is the process by which";
+    let run = |url: String, prompt: &'static str, n: u32| async move {
+        let mut req = greedy(prompt, n);
+        req.logprobs = true;
+        req.top_logprobs = 2;
+        generate(&url, req).await.expect("greedy run")
+    };
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let worker = Worker::start(
+        spec("inv-move", "full")
+            .with_model(tiny_moe())
+            .with("--decode-mode", "grouped")
+            .with("--metrics-listen", &metrics.to_string()),
+        None,
+    )
+    .await;
+    let url = worker.url();
+    let solo_a = run(url.clone(), LONG_A, N).await;
+    let solo_c = run(url.clone(), LONG_C, N).await;
+    assert!(solo_a.token_ids.len() >= 16 && solo_c.token_ids.len() >= 16);
+    // The counter follows the engine's stats, published while it runs and when it goes idle.
+    let moves = || async move {
+        scrape(metrics)
+            .await
+            .sum("moe_worker_stream_moves_total", &[])
+    };
+    let before = moves().await;
+    let a = tokio::spawn(run(url.clone(), LONG_A, N));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = tokio::spawn(run(url.clone(), SHORT, 2));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = tokio::spawn(run(url.clone(), LONG_C, N));
+    let (a, b, c) = (
+        a.await.expect("a"),
+        b.await.expect("b"),
+        c.await.expect("c"),
+    );
+    assert_eq!(b.token_ids.len(), 2);
+    let mut moved = 0.0;
+    for _ in 0..20 {
+        moved = moves().await - before;
+        if moved >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        moved >= 2.0,
+        "{moved} stream moves: the finished request's cache and then the sequence after it \
+         should have moved"
+    );
+    let bits = |c: &Collected| -> Vec<Vec<u32>> {
+        c.logprobs
+            .iter()
+            .map(|l| l.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    for (what, solo, got) in [("A", &solo_a, &a), ("C (moved)", &solo_c, &c)] {
+        assert_same(what, solo, std::slice::from_ref(got));
+        let (want, have) = (bits(solo), bits(got));
+        let first = (0..want.len().max(have.len())).find(|&t| want.get(t) != have.get(t));
+        assert!(
+            first.is_none(),
+            "{what}: log-probabilities differ from the solo run's in their bits from token \
+             {first:?} on (solo {:?}, got {:?})",
+            first.and_then(|t| solo.logprobs.get(t)),
+            first.and_then(|t| got.logprobs.get(t))
+        );
+    }
+    worker.stop().await;
+}

@@ -279,6 +279,9 @@ pub struct EngineStats {
     /// one per sequence with `sequential`, one per prompt chunk plus one for all decodes with
     /// `grouped`.
     pub llama_calls_total: u64,
+    /// KV streams moved to keep running sequences' streams consecutive (a sequence, or an idle
+    /// stream's cached sequence making way for one), each a copy of the stream's buffers.
+    pub stream_moves_total: u64,
     /// The devices with live free memory and this process's bytes per GPU, refreshed by the
     /// engine thread every few seconds.
     pub devices: Vec<DeviceInfo>,

@@ -83,6 +83,7 @@ pub struct WorkerMetrics {
     generated_tokens: Family<ClassLabels, Counter>,
     abandoned: Counter,
     llama_calls: Counter,
+    stream_moves: Counter,
     queue_depth: Gauge,
     active: Gauge,
     max_sequences: Gauge,
@@ -112,6 +113,7 @@ impl WorkerMetrics {
             generated_tokens: Family::default(),
             abandoned: Counter::default(),
             llama_calls: Counter::default(),
+            stream_moves: Counter::default(),
             queue_depth: Gauge::default(),
             active: Gauge::default(),
             max_sequences: Gauge::default(),
@@ -185,6 +187,12 @@ impl WorkerMetrics {
             "llama.cpp decode calls of engine steps (batched: one per step; sequential: one per \
              sequence; grouped: one per prompt chunk plus one for all of a step's decodes)",
             m.llama_calls.clone(),
+        );
+        r.register(
+            "moe_worker_stream_moves",
+            "KV streams moved to keep the running sequences' streams consecutive (llama.cpp \
+             computes a call's scattered streams as one graph per run of consecutive ones)",
+            m.stream_moves.clone(),
         );
         r.register(
             "moe_worker_queue_depth",
@@ -356,6 +364,9 @@ impl WorkerMetrics {
         self.llama_calls
             .inc_by(stats.llama_calls_total.saturating_sub(last.llama_calls));
         last.llama_calls = stats.llama_calls_total;
+        self.stream_moves
+            .inc_by(stats.stream_moves_total.saturating_sub(last.stream_moves));
+        last.stream_moves = stats.stream_moves_total;
     }
 
     fn advert(&self, a: &WorkerAdvert) {
@@ -421,6 +432,7 @@ impl WorkerMetrics {
 struct EngineCounts {
     abandoned: u64,
     llama_calls: u64,
+    stream_moves: u64,
 }
 
 fn device_kind(k: moe_common::registry::DeviceKind) -> &'static str {

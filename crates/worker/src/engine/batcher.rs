@@ -10,7 +10,9 @@
 //! more conversations cached. In the aligned mode (`--decode-mode sequential` or `grouped`)
 //! prompts are prefilled in chunks at fixed boundaries and only cells computed by whole chunks
 //! are reused, so a warm run computes the same shapes as a cold one. Cached cells are evicted
-//! (least recently used first) only when an admission needs the room. No llama.cpp here: the
+//! (least recently used first) only when an admission needs the room. With per-sequence streams
+//! and calls of several sequences, running sequences are moved to keep their streams
+//! consecutive (`compact_streams`). No llama.cpp here: the
 //! engine thread executes the plans. Admission and step planning live here, the prefix cache
 //! (slot choice, reuse, copies, what is published) in `cache`.
 
@@ -60,6 +62,12 @@ pub struct BatcherConfig {
     pub max_queue: usize,
     /// How long a request may wait for admission before it is refused.
     pub queue_timeout: Duration,
+    /// Keep the running sequences' KV streams consecutive (`Plan::moves`). With per-sequence
+    /// streams llama.cpp puts only consecutive sequence ids in one micro-batch, so a call whose
+    /// sequences are scattered over the streams (ids 0, 2, 4, 6) is computed as that many
+    /// graphs, each reading the weights again. For calls of several sequences (`grouped`,
+    /// `batched`) with per-sequence streams; `sequential` has one sequence per call.
+    pub compact_streams: bool,
 }
 
 /// A request waiting for admission.
@@ -146,6 +154,19 @@ pub struct Plan {
     /// Shared prefixes to copy into admitted slots before their first decode (in admission
     /// order, before that slot's entry of `admitted` is prepared).
     pub copies: Vec<PrefixCopy>,
+    /// KV streams to move, in order, after the admissions are prepared: copy stream `from`
+    /// into stream `to` (whose cells were evicted or moved away before), then drop `from`'s
+    /// cells (`BatcherConfig::compact_streams`).
+    pub moves: Vec<StreamMove>,
+}
+
+/// Move the sequence of KV stream `from` (running, or an idle slot's cached sequence) to the
+/// empty stream `to`: llama.cpp copies the whole stream buffer at its next decode, in the
+/// order the moves were made, so a stream may be moved away and then receive another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamMove {
+    pub from: usize,
+    pub to: usize,
 }
 
 /// Copy the first `len` cells of stream `src` into stream `dst` (which drops everything else).
@@ -312,6 +333,9 @@ impl<T> Batcher<T> {
     pub fn plan(&mut self, now: Instant) -> Plan {
         let mut plan = Plan::default();
         self.admit(now, &mut plan);
+        if self.config.compact_streams {
+            self.compact(&mut plan);
+        }
         let mut budget = self.config.step_tokens as usize;
         let mut entries = Vec::new();
         // 1. Every decoding sequence advances by one token.
@@ -490,6 +514,56 @@ impl<T> Batcher<T> {
                 payload: p.payload,
             });
             plan.admitted.push((slot, reused));
+        }
+    }
+
+    /// Moves running sequences so that their streams are consecutive: while there is a gap,
+    /// the sequence of the highest running stream moves into the lowest idle stream between
+    /// the running ones. A cached sequence held by that idle stream is kept: it moves first to
+    /// an idle stream outside the running range (an empty one, else the least recently used,
+    /// whose cache goes as the next admission would take it); with none there the gap stays.
+    /// Nothing moves in a plan that copies a shared prefix, nor a sequence admitted by it
+    /// (`apply_admissions` prepares those by their admitted stream). The moved sequence keeps
+    /// its cells' values, so its output is unchanged (each row is computed alone in the
+    /// invariant modes).
+    fn compact(&mut self, plan: &mut Plan) {
+        if !plan.copies.is_empty() {
+            return;
+        }
+        loop {
+            let running: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| self.slots[i].is_some())
+                .collect();
+            let (Some(&lo), Some(&hi)) = (running.first(), running.last()) else {
+                return;
+            };
+            if hi - lo + 1 == running.len() || plan.admitted.iter().any(|&(s, _)| s == hi) {
+                return;
+            }
+            let gap = (lo + 1..hi)
+                .find(|&i| self.slots[i].is_none())
+                .expect("a running range longer than its sequences has an idle stream");
+            if self.cache[gap].is_some() {
+                let Some(keep) = (0..self.slots.len())
+                    .filter(|&i| (i < lo || i > hi) && self.slots[i].is_none())
+                    .min_by_key(|&i| (self.cache[i].as_ref().map(|c| c.used), i))
+                else {
+                    return;
+                };
+                if self.cache[keep].take().is_some() {
+                    plan.evicted.push(keep);
+                }
+                self.cache[keep] = self.cache[gap].take();
+                plan.moves.push(StreamMove {
+                    from: gap,
+                    to: keep,
+                });
+            }
+            let mut seq = self.slots[hi].take().expect("running");
+            seq.seq_id = gap as i32;
+            self.slots[gap] = Some(seq);
+            plan.moves.push(StreamMove { from: hi, to: gap });
+            self.version += 1;
         }
     }
 

@@ -73,6 +73,8 @@ pub(super) fn engine_thread(
             interactive_reserved_sequences: interactive_reserve(config.parallel),
             max_queue: config.max_queue,
             queue_timeout: config.queue_timeout,
+            // Calls of several sequences need their streams consecutive to stay one graph.
+            compact_streams: !config.kv_unified && decode_mode != DecodeMode::Sequential,
         });
         let stats = EngineStats {
             context_tokens,

@@ -17,6 +17,7 @@ fn config() -> BatcherConfig {
         interactive_reserved_sequences: 0,
         max_queue: 3,
         queue_timeout: Duration::from_secs(5),
+        compact_streams: false,
     }
 }
 
@@ -372,4 +373,114 @@ fn sequential_mode_prefills_an_interactive_prompt_first_and_whole_in_one_step() 
             .iter()
             .any(|e| e.tokens.len() == 8 && e.pos == 8)
     );
+}
+
+/// Three running sequences on streams 0, 1, 2 of `streams` (per-sequence streams, compaction as
+/// configured); the one on stream 1 then finishes after its 2 tokens, the others run on.
+fn gap_in_the_middle(streams: u32, compact: bool) -> Batcher<u32> {
+    let t = Instant::now();
+    let mut b = Batcher::new(BatcherConfig {
+        max_sequences: 3,
+        cache_streams: streams - 3,
+        kv_tokens: 50 * streams,
+        slot_kv_tokens: Some(50),
+        max_queue: 10,
+        compact_streams: compact,
+        ..config()
+    });
+    for (tag, max_tokens) in [(1, 20), (2, 2), (3, 20)] {
+        b.enqueue(pending(2, max_tokens, LatencyClass::Interactive, tag, t))
+            .unwrap();
+    }
+    step(&mut b, t);
+    let running = |b: &Batcher<u32>| -> Vec<(usize, u32)> {
+        (0..streams as usize)
+            .filter_map(|i| b.seq(i).map(|s| (i, s.payload)))
+            .collect()
+    };
+    assert_eq!(running(&b), vec![(0, 1), (1, 2), (2, 3)]);
+    step(&mut b, t);
+    assert_eq!(
+        running(&b),
+        vec![(0, 1), (2, 3)],
+        "the 2-token one finished"
+    );
+    b
+}
+
+#[test]
+fn compaction_moves_the_highest_running_sequence_into_a_gap_keeping_the_gap_cache() {
+    let t = Instant::now();
+    let mut b = gap_in_the_middle(4, true);
+    let cached = b.cached_sequences();
+    let plan = b.plan(t);
+    // Stream 1's cache (the finished sequence) goes to the empty stream 3, then the sequence of
+    // stream 2 to stream 1.
+    assert_eq!(
+        plan.moves,
+        vec![StreamMove { from: 1, to: 3 }, StreamMove { from: 2, to: 1 }]
+    );
+    assert!(plan.evicted.is_empty(), "stream 3 was empty");
+    let moved = b.seq(1).expect("the moved sequence");
+    assert_eq!((moved.payload, moved.seq_id), (3, 1));
+    assert!(b.seq(2).is_none());
+    let mut slots: Vec<(usize, i32)> = plan.entries.iter().map(|e| (e.slot, e.seq_id)).collect();
+    slots.sort();
+    assert_eq!(
+        slots,
+        vec![(0, 0), (1, 1)],
+        "the step decodes streams 0 and 1"
+    );
+    let mut after = b.cached_sequences();
+    let mut before = cached;
+    after.sort();
+    before.sort();
+    assert_eq!(
+        after, before,
+        "every cached and running sequence is still held"
+    );
+    // Consecutive now: the next plans move nothing.
+    b.commit(&plan);
+    assert!(b.plan(t).moves.is_empty());
+}
+
+#[test]
+fn compaction_keeps_a_gap_whose_cache_has_nowhere_to_go_and_is_off_unless_configured() {
+    let t = Instant::now();
+    // Three streams, all in the running range: the finished sequence's cache stays, and so
+    // does the gap.
+    let mut b = gap_in_the_middle(3, true);
+    assert!(b.plan(t).moves.is_empty());
+    // Once that cache is gone the running sequence moves into the empty stream.
+    let mut b = gap_in_the_middle(3, true);
+    b.forget(1);
+    let plan = b.plan(t);
+    assert_eq!(plan.moves, vec![StreamMove { from: 2, to: 1 }]);
+    assert_eq!(b.seq(1).map(|s| s.payload), Some(3));
+    // Not configured (sequential decode, or one unified stream): nothing moves.
+    let mut b = gap_in_the_middle(4, false);
+    assert!(b.plan(t).moves.is_empty());
+    assert_eq!(b.seq(2).map(|s| s.payload), Some(3));
+}
+
+#[test]
+fn compaction_takes_the_least_recently_used_idle_stream_for_the_gap_cache() {
+    let t = Instant::now();
+    let mut b = gap_in_the_middle(5, true);
+    // Streams 3 and 4 take two short requests of other prompts (no prefix shared with the
+    // cache of stream 1) that finish: both hold caches, 3 the older.
+    for tag in [4, 5] {
+        b.enqueue(request(vec![50 + tag, 60 + tag, 70 + tag], 1, tag, t))
+            .unwrap();
+        step(&mut b, t);
+    }
+    let plan = b.plan(t);
+    let older = (3..5)
+        .find(|&i| !plan.moves.iter().any(|m| m.to == i) && b.seq(i).is_none())
+        .expect("one of the two cached streams keeps its cache");
+    let evicted: Vec<usize> = plan.evicted.clone();
+    assert_eq!(plan.moves.len(), 2, "{plan:?}");
+    assert_eq!(plan.moves[1], StreamMove { from: 2, to: 1 });
+    assert_eq!(evicted, vec![plan.moves[0].to], "the LRU cache made room");
+    assert_ne!(older, plan.moves[0].to);
 }

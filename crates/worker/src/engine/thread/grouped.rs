@@ -12,12 +12,14 @@
 //! (`devices::InvariantKernels`, switched on for calls of decodes and off for prompt chunks,
 //! which are alone in their calls anyway) — CUDA's (0001) on an accelerator with every routed
 //! expert in GPU memory (H200 `full`: 16/16 and 8/8 concurrent runs equal to solo), the CPU's
-//! (0002) on a CPU-only worker built for AVX2 without AVX-512 (where it was verified). Not with
-//! routed experts in host memory on an accelerator: `cpu-moe` grouped on the H200 gave 0/16 and
-//! 0/8 with CUDA's patch and with both, cause not isolated. `load` resolves `auto` to `grouped`
-//! exactly where it is invariant (`grouped_invariant`), refuses an explicit `grouped` on an
-//! accelerator where it would not be, and a CPU-only `grouped` worker without the CPU kernels
-//! does not advertise `batch_invariant`.
+//! (0002) on a CPU-only worker built for AVX2 without AVX-512 (where it was verified), and both
+//! with routed experts in host memory on an accelerator, where CUDA's version 2 also keeps
+//! llama.cpp's op offload off (H200 `cpu-moe`: 8/8, 16/16, 8/8). `load` resolves `auto` to
+//! `grouped` exactly where it is invariant (`grouped_invariant`), refuses an explicit `grouped`
+//! on an accelerator where it would not be, and a CPU-only `grouped` worker without the CPU
+//! kernels does not advertise `batch_invariant`. A call's sequences are one llama.cpp graph
+//! only when their KV streams are consecutive, which the batcher keeps so by moving streams
+//! (`BatcherConfig::compact_streams`).
 
 use tokio::sync::mpsc;
 

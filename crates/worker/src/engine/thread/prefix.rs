@@ -62,6 +62,16 @@ impl Engine<'_> {
                 );
             }
         }
+        // Streams moved to keep the running ones consecutive (`Plan::moves`): llama.cpp copies
+        // the buffers at the next decode, in this order, before the step's calls read them.
+        for m in &plan.moves {
+            let _ = self
+                .ctx
+                .copy_kv_cache_seq(m.from as i32, m.to as i32, None, None);
+            let _ = self.ctx.clear_kv_cache_seq(Some(m.from as u32), None, None);
+            self.stats.stream_moves_total += 1;
+            tracing::debug!(from = m.from, to = m.to, "KV stream moved");
+        }
         stale
     }
 
