@@ -456,3 +456,46 @@ async fn a_sequence_moved_to_close_a_stream_gap_continues_bit_for_bit() {
     }
     worker.stop().await;
 }
+
+/// The row-invariant kernels' switches are global to the process (llama.cpp patches 0001 and
+/// 0002), and a `grouped` engine leaves them on after its last decode call. A worker started
+/// after another in the same process (as these in-process test workers are) must not run its
+/// first prompt with them on: two `grouped` workers one after the other give the same first
+/// request, bit for bit (before the worker switched them off at load, the second worker's first
+/// prompt differed in the last bits of its log-probabilities).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_does_not_inherit_an_earlier_engines_kernel_switches() {
+    let _serial = SERIAL.lock().await;
+    let first_request = |id: &'static str| async move {
+        let worker = Worker::start(
+            spec(id, "full")
+                .with_model(tiny_moe())
+                .with("--decode-mode", "grouped"),
+            None,
+        )
+        .await;
+        let mut req = greedy(STORY, 8);
+        req.logprobs = true;
+        req.top_logprobs = 4;
+        let out = generate(&worker.url(), req).await.expect("greedy run");
+        worker.stop().await;
+        out
+    };
+    let bits = |c: &Collected| -> Vec<Vec<u32>> {
+        c.logprobs
+            .iter()
+            .map(|l| l.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    let one = first_request("inv-switch-1").await;
+    let two = first_request("inv-switch-2").await;
+    assert_eq!(one.token_ids, two.token_ids);
+    assert_eq!(
+        bits(&one),
+        bits(&two),
+        "the second worker's first request differs in its log-probability bits (kernel \
+         switches left on by the first worker?)\n{:?}\n{:?}",
+        one.logprobs.first(),
+        two.logprobs.first()
+    );
+}

@@ -213,6 +213,20 @@ impl InvariantKernels {
         }
     }
 
+    /// Switches off every mode this build has, whatever this worker uses. The flags are global
+    /// to the process and outlive an engine: another engine of the same process (in-process
+    /// test workers run one after another) may have left them on after its last decode call,
+    /// and a context created, or a prompt run, with them on computes other last bits (seen in
+    /// the e2e tests: a `grouped` worker's first prompt after another's decodes differed from
+    /// its later ones in the last bits of its log-probabilities).
+    pub(super) fn reset_all() {
+        let cuda = Switch::find(c"CUDA", c"ggml_backend_cuda_set_batch_invariant", 0);
+        let cpu = Switch::find(c"CPU", c"ggml_backend_cpu_set_batch_invariant", 0);
+        for s in [cuda, cpu].iter().flatten() {
+            s.switch(false);
+        }
+    }
+
     pub(super) fn cuda(&self) -> bool {
         self.cuda.is_some()
     }

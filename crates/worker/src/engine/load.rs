@@ -355,6 +355,9 @@ pub(super) fn load_model(config: &EngineConfig) -> Result<(LlamaModel, LoadedMod
     // for a prompt chunk as it will run (with op offload, which CUDA's mode stops while on).
     let host_experts = experts_on_host(&plan, config.gpu_layers, shape.n_layer);
     let rows = invariant_rows(config);
+    // Off, known off, before the context exists: the engine's `invariant_kernels_on` starts
+    // false, and any worker mode must not inherit an earlier engine's setting.
+    InvariantKernels::reset_all();
     let kernels = if matches!(config.decode_mode, DecodeMode::Auto | DecodeMode::Grouped) {
         let cpu_rows = if has_accelerator {
             host_experts
