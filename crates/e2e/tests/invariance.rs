@@ -96,6 +96,26 @@ fn assert_same(what: &str, expected: &Collected, got: &[Collected]) {
     }
 }
 
+/// Every log-probability of `got` has the bits of `expected`'s (the last bits are what differ
+/// between kernels, and greedy tokens can hide that).
+fn assert_same_bits(what: &str, expected: &Collected, got: &Collected) {
+    let bits = |c: &Collected| -> Vec<Vec<u32>> {
+        c.logprobs
+            .iter()
+            .map(|l| l.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    let (want, have) = (bits(expected), bits(got));
+    let first = (0..want.len().max(have.len())).find(|&t| want.get(t) != have.get(t));
+    assert!(
+        first.is_none(),
+        "{what}: log-probabilities differ from the solo run's in their bits from token {first:?} \
+         on (solo {:?}, got {:?})",
+        first.and_then(|t| expected.logprobs.get(t)),
+        first.and_then(|t| got.logprobs.get(t))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identical_concurrent_greedy_requests_equal_the_solo_output() {
     let _serial = SERIAL.lock().await;
@@ -349,23 +369,8 @@ async fn cpu_grouped_is_bit_exact_with_the_patched_kernels_on_a_model_with_a_rea
         eight.push(h.await.expect("task"));
     }
     assert_same("CPU grouped, 8 together", &solo, &eight);
-    let bits = |c: &Collected| -> Vec<Vec<u32>> {
-        c.logprobs
-            .iter()
-            .map(|l| l.iter().map(|x| x.to_bits()).collect())
-            .collect()
-    };
-    let want = bits(&solo);
     for (i, c) in eight.iter().enumerate() {
-        let got = bits(c);
-        let first = (0..want.len().max(got.len())).find(|&t| want.get(t) != got.get(t));
-        assert!(
-            first.is_none(),
-            "request {i}: log-probabilities differ from the solo run's in their bits from token \
-             {first:?} on (solo {:?}, got {:?})",
-            first.and_then(|t| solo.logprobs.get(t)),
-            first.and_then(|t| c.logprobs.get(t))
-        );
+        assert_same_bits(&format!("request {i}"), &solo, c);
     }
     worker.stop().await;
 }
@@ -377,8 +382,7 @@ async fn cpu_grouped_is_bit_exact_with_the_patched_kernels_on_a_model_with_a_rea
 /// same two requests and a short one between them take streams 2, 3 and 4 of a CPU `grouped`
 /// worker; the short one stops after 2 tokens, its cache moves aside to an empty stream and the
 /// sequence of stream 4 moves into stream 3; both long requests still equal their solo runs in
-/// every token and log-probability bit. (Solo and concurrent runs share one worker: the last
-/// bits of a prompt's logits were seen to differ between two worker processes.)
+/// every token and log-probability bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sequence_moved_to_close_a_stream_gap_continues_bit_for_bit() {
     let _serial = SERIAL.lock().await;
@@ -436,23 +440,9 @@ async fn a_sequence_moved_to_close_a_stream_gap_continues_bit_for_bit() {
         "{moved} stream moves: the finished request's cache and then the sequence after it \
          should have moved"
     );
-    let bits = |c: &Collected| -> Vec<Vec<u32>> {
-        c.logprobs
-            .iter()
-            .map(|l| l.iter().map(|x| x.to_bits()).collect())
-            .collect()
-    };
     for (what, solo, got) in [("A", &solo_a, &a), ("C (moved)", &solo_c, &c)] {
         assert_same(what, solo, std::slice::from_ref(got));
-        let (want, have) = (bits(solo), bits(got));
-        let first = (0..want.len().max(have.len())).find(|&t| want.get(t) != have.get(t));
-        assert!(
-            first.is_none(),
-            "{what}: log-probabilities differ from the solo run's in their bits from token \
-             {first:?} on (solo {:?}, got {:?})",
-            first.and_then(|t| solo.logprobs.get(t)),
-            first.and_then(|t| got.logprobs.get(t))
-        );
+        assert_same_bits(what, solo, got);
     }
     worker.stop().await;
 }
@@ -481,21 +471,12 @@ async fn a_worker_does_not_inherit_an_earlier_engines_kernel_switches() {
         worker.stop().await;
         out
     };
-    let bits = |c: &Collected| -> Vec<Vec<u32>> {
-        c.logprobs
-            .iter()
-            .map(|l| l.iter().map(|x| x.to_bits()).collect())
-            .collect()
-    };
     let one = first_request("inv-switch-1").await;
     let two = first_request("inv-switch-2").await;
     assert_eq!(one.token_ids, two.token_ids);
-    assert_eq!(
-        bits(&one),
-        bits(&two),
-        "the second worker's first request differs in its log-probability bits (kernel \
-         switches left on by the first worker?)\n{:?}\n{:?}",
-        one.logprobs.first(),
-        two.logprobs.first()
+    assert_same_bits(
+        "the second worker's first request (kernel switches left on by the first worker?)",
+        &one,
+        &two,
     );
 }
